@@ -1,0 +1,52 @@
+"""All-or-nothing output files.
+
+Every file ncc writes goes through :func:`atomic_outputs`: the writer fills
+temporary files beside the targets and they are renamed into place only when
+the writer finishes without an exception. A failed compile never leaves a
+half-written model behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ncc.errors import NccError
+
+
+def check_writable(path: Path) -> None:
+    """Raise an NccError when ``path``'s folder does not exist or cannot be written."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise NccError(f"cannot write {path}: folder {folder} does not exist.")
+    if not os.access(folder, os.W_OK):
+        raise NccError(f"cannot write {path}: folder {folder} is not writable.")
+    if path.is_dir():
+        raise NccError(f"cannot write {path}: it is a folder.")
+
+
+@contextlib.contextmanager
+def atomic_outputs(*targets: Path) -> Iterator[list[Path]]:
+    """Yield temporary paths (same folder, same file names) to write instead of ``targets``.
+
+    The temporaries live in one private folder next to the first target so the
+    final ``os.replace`` is a rename on one filesystem and relative references
+    between the files (a model and its external data) stay valid.
+    """
+    targets = tuple(Path(t) for t in targets)
+    for target in targets:
+        check_writable(target)
+    workdir = Path(tempfile.mkdtemp(prefix=".ncc-tmp-", dir=targets[0].parent or "."))
+    temps = [workdir / t.name for t in targets]
+    try:
+        yield temps
+        for temp, target in zip(temps, targets):
+            if temp.exists():
+                os.replace(temp, target)
+    finally:
+        for leftover in workdir.iterdir():
+            leftover.unlink()
+        workdir.rmdir()

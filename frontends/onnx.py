@@ -1,0 +1,99 @@
+"""ONNX frontend: a ``.onnx`` file (or ModelProto) becomes an ncc IR model.
+
+Weights stay where they are: external data is memory-mapped lazily by onnx-ir
+and never read here. External data whose location leaves the model's folder is
+refused. The model must pass the ONNX checker; missing value types are filled
+by ONNX shape inference (on the proto without weights, so it is cheap), and
+every node gets a stable id (:mod:`ncc.ir.ids`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from ncc.errors import NccError
+from ncc.ir import ids
+
+
+def load_onnx(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
+    """Load ``path`` into the IR without reading external weights."""
+    path = Path(path)
+    if not path.exists():
+        raise NccError(f"{path}: no such file.")
+    if path.is_dir():
+        raise NccError(f"{path}: is a folder, not an ONNX file.")
+    if not os.access(path, os.R_OK):
+        raise NccError(f"{path}: cannot be read (permission denied).")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as err:
+        raise NccError(f"{path}: not a readable ONNX model ({_first_line(err)}).") from None
+    if not proto.HasField("graph"):
+        raise NccError(f"{path}: not an ONNX model (no graph found; the file may be truncated or of another kind).")
+    _refuse_escaping_external_data(proto, path.parent)
+    return from_proto(proto, base_dir=path.parent, check=check, source=str(path))
+
+
+def from_proto(
+    proto: onnx.ModelProto,
+    *,
+    base_dir: str | os.PathLike | None = None,
+    check: bool = True,
+    source: str = "model",
+) -> ir.Model:
+    """Convert a ModelProto (weights inline or external under ``base_dir``) to the IR."""
+    if check:
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as err:
+            raise NccError(f"{source}: fails the ONNX checker: {_first_line(err)}") from None
+    if _has_untyped_values(proto.graph):
+        try:
+            proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        except onnx.shape_inference.InferenceError as err:
+            raise NccError(f"{source}: ONNX shape inference failed: {_first_line(err)}") from None
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as err:  # onnx-ir raises plain exceptions on malformed graphs
+        raise NccError(f"{source}: cannot be read into the IR: {_first_line(err)}") from None
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    ids.assign_ids(model)
+    return model
+
+
+def _has_untyped_values(graph: onnx.GraphProto) -> bool:
+    typed = {v.name for v in graph.value_info} | {v.name for v in graph.output}
+    return any(o and o not in typed for node in graph.node for o in node.output)
+
+
+def _refuse_escaping_external_data(proto: onnx.ModelProto, folder: Path) -> None:
+    root = folder.resolve()
+    for tensor in _external_tensors(proto):
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        resolved = (root / location).resolve()
+        if os.path.isabs(location) or not resolved.is_relative_to(root):
+            raise NccError(
+                f"initializer {tensor.name!r} points at external data {location!r} outside the model's "
+                f"folder {folder}; refusing to read it."
+            )
+        if not resolved.is_file():
+            raise NccError(f"initializer {tensor.name!r}: external data file {location!r} is missing from {folder}.")
+
+
+def _external_tensors(proto: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    for tensor in _get_all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0].rstrip(".")
