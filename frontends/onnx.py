@@ -36,7 +36,9 @@ def load_onnx(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     if not proto.HasField("graph"):
         raise NccError(f"{path}: not an ONNX model (no graph found; the file may be truncated or of another kind).")
     _refuse_escaping_external_data(proto, path.parent)
-    return from_proto(proto, base_dir=path.parent, check=check, source=str(path))
+    if check:
+        _check(str(path), str(path))  # by path, so external data is checked beside the model
+    return from_proto(proto, base_dir=path.parent, check=False, source=str(path))
 
 
 def from_proto(
@@ -48,10 +50,7 @@ def from_proto(
 ) -> ir.Model:
     """Convert a ModelProto (weights inline or external under ``base_dir``) to the IR."""
     if check:
-        try:
-            onnx.checker.check_model(proto)
-        except onnx.checker.ValidationError as err:
-            raise NccError(f"{source}: fails the ONNX checker: {_first_line(err)}") from None
+        _check(proto, source)
     if _has_untyped_values(proto.graph):
         try:
             proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
@@ -65,6 +64,13 @@ def from_proto(
         ir.external_data.set_base_dir(model.graph, base_dir)
     ids.assign_ids(model)
     return model
+
+
+def _check(model: onnx.ModelProto | str, source: str) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        raise NccError(f"{source}: fails the ONNX checker: {_first_line(err)}") from None
 
 
 def _has_untyped_values(graph: onnx.GraphProto) -> bool:

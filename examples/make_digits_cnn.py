@@ -1,0 +1,63 @@
+"""Build examples/digits_cnn.onnx: a small CNN trained on scikit-learn's 1,797 real 8x8 digits.
+
+This is the built-in example the README's quick start compiles. It is
+committed; this script documents how it was made (needs torch==2.13.0 and
+scikit-learn) and rebuilds it byte for byte on the same versions:
+
+    python examples/make_digits_cnn.py
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+
+HERE = Path(__file__).resolve().parent
+
+
+class DigitsCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        )
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 4 * 4, 64), torch.nn.ReLU(),
+                                        torch.nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    digits = load_digits()
+    x = torch.from_numpy((digits.images / 16.0).astype(np.float32)).unsqueeze(1)
+    y = torch.from_numpy(digits.target.astype(np.int64))
+    train, test = slice(0, 1400), slice(1400, None)
+    model = DigitsCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for epoch in range(15):
+        perm = torch.randperm(1400)
+        model.train()
+        for i in range(0, 1400, 64):
+            idx = perm[i : i + 64]
+            loss = torch.nn.functional.cross_entropy(model(x[train][idx]), y[train][idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x[test]).argmax(1) == y[test]).float().mean().item()
+    print(f"test accuracy on {len(y[test])} held-out digits: {acc:.3f}")
+    torch.onnx.export(model, (x[:1],), str(HERE / "digits_cnn.onnx"), input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+                      do_constant_folding=False)  # keep BatchNormalization: the example shows fuse-conv-bn
+    np.savez(HERE / "digits_calib.npz", image=x[train][:64].numpy())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The ``ncc`` command line.
+
+Start-up is kept cheap: only click is imported at module level; onnx, onnx-ir
+and the passes are imported inside the commands that need them, and torch or
+tensorflow only by the frontends that lower their models.
+
+Every error a user can cause is an :class:`ncc.errors.NccError` and is shown as
+one sentence with exit code 2; outputs are written all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ncc import __version__
+from ncc.errors import NccError
+
+_IN = click.Path(path_type=Path, dir_okay=True, exists=False)
+
+
+class _Group(click.Group):
+    """Turns NccError (and unwritable-output OSErrors) into one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except NccError as err:
+            click.echo(f"ncc: error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("ncc: interrupted; no output written.", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="ncc")
+def cli() -> None:
+    """ncc: a compiler for neural-network compression.
+
+    \b
+    ncc compile model.onnx --pass optimize -o model.opt.onnx
+    ncc dump model.onnx                       # read the IR
+    ncc passes                                # what passes and pipelines exist
+    """
+
+
+def _pipeline_options(fn):
+    options = [
+        click.option("--pass", "pass_name", metavar="NAME", help="Run one pass or named pipeline (see `ncc passes`)."),
+        click.option("--passes", "spec", metavar="SPEC", help='Pipeline spec, e.g. "fold-constants,cse,dce".'),
+        click.option("--plugin", "plugins", multiple=True, type=_IN, metavar="FILE.py", help="Load passes from a file."),
+        click.option("--dump-pipeline", is_flag=True, help="Print the pipeline spec that will run, then run it."),
+        click.option("--no-verify", is_flag=True, help="Do not run the IR verifier after every pass."),
+        click.option("--print-ir-before", multiple=True, metavar="NAME", help="Print the IR before pass NAME."),
+        click.option("--print-ir-after", multiple=True, metavar="NAME", help="Print the IR after pass NAME."),
+        click.option("--print-ir-after-all", is_flag=True, help="Print the IR after every pass."),
+        click.option("--print-ir-after-change", is_flag=True, help="Print the IR after passes that changed it."),
+        click.option("--print-ir-after-failure", is_flag=True, help="Print the IR after a pass that failed."),
+        click.option("--dump-ir-dir", type=click.Path(path_type=Path, file_okay=False), help="Write the IR after every pass to DIR."),
+        click.option("--time-passes", is_flag=True, help="Print wall time per pass."),
+        click.option("--stats", is_flag=True, help="Print per-pass statistics."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None):
+    from ncc.passes import registry
+    from ncc.passes.manager import Instruments, PassManager
+    from ncc.passes.spec import format_pipeline, parse_pipeline
+    from ncc.passes.base import PassContext
+
+    for plugin in opts["plugins"]:
+        registry.load_plugin(plugin)
+    if opts["pass_name"] and opts["spec"]:
+        raise NccError("give either --pass or --passes, not both.")
+    spec = opts["spec"] or opts["pass_name"] or default
+    if spec is None:
+        return None
+    passes = parse_pipeline(spec)
+    if opts["dump_pipeline"]:
+        click.echo(f"// pipeline: {format_pipeline(passes)}", err=True)
+    if opts["dump_ir_dir"] is not None:
+        opts["dump_ir_dir"].mkdir(parents=True, exist_ok=True)
+    instruments = Instruments(
+        print_ir_before=tuple(opts["print_ir_before"]),
+        print_ir_after=tuple(opts["print_ir_after"]),
+        print_ir_after_all=opts["print_ir_after_all"],
+        print_ir_after_change=opts["print_ir_after_change"],
+        print_ir_after_failure=opts["print_ir_after_failure"],
+        dump_ir_dir=opts["dump_ir_dir"],
+        time_passes=opts["time_passes"],
+    )
+    report = PassManager(passes, verify=not opts["no_verify"], instruments=instruments).run(
+        model, PassContext(source=source)
+    )
+    if opts["time_passes"]:
+        click.echo(report.format_timing(), err=True)
+    if opts["stats"]:
+        click.echo(report.format_stats(), err=True)
+    return report
+
+
+@cli.command()
+@click.argument("input", type=_IN)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx or .ncc file.")
+@click.option("--external-data", metavar="NAME", help="Write weights to NAME beside the output .onnx.")
+@_pipeline_options
+def compile(input: Path, output: Path, external_data: str | None, **opts) -> None:
+    """Compile INPUT (.onnx or .ncc) through a pipeline into OUTPUT (.onnx or .ncc)."""
+    from ncc.tools.modelio import check_distinct, load_model, save_model
+
+    check_distinct(input, output)
+    model = load_model(input)
+    nodes_before = _count_nodes(model)
+    _run_pipeline(model, opts, source=str(input), default=None)
+    written = save_model(model, output, external_data=external_data)
+    click.echo(
+        f"ncc: wrote {', '.join(map(str, written))} ({nodes_before} -> {_count_nodes(model)} nodes)", err=True
+    )
+
+
+@cli.command()
+@click.argument("input", type=_IN)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output .ncc file (default: stdout).")
+@click.option("--full", is_flag=True, help="Carry every value (large ones in OUTPUT.data) so the text rebuilds the model.")
+@_pipeline_options
+def opt(input: Path, output: Path | None, full: bool, **opts) -> None:
+    """Run passes on an .ncc (or .onnx) file and print the resulting IR text."""
+    from ncc.tools.modelio import check_distinct, load_model, save_model
+
+    if output is not None:
+        check_distinct(input, output)
+    model = load_model(input)
+    _run_pipeline(model, opts, source=str(input), default=None)
+    _emit_text(model, output, full)
+
+
+@cli.command()
+@click.argument("input", type=_IN)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write to FILE (.ncc) instead of stdout.")
+@click.option("--full", is_flag=True, help="Carry every value (large ones in OUTPUT.data) so the text rebuilds the model.")
+def dump(input: Path, output: Path | None, full: bool) -> None:
+    """Print the IR of INPUT (.onnx or .ncc) as ncc text."""
+    from ncc.tools.modelio import check_distinct, load_model
+
+    if output is not None:
+        check_distinct(input, output)
+    _emit_text(load_model(input), output, full)
+
+
+def _emit_text(model, output: Path | None, full: bool) -> None:
+    from ncc.ir.printer import print_model
+    from ncc.tools.modelio import save_model
+
+    if output is None:
+        click.echo(print_model(model, full=full), nl=False)
+    else:
+        save_model(model, output, full=full)
+
+
+@cli.command("passes")
+@click.option("--plugin", "plugins", multiple=True, type=_IN, metavar="FILE.py", help="Also load passes from a file.")
+def list_passes(plugins: tuple[Path, ...]) -> None:
+    """List passes (with their options) and named pipelines."""
+    from ncc.passes import registry
+    from ncc.passes.pipelines import PIPELINES
+
+    for plugin in plugins:
+        registry.load_plugin(plugin)
+    click.echo("Passes:")
+    for name, cls in sorted(registry.all_passes().items()):
+        origin = "" if cls.origin == "builtin" else f"  [{cls.origin}]"
+        click.echo(f"  {name:<22} {cls.doc()}{origin}")
+        for field in cls.options():
+            default = field.default
+            click.echo(f"      {field.name}={_fmt_default(default):<14} {field.metadata.get('doc', '')}")
+    click.echo("\nPipelines:")
+    for name, spec in sorted(PIPELINES.items()):
+        click.echo(f"  {name:<22} {spec}")
+
+
+def _fmt_default(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _count_nodes(model) -> int:
+    from ncc.ir.ids import all_nodes
+
+    return sum(1 for _ in all_nodes(model))
+
+
+def main() -> None:
+    cli(prog_name="ncc")
+
+
+if __name__ == "__main__":
+    main()
