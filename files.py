@@ -26,6 +26,12 @@ def check_writable(path: Path) -> None:
         raise NccError(f"cannot write {path}: folder {folder} is not writable.")
     if path.is_dir():
         raise NccError(f"cannot write {path}: it is a folder.")
+    try:  # permissions alone do not tell (root, read-only or virtual filesystems): try it
+        fd, probe = tempfile.mkstemp(prefix=".ncc-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise NccError(f"cannot write {path}: {err.strerror or err}.") from None
 
 
 @contextlib.contextmanager
@@ -39,13 +45,19 @@ def atomic_outputs(*targets: Path) -> Iterator[list[Path]]:
     targets = tuple(Path(t) for t in targets)
     for target in targets:
         check_writable(target)
-    workdir = Path(tempfile.mkdtemp(prefix=".ncc-tmp-", dir=targets[0].parent or "."))
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix=".ncc-tmp-", dir=targets[0].parent or "."))
+    except OSError as err:
+        raise NccError(f"cannot write {targets[0]}: {err.strerror or err}.") from None
     temps = [workdir / t.name for t in targets]
     try:
         yield temps
         for temp, target in zip(temps, targets):
             if temp.exists():
-                os.replace(temp, target)
+                try:
+                    os.replace(temp, target)
+                except OSError as err:
+                    raise NccError(f"cannot write {target}: {err.strerror or err}.") from None
     finally:
         for leftover in workdir.iterdir():
             leftover.unlink()

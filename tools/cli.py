@@ -11,6 +11,7 @@ one sentence with exit code 2; outputs are written all-or-nothing.
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 
 import click
@@ -60,8 +61,9 @@ def _pipeline_options(fn):
         click.option("--print-ir-after-change", is_flag=True, help="Print the IR after passes that changed it."),
         click.option("--print-ir-after-failure", is_flag=True, help="Print the IR after a pass that failed."),
         click.option("--dump-ir-dir", type=click.Path(path_type=Path, file_okay=False), help="Write the IR after every pass to DIR."),
+        click.option("--print-ir-full", is_flag=True, help="Print every constant in IR dumps (default: elide large ones)."),
         click.option("--time-passes", is_flag=True, help="Print wall time per pass."),
-        click.option("--stats", is_flag=True, help="Print per-pass statistics."),
+        click.option("--pass-statistics", is_flag=True, help="Print per-pass statistics."),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -84,25 +86,20 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None)
     passes = parse_pipeline(spec)
     if opts["dump_pipeline"]:
         click.echo(f"// pipeline: {format_pipeline(passes)}", err=True)
-    if opts["dump_ir_dir"] is not None:
-        opts["dump_ir_dir"].mkdir(parents=True, exist_ok=True)
     instruments = Instruments(
         print_ir_before=tuple(opts["print_ir_before"]),
         print_ir_after=tuple(opts["print_ir_after"]),
         print_ir_after_all=opts["print_ir_after_all"],
         print_ir_after_change=opts["print_ir_after_change"],
         print_ir_after_failure=opts["print_ir_after_failure"],
+        print_ir_full=opts["print_ir_full"],
         dump_ir_dir=opts["dump_ir_dir"],
         time_passes=opts["time_passes"],
+        pass_statistics=opts["pass_statistics"],
     )
-    report = PassManager(passes, verify=not opts["no_verify"], instruments=instruments).run(
+    return PassManager(passes, verify=not opts["no_verify"], instruments=instruments).run(
         model, PassContext(source=source)
     )
-    if opts["time_passes"]:
-        click.echo(report.format_timing(), err=True)
-    if opts["stats"]:
-        click.echo(report.format_stats(), err=True)
-    return report
 
 
 @cli.command()
@@ -169,33 +166,33 @@ def list_passes(plugins: tuple[Path, ...]) -> None:
     """List passes (with their options) and named pipelines."""
     from ncc.passes import registry
     from ncc.passes.pipelines import PIPELINES
+    from ncc.passes.spec import describe_pass
 
     for plugin in plugins:
         registry.load_plugin(plugin)
     click.echo("Passes:")
-    for name, cls in sorted(registry.all_passes().items()):
-        origin = "" if cls.origin == "builtin" else f"  [{cls.origin}]"
-        click.echo(f"  {name:<22} {cls.doc()}{origin}")
-        for field in cls.options():
-            default = field.default
-            click.echo(f"      {field.name}={_fmt_default(default):<14} {field.metadata.get('doc', '')}")
+    for cls in registry.all_passes().values():
+        first, *rest = describe_pass(cls).splitlines()
+        origin = "" if cls.origin == "builtin" else f"  [plugin: {cls.origin}]"
+        click.echo(textwrap.indent("\n".join([first + origin, *rest]), "  "))
     click.echo("\nPipelines:")
     for name, spec in sorted(PIPELINES.items()):
         click.echo(f"  {name:<22} {spec}")
-
-
-def _fmt_default(value) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return str(value)
 
 
 def _count_nodes(model) -> int:
     from ncc.ir.ids import all_nodes
 
     return sum(1 for _ in all_nodes(model))
+
+
+def _add_bench() -> None:
+    from ncc.tools.bench import bench
+
+    cli.add_command(bench)
+
+
+_add_bench()
 
 
 def main() -> None:

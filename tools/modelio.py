@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from ncc.errors import NccError
-from ncc.files import atomic_outputs
+from ncc.files import atomic_outputs, check_writable
 
 FORMATS = (".onnx", ".ncc")
 
@@ -40,6 +40,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
 def check_distinct(inp: Path, out: Path) -> None:
     """Refuse to write over the input (or its external data) before any work is done."""
     model_format(out)
+    check_writable(out)
     if out.resolve() == inp.resolve() or (out.exists() and os.path.samefile(out, inp)):
         raise NccError(f"output {out} is the input file; choose another output path.")
 

@@ -23,6 +23,7 @@ EXTERNAL_THRESHOLD = 1024
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """Serialize to a ModelProto with every weight inline (small models only)."""
+    _require_weights(model)
     return ir.serde.serialize_model(_with_weights_in_memory(model))
 
 
@@ -37,6 +38,7 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: str | 
     None it is ``<path name>.data`` and is used only for models over 2 GB.
     """
     path = Path(path)
+    _require_weights(model)
     if external_data is None and weight_bytes(model) > PROTOBUF_LIMIT - 64 * 2**20:
         external_data = path.name + ".data"
     if external_data is not None:
@@ -60,6 +62,18 @@ def _all_tensors(model: ir.Model):
         for attr in node.attributes.values():
             if attr.type == ir.AttributeType.TENSOR:
                 yield attr.value
+
+
+def _require_weights(model: ir.Model) -> None:
+    """Refuse up front to emit a model whose constants were elided from a text dump."""
+    from ncc.ir.tensors import ElidedTensor
+
+    for tensor in _all_tensors(model):
+        if isinstance(tensor, ElidedTensor):
+            raise NccError(
+                f"constant @{tensor.name} was elided from the dump this model was read from; "
+                "re-dump with --full to rebuild the model."
+            )
 
 
 def _tensor_nbytes(tensor: ir.TensorProtocol) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +68,8 @@ def test_compile_is_deterministic(tmp_path):
         onnx_out, ncc_out = tmp_path / f"a{i}.onnx", tmp_path / f"a{i}.ncc"
         assert ncc("compile", EXAMPLE, "--pass", "optimize", "-o", onnx_out).returncode == 0
         assert ncc("compile", EXAMPLE, "--pass", "optimize", "-o", ncc_out).returncode == 0
-        outputs.append((onnx_out.read_bytes(), ncc_out.read_bytes(), Path(str(ncc_out) + ".data").read_bytes()))
+        text = ncc_out.read_bytes().replace(f"a{i}.ncc".encode(), b"a.ncc")
+        outputs.append((onnx_out.read_bytes(), text, Path(str(ncc_out) + ".data").read_bytes()))
     assert outputs[0] == outputs[1]
 
 
@@ -96,7 +96,7 @@ def test_opt_text_in_text_out(tmp_path):
     assert ncc("dump", EXAMPLE, "--full", "-o", text).returncode == 0
     proc = ncc("opt", text, "--passes", "fuse-conv-bn,dce")
     assert proc.returncode == 0, proc.stderr
-    assert "BatchNormalization" not in proc.stdout and "Conv(" in proc.stdout
+    assert "= BatchNormalization(" not in proc.stdout and proc.stdout.count("= Conv(") == 3
 
 
 def test_passes_lists_builtins_pipelines_and_plugin():
@@ -125,13 +125,15 @@ def test_plugin_pass_runs(tmp_path):
 
 def test_instruments(tmp_path):
     dump_dir = tmp_path / "ir"
-    proc = ncc("compile", EXAMPLE, "--passes", "fuse-conv-bn,dce", "-o", tmp_path / "o.onnx",
+    proc = ncc("compile", EXAMPLE, "--passes", "fuse-conv-bn,dce,toposort", "-o", tmp_path / "o.onnx",
                "--print-ir-after-change", "--time-passes", "--dump-ir-dir", dump_dir)
     assert proc.returncode == 0, proc.stderr
     assert "IR Dump After fuse-conv-bn" in proc.stderr
-    assert "IR Dump After dce" not in proc.stderr  # nothing left to remove: unchanged fingerprint
-    assert "fuse-conv-bn" in proc.stderr.split("IR Dump")[-1] or "Total" in proc.stderr
-    assert sorted(p.name for p in dump_dir.iterdir())[0].startswith("00")
+    assert "IR Dump After dce" in proc.stderr  # removes the BatchNormalization parameters
+    assert "IR Dump After toposort" not in proc.stderr  # already sorted: fingerprint unchanged
+    assert "Total" in proc.stderr.split("IR Dump")[-1]
+    dumps = sorted(p.name for p in dump_dir.iterdir())
+    assert dumps[0].startswith("00") and len(dumps) == 4
 
 
 # --- bad input: one sentence, exit 2, no traceback, nothing written ----------------------------
@@ -193,7 +195,7 @@ def test_syntax_error_shows_caret(tmp_path):
 
 @pytest.mark.parametrize("args,fragment", [
     (["--passes", "fold-constant"], "did you mean 'fold-constants'"),
-    (["--passes", "fold-constants{size_limt=3}"], "size_limit"),
+    (["--passes", "fold-constants{size_limt=3}"], "did you mean 'size-limit'"),
     (["--pass", "dce", "--passes", "cse"], "either --pass or --passes"),
     (["--plugin", "missing_plugin.py", "--pass", "dce"], "missing_plugin.py"),
 ])
@@ -210,12 +212,9 @@ def test_output_equal_to_input_is_refused(tmp_path):
     assert src.read_bytes() == EXAMPLE.read_bytes()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
-def test_unwritable_output(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    assert_user_error(ncc("compile", EXAMPLE, "-o", locked / "o.onnx"), "not writable")
+def test_unwritable_output():
+    # /proc refuses new files even to root (CI runs as root, so a chmod-ed folder would not do).
+    assert_user_error(ncc("compile", EXAMPLE, "-o", "/proc/ncc-out.onnx"), "cannot write /proc/ncc-out.onnx")
 
 
 def test_output_folder_missing(tmp_path):

@@ -1,0 +1,17 @@
+"""Named pipelines: a name that stands for a spec string.
+
+A pipeline name is usable wherever a pass name is (``ncc opt --pass cleanup``,
+``"cleanup,fuse-conv-bn"``) and expands to its passes; ``ncc passes`` lists
+them and ``--dump-pipeline`` prints the expansion.
+"""
+
+from __future__ import annotations
+
+PIPELINES: dict[str, str] = {
+    "cleanup": "shape-inference,fold-constants,eliminate-identity,cse,dce,toposort",
+    "optimize": "shape-inference,fold-constants,eliminate-identity,cse,dce,fuse-conv-bn,fuse-matmul-add,toposort",
+}
+
+
+def pipeline_names() -> list[str]:
+    return sorted(PIPELINES)

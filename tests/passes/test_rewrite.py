@@ -1,0 +1,168 @@
+"""The greedy pattern driver of passes/rewrite.py: hits, failure reasons, the sweep bound, node ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ncc.ir import ids
+from ncc.ir.builder import GraphBuilder, run
+from ncc.ir.verifier import verify
+from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
+
+
+def chain(*ops: str, shape=(2, 3)) -> ir.Model:
+    """x -> ops[0] -> ops[1] -> ... -> output."""
+    b = GraphBuilder("g", opset=17)
+    v = b.input("x", "f32", list(shape))
+    for op in ops:
+        v = b.op(op, [v])
+    b.output(v)
+    return b.build()
+
+
+class CollapseRelu(Pattern):
+    """Relu(Relu(x)) -> Relu(x)."""
+
+    root = "Relu"
+
+    def match_and_rewrite(self, node, rewriter):
+        inner = node.inputs[0].producer()
+        if inner is None or inner.op_type != "Relu":
+            return MatchResult.fail("input is not produced by a Relu")
+        if len(inner.outputs[0].uses()) != 1:
+            return MatchResult.fail("inner Relu has other uses")
+        new = rewriter.create("Relu", [inner.inputs[0]], absorbed=[inner, node], name="relu_collapsed")
+        rewriter.replace_op(node, new.outputs)
+        rewriter.erase(inner)
+        return MatchResult.ok()
+
+
+class NegNegToIdentity(Pattern):
+    """Neg(Neg(x)) -> Identity(x), higher benefit than DropNeg."""
+
+    root = "Neg"
+    benefit = 2
+
+    def match_and_rewrite(self, node, rewriter):
+        inner = node.inputs[0].producer()
+        if inner is None or inner.op_type != "Neg":
+            return MatchResult.fail("input is not a Neg")
+        new = rewriter.create("Identity", [inner.inputs[0]], absorbed=[inner, node])
+        rewriter.replace_op(node, new.outputs)
+        rewriter.erase(inner)
+        return MatchResult.ok()
+
+
+class NeverMatches(Pattern):
+    root = "Neg"
+    benefit = 1
+
+    def match_and_rewrite(self, node, rewriter):
+        return MatchResult.fail("never")
+
+
+class Churn(Pattern):
+    """Replaces a Relu by a fresh Relu forever: the driver must stop."""
+
+    root = "Relu"
+
+    def match_and_rewrite(self, node, rewriter):
+        new = rewriter.create("Relu", [node.inputs[0]], absorbed=[node])
+        rewriter.replace_op(node, new.outputs)
+        return MatchResult.ok()
+
+
+def test_hits_and_numerics():
+    model = chain("Relu", "Relu", "Relu", "Relu")
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    (expected,) = run(model, [x])
+    stats = apply_patterns(model, [CollapseRelu()])
+    verify(model)
+    assert [n.op_type for n in model.graph] == ["Relu"]
+    assert stats.hits == {"CollapseRelu": 3}
+    assert stats.converged
+    (got,) = run(model, [x])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_graph_output_name_is_kept():
+    model = chain("Relu", "Relu")
+    name = model.graph.outputs[0].name
+    apply_patterns(model, [CollapseRelu()])
+    assert model.graph.outputs[0].name == name
+    assert model.graph.outputs[0].producer().name == "relu_collapsed"
+
+
+def test_failure_reasons_are_counted_from_the_last_sweep():
+    model = chain("Relu", "Neg", "Relu")
+    stats = apply_patterns(model, [CollapseRelu()])
+    assert not stats.hits
+    assert stats.converged and stats.sweeps == 1
+    assert stats.failures == {("CollapseRelu", "input is not produced by a Relu"): 2}
+    result = stats.to_result()
+    assert not result.modified
+    assert result.notes == ["CollapseRelu: no match 2x: input is not produced by a Relu"]
+
+
+def test_benefit_orders_patterns_on_the_same_root():
+    model = chain("Neg", "Neg")
+    stats = apply_patterns(model, [NeverMatches(), NegNegToIdentity()])
+    assert stats.hits == {"NegNegToIdentity": 1}
+    assert [n.op_type for n in model.graph] == ["Identity"]
+    # The second sweep tried nothing that matched: the remaining failures are from it.
+    assert stats.sweeps == 2
+
+
+def test_new_nodes_are_stamped_with_the_ids_they_absorb():
+    model = chain("Relu", "Relu", "Relu")
+    before = [ids.node_id(n) for n in model.graph]
+    assert before == [0, 1, 2]
+    apply_patterns(model, [CollapseRelu()])
+    (node,) = model.graph
+    # First sweep: Relu#1 + Relu#0 -> new #3; then Relu#2 + #3 -> new #4 absorbing 0, 1, 2, 3.
+    assert ids.node_id(node) == 4
+    assert ids.fused_ids(node) == (0, 1, 2, 3)
+    assert node.metadata_props[ids.FUSED_KEY] == "0,1,2,3"
+
+
+def test_sweep_bound_reports_non_convergence():
+    model = chain("Relu")
+    stats = apply_patterns(model, [Churn()], max_sweeps=3)
+    assert not stats.converged
+    assert stats.sweeps == 3
+    assert stats.hits == {"Churn": 3}
+    result = stats.to_result()
+    assert result.modified
+    assert result.stats == {"Churn hits": 3}
+    assert result.notes == ["pattern driver stopped after 3 sweeps without converging"]
+    (node,) = model.graph
+    assert ids.fused_ids(node) == (0, 1, 2)
+
+
+def test_subgraphs_are_rewritten():
+    b = GraphBuilder("g", opset=17)
+    x = b.input("x", "f32", [2])
+    cond = b.input("c", "bool", [])
+    then = b.subgraph("then")
+    then.output(then.op("Relu", [then.op("Relu", [x])]))
+    other = b.subgraph("else")
+    other.output(other.op("Neg", [x]))
+    b.output(b.op("If", [cond], then_branch=then, else_branch=other))
+    model = b.build()
+    stats = apply_patterns(model, [CollapseRelu()])
+    verify(model)
+    assert stats.hits == {"CollapseRelu": 1}
+    then_graph = next(iter(model.graph)).attributes["then_branch"].as_graph()
+    assert [n.op_type for n in then_graph] == ["Relu"]
+
+
+def test_rewriter_fresh_names_and_constants():
+    model = chain("Relu")
+    rewriter = Rewriter(model, model.graph)
+    taken = model.graph.outputs[0].name
+    assert rewriter.fresh_name(taken) == f"{taken}_1"
+    assert rewriter.fresh_name(taken) == f"{taken}_2"
+    value = rewriter.constant(np.ones((2,), np.float32), "w")
+    assert value.name == "w" and value.is_initializer()
+    assert rewriter.constant(np.zeros((1,), np.float32), "w").name == "w_1"

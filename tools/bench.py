@@ -1,0 +1,758 @@
+"""``ncc bench FLOAT.onnx QUANT.onnx``: quality ratio, speed ratio and sizes, like the published tables.
+
+One row per model pair::
+
+    | model | FP32 quality | INT8 quality | ratio | FP32 samples/s | INT8 samples/s | speed-up | FP32 MB | INT8 MB | threads | batch |
+
+Quality is output fidelity by default: for each model output, over the samples
+(axis 0, each sample flattened),
+
+    cosine     = mean_i  <r_i, q_i> / (|r_i| |q_i|)
+    top-1      = mean    argmax(r, -1) == argmax(q, -1)        (outputs of rank >= 2 whose last axis > 1)
+    SQNR (dB)  = 10 log10( |r|^2 / |r - q|^2 )                  (over the whole output)
+
+with ``r`` the float model's output and ``q`` the quantized model's; the headline
+quality is the cosine of the first output (the float model scores 1 against
+itself). ``--metric accuracy:LABELS.npy`` scores both models' top-1 accuracy on
+their first output against the labels instead.
+
+Throughput runs both models in onnxruntime (CPU EP, ``ORT_ENABLE_ALL``,
+``intra_op_num_threads=T``, ``inter_op_num_threads=1``) on one batch: W warm-up
+runs, then R timed runs, float and quantized interleaved (the order alternating
+every round) so machine noise hits both alike; samples/s is batch / median
+latency. Sizes count the model file and every external-data file it references.
+
+numpy, onnx and onnxruntime are imported inside the functions so ``ncc --help``
+stays fast. :func:`benchmark` is the Python entry point for benchmark scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ncc.errors import NccError
+
+DEFAULT_WARMUP = 5
+DEFAULT_RUNS = 20
+DEFAULT_SEQ_LEN = 128
+SYNTHETIC_SAMPLES = 32
+SYNTHETIC_SEED = 0
+TOKEN_ID_HIGH = 1000
+MB = 1e6
+
+TABLE_HEADER = (
+    "| model | FP32 quality | INT8 quality | ratio | FP32 samples/s | INT8 samples/s | speed-up "
+    "| FP32 MB | INT8 MB | threads | batch |"
+)
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+
+class _ModelInfo:
+    """What bench needs to know about one model file: its inputs, outputs and size on disk."""
+
+    def __init__(self, path: Path, role: str):
+        import onnx
+
+        self.path = path
+        if not path.exists():
+            raise NccError(f"{role} model {path}: no such file.")
+        if path.is_dir():
+            raise NccError(f"{role} model {path} is a folder, not an ONNX file.")
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as err:  # DecodeError, or anything else protobuf raises on garbage
+            raise NccError(f"{role} model {path} is not an ONNX model ({type(err).__name__}).") from None
+        if proto.ir_version == 0 or not proto.HasField("graph") or not proto.graph.output:
+            raise NccError(f"{role} model {path} is not an ONNX model (no graph with outputs).")
+        initializers = {t.name for t in proto.graph.initializer}
+        # name -> (numpy dtype, dims: int for static, str/None for dynamic)
+        self.inputs: dict[str, tuple[Any, list]] = {}
+        self.optional_inputs: set[str] = set()
+        for value in proto.graph.input:
+            self.inputs[value.name] = _value_type(value, path)
+            if value.name in initializers:
+                self.optional_inputs.add(value.name)
+        self.outputs = [value.name for value in proto.graph.output]
+        self.size_bytes, self.files = _model_size(path, proto)
+
+    @property
+    def required_inputs(self) -> list[str]:
+        return [name for name in self.inputs if name not in self.optional_inputs]
+
+
+def _value_type(value, path: Path):
+    import onnx
+    import numpy as np
+
+    tensor_type = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or tensor_type.elem_type == 0:
+        raise NccError(f"{path}: input {value.name!r} is not a tensor with a known element type; ncc bench needs tensor inputs.")
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    dims: list = []
+    if tensor_type.HasField("shape"):
+        for dim in tensor_type.shape.dim:
+            if dim.HasField("dim_value"):
+                dims.append(int(dim.dim_value))
+            else:
+                dims.append(dim.dim_param or None)
+    return dtype, dims
+
+
+def _model_size(path: Path, proto) -> tuple[int, list[Path]]:
+    """Bytes on disk of ``path`` plus the external-data files its tensors reference (each once)."""
+    from onnx import TensorProto
+
+    files = [path]
+    seen = {path.resolve()}
+
+    def tensors_of_graph(graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from tensors_of_graph(attr.g)
+                for sub in attr.graphs:
+                    yield from tensors_of_graph(sub)
+
+    def all_tensors():
+        yield from tensors_of_graph(proto.graph)
+        for function in proto.functions:
+            for node in function.node:
+                for attr in node.attribute:
+                    if attr.HasField("t"):
+                        yield attr.t
+                    yield from attr.tensors
+
+    for tensor in all_tensors():
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if not location:
+            continue
+        data_path = path.parent / location
+        if not data_path.exists():
+            raise NccError(f"{path}: external data file {location!r} for tensor {tensor.name!r} does not exist.")
+        if data_path.resolve() not in seen:
+            seen.add(data_path.resolve())
+            files.append(data_path)
+    return sum(f.stat().st_size for f in files), files
+
+
+def _check_same_interface(fp: _ModelInfo, q: _ModelInfo) -> None:
+    if set(fp.required_inputs) != set(q.required_inputs):
+        raise NccError(
+            f"the models have different inputs: {fp.path.name} takes {sorted(fp.required_inputs)}, "
+            f"{q.path.name} takes {sorted(q.required_inputs)}."
+        )
+    for name in fp.required_inputs:
+        if fp.inputs[name][0] != q.inputs[name][0]:
+            raise NccError(
+                f"the models disagree on input {name!r}: {fp.path.name} takes {fp.inputs[name][0]}, "
+                f"{q.path.name} takes {q.inputs[name][0]}."
+            )
+    if fp.outputs != q.outputs:
+        raise NccError(
+            f"the models have different outputs: {fp.path.name} gives {fp.outputs}, {q.path.name} gives {q.outputs}."
+        )
+
+
+def _session(info: _ModelInfo, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(info.path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:
+        raise NccError(f"onnxruntime cannot load {info.path}: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+
+def _load_data(spec) -> dict:
+    """A data spec -> arrays by name (samples on axis 0).
+
+    A ``.npz`` file is read here (bench evaluates every sample, so it loads them all); folders and
+    ``module.py:function`` go through ``ncc.passes.quant.calib_data`` when it is installed.
+    """
+    import numpy as np
+
+    path = Path(spec)
+    if path.suffix.lower() == ".npz" and not path.is_dir():
+        if not path.exists():
+            raise NccError(f"data {path}: no such file.")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {key: npz[key] for key in npz.files}
+        except Exception as err:
+            raise NccError(f"data {path} is not a readable .npz file ({_first_line(err)}).") from None
+    try:
+        from ncc.passes.quant.calib_data import load_calibration_data
+    except ImportError:
+        load_calibration_data = None
+    if load_calibration_data is None:
+        if not path.exists():
+            raise NccError(f"data {path}: no such file.")
+        raise NccError(f"data {path}: expected a .npz file of arrays keyed by input name.")
+    return _as_arrays(load_calibration_data(str(spec)), str(spec))
+
+
+def _as_arrays(data, what: str) -> dict:
+    """Mapping of arrays (samples on axis 0) or an iterable of feed dicts -> arrays by name."""
+    import numpy as np
+
+    if isinstance(data, Mapping):
+        return {str(k): np.asarray(v) for k, v in data.items()}
+    if callable(getattr(data, "pieces", None)):  # ncc.passes.quant.calib_data.CalibrationData
+        data = data.pieces()
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise NccError(f"data {what}: expected arrays keyed by input name or an iterable of such dicts.")
+    parts: dict[str, list] = {}
+    for i, feed in enumerate(data):
+        if not isinstance(feed, Mapping):
+            raise NccError(f"data {what}: item {i} is a {type(feed).__name__}, not a dict of arrays keyed by input name.")
+        if parts and set(feed) != set(parts):
+            raise NccError(f"data {what}: item {i} has inputs {sorted(feed)}, earlier items have {sorted(parts)}.")
+        for key, value in feed.items():
+            parts.setdefault(str(key), []).append(np.asarray(value))
+    arrays = {}
+    for key, chunks in parts.items():
+        try:
+            arrays[key] = np.concatenate(chunks, axis=0) if chunks[0].ndim else np.stack(chunks)
+        except ValueError as err:
+            raise NccError(f"data {what}: the arrays for input {key!r} do not stack ({_first_line(err)}).") from None
+    return arrays
+
+
+def _same_kind(data_dtype, want) -> bool:
+    import numpy as np
+
+    def kind(dt):
+        dt = np.dtype(dt)
+        return "int" if dt.kind in "iu" else dt.kind
+
+    return kind(data_dtype) == kind(want)
+
+
+def _check_data(arrays: dict, info: _ModelInfo, what: str) -> tuple[dict, int]:
+    """Validate ``arrays`` against the model's inputs; returns (feeds cast to the input dtypes, sample count)."""
+    import numpy as np
+
+    if not arrays:
+        raise NccError(f"data {what} is empty.")
+    missing = [name for name in info.required_inputs if name not in arrays]
+    unknown = [name for name in arrays if name not in info.inputs]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"lacks input(s) {missing}")
+        if unknown:
+            parts.append(f"has array(s) {unknown} that are not model inputs")
+        raise NccError(f"data {what} {' and '.join(parts)}; the model takes {info.required_inputs}.")
+    feeds, counts = {}, set()
+    for name, array in arrays.items():
+        dtype, dims = info.inputs[name]
+        if not _same_kind(array.dtype, dtype):
+            raise NccError(f"data {what}: input {name!r} is {array.dtype}, the model expects {dtype}.")
+        if dims and array.ndim != len(dims):
+            raise NccError(
+                f"data {what}: input {name!r} has shape {list(array.shape)}, the model expects rank {len(dims)} "
+                f"({_dims_text(dims)}) with samples on axis 0."
+            )
+        for axis, (have, want) in enumerate(zip(array.shape, dims)):
+            if axis > 0 and isinstance(want, int) and have != want:
+                raise NccError(
+                    f"data {what}: input {name!r} has shape {list(array.shape)}, the model expects {_dims_text(dims)}."
+                )
+        if array.ndim == 0:
+            feeds[name] = array.astype(dtype)
+            continue
+        counts.add(array.shape[0])
+        feeds[name] = np.ascontiguousarray(array, dtype=dtype)
+    if len(counts) > 1:
+        raise NccError(f"data {what}: inputs have different sample counts {sorted(counts)} on axis 0.")
+    n = counts.pop() if counts else 1
+    if n == 0:
+        raise NccError(f"data {what} has no samples.")
+    return feeds, n
+
+
+def _dims_text(dims) -> str:
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in dims) + "]"
+
+
+def synthetic_inputs(
+    info: _ModelInfo, samples: int, *, seq_len: int = DEFAULT_SEQ_LEN, dims: Mapping[str, int] | None = None,
+    seed: int = SYNTHETIC_SEED,
+) -> dict:
+    """Deterministic inputs from the model's input types.
+
+    Axis 0 holds ``samples``; a dynamic second dim of an integer input is ``seq_len``; other dynamic
+    dims come from ``dims`` (by dim name) or a dim of the same name already fixed, else 1. Floats are
+    standard normal; integer inputs named like token ids are uniform in [0, 1000), attention masks
+    ones, token type / segment ids zeros, position ids 0..L-1, other integers zeros; bools true.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    named: dict[str, int] = dict(dims or {})
+    shapes = {}
+    for name in info.required_inputs:  # fix named dims first so float inputs agree with integer ones
+        dtype, in_dims = info.inputs[name]
+        shape = []
+        for axis, dim in enumerate(in_dims):
+            if isinstance(dim, int):
+                shape.append(dim)
+                continue
+            if axis == 0:
+                value = samples
+            elif dim in named:
+                value = named[dim]
+            elif axis == 1 and np.issubdtype(dtype, np.integer):
+                value = seq_len
+            else:
+                value = None
+            if value is not None and dim and axis > 0:
+                named.setdefault(dim, value)
+            shape.append(value)
+        shapes[name] = shape
+    feeds = {}
+    for name in info.required_inputs:
+        dtype = info.inputs[name][0]
+        in_dims = info.inputs[name][1]
+        shape = [v if v is not None else named.get(in_dims[a], 1) for a, v in enumerate(shapes[name])]
+        lower = name.lower()
+        if np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[name] = np.ones(shape, dtype=bool)
+        elif "mask" in lower:
+            feeds[name] = np.ones(shape, dtype=dtype)
+        elif "token_type" in lower or "segment" in lower:
+            feeds[name] = np.zeros(shape, dtype=dtype)
+        elif "position" in lower:
+            feeds[name] = np.broadcast_to(np.arange(shape[-1] if shape else 1), shape).astype(dtype)
+        elif "ids" in lower or "token" in lower or "input" in lower:
+            feeds[name] = rng.integers(0, TOKEN_ID_HIGH, size=shape).astype(dtype)
+        else:
+            feeds[name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def _take(feeds: dict, start: int, stop: int) -> dict:
+    return {k: (v[start:stop] if v.ndim else v) for k, v in feeds.items()}
+
+
+def _tile_batch(feeds: dict, n: int, batch: int) -> dict:
+    """One batch of ``batch`` samples: the first ones, repeated when there are fewer than ``batch``."""
+    import numpy as np
+
+    index = np.arange(batch) % n
+    return {k: (np.ascontiguousarray(v[index]) if v.ndim else v) for k, v in feeds.items()}
+
+
+# -- quality ----------------------------------------------------------------------------------------
+
+
+def _run_all(session, feeds: dict, n: int, chunk: int, path: Path, synthetic: bool) -> dict:
+    """Run ``session`` over the samples ``chunk`` at a time; outputs by name, samples concatenated."""
+    import numpy as np
+
+    names = [o.name for o in session.get_outputs()]
+    parts: dict[str, list] = {name: [] for name in names}
+    for start in range(0, n, chunk):
+        try:
+            outs = session.run(None, _take(feeds, start, min(start + chunk, n)))
+        except Exception as err:
+            hint = " (on synthetic inputs; pass --data with real inputs)" if synthetic else ""
+            raise NccError(f"onnxruntime failed to run {path}{hint}: {_first_line(err)}") from None
+        for name, out in zip(names, outs):
+            parts[name].append(np.asarray(out))
+    return {
+        name: (np.concatenate(chunks, axis=0) if chunks[0].ndim else np.stack(chunks)) for name, chunks in parts.items()
+    }
+
+
+def fidelity(ref, got) -> dict:
+    """Cosine (mean over samples on axis 0, each flattened), top-1 agreement, SQNR in dB of ``got`` vs ``ref``."""
+    import numpy as np
+
+    ref = np.asarray(ref, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    if ref.shape != got.shape:
+        raise NccError(f"the models' outputs differ in shape: {list(ref.shape)} vs {list(got.shape)}.")
+    r = ref.reshape(ref.shape[0], -1) if ref.ndim else ref.reshape(1, 1)
+    g = got.reshape(r.shape)
+    nr, ng = np.linalg.norm(r, axis=1), np.linalg.norm(g, axis=1)
+    dot = np.sum(r * g, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.where((nr == 0) & (ng == 0), 1.0, np.where((nr == 0) | (ng == 0), 0.0, dot / (nr * ng)))
+    top1 = None
+    if ref.ndim >= 2 and ref.shape[-1] > 1:
+        top1 = float(np.mean(np.argmax(ref, axis=-1) == np.argmax(got, axis=-1)))
+    signal, noise = float(np.sum(ref * ref)), float(np.sum((ref - got) ** 2))
+    if noise == 0.0:
+        sqnr = math.inf
+    elif signal == 0.0:
+        sqnr = -math.inf
+    else:
+        sqnr = 10.0 * math.log10(signal / noise)
+    return {"cosine": float(np.mean(cos)), "top1_agreement": top1, "sqnr_db": sqnr}
+
+
+def _predictions(out, output_name: str):
+    import numpy as np
+
+    if np.issubdtype(out.dtype, np.integer):
+        return out
+    if out.ndim >= 2 and out.shape[-1] > 1:
+        return np.argmax(out, axis=-1)
+    raise NccError(
+        f"accuracy needs output {output_name!r} to hold class scores (last axis > 1) or class ids; "
+        f"it has shape {list(out.shape)}."
+    )
+
+
+def _accuracy(out, labels, output_name: str) -> float:
+    import numpy as np
+
+    pred = _predictions(out, output_name)
+    if pred.shape != labels.shape:
+        if pred.size != labels.size:
+            raise NccError(
+                f"labels have shape {list(labels.shape)} but output {output_name!r} gives predictions of shape "
+                f"{list(pred.shape)}."
+            )
+        pred = pred.reshape(labels.shape)
+    return float(np.mean(pred == labels))
+
+
+def _parse_metric(metric: str) -> tuple[str, Path | None]:
+    if metric == "fidelity":
+        return "fidelity", None
+    if metric.startswith("accuracy:") and len(metric) > len("accuracy:"):
+        return "accuracy", Path(metric[len("accuracy:"):])
+    raise NccError(f"unknown metric {metric!r}; use 'fidelity' or 'accuracy:LABELS.npy'.")
+
+
+def _load_labels(path: Path):
+    import numpy as np
+
+    if not path.exists():
+        raise NccError(f"labels {path}: no such file.")
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise NccError(f"labels {path} is not a readable .npy file ({_first_line(err)}).") from None
+    if not isinstance(labels, np.ndarray):  # an .npz
+        with labels as npz:
+            if len(npz.files) != 1:
+                raise NccError(f"labels {path} holds {len(npz.files)} arrays; give a .npy with one label per sample.")
+            labels = npz[npz.files[0]]
+    if labels.ndim == 0:
+        raise NccError(f"labels {path} is a scalar; give one label per sample.")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)):
+            labels = labels.astype(np.int64)
+        else:
+            raise NccError(f"labels {path} are {labels.dtype}; give integer class ids.")
+    return labels
+
+
+# -- timing -----------------------------------------------------------------------------------------
+
+
+def _time_interleaved(sessions: list, feed: dict, warmup: int, runs: int) -> list[list[float]]:
+    """Seconds per run for each session, rounds interleaved and their order alternating."""
+    import time
+
+    times: list[list[float]] = [[] for _ in sessions]
+    order = list(range(len(sessions)))
+    for round_ in range(warmup + runs):
+        for i in (order if round_ % 2 == 0 else order[::-1]):
+            start = time.perf_counter()
+            sessions[i].run(None, feed)
+            elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                times[i].append(elapsed)
+    return times
+
+
+def _latency_stats(seconds: list[float], batch: int) -> dict:
+    import numpy as np
+
+    median = float(np.median(seconds))
+    return {
+        "median_ms": median * 1e3,
+        "p90_ms": float(np.percentile(seconds, 90)) * 1e3,
+        "samples_per_s": batch / median if median > 0 else math.inf,
+    }
+
+
+# -- the benchmark ----------------------------------------------------------------------------------
+
+
+def benchmark(
+    float_path,
+    quant_path,
+    feeds_or_data=None,
+    *,
+    batch: int | None = None,
+    threads: int | None = None,
+    warmup: int = DEFAULT_WARMUP,
+    runs: int = DEFAULT_RUNS,
+    metric: str = "fidelity",
+    seq_len: int = DEFAULT_SEQ_LEN,
+    dims: Mapping[str, int] | None = None,
+    seed: int = SYNTHETIC_SEED,
+    synthetic_samples: int = SYNTHETIC_SAMPLES,
+) -> dict:
+    """Compare a float model with its quantized counterpart: quality, throughput and size.
+
+    ``feeds_or_data`` is ``None`` (deterministic synthetic inputs), a dict of arrays keyed by input
+    name (samples on axis 0), an iterable of such dicts, or a data spec (a ``.npz`` path; folders and
+    ``module.py:function`` when ``ncc.passes.quant.calib_data`` is installed). ``batch`` defaults to
+    the model's static batch dim, else 1; ``threads`` to ``os.cpu_count()``. ``metric`` is
+    ``"fidelity"`` or ``"accuracy:LABELS.npy"``. Returns a JSON-ready dict (see :func:`format_table`).
+    Anything a user can get wrong raises :class:`NccError`.
+    """
+    import numpy as np
+
+    kind, labels_path = _parse_metric(metric)
+    threads = threads if threads is not None else (os.cpu_count() or 1)
+    for option, value, least in (("threads", threads, 1), ("warmup", warmup, 0), ("runs", runs, 1),
+                                 ("seq-len", seq_len, 1), ("batch", batch if batch is not None else 1, 1)):
+        if value < least:
+            raise NccError(f"--{option} must be at least {least}, got {value}.")
+
+    fp = _ModelInfo(Path(float_path), "float")
+    q = _ModelInfo(Path(quant_path), "quantized")
+    _check_same_interface(fp, q)
+
+    static_batches = {info.inputs[name][1][0] for info in (fp, q) for name in info.required_inputs
+                      if info.inputs[name][1] and isinstance(info.inputs[name][1][0], int)}
+    if len(static_batches) > 1:
+        raise NccError(f"the models' inputs have different fixed sizes on axis 0: {sorted(static_batches)}.")
+    static_batch = static_batches.pop() if static_batches else None
+    if batch is None:
+        batch = static_batch or 1
+    elif static_batch is not None and batch != static_batch:
+        raise NccError(f"the models take a fixed batch of {static_batch}; --batch {batch} cannot run.")
+
+    synthetic = feeds_or_data is None
+    if synthetic:
+        if kind == "accuracy":
+            raise NccError("the accuracy metric needs --data with the inputs the labels belong to.")
+        n = max(batch, synthetic_samples)
+        n = -(-n // batch) * batch
+        feeds = synthetic_inputs(fp, n, seq_len=seq_len, dims=dims, seed=seed)
+        data_desc = f"synthetic (seed {seed})"
+    else:
+        if isinstance(feeds_or_data, (str, os.PathLike)):
+            what = str(feeds_or_data)
+            arrays = _load_data(feeds_or_data)
+        else:
+            what = "(given arrays)"
+            arrays = _as_arrays(feeds_or_data, what)
+        feeds, n = _check_data(arrays, fp, what)
+        data_desc = what
+
+    chunk, n_data = batch, n
+    if static_batch is not None and n % static_batch:
+        if n < static_batch:
+            raise NccError(f"the models take a fixed batch of {static_batch} but the data has only {n} samples.")
+        n -= n % static_batch  # a fixed-batch model cannot run the partial last batch
+    labels = None
+    if kind == "accuracy":
+        labels = _load_labels(labels_path)
+        if labels.shape[0] != n_data:
+            raise NccError(f"labels {labels_path} hold {labels.shape[0]} labels but the data has {n_data} samples.")
+        labels = labels[:n]
+
+    sess_fp, sess_q = _session(fp, threads), _session(q, threads)
+    out_fp = _run_all(sess_fp, feeds, n, chunk, fp.path, synthetic)
+    out_q = _run_all(sess_q, feeds, n, chunk, q.path, synthetic)
+
+    details = {name: fidelity(out_fp[name], out_q[name]) for name in fp.outputs}
+    first = fp.outputs[0]
+    if kind == "fidelity":
+        quality = {"name": "cosine", "output": first, "fp32": 1.0, "int8": details[first]["cosine"]}
+    else:
+        quality = {
+            "name": "accuracy", "output": first, "labels": str(labels_path),
+            "fp32": _accuracy(out_fp[first], labels, first), "int8": _accuracy(out_q[first], labels, first),
+        }
+    quality["ratio"] = quality["int8"] / quality["fp32"] if quality["fp32"] else None
+
+    feed = _tile_batch(feeds, n, batch)
+    try:
+        t_fp, t_q = _time_interleaved([sess_fp, sess_q], feed, warmup, runs)
+    except Exception as err:
+        raise NccError(f"onnxruntime failed to run a batch of {batch}: {_first_line(err)}") from None
+    perf_fp, perf_q = _latency_stats(t_fp, batch), _latency_stats(t_q, batch)
+
+    return {
+        "model": fp.path.stem,
+        "float_model": str(fp.path),
+        "quant_model": str(q.path),
+        "data": data_desc,
+        "synthetic": synthetic,
+        "samples": int(n),
+        "metric": kind,
+        "quality": quality,
+        "fidelity": details,
+        "throughput": {
+            "fp32": perf_fp,
+            "int8": perf_q,
+            "speedup": perf_q["samples_per_s"] / perf_fp["samples_per_s"],
+        },
+        "size": {
+            "fp32_bytes": fp.size_bytes,
+            "int8_bytes": q.size_bytes,
+            "fp32_mb": fp.size_bytes / MB,
+            "int8_mb": q.size_bytes / MB,
+            "ratio": q.size_bytes / fp.size_bytes,
+            "fp32_files": [str(f) for f in fp.files],
+            "int8_files": [str(f) for f in q.files],
+        },
+        "threads": threads,
+        "batch": batch,
+        "warmup": warmup,
+        "runs": runs,
+        "seq_len": seq_len if synthetic else None,
+    }
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+
+def _num(x, fmt: str) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return format(x, fmt)
+
+
+def format_table(result: dict) -> str:
+    """The markdown row of the published tables, then the fidelity details and latencies."""
+    quality, perf, size = result["quality"], result["throughput"], result["size"]
+    q_fmt = ".4f"
+    row = (
+        f"| {result['model']} | {_num(quality['fp32'], q_fmt)} | {_num(quality['int8'], q_fmt)} "
+        f"| {_num(None if quality['ratio'] is None else 100 * quality['ratio'], '.2f')}% "
+        f"| {_num(perf['fp32']['samples_per_s'], '.1f')} | {_num(perf['int8']['samples_per_s'], '.1f')} "
+        f"| {_num(perf['speedup'], '.2f')}x | {_num(size['fp32_mb'], '.3f')} | {_num(size['int8_mb'], '.3f')} "
+        f"| {result['threads']} | {result['batch']} |"
+    )
+    lines = []
+    if result["synthetic"]:
+        lines.append(
+            f"note: fidelity measured on synthetic inputs (seeded, {result['samples']} samples); "
+            "pass --data for real inputs."
+        )
+    lines += [TABLE_HEADER, "|" + "---|" * 11, row, ""]
+    if quality["name"] == "cosine":
+        lines.append(
+            f"quality: mean cosine of output {quality['output']!r} with FP32 (FP32 is the reference), "
+            f"{result['samples']} samples from {result['data']}"
+        )
+    else:
+        lines.append(
+            f"quality: top-1 accuracy of output {quality['output']!r} against {quality['labels']}, "
+            f"{result['samples']} samples from {result['data']}"
+        )
+    lines += ["", "| output | cosine | top-1 agreement | SQNR dB |", "|---|---|---|---|"]
+    for name, f in result["fidelity"].items():
+        lines.append(
+            f"| {name} | {_num(f['cosine'], '.6f')} | {_num(f['top1_agreement'], '.4f')} | {_num(f['sqnr_db'], '.2f')} |"
+        )
+    lines += [
+        "",
+        f"latency per batch of {result['batch']} (ms): FP32 median {perf['fp32']['median_ms']:.3f} "
+        f"p90 {perf['fp32']['p90_ms']:.3f}; INT8 median {perf['int8']['median_ms']:.3f} "
+        f"p90 {perf['int8']['p90_ms']:.3f} ({result['warmup']} warm-up + {result['runs']} timed runs each, "
+        f"interleaved, {result['threads']} threads)",
+    ]
+    return "\n".join(lines)
+
+
+def to_json(result: dict) -> str:
+    """Strict JSON: infinities (a bit-exact SQNR) become null."""
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(result), indent=2, allow_nan=False)
+
+
+def _parse_dims(values) -> dict[str, int]:
+    dims = {}
+    for text in values:
+        match = re.fullmatch(r"\s*([^=\s]+)\s*=\s*(\d+)\s*", text)
+        if not match or int(match.group(2)) < 1:
+            raise NccError(f"--dim {text!r}: expected NAME=SIZE with a positive SIZE, e.g. --dim sequence=64.")
+        dims[match.group(1)] = int(match.group(2))
+    return dims
+
+
+_PATH = click.Path(path_type=Path, dir_okay=True, exists=False)
+
+
+@click.command()
+@click.argument("float_model", metavar="FLOAT.onnx", type=_PATH)
+@click.argument("quant_model", metavar="QUANT.onnx", type=_PATH)
+@click.option("--data", metavar="DATA", help="Inputs: a .npz keyed by input name (samples on axis 0), a folder of .npz, or module.py:function. Default: synthetic.")
+@click.option("--metric", default="fidelity", show_default=True, metavar="METRIC", help="'fidelity' (cosine, top-1 agreement, SQNR) or 'accuracy:LABELS.npy'.")
+@click.option("--batch", type=int, help="Batch size for timing and evaluation (default: the model's fixed batch, else 1).")
+@click.option("--seq-len", type=int, default=DEFAULT_SEQ_LEN, show_default=True, help="Dynamic second dim of integer inputs (synthetic data).")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE", help="Size of a named dynamic dim (synthetic data); other dynamic dims are 1.")
+@click.option("--threads", type=int, help="intra-op threads (default: all CPUs).")
+@click.option("--warmup", type=int, default=DEFAULT_WARMUP, show_default=True, help="Untimed runs per model first.")
+@click.option("--runs", type=int, default=DEFAULT_RUNS, show_default=True, help="Timed runs per model (median and p90 reported).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the table.")
+def bench(float_model: Path, quant_model: Path, data: str | None, metric: str, batch: int | None, seq_len: int,
+          dims: tuple[str, ...], threads: int | None, warmup: int, runs: int, as_json: bool) -> None:
+    """Compare FLOAT.onnx with QUANT.onnx: quality and its ratio, samples/s and speed-up, sizes.
+
+    \b
+    ncc bench model.onnx model.int8.onnx --data calib.npz
+    ncc bench model.onnx model.int8.onnx --data test.npz --metric accuracy:labels.npy --batch 8
+    """
+    result = benchmark(
+        float_model, quant_model, data, batch=batch, threads=threads, warmup=warmup, runs=runs, metric=metric,
+        seq_len=seq_len, dims=_parse_dims(dims),
+    )
+    click.echo(to_json(result) if as_json else format_table(result))
