@@ -9,7 +9,7 @@ from __future__ import annotations
 
 PIPELINES: dict[str, str] = {
     "cleanup": "shape-inference,fold-constants,eliminate-identity,cse,dce,toposort",
-    "optimize": "shape-inference,fold-constants,eliminate-identity,cse,dce,fuse-conv-bn,fuse-matmul-add,toposort",
+    "optimize": "shape-inference,fold-constants,eliminate-identity,fuse-conv-bn,fuse-matmul-add,cse,dce,toposort",
 }
 
 

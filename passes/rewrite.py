@@ -137,8 +137,18 @@ class Rewriter:
         self.erase(node)
 
     def erase(self, node: ir.Node) -> None:
-        """Remove a node whose outputs are no longer used."""
+        """Remove a node whose outputs are no longer used, and the initializers only it used."""
+        inputs = [v for v in node.inputs if v is not None]
         self.graph.remove(node, safe=True)
+        for value in inputs:
+            if (
+                value.is_initializer()
+                and not value.uses()
+                and not value.is_graph_input()
+                and not value.is_graph_output()
+                and self.graph.initializers.get(value.name) is value
+            ):
+                del self.graph.initializers[value.name]
 
 
 def _retarget_outputs(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:

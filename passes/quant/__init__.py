@@ -1,0 +1,1 @@
+"""Quantization passes and the calibration library they share."""

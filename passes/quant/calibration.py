@@ -1,0 +1,296 @@
+"""Collect activation statistics by running the float model in onnxruntime.
+
+:func:`collect_statistics` is what the ``calibrate`` pass calls. It
+
+1. checks the calibration data against the model's inputs (one clear error
+   before anything runs);
+2. looks in ``cache_dir`` for statistics stored under a key made of the model
+   fingerprint (its serialized proto without external data, which records
+   external tensors by location/offset/length, plus each external file's size
+   and mtime), the data digest, the sorted value names and ``extra_key``;
+3. otherwise clones the model (tensors are shared, not copied), makes every
+   requested intermediate value a graph output (a value of unknown type is
+   declared float), and opens one onnxruntime session on the CPU provider with
+   graph optimizations disabled, so intermediate names survive;
+4. runs the data batch by batch and folds each requested output into its
+   :class:`~ncc.passes.quant.observers.TensorStats`: memory holds one batch's
+   activations and the histograms, nothing more.
+
+A model whose weights live in external files is inlined when small
+(``INLINE_LIMIT``); a larger one is saved with external data to a temporary
+folder and the session is loaded from that path. Protobuf appears only in
+the serialized bytes handed to onnxruntime; no backend is imported.
+
+Only float tensors are observed: a requested value that turns out not to be
+float (by its IR type or the array onnxruntime returns) is left out of the
+result. Graph inputs are observed from the feeds, constants once from their
+tensor. The batch size follows the model when its inputs have a fixed batch
+dimension.
+
+The progress bar (rich, on stderr) shows only when ``progress`` is true and
+stderr is a terminal, so tests and piped logs stay clean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from ncc.errors import NccError
+from ncc.passes.quant.calib_data import CalibrationData, validate
+from ncc.passes.quant.observers import TensorStats
+
+INLINE_LIMIT = 512 << 20
+"""Models with at most this many bytes of weights go to onnxruntime as one in-memory proto."""
+
+_FLOAT_TYPES = frozenset(
+    {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+)
+_CACHE_VERSION = "ncc-calib-v1"
+
+
+def model_inputs(model: ir.Model) -> dict[str, tuple[np.dtype, list[int | None] | None]]:
+    """``{name: (dtype, shape)}`` of the graph inputs that are fed (not initializers); dynamic dims are None."""
+    out = {}
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        if value.dtype is None:
+            raise NccError(f"model input {value.name!r} has no element type; calibration cannot feed it.")
+        shape = None if value.shape is None else [d if isinstance(d, int) else None for d in value.shape.dims]
+        out[value.name] = (value.dtype.numpy(), shape)
+    return out
+
+
+def model_fingerprint(model: ir.Model) -> str:
+    """sha256 of the serialized model (external tensors by reference) plus each external file's size and mtime."""
+    proto = ir.serde.serialize_model(model)
+    h = hashlib.sha256(proto.SerializeToString(deterministic=True))
+    for value in sorted(_initializers(model), key=lambda v: v.name or ""):
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            path = Path(tensor.base_dir) / tensor.location
+            try:
+                stat = path.stat()
+                h.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+            except OSError:
+                h.update(f"{path}\0missing\0".encode())
+    return h.hexdigest()
+
+
+def cache_key(model: ir.Model, values: Iterable[str], data: CalibrationData, extra_key: str = "") -> str:
+    h = hashlib.sha256(_CACHE_VERSION.encode())
+    for part in (model_fingerprint(model), data.digest(), json.dumps(sorted(set(values))), extra_key):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def collect_statistics(
+    model: ir.Model,
+    values: list[str],
+    data: CalibrationData,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+    extra_key: str = "",
+) -> dict[str, TensorStats]:
+    """Run ``model`` on ``data`` and return streaming statistics for each float value named in ``values``."""
+    requested = list(dict.fromkeys(values))
+    by_name = _values_by_name(model)
+    unknown = [n for n in requested if n not in by_name]
+    if unknown:
+        raise ValueError(f"values not in the model's main graph: {unknown}")
+    inputs = model_inputs(model)
+    validate(data, inputs)
+    observed = [n for n in requested if by_name[n].dtype is None or by_name[n].dtype in _FLOAT_TYPES]
+
+    cache_file = None
+    if cache_dir is not None:
+        key = cache_key(model, observed, data, extra_key)
+        cache_file = Path(cache_dir) / f"{key}.npz"
+        if cache_file.is_file():
+            cached = load_stats(cache_file)
+            if cached is not None:
+                return cached
+
+    stats = _run(model, observed, by_name, data, _batch_size(inputs, batch_size), progress)
+    if cache_file is not None:
+        save_stats(cache_file, stats)
+    return stats
+
+
+def _batch_size(inputs: dict, default: int) -> int:
+    fixed = {shape[0] for _, shape in inputs.values() if shape and isinstance(shape[0], int) and shape[0] > 0}
+    if len(fixed) == 1:
+        return fixed.pop()
+    return default
+
+
+def _initializers(model: ir.Model) -> list[ir.Value]:
+    return [v for g in model.graphs() for v in g.initializers.values() if v.const_value is not None]
+
+
+def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
+    graph = model.graph
+    out: dict[str, ir.Value] = {}
+    for value in graph.inputs:
+        out[value.name] = value
+    for value in graph.initializers.values():
+        out.setdefault(value.name, value)
+    for node in graph:
+        for value in node.outputs:
+            if value.name:
+                out[value.name] = value
+    return out
+
+
+def _run(
+    model: ir.Model,
+    names: list[str],
+    by_name: dict[str, ir.Value],
+    data: CalibrationData,
+    batch_size: int,
+    progress: bool,
+) -> dict[str, TensorStats]:
+    import onnxruntime as ort
+
+    stats = {name: TensorStats() for name in names}
+    feed_names = {v.name for v in model.graph.inputs if not v.is_initializer()}
+    constants = [n for n in names if n not in feed_names and by_name[n].producer() is None]
+    for name in constants:
+        stats[name].update(by_name[name].const_value.numpy())
+    fetched = [n for n in names if n not in feed_names and n not in constants]
+    from_feeds = [n for n in names if n in feed_names]
+
+    with tempfile.TemporaryDirectory(prefix="ncc-calib-") as workdir:
+        session = None
+        if fetched:
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            options.log_severity_level = 3
+            source = _session_source(model, fetched, Path(workdir))
+            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            del source
+        done: set[str] = set()
+        with _progress_bar(progress, data.num_samples) as advance:
+            for index, batch in enumerate(data.batches(batch_size)):
+                for name in from_feeds:
+                    stats[name].update(batch[name])
+                if session is not None:
+                    try:
+                        outputs = session.run(fetched, batch)
+                    except Exception as err:  # noqa: BLE001
+                        if not type(err).__module__.startswith("onnxruntime"):
+                            raise
+                        # the data passed validation (dynamic dims) but the graph cannot run on it
+                        detail = " ".join(str(err).split()).rstrip(".")
+                        raise NccError(
+                            f"onnxruntime failed on calibration batch {index} of {data.spec}: {detail}."
+                        ) from None
+                    for name, array in zip(fetched, outputs):
+                        if isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.floating):
+                            stats[name].update(array)
+                            done.add(name)
+                    del outputs
+                advance(next(iter(batch.values())).shape[0])
+    skipped = set(fetched) - done
+    return {name: s for name, s in stats.items() if name not in skipped}
+
+
+def _session_source(model: ir.Model, outputs: list[str], workdir: Path) -> bytes | str:
+    """The model with ``outputs`` as extra graph outputs: proto bytes, or a path for a large external model."""
+    clone = model.clone()
+    clone_values = _values_by_name(clone)
+    present = {v.name for v in clone.graph.outputs}
+    for name in outputs:
+        value = clone_values[name]
+        if value.type is None:
+            value.type = ir.TensorType(ir.DataType.FLOAT)
+        if name not in present:
+            clone.graph.outputs.append(value)
+    initializers = _initializers(clone)
+    total = sum(v.const_value.nbytes for v in initializers)
+    external = [v for v in initializers if isinstance(v.const_value, ir.ExternalTensor)]
+    if total <= INLINE_LIMIT:
+        for value in external:
+            tensor = value.const_value
+            # a copy: no view into the caller's memory map may outlive this call
+            value.const_value = ir.Tensor(np.array(tensor.numpy(), copy=True), name=tensor.name)
+        return ir.serde.serialize_model(clone).SerializeToString()
+    path = workdir / "model.onnx"
+    ir.save(clone, path, external_data="model.onnx.data")
+    return os.fspath(path)
+
+
+class _progress_bar:  # noqa: N801 - used as a context manager function
+    """A rich progress bar on stderr when asked for and stderr is a terminal; otherwise a no-op."""
+
+    def __init__(self, enabled: bool, total: int | None):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total = total
+        self._progress = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(
+            TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=Console(stderr=True), transient=True,
+        )
+        self._progress.start()
+        task = self._progress.add_task("calibrating", total=self.total)
+        return lambda n: self._progress.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+        return False
+
+
+# -- cache files ----------------------------------------------------------------------------------
+
+
+def save_stats(path: Path, stats: dict[str, TensorStats]) -> None:
+    """Write ``stats`` to ``path`` (an ``.npz``) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {"__names__": np.asarray(json.dumps(list(stats)))}
+    for i, s in enumerate(stats.values()):
+        for field, array in s.to_arrays().items():
+            arrays[f"{i}.{field}"] = array
+    fd, temp = tempfile.mkstemp(prefix=".ncc-calib-", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            np.savez(file, **arrays)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def load_stats(path: Path) -> dict[str, TensorStats] | None:
+    """Read statistics written by :func:`save_stats`; ``None`` if the file is unreadable (then it is recomputed)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = json.loads(str(npz["__names__"]))
+            out = {}
+            for i, name in enumerate(names):
+                prefix = f"{i}."
+                fields = {k[len(prefix) :]: npz[k] for k in npz.files if k.startswith(prefix)}
+                out[name] = TensorStats.from_arrays(fields)
+            return out
+    except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, not fatal
+        return None
