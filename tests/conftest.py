@@ -1,0 +1,54 @@
+
+# -- numerics helpers for pass tests (tests/passes) ------------------------------------------------
+
+import numpy as _np
+import pytest as _pytest
+
+
+def _ort_feeds(model, seed: int = 0, sym: int = 2) -> dict:
+    """Seeded random inputs for ``model``'s graph inputs (symbolic dims become ``sym``)."""
+    import onnx_ir as ir
+
+    rng = _np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        dims = [d if isinstance(d, int) else sym for d in (value.shape.dims if value.shape is not None else ())]
+        dtype = value.dtype.numpy() if value.dtype is not None else _np.dtype(_np.float32)
+        if value.dtype == ir.DataType.BOOL:
+            feeds[value.name] = _np.asarray(rng.random(dims) < 0.5)
+        elif _np.issubdtype(dtype, _np.integer):
+            feeds[value.name] = _np.asarray(rng.integers(0, 3, size=dims)).astype(dtype)
+        else:
+            feeds[value.name] = _np.asarray(rng.standard_normal(dims)).astype(dtype)
+    return feeds
+
+
+def run_ort(model, feeds: dict) -> dict:
+    """Run an IR model in onnxruntime (CPU) and return its outputs by name."""
+    import onnxruntime as ort
+
+    from ncc.backends.onnx.emit import to_proto
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, feeds)))
+
+
+def assert_same_outputs(before, after, *, atol: float, rtol: float, seeds=(0, 1)) -> None:
+    """``before`` and ``after`` give the same outputs (by name, within tolerance) on seeded inputs."""
+    for seed in seeds:
+        feeds = _ort_feeds(before, seed)
+        want, got = run_ort(before, feeds), run_ort(after, feeds)
+        assert list(want) == list(got), f"graph outputs changed: {list(want)} -> {list(got)}"
+        for name in want:
+            _np.testing.assert_allclose(got[name], want[name], atol=atol, rtol=rtol, err_msg=f"output {name!r}")
+
+
+@_pytest.fixture
+def same_outputs():
+    """Fixture form of :func:`assert_same_outputs` (before, after, *, atol, rtol)."""
+    return assert_same_outputs
