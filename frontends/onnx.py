@@ -74,8 +74,16 @@ def _check(model: onnx.ModelProto | str, source: str) -> None:
 
 
 def _has_untyped_values(graph: onnx.GraphProto) -> bool:
+    """True when a node output of ``graph`` or of any subgraph in it lacks a declared type."""
     typed = {v.name for v in graph.value_info} | {v.name for v in graph.output}
-    return any(o and o not in typed for node in graph.node for o in node.output)
+    for node in graph.node:
+        if any(o and o not in typed for o in node.output):
+            return True
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            if any(_has_untyped_values(g) for g in subgraphs):
+                return True
+    return False
 
 
 def _refuse_escaping_external_data(proto: onnx.ModelProto, folder: Path) -> None:
