@@ -448,3 +448,39 @@ def describe_pass(cls: type[Pass]) -> str:
         annotation = hints.get(f.name, f.type)
         lines.append(f"    {option_key(f.name)}: {type_name(annotation)}{default}  {doc}".rstrip())
     return "\n".join(lines)
+
+
+def with_options(passes: list[Pass], options: dict[str, str | tuple[str, ...]]) -> list[Pass]:
+    """Set options on every pass of a pipeline that has them (how CLI flags reach passes).
+
+    ``options`` maps an option (field) name to its value in spec syntax (a
+    tuple for list options); each value is converted and checked exactly as in
+    a spec string. A key no pass in the pipeline takes is an error naming the
+    pipeline.
+    """
+    used: set[str] = set()
+    out: list[Pass] = []
+    for p in passes:
+        fields = {f.name for f in p.options()}
+        updates = {}
+        for key, text in options.items():
+            if key in fields:
+                items = (text,) if isinstance(text, str) else text
+                value = ",".join(_quote(t) for t in items) if items else "()"
+                fresh = parse_pass(f"{p.name}{{{option_key(key)}={value}}}")
+                updates[key] = getattr(fresh, key)
+                used.add(key)
+        out.append(dataclasses.replace(p, **updates) if updates else p)
+    unused = [k for k in options if k not in used]
+    if unused:
+        raise PassSpecError(
+            f"option '{option_key(unused[0])}' does not apply to any pass of the pipeline {format_pipeline(passes)}."
+        )
+    return out
+
+
+def _quote(text: str) -> str:
+    """``text`` as one spec value: bare when it is a plain word, else double-quoted."""
+    if text and all(c.isalnum() or c in "-_." for c in text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

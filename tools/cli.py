@@ -48,7 +48,7 @@ def cli() -> None:
     """
 
 
-def _pipeline_options(fn):
+def _pipeline_options(fn):  # noqa: C901 - a list of decorators
     options = [
         click.option("--pass", "pass_name", metavar="NAME", help="Run one pass or named pipeline (see `ncc passes`)."),
         click.option("--passes", "spec", metavar="SPEC", help='Pipeline spec, e.g. "fold-constants,cse,dce".'),
@@ -70,7 +70,60 @@ def _pipeline_options(fn):
     return fn
 
 
-def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None):
+def _quant_options(fn):
+    options = [
+        click.option("--calib", metavar="DATA", help="Calibration data: a .npz, a folder of .npz, or module.py:function."),
+        click.option("--calib-samples", type=int, metavar="N", help="Use at most N calibration samples."),
+        click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+                     help="How activation ranges are chosen from the statistics."),
+        click.option("--percentile", type=float, metavar="P", help="Percentile kept by --calib-method percentile."),
+        click.option("--per-tensor", is_flag=True, default=None, help="One scale per weight tensor (default: per channel)."),
+        click.option("--activations", type=click.Choice(["u8", "s8"]), help="Activation integer type (default u8)."),
+        click.option("--symmetric", is_flag=True, default=None, help="Symmetric activations (default asymmetric)."),
+        click.option("--reduce-range", is_flag=True, default=None, help="7-bit quantization (costs accuracy)."),
+        click.option("--op-types", metavar="A,B", help="Op types to quantize (default: the target profile's)."),
+        click.option("--include", multiple=True, metavar="REGEX", help="Only quantize nodes whose name matches."),
+        click.option("--exclude", multiple=True, metavar="REGEX", help="Keep nodes whose name matches in float."),
+        click.option("--target", metavar="NAME", help="Target profile (default x86-vnni)."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+#: CLI flag -> alternatives (pass option, value); a flag applies to every pass taking one of them.
+_FLAG_OPTIONS = {
+    "calib_samples": lambda v: [("samples", str(v))],
+    "calib_method": lambda v: [("method", v)],
+    "percentile": lambda v: [("percentile", repr(v))],
+    "per_tensor": lambda v: [("weights", "per-tensor"), ("per_channel", "false")],
+    "activations": lambda v: [("activations", v)],
+    "symmetric": lambda v: [("scheme", "sym")],
+    "reduce_range": lambda v: [("reduce_range", "true")],
+    "op_types": lambda v: [("op_types", tuple(t.strip() for t in v.split(",") if t.strip()))],
+    "include": lambda v: [("include", tuple(v))],
+    "exclude": lambda v: [("exclude", tuple(v))],
+    "target": lambda v: [("target", v)],
+}
+
+
+def _apply_flags(passes, opts: dict):
+    from ncc.passes.spec import format_pipeline, with_options
+
+    fields = {f.name for p in passes for f in p.options()}
+    updates: dict = {}
+    for flag, alternatives in _FLAG_OPTIONS.items():
+        value = opts.get(flag)
+        if value is None or value == ():
+            continue
+        chosen = [(k, v) for k, v in alternatives(value) if k in fields]
+        if not chosen:
+            raise NccError(f"--{flag.replace('_', '-')} does not apply to the pipeline {format_pipeline(passes)}.")
+        updates.update(chosen)
+    return with_options(passes, updates) if updates else passes
+
+
+def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None, ctx=None):
     from ncc.passes import registry
     from ncc.passes.manager import Instruments, PassManager
     from ncc.passes.spec import format_pipeline, parse_pipeline
@@ -83,7 +136,14 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None)
     spec = opts["spec"] or opts["pass_name"] or default
     if spec is None:
         return None
-    passes = parse_pipeline(spec)
+    passes = _apply_flags(parse_pipeline(spec), opts)
+    ctx = ctx or PassContext(source=source)
+    if opts.get("calib"):
+        if not any(p.name == "calibrate" for p in passes):
+            raise NccError(f"--calib given, but the pipeline {format_pipeline(passes)} does not calibrate.")
+        from ncc.passes.quant.calib_data import load_calibration_data
+
+        ctx.data["calibration_data"] = load_calibration_data(opts["calib"])
     if opts["dump_pipeline"]:
         click.echo(f"// pipeline: {format_pipeline(passes)}", err=True)
     instruments = Instruments(
@@ -97,28 +157,64 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None)
         time_passes=opts["time_passes"],
         pass_statistics=opts["pass_statistics"],
     )
-    return PassManager(passes, verify=not opts["no_verify"], instruments=instruments).run(
-        model, PassContext(source=source)
-    )
+    return PassManager(passes, verify=not opts["no_verify"], instruments=instruments).run(model, ctx)
 
 
 @cli.command()
 @click.argument("input", type=_IN)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx or .ncc file.")
 @click.option("--external-data", metavar="NAME", help="Write weights to NAME beside the output .onnx.")
+@click.option("--format", "fmt", type=click.Choice(["qdq", "qoperator", "integerops"]), default="qdq",
+              show_default=True, help="ONNX form of a quantized model.")
+@click.option("--no-check", is_flag=True, help="Do not load the result in onnxruntime to see what runs in integer.")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Where calibration statistics are cached (default $NCC_CACHE or ~/.cache/ncc).")
+@_quant_options
 @_pipeline_options
-def compile(input: Path, output: Path, external_data: str | None, **opts) -> None:
+def compile(input: Path, output: Path, external_data: str | None, fmt: str, no_check: bool, cache_dir: Path | None,
+            **opts) -> None:
     """Compile INPUT (.onnx or .ncc) through a pipeline into OUTPUT (.onnx or .ncc)."""
+    import os
+
+    from ncc.passes.base import PassContext
     from ncc.tools.modelio import check_distinct, load_model, save_model
+    from ncc.tools.report import files_size, format_report, input_files
 
     check_distinct(input, output)
     model = load_model(input)
-    nodes_before = _count_nodes(model)
-    _run_pipeline(model, opts, source=str(input), default=None)
+    size_before = files_size(input_files(input))
+    cache = cache_dir or Path(os.environ.get("NCC_CACHE", Path.home() / ".cache" / "ncc"))
+    ctx = PassContext(source=str(input), cache_dir=str(cache))
+    ctx.data["progress"] = sys.stderr.isatty()
+    run = _run_pipeline(model, opts, source=str(input), default=None, ctx=ctx)
+    legal = _legalize(model, fmt)
     written = save_model(model, output, external_data=external_data)
-    click.echo(
-        f"ncc: wrote {', '.join(map(str, written))} ({nodes_before} -> {_count_nodes(model)} nodes)", err=True
-    )
+    check = None
+    if not no_check and output.suffix == ".onnx" and any("ncc.quant" in n.metadata_props for n in model.graph):
+        from ncc.backends.onnx.check import check_on_onnxruntime
+
+        check = check_on_onnxruntime(output, model)
+    if run is not None:
+        spec = ",".join(r.spec for r in run.records)
+        click.echo(format_report(spec=spec, model=model, run=run, ctx=ctx, size_before=size_before,
+                                 size_after=files_size(written), check=check), err=True)
+        for line in legal:
+            click.echo(f"ncc: {line}", err=True)
+    click.echo(f"ncc: wrote {', '.join(map(str, written))}", err=True)
+
+
+def _legalize(model, fmt: str) -> list[str]:
+    """Bring a QDQ model into the requested ONNX form; returns report lines."""
+    ops = {n.op_type for n in model.graph}
+    if fmt == "qoperator":
+        if "QuantizeLinear" not in ops:
+            raise NccError("--format qoperator needs a statically quantized model (--pass int8).")
+        from ncc.backends.onnx.qoperator import to_qoperator
+
+        return [str(to_qoperator(model))]
+    if fmt == "integerops" and not ops & {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"}:
+        raise NccError("--format integerops is what --pass int8-dynamic produces; this model has no IntegerOps.")
+    return []
 
 
 @cli.command()

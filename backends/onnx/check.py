@@ -1,0 +1,100 @@
+"""Check an emitted model against its target: what really runs as integer kernels.
+
+onnxruntime rewrites a QDQ graph when it loads it (DQ → Conv → Q becomes
+QLinearConv, DQ → MatMul becomes MatMulIntegerToFloat, …) and silently keeps
+a node in float when its pattern does not fit. This loads the artefact the way
+a user will (CPU provider, all optimizations), reads back the optimized graph
+and matches it to the nodes ncc quantized (by node name, which onnxruntime's
+fusions keep), so the compile report can say how many quantized nodes run as
+integer kernels and which do not.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from ncc.errors import NccError
+
+INTEGER_KERNELS = frozenset({
+    "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearAdd", "QLinearMul",
+    "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearSoftmax", "QLinearWhere", "QLinearResize", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
+    "MatMulNBits", "GatherBlockQuantized", "QAttention", "QEmbedLayerNormalization", "QLinearReduceMean",
+})
+
+
+@dataclass
+class RuntimeCheck:
+    runtime: str
+    #: Quantized ncc nodes (compute ops marked ``ncc.quant``) and the kernel each became.
+    integer: dict[str, str] = field(default_factory=dict)
+    #: Quantized ncc nodes onnxruntime runs in float, with the reason we can tell.
+    float_: dict[str, str] = field(default_factory=dict)
+    kernels: Counter = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return len(self.integer) + len(self.float_)
+
+    def summary(self) -> str:
+        lines = [f"on {self.runtime}: {len(self.integer)}/{self.total} quantized nodes run as integer kernels"
+                 + (" (" + ", ".join(f"{k} {n}" for k, n in sorted(self.kernels.items())) + ")" if self.kernels else "")]
+        for name, why in sorted(self.float_.items())[:20]:
+            lines.append(f"  runs in float: {name}: {why}")
+        if len(self.float_) > 20:
+            lines.append(f"  ... and {len(self.float_) - 20} more")
+        return "\n".join(lines)
+
+
+def check_on_onnxruntime(path: str | Path, model: ir.Model) -> RuntimeCheck:
+    """Load ``path`` (the emitted file of ``model``) in onnxruntime and classify ``model``'s quantized nodes."""
+    import onnx
+    import onnxruntime as ort
+
+    quantized = {
+        n.name: n.op_type for n in model.graph
+        if n.metadata_props.get("ncc.quant", "").startswith("int8") and n.op_type not in _MOVEMENT
+    }
+    with tempfile.TemporaryDirectory(prefix="ncc-check-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.log_severity_level = 3
+        try:
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # the artefact does not load: that is the finding
+            raise NccError(f"onnxruntime cannot load the emitted model {path}: {str(err).splitlines()[0]}") from None
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    by_name = {n.name: n for n in optimized.graph.node}
+    check = RuntimeCheck(runtime=f"onnxruntime {ort.__version__} CPUExecutionProvider")
+    for name, op in quantized.items():
+        node = by_name.get(name) or next((n for n in optimized.graph.node if name and n.name.startswith(name)), None)
+        if node is None:
+            check.float_[name] = f"{op} not found after onnxruntime's optimizations"
+        elif node.op_type in INTEGER_KERNELS:
+            check.integer[name] = node.op_type
+            check.kernels[node.op_type] += 1
+        else:
+            check.float_[name] = f"{op} stays {node.op_type} in float ({_why(node, optimized)})"
+    return check
+
+
+_MOVEMENT = frozenset({"Reshape", "Transpose", "MaxPool", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split",
+                       "Gather", "Pad", "DepthToSpace", "SpaceToDepth", "Identity"})
+
+
+def _why(node, graph) -> str:
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    consumers = Counter(i for n in graph.graph.node for i in n.input)
+    dq_inputs = [i for i in node.input if i in producers and producers[i].op_type == "DequantizeLinear"]
+    if not dq_inputs:
+        return "its inputs are not dequantized integers"
+    out = node.output[0] if node.output else ""
+    if out and consumers[out] != 1:
+        return "its output has several consumers, so no QuantizeLinear can be fused"
+    return "onnxruntime has no fused kernel for this pattern"

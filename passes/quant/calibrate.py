@@ -1,0 +1,78 @@
+"""The ``calibrate`` pass: statistics of the float model's activations on real data.
+
+Runs the float model in onnxruntime on the calibration data (``--calib``,
+handed over in ``ctx.data["calibration_data"]``), observing every activation
+a quantization pass may need (:func:`ncc.passes.quant.plan.observed_values`),
+and leaves a :class:`Calibration` in ``ctx.data["calibration"]``. Statistics
+are histograms, so the range method (minmax, percentile, entropy, mse) is a
+choice made afterwards: changing it, or any quantization option, reuses the
+cached statistics instead of running the model again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import onnx_ir as ir
+
+from ncc.errors import NccError
+from ncc.passes.base import Pass, PassContext, PassResult, option
+from ncc.passes.quant.observers import TensorStats
+from ncc.targets import DEFAULT_TARGET, get_target
+
+Method = Literal["minmax", "percentile", "entropy", "mse"]
+
+
+@dataclass
+class Calibration:
+    method: str
+    percentile: float
+    stats: dict[str, TensorStats]
+
+    def range(self, name: str, *, levels: int = 256, symmetric: bool = False) -> tuple[float, float]:
+        stats = self.stats[name]
+        if self.method == "percentile":
+            return stats.percentile(self.percentile)
+        if self.method == "entropy":
+            return stats.entropy(levels)
+        if self.method == "mse":
+            return stats.mse(levels, symmetric=symmetric)
+        return stats.minmax()
+
+
+@dataclass(frozen=True)
+class Calibrate(Pass):
+    """Observe activation ranges of the float model on calibration data (needs --calib)."""
+
+    name: ClassVar[str] = "calibrate"
+    method: Method = option("percentile", "range method: minmax, percentile, entropy (KL) or mse")
+    percentile: float = option(99.999, "two-sided percentile kept by method=percentile")
+    samples: int = option(0, "use at most this many calibration samples (0: all)")
+    batch_size: int = option(8, "samples per onnxruntime run")
+    target: str = option(DEFAULT_TARGET, "target profile")
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        from ncc.passes.quant.calibration import collect_statistics
+        from ncc.passes.quant.plan import observed_values
+
+        data = ctx.data.get("calibration_data")
+        if data is None:
+            raise NccError("pass 'calibrate' needs calibration data; give it with --calib DATA.")
+        if self.samples:
+            data.max_samples = self.samples
+        values = observed_values(model.graph, get_target(self.target))
+        if not values:
+            raise NccError("nothing to calibrate: the model has no quantizable operators.")
+        cache = Path(ctx.cache_dir) / "calibration" if ctx.cache_dir else None
+        stats = collect_statistics(model, values, data, batch_size=self.batch_size, cache_dir=cache,
+                                   progress=ctx.data.get("progress", True))
+        ctx.data["calibration"] = Calibration(self.method, self.percentile, stats)
+        sentinels = sorted(n for n, s in stats.items() if s.sentinel_count)
+        notes = [f"calibration: {len(stats)} tensors observed, method {self.method}"
+                 + (f" (p={self.percentile})" if self.method == "percentile" else "")]
+        if sentinels:
+            notes.append(f"{len(sentinels)} tensors carry masking sentinels (|x| >= 1e30), e.g. {sentinels[0]}")
+        return PassResult(modified=False, stats={"tensors observed": len(stats),
+                                                 "with sentinels": len(sentinels)}, notes=notes)

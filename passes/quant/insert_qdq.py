@@ -1,0 +1,363 @@
+"""The ``insert-qdq`` pass: static INT8 as QuantizeLinear/DequantizeLinear pairs.
+
+Input: a float model and the :class:`~ncc.passes.quant.calibrate.Calibration`
+left by ``calibrate``. Output: the same model in the QDQ conventions of
+:mod:`ncc.passes.quant` — which every ONNX output format starts from.
+
+Decisions, in order:
+
+1. **Candidates.** Nodes of the selected op types (default: the target
+   profile's) in the default domain, minus ``exclude`` (names or regexes),
+   restricted to ``include`` when given. A candidate stays float, with the
+   reason recorded in ``ncc.quant.skip``, when an activation input or its
+   output has no statistics, or carries masking sentinels (|x| >= 1e30, an
+   attention mask filled with float32's minimum: clamping it to a finite
+   range un-masks the softmax).
+2. **Tensors.** A quantized node's activation inputs get a Q/DQ pair, one per
+   tensor. Its output gets one too, unless the target runs the op with float
+   output (MatMul → MatMulIntegerToFloat on x86) — or unless ``fuse-activation``
+   paired the node with a Relu/Clip: then the pair goes after the activation,
+   whose range starts at 0, and the runtime folds the activation away.
+3. **Shared scales.** Concat inputs and output share one scale; a pass-through
+   op (Reshape, Transpose, MaxPool, Flatten, …) whose input is quantized and
+   whose output feeds a quantized node gets its input's scale on its output,
+   so the runtime runs it on integers.
+4. **Weights** are stored int8, symmetric, per output channel (or per tensor);
+   Conv/Gemm biases become int32 with scale ``x_scale * w_scale``.
+
+Consumers of a quantized node's output all read the dequantized value (so the
+runtime sees one Q after the node and can fuse it); float consumers of a
+tensor produced by a float node keep reading the float value.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from ncc.errors import NccError
+from ncc.ir import ids
+from ncc.passes.base import Pass, PassContext, PassResult, option
+from ncc.passes.quant import plan
+from ncc.passes.quant.observers import quant_params
+from ncc.targets import DEFAULT_TARGET, get_target
+
+_QDTYPE = {"u8": (ir.DataType.UINT8, np.uint8), "s8": (ir.DataType.INT8, np.int8)}
+
+
+@dataclass(frozen=True)
+class InsertQDQ(Pass):
+    """Quantize activations and weights to INT8 with Q/DQ pairs, from calibrated ranges."""
+
+    name: ClassVar[str] = "insert-qdq"
+    weights: Literal["per-channel", "per-tensor"] = option("per-channel", "weight scale granularity")
+    activations: Literal["u8", "s8"] = option("u8", "activation integer type (u8 is the fast x86 path)")
+    scheme: Literal["asym", "sym"] = option("asym", "activation quantization scheme")
+    reduce_range: bool = option(False, "use 7 bits (costs accuracy; only for old CPUs without VNNI)")
+    op_types: tuple[str, ...] = option((), "op types to quantize (empty: the target profile's)")
+    include: tuple[str, ...] = option((), "only quantize nodes whose name matches one of these (regex)")
+    exclude: tuple[str, ...] = option((), "keep nodes whose name matches one of these (regex) in float")
+    target: str = option(DEFAULT_TARGET, "target profile")
+
+    def requires(self, model: ir.Model) -> None:
+        plan.refuse_quantized(model)
+        if self.op_types:
+            plan.check_op_types(self.op_types, plan.ROLES)
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        calibration = ctx.data.get("calibration")
+        if calibration is None:
+            raise NccError("pass 'insert-qdq' needs activation statistics; run 'calibrate' before it.")
+        target = get_target(self.target)
+        op_types = set(self.op_types or (set(target.static_ops) & set(plan.ROLES)))
+        return _Quantizer(self, model, calibration, target, op_types).run()
+
+
+class _Quantizer:
+    def __init__(self, options: InsertQDQ, model: ir.Model, calibration, target, op_types: set[str]):
+        self.o, self.model, self.graph, self.cal, self.target = options, model, model.graph, calibration, target
+        self.op_types = op_types
+        self.qtype, self.qnp = _QDTYPE[options.activations]
+        self.levels = 128 if options.reduce_range else 256
+        self.need: dict[str, ir.Value] = {}  # tensors to quantize, by name
+        self.quantized_producer: set[str] = set()  # tensors whose producer runs quantized
+        self.parent: dict[str, str] = {}  # union-find: tensors sharing one scale
+        self.params: dict[str, tuple[np.float32, int]] = {}
+        self.weights: dict[tuple[str, int], tuple[ir.Value, np.ndarray]] = {}  # (name, axis) -> (dq, scales)
+        self.counts: Counter = Counter()
+        self.skips: Counter = Counter()
+        self.names = {v.name for v in self.graph.inputs} | set(self.graph.initializers)
+        self.names |= {o.name for n in self.graph for o in n.outputs}
+
+    # -- 1. which nodes ------------------------------------------------------------------------
+    def run(self) -> PassResult:
+        quantized: list[ir.Node] = []
+        for node in list(self.graph):
+            if node.domain != "" or node.op_type not in self.op_types:
+                continue
+            reason = self._reason_to_skip(node)
+            if reason:
+                node.metadata_props["ncc.quant.skip"] = reason
+                self.skips[f"{node.op_type}: {reason.split(':')[0]}"] += 1
+                continue
+            quantized.append(node)
+        if not quantized:
+            raise NccError(
+                f"nothing to quantize: no node of the selected op types ({', '.join(sorted(self.op_types))}) "
+                "can run in INT8 in this model."
+            )
+        quantized_ids = {id(n) for n in quantized}
+        for node in quantized:
+            self._plan_node(node, quantized_ids)
+        self._plan_passthrough(quantized_ids)
+        self._decide_params()
+        for node in quantized:
+            self._quantize_weights(node)
+            node.metadata_props["ncc.quant"] = "int8"
+            self.counts[node.op_type] += 1
+        self._insert_pairs()
+        stats = {f"{op} quantized": n for op, n in sorted(self.counts.items())}
+        stats["tensors quantized"] = len(self.need)
+        notes = [f"kept in float: {n}x {why}" for why, n in sorted(self.skips.items())]
+        return PassResult(modified=True, stats=stats, notes=notes)
+
+    def _activation_inputs(self, node: ir.Node) -> list[int]:
+        role = plan.ROLES[node.op_type]
+        indices = range(len(node.inputs)) if role.shared else role.activations
+        return [i for i in indices if i < len(node.inputs) and node.inputs[i] is not None]
+
+    def _output(self, node: ir.Node) -> ir.Value:
+        act = plan.fused_activation(node)
+        return (act or node).outputs[0]
+
+    def _reason_to_skip(self, node: ir.Node) -> str | None:
+        if self.o.include and not plan.matches(node, self.o.include):
+            return "not matched by include"
+        if pattern := plan.matches(node, self.o.exclude):
+            return f"excluded by {pattern!r}"
+        role = plan.ROLES[node.op_type]
+        if role.weight is not None:
+            w = node.inputs[role.weight] if role.weight < len(node.inputs) else None
+            if w is None or w.const_value is None:
+                return "weight is not a constant"
+        tensors = [node.inputs[i] for i in self._activation_inputs(node)]
+        if node.op_type not in self.target.float_output_ops:
+            tensors.append(self._output(node))
+        for value in tensors:
+            if value.const_value is not None:
+                continue
+            stats = self.cal.stats.get(value.name)
+            if stats is None or stats.count == 0:
+                return f"no calibration statistics for {value.name}"
+            if stats.sentinel_count:
+                return f"masking sentinels in {value.name} (|x| >= 1e30)"
+            if value.dtype != ir.DataType.FLOAT:
+                return f"{value.name} is not float32"
+        return None
+
+    # -- 2./3. which tensors, which share a scale ------------------------------------------------
+    def _plan_node(self, node: ir.Node, quantized_ids: set[int]) -> None:
+        inputs = self._activation_inputs(node)
+        for i in inputs:
+            self.need[node.inputs[i].name] = node.inputs[i]
+        if node.op_type not in self.target.float_output_ops:
+            out = self._output(node)
+            self.need[out.name] = out
+            self.quantized_producer.add(out.name)
+            if plan.ROLES[node.op_type].shared:
+                for i in inputs:
+                    self._union(node.inputs[i].name, out.name)
+
+    def _plan_passthrough(self, quantized_ids: set[int]) -> None:
+        for node in self.graph:
+            if node.domain != "" or node.op_type not in self.target.passthrough_ops or not node.inputs:
+                continue
+            src, out = node.inputs[0], node.outputs[0]
+            if src is None or src.name not in self.need or out.name not in self.cal.stats:
+                continue
+            users = [u.node for u in out.uses()]
+            if users and all(id(u) in quantized_ids or u.op_type in self.target.passthrough_ops for u in users):
+                self.need[out.name] = out
+                self.quantized_producer.add(out.name)
+                self._union(src.name, out.name)
+                node.metadata_props["ncc.quant"] = "int8"
+
+    def _find(self, name: str) -> str:
+        while self.parent.get(name, name) != name:
+            name = self.parent[name]
+        return name
+
+    def _union(self, a: str, b: str) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+    def _decide_params(self) -> None:
+        groups: dict[str, list[str]] = {}
+        for name in self.need:
+            groups.setdefault(self._find(name), []).append(name)
+        symmetric = self.o.scheme == "sym"
+        for members in groups.values():
+            ranges = [self._range(self.need[m], symmetric) for m in members]
+            lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+            params = quant_params(lo, hi, dtype=self.o.activations, symmetric=symmetric,
+                                  reduce_range=self.o.reduce_range)
+            for m in members:
+                self.params[m] = params
+
+    def _range(self, value: ir.Value, symmetric: bool) -> tuple[float, float]:
+        if value.const_value is not None:
+            array = value.const_value.numpy()
+            return float(array.min(initial=0.0)), float(array.max(initial=0.0))
+        producer = value.producer()
+        lo, hi = self.cal.range(value.name, levels=self.levels, symmetric=symmetric)
+        if producer is not None and producer.op_type in plan.ACTIVATIONS:
+            lo = max(lo, 0.0)  # Relu/Clip output: keep zero point at 0 so the runtime drops the activation
+        return lo, hi
+
+    # -- 4. weights and biases -------------------------------------------------------------------
+    def _quantize_weights(self, node: ir.Node) -> None:
+        role = plan.ROLES[node.op_type]
+        weight_inputs = [role.weight] if role.weight is not None else []
+        if node.op_type == "MatMul":
+            weight_inputs = [i for i in (0, 1) if node.inputs[i].const_value is not None]
+        for i in weight_inputs:
+            w = node.inputs[i]
+            rank = len(w.const_value.shape)
+            axis = plan.weight_axis(node, i, rank) if self.o.weights == "per-channel" and rank > 1 else None
+            dq, _ = self._weight_dq(w, axis, node)
+            node.replace_input_with(i, dq)
+        if role.bias is not None and role.bias < len(node.inputs) and node.inputs[role.bias] is not None:
+            self._quantize_bias(node, role)
+
+    def _weight_dq(self, w: ir.Value, axis: int | None, node: ir.Node) -> tuple[ir.Value, np.ndarray]:
+        key = (w.name, -1 if axis is None else axis)
+        if key in self.weights:
+            return self.weights[key]
+        array = w.const_value.numpy().astype(np.float32)
+        qmax = 63 if self.o.reduce_range else 127
+        if axis is None:
+            absmax = np.array(np.abs(array).max(initial=0.0), np.float32)
+        else:
+            reduce = tuple(d for d in range(array.ndim) if d != axis)
+            absmax = np.abs(array).max(axis=reduce, initial=0.0).astype(np.float32)
+        scales = np.where(absmax > 0, absmax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
+        shape = [1] * array.ndim
+        if axis is not None:
+            shape[axis] = -1
+        q = np.clip(np.rint(array / scales.reshape(shape)), -qmax, qmax).astype(np.int8)
+        wq = self._constant(f"{w.name}_quantized", q)
+        ws = self._constant(f"{w.name}_scale", scales)
+        wz = self._constant(f"{w.name}_zero_point", np.zeros(scales.shape, np.int8))
+        attrs = {"axis": axis} if axis is not None else {}
+        dq = self._node("DequantizeLinear", [wq, ws, wz], attrs, f"{w.name}_dequantized", before=node)
+        dq.type, dq.shape = w.type, w.shape
+        self.weights[key] = (dq, scales)
+        return dq, scales
+
+    def _quantize_bias(self, node: ir.Node, role: plan.Role) -> None:
+        bias = node.inputs[role.bias]
+        x = node.inputs[role.activations[0]]
+        if bias.const_value is None or x.name not in self.params or len(bias.const_value.shape) != 1:
+            return
+        if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
+            return
+        w_dq = node.inputs[role.weight]
+        w_scales = self.weights[next(k for k, v in self.weights.items() if v[0] is w_dq)][1]
+        scale = (np.float32(self.params[x.name][0]) * w_scales).astype(np.float32)
+        array = bias.const_value.numpy().astype(np.float32)
+        if scale.size not in (1, array.size):
+            return
+        q = np.clip(np.rint(array / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        bq = self._constant(f"{bias.name}_quantized", q)
+        bs = self._constant(f"{bias.name}_scale", np.broadcast_to(scale, array.shape).copy() if scale.size > 1
+                            else scale.reshape(()))
+        attrs = {"axis": 0} if scale.size > 1 else {}
+        dq = self._node("DequantizeLinear", [bq, bs], attrs, f"{bias.name}_dequantized", before=node)
+        dq.type, dq.shape = bias.type, bias.shape
+        node.replace_input_with(role.bias, dq)
+
+    # -- rewrite ---------------------------------------------------------------------------------
+    def _insert_pairs(self) -> None:
+        for name, value in self.need.items():
+            if value.const_value is not None:
+                self._quantize_constant_input(value)
+                continue
+            scale, zp = self.params[name]
+            s = self._constant(f"{name}_scale", np.array(scale, np.float32))
+            z = self._constant(f"{name}_zero_point", np.array(zp, self.qnp))
+            q_node = self._make("QuantizeLinear", [value, s, z], {}, f"{name}_quantized")
+            q = q_node.outputs[0]
+            q.type, q.shape = ir.TensorType(self.qtype), value.shape
+            dq_node = self._make("DequantizeLinear", [q, s, z], {}, f"{name}_dequantized")
+            dq = dq_node.outputs[0]
+            dq.type, dq.shape = value.type, value.shape
+            producer = value.producer()
+            if producer is not None:
+                self.graph.insert_after(producer, [q_node, dq_node])
+            else:
+                self.graph.insert_before(next(iter(self.graph)), [q_node, dq_node])
+            all_users = name in self.quantized_producer
+            for use in list(value.uses()):
+                if use.node is q_node:
+                    continue
+                if all_users or use.node.metadata_props.get("ncc.quant") == "int8":
+                    use.node.replace_input_with(use.idx, dq)
+            if all_users and value.is_graph_output():
+                self._keep_output_name(value, dq)
+
+    def _quantize_constant_input(self, value: ir.Value) -> None:
+        """A constant operand of Add/Mul/MatMul-with-two-activations: stored quantized per tensor."""
+        scale, zp = self.params[value.name]
+        array = value.const_value.numpy().astype(np.float32)
+        info = np.iinfo(self.qnp)
+        q = np.clip(np.rint(array / scale) + zp, info.min, info.max).astype(self.qnp)
+        users = [u for u in value.uses() if u.node.metadata_props.get("ncc.quant") == "int8"]
+        if not users:
+            return
+        wq = self._constant(f"{value.name}_quantized", q)
+        s = self._constant(f"{value.name}_scale", np.array(scale, np.float32))
+        z = self._constant(f"{value.name}_zero_point", np.array(zp, self.qnp))
+        dq = self._node("DequantizeLinear", [wq, s, z], {}, f"{value.name}_dequantized", before=users[0].node)
+        dq.type, dq.shape = value.type, value.shape
+        for use in users:
+            use.node.replace_input_with(use.idx, dq)
+
+    def _keep_output_name(self, old: ir.Value, new: ir.Value) -> None:
+        name = old.name
+        old.name = self._fresh(f"{name}_float")
+        new.name = name
+        for i, out in enumerate(self.graph.outputs):
+            if out is old:
+                self.graph.outputs[i] = new
+
+    def _fresh(self, base: str) -> str:
+        name, n = base, 0
+        while name in self.names:
+            n += 1
+            name = f"{base}_{n}"
+        self.names.add(name)
+        return name
+
+    def _constant(self, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=self._fresh(name), const_value=ir.tensor(array))
+        value.type = ir.TensorType(value.const_value.dtype)
+        value.shape = ir.Shape(array.shape)
+        self.graph.register_initializer(value)
+        return value
+
+    def _make(self, op: str, inputs, attrs: dict, out_name: str) -> ir.Node:
+        attributes = [ir.convenience.convert_attribute(k, v) for k, v in attrs.items()]
+        node = ir.Node("", op, inputs, attributes, name=self._fresh(f"{out_name}_node"))
+        ids.stamp(self.model, node)
+        node.outputs[0].name = self._fresh(out_name)
+        return node
+
+    def _node(self, op: str, inputs, attrs: dict, out_name: str, *, before: ir.Node) -> ir.Value:
+        node = self._make(op, inputs, attrs, out_name)
+        self.graph.insert_before(before, node)
+        return node.outputs[0]

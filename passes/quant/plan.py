@@ -1,0 +1,115 @@
+"""What static INT8 quantization touches: op roles, candidates, observed values.
+
+Shared by ``calibrate`` (which values to observe) and ``insert-qdq`` (what to
+rewrite), so the two always agree. For each quantizable op type, ``ROLES``
+says which inputs are activations, which is the weight (with its per-channel
+axis) and which is the bias.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from ncc.errors import NccError
+from ncc.targets import TargetProfile
+
+
+@dataclass(frozen=True)
+class Role:
+    activations: tuple[int, ...]
+    weight: int | None = None
+    bias: int | None = None
+    #: Inputs that must share one scale with each other and with the output (Concat).
+    shared: bool = False
+
+
+ROLES: dict[str, Role] = {
+    "Conv": Role((0,), weight=1, bias=2),
+    "ConvTranspose": Role((0,), weight=1, bias=2),
+    "MatMul": Role((0, 1)),  # a constant input is quantized as a weight
+    "Gemm": Role((0,), weight=1, bias=2),
+    "Add": Role((0, 1)),
+    "Mul": Role((0, 1)),
+    "Concat": Role((), shared=True),  # every input
+    "GlobalAveragePool": Role((0,)),
+    "AveragePool": Role((0,)),
+    "Sigmoid": Role((0,)),
+    "LeakyRelu": Role((0,)),
+    "Softmax": Role((0,)),
+    "Resize": Role((0,)),
+    "Where": Role((1, 2)),
+}
+
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+    "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat", "MatMulNBits", "QLinearConcat", "QLinearGlobalAveragePool",
+})
+
+ACTIVATIONS = frozenset({"Relu", "Clip"})
+
+
+def check_op_types(op_types: Sequence[str], supported: Iterable[str]) -> None:
+    supported = sorted(set(supported))
+    unknown = [op for op in op_types if op not in supported]
+    if unknown:
+        raise NccError(
+            f"cannot quantize op type {', '.join(map(repr, unknown))}; supported: {', '.join(supported)}."
+        )
+
+
+def refuse_quantized(model: ir.Model) -> None:
+    for node in model.graph:
+        if node.op_type in QUANTIZED_OPS:
+            raise NccError(
+                f"model is already quantized (found {node.op_type} {node.name!r}); start from the float model."
+            )
+
+
+def matches(node: ir.Node, patterns: Sequence[str]) -> str | None:
+    """The first pattern (node name or regex, full match) naming ``node``, else None."""
+    name = node.name or ""
+    for pattern in patterns:
+        if name == pattern or re.fullmatch(pattern, name):
+            return pattern
+    return None
+
+
+def weight_axis(node: ir.Node, index: int, rank: int) -> int:
+    """Per-channel axis of the weight at input ``index``: the output channels."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get_int("transB", 0)
+        return 0 if trans_b else 1
+    return rank - 1  # MatMul's [.., K, N] constant: one scale per column
+
+
+def fused_activation(node: ir.Node) -> ir.Node | None:
+    """The Relu/Clip that ``fuse-activation`` paired with ``node``, if any."""
+    mark = node.metadata_props.get("ncc.fused_activation")
+    if mark is None or len(node.outputs) != 1:
+        return None
+    users = [u.node for u in node.outputs[0].uses()]
+    if len(users) == 1 and users[0].op_type in ACTIVATIONS and users[0].metadata_props.get("ncc.id") == mark:
+        return users[0]
+    return None
+
+
+def observed_values(graph: ir.Graph, target: TargetProfile) -> list[str]:
+    """Every float activation an INT8 pipeline may need a range for, in graph order."""
+    interesting = set(ROLES) | set(target.passthrough_ops) | ACTIVATIONS
+    names: dict[str, None] = {}
+    for node in graph:
+        if node.domain != "" or node.op_type not in interesting:
+            continue
+        for value in (*node.inputs, *node.outputs):
+            if value is not None and value.name and value.const_value is None:
+                names[value.name] = None
+    return list(names)

@@ -1,0 +1,72 @@
+"""The report printed after every compile: what was quantized, what was not and why, sizes, time."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import onnx_ir as ir
+
+
+def files_size(paths: list[Path]) -> int:
+    return sum(p.stat().st_size for p in paths if p.exists())
+
+
+def input_files(path: Path) -> list[Path]:
+    """The model file and the external data files it references."""
+    if path.suffix != ".onnx":
+        data = path.with_name(path.name + ".data")
+        return [path, data] if data.exists() else [path]
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    from onnx.external_data_helper import _get_all_tensors
+
+    locations = {
+        e.value for t in _get_all_tensors(proto) if t.data_location == 1 for e in t.external_data if e.key == "location"
+    }
+    return [path, *(path.parent / loc for loc in sorted(locations))]
+
+
+def quantization_summary(model: ir.Model) -> list[str]:
+    quantized, skipped = Counter(), Counter()
+    for node in model.graph:
+        mode = node.metadata_props.get("ncc.quant")
+        if mode:
+            quantized[(mode, node.op_type)] += 1
+        elif reason := node.metadata_props.get("ncc.quant.skip"):
+            skipped[(node.op_type, _short(reason))] += 1
+    if not quantized and not skipped:
+        return []
+    lines = []
+    for mode in sorted({m for m, _ in quantized}):
+        ops = ", ".join(f"{op} {n}" for (m, op), n in sorted(quantized.items()) if m == mode)
+        lines.append(f"quantized ({mode}): {ops}")
+    for (op, reason), n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"kept float: {op} x{n}: {reason}")
+    return lines
+
+
+def _short(reason: str) -> str:
+    """Group reasons that differ only by the tensor they name."""
+    for marker in (" in ", " for "):
+        if marker in reason and reason.split(marker)[0] in {"masking sentinels", "no calibration statistics"}:
+            return reason.split(marker)[0]
+    return reason
+
+
+def format_report(*, spec: str, model: ir.Model, run, ctx, size_before: int, size_after: int, check=None) -> str:
+    lines = [f"pipeline: {spec}"]
+    calibration = ctx.data.get("calibration")
+    if calibration is not None:
+        data = ctx.data.get("calibration_data")
+        how = calibration.method + (f" (p={calibration.percentile})" if calibration.method == "percentile" else "")
+        lines.append(f"calibration: {how} on {data.spec if data else '?'}")
+    lines += quantization_summary(model)
+    ratio = size_before / size_after if size_after else float("nan")
+    lines.append(f"size: {size_before / 1e6:.2f} MB -> {size_after / 1e6:.2f} MB ({ratio:.2f}x smaller)")
+    slowest = sorted(run.records, key=lambda r: -r.seconds)[:5]
+    lines.append(f"time: {run.total_seconds:.2f} s (" + ", ".join(f"{r.name} {r.seconds:.2f} s" for r in slowest) + ")")
+    if check is not None:
+        lines += check.summary().splitlines()
+    return "\n".join("ncc: " + line for line in lines)
