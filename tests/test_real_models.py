@@ -31,8 +31,11 @@ MODELS = {
 }
 
 
-def run(path: Path, feeds: dict) -> np.ndarray:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def run(path: Path, feeds: dict, *, optimize: bool = True) -> np.ndarray:
+    options = ort.SessionOptions()
+    if not optimize:  # the graph as written: same graph, bit-identical results
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
     return sess.run(None, {k: v for k, v in feeds.items() if k in names})[0]
 
@@ -46,7 +49,13 @@ def test_text_round_trip_gives_identical_outputs(tmp_path, name):
     assert print_model(rebuilt, full=True, data_file=tmp_path / "again.ncc.data") == text.replace(
         "m.ncc.data", "again.ncc.data")
     save_onnx(rebuilt, tmp_path / "rebuilt.onnx")
-    np.testing.assert_array_equal(run(tmp_path / "rebuilt.onnx", feeds), run(path, feeds))
+    np.testing.assert_array_equal(run(tmp_path / "rebuilt.onnx", feeds, optimize=False),
+                                  run(path, feeds, optimize=False))
+    # With onnxruntime's optimizations the inferred value types ncc adds may enable other
+    # fusions (different summation order), so there the bar is float rounding.
+    expected = run(path, feeds)
+    np.testing.assert_allclose(run(tmp_path / "rebuilt.onnx", feeds), expected, rtol=1e-5,
+                               atol=1e-5 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

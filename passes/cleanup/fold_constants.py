@@ -21,6 +21,11 @@ inputs or statically known outputs has more than ``size_limit`` elements, and
 its result is dropped when an output turns out larger; weights are only read
 when a node is really evaluated.
 
+4. removes operations with a neutral constant operand — ``x + 0``, ``x - 0``,
+   ``x * 1``, ``x / 1``, ``x and true``, ``x or false`` — when the constant
+   does not broadcast ``x`` to a larger shape (the output's shape and dtype
+   equal ``x``'s), by pointing the output's uses at ``x``.
+
 When a folded value is a graph output it stays the output of a node — a new
 ``Constant`` node (stamped with the folded node's id as absorbed) — so graph
 outputs keep their names and stay node outputs.
@@ -75,7 +80,8 @@ class FoldConstants(Pass):
     fold_shapes: bool = option(True, "fold Shape(x) when x has a fully static shape")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        stats = {"nodes folded": 0, "constants to initializers": 0, "shapes folded": 0, "skipped (size limit)": 0}
+        stats = {"nodes folded": 0, "constants to initializers": 0, "shapes folded": 0, "identities removed": 0,
+                 "skipped (size limit)": 0}
         notes: list[str] = []
         opsets = dict(model.opset_imports)
         for graph in model.graphs():
@@ -86,7 +92,8 @@ class FoldConstants(Pass):
                 if outcome:
                     stats[outcome] += 1
         stats = {k: v for k, v in stats.items() if v or k == "nodes folded"}
-        changed = stats["nodes folded"] + stats.get("constants to initializers", 0) + stats.get("shapes folded", 0)
+        changed = sum(stats.get(k, 0) for k in ("nodes folded", "constants to initializers", "shapes folded",
+                                                 "identities removed"))
         return PassResult(modified=changed > 0, stats=stats, notes=notes)
 
     # -- one node ----------------------------------------------------------------
@@ -103,6 +110,8 @@ class FoldConstants(Pass):
             return "constants to initializers"
         if node.op_type == "Shape" and self.fold_shapes:
             return self._fold_shape(model, graph, node)
+        if node.op_type in _NEUTRAL and len(node.inputs) == 2 and self._drop_neutral(node):
+            return "identities removed"
         if not node.inputs or not all(v is None or is_constant(v) for v in node.inputs):
             return None
         tensors = [None if v is None else constant_tensor(v) for v in node.inputs]
@@ -140,6 +149,25 @@ class FoldConstants(Pass):
         _replace_with_initializers(model, graph, node, [None if a is None else ir.tensor(a) for a in results])
         return "nodes folded"
 
+    def _drop_neutral(self, node: ir.Node) -> bool:
+        neutral, commutative = _NEUTRAL[node.op_type]
+        out = node.outputs[0]
+        for const_index in ((1, 0) if commutative else (1,)):
+            const, x = node.inputs[const_index], node.inputs[1 - const_index]
+            if x is None or const is None or not is_constant(const) or is_constant(x):
+                continue
+            tensor = constant_tensor(const)
+            if tensor is None or _size(tensor.shape) > min(self.size_limit, 1 << 16):
+                continue
+            if out.is_graph_output() or x.dtype is None or x.dtype != out.dtype or not _same_shape(x, out):
+                continue
+            if not np.all(tensor.numpy() == neutral):
+                continue
+            ir.convenience.replace_all_uses_with(out, x)
+            node.graph.remove(node, safe=True)
+            return True
+        return False
+
     def _fold_shape(self, model: ir.Model, graph: ir.Graph, node: ir.Node) -> str | None:
         source = node.inputs[0] if node.inputs else None
         if source is None or source.shape is None or not source.shape.is_static():
@@ -153,6 +181,21 @@ class FoldConstants(Pass):
         array = np.array(dims[start:end], dtype=np.int64)
         _replace_with_initializers(model, graph, node, [ir.tensor(array)])
         return "shapes folded"
+
+
+#: op -> (neutral element of its constant operand, whether either operand may hold it)
+_NEUTRAL = {"Add": (0, True), "Sub": (0, False), "Mul": (1, True), "Div": (1, False),
+            "And": (True, True), "Or": (False, True)}
+
+
+def _same_shape(a: ir.Value, b: ir.Value) -> bool:
+    """Both shapes known, of equal rank and dim by dim equal (same number or same symbol)."""
+    if a.shape is None or b.shape is None or len(a.shape) != len(b.shape):
+        return False
+    return all(
+        (isinstance(x, int) and x == y) or (not isinstance(x, int) and x.value is not None and x == y)
+        for x, y in zip(a.shape.dims, b.shape.dims)
+    )
 
 
 def _replace_with_initializers(
