@@ -7,7 +7,8 @@ behind each choice are in FIELD-NOTES.md (measured with onnxruntime 1.32).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from ncc.errors import NccError
 
@@ -23,12 +24,19 @@ class TargetProfile:
     weight_per_channel: bool
     #: Compute ops quantized in static mode (inputs and weights quantized).
     static_ops: frozenset[str]
+    #: Of those, ops quantized by default only where an input already comes out of an integer
+    #: kernel: elsewhere a Q/DQ pair costs a float -> int8 -> float round trip and accuracy for
+    #: nothing (a transformer's residual Add, LayerNorm-side Mul).
+    island_ops: frozenset[str]
     #: Ops that move or select data without arithmetic: their output shares the input's scale.
     passthrough_ops: frozenset[str]
     #: Ops worth quantizing in dynamic (IntegerOps) mode.
     dynamic_ops: frozenset[str]
     #: Ops the runtime runs as integer kernels with float output (no output requantization).
     float_output_ops: frozenset[str]
+    #: Magnitude bits of int8 weights: 7 (±127) with VNNI; 6 (±63) where u8 x s8 products are summed
+    #: in pairs into int16 (AVX2 vpmaddubsw): 255·127·2 overflows int16, 255·63·2 does not.
+    weight_qmax: int = 127
 
 
 X86_VNNI = TargetProfile(
@@ -42,6 +50,10 @@ X86_VNNI = TargetProfile(
         "Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "Concat", "GlobalAveragePool",
         "AveragePool", "Sigmoid", "LeakyRelu", "Softmax", "Resize", "Where",
     }),
+    island_ops=frozenset({
+        "Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu", "Softmax", "Resize",
+        "Where",
+    }),
     passthrough_ops=frozenset({
         "Reshape", "Transpose", "MaxPool", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split",
         "Gather", "Resize", "Pad", "DepthToSpace", "SpaceToDepth", "Identity",
@@ -50,12 +62,31 @@ X86_VNNI = TargetProfile(
     float_output_ops=frozenset({"MatMul"}),  # DQ -> MatMul runs as MatMulIntegerToFloat
 )
 
-TARGETS: dict[str, TargetProfile] = {X86_VNNI.name: X86_VNNI}
-DEFAULT_TARGET = X86_VNNI.name
+X86_AVX2 = replace(
+    X86_VNNI,
+    name="x86-avx2",
+    description="x86-64 CPU with AVX2 but no VNNI, onnxruntime CPU execution provider",
+    weight_qmax=63,  # measured: full-range s8 weights put QLinearConv/MatMul 2-14 steps off fake-quant
+)
+
+TARGETS: dict[str, TargetProfile] = {t.name: t for t in (X86_VNNI, X86_AVX2)}
+#: ``host`` resolves to the profile of the CPU ncc runs on (see :func:`host_target`).
+DEFAULT_TARGET = "host"
+
+
+def host_target() -> str:
+    """The profile matching this machine's CPU: VNNI when the CPU has it, AVX2 otherwise."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return X86_VNNI.name
+    return X86_VNNI.name if {"avx512_vnni", "avx_vnni"} & set(flags) else X86_AVX2.name
 
 
 def get_target(name: str) -> TargetProfile:
+    if name == "host":
+        name = host_target()
     try:
         return TARGETS[name]
     except KeyError:
-        raise NccError(f"unknown target {name!r}; known targets: {', '.join(sorted(TARGETS))}.") from None
+        raise NccError(f"unknown target {name!r}; known targets: host, {', '.join(sorted(TARGETS))}.") from None

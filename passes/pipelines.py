@@ -9,9 +9,12 @@ from __future__ import annotations
 
 PIPELINES: dict[str, str] = {
     "cleanup": "shape-inference,fold-constants,eliminate-identity,cse,dce,toposort",
-    "optimize": "shape-inference,fold-constants,eliminate-identity,fuse-conv-bn,fuse-matmul-add,cse,dce,toposort",
+    "optimize": (
+        "shape-inference,fold-constants,eliminate-identity,fuse-conv-bn,fuse-pad-conv,fuse-matmul-add,cse,dce,"
+        "toposort"
+    ),
     "int8": (
-        "shape-inference,fold-constants,eliminate-identity,fuse-conv-bn,fuse-gelu,fuse-layer-norm,cse,dce,"
+        "shape-inference,fold-constants,eliminate-identity,fuse-conv-bn,fuse-pad-conv,fuse-gelu,fuse-layer-norm,cse,dce,"
         "toposort,fuse-activation,calibrate,insert-qdq,dce"
     ),
     "int8-dynamic": "shape-inference,fold-constants,eliminate-identity,fuse-matmul-add,cse,dce,quantize-dynamic,dce,toposort",

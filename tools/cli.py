@@ -84,7 +84,9 @@ def _quant_options(fn):
         click.option("--op-types", metavar="A,B", help="Op types to quantize (default: the target profile's)."),
         click.option("--include", multiple=True, metavar="REGEX", help="Only quantize nodes whose name matches."),
         click.option("--exclude", multiple=True, metavar="REGEX", help="Keep nodes whose name matches in float."),
-        click.option("--target", metavar="NAME", help="Target profile (default x86-vnni)."),
+        click.option("--target", metavar="NAME", help="Target profile: host (default), x86-vnni, x86-avx2."),
+        click.option("--min-cosine", type=float, metavar="C",
+                     help="Keep the most sensitive nodes in float until outputs reach cosine C on calibration data."),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -104,6 +106,7 @@ _FLAG_OPTIONS = {
     "include": lambda v: [("include", tuple(v))],
     "exclude": lambda v: [("exclude", tuple(v))],
     "target": lambda v: [("target", v)],
+    "min_cosine": lambda v: [("min_cosine", repr(v))],
 }
 
 

@@ -47,7 +47,7 @@ class Calibrate(Pass):
     """Observe activation ranges of the float model on calibration data (needs --calib)."""
 
     name: ClassVar[str] = "calibrate"
-    method: Method = option("percentile", "range method: minmax, percentile, entropy (KL) or mse")
+    method: Method = option("minmax", "range method: minmax, percentile, entropy (KL) or mse")
     percentile: float = option(99.999, "two-sided percentile kept by method=percentile")
     samples: int = option(0, "use at most this many calibration samples (0: all)")
     batch_size: int = option(8, "samples per onnxruntime run")

@@ -62,6 +62,10 @@ class InsertQDQ(Pass):
     include: tuple[str, ...] = option((), "only quantize nodes whose name matches one of these (regex)")
     exclude: tuple[str, ...] = option((), "keep nodes whose name matches one of these (regex) in float")
     target: str = option(DEFAULT_TARGET, "target profile")
+    quantize_graph_outputs: bool = option(False, "quantize tensors that are graph outputs too (they stay float)")
+    min_cosine: float = option(0.0, "keep the most sensitive nodes in float until outputs reach this cosine (0: off)")
+    max_float: float = option(0.1, "largest fraction of quantized compute nodes min-cosine may keep in float")
+    fallback_samples: int = option(16, "calibration samples min-cosine measures on")
 
     def requires(self, model: ir.Model) -> None:
         plan.refuse_quantized(model)
@@ -74,13 +78,70 @@ class InsertQDQ(Pass):
             raise NccError("pass 'insert-qdq' needs activation statistics; run 'calibrate' before it.")
         target = get_target(self.target)
         op_types = set(self.op_types or (set(target.static_ops) & set(plan.ROLES)))
-        return _Quantizer(self, model, calibration, target, op_types).run()
+        islands = set() if self.op_types else set(target.island_ops)
+        if self.min_cosine <= 0:
+            return _Quantizer(self, model, calibration, target, op_types, islands).run()
+        return self._run_with_fallback(model, ctx, calibration, target, op_types, islands)
+
+    def _run_with_fallback(self, model, ctx, calibration, target, op_types, islands) -> PassResult:
+        import dataclasses
+
+        from ncc.passes.quant import fallback
+
+        data = ctx.data.get("calibration_data")
+        if data is None:
+            raise NccError("insert-qdq{min-cosine} needs calibration data (--calib) to measure fidelity.")
+        feeds = fallback.samples(data, self.fallback_samples)
+        float_model = model.clone()
+        outputs = [v.name for v in model.graph.outputs]
+        reference = fallback.run(float_model, feeds, outputs)
+
+        def attempt(excluded: tuple[str, ...]) -> tuple[ir.Model, PassResult, float]:
+            candidate = float_model.clone()
+            options = dataclasses.replace(self, exclude=self.exclude + excluded, min_cosine=0.0)
+            result = _Quantizer(options, candidate, calibration, target, op_types, islands).run()
+            return candidate, result, fallback.fidelity(reference, fallback.run(candidate, feeds, outputs), outputs)
+
+        best, result, score = attempt(())
+        history = [f"fallback: all quantized: output cosine {score:.5f} (target {self.min_cosine})"]
+        if score < self.min_cosine:
+            ranked = fallback.rank(float_model, best, feeds)
+            budget = int(self.max_float * len(ranked))
+            excluded: tuple[str, ...] = ()
+            for name in ranked[:budget]:
+                excluded += (_exact(name),)
+                candidate, cand_result, cand_score = attempt(excluded)
+                history.append(f"fallback: + {name} in float: output cosine {cand_score:.5f}")
+                if cand_score > score:
+                    best, result, score = candidate, cand_result, cand_score
+                else:
+                    excluded = excluded[:-1]
+                if score >= self.min_cosine:
+                    break
+        _adopt(model, best)
+        result.notes[:0] = history
+        result.stats["output cosine (calibration)"] = round(score, 5)
+        return result
+
+
+def _exact(name: str) -> str:
+    import re
+
+    return re.escape(name)
+
+
+def _adopt(model: ir.Model, source: ir.Model) -> None:
+    """Make ``model`` (the object the pass manager holds) carry ``source``'s graph."""
+    model.graph = source.graph
+    for key, value in source.meta.items():
+        model.meta[key] = value
 
 
 class _Quantizer:
-    def __init__(self, options: InsertQDQ, model: ir.Model, calibration, target, op_types: set[str]):
+    def __init__(self, options: InsertQDQ, model: ir.Model, calibration, target, op_types: set[str],
+                 islands: set[str]):
         self.o, self.model, self.graph, self.cal, self.target = options, model, model.graph, calibration, target
-        self.op_types = op_types
+        self.op_types, self.islands = op_types, islands
         self.qtype, self.qnp = _QDTYPE[options.activations]
         self.levels = 128 if options.reduce_range else 256
         self.need: dict[str, ir.Value] = {}  # tensors to quantize, by name
@@ -96,15 +157,26 @@ class _Quantizer:
     # -- 1. which nodes ------------------------------------------------------------------------
     def run(self) -> PassResult:
         quantized: list[ir.Node] = []
+        integer_out: set[str] = set()  # tensors that will come out of integer kernels
         for node in list(self.graph):
-            if node.domain != "" or node.op_type not in self.op_types:
+            if node.domain != "":
+                continue
+            if node.op_type in self.target.passthrough_ops and node.inputs and node.inputs[0] is not None:
+                if node.inputs[0].name in integer_out:
+                    integer_out.update(o.name for o in node.outputs)
+            if node.op_type not in self.op_types:
                 continue
             reason = self._reason_to_skip(node)
+            if not reason and node.op_type in self.islands:
+                if not any(node.inputs[i].name in integer_out for i in self._activation_inputs(node)):
+                    reason = "no input comes from an integer kernel (a Q/DQ round trip would cost time and accuracy)"
             if reason:
                 node.metadata_props["ncc.quant.skip"] = reason
                 self.skips[f"{node.op_type}: {reason.split(':')[0]}"] += 1
                 continue
             quantized.append(node)
+            if self._output_quantized(node):
+                integer_out.add(self._output(node).name)
         if not quantized:
             raise NccError(
                 f"nothing to quantize: no node of the selected op types ({', '.join(sorted(self.op_types))}) "
@@ -134,6 +206,11 @@ class _Quantizer:
         act = plan.fused_activation(node)
         return (act or node).outputs[0]
 
+    def _output_quantized(self, node: ir.Node) -> bool:
+        if node.op_type in self.target.float_output_ops:
+            return False
+        return self.o.quantize_graph_outputs or not self._output(node).is_graph_output()
+
     def _reason_to_skip(self, node: ir.Node) -> str | None:
         if self.o.include and not plan.matches(node, self.o.include):
             return "not matched by include"
@@ -145,7 +222,7 @@ class _Quantizer:
             if w is None or w.const_value is None:
                 return "weight is not a constant"
         tensors = [node.inputs[i] for i in self._activation_inputs(node)]
-        if node.op_type not in self.target.float_output_ops:
+        if self._output_quantized(node):
             tensors.append(self._output(node))
         for value in tensors:
             if value.const_value is not None:
@@ -164,7 +241,7 @@ class _Quantizer:
         inputs = self._activation_inputs(node)
         for i in inputs:
             self.need[node.inputs[i].name] = node.inputs[i]
-        if node.op_type not in self.target.float_output_ops:
+        if self._output_quantized(node):
             out = self._output(node)
             self.need[out.name] = out
             self.quantized_producer.add(out.name)
@@ -229,23 +306,40 @@ class _Quantizer:
             w = node.inputs[i]
             rank = len(w.const_value.shape)
             axis = plan.weight_axis(node, i, rank) if self.o.weights == "per-channel" and rank > 1 else None
-            dq, _ = self._weight_dq(w, axis, node)
+            dq, _ = self._weight_dq(w, axis, node, self._bias_floor(node, role, axis))
             node.replace_input_with(i, dq)
         if role.bias is not None and role.bias < len(node.inputs) and node.inputs[role.bias] is not None:
             self._quantize_bias(node, role)
 
-    def _weight_dq(self, w: ir.Value, axis: int | None, node: ir.Node) -> tuple[ir.Value, np.ndarray]:
+    def _bias_floor(self, node: ir.Node, role: plan.Role, axis: int | None) -> np.ndarray | float:
+        """Smallest weight scale that keeps the int32 bias ``b / (x_scale * w_scale)`` in range.
+
+        Channels with (nearly) dead weights — EfficientNet-Lite0 has weights of 1e-9 beside biases of
+        order 1 — would otherwise overflow int32; their weights quantize to 0, as they should.
+        """
+        if role.bias is None or role.bias >= len(node.inputs) or node.inputs[role.bias] is None:
+            return 0.0
+        bias, x = node.inputs[role.bias], node.inputs[role.activations[0]]
+        if bias.const_value is None or x.name not in self.params:
+            return 0.0
+        b = np.abs(bias.const_value.numpy().astype(np.float32))
+        floor = b / (np.float32(self.params[x.name][0]) * np.float32(2**30))
+        return floor if axis is not None and floor.ndim == 1 else float(floor.max(initial=0.0))
+
+    def _weight_dq(self, w: ir.Value, axis: int | None, node: ir.Node,
+                   floor: np.ndarray | float = 0.0) -> tuple[ir.Value, np.ndarray]:
         key = (w.name, -1 if axis is None else axis)
         if key in self.weights:
             return self.weights[key]
         array = w.const_value.numpy().astype(np.float32)
-        qmax = 63 if self.o.reduce_range else 127
+        qmax = min(self.target.weight_qmax, 63 if self.o.reduce_range else 127)
         if axis is None:
             absmax = np.array(np.abs(array).max(initial=0.0), np.float32)
         else:
             reduce = tuple(d for d in range(array.ndim) if d != axis)
             absmax = np.abs(array).max(axis=reduce, initial=0.0).astype(np.float32)
         scales = np.where(absmax > 0, absmax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
+        scales = np.maximum(scales, np.asarray(floor, np.float32)).astype(np.float32)
         shape = [1] * array.ndim
         if axis is not None:
             shape[axis] = -1

@@ -113,27 +113,34 @@ class TensorStats:
         if self.axis is not None:
             self._update_channels(x)
         flat = x.reshape(-1)
-        if flat.dtype != np.float64:
-            flat = flat.astype(np.float64)
-        mag = np.abs(flat)
-        nan = np.isnan(flat)
-        n_nan = int(np.count_nonzero(nan))
-        keep = mag < SENTINEL  # False for NaN and sentinels
-        n_keep = int(np.count_nonzero(keep))
-        self.nan_count += n_nan
-        self.sentinel_count += flat.size - n_keep - n_nan
-        if n_keep != flat.size:
-            flat = flat[keep]
         if flat.size == 0:
             return
         lo, hi = float(flat.min()), float(flat.max())
+        if not (abs(lo) < SENTINEL and abs(hi) < SENTINEL):  # NaN or sentinels present: filter (slow path)
+            mag = np.abs(flat)
+            nan = np.isnan(flat)
+            n_nan = int(np.count_nonzero(nan))
+            keep = mag < SENTINEL  # False for NaN and sentinels
+            n_keep = int(np.count_nonzero(keep))
+            self.nan_count += n_nan
+            self.sentinel_count += flat.size - n_keep - n_nan
+            flat = flat[keep]
+            if flat.size == 0:
+                return
+            lo, hi = float(flat.min()), float(flat.max())
         self._cover(min(lo, 0.0), max(hi, 0.0))  # before counting this batch's zeros (see _cover)
         self.count += flat.size
         self.zero_count += int(flat.size - np.count_nonzero(flat))
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         if self.width == 0.0:  # only zeros so far: remembered in zero_count, binned on first growth
             return
-        cells = np.floor(flat / self.width).astype(np.int64) - self.origin
+        # Cell index floor(x / w) - origin, computed in the input's precision (float32 for activations):
+        # a value within rounding of a bin edge may land in the neighbouring bin, which no range method
+        # can tell apart from the data's own noise.
+        scaled = np.multiply(flat, flat.dtype.type(1.0 / self.width))
+        np.floor(scaled, out=scaled)
+        cells = scaled.astype(np.intp)
+        cells -= self.origin
         np.clip(cells, 0, self.bins - 1, out=cells)
         self.hist += np.bincount(cells, minlength=self.bins)
 

@@ -1,0 +1,140 @@
+"""Accuracy-driven fallback: keep the few most sensitive nodes in float.
+
+After quantizing, ``insert-qdq{min-cosine=C}`` runs the float and the
+quantized model on a few calibration samples. While the outputs' mean cosine
+similarity is below ``C`` it keeps more nodes in float, most sensitive first,
+up to ``max-float`` of the quantized compute nodes:
+
+- *sensitivity* of a node is how much relative error it adds: the relative
+  L2 error of its output (quantized model vs float model) minus the largest
+  relative error among its inputs. One run of each model with the candidate
+  outputs exposed ranks every node at once.
+- each step re-quantizes the float model with the chosen nodes excluded, so a
+  fallback is exactly what ``--exclude`` would give, and is measured again.
+
+The layers at the model's edges — those reading a graph input (a CNN's stem
+sees the raw image) and those producing a graph output — are tried first,
+then the rest by sensitivity. A fallback that does not improve the measured
+cosine is undone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ncc.passes.quant.calib_data import CalibrationData
+
+
+def _session(model: ir.Model, outputs: list[str]):
+    import onnxruntime as ort
+
+    clone = model.clone()
+    values = {v.name: v for n in clone.graph for v in n.outputs}
+    present = {v.name for v in clone.graph.outputs}
+    for name in outputs:
+        if name in values and name not in present:
+            clone.graph.outputs.append(values[name])
+    for value in clone.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value = ir.Tensor(np.array(value.const_value.numpy(), copy=True))
+    proto = ir.serde.serialize_model(clone).SerializeToString()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
+    return session, [o.name for o in session.get_outputs()]
+
+
+def samples(data: CalibrationData, count: int) -> list[dict[str, np.ndarray]]:
+    """The first ``count`` calibration samples, as batches of up to 8."""
+    out, seen = [], 0
+    for batch in data.batches(8):
+        n = next(iter(batch.values())).shape[0]
+        take = min(n, count - seen)
+        out.append({k: v[:take] for k, v in batch.items()})
+        seen += take
+        if seen >= count:
+            break
+    return out
+
+
+def run(model: ir.Model, feeds: list[dict], outputs: list[str] = ()) -> dict[str, list[np.ndarray]]:
+    session, names = _session(model, list(outputs))
+    inputs = {i.name for i in session.get_inputs()}
+    results: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in feeds:
+        for name, array in zip(names, session.run(None, {k: v for k, v in feed.items() if k in inputs})):
+            results[name].append(array)
+    return results
+
+
+def fidelity(reference: dict, candidate: dict, outputs: list[str]) -> float:
+    """Smallest, over graph outputs, mean per-sample cosine similarity."""
+    worst = 1.0
+    for name in outputs:
+        ref = np.concatenate([a.reshape(a.shape[0], -1) for a in reference[name]]).astype(np.float64)
+        got = np.concatenate([a.reshape(a.shape[0], -1) for a in candidate[name]]).astype(np.float64)
+        denom = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+        cos = np.where(denom > 0, (ref * got).sum(1) / np.maximum(denom, 1e-30), 1.0)
+        worst = min(worst, float(cos.mean()))
+    return worst
+
+
+def _rel_error(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
+    num = sum(float(np.sum((r.astype(np.float64) - g) ** 2)) for r, g in zip(ref, got))
+    den = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
+def rank(float_model: ir.Model, quantized: ir.Model, feeds: list[dict]) -> list[str]:
+    """Quantized compute nodes of ``quantized``, most sensitive first (see the module docstring)."""
+    from ncc.passes.quant.plan import ROLES
+
+    nodes = [n for n in quantized.graph if n.metadata_props.get("ncc.quant") == "int8" and n.op_type in ROLES]
+    wanted: dict[str, None] = {}
+    for node in nodes:
+        wanted[node.outputs[0].name] = None
+        for value in node.inputs:
+            if value is not None and value.const_value is None:
+                wanted[_float_name(value)] = None
+    names = [n for n in wanted if _produced(float_model, n)]
+    ref = run(float_model, feeds, names)
+    got = run(quantized, feeds, [n for n in names if _produced(quantized, n)])
+    scores = []
+    for node in nodes:
+        out = node.outputs[0].name
+        if out not in ref or out not in got:
+            continue
+        err_out = _rel_error(ref[out], got[out])
+        err_in = 0.0
+        for value in node.inputs:
+            if value is None or value.const_value is not None:
+                continue
+            name = _float_name(value)
+            if name in ref and name in got:
+                err_in = max(err_in, _rel_error(ref[name], got[name]))
+        scores.append((err_out - err_in, node.name))
+    ranked = [name for _, name in sorted(scores, key=lambda s: -s[0])]
+    # The layers at the model's edges see the raw input or produce the raw output: try them first.
+    edges = [n.name for n in nodes if any(v is not None and _float_name(v) in _graph_inputs(quantized)
+                                          for v in n.inputs)]
+    edges += [n.name for n in nodes if n.outputs[0].is_graph_output()]
+    return list(dict.fromkeys([*edges, *ranked]))
+
+
+def _graph_inputs(model: ir.Model) -> set[str]:
+    return {v.name for v in model.graph.inputs}
+
+
+def _float_name(value: ir.Value) -> str:
+    """The float tensor a dequantized input stands for (the input of its QuantizeLinear), else itself."""
+    dq = value.producer()
+    if dq is not None and dq.op_type == "DequantizeLinear":
+        q = dq.inputs[0].producer()
+        if q is not None and q.op_type == "QuantizeLinear":
+            return q.inputs[0].name
+    return value.name
+
+
+def _produced(model: ir.Model, name: str) -> bool:
+    return any(o.name == name for n in model.graph for o in n.outputs)
