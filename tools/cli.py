@@ -181,7 +181,7 @@ def compile(input: Path, output: Path, external_data: str | None, fmt: str, no_c
 
     from ncc.passes.base import PassContext
     from ncc.tools.modelio import check_distinct, load_model, save_model
-    from ncc.tools.report import files_size, format_report, input_files
+    from ncc.tools.report import files_size, format_report, input_files, quantization_summary
 
     check_distinct(input, output)
     model = load_model(input)
@@ -190,7 +190,8 @@ def compile(input: Path, output: Path, external_data: str | None, fmt: str, no_c
     ctx = PassContext(source=str(input), cache_dir=str(cache))
     ctx.data["progress"] = sys.stderr.isatty()
     run = _run_pipeline(model, opts, source=str(input), default=None, ctx=ctx)
-    legal = _legalize(model, fmt)
+    quantization = quantization_summary(model)
+    legal = _legalize(model, fmt, opts.get("target"))
     written = save_model(model, output, external_data=external_data)
     check = None
     if not no_check and output.suffix == ".onnx" and any("ncc.quant" in n.metadata_props for n in model.graph):
@@ -199,22 +200,23 @@ def compile(input: Path, output: Path, external_data: str | None, fmt: str, no_c
         check = check_on_onnxruntime(output, model)
     if run is not None:
         spec = ",".join(r.spec for r in run.records)
-        click.echo(format_report(spec=spec, model=model, run=run, ctx=ctx, size_before=size_before,
+        click.echo(format_report(spec=spec, quantization=quantization, run=run, ctx=ctx, size_before=size_before,
                                  size_after=files_size(written), check=check), err=True)
         for line in legal:
             click.echo(f"ncc: {line}", err=True)
     click.echo(f"ncc: wrote {', '.join(map(str, written))}", err=True)
 
 
-def _legalize(model, fmt: str) -> list[str]:
+def _legalize(model, fmt: str, target: str | None) -> list[str]:
     """Bring a QDQ model into the requested ONNX form; returns report lines."""
     ops = {n.op_type for n in model.graph}
     if fmt == "qoperator":
         if "QuantizeLinear" not in ops:
             raise NccError("--format qoperator needs a statically quantized model (--pass int8).")
         from ncc.backends.onnx.qoperator import to_qoperator
+        from ncc.targets import get_target
 
-        return [str(to_qoperator(model))]
+        return to_qoperator(model, target=get_target(target or "host")).summary().splitlines()
     if fmt == "integerops" and not ops & {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"}:
         raise NccError("--format integerops is what --pass int8-dynamic produces; this model has no IntegerOps.")
     return []

@@ -55,14 +55,15 @@ def _short(reason: str) -> str:
     return reason
 
 
-def format_report(*, spec: str, model: ir.Model, run, ctx, size_before: int, size_after: int, check=None) -> str:
+def format_report(*, spec: str, quantization: list[str], run, ctx, size_before: int, size_after: int,
+                  check=None) -> str:
     lines = [f"pipeline: {spec}"]
     calibration = ctx.data.get("calibration")
     if calibration is not None:
         data = ctx.data.get("calibration_data")
         how = calibration.method + (f" (p={calibration.percentile})" if calibration.method == "percentile" else "")
         lines.append(f"calibration: {how} on {data.spec if data else '?'}")
-    lines += quantization_summary(model)
+    lines += quantization
     ratio = size_before / size_after if size_after else float("nan")
     lines.append(f"size: {size_before / 1e6:.2f} MB -> {size_after / 1e6:.2f} MB ({ratio:.2f}x smaller)")
     slowest = sorted(run.records, key=lambda r: -r.seconds)[:5]

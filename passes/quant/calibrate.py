@@ -54,7 +54,7 @@ class Calibrate(Pass):
     target: str = option(DEFAULT_TARGET, "target profile")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        from ncc.passes.quant.calibration import collect_statistics
+        from ncc.passes.quant.calibration import cache_key, collect_statistics
         from ncc.passes.quant.plan import observed_values
 
         data = ctx.data.get("calibration_data")
@@ -66,6 +66,7 @@ class Calibrate(Pass):
         if not values:
             raise NccError("nothing to calibrate: the model has no quantizable operators.")
         cache = Path(ctx.cache_dir) / "calibration" if ctx.cache_dir else None
+        cached = cache is not None and (cache / f"{cache_key(model, values, data)}.npz").is_file()
         stats = collect_statistics(model, values, data, batch_size=self.batch_size, cache_dir=cache,
                                    progress=ctx.data.get("progress", True))
         ctx.data["calibration"] = Calibration(self.method, self.percentile, stats)
@@ -74,5 +75,7 @@ class Calibrate(Pass):
                  + (f" (p={self.percentile})" if self.method == "percentile" else "")]
         if sentinels:
             notes.append(f"{len(sentinels)} tensors carry masking sentinels (|x| >= 1e30), e.g. {sentinels[0]}")
-        return PassResult(modified=False, stats={"tensors observed": len(stats),
-                                                 "with sentinels": len(sentinels)}, notes=notes)
+        if cached:
+            notes.append(f"statistics reused from the cache in {cache}")
+        return PassResult(modified=False, stats={"tensors observed": len(stats), "with sentinels": len(sentinels),
+                                                 "from cache": int(cached)}, notes=notes)

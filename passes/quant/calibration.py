@@ -116,7 +116,7 @@ def collect_statistics(
 
     cache_file = None
     if cache_dir is not None:
-        key = cache_key(model, observed, data, extra_key)
+        key = cache_key(model, requested, data, extra_key)
         cache_file = Path(cache_dir) / f"{key}.npz"
         if cache_file.is_file():
             cached = load_stats(cache_file)

@@ -370,8 +370,9 @@ class _Quantizer:
         bq = self._constant(f"{bias.name}_quantized", q)
         bs = self._constant(f"{bias.name}_scale", np.broadcast_to(scale, array.shape).copy() if scale.size > 1
                             else scale.reshape(()))
+        bz = self._constant(f"{bias.name}_zero_point", np.zeros(np.shape(bs.const_value.numpy()), np.int32))
         attrs = {"axis": 0} if scale.size > 1 else {}
-        dq = self._node("DequantizeLinear", [bq, bs], attrs, f"{bias.name}_dequantized", before=node)
+        dq = self._node("DequantizeLinear", [bq, bs, bz], attrs, f"{bias.name}_dequantized", before=node)
         dq.type, dq.shape = bias.type, bias.shape
         node.replace_input_with(role.bias, dq)
 

@@ -154,13 +154,6 @@ class WeightQuant:
         return q, scale, zp.astype(self.np_dtype)
 
 
-def dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int | None) -> np.ndarray:
-    shape = [1] * q.ndim
-    if axis is not None:
-        shape[axis] = -1
-    return (q.astype(np.float32) - np.reshape(zp, shape).astype(np.float32)) * np.reshape(scale, shape)
-
-
 # -- the patterns ------------------------------------------------------------------------------------
 
 
@@ -175,7 +168,7 @@ class _State:
     bytes_after: int = 0
     skipped: dict[int, tuple[ir.Node, str]] = field(default_factory=dict)
     weights: dict[tuple, tuple[ir.Value, ir.Value, ir.Value]] = field(default_factory=dict)
-    activations: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = field(default_factory=dict)
+    activations: dict[tuple[int, int], tuple[ir.Value, ir.Value, ir.Value]] = field(default_factory=dict)
     uses_ms: bool = False
     initializers: list[ir.Value] = field(default_factory=list)
     counted: set[int] = field(default_factory=set)  # the constants in bytes_after
@@ -189,14 +182,9 @@ class _State:
 
     def excluded(self, node: ir.Node) -> str | None:
         name = node.name or ""
-        for pattern in self.pass_.exclude:
-            if name == pattern:
+        for pattern in self.pass_.exclude:  # validated as regexes when the pass was built
+            if name == pattern or re.search(pattern, name):
                 return pattern
-            try:
-                if re.search(pattern, name):
-                    return pattern
-            except re.error:
-                continue
         return None
 
     def done(self, node: ir.Node, op_type: str) -> None:
@@ -248,9 +236,10 @@ class _State:
                 del graph.initializers[value.name]
 
     def dynamic_quantize(self, rewriter: Rewriter, a: ir.Value, name: str) -> tuple[ir.Value, ir.Value, ir.Value]:
-        """``DynamicQuantizeLinear(a)``, one per activation (inserted before its first quantized reader)."""
-        if id(a) in self.activations:
-            return self.activations[id(a)]
+        """``DynamicQuantizeLinear(a)``, one per activation and graph (before its first quantized reader)."""
+        key = (id(rewriter.graph), id(a))
+        if key in self.activations:
+            return self.activations[key]
         dql = rewriter.create(
             "DynamicQuantizeLinear", [a], num_outputs=3, name=f"{name}/DynamicQuantizeLinear",
             output_names=[rewriter.fresh_name(f"{a.name or 'a'}_{s}") for s in ("quantized", "scale", "zero_point")],
@@ -259,7 +248,7 @@ class _State:
         _typed(aq, ir.DataType.UINT8, a.shape)
         _typed(a_s, ir.DataType.FLOAT, ir.Shape([]))
         _typed(a_zp, ir.DataType.UINT8, ir.Shape([]))
-        self.activations[id(a)] = (aq, a_s, a_zp)
+        self.activations[key] = (aq, a_s, a_zp)
         return aq, a_s, a_zp
 
 
@@ -603,7 +592,9 @@ class QuantizeDynamic(Pass):
         if state.uses_ms and MS_DOMAIN not in model.opset_imports:
             model.opset_imports[MS_DOMAIN] = 1
         # a candidate that was skipped in an early sweep may have been quantized later
-        skipped = [(n, r) for n, r in state.skipped.values() if n.graph is not None and QUANT_KEY not in n.metadata_props]
+        skipped = [
+            (n, r) for n, r in state.skipped.values() if n.graph is not None and QUANT_KEY not in n.metadata_props
+        ]
         total = sum(state.quantized.values())
         if total == 0:
             why = "; ".join(sorted({f"{n.op_type} {n.name!r}: {r}" for n, r in skipped})[:5])

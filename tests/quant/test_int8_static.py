@@ -1,0 +1,219 @@
+"""Static INT8 through the public interfaces: the CLI and the pass manager, checked in onnxruntime.
+
+Fixture: the digits CNN shipped in examples/ (trained on scikit-learn's real digits) and its
+calibration set; the held-out digits measure accuracy.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ncc.backends.onnx import save_onnx
+from ncc.frontends.onnx import load_onnx
+from ncc.passes.base import PassContext
+from ncc.passes.manager import PassManager
+from ncc.passes.quant.calib_data import load_calibration_data
+from ncc.targets import get_target
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = REPO / "examples" / "digits_cnn.onnx"
+CALIB = REPO / "examples" / "digits_calib.npz"
+
+
+def ncc(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ncc.tools.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def heldout() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (digits.images[1400:] / 16.0).astype(np.float32)[:, None], digits.target[1400:]
+
+
+def session(path, optimize=True):
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def accuracy(path: Path) -> float:
+    x, y = heldout()
+    return float((session(path).run(None, {"image": x})[0].argmax(1) == y).mean())
+
+
+@pytest.fixture(scope="module")
+def int8_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "digits.int8.onnx"
+    proc = ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "-o", out,
+               "--cache-dir", tmp_path_factory.mktemp("cache"))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_int8_cli_reports_and_runs_integer_kernels(int8_model):
+    onnx.checker.check_model(onnx.load(int8_model))
+    ops = {n.op_type for n in onnx.load(int8_model).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    x, _ = heldout()
+    assert session(int8_model).run(None, {"image": x[:4]})[0].shape == (4, 10)
+
+
+def test_int8_accuracy_close_to_float(int8_model):
+    assert accuracy(int8_model) >= accuracy(MODEL) - 0.02
+
+
+def test_every_qdq_pair_matches_numpy_fake_quant(int8_model):
+    """Each QuantizeLinear output equals round(x / scale) + zp (saturated) on real inputs, within one step."""
+    proto = onnx.load(int8_model)
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    pairs = [(n.input[0], n.output[0], inits[n.input[1]], inits[n.input[2]])
+             for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(pairs) >= 5
+    wanted = sorted({name for p in pairs for name in p[:2]})
+    for name in wanted:
+        if name not in {o.name for o in proto.graph.output}:
+            proto.graph.output.append(helper.make_empty_tensor_value_info(name))
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x, _ = heldout()
+    values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"image": x[:64]})))
+    for src, dst, scale, zp in pairs:
+        info = np.iinfo(zp.dtype)
+        expected = np.clip(np.rint(values[src] / scale) + zp.astype(np.int32), info.min, info.max)
+        assert np.abs(values[dst].astype(np.int32) - expected).max() <= 1, dst
+        inside = (values[src] >= (info.min - zp) * scale) & (values[src] <= (info.max - zp) * scale)
+        dequantized = (values[dst].astype(np.float32) - zp) * scale
+        assert np.abs(dequantized - values[src])[inside].max() <= scale * 1.0001, dst
+
+
+def test_weights_are_int8_per_channel_within_half_a_step(int8_model):
+    proto = onnx.load(int8_model)
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    floats = {i.name: numpy_helper.to_array(i) for i in onnx.load(MODEL).graph.initializer}
+    conv_weight = inits["features.3.weight_bn_quantized"] if "features.3.weight_bn_quantized" in inits else None
+    assert conv_weight is not None and conv_weight.dtype == np.int8
+    scale = inits["features.3.weight_bn_scale"]
+    assert scale.shape == (32,)  # one scale per output channel
+    assert np.abs(conv_weight).max() <= get_target("host").weight_qmax
+    gemm_w = inits["head.3.weight_quantized"].astype(np.float32) * inits["head.3.weight_scale"][:, None]
+    assert np.abs(gemm_w - floats["head.3.weight"]).max() <= inits["head.3.weight_scale"].max() / 2 * 1.0001
+
+
+def test_qoperator_format_matches_qdq(tmp_path, int8_model):
+    out = tmp_path / "digits.qop.onnx"
+    proc = ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "--format", "qoperator", "-o", out,
+               "--cache-dir", tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr
+    onnx.checker.check_model(onnx.load(out))
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops
+    x, _ = heldout()
+    qop, qdq = session(out).run(None, {"image": x})[0], session(int8_model).run(None, {"image": x})[0]
+    assert (qop.argmax(1) == qdq.argmax(1)).mean() >= 0.99
+
+
+def test_second_compile_reuses_calibration_statistics(tmp_path):
+    cache = tmp_path / "cache"
+    first = ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "-o", tmp_path / "a.onnx", "--cache-dir", cache,
+                "--pass-statistics")
+    second = ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "-o", tmp_path / "b.onnx", "--cache-dir", cache,
+                 "--per-tensor", "--calib-method", "entropy", "--pass-statistics")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "0 from cache" in first.stderr and "1 from cache" in second.stderr
+
+
+def test_compile_int8_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        assert ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "-o", tmp_path / f"{name}.onnx",
+                   "--cache-dir", tmp_path / f"cache-{name}").returncode == 0
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_masking_sentinels_keep_ops_in_float(tmp_path):
+    """An attention-style Add of a float32-minimum mask and its Softmax stay in float, with the reason."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["s"], name="scores"),
+             helper.make_node("Add", ["s", "mask"], ["masked"], name="add_mask"),
+             helper.make_node("Softmax", ["masked"], ["p"], axis=-1, name="softmax"),
+             helper.make_node("MatMul", ["p", "x"], ["y"], name="context")]
+    graph = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8]),
+                                              helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8])], [w])
+    src = tmp_path / "attn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    mask = np.where(rng.random((16, 8, 8)) < 0.3, np.finfo(np.float32).min, 0).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 8, 8)).astype(np.float32), mask=mask)
+    model = load_onnx(src)
+    ctx = PassContext()
+    ctx.data["calibration_data"] = load_calibration_data(str(tmp_path / "calib.npz"))
+    PassManager("calibrate,insert-qdq{op-types=MatMul,Add,Softmax}").run(model, ctx)
+    by_name = {n.name: n for n in model.graph}
+    assert "masking sentinels" in by_name["add_mask"].metadata_props["ncc.quant.skip"]
+    assert "masking sentinels" in by_name["softmax"].metadata_props["ncc.quant.skip"]
+    assert by_name["scores"].metadata_props["ncc.quant"] == "int8"
+    save_onnx(model, tmp_path / "attn.int8.onnx")
+    feeds = {"x": rng.standard_normal((4, 8, 8)).astype(np.float32), "mask": mask[:4]}
+    ref, got = session(src).run(None, feeds)[0], session(tmp_path / "attn.int8.onnx").run(None, feeds)[0]
+    cos = (ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)
+    assert cos > 0.99
+
+
+# --- bad input: one sentence, exit 2, nothing written ------------------------------------------
+
+def _assert_error(proc, fragment, out: Path):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and fragment in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_calibration_data_with_wrong_input_name(tmp_path):
+    np.savez(tmp_path / "bad.npz", pixels=np.zeros((4, 1, 8, 8), np.float32))
+    out = tmp_path / "o.onnx"
+    _assert_error(ncc("compile", MODEL, "--pass", "int8", "--calib", tmp_path / "bad.npz", "-o", out), "image", out)
+
+
+def test_calibration_data_with_wrong_dtype(tmp_path):
+    np.savez(tmp_path / "bad.npz", image=np.zeros((4, 1, 8, 8), np.int64))
+    out = tmp_path / "o.onnx"
+    _assert_error(ncc("compile", MODEL, "--pass", "int8", "--calib", tmp_path / "bad.npz", "-o", out), "image", out)
+
+
+def test_calibration_data_empty(tmp_path):
+    np.savez(tmp_path / "empty.npz", image=np.zeros((0, 1, 8, 8), np.float32))
+    out = tmp_path / "o.onnx"
+    _assert_error(ncc("compile", MODEL, "--pass", "int8", "--calib", tmp_path / "empty.npz", "-o", out), "empty", out)
+
+
+def test_missing_calibration_data(tmp_path):
+    out = tmp_path / "o.onnx"
+    _assert_error(ncc("compile", MODEL, "--pass", "int8", "-o", out), "--calib", out)
+
+
+def test_already_quantized_model_is_refused(tmp_path, int8_model):
+    out = tmp_path / "o.onnx"
+    _assert_error(ncc("compile", int8_model, "--pass", "int8", "--calib", CALIB, "-o", out), "already quantized", out)
+
+
+def test_nothing_to_quantize(tmp_path):
+    graph = helper.make_graph([helper.make_node("Relu", ["image"], ["y"])], "g",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])])
+    src, out = tmp_path / "relu.onnx", tmp_path / "o.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    _assert_error(ncc("compile", src, "--pass", "int8", "--calib", CALIB, "-o", out), "nothing to", out)
+
+
+def test_unsupported_op_type(tmp_path):
+    out = tmp_path / "o.onnx"
+    _assert_error(ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "--op-types", "Conv,Erf", "-o", out),
+                  "'Erf'", out)
