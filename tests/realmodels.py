@@ -115,10 +115,12 @@ def minilm_onnx(exporter: str = "legacy") -> Path:
 
 
 def photo_crops(n: int = 8, size: int = 224, seed: int = 0) -> np.ndarray:
-    """Real photo crops (scikit-image sample photos, crops and flips), NCHW float32, ImageNet-normalized."""
+    """Real photo crops (scikit-image and scikit-learn sample photos, crops and flips), NCHW float32,
+    ImageNet-normalized. (``skimage.data.cat`` is the same photo as ``chelsea``, so it is not used.)"""
     from skimage import data, transform
+    from sklearn.datasets import load_sample_images
 
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.cat()]
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), *load_sample_images().images]
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):

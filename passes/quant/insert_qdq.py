@@ -79,6 +79,7 @@ class InsertQDQ(Pass):
         target = get_target(self.target)
         op_types = set(self.op_types or (set(target.static_ops) & set(plan.ROLES)))
         islands = set() if self.op_types else set(target.island_ops)
+        ctx.data["float_model"] = model.clone()  # the reference for correct-bias and min-cosine
         if self.min_cosine <= 0:
             return _Quantizer(self, model, calibration, target, op_types, islands).run()
         return self._run_with_fallback(model, ctx, calibration, target, op_types, islands)
@@ -92,7 +93,7 @@ class InsertQDQ(Pass):
         if data is None:
             raise NccError("insert-qdq{min-cosine} needs calibration data (--calib) to measure fidelity.")
         feeds = fallback.samples(data, self.fallback_samples)
-        float_model = model.clone()
+        float_model = ctx.data["float_model"]
         outputs = [v.name for v in model.graph.outputs]
         reference = fallback.run(float_model, feeds, outputs)
 
