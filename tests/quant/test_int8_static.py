@@ -217,3 +217,45 @@ def test_unsupported_op_type(tmp_path):
     out = tmp_path / "o.onnx"
     _assert_error(ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "--op-types", "Conv,Erf", "-o", out),
                   "'Erf'", out)
+
+
+def _int8_model_via_api(spec: str):
+    model = load_onnx(MODEL)
+    ctx = PassContext()
+    ctx.data["calibration_data"] = load_calibration_data(str(CALIB))
+    ctx.data["progress"] = False
+    report = PassManager(spec).run(model, ctx)
+    return model, ctx, report
+
+
+def _layer_mean_errors(model, ctx) -> dict[str, float]:
+    """Per quantized Conv: mean over channels of |E[float twin - quantized]| (the bias error)."""
+    from ncc.passes.quant import correct_bias, fallback
+
+    probe, pairs = correct_bias._probe(model, ctx.data["float_model"])
+    feeds = fallback.samples(ctx.data["calibration_data"], 64)
+    results = fallback.run(probe, feeds, [n for p in pairs for n in p[2:]])
+    return {node.name: float(np.abs(correct_bias._channel_mean(results[local], 1)
+                                    - correct_bias._channel_mean(results[observed], 1)).mean())
+            for node, _, local, observed in pairs if node.op_type == "Conv"}
+
+
+def test_correct_bias_shrinks_each_layers_mean_error():
+    base = "fuse-conv-bn,fuse-activation,calibrate,insert-qdq"
+    plain, plain_ctx, _ = _int8_model_via_api(base)
+    corrected, corrected_ctx, report = _int8_model_via_api(base + ",correct-bias")
+    assert report.records[-1].stats["biases corrected"] == 5  # 3 Conv + 2 Gemm
+    before, after = _layer_mean_errors(plain, plain_ctx), _layer_mean_errors(corrected, corrected_ctx)
+    assert set(before) == set(after) and len(before) == 3
+    for name in before:
+        assert after[name] < before[name], (name, before[name], after[name])
+
+
+def test_min_cosine_keeps_sensitive_nodes_in_float():
+    model, ctx, report = _int8_model_via_api("fuse-conv-bn,fuse-activation,calibrate,"
+                                             "insert-qdq{min-cosine=0.999999 max-float=0.5}")
+    record = report.records[-1]
+    kept = [n.name for n in model.graph if "excluded" in n.metadata_props.get("ncc.quant.skip", "")]
+    assert 1 <= len(kept) <= 2  # half of the 5 quantized compute nodes, rounded down
+    assert any(note.startswith("fallback: all quantized") for note in record.notes)
+    assert record.stats["output cosine (calibration)"] > 0.9999
