@@ -11,13 +11,13 @@ its branches capture. A cycle is an error that names a node on it.
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx_ir as ir
 
-from ncc.errors import NccError
+from ncc.errors import NccError, VerificationError
+from ncc.ir.analysis import topological_order
 from ncc.passes.base import Pass, PassContext, PassResult
 
 
@@ -39,61 +39,13 @@ class TopologicalSort(Pass):
 
 def sort_graph(graph: ir.Graph) -> int:
     """Sort ``graph`` (not its subgraphs) in place; return how many nodes changed position."""
-    order = list(graph)
-    index = {node: i for i, node in enumerate(order)}
-    preds: list[set[int]] = [set() for _ in order]
-    succs: list[list[int]] = [[] for _ in order]
-    for i, node in enumerate(order):
-        for value in _reads(node):
-            producer = value.producer()
-            j = index.get(producer) if producer is not None else None
-            if j is not None and j != i and j not in preds[i]:
-                preds[i].add(j)
-                succs[j].append(i)
-            elif j == i:
-                raise NccError(f"toposort: node {_describe(node)} reads its own output; the graph has a cycle.")
-    pending = [len(p) for p in preds]
-    ready = [i for i, n in enumerate(pending) if n == 0]
-    heapq.heapify(ready)
-    result: list[int] = []
-    while ready:
-        i = heapq.heappop(ready)
-        result.append(i)
-        for k in succs[i]:
-            pending[k] -= 1
-            if pending[k] == 0:
-                heapq.heappush(ready, k)
-    if len(result) != len(order):
-        stuck = min(i for i, n in enumerate(pending) if n > 0)
-        raise NccError(f"toposort: the graph {graph.name or ''!s} has a cycle through node {_describe(order[stuck])}.")
-    moved = sum(1 for pos, i in enumerate(result) if pos != i)
+    before = list(graph)
+    try:
+        after = topological_order(graph)
+    except VerificationError as err:
+        raise NccError(f"toposort: {str(err).splitlines()[0]}") from None
+    moved = sum(1 for a, b in zip(before, after) if a is not b)
     if moved:
-        graph.remove(order)  # unsafe remove keeps the nodes' inputs and uses
-        graph.extend(order[i] for i in result)
+        graph.remove(before)  # unsafe remove keeps the nodes' inputs and uses
+        graph.extend(after)
     return moved
-
-
-def _reads(node: ir.Node):
-    """Values ``node`` reads: its inputs and the outer-scope values its subgraphs read."""
-    for value in node.inputs:
-        if value is not None:
-            yield value
-    for attr in node.attributes.values():
-        if attr.is_ref():
-            continue
-        if attr.type == ir.AttributeType.GRAPH:
-            subs = [attr.as_graph()]
-        elif attr.type == ir.AttributeType.GRAPHS:
-            subs = list(attr.as_graphs())
-        else:
-            continue
-        for sub in subs:
-            for inner in ir.traversal.RecursiveGraphIterator(sub):
-                for value in inner.inputs:
-                    if value is not None:
-                        yield value
-
-
-def _describe(node: ir.Node) -> str:
-    out = node.outputs[0].name if node.outputs else ""
-    return f"{node.op_type} {node.name or ''!s} (output {out!r})".replace("  ", " ")
