@@ -23,13 +23,20 @@ on the new compute node, or left float with ``ncc.quant.skip = "<reason>"``):
   the MatMul output is read only by an ``Add`` of a constant bias of ``N``
   values, that Add:
 
-  - ``form=fused`` (default): ``com.microsoft::DynamicQuantizeMatMul(A, W_q,
-    w_s, w_zp, bias)`` — onnxruntime's one-kernel path (quantize A, integer
-    GEMM, rescale, bias).
-  - ``form=standard`` (only standard ONNX ops): ``DynamicQuantizeLinear(A)``
-    (shared by every MatMul reading ``A``) → ``MatMulInteger`` → ``Cast`` →
-    ``Mul(a_s * w_s)`` (→ ``Add(bias)``); onnxruntime fuses it back into
-    ``DynamicQuantizeMatMul`` at session creation.
+  - ``form=standard`` (default; standard ONNX ops only): ``DynamicQuantizeLinear(A)``
+    (one per activation, shared by every MatMul reading ``A``) → ``MatMulInteger``
+    → ``Cast`` → ``Mul(a_s * w_s)`` (→ ``Add(bias)``). onnxruntime fuses this at
+    session creation into ``DynamicQuantizeMatMul`` (one reader) or
+    ``DynamicQuantizeLinear`` + ``MatMulIntegerToFloat`` (shared, as Q/K/V are).
+  - ``form=fused``: ``com.microsoft::DynamicQuantizeMatMul(A, W_q, w_s, w_zp,
+    bias)`` per MatMul — onnxruntime's one-kernel path, each one quantizing
+    ``A`` itself. Per-column ``w_s``/``w_zp`` work in onnxruntime 1.32.
+
+  Measured (onnxruntime 1.32, 2 threads, AVX2 CPU shared with other jobs):
+  on one ``[8,128,384] x [384,1536]`` MatMul the two forms tie (same kernel
+  after fusion, ~1.6-1.9x FP32); on all-MiniLM-L6-v2 the standard form was as
+  fast or faster in every run (sharing one activation quantization across
+  Q/K/V), so it is the default.
 
 - ``Gemm(A, B, C)`` with a constant ``B``: as MatMul; ``transB = 1`` is
   handled by transposing the constant here, ``alpha`` is folded into the
@@ -43,7 +50,8 @@ on the new compute node, or left float with ``ncc.quant.skip = "<reason>"``):
 - ``Conv(X, W, B)`` with a constant ``W``, only when ``op_types`` names Conv
   (ConvInteger is much slower than float Conv on CPU): ``DynamicQuantizeLinear``
   → ``ConvInteger`` → ``Cast`` → ``Mul(a_s * w_s)`` → ``Add(B)``, weights
-  per output channel (axis 0).
+  per output channel (axis 0). onnxruntime's ConvInteger takes one scalar
+  weight zero point, so per-channel Conv weights must be symmetric.
 
 Weights are read one at a time (a memory-mapped external tensor is read once
 and released); a weight shared by several nodes is quantized once.
@@ -54,10 +62,13 @@ zero point 128). With VNNI the u8 x s8 kernel is exact. On x86 CPUs without VNNI
 onnxruntime's u8 x s8 kernels use ``vpmaddubsw``, which adds two adjacent
 products in saturating int16: ``255 * 127 * 2`` overflows, so full-range s8
 weights can give results off by many steps there (the tests model this exactly).
-``reduce_range`` (7-bit weights, ``[-63, 63]``) or ``weight_dtype=u8`` (the
-u8 x u8 kernel) are exact on every CPU. Measured on all-MiniLM-L6-v2 (onnxruntime
-1.32, AVX2 without VNNI): embedding cosine 0.9918 (s8, default), 0.9929 (u8),
-0.9915 (7-bit). Gather tables never meet an integer kernel and are always s8.
+s8 weights limited to ``[-63, 63]`` (the ``x86-avx2`` target profile's
+``weight_qmax``, which the default ``target=host`` picks on such a CPU, or
+``reduce_range``) or ``weight_dtype=u8`` (the u8 x u8 kernel) are exact on every
+CPU. Measured on all-MiniLM-L6-v2 (onnxruntime 1.32, AVX2 without VNNI):
+embedding cosine 0.9918 (full-range s8, saturating), 0.9915 (s8 within ±63, the
+default there), 0.9929 (u8, but the u8 x u8 kernel is 10-30% slower). Gather
+tables never meet an integer kernel and are always full-range s8.
 """
 
 from __future__ import annotations
@@ -74,7 +85,7 @@ from ncc.errors import NccError
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.cleanup.fold_constants import constant_tensor
 from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
-from ncc.targets import X86_VNNI
+from ncc.targets import DEFAULT_TARGET, get_target
 
 QUANT_KEY = "ncc.quant"
 SKIP_KEY = "ncc.quant.skip"
@@ -105,7 +116,7 @@ class WeightQuant:
 
     dtype: str = "s8"  # "s8" | "u8"
     symmetric: bool = True
-    reduce_range: bool = False
+    reduce_range: bool = False  # 7 bits: the range of quant_params(reduce_range=True)
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -536,18 +547,17 @@ class QuantizeDynamic(Pass):
 
     name: ClassVar[str] = "quantize-dynamic"
 
-    op_types: tuple[str, ...] = option(
-        tuple(sorted(X86_VNNI.dynamic_ops)), "op types to quantize: MatMul, Gemm, Gather, Conv"
-    )
+    op_types: tuple[str, ...] = option((), "op types to quantize: MatMul, Gemm, Gather, Conv (empty: the target's)")
     per_channel: bool = option(True, "one weight scale per output channel (per row for Gather tables)")
     weight_symmetric: bool = option(True, "symmetric weights (zero point 0)")
     weight_dtype: Literal["s8", "u8"] = option("s8", "weight integer type: s8, or u8 (zero point 128)")
-    reduce_range: bool = option(False, "7-bit weights (avoids int16 saturation on CPUs without VNNI)")
+    reduce_range: bool = option(False, "7-bit weights (s8 within ±63, u8 within 64±63) on any target")
     exclude: tuple[str, ...] = option((), "node names or regexes (searched in the name) to keep in float")
-    form: Literal["fused", "standard"] = option(
-        "fused", "fused: com.microsoft DynamicQuantizeMatMul; standard: DynamicQuantizeLinear + MatMulInteger"
+    form: Literal["standard", "fused"] = option(
+        "standard", "standard: DynamicQuantizeLinear + MatMulInteger; fused: com.microsoft DynamicQuantizeMatMul"
     )
     gather: bool = option(True, "quantize Gather on constant tables (embeddings) when op-types names Gather")
+    target: str = option(DEFAULT_TARGET, "target profile (host: this CPU's)")
 
     def __post_init__(self) -> None:
         unknown = [op for op in self.op_types if op not in SUPPORTED_OPS]
@@ -555,6 +565,10 @@ class QuantizeDynamic(Pass):
             raise ValueError(
                 f"op type {unknown[0]!r} cannot be quantized dynamically; supported: {', '.join(SUPPORTED_OPS)}"
             )
+        try:
+            get_target(self.target)
+        except NccError as err:
+            raise ValueError(str(err).rstrip(".")) from None
         for pattern in self.exclude:
             try:
                 re.compile(pattern)
@@ -563,7 +577,15 @@ class QuantizeDynamic(Pass):
 
     @property
     def active_ops(self) -> tuple[str, ...]:
-        return tuple(op for op in self.op_types if op != "Gather" or self.gather)
+        ops = self.op_types or tuple(op for op in SUPPORTED_OPS if op in get_target(self.target).dynamic_ops)
+        return tuple(op for op in ops if op != "Gather" or self.gather)
+
+    @property
+    def seven_bit_weights(self) -> bool:
+        """s8 weights within ±63: asked for, or the target sums u8 x s8 products in int16 pairs."""
+        if self.reduce_range:
+            return True
+        return self.weight_dtype == "s8" and get_target(self.target).weight_qmax < 127
 
     def requires(self, model: ir.Model) -> None:
         from ncc.ir import ids
@@ -585,7 +607,7 @@ class QuantizeDynamic(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         self.requires(model)
-        state = _State(self, WeightQuant(self.weight_dtype, self.weight_symmetric, self.reduce_range))
+        state = _State(self, WeightQuant(self.weight_dtype, self.weight_symmetric, self.seven_bit_weights))
         patterns = [_PATTERNS[op](state) for op in SUPPORTED_OPS if op in self.active_ops]
         pstats = apply_patterns(model, patterns)
         state.drop_unused(model)
