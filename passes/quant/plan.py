@@ -44,11 +44,16 @@ ROLES: dict[str, Role] = {
     "Where": Role((1, 2)),
 }
 
+#: Ops whose presence means a model was quantized already (plus every ``QLinear*``).
 QUANTIZED_OPS = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-    "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "DynamicQuantizeMatMul",
-    "MatMulIntegerToFloat", "MatMulNBits", "QLinearConcat", "QLinearGlobalAveragePool",
+    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention", "DynamicQuantizeLSTM",
+    "MatMulNBits", "GatherBlockQuantized",
 })
+
+
+def is_quantized_op(node: ir.Node) -> bool:
+    return node.op_type in QUANTIZED_OPS or node.op_type.startswith("QLinear")
 
 ACTIVATIONS = frozenset({"Relu", "Clip"})
 
@@ -63,11 +68,12 @@ def check_op_types(op_types: Sequence[str], supported: Iterable[str]) -> None:
 
 
 def refuse_quantized(model: ir.Model) -> None:
-    for node in model.graph:
-        if node.op_type in QUANTIZED_OPS:
-            raise NccError(
-                f"model is already quantized (found {node.op_type} {node.name!r}); start from the float model."
-            )
+    from ncc.ir.ids import all_nodes
+
+    for node in all_nodes(model):
+        if is_quantized_op(node):
+            label = f"{node.op_type} {node.name!r}" if node.name else node.op_type
+            raise NccError(f"model is already quantized (found {label}); start from the float model.")
 
 
 def matches(node: ir.Node, patterns: Sequence[str]) -> str | None:

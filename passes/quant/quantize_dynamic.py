@@ -93,18 +93,8 @@ MODE = "int8-dynamic"
 MS_DOMAIN = "com.microsoft"
 
 SUPPORTED_OPS = ("Conv", "Gather", "Gemm", "MatMul")
-#: Ops whose presence means the model was quantized already.
-QUANTIZED_OPS = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention", "DynamicQuantizeLSTM",
-    "MatMulNBits", "GatherBlockQuantized",
-})
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT})
 _ONNX = ("", "ai.onnx")
-
-
-def _is_quantized_op(node: ir.Node) -> bool:
-    return node.op_type in QUANTIZED_OPS or node.op_type.startswith("QLinear")
 
 
 # -- weight quantization (numpy) -------------------------------------------------------------------
@@ -589,13 +579,10 @@ class QuantizeDynamic(Pass):
 
     def requires(self, model: ir.Model) -> None:
         from ncc.ir import ids
+        from ncc.passes.quant.plan import refuse_quantized
 
-        found = False
-        for node in ids.all_nodes(model):
-            if _is_quantized_op(node):
-                label = f"{node.op_type} {node.name!r}" if node.name else node.op_type
-                raise NccError(f"model is already quantized (found {label}); start from the float model.")
-            found = found or (node.domain in _ONNX and node.op_type in self.active_ops)
+        refuse_quantized(model)
+        found = any(node.domain in _ONNX and node.op_type in self.active_ops for node in ids.all_nodes(model))
         if not found:
             raise NccError(
                 f"nothing to quantize: the model has no {', '.join(self.active_ops) or 'op of the requested types'} "
