@@ -1,0 +1,310 @@
+"""INT8 post-training quantization, side by side with onnxruntime.quantization (issue 3).
+
+    python benchmarks/bench_int8.py                      # all three models, full timing
+    python benchmarks/bench_int8.py --quick              # fewer timing repeats
+    python benchmarks/bench_int8.py --models efficientnet,mnist --json results.json
+
+For each model, in one run, on the same calibration ``.npz``:
+
+- ncc ``int8`` (static) ``--format qdq`` and ``--format qoperator``; ncc ``int8-dynamic``
+  ``--format integerops`` (MiniLM only) — each ``ncc compile`` in a subprocess with an empty
+  calibration cache (``--cache-dir`` a fresh temp folder), its wall time reported;
+- onnxruntime ``quantize_static`` (QDQ, per-channel, u8 activations / s8 weights) with MinMax,
+  Entropy and Percentile calibration, with and without ``reduce_range``; the best of each
+  ``reduce_range`` setting is timed and shown as "onnxruntime best", the others are listed;
+- onnxruntime ``quantize_dynamic`` (per-channel; MiniLM only).
+
+Throughput: every row of one model is timed in the same loop (sessions interleaved, the order
+alternating each round), 2 intra-op threads, median latency after warm-up, batch 1 and batch 8
+(MiniLM at sequence length 128). Quality: see ``int8_models.py`` (MiniLM: logistic-regression
+accuracy on 1,000 test tweets and embedding cosine with FP32; EfficientNet: top-1 agreement with
+FP32 on 240 photo crops; MNIST CNN: test accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import int8_models as m  # noqa: E402
+
+THREADS = 2
+BATCHES = (1, 8)
+ORT_METHODS = ("MinMax", "Entropy", "Percentile")
+MIN_TIMED_S, MAX_RUNS = 2.0, 2000
+
+
+# -- machine ------------------------------------------------------------------------------------------
+
+
+def machine_facts() -> dict:
+    import onnxruntime as ort
+
+    cpu, flags = platform.processor() or "?", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("?", "", "x86_64"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    try:
+        from ncc.targets import host_target
+
+        target = host_target()
+    except Exception as err:  # pragma: no cover - reported, not fatal
+        target = f"? ({type(err).__name__})"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "avx512_vnni": "avx512_vnni" in flags,
+        "avx_vnni": "avx_vnni" in flags,
+        "onnxruntime": ort.__version__,
+        "ncc_target": target,
+        "threads": THREADS,
+        "python": platform.python_version(),
+    }
+
+
+# -- timing -------------------------------------------------------------------------------------------
+
+
+def time_rows(paths: list[Path], feed: dict, warmup: int, runs: int) -> list[float]:
+    """Median seconds per run for each model; all sessions in one interleaved loop (at least ``runs``
+    rounds, more for fast models so the timed loop lasts about MIN_TIMED_S)."""
+    sessions = [m.session(p, THREADS) for p in paths]
+    names = [[i.name for i in s.get_inputs()] for s in sessions]
+    feeds = [{k: feed[k] for k in n} for n in names]
+    times: list[list[float]] = [[] for _ in sessions]
+    order = list(range(len(sessions)))
+    for s, f in zip(sessions, feeds):  # a first round to size the loop: tiny models get more runs
+        s.run(None, f)
+    start = time.perf_counter()
+    for s, f in zip(sessions, feeds):
+        s.run(None, f)
+    runs = max(runs, min(MAX_RUNS, int(MIN_TIMED_S / max(time.perf_counter() - start, 1e-9))))
+    for round_ in range(warmup + runs):
+        for i in order if round_ % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            sessions[i].run(None, feeds[i])
+            elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                times[i].append(elapsed)
+    return [float(np.median(t)) for t in times]
+
+
+def size_mb(path: Path) -> float:
+    from ncc.tools.bench import _ModelInfo
+
+    return _ModelInfo(Path(path), "model").size_bytes / 1e6
+
+
+# -- one model ----------------------------------------------------------------------------------------
+
+
+def bench_model(key: str, workdir: Path, warmup: int, runs: int, methods: tuple[str, ...], log) -> dict:
+    t0 = time.perf_counter()
+    task = m.TASKS[key]()
+    log(f"[{key}] task ready in {time.perf_counter() - t0:.1f}s ({task.float_model})")
+    fp32 = task.evaluate(task.float_model)
+    rows: list[dict] = []  # each: method, path, quantize_s, command, quality, kind
+
+    def add(method: str, path: Path, wall: float, command: str, kind: str) -> dict:
+        t = time.perf_counter()
+        quality = task.evaluate(path)
+        log(f"[{key}] {method}: quantize {wall:.1f}s, eval {time.perf_counter() - t:.1f}s, {fmt_quality(quality)}")
+        row = {"method": method, "path": path, "quantize_s": wall, "command": command, "quality": quality, "kind": kind}
+        rows.append(row)
+        return row
+
+    for pipeline, fmt in [("int8", "qdq"), ("int8", "qoperator")] + ([("int8-dynamic", "integerops")] if key == "minilm" else []):
+        out = workdir / f"{key}-ncc-{pipeline}-{fmt}.onnx"
+        calib = task.calib if pipeline == "int8" else None
+        try:
+            wall, cmd = m.ncc_compile(task.float_model, calib, out, pipeline=pipeline, fmt=fmt)
+        except RuntimeError as err:
+            log(f"[{key}] ncc {pipeline} {fmt} FAILED: {str(err).splitlines()[0]}")
+            continue
+        add(f"ncc {pipeline} --format {fmt}", out, wall, cmd, "ncc")
+
+    ort_static_rows, failures = [], []
+    for method, reduce_range in m.ORT_STATIC_VARIANTS:
+        if method in methods:
+            out = workdir / f"{key}-ort-{method}{'-rr' if reduce_range else ''}.onnx"
+            try:
+                wall = m.ort_static(task.float_model, task.calib, out, method=method, reduce_range=reduce_range,
+                                    batch=8 if key == "minilm" else 16)
+            except Exception as err:  # report, keep going
+                log(f"[{key}] onnxruntime quantize_static {method} rr={reduce_range} FAILED: {type(err).__name__}: {err}")
+                failures.append((f"onnxruntime static {m.ort_variant_name(method, reduce_range)}",
+                                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
+                continue
+            row = add(f"onnxruntime static {method}{' reduce_range' if reduce_range else ''}", out, wall,
+                      f"quantize_static(QDQ, per_channel=True, QUInt8/QInt8, calibrate_method={method}, "
+                      f"reduce_range={reduce_range})", "ort-static")
+            row["reduce_range"] = reduce_range
+            ort_static_rows.append(row)
+    if len(ort_static_rows) == len(m.ORT_STATIC_VARIANTS):  # all ran: cache for tests/test_int8_models.py
+        m.save_ort_scores(task, {m.ort_variant_name(r["method"].split()[2], r["reduce_range"]): r["quality"]["metric"]
+                                 for r in ort_static_rows})
+    if key == "minilm":  # the hand-restricted form the issue quotes (MinMax, MatMul only: cosine ~0.93)
+        out = workdir / f"{key}-ort-MinMax-matmul.onnx"
+        try:
+            wall = m.ort_static(task.float_model, task.calib, out, method="MinMax", op_types=["MatMul"], batch=8)
+            add("onnxruntime static MinMax, MatMul only (hand-restricted)", out, wall,
+                "quantize_static(QDQ, per_channel=True, QUInt8/QInt8, MinMax, op_types_to_quantize=['MatMul'])",
+                "ort-static-matmul")
+        except Exception as err:
+            log(f"[{key}] onnxruntime quantize_static MatMul-only FAILED: {type(err).__name__}: {err}")
+        for reduce_range in (False, True):
+            out = workdir / f"{key}-ort-dynamic{'-rr' if reduce_range else ''}.onnx"
+            wall = m.ort_dynamic(task.float_model, out, reduce_range=reduce_range)
+            add(f"onnxruntime dynamic{' reduce_range' if reduce_range else ''}", out, wall,
+                f"quantize_dynamic(per_channel=True, QInt8, reduce_range={reduce_range})", "ort-dynamic")
+
+    # the best onnxruntime static row for each reduce_range setting gets timed (ties: faster quantize)
+    best = []
+    for reduce_range in (False, True):
+        group = [r for r in ort_static_rows if r["reduce_range"] == reduce_range]
+        if group:
+            b = max(group, key=lambda r: (r["quality"]["metric"], r["quality"].get("cosine", 0), -r["quantize_s"]))
+            b["best"] = True
+            best.append(b)
+    timed = [r for r in rows if r["kind"] != "ort-static"] + best
+
+    perf: dict[int, list[float]] = {}
+    for batch in BATCHES:
+        t = time.perf_counter()
+        perf[batch] = time_rows([task.float_model] + [r["path"] for r in timed], task.timing_feed(batch), warmup, runs)
+        log(f"[{key}] timing batch {batch}: {time.perf_counter() - t:.1f}s")
+    for i, r in enumerate(timed):
+        r["latency_s"] = {b: perf[b][i + 1] for b in BATCHES}
+    fp32_size = size_mb(task.float_model)
+    for r in rows:
+        r["size_mb"] = size_mb(r["path"])
+    return {
+        "key": key, "task": task, "fp32": fp32, "fp32_latency_s": {b: perf[b][0] for b in BATCHES},
+        "fp32_size_mb": fp32_size, "rows": rows, "timed": timed, "failures": failures,
+    }
+
+
+def fmt_quality(q: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in q.items() if k != "fp32_accuracy")
+
+
+# -- output -------------------------------------------------------------------------------------------
+
+
+def table(result: dict) -> str:
+    task, fp32 = result["task"], result["fp32"]
+    minilm = result["key"] == "minilm"
+    lat0 = result["fp32_latency_s"]
+    head = ["model", "method", f"FP32 {task.metric_name}", "INT8", "ratio"]
+    for b in BATCHES:
+        head += [f"FP32 samples/s b{b}", f"INT8 samples/s b{b}", f"speed-up b{b}"]
+    head += ["FP32 MB", "INT8 MB", "quantize s"]
+    if minilm:
+        head += ["emb. cosine", "LR acc. rel."]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["timed"]:
+        q = r["quality"]
+        label = r["method"] + (" (onnxruntime best)" if r.get("best") else "")
+        cells = [task.name, label, f"{fp32['metric']:.4f}", f"{q['metric']:.4f}", f"{q['metric'] / fp32['metric']:.2%}"]
+        for b in BATCHES:
+            s0, s1 = b / lat0[b], b / r["latency_s"][b]
+            cells += [f"{s0:.1f}", f"{s1:.1f}", f"{s1 / s0:.2f}x"]
+        cells += [f"{result['fp32_size_mb']:.1f}", f"{r['size_mb']:.1f}", f"{r['quantize_s']:.1f}"]
+        if minilm:
+            cells += [f"{q['cosine']:.4f}", f"{q['accuracy'] / q['fp32_accuracy']:.2%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    others = [r for r in result["rows"] if r["kind"] == "ort-static" and not r.get("best")]
+    if others:
+        lines += ["", f"other onnxruntime quantize_static calibrations ({task.name}, not timed):", "",
+                  "| method | INT8 | ratio | quantize s |" + (" emb. cosine |" if minilm else ""),
+                  "|---|---|---|---|" + ("---|" if minilm else "")]
+        for r in others:
+            q = r["quality"]
+            lines.append(f"| {r['method']} | {q['metric']:.4f} | {q['metric'] / fp32['metric']:.2%} | {r['quantize_s']:.1f} |"
+                         + (f" {q['cosine']:.4f} |" if minilm else ""))
+    for method, error in result.get("failures", []):
+        lines.append(f"\n{method}: FAILED ({error})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 warm-up + 8 timed runs instead of 5 + 30")
+    parser.add_argument("--models", default="minilm,efficientnet,mnist", help="comma-separated: minilm,efficientnet,mnist")
+    parser.add_argument("--ort-methods", default=",".join(ORT_METHODS), help="onnxruntime calibration methods to run")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--keep", type=Path, help="keep the quantized models in this folder (default: a temp folder)")
+    args = parser.parse_args(argv)
+    warmup, runs = (2, 8) if args.quick else (5, 30)
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in m.TASKS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {sorted(m.TASKS)}")
+    methods = tuple(x.strip() for x in args.ort_methods.split(",") if x.strip())
+
+    facts = machine_facts()
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    start = time.perf_counter()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ncc-bench-int8-") as tmp:
+        workdir = args.keep or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        for key in keys:
+            results.append(bench_model(key, workdir, warmup, runs, methods, log))
+    total = time.perf_counter() - start
+
+    print("# INT8 post-training quantization: ncc vs onnxruntime.quantization\n")
+    print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
+    print(f"machine: {facts['cpu']}, {facts['cores']} cores; avx2={facts['avx2']} avx512f={facts['avx512f']} "
+          f"avx512_vnni={facts['avx512_vnni']} avx_vnni={facts['avx_vnni']}; onnxruntime {facts['onnxruntime']}; "
+          f"ncc target {facts['ncc_target']}; Python {facts['python']}")
+    print(f"timing: {THREADS} intra-op threads (1 inter-op), CPU EP, ORT_ENABLE_ALL; median of at least {runs} runs (more for fast models, "
+          f"so each timed loop lasts >= {MIN_TIMED_S:.0f} s) after {warmup} warm-up, all rows of a model interleaved in one loop; batch {' and '.join(map(str, BATCHES))}"
+          f" (MiniLM at seq len {m.SEQ}); quantize s = `ncc compile` subprocess wall time with an empty calibration "
+          f"cache vs the in-process quantize_static / quantize_dynamic call; total benchmark time {total:.0f}s\n")
+    for res in results:
+        task = res["task"]
+        print(f"## {task.name}\n")
+        print(f"calibration: {task.calib} ({len(next(iter(np.load(task.calib).values())))} samples); "
+              f"evaluation: {task.eval_samples} samples\n")
+        print(table(res))
+        print("\ncommands:")
+        for r in res["rows"]:
+            if r["kind"] == "ncc":
+                cmd = re.sub(r"--cache-dir \S+", "--cache-dir $EMPTY_TMP_DIR", r["command"])
+                print(f"    {cmd.replace(str(Path(r['path']).parent), '$OUT')}")
+        print()
+    if args.json:
+        payload = {"machine": facts, "warmup": warmup, "runs": runs, "total_s": total, "models": []}
+        for res in results:
+            payload["models"].append({
+                "model": res["task"].name, "fp32": res["fp32"], "fp32_latency_s": res["fp32_latency_s"],
+                "fp32_size_mb": res["fp32_size_mb"], "failures": res["failures"],
+                "rows": [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in res["rows"]],
+            })
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

