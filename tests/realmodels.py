@@ -14,6 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+# Everything here is offline: never let transformers or huggingface_hub try the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("NCC_CACHE", REPO / ".cache")) / "models"
 
