@@ -94,13 +94,9 @@ def session(path: Path | str, threads: int = 2):
     """An onnxruntime CPU session (ORT_ENABLE_ALL, ``threads`` intra-op threads, 1 inter-op)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from ncc.tools.bench import session_options
+
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def run_batched(path: Path | str, feeds: dict[str, np.ndarray], batch: int = 32, threads: int = 2) -> np.ndarray:
