@@ -10,6 +10,8 @@ every node gets a stable id (:mod:`ncc.ir.ids`).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 
 import onnx
@@ -88,24 +90,54 @@ def _has_untyped_values(graph: onnx.GraphProto) -> bool:
 
 def _refuse_escaping_external_data(proto: onnx.ModelProto, folder: Path) -> None:
     root = folder.resolve()
-    for tensor in _external_tensors(proto):
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        resolved = (root / location).resolve()
-        if os.path.isabs(location) or not resolved.is_relative_to(root):
+    for tensor in external_tensors(proto):
+        where = location(tensor)
+        resolved = (root / where).resolve()
+        if os.path.isabs(where) or not resolved.is_relative_to(root):
             raise NccError(
-                f"initializer {tensor.name!r} points at external data {location!r} outside the model's "
+                f"initializer {tensor.name!r} points at external data {where!r} outside the model's "
                 f"folder {folder}; refusing to read it."
             )
         if not resolved.is_file():
-            raise NccError(f"initializer {tensor.name!r}: external data file {location!r} is missing from {folder}.")
+            raise NccError(f"initializer {tensor.name!r}: external data file {where!r} is missing from {folder}.")
 
 
-def _external_tensors(proto: onnx.ModelProto):
-    from onnx.external_data_helper import _get_all_tensors
+def external_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of ``proto`` stored as external data: initializers (sparse ones too) and tensor
+    attributes, in the main graph, its subgraphs and the model's functions."""
 
-    for tensor in _get_all_tensors(proto):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            yield tensor
+    def of_nodes(nodes):
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from of_graph(attr.g)
+                for sub in attr.graphs:
+                    yield from of_graph(sub)
+
+    def of_graph(graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        yield from of_nodes(graph.node)
+
+    tensors = chain(of_graph(proto.graph), *(of_nodes(f.node) for f in proto.functions))
+    return (t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL)
+
+
+def location(tensor: onnx.TensorProto) -> str:
+    """The external data file of ``tensor``, relative to the model's folder ("" when unset)."""
+    return next((e.value for e in tensor.external_data if e.key == "location"), "")
+
+
+def external_data_files(path: Path, proto: onnx.ModelProto | None = None) -> list[Path]:
+    """The external data files the model at ``path`` references, each once, in order of first use."""
+    proto = proto if proto is not None else onnx.load(str(path), load_external_data=False)
+    names = dict.fromkeys(loc for t in external_tensors(proto) if (loc := location(t)))
+    return [path.parent / name for name in names]
 
 
 def _first_line(err: BaseException) -> str:

@@ -299,8 +299,6 @@ def run(
     """Run ``model`` in onnxruntime on the CPU; ``feeds`` by input name or in input order."""
     import onnxruntime as ort
 
-    from ncc.backends.onnx import to_proto
-
     if not isinstance(feeds, Mapping):
         names = [v.name for v in model.graph.inputs if not v.is_initializer()]
         if len(feeds) != len(names):
@@ -310,6 +308,6 @@ def run(
     options.log_severity_level = 3
     options.intra_op_num_threads = min(4, os.cpu_count() or 1)
     session = ort.InferenceSession(
-        to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
+        ir.serde.serialize_model(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
     return session.run(list(outputs) if outputs is not None else None, {k: np.asarray(v) for k, v in feeds.items()})

@@ -110,46 +110,13 @@ def _value_type(value, path: Path):
 
 def _model_size(path: Path, proto) -> tuple[int, list[Path]]:
     """Bytes on disk of ``path`` plus the external-data files its tensors reference (each once)."""
-    from onnx import TensorProto
+    from ncc.frontends.onnx import external_data_files
 
     files = [path]
-    seen = {path.resolve()}
-
-    def tensors_of_graph(graph):
-        yield from graph.initializer
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-                if attr.HasField("g"):
-                    yield from tensors_of_graph(attr.g)
-                for sub in attr.graphs:
-                    yield from tensors_of_graph(sub)
-
-    def all_tensors():
-        yield from tensors_of_graph(proto.graph)
-        for function in proto.functions:
-            for node in function.node:
-                for attr in node.attribute:
-                    if attr.HasField("t"):
-                        yield attr.t
-                    yield from attr.tensors
-
-    for tensor in all_tensors():
-        if tensor.data_location != TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
-        if not location:
-            continue
-        data_path = path.parent / location
+    for data_path in external_data_files(path, proto):
         if not data_path.exists():
-            raise NccError(f"{path}: external data file {location!r} for tensor {tensor.name!r} does not exist.")
-        if data_path.resolve() not in seen:
-            seen.add(data_path.resolve())
+            raise NccError(f"{path}: external data file {data_path.name!r} does not exist.")
+        if data_path.resolve() not in {f.resolve() for f in files}:
             files.append(data_path)
     return sum(f.stat().st_size for f in files), files
 

@@ -17,15 +17,9 @@ def input_files(path: Path) -> list[Path]:
     if path.suffix != ".onnx":
         data = path.with_name(path.name + ".data")
         return [path, data] if data.exists() else [path]
-    import onnx
+    from ncc.frontends.onnx import external_data_files
 
-    proto = onnx.load(str(path), load_external_data=False)
-    from onnx.external_data_helper import _get_all_tensors
-
-    locations = {
-        e.value for t in _get_all_tensors(proto) if t.data_location == 1 for e in t.external_data if e.key == "location"
-    }
-    return [path, *(path.parent / loc for loc in sorted(locations))]
+    return [path, *external_data_files(path)]
 
 
 def quantization_summary(model: ir.Model) -> list[str]:

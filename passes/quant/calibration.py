@@ -178,7 +178,7 @@ def _run(
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             options.log_severity_level = 3
-            source = _session_source(model, fetched, Path(workdir))
+            source = session_source(model, fetched, Path(workdir))
             session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
             del source
         done: set[str] = set()
@@ -207,7 +207,7 @@ def _run(
     return {name: s for name, s in stats.items() if name not in skipped}
 
 
-def _session_source(model: ir.Model, outputs: list[str], workdir: Path) -> bytes | str:
+def session_source(model: ir.Model, outputs: list[str], workdir: Path) -> bytes | str:
     """The model with ``outputs`` as extra graph outputs: proto bytes, or a path for a large external model."""
     clone = model.clone()
     clone_values = _values_by_name(clone)

@@ -20,28 +20,24 @@ cosine is undone.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 
 from ncc.passes.quant.calib_data import CalibrationData
 
 
-def _session(model: ir.Model, outputs: list[str]):
+def _session(model: ir.Model, outputs: list[str], workdir: Path):
     import onnxruntime as ort
 
-    clone = model.clone()
-    values = {v.name: v for n in clone.graph for v in n.outputs}
-    present = {v.name for v in clone.graph.outputs}
-    for name in outputs:
-        if name in values and name not in present:
-            clone.graph.outputs.append(values[name])
-    for value in clone.graph.initializers.values():
-        if isinstance(value.const_value, ir.ExternalTensor):
-            value.const_value = ir.Tensor(np.array(value.const_value.numpy(), copy=True))
-    proto = ir.serde.serialize_model(clone).SerializeToString()
+    from ncc.passes.quant.calibration import session_source
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(session_source(model, outputs, workdir), options,
+                                   providers=["CPUExecutionProvider"])
     return session, [o.name for o in session.get_outputs()]
 
 
@@ -59,12 +55,14 @@ def samples(data: CalibrationData, count: int) -> list[dict[str, np.ndarray]]:
 
 
 def run(model: ir.Model, feeds: list[dict], outputs: list[str] = ()) -> dict[str, list[np.ndarray]]:
-    session, names = _session(model, list(outputs))
-    inputs = {i.name for i in session.get_inputs()}
-    results: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feed in feeds:
-        for name, array in zip(names, session.run(None, {k: v for k, v in feed.items() if k in inputs})):
-            results[name].append(array)
+    """Run ``model`` on ``feeds`` with ``outputs`` (node outputs of its main graph) exposed."""
+    with tempfile.TemporaryDirectory(prefix="ncc-fallback-") as workdir:
+        session, names = _session(model, list(outputs), Path(workdir))
+        inputs = {i.name for i in session.get_inputs()}
+        results: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for feed in feeds:
+            for name, array in zip(names, session.run(None, {k: v for k, v in feed.items() if k in inputs})):
+                results[name].append(array)
     return results
 
 

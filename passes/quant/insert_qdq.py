@@ -303,14 +303,17 @@ class _Quantizer:
         weight_inputs = [role.weight] if role.weight is not None else []
         if node.op_type == "MatMul":
             weight_inputs = [i for i in (0, 1) if node.inputs[i].const_value is not None]
+        weight_scales = None
         for i in weight_inputs:
             w = node.inputs[i]
             rank = len(w.const_value.shape)
             axis = plan.weight_axis(node, i, rank) if self.o.weights == "per-channel" and rank > 1 else None
-            dq, _ = self._weight_dq(w, axis, node, self._bias_floor(node, role, axis))
+            dq, scales = self._weight_dq(w, axis, node, self._bias_floor(node, role, axis))
             node.replace_input_with(i, dq)
-        if role.bias is not None and role.bias < len(node.inputs) and node.inputs[role.bias] is not None:
-            self._quantize_bias(node, role)
+            if i == role.weight:
+                weight_scales = scales
+        if weight_scales is not None and role.bias is not None and role.bias < len(node.inputs) and node.inputs[role.bias] is not None:
+            self._quantize_bias(node, role, weight_scales)
 
     def _bias_floor(self, node: ir.Node, role: plan.Role, axis: int | None) -> np.ndarray | float:
         """Smallest weight scale that keeps the int32 bias ``b / (x_scale * w_scale)`` in range.
@@ -354,15 +357,13 @@ class _Quantizer:
         self.weights[key] = (dq, scales)
         return dq, scales
 
-    def _quantize_bias(self, node: ir.Node, role: plan.Role) -> None:
+    def _quantize_bias(self, node: ir.Node, role: plan.Role, w_scales: np.ndarray) -> None:
         bias = node.inputs[role.bias]
         x = node.inputs[role.activations[0]]
         if bias.const_value is None or x.name not in self.params or len(bias.const_value.shape) != 1:
             return
         if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
             return
-        w_dq = node.inputs[role.weight]
-        w_scales = self.weights[next(k for k, v in self.weights.items() if v[0] is w_dq)][1]
         scale = (np.float32(self.params[x.name][0]) * w_scales).astype(np.float32)
         array = bias.const_value.numpy().astype(np.float32)
         if scale.size not in (1, array.size):
