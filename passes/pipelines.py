@@ -18,6 +18,9 @@ PIPELINES: dict[str, str] = {
         "toposort,fuse-activation,calibrate,insert-qdq{min-cosine=0.995},correct-bias,dce"
     ),
     "int8-dynamic": "shape-inference,fold-constants,eliminate-identity,fuse-matmul-add,cse,dce,quantize-dynamic,dce,toposort",
+    # weight-only: the quantizer (woq-rtn, or woq-gptq / woq-awq with --algo) then packing for the target
+    "w4": "woq-rtn,pack-int4",
+    "w8": "woq-rtn{bits=8},pack-int4",
 }
 
 

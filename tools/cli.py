@@ -87,6 +87,15 @@ def _quant_options(fn):
         click.option("--target", metavar="NAME", help="Target profile: host (default), x86-vnni, x86-avx2."),
         click.option("--min-cosine", type=float, metavar="C",
                      help="Keep the most sensitive nodes in float until outputs reach cosine C on calibration data."),
+        click.option("--algo", type=click.Choice(["rtn", "gptq", "awq"]),
+                     help="Weight-only algorithm (w4/w8): rtn (default), gptq or awq (both need --calib)."),
+        click.option("--bits", type=click.Choice(["4", "8"]), help="Weight-only bits (w4: 4, w8: 8)."),
+        click.option("--group-size", type=int, metavar="G",
+                     help="Weight-only: input channels per scale (default 128; 0 = per output channel)."),
+        click.option("--partial-groups", is_flag=True, default=None,
+                     help="Weight-only: allow a shorter last group when G does not divide a layer's K."),
+        click.option("--accuracy-level", type=click.IntRange(0, 4), metavar="0-4",
+                     help="MatMulNBits compute type (4: int8 activations, fastest on CPU)."),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -107,6 +116,10 @@ _FLAG_OPTIONS = {
     "exclude": lambda v: [("exclude", tuple(v))],
     "target": lambda v: [("target", v)],
     "min_cosine": lambda v: [("min_cosine", repr(v))],
+    "bits": lambda v: [("bits", v)],
+    "group_size": lambda v: [("group_size", str(v))],
+    "partial_groups": lambda v: [("partial_groups", "true")],
+    "accuracy_level": lambda v: [("accuracy_level", str(v))],
 }
 
 
@@ -126,6 +139,39 @@ def _apply_flags(passes, opts: dict):
     return with_options(passes, updates) if updates else passes
 
 
+def _choose_algo(passes, algo: str | None):
+    """``--algo X``: the pipeline's weight-only quantizer becomes ``woq-X``, keeping the options they share."""
+    if not algo:
+        return passes
+    from ncc.passes.registry import get_pass
+    from ncc.passes.spec import format_pipeline
+
+    if not any(p.name.startswith("woq-") for p in passes):
+        raise NccError(f"--algo applies to weight-only pipelines (w4, w8), not {format_pipeline(passes)}.")
+    cls = get_pass(f"woq-{algo}")
+    shared = {f.name for f in cls.options()}
+    out = []
+    for p in passes:
+        if p.name.startswith("woq-"):
+            p = cls(**{f.name: getattr(p, f.name) for f in p.options() if f.name in shared})
+        out.append(p)
+    return out
+
+
+def _apply_format(passes, fmt: str | None):
+    """``--format`` for weight-only pipelines is pack-int4's ``format``; matmulnbits means nothing elsewhere."""
+    from ncc.passes.spec import format_pipeline, with_options
+
+    packs = any(p.name == "pack-int4" for p in passes)
+    if not packs:
+        if fmt == "matmulnbits":
+            raise NccError(f"--format matmulnbits is for weight-only pipelines (w4, w8), not {format_pipeline(passes)}.")
+        return passes
+    if fmt in (None, "matmulnbits", "qdq"):
+        return with_options(passes, {"format": fmt}) if fmt else passes
+    raise NccError(f"--format {fmt} does not apply to weight-only pipelines; use matmulnbits or qdq.")
+
+
 def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None, ctx=None):
     from ncc.passes import registry
     from ncc.passes.manager import Instruments, PassManager
@@ -139,10 +185,10 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
     spec = opts["spec"] or opts["pass_name"] or default
     if spec is None:
         return None
-    passes = _apply_flags(parse_pipeline(spec), opts)
+    passes = _apply_format(_apply_flags(_choose_algo(parse_pipeline(spec), opts.get("algo")), opts), opts.get("fmt"))
     ctx = ctx or PassContext(source=source)
     if opts.get("calib"):
-        if not any(p.name == "calibrate" for p in passes):
+        if not any(getattr(p, "uses_calibration", False) for p in passes):
             raise NccError(f"--calib given, but the pipeline {format_pipeline(passes)} does not calibrate.")
         from ncc.passes.quant.calib_data import load_calibration_data
 
@@ -167,15 +213,18 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
 @click.argument("input", type=_IN)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx or .ncc file.")
 @click.option("--external-data", metavar="NAME", help="Write weights to NAME beside the output .onnx.")
-@click.option("--format", "fmt", type=click.Choice(["qdq", "qoperator", "integerops"]), default="qdq",
-              show_default=True, help="ONNX form of a quantized model.")
+@click.option("--format", "fmt", type=click.Choice(["qdq", "qoperator", "integerops", "matmulnbits"]),
+              help="ONNX form of a quantized model: qdq (default for int8), qoperator, integerops; weight-only: "
+                   "matmulnbits (default) or qdq (blocked DequantizeLinear).")
+@click.option("--layer-report", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE.tsv",
+              help="Weight-only: write the per-layer table (error, bits, group, bytes) to FILE.tsv.")
 @click.option("--no-check", is_flag=True, help="Do not load the result in onnxruntime to see what runs in integer.")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Where calibration statistics are cached (default $NCC_CACHE or ~/.cache/ncc).")
 @_quant_options
 @_pipeline_options
-def compile(input: Path, output: Path, external_data: str | None, fmt: str, no_check: bool, cache_dir: Path | None,
-            **opts) -> None:
+def compile(input: Path, output: Path, external_data: str | None, fmt: str | None, layer_report: Path | None,
+            no_check: bool, cache_dir: Path | None, **opts) -> None:
     """Compile INPUT (.onnx or .ncc) through a pipeline into OUTPUT (.onnx or .ncc)."""
     import os
 
@@ -189,10 +238,21 @@ def compile(input: Path, output: Path, external_data: str | None, fmt: str, no_c
     cache = cache_dir or Path(os.environ.get("NCC_CACHE", Path.home() / ".cache" / "ncc"))
     ctx = PassContext(source=str(input), cache_dir=str(cache))
     ctx.data["progress"] = sys.stderr.isatty()
-    run = _run_pipeline(model, opts, source=str(input), default=None, ctx=ctx)
+    if layer_report is not None:
+        from ncc.files import check_writable
+
+        check_writable(layer_report)
+    run = _run_pipeline(model, {**opts, "fmt": fmt}, source=str(input), default=None, ctx=ctx)
     quantization = quantization_summary(model)
     legal = _legalize(model, fmt, opts.get("target"))
+    layers = ctx.data.get("woq_layers")
+    if layer_report is not None and not layers:
+        raise NccError("--layer-report needs a weight-only pipeline (w4, w8, woq-*).")
     written = save_model(model, output, external_data=external_data)
+    if layer_report is not None:
+        from ncc.tools.report import write_layer_report
+
+        write_layer_report(layer_report, layers)
     check = None
     if not no_check and output.suffix == ".onnx" and any("ncc.quant" in n.metadata_props for n in model.graph):
         from ncc.backends.onnx.check import check_on_onnxruntime
@@ -207,9 +267,10 @@ def compile(input: Path, output: Path, external_data: str | None, fmt: str, no_c
     click.echo(f"ncc: wrote {', '.join(map(str, written))}", err=True)
 
 
-def _legalize(model, fmt: str, target: str | None) -> list[str]:
+def _legalize(model, fmt: str | None, target: str | None) -> list[str]:
     """Bring a QDQ model into the requested ONNX form; returns report lines."""
     ops = {n.op_type for n in model.graph}
+    fmt = fmt or "qdq"
     if fmt == "qoperator":
         if "QuantizeLinear" not in ops:
             raise NccError("--format qoperator needs a statically quantized model (--pass int8).")
@@ -229,7 +290,7 @@ def _legalize(model, fmt: str, target: str | None) -> list[str]:
 @_pipeline_options
 def opt(input: Path, output: Path | None, full: bool, **opts) -> None:
     """Run passes on an .ncc (or .onnx) file and print the resulting IR text."""
-    from ncc.tools.modelio import check_distinct, load_model, save_model
+    from ncc.tools.modelio import check_distinct, load_model
 
     if output is not None:
         check_distinct(input, output)

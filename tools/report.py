@@ -58,6 +58,7 @@ def format_report(*, spec: str, quantization: list[str], run, ctx, size_before: 
         how = calibration.method + (f" (p={calibration.percentile})" if calibration.method == "percentile" else "")
         lines.append(f"calibration: {how} on {data.spec if data else '?'}")
     lines += quantization
+    lines += [note for r in run.records if r.name.startswith("woq-") or r.name == "pack-int4" for note in r.notes]
     ratio = size_before / size_after if size_after else float("nan")
     lines.append(f"size: {size_before / 1e6:.2f} MB -> {size_after / 1e6:.2f} MB ({ratio:.2f}x smaller)")
     slowest = sorted(run.records, key=lambda r: -r.seconds)[:5]
@@ -65,3 +66,13 @@ def format_report(*, spec: str, quantization: list[str], run, ctx, size_before: 
     if check is not None:
         lines += check.summary().splitlines()
     return "\n".join("ncc: " + line for line in lines)
+
+
+def write_layer_report(path: Path, layers) -> None:
+    """The weight-only per-layer table as tab-separated text (header first), written atomically."""
+    from ncc.files import atomic_outputs
+
+    columns = layers[0].COLUMNS
+    text = "\t".join(columns) + "\n" + "".join("\t".join(layer.row()) + "\n" for layer in layers)
+    with atomic_outputs(path) as (tmp,):
+        Path(tmp).write_text(text)

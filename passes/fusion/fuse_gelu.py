@@ -43,6 +43,7 @@ import onnx_ir as ir
 
 from ncc.passes.base import Pass, PassContext, PassResult
 from ncc.passes.cleanup.fold_constants import constant_tensor
+from ncc.passes.opset import default_opset  # noqa: F401 - re-exported for the fusion passes
 from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
 
 ONNX_DOMAINS = ("", "ai.onnx")
@@ -158,10 +159,6 @@ def replace_root(rewriter: Rewriter, root: ir.Node, new_node: ir.Node, nodes: li
     if not public:
         y.name = None
         out.name = name
-
-
-def default_opset(model: ir.Model) -> int:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
 def ensure_opset(model: ir.Model, domain: str, version: int = 1) -> None:

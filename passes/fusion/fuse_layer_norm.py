@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from ncc.passes.base import Pass, PassContext, PassResult, option
@@ -56,40 +55,10 @@ from ncc.passes.fusion.fuse_gelu import (
     replace_root,
     scalar_constant,
 )
+from ncc.passes.opset import upgrade_blockers
 from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
 
 LAYER_NORM_OPSET = 17
-
-#: Standard ops whose schema changed between opsets 13 and 17 only by new types or by
-#: new attributes/inputs whose default keeps the old meaning.
-_SAME_AT_17 = frozenset({
-    "Add", "Sub", "Mul", "Div", "Pow", "Relu", "Identity", "CumSum", "Where", "LeakyRelu", "PRelu",
-    "GreaterOrEqual", "LessOrEqual", "If", "Loop", "Scan",
-    "Reshape",  # 14: allowzero, default 0
-    "Shape",  # 15: start/end, defaults cover the whole shape
-    "BatchNormalization",  # 14: training_mode, default 0
-    "GRU", "LSTM", "RNN",  # 14: layout, default 0
-    "ScatterElements", "ScatterND",  # 16: reduction, default "none"
-})
-
-
-def upgrade_blockers(model: ir.Model, target: int = LAYER_NORM_OPSET) -> list[str]:
-    """Standard op types in ``model`` whose meaning may change when its default opset is raised to ``target``."""
-    current = default_opset(model)
-    blockers: set[str] = set()
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.domain not in ONNX_DOMAINS or node.op_type in _SAME_AT_17 or node.op_type in blockers:
-            continue
-        try:
-            old = onnx.defs.get_schema(node.op_type, current, "").since_version
-            new = onnx.defs.get_schema(node.op_type, target, "").since_version
-        except onnx.defs.SchemaError:
-            blockers.add(node.op_type)
-            continue
-        if old != new:
-            blockers.add(node.op_type)
-    return sorted(blockers)
-
 
 def _reduce_axes(node: ir.Node) -> list[int] | None:
     """The constant axes of a ReduceMean (attribute or input), or None when not known."""
@@ -209,7 +178,7 @@ class _LayerNormPattern(Pattern):
                     f"LayerNormalization needs opset {LAYER_NORM_OPSET}, the model imports "
                     f"{default_opset(model)} (upgrade-opset=false)"
                 )
-            blockers = upgrade_blockers(model)
+            blockers = upgrade_blockers(model, LAYER_NORM_OPSET)
             if blockers:
                 return MatchResult.fail(
                     f"LayerNormalization needs opset {LAYER_NORM_OPSET}, and the model's opset "

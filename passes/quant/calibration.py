@@ -38,7 +38,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -162,8 +162,6 @@ def _run(
     batch_size: int,
     progress: bool,
 ) -> dict[str, TensorStats]:
-    import onnxruntime as ort
-
     stats = {name: TensorStats() for name in names}
     feed_names = {v.name for v in model.graph.inputs if not v.is_initializer()}
     constants = [n for n in names if n not in feed_names and by_name[n].producer() is None]
@@ -171,24 +169,43 @@ def _run(
         stats[name].update(by_name[name].const_value.numpy())
     fetched = [n for n in names if n not in feed_names and n not in constants]
     from_feeds = [n for n in names if n in feed_names]
+    done: set[str] = set()
+    for batch, outputs in iterate_outputs(model, fetched, data, batch_size=batch_size, progress=progress):
+        for name in from_feeds:
+            stats[name].update(batch[name])
+        for name, array in outputs.items():
+            if isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.floating):
+                stats[name].update(array)
+                done.add(name)
+    skipped = set(fetched) - done
+    return {name: s for name, s in stats.items() if name not in skipped}
+
+
+def iterate_outputs(model: ir.Model, names: list[str], data: CalibrationData, *, batch_size: int = 8,
+                    progress: bool = True) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Run ``model`` in onnxruntime on ``data``; yield ``(feeds, {name: array})`` per batch for the values ``names``.
+
+    One session (CPU, graph optimizations off so intermediate names survive)
+    for the whole run; an onnxruntime failure on a batch is a user error naming
+    the batch. With no ``names`` the model is not run and the outputs are empty.
+    """
+    import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="ncc-calib-") as workdir:
         session = None
-        if fetched:
+        if names:
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             options.log_severity_level = 3
-            source = session_source(model, fetched, Path(workdir))
+            source = session_source(model, names, Path(workdir))
             session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
             del source
-        done: set[str] = set()
         with _progress_bar(progress, data.num_samples) as advance:
             for index, batch in enumerate(data.batches(batch_size)):
-                for name in from_feeds:
-                    stats[name].update(batch[name])
+                outputs: dict[str, np.ndarray] = {}
                 if session is not None:
                     try:
-                        outputs = session.run(fetched, batch)
+                        outputs = dict(zip(names, session.run(names, batch)))
                     except Exception as err:  # noqa: BLE001
                         if not type(err).__module__.startswith("onnxruntime"):
                             raise
@@ -197,14 +214,9 @@ def _run(
                         raise NccError(
                             f"onnxruntime failed on calibration batch {index} of {data.spec}: {detail}."
                         ) from None
-                    for name, array in zip(fetched, outputs):
-                        if isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.floating):
-                            stats[name].update(array)
-                            done.add(name)
-                    del outputs
+                yield batch, outputs
+                del outputs
                 advance(next(iter(batch.values())).shape[0])
-    skipped = set(fetched) - done
-    return {name: s for name, s in stats.items() if name not in skipped}
 
 
 def session_source(model: ir.Model, outputs: list[str], workdir: Path) -> bytes | str:

@@ -1,0 +1,179 @@
+"""``pack-int4``: weight-only quantized MatMuls into onnxruntime's MatMulNBits (or left as standard blocked DQ).
+
+Input: the form the ``woq-*`` passes produce (see :mod:`ncc.passes.woq`),
+``MatMul(A, DequantizeLinear(@codes [K, N], @scale [G, N], @zero_point?) {axis=0, block_size=g})``.
+With ``format=matmulnbits`` each such MatMul becomes::
+
+    com.microsoft::MatMulNBits(A, B, scales, zero_points?) {K, N, bits, block_size, accuracy_level}
+
+- ``B`` is uint8 ``[N, k_blocks, block_size * bits / 8]``: row ``n`` holds
+  column ``n`` of the codes, block by block along ``K``, two 4-bit codes per
+  byte with the lower ``k`` in the low nibble. Codes are unsigned: symmetric
+  signed codes ``c`` are stored as ``c + 2^(bits-1)``, which is MatMulNBits'
+  default zero point when none is given, so ``(u - 8) * s = c * s``.
+- ``scales`` is ``[N, k_blocks]``; asymmetric zero points are uint8
+  ``[N, ceil(k_blocks * bits / 8)]``, packed like ``B`` for 4 bits.
+- MatMulNBits needs ``block_size`` a power of two of at least 16. A per-channel
+  weight (one block of ``K``) gets the next power of two at least ``K``, the
+  rest of the block padded with the zero point (dequantizes to 0). When ``K``
+  is not a multiple of ``block_size`` the last block is padded the same way.
+
+With ``format=qdq`` nothing changes: blocked DequantizeLinear + MatMul is
+already standard ONNX (opset 21), and onnxruntime fuses it into MatMulNBits
+itself when it can. Packed weights of a model whose weights were spilled are
+spilled too, one at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from ncc.errors import NccError
+from ncc.ir.spill import SpillFile, pack_4bit
+from ncc.passes.base import Pass, PassContext, PassResult, option
+from ncc.passes.fusion.fuse_gelu import MS_DOMAIN, ensure_opset, replace_root
+from ncc.passes.rewrite import Rewriter
+
+_CODES = {ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False),
+          ir.DataType.INT8: (8, True), ir.DataType.UINT8: (8, False)}
+_ONNX = ("", "ai.onnx")
+
+
+@dataclass
+class _Site:
+    matmul: ir.Node
+    dq: ir.Node
+    codes: ir.Value
+    scale: ir.Value
+    zero_point: ir.Value | None
+    block: int
+
+
+def _sites(graph: ir.Graph) -> list[_Site]:
+    sites = []
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in _ONNX or len(node.inputs) != 2 or node.inputs[1] is None:
+            continue
+        dq = node.inputs[1].producer()
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in _ONNX:
+            continue
+        block = dq.attributes.get_int("block_size", 0)
+        codes, scale = dq.inputs[0], dq.inputs[1]
+        zero = dq.inputs[2] if len(dq.inputs) > 2 else None
+        if (not block or dq.attributes.get_int("axis", 1) != 0 or codes.const_value is None
+                or scale.const_value is None or (zero is not None and zero.const_value is None)
+                or codes.const_value.dtype not in _CODES or len(codes.const_value.shape) != 2):
+            continue
+        sites.append(_Site(node, dq, codes, scale, zero, block))
+    return sites
+
+
+def _block_for(block: int, k: int, layer: str) -> int:
+    if block >= 16 and block & (block - 1) == 0:
+        return block
+    if block >= k:  # one block per column: any power of two covering K
+        return max(16, 1 << (k - 1).bit_length())
+    raise NccError(
+        f"MatMulNBits needs a block size that is a power of two of at least 16, and {layer} has group size "
+        f"{block}; use a power-of-two group size or --format qdq.")
+
+
+@dataclass(frozen=True)
+class PackInt4(Pass):
+    """Lay weight-only quantized MatMuls out for the target: MatMulNBits (onnxruntime CPU) or blocked DequantizeLinear."""
+
+    name: ClassVar[str] = "pack-int4"
+    format: Literal["matmulnbits", "qdq"] = option(
+        "matmulnbits", "matmulnbits: com.microsoft::MatMulNBits; qdq: keep standard blocked DequantizeLinear + MatMul")
+    accuracy_level: int = option(
+        0, "MatMulNBits compute type: 0 unset (float), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations per block")
+
+    def requires(self, model: ir.Model) -> None:
+        if not 0 <= self.accuracy_level <= 4:
+            raise NccError(f"pack-int4: accuracy-level must be 0..4, not {self.accuracy_level}.")
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        sites = _sites(model.graph)
+        if not sites:
+            raise NccError("pack-int4 found no weight-only quantized MatMuls; run woq-rtn, woq-gptq or woq-awq first.")
+        if self.format == "qdq":
+            return PassResult(modified=False, stats={"MatMuls kept as DequantizeLinear + MatMul": len(sites)},
+                              notes=[f"format qdq: {len(sites)} MatMuls keep blocked DequantizeLinear (opset 21)"])
+        rewriter = Rewriter(model, model.graph)
+        spill = SpillFile("pack") if any(isinstance(s.codes.const_value, ir.ExternalTensor) for s in sites) else None
+        ensure_opset(model, MS_DOMAIN)
+        packed_bytes = 0
+        for site in sites:
+            packed_bytes += self._pack(rewriter, site, spill)
+        return PassResult(modified=True, stats={"MatMulNBits": len(sites), "packed bytes": packed_bytes},
+                          notes=[f"packed {len(sites)} MatMuls as MatMulNBits"
+                                 + (f" (accuracy_level {self.accuracy_level})" if self.accuracy_level else "")])
+
+    def _pack(self, rewriter: Rewriter, site: _Site, spill: SpillFile | None) -> int:
+        graph = rewriter.graph
+        matmul = site.matmul
+        bits, signed = _CODES[site.codes.const_value.dtype]
+        codes_tensor = site.codes.const_value
+        k, n = (int(d) for d in codes_tensor.shape)
+        block = _block_for(site.block, k, matmul.name or site.codes.name)
+        k_blocks = -(-k // block)
+        offset = 1 << (bits - 1)
+        codes = np.asarray(codes_tensor.numpy()).astype(np.int16).T  # [N, K]
+        if isinstance(codes_tensor, ir.ExternalTensor):
+            codes_tensor.release()
+        if signed:
+            codes = codes + offset
+        zero = None
+        if site.zero_point is not None:
+            zero = np.asarray(site.zero_point.const_value.numpy()).astype(np.uint8).T  # [N, G]
+        scale = np.asarray(site.scale.const_value.numpy()).T  # [N, G]
+        if scale.shape[1] != k_blocks:  # per-channel weight in a wider block
+            scale = scale[:, :k_blocks]
+            zero = None if zero is None else zero[:, :k_blocks]
+        pad = k_blocks * block - k
+        if pad:
+            fill = np.repeat(zero[:, -1:], pad, axis=1) if zero is not None else np.full((n, pad), offset)
+            codes = np.concatenate([codes, fill.astype(np.int16)], axis=1)
+        codes = codes.astype(np.uint8).reshape(n, k_blocks, block)
+        b = pack_4bit(codes).reshape(n, k_blocks, block // 2) if bits == 4 else codes
+        inputs_np = [("B", b, ir.DataType.UINT8), ("scales", np.ascontiguousarray(scale), site.scale.const_value.dtype)]
+        if zero is not None:
+            zp = pack_4bit(_pad_even(zero)).reshape(n, -1) if bits == 4 else np.ascontiguousarray(zero)
+            inputs_np.append(("zero_points", zp, ir.DataType.UINT8))
+        del codes
+        base = site.codes.name.removesuffix("_q")
+        values, written = [], 0
+        for suffix, array, dtype in inputs_np:
+            name = rewriter.fresh_name(f"{base}_{suffix}")
+            tensor = spill.put(array, dtype, name) if spill is not None else ir.Tensor(array, name=name)
+            written += tensor.nbytes
+            value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype), const_value=tensor)
+            graph.register_initializer(value)
+            values.append(value)
+        if zero is None:
+            values = values[:2]
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
+        if self.accuracy_level:
+            attrs["accuracy_level"] = self.accuracy_level
+        rewriter.set_insertion_point(matmul)
+        new = rewriter.create("MatMulNBits", [matmul.inputs[0], *values], attrs, domain=MS_DOMAIN,
+                              name=matmul.name, absorbed=[matmul, site.dq])
+        for key, value in matmul.metadata_props.items():
+            if key.startswith("ncc.quant") or key.startswith("ncc.woq"):
+                new.metadata_props[key] = value
+        dq_out = site.dq.outputs[0]
+        nodes = [matmul] + ([site.dq] if len(dq_out.uses()) == 1 else [])
+        replace_root(rewriter, matmul, new, nodes)
+        for value in (site.codes, site.scale, site.zero_point):
+            if value is not None and not value.uses() and value.is_initializer():
+                graph.initializers.pop(value.name)
+        return written
+
+
+def _pad_even(zero: np.ndarray) -> np.ndarray:
+    """Zero points ``[N, G]`` padded to an even ``G`` per row, so rows pack into whole bytes."""
+    return np.pad(zero, [(0, 0), (0, zero.shape[1] % 2)])

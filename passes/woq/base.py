@@ -1,0 +1,216 @@
+"""The shared skeleton of the ``woq-*`` passes.
+
+``run`` finds the weight MatMuls, checks group sizes, raises the opset to 21
+(blocked DequantizeLinear), then walks the weights in graph order, grouped by
+the activation they multiply (Q/K/V share one). Calibrated algorithms get the
+statistics of each group's activation from :mod:`ncc.passes.woq.activations`,
+collected chunk by chunk on the model as quantized so far. Each weight is read,
+quantized, written (spilled when it came from external data) and dropped
+before the next is read.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from ncc.errors import NccError
+from ncc.ir.spill import SpillFile
+from ncc.passes.base import Pass, PassContext, PassResult, option
+from ncc.passes.opset import raise_opset
+from ncc.passes.rewrite import Rewriter
+from ncc.passes.woq.activations import InputStats, accumulator_bytes, collect
+from ncc.passes.woq.kernels import GroupSpec, QuantizedWeight
+from ncc.passes.woq.weights import WeightUse, check_group_sizes, weight_matmuls, write_quantized
+
+BLOCKED_DQ_OPSET = 21
+LAYERS_KEY = "woq_layers"
+
+
+@dataclass
+class LayerReport:
+    """One row of the per-layer table (``--layer-report``)."""
+
+    layer: str
+    weight: str
+    k: int
+    n: int
+    label: str
+    algo: str
+    weight_error: float
+    output_error: float | None
+    bytes_before: int
+    bytes_after: int
+
+    COLUMNS: ClassVar[tuple[str, ...]] = ("layer", "weight", "k", "n", "label", "algo", "weight_error",
+                                          "output_error", "bytes_before", "bytes_after")
+
+    def row(self) -> list[str]:
+        out = self.output_error
+        return [self.layer, self.weight, str(self.k), str(self.n), self.label, self.algo, f"{self.weight_error:.6g}",
+                "" if out is None else f"{out:.6g}", str(self.bytes_before), str(self.bytes_after)]
+
+
+@dataclass(frozen=True)
+class WeightOnlyPass(Pass):
+    """Base of woq-rtn, woq-gptq and woq-awq (not registered itself)."""
+
+    algo: ClassVar[str] = ""
+    #: Needs ``ctx.data["calibration_data"]`` (the CLI's ``--calib``).
+    uses_calibration: ClassVar[bool] = False
+
+    bits: int = option(4, "bits per weight: 4 or 8")
+    group_size: int = option(128, "input channels sharing one scale along K (0: one scale per output channel)")
+    scheme: Literal["asym", "sym"] = option(
+        "asym", "asym: unsigned codes and an integer zero point per group; sym: signed codes, no zero point")
+    partial_groups: bool = option(False, "allow a shorter last group when group-size does not divide K")
+    include: tuple[str, ...] = option((), "only MatMuls whose node or weight name matches one of these regexes")
+    exclude: tuple[str, ...] = option((), "keep MatMuls whose node or weight name matches one of these in float")
+
+    # -- what subclasses provide -------------------------------------------------------------------
+    def quantize_group(self, rewriter: Rewriter, group: list[WeightUse], stats: InputStats | None,
+                       spec: GroupSpec) -> Iterator[tuple[WeightUse, np.ndarray, QuantizedWeight, np.ndarray | None]]:
+        """Yield ``(use, Wt, quantized, input_scale)`` per weight of ``group``; ``Wt = W^T`` as read.
+
+        ``input_scale`` (AWQ) is the per-K factor the weight was multiplied by
+        before quantization (the activation is divided by it in the graph).
+        """
+        raise NotImplementedError
+
+    def statistics_needed(self) -> tuple[bool, int]:
+        """``(hessian, sample_rows)`` wanted from calibration; ``(False, 0)`` for none."""
+        return False, 0
+
+    def calibration(self) -> tuple[int, int, int]:
+        """``(samples, batch_size, memory budget in MB)`` for calibrated subclasses."""
+        return 0, 4, 512
+
+    # -- the contract ------------------------------------------------------------------------------
+    def requires(self, model: ir.Model) -> None:
+        if self.bits not in (4, 8):
+            raise NccError(f"{self.name}: bits must be 4 or 8, not {self.bits}.")
+        if self.group_size < 0 or (self.group_size and self.group_size < 2):
+            raise NccError(f"{self.name}: group-size must be 0 (per channel) or at least 2, not {self.group_size}.")
+        for pattern in (*self.include, *self.exclude):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise NccError(f"{self.name}: {pattern!r} is not a regular expression ({err}).") from None
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        spec = GroupSpec(self.bits, self.group_size, self.scheme == "sym")
+        graph = model.graph
+        uses = weight_matmuls(graph, self.include, self.exclude)
+        if not uses:
+            what = " matching the include/exclude filters" if self.include or self.exclude else ""
+            raise NccError(f"no weight MatMuls{what} to quantize: {self.name} needs MatMuls whose second input is "
+                           "a constant float [K, N] weight.")
+        check_group_sizes(uses, spec, self.partial_groups)
+        data = None
+        if self.uses_calibration:
+            data = ctx.data.get("calibration_data")
+            if data is None:
+                raise NccError(f"pass '{self.name}' needs calibration data; give it with --calib DATA.")
+            samples = self.calibration()[0]
+            if samples:
+                data.max_samples = samples
+        blockers = raise_opset(model, BLOCKED_DQ_OPSET)
+        if blockers:
+            raise NccError(
+                f"weight-only quantization writes blocked DequantizeLinear (opset {BLOCKED_DQ_OPSET}), and this "
+                f"model's opset cannot be raised safely because of {', '.join(blockers)}.")
+        external = any(isinstance(u.weight.const_value, ir.ExternalTensor) for u in uses)
+        spill = SpillFile("woq") if external else None
+        rewriter = Rewriter(model, graph)
+        layers: list[LayerReport] = []
+        calib_seconds = 0.0
+        for chunk in self._chunks(uses):
+            stats: dict[str, InputStats] = {}
+            if data is not None:
+                hessian, sample_rows = self.statistics_needed()
+                _, batch_size, _ = self.calibration()
+                start = time.perf_counter()
+                stats = collect(model, {name: group[0].k for name, group in chunk}, data, hessian=hessian,
+                                sample_rows=sample_rows, batch_size=batch_size,
+                                progress=ctx.data.get("progress", False))
+                calib_seconds += time.perf_counter() - start
+            for name, group in chunk:
+                st = stats.get(name)
+                for use, wt, qw, s in self.quantize_group(rewriter, group, st, spec):
+                    layers.append(self._write(rewriter, use, wt, qw, s, st, spill))
+                    del wt, qw
+        ctx.data.setdefault(LAYERS_KEY, []).extend(layers)
+        return PassResult(modified=True, stats=self._stats(layers), notes=self._notes(layers, spec, calib_seconds))
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _chunks(self, uses: list[WeightUse]) -> list[list[tuple[str, list[WeightUse]]]]:
+        """Weights grouped by their activation, in graph order; calibrated passes split them by memory budget."""
+        groups: dict[str, list[WeightUse]] = {}
+        for use in uses:
+            groups.setdefault(use.matmuls[0].inputs[0].name, []).append(use)
+        items = list(groups.items())
+        if not self.uses_calibration:
+            return [items]
+        hessian, sample_rows = self.statistics_needed()
+        budget = self.calibration()[2] << 20
+        chunks: list[list[tuple[str, list[WeightUse]]]] = [[]]
+        used = 0
+        for name, group in items:
+            need = accumulator_bytes(group[0].k, hessian=hessian, sample_rows=sample_rows)
+            if chunks[-1] and used + need > budget:
+                chunks.append([])
+                used = 0
+            chunks[-1].append((name, group))
+            used += need
+        return chunks
+
+    def _write(self, rewriter: Rewriter, use: WeightUse, wt: np.ndarray, qw: QuantizedWeight,
+               input_scale: np.ndarray | None, stats: InputStats | None, spill: SpillFile | None) -> LayerReport:
+        dq = qw.dequantize()
+        if input_scale is not None:
+            dq /= input_scale[None, :]
+        diff = wt - dq
+        weight_error = float(np.linalg.norm(diff) / max(np.linalg.norm(wt), 1e-30))
+        output_error = None
+        if stats is not None and stats.hessian is not None:
+            num = float(np.sum((diff.astype(np.float64) @ stats.hessian) * diff))
+            den = float(np.sum((wt.astype(np.float64) @ stats.hessian) * wt))
+            output_error = float(np.sqrt(max(num, 0.0) / max(den, 1e-30)))
+        elif stats is not None and stats.sample:
+            x = stats.rows_sample()
+            output_error = float(np.linalg.norm(x @ diff.T) / max(np.linalg.norm(x @ wt.T), 1e-30))
+        del dq, diff
+        before = int(wt.size * use.weight.const_value.dtype.itemsize)
+        layer = use.layer
+        written = write_quantized(rewriter, use, qw, algo=self.algo,
+                                  error=output_error if output_error is not None else weight_error, spill=spill)
+        return LayerReport(layer, use.weight.name, use.k, use.n, qw.spec.label(), self.algo, weight_error,
+                           output_error, before, written)
+
+    @staticmethod
+    def _stats(layers: list[LayerReport]) -> dict[str, int]:
+        return {"weights quantized": len(layers), "MatMuls quantized": len(layers),
+                "bytes before": sum(r.bytes_before for r in layers), "bytes after": sum(r.bytes_after for r in layers)}
+
+    def _notes(self, layers: list[LayerReport], spec: GroupSpec, calib_seconds: float) -> list[str]:
+        before = sum(r.bytes_before for r in layers)
+        after = sum(r.bytes_after for r in layers)
+        kind = "output" if all(r.output_error is not None for r in layers) else "weight"
+        errors = [(r.output_error if kind == "output" else r.weight_error, r.layer) for r in layers]
+        mean = float(np.mean([e for e, _ in errors]))
+        worst = sorted(errors, key=lambda t: -t[0])[:3]
+        notes = [
+            f"weight-only ({self.algo}, {spec.label()}): {len(layers)} weights; weight MatMul bytes "
+            f"{before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({before / max(after, 1):.2f}x smaller)",
+            f"relative {kind} error per layer: mean {mean:.4f}; worst "
+            + ", ".join(f"{name} {e:.4f}" for e, name in worst),
+        ]
+        if calib_seconds:
+            notes.append(f"calibration runs: {calib_seconds:.1f} s")
+        return notes

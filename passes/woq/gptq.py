@@ -1,0 +1,40 @@
+"""``woq-gptq``: GPTQ weight-only quantization, calibrated layer by layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ncc.passes.base import option
+from ncc.passes.woq.base import WeightOnlyPass
+from ncc.passes.woq.kernels import gptq
+from ncc.passes.woq.weights import read_weight_t
+
+
+@dataclass(frozen=True)
+class WoqGptq(WeightOnlyPass):
+    """Weight-only quantization by GPTQ: rounding errors compensated through each layer's input Hessian (needs --calib)."""
+
+    name: ClassVar[str] = "woq-gptq"
+    algo: ClassVar[str] = "gptq"
+    uses_calibration: ClassVar[bool] = True
+
+    damp: float = option(0.01, "fraction of the mean Hessian diagonal added to it")
+    block: int = option(128, "columns updated together (lazy batch updates)")
+    act_order: bool = option(False, "quantize columns by decreasing Hessian diagonal (group parameters from the "
+                                    "original weights)")
+    samples: int = option(0, "use at most this many calibration samples (0: all)")
+    batch_size: int = option(4, "samples per onnxruntime run")
+    calib_memory_mb: int = option(512, "memory for Hessians per calibration run; more layers per run when larger")
+
+    def statistics_needed(self):
+        return True, 0
+
+    def calibration(self):
+        return self.samples, self.batch_size, self.calib_memory_mb
+
+    def quantize_group(self, rewriter, group, stats, spec):
+        for use in group:
+            wt = read_weight_t(use)
+            yield use, wt, gptq(wt, stats.hessian, spec, damp=self.damp, block=self.block,
+                                act_order=self.act_order), None

@@ -1,0 +1,282 @@
+"""Weight-only quantization arithmetic in numpy: RTN, GPTQ, AWQ's scale and clip searches.
+
+Layout: a MatMul weight ``W`` of shape ``[K, N]`` (``Y = X @ W``) is handled here
+transposed, as ``Wt = W.T`` of shape ``[N, K]``: one row per output column,
+quantized in groups of ``g`` consecutive input channels along ``K``. That is
+MatMulNBits' layout; ``DequantizeLinear`` sees the transpose (``axis=0``,
+``block_size=g``).
+
+Codes and dequantization, per row ``n`` and group ``j``::
+
+    asymmetric (unsigned codes, integer zero point):
+        lo = min(0, min W[n, j])   hi = max(0, max W[n, j])
+        s = (hi - lo) / (2^b - 1)  z = clip(round(-lo / s), 0, 2^b - 1)
+        q = clip(round(w / s) + z, 0, 2^b - 1)          w^ = (q - z) * s
+    symmetric (signed codes, no zero point):
+        m = the value of largest magnitude in the group (with its sign)
+        s = m / -2^(b-1)                                 (m lands on -2^(b-1))
+        q = clip(round(w / s), -2^(b-1), 2^(b-1) - 1)   w^ = q * s
+
+A group of zeros gets scale 1 (any scale reproduces it). ``group_size = 0``
+means one group over all of ``K`` (per output channel). When ``g`` does not
+divide ``K`` the last group is shorter: arithmetically the row is padded with
+zeros to ``ceil(K / g) * g``, which changes no group's range (both schemes keep
+0 representable) and quantizes exactly to zero, as MatMulNBits pads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Rows of ``Wt`` processed at once, so temporaries stay near 16 MB whatever the weight.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Bits, group size along K (0 = per output channel) and symmetry."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
+
+    def group(self, k: int) -> int:
+        return self.group_size or k
+
+    def groups(self, k: int) -> int:
+        g = self.group(k)
+        return -(-k // g)
+
+    def label(self) -> str:
+        g = f"g{self.group_size}" if self.group_size else "per-channel"
+        return f"w{self.bits}{g}{'-sym' if self.symmetric else ''}"
+
+
+@dataclass
+class QuantizedWeight:
+    """``codes [N, K]`` (int8 holding signed or unsigned codes), ``scales [N, G]`` float32,
+    ``zero_points [N, G]`` uint8 (asymmetric) or None (symmetric)."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    spec: GroupSpec
+
+    def dequantize(self) -> np.ndarray:
+        """``Wt^`` as float32 ``[N, K]``."""
+        n, k = self.codes.shape
+        g = self.spec.group(k)
+        codes = pad_k(self.codes, g)
+        q = codes.reshape(n, -1, g).astype(np.float32)
+        if self.zero_points is not None:
+            q = q - self.zero_points.astype(np.float32)[:, :, None]
+        return (q * self.scales[:, :, None]).reshape(n, -1)[:, :k]
+
+
+def group_params(wg: np.ndarray, spec: GroupSpec) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales (and zero points) for groups ``wg [..., g]`` -> arrays of shape ``wg.shape[:-1]``."""
+    if spec.symmetric:
+        idx = np.argmax(np.abs(wg), axis=-1)[..., None]
+        m = np.take_along_axis(wg, idx, axis=-1)[..., 0].astype(np.float32)
+        scale = m / np.float32(spec.qmin)
+        scale[scale == 0] = 1.0
+        return scale.astype(np.float32), None
+    lo = np.minimum(wg.min(axis=-1), 0).astype(np.float32)
+    hi = np.maximum(wg.max(axis=-1), 0).astype(np.float32)
+    scale = (hi - lo) / np.float32(spec.qmax)
+    scale[scale == 0] = 1.0
+    zero = np.clip(np.round(-lo / scale), 0, spec.qmax)
+    return scale.astype(np.float32), zero.astype(np.uint8)
+
+
+def quantize_with(wg: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, spec: GroupSpec) -> np.ndarray:
+    """Codes of ``wg [..., g]`` for per-group ``scale``/``zero`` of shape ``wg.shape[:-1]``."""
+    q = np.round(wg / scale[..., None])
+    if zero is not None:
+        q += zero[..., None]
+    return np.clip(q, spec.qmin, spec.qmax).astype(np.int8)
+
+
+def dequantize_codes(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
+    q = q.astype(np.float32)
+    if zero is not None:
+        q = q - zero.astype(np.float32)[..., None]
+    return q * scale[..., None]
+
+
+def pad_k(a: np.ndarray, g: int) -> np.ndarray:
+    """``a [..., K]`` padded with zeros along its last axis to a multiple of ``g``."""
+    extra = -a.shape[-1] % g
+    if not extra:
+        return a
+    return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)])
+
+
+def rtn(wt: np.ndarray, spec: GroupSpec, *, clip: np.ndarray | None = None) -> QuantizedWeight:
+    """Round-to-nearest of ``wt [N, K]``; ``clip [N, G]`` shrinks each group's range first (AWQ)."""
+    n, k = wt.shape
+    g = spec.group(k)
+    groups = spec.groups(k)
+    codes = np.empty((n, k), np.int8)
+    scales = np.empty((n, groups), np.float32)
+    zeros = None if spec.symmetric else np.empty((n, groups), np.uint8)
+    rows = max(1, _CHUNK_ELEMENTS // k)
+    for r0 in range(0, n, rows):
+        wg = pad_k(np.asarray(wt[r0:r0 + rows], dtype=np.float32), g).reshape(-1, groups, g)
+        ref = wg if clip is None else _clipped(wg, clip[r0:r0 + rows])
+        scale, zero = group_params(ref, spec)
+        codes[r0:r0 + rows] = quantize_with(wg, scale, zero, spec).reshape(-1, groups * g)[:, :k]
+        scales[r0:r0 + rows] = scale
+        if zeros is not None:
+            zeros[r0:r0 + rows] = zero
+    return QuantizedWeight(codes, scales, zeros, spec)
+
+
+def _clipped(wg: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+    bound = np.abs(wg).max(axis=-1, keepdims=True) * ratio[..., None]
+    return np.clip(wg, -bound, bound)
+
+
+# -- GPTQ ----------------------------------------------------------------------------------------
+
+
+def gptq(wt: np.ndarray, hessian: np.ndarray, spec: GroupSpec, *, damp: float = 0.01, block: int = 128,
+         act_order: bool = False) -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022) of ``wt [N, K]`` against ``hessian = X^T X [K, K]`` of its inputs.
+
+    Columns are quantized left to right (or by decreasing Hessian diagonal with
+    ``act_order``); each column's rounding error is spread over the columns not
+    yet quantized through the Cholesky factor of ``H^-1``. Group parameters are
+    taken when the walk reaches a group's first column, from the weights as
+    updated so far (with ``act_order`` they come from the original weights,
+    since the walk no longer follows the groups). ``damp`` adds that fraction of
+    the mean diagonal to ``H``. Dead inputs (zero diagonal) get weight 0.
+    """
+    n, k_in = wt.shape
+    g = spec.group(k_in)
+    w = pad_k(np.array(wt, dtype=np.float64), g)
+    k = w.shape[1]
+    h = np.zeros((k, k))
+    h[:k_in, :k_in] = hessian
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    scales = np.empty((n, k // g), np.float32)
+    zeros = None if spec.symmetric else np.empty((n, k // g), np.uint8)
+    if act_order:
+        for j in range(k // g):
+            s, z = group_params(w[:, j * g:(j + 1) * g].astype(np.float32), spec)
+            scales[:, j] = s
+            if zeros is not None:
+                zeros[:, j] = z
+        perm = np.argsort(-np.diag(h), kind="stable")
+    else:
+        perm = np.arange(k)
+    w = w[:, perm]
+    h = h[np.ix_(perm, perm)]
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    u = _inverse_cholesky_upper(h)
+    codes = np.empty((n, k), np.int8)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        w1 = w[:, b0:b1].copy()
+        err1 = np.empty_like(w1)
+        for i in range(b1 - b0):
+            col = int(perm[b0 + i])
+            j = col // g
+            if not act_order and col % g == 0:
+                ahead = w1[:, i:i + g] if i + g <= b1 - b0 else np.concatenate(
+                    [w1[:, i:], w[:, b1:b0 + i + g]], axis=1)
+                s, z = group_params(ahead.astype(np.float32), spec)
+                scales[:, j] = s
+                if zeros is not None:
+                    zeros[:, j] = z
+            zj = None if zeros is None else zeros[:, j]
+            q = quantize_with(w1[:, i:i + 1].astype(np.float32), scales[:, j], zj, spec)[:, 0]
+            codes[:, col] = q
+            dq = dequantize_codes(q[:, None], scales[:, j], zj)[:, 0].astype(np.float64)
+            e = (w1[:, i] - dq) / u[b0 + i, b0 + i]
+            w1[:, i:] -= np.outer(e, u[b0 + i, b0 + i:b1])
+            err1[:, i] = e
+        w[:, b1:] -= err1 @ u[b0:b1, b1:]
+    return QuantizedWeight(codes[:, :k_in], scales, zeros, spec)
+
+
+def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), adding damping until ``H`` factors."""
+    k = h.shape[0]
+    extra = 0.0
+    for _ in range(8):
+        try:
+            lower = np.linalg.cholesky(h + extra * np.eye(k))
+            break
+        except np.linalg.LinAlgError:
+            extra = max(extra * 10, 1e-6 * float(np.mean(np.diag(h))))
+    else:  # pragma: no cover - a damped Gram matrix is positive definite
+        raise np.linalg.LinAlgError("Hessian is not positive definite even after damping")
+    inv_lower = np.linalg.inv(lower)
+    h_inv = inv_lower.T @ inv_lower
+    return np.linalg.cholesky(h_inv).T
+
+
+# -- AWQ -----------------------------------------------------------------------------------------
+
+
+def awq_scales(wts: list[np.ndarray], x: np.ndarray, x_mean_abs: np.ndarray, spec: GroupSpec,
+               *, grid: int = 20) -> tuple[np.ndarray, float]:
+    """AWQ's per-input-channel scale ``s [K]`` for weights ``wts`` (each ``[N_i, K]``) sharing input ``x [T, K]``.
+
+    Tries ``s = x_mean_abs^a`` (normalized to geometric mean 1) for ``a`` in
+    ``0, 1/grid, ..., (grid-1)/grid`` and keeps the one whose RTN of ``W * s``
+    (undone by ``/ s``) gives the least output error ``|x (W - W^)|^2`` summed over
+    the weights. Returns ``(s, a)``; ``a = 0`` means no scaling.
+    """
+    xm = np.maximum(x_mean_abs.astype(np.float64), 1e-8)
+    best = (np.inf, np.ones_like(xm, dtype=np.float32), 0.0)
+    ref = [x @ wt.T for wt in wts]
+    for step in range(grid):
+        a = step / grid
+        s = xm ** a
+        s = s / np.sqrt(s.max() * s.min())
+        s32 = s.astype(np.float32)
+        err = 0.0
+        for wt, y in zip(wts, ref):
+            dq = rtn(wt * s32[None, :], spec).dequantize() / s32[None, :]
+            err += float(np.sum((x @ dq.T - y) ** 2))
+        if err < best[0]:
+            best = (err, s32, a)
+    return best[1], best[2]
+
+
+def awq_clip(wt: np.ndarray, x: np.ndarray, spec: GroupSpec, *, ratios: int = 10,
+             max_shrink: float = 0.5) -> np.ndarray:
+    """Per-group clipping ratio ``[N, G]`` in ``[1 - max_shrink, 1]`` minimising each group's output error on ``x``."""
+    n, k = wt.shape
+    g = spec.group(k)
+    groups = spec.groups(k)
+    xg = pad_k(x.astype(np.float32), g).reshape(x.shape[0], groups, g)
+    best_err = np.full((n, groups), np.inf)
+    best = np.ones((n, groups), np.float32)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, x.shape[0] * groups))
+    for r0 in range(0, n, rows):
+        wg = pad_k(np.asarray(wt[r0:r0 + rows], np.float32), g).reshape(-1, groups, g)
+        for step in range(ratios):
+            ratio = np.float32(1.0 - max_shrink * step / ratios)
+            ref = _clipped(wg, np.full(wg.shape[:2], ratio, np.float32))
+            scale, zero = group_params(ref, spec)
+            diff = wg - dequantize_codes(quantize_with(wg, scale, zero, spec), scale, zero)
+            err = np.square(np.einsum("tjg,njg->tnj", xg, diff)).sum(axis=0)
+            better = err < best_err[r0:r0 + rows]
+            best_err[r0:r0 + rows][better] = err[better]
+            best[r0:r0 + rows][better] = ratio
+    return best

@@ -1,0 +1,151 @@
+"""Finding weight MatMuls and rewriting them into the blocked-DequantizeLinear form.
+
+:func:`weight_matmuls` lists the candidates (one entry per weight, with every
+MatMul that reads it as its ``B``); :func:`write_quantized` puts one quantized
+weight into the IR. Both are shared by the ``woq-*`` passes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from ncc.errors import NccError
+from ncc.ir.spill import SpillFile, packed_tensor
+from ncc.passes.rewrite import Rewriter
+from ncc.passes.woq.kernels import GroupSpec, QuantizedWeight
+
+QUANT_KEY = "ncc.quant"
+ALGO_KEY = "ncc.woq.algo"
+ERROR_KEY = "ncc.woq.error"
+_FLOATS = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
+_ONNX = ("", "ai.onnx")
+
+
+@dataclass
+class WeightUse:
+    """A constant ``[K, N]`` float weight and the MatMuls that read it as ``B``."""
+
+    weight: ir.Value
+    matmuls: list[ir.Node] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return int(self.weight.const_value.shape[0])
+
+    @property
+    def n(self) -> int:
+        return int(self.weight.const_value.shape[1])
+
+    @property
+    def layer(self) -> str:
+        return self.matmuls[0].name or self.weight.name
+
+    @property
+    def dtype(self) -> ir.DataType:
+        return self.weight.const_value.dtype
+
+
+def weight_matmuls(graph: ir.Graph, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[WeightUse]:
+    """Weights read as ``B`` by a standard MatMul: rank-2 float initializers, in graph order."""
+    inc = [re.compile(p) for p in include]
+    exc = [re.compile(p) for p in exclude]
+    uses: dict[str, WeightUse] = {}
+    outputs = {v.name for v in graph.outputs}
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in _ONNX or len(node.inputs) != 2:
+            continue
+        b = node.inputs[1]
+        tensor = b.const_value if b is not None and b.is_initializer() else None
+        if tensor is None or tensor.dtype not in _FLOATS or len(tensor.shape) != 2 or b.name in outputs:
+            continue
+        names = (node.name or "", b.name or "")
+        if inc and not any(p.search(s) for p in inc for s in names):
+            continue
+        if any(p.search(s) for p in exc for s in names):
+            continue
+        uses.setdefault(b.name, WeightUse(b)).matmuls.append(node)
+    return list(uses.values())
+
+
+def check_group_sizes(uses: list[WeightUse], spec: GroupSpec, partial_groups: bool) -> None:
+    """Refuse a group size that does not divide a layer's K (unless ``partial_groups``), naming what would work."""
+    if not spec.group_size or partial_groups:
+        return
+    bad = [u for u in uses if u.k % spec.group_size]
+    if not bad:
+        return
+    ks = sorted({u.k for u in uses})
+    common = [g for g in (16, 32, 64, 128, 256, 512) if all(k % g == 0 for k in ks)]
+    works = ", ".join(map(str, common)) if common else "none of 16..512"
+    first = bad[0]
+    more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+    raise NccError(
+        f"group size {spec.group_size} does not divide K={first.k} of {first.layer} "
+        f"(weight {first.weight.name} [{first.k}, {first.n}]){more}; group sizes that divide every "
+        f"layer's K: {works}; or 0 for one scale per output channel, or --partial-groups to give the "
+        f"last {first.k % spec.group_size} channels a shorter group."
+    )
+
+
+def read_weight_t(use: WeightUse) -> np.ndarray:
+    """The weight transposed to ``[N, K]`` float32, in memory; a memory-mapped source is released."""
+    tensor = use.weight.const_value
+    wt = np.array(tensor.numpy().T, dtype=np.float32, order="C")
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()
+    return wt
+
+
+def code_dtype(spec: GroupSpec) -> ir.DataType:
+    if spec.bits == 4:
+        return ir.DataType.INT4 if spec.symmetric else ir.DataType.UINT4
+    return ir.DataType.INT8 if spec.symmetric else ir.DataType.UINT8
+
+
+def write_quantized(rewriter: Rewriter, use: WeightUse, qw: QuantizedWeight, *, algo: str, error: float,
+                    spill: SpillFile | None) -> int:
+    """Replace ``use``'s weight by ``DequantizeLinear(codes, scale, zero_point)``; returns the bytes written."""
+    spec = qw.spec
+    graph = rewriter.graph
+    base = use.weight.name
+    dtype = code_dtype(spec)
+    scale_np = _FLOATS[use.dtype]
+    pieces = [(f"{base}_q", dtype, qw.codes.T), (f"{base}_scale", use.dtype, qw.scales.T.astype(scale_np))]
+    if qw.zero_points is not None:
+        pieces.append((f"{base}_zero_point", dtype, qw.zero_points.T))
+    values, written = [], 0
+    for name, dt, array in pieces:
+        name = rewriter.fresh_name(name)
+        tensor = spill.put(array, dt, name) if spill is not None else packed_tensor(np.ascontiguousarray(array), dt, name)
+        written += tensor.nbytes
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dt), const_value=tensor)
+        graph.register_initializer(value)
+        values.append(value)
+    k = use.k
+    attrs = {"axis": 0, "block_size": spec.group(k)}
+    rewriter.set_insertion_point(use.matmuls[0])
+    dq = rewriter.create("DequantizeLinear", values, attrs, name=_node_name(use, "DequantizeLinear"),
+                         output_names=[rewriter.fresh_name(f"{base}_dq")])
+    out = dq.outputs[0]
+    out.type = ir.TensorType(use.dtype)
+    out.shape = ir.Shape([k, use.n])
+    for node in use.matmuls:
+        node.replace_input_with(1, out)
+        node.metadata_props[QUANT_KEY] = spec.label()
+        node.metadata_props[ALGO_KEY] = algo
+        node.metadata_props[ERROR_KEY] = f"{error:.4g}"
+    if not use.weight.uses():
+        graph.initializers.pop(use.weight.name)
+    return written
+
+
+def _node_name(use: WeightUse, op: str) -> str:
+    layer = use.matmuls[0].name
+    if layer:
+        return layer.rsplit("/", 1)[0] + f"/{op}" if "/" in layer else f"{layer}_{op}"
+    return f"{use.weight.name}_{op}"
