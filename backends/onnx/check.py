@@ -6,7 +6,10 @@ a node in float when its pattern does not fit. This loads the artefact the way
 a user will (CPU provider, all optimizations), reads back the optimized graph
 and matches it to the nodes ncc quantized (by node name, which onnxruntime's
 fusions keep), so the compile report can say how many quantized nodes run as
-integer kernels and which do not.
+integer kernels and which do not. Weight-only quantized MatMuls (``w4g128``
+...) count as running quantized when they are MatMulNBits after loading: as
+emitted (``--format matmulnbits``) or fused by onnxruntime from blocked
+DequantizeLinear + MatMul (``--format qdq``).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def check_on_onnxruntime(path: str | Path, model: ir.Model) -> RuntimeCheck:
 
     quantized = {
         n.name: n.op_type for n in model.graph
-        if n.metadata_props.get("ncc.quant", "").startswith("int8") and n.op_type not in _MOVEMENT
+        if n.metadata_props.get("ncc.quant", "").startswith(("int8", "w4", "w8")) and n.op_type not in _MOVEMENT
     }
     with tempfile.TemporaryDirectory(prefix="ncc-check-") as tmp:
         options = ort.SessionOptions()

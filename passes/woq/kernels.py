@@ -160,33 +160,45 @@ def gptq(wt: np.ndarray, hessian: np.ndarray, spec: GroupSpec, *, damp: float = 
     taken when the walk reaches a group's first column, from the weights as
     updated so far (with ``act_order`` they come from the original weights,
     since the walk no longer follows the groups). ``damp`` adds that fraction of
-    the mean diagonal to ``H``. Dead inputs (zero diagonal) get weight 0.
+    the mean diagonal to ``H``. Dead inputs (zero diagonal) get weight 0. Rows
+    are independent given ``H``, so they are processed in cache-sized chunks.
     """
     n, k_in = wt.shape
     g = spec.group(k_in)
-    w = pad_k(np.array(wt, dtype=np.float64), g)
-    k = w.shape[1]
+    k = k_in + (-k_in % g)
     h = np.zeros((k, k))
     h[:k_in, :k_in] = hessian
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    scales = np.empty((n, k // g), np.float32)
-    zeros = None if spec.symmetric else np.empty((n, k // g), np.uint8)
-    if act_order:
-        for j in range(k // g):
-            s, z = group_params(w[:, j * g:(j + 1) * g].astype(np.float32), spec)
-            scales[:, j] = s
-            if zeros is not None:
-                zeros[:, j] = z
-        perm = np.argsort(-np.diag(h), kind="stable")
-    else:
-        perm = np.arange(k)
-    w = w[:, perm]
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     h = h[np.ix_(perm, perm)]
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    u = _inverse_cholesky_upper(h)
+    u = _inverse_cholesky_upper(h).astype(np.float32)
+    groups = k // g
     codes = np.empty((n, k), np.int8)
+    scales = np.empty((n, groups), np.float32)
+    zeros = None if spec.symmetric else np.empty((n, groups), np.uint8)
+    rows = max(1, (1 << 19) // block)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        w = pad_k(np.array(wt[r0:r1], dtype=np.float32), g)
+        w[:, dead] = 0.0
+        sc = scales[r0:r1]
+        zc = None if zeros is None else zeros[r0:r1]
+        if act_order:
+            s_, z_ = group_params(w.reshape(r1 - r0, groups, g), spec)
+            sc[:] = s_
+            if zc is not None:
+                zc[:] = z_
+        codes[r0:r1] = _gptq_rows(w[:, perm], u, perm, g, sc, zc, spec, block, act_order)
+    return QuantizedWeight(codes[:, :k_in], scales, zeros, spec)
+
+
+def _gptq_rows(w: np.ndarray, u: np.ndarray, perm: np.ndarray, g: int, scales: np.ndarray,
+               zeros: np.ndarray | None, spec: GroupSpec, block: int, act_order: bool) -> np.ndarray:
+    """GPTQ over rows ``w [rows, K]`` (columns already in walk order ``perm``); fills ``scales``/``zeros``."""
+    k = w.shape[1]
+    codes = np.empty(w.shape, np.int8)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         w1 = w[:, b0:b1].copy()
@@ -195,21 +207,20 @@ def gptq(wt: np.ndarray, hessian: np.ndarray, spec: GroupSpec, *, damp: float = 
             col = int(perm[b0 + i])
             j = col // g
             if not act_order and col % g == 0:
-                ahead = w1[:, i:i + g] if i + g <= b1 - b0 else np.concatenate(
-                    [w1[:, i:], w[:, b1:b0 + i + g]], axis=1)
-                s, z = group_params(ahead.astype(np.float32), spec)
+                ahead = w1[:, i:i + g] if i + g <= b1 - b0 else np.concatenate([w1[:, i:], w[:, b1:b0 + i + g]], axis=1)
+                s, z = group_params(ahead, spec)
                 scales[:, j] = s
                 if zeros is not None:
                     zeros[:, j] = z
             zj = None if zeros is None else zeros[:, j]
-            q = quantize_with(w1[:, i:i + 1].astype(np.float32), scales[:, j], zj, spec)[:, 0]
+            q = quantize_with(w1[:, i:i + 1], scales[:, j], zj, spec)[:, 0]
             codes[:, col] = q
-            dq = dequantize_codes(q[:, None], scales[:, j], zj)[:, 0].astype(np.float64)
+            dq = dequantize_codes(q[:, None], scales[:, j], zj)[:, 0]
             e = (w1[:, i] - dq) / u[b0 + i, b0 + i]
             w1[:, i:] -= np.outer(e, u[b0 + i, b0 + i:b1])
             err1[:, i] = e
         w[:, b1:] -= err1 @ u[b0:b1, b1:]
-    return QuantizedWeight(codes[:, :k_in], scales, zeros, spec)
+    return codes
 
 
 def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
@@ -233,16 +244,22 @@ def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
 
 
 def awq_scales(wts: list[np.ndarray], x: np.ndarray, x_mean_abs: np.ndarray, spec: GroupSpec,
-               *, grid: int = 20) -> tuple[np.ndarray, float]:
+               *, grid: int = 20, max_rows: int = 4096) -> tuple[np.ndarray, float]:
     """AWQ's per-input-channel scale ``s [K]`` for weights ``wts`` (each ``[N_i, K]``) sharing input ``x [T, K]``.
 
     Tries ``s = x_mean_abs^a`` (normalized to geometric mean 1) for ``a`` in
     ``0, 1/grid, ..., (grid-1)/grid`` and keeps the one whose RTN of ``W * s``
     (undone by ``/ s``) gives the least output error ``|x (W - W^)|^2`` summed over
-    the weights. Returns ``(s, a)``; ``a = 0`` means no scaling.
+    the weights. Returns ``(s, a)``; ``a = 0`` means no scaling. Weights with
+    more than ``max_rows`` output rows in all are searched on evenly strided
+    rows (the scale is per input channel; every row sees it the same way).
     """
     xm = np.maximum(x_mean_abs.astype(np.float64), 1e-8)
     best = (np.inf, np.ones_like(xm, dtype=np.float32), 0.0)
+    total = sum(wt.shape[0] for wt in wts)
+    if total > max_rows:
+        stride = -(-total // max_rows)
+        wts = [wt[::stride] for wt in wts]
     ref = [x @ wt.T for wt in wts]
     for step in range(grid):
         a = step / grid
@@ -260,22 +277,27 @@ def awq_scales(wts: list[np.ndarray], x: np.ndarray, x_mean_abs: np.ndarray, spe
 
 def awq_clip(wt: np.ndarray, x: np.ndarray, spec: GroupSpec, *, ratios: int = 10,
              max_shrink: float = 0.5) -> np.ndarray:
-    """Per-group clipping ratio ``[N, G]`` in ``[1 - max_shrink, 1]`` minimising each group's output error on ``x``."""
+    """Per-group clipping ratio ``[N, G]`` in ``[1 - max_shrink, 1]`` minimising each group's output error on ``x``.
+
+    A group's error ``|x_j d|^2`` for a weight change ``d`` is ``d^T (x_j^T x_j) d``,
+    so the rows of ``x`` enter once, through each group's ``g x g`` Gram matrix.
+    """
     n, k = wt.shape
     g = spec.group(k)
     groups = spec.groups(k)
-    xg = pad_k(x.astype(np.float32), g).reshape(x.shape[0], groups, g)
+    xt = pad_k(x.astype(np.float32), g).reshape(x.shape[0], groups, g).transpose(1, 0, 2)  # [G, T, g]
+    gram = np.matmul(xt.transpose(0, 2, 1), xt)  # [G, g, g]
     best_err = np.full((n, groups), np.inf)
     best = np.ones((n, groups), np.float32)
-    rows = max(1, _CHUNK_ELEMENTS // max(1, x.shape[0] * groups))
+    rows = max(1, _CHUNK_ELEMENTS // k)
     for r0 in range(0, n, rows):
         wg = pad_k(np.asarray(wt[r0:r0 + rows], np.float32), g).reshape(-1, groups, g)
         for step in range(ratios):
             ratio = np.float32(1.0 - max_shrink * step / ratios)
             ref = _clipped(wg, np.full(wg.shape[:2], ratio, np.float32))
             scale, zero = group_params(ref, spec)
-            diff = wg - dequantize_codes(quantize_with(wg, scale, zero, spec), scale, zero)
-            err = np.square(np.einsum("tjg,njg->tnj", xg, diff)).sum(axis=0)
+            diff = (wg - dequantize_codes(quantize_with(wg, scale, zero, spec), scale, zero)).transpose(1, 0, 2)
+            err = np.sum(np.matmul(diff, gram) * diff, axis=2).T  # [rows, G]
             better = err < best_err[r0:r0 + rows]
             best_err[r0:r0 + rows][better] = err[better]
             best[r0:r0 + rows][better] = ratio
