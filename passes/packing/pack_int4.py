@@ -18,6 +18,11 @@ With ``format=matmulnbits`` each such MatMul becomes::
   rest of the block padded with the zero point (dequantizes to 0). When ``K``
   is not a multiple of ``block_size`` the last block is padded the same way.
 
+An embedding table quantized by ``woq-*{embeddings=true}`` (``Gather`` of a
+``DequantizeLinear {axis = 1}``) becomes ``com.microsoft::GatherBlockQuantized``
+reading the same 4/8-bit codes, scales and zero points (``gather_axis = 0``,
+``quantize_axis = 1``), so only the gathered rows are dequantized.
+
 With ``format=qdq`` nothing changes: blocked DequantizeLinear + MatMul is
 already standard ONNX (opset 21), and onnxruntime fuses it into MatMulNBits
 itself when it can. Packed weights of a model whose weights were spilled are
@@ -72,6 +77,22 @@ def _sites(graph: ir.Graph) -> list[_Site]:
     return sites
 
 
+def _gather_sites(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node]]:
+    """``(Gather, DequantizeLinear)`` pairs of weight-only quantized embedding tables."""
+    sites = []
+    for node in graph:
+        if node.op_type != "Gather" or node.domain not in _ONNX or node.attributes.get_int("axis", 0) != 0:
+            continue
+        dq = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if (dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in _ONNX
+                or dq.attributes.get_int("axis", 1) != 1 or not dq.attributes.get_int("block_size", 0)
+                or any(v is not None and v.const_value is None for v in dq.inputs)
+                or dq.inputs[0].const_value.dtype not in _CODES or len(dq.inputs[0].const_value.shape) != 2):
+            continue
+        sites.append((node, dq))
+    return sites
+
+
 def _block_for(block: int, k: int, layer: str) -> int:
     if block >= 16 and block & (block - 1) == 0:
         return block
@@ -98,20 +119,27 @@ class PackInt4(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         sites = _sites(model.graph)
-        if not sites:
+        gathers = _gather_sites(model.graph)
+        if not sites and not gathers:
             raise NccError("pack-int4 found no weight-only quantized MatMuls; run woq-rtn, woq-gptq or woq-awq first.")
         if self.format == "qdq":
             return PassResult(modified=False, stats={"MatMuls kept as DequantizeLinear + MatMul": len(sites)},
-                              notes=[f"format qdq: {len(sites)} MatMuls keep blocked DequantizeLinear (opset 21)"])
+                              notes=[f"format qdq: {len(sites)} MatMuls and {len(gathers)} Gathers keep blocked "
+                                     "DequantizeLinear (opset 21)"])
         rewriter = Rewriter(model, model.graph)
         spill = SpillFile("pack") if any(isinstance(s.codes.const_value, ir.ExternalTensor) for s in sites) else None
         ensure_opset(model, MS_DOMAIN)
         packed_bytes = 0
         for site in sites:
             packed_bytes += self._pack(rewriter, site, spill)
-        return PassResult(modified=True, stats={"MatMulNBits": len(sites), "packed bytes": packed_bytes},
-                          notes=[f"packed {len(sites)} MatMuls as MatMulNBits"
-                                 + (f" (accuracy_level {self.accuracy_level})" if self.accuracy_level else "")])
+        for gather, dq in gathers:
+            _pack_gather(rewriter, gather, dq)
+        notes = [f"packed {len(sites)} MatMuls as MatMulNBits"
+                 + (f" (accuracy_level {self.accuracy_level})" if self.accuracy_level else "")]
+        if gathers:
+            notes.append(f"{len(gathers)} Gathers as GatherBlockQuantized")
+        return PassResult(modified=True, stats={"MatMulNBits": len(sites), "GatherBlockQuantized": len(gathers),
+                                                "packed bytes": packed_bytes}, notes=notes)
 
     def _pack(self, rewriter: Rewriter, site: _Site, spill: SpillFile | None) -> int:
         graph = rewriter.graph
@@ -172,6 +200,23 @@ class PackInt4(Pass):
             if value is not None and not value.uses() and value.is_initializer():
                 graph.initializers.pop(value.name)
         return written
+
+
+def _pack_gather(rewriter: Rewriter, gather: ir.Node, dq: ir.Node) -> None:
+    """``Gather(DequantizeLinear(codes, scale, zp) {axis=1}, ids)`` -> ``GatherBlockQuantized(codes, ids, scale, zp)``."""
+    codes, scale, *zero = dq.inputs
+    bits = _CODES[codes.const_value.dtype][0]
+    h = int(codes.const_value.shape[1])
+    block = _block_for(dq.attributes.get_int("block_size"), h, gather.name or codes.name)
+    inputs = [codes, gather.inputs[1], scale] + [z for z in zero if z is not None]
+    rewriter.set_insertion_point(gather)
+    new = rewriter.create("GatherBlockQuantized", inputs,
+                          {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits},
+                          domain=MS_DOMAIN, name=gather.name, absorbed=[gather, dq])
+    for key, value in gather.metadata_props.items():
+        if key.startswith("ncc.quant") or key.startswith("ncc.woq"):
+            new.metadata_props[key] = value
+    replace_root(rewriter, gather, new, [gather] + ([dq] if len(dq.outputs[0].uses()) == 1 else []))
 
 
 def _pad_even(zero: np.ndarray) -> np.ndarray:

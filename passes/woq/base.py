@@ -26,6 +26,7 @@ from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.opset import raise_opset
 from ncc.passes.rewrite import Rewriter
 from ncc.passes.woq.activations import InputStats, accumulator_bytes, collect
+from ncc.passes.woq.embeddings import embedding_gathers, quantize_embedding
 from ncc.passes.woq.kernels import GroupSpec, QuantizedWeight
 from ncc.passes.woq.weights import WeightUse, check_group_sizes, weight_matmuls, write_quantized
 
@@ -72,6 +73,8 @@ class WeightOnlyPass(Pass):
     partial_groups: bool = option(False, "allow a shorter last group when group-size does not divide K")
     include: tuple[str, ...] = option((), "only MatMuls whose node or weight name matches one of these regexes")
     exclude: tuple[str, ...] = option((), "keep MatMuls whose node or weight name matches one of these in float")
+    embeddings: bool = option(False, "also quantize Gather embedding tables (RTN, groups along the hidden axis; "
+                                     "GatherBlockQuantized after pack-int4)")
 
     # -- what subclasses provide -------------------------------------------------------------------
     def quantize_group(self, rewriter: Rewriter, group: list[WeightUse], stats: InputStats | None,
@@ -111,7 +114,10 @@ class WeightOnlyPass(Pass):
             what = " matching the include/exclude filters" if self.include or self.exclude else ""
             raise NccError(f"no weight MatMuls{what} to quantize: {self.name} needs MatMuls whose second input is "
                            "a constant float [K, N] weight.")
-        check_group_sizes(uses, spec, self.partial_groups)
+        tables = embedding_gathers(graph) if self.embeddings else {}
+        check_group_sizes([(u.layer, u.weight.name, u.k, u.n) for u in uses]
+                          + [(g[0].name or name, name, int(t.const_value.shape[1]), int(t.const_value.shape[0]))
+                             for name, (t, g) in tables.items()], spec, self.partial_groups)
         data = None
         if self.uses_calibration:
             data = ctx.data.get("calibration_data")
@@ -125,7 +131,8 @@ class WeightOnlyPass(Pass):
             raise NccError(
                 f"weight-only quantization writes blocked DequantizeLinear (opset {BLOCKED_DQ_OPSET}), and this "
                 f"model's opset cannot be raised safely because of {', '.join(blockers)}.")
-        external = any(isinstance(u.weight.const_value, ir.ExternalTensor) for u in uses)
+        external = any(isinstance(v.const_value, ir.ExternalTensor)
+                       for v in [u.weight for u in uses] + [t for t, _ in tables.values()])
         spill = SpillFile("woq") if external else None
         rewriter = Rewriter(model, graph)
         layers: list[LayerReport] = []
@@ -145,6 +152,11 @@ class WeightOnlyPass(Pass):
                 for use, wt, qw, s in self.quantize_group(rewriter, group, st, spec):
                     layers.append(self._write(rewriter, use, wt, qw, s, st, spill))
                     del wt, qw
+        for name, (table, gathers) in tables.items():
+            error, before, after = quantize_embedding(rewriter, table, gathers, spec, spill)
+            v, h = (int(d) for d in table.shape) if table.shape is not None else (0, 0)
+            layers.append(LayerReport(gathers[0].name or name, name, h, v, spec.label(), "rtn", error, None,
+                                      before, after))
         ctx.data.setdefault(LAYERS_KEY, []).extend(layers)
         return PassResult(modified=True, stats=self._stats(layers), notes=self._notes(layers, spec, calib_seconds))
 
@@ -206,7 +218,7 @@ class WeightOnlyPass(Pass):
         mean = float(np.mean([e for e, _ in errors]))
         worst = sorted(errors, key=lambda t: -t[0])[:3]
         notes = [
-            f"weight-only ({self.algo}, {spec.label()}): {len(layers)} weights; weight MatMul bytes "
+            f"weight-only ({self.algo}, {spec.label()}): {len(layers)} weights; bytes "
             f"{before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({before / max(after, 1):.2f}x smaller)",
             f"relative {kind} error per layer: mean {mean:.4f}; worst "
             + ", ".join(f"{name} {e:.4f}" for e, name in worst),

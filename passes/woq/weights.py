@@ -72,23 +72,25 @@ def weight_matmuls(graph: ir.Graph, include: Sequence[str] = (), exclude: Sequen
     return list(uses.values())
 
 
-def check_group_sizes(uses: list[WeightUse], spec: GroupSpec, partial_groups: bool) -> None:
-    """Refuse a group size that does not divide a layer's K (unless ``partial_groups``), naming what would work."""
+def check_group_sizes(layers: list[tuple[str, str, int, int]], spec: GroupSpec, partial_groups: bool) -> None:
+    """Refuse a group size that does not divide a layer's K (unless ``partial_groups``), naming what would work.
+
+    ``layers`` are ``(layer, weight name, K, N)``, K being the axis the groups run along.
+    """
     if not spec.group_size or partial_groups:
         return
-    bad = [u for u in uses if u.k % spec.group_size]
+    bad = [item for item in layers if item[2] % spec.group_size]
     if not bad:
         return
-    ks = sorted({u.k for u in uses})
+    ks = sorted({k for _, _, k, _ in layers})
     common = [g for g in (16, 32, 64, 128, 256, 512) if all(k % g == 0 for k in ks)]
     works = ", ".join(map(str, common)) if common else "none of 16..512"
-    first = bad[0]
+    layer, weight, k, n = bad[0]
     more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
     raise NccError(
-        f"group size {spec.group_size} does not divide K={first.k} of {first.layer} "
-        f"(weight {first.weight.name} [{first.k}, {first.n}]){more}; group sizes that divide every "
-        f"layer's K: {works}; or 0 for one scale per output channel, or --partial-groups to give the "
-        f"last {first.k % spec.group_size} channels a shorter group."
+        f"group size {spec.group_size} does not divide K={k} of {layer} (weight {weight} [{k}, {n}]){more}; "
+        f"group sizes that divide every layer's K: {works}; or 0 for one scale per output channel, or "
+        f"--partial-groups to give the last {k % spec.group_size} channels a shorter group."
     )
 
 
