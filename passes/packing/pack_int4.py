@@ -42,6 +42,7 @@ from ncc.ir.spill import SpillFile, pack_4bit
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.fusion.fuse_gelu import MS_DOMAIN, ensure_opset, replace_root
 from ncc.passes.rewrite import Rewriter
+from ncc.passes.woq.weights import add_initializers
 
 _CODES = {ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False),
           ir.DataType.INT8: (8, True), ir.DataType.UINT8: (8, False)}
@@ -174,16 +175,9 @@ class PackInt4(Pass):
             inputs_np.append(("zero_points", zp, ir.DataType.UINT8))
         del codes
         base = site.codes.name.removesuffix("_q")
-        values, written = [], 0
-        for suffix, array, dtype in inputs_np:
-            name = rewriter.fresh_name(f"{base}_{suffix}")
-            tensor = spill.put(array, dtype, name) if spill is not None else ir.Tensor(array, name=name)
-            written += tensor.nbytes
-            value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype), const_value=tensor)
-            graph.register_initializer(value)
-            values.append(value)
-        if zero is None:
-            values = values[:2]
+        values = add_initializers(rewriter, [(f"{base}_{suffix}", dtype, array) for suffix, array, dtype in inputs_np],
+                                  spill)
+        written = sum(v.const_value.nbytes for v in values)
         attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
         if self.accuracy_level:
             attrs["accuracy_level"] = self.accuracy_level

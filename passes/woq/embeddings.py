@@ -15,10 +15,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ncc.ir.spill import SpillFile, packed_tensor
+from ncc.ir.spill import SpillFile
 from ncc.passes.rewrite import Rewriter
 from ncc.passes.woq.kernels import GroupSpec, rtn
-from ncc.passes.woq.weights import ALGO_KEY, ERROR_KEY, QUANT_KEY, code_dtype
+from ncc.passes.woq.weights import ALGO_KEY, ERROR_KEY, QUANT_KEY, add_initializers, code_dtype
 
 _FLOATS = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
 _ONNX = ("", "ai.onnx")
@@ -56,14 +56,8 @@ def quantize_embedding(rewriter: Rewriter, table: ir.Value, gathers: list[ir.Nod
                                                       qw.scales.astype(_FLOATS[tensor.dtype]))]
     if qw.zero_points is not None:
         pieces.append((f"{table.name}_zero_point", dtype, qw.zero_points))
-    values, after = [], 0
-    for name, dt, array in pieces:
-        name = rewriter.fresh_name(name)
-        t = spill.put(array, dt, name) if spill is not None else packed_tensor(np.ascontiguousarray(array), dt, name)
-        after += t.nbytes
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dt), const_value=t)
-        graph.register_initializer(value)
-        values.append(value)
+    values = add_initializers(rewriter, pieces, spill)
+    after = sum(v.const_value.nbytes for v in values)
     rewriter.set_insertion_point(gathers[0])
     first = gathers[0].name
     dq = rewriter.create("DequantizeLinear", values, {"axis": 1, "block_size": spec.group(int(tensor.shape[1]))},

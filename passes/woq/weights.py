@@ -120,14 +120,8 @@ def write_quantized(rewriter: Rewriter, use: WeightUse, qw: QuantizedWeight, *, 
     pieces = [(f"{base}_q", dtype, qw.codes.T), (f"{base}_scale", use.dtype, qw.scales.T.astype(scale_np))]
     if qw.zero_points is not None:
         pieces.append((f"{base}_zero_point", dtype, qw.zero_points.T))
-    values, written = [], 0
-    for name, dt, array in pieces:
-        name = rewriter.fresh_name(name)
-        tensor = spill.put(array, dt, name) if spill is not None else packed_tensor(np.ascontiguousarray(array), dt, name)
-        written += tensor.nbytes
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dt), const_value=tensor)
-        graph.register_initializer(value)
-        values.append(value)
+    values = add_initializers(rewriter, pieces, spill)
+    written = sum(v.const_value.nbytes for v in values)
     k = use.k
     attrs = {"axis": 0, "block_size": spec.group(k)}
     rewriter.set_insertion_point(use.matmuls[0])
@@ -144,6 +138,24 @@ def write_quantized(rewriter: Rewriter, use: WeightUse, qw: QuantizedWeight, *, 
     if not use.weight.uses():
         graph.initializers.pop(use.weight.name)
     return written
+
+
+def add_initializers(rewriter: Rewriter, pieces: list[tuple[str, ir.DataType, np.ndarray]],
+                     spill: SpillFile | None) -> list[ir.Value]:
+    """Register ``(name, dtype, array)`` pieces as initializers (spilled when ``spill`` is given), in order."""
+    values = []
+    for name, dt, array in pieces:
+        name = rewriter.fresh_name(name)
+        if spill is not None:
+            tensor = spill.put(array, dt, name)
+        elif dt.bitwidth == 4:
+            tensor = packed_tensor(np.ascontiguousarray(array), dt, name)
+        else:
+            tensor = ir.Tensor(np.ascontiguousarray(array, dt.numpy()), name=name)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dt), const_value=tensor)
+        rewriter.graph.register_initializer(value)
+        values.append(value)
+    return values
 
 
 def _node_name(use: WeightUse, op: str) -> str:
