@@ -45,7 +45,9 @@ class RuntimeCheck:
         return len(self.integer) + len(self.float_)
 
     def summary(self) -> str:
-        lines = [f"on {self.runtime}: {len(self.integer)}/{self.total} quantized nodes run as integer kernels"
+        weight_only = bool(self.kernels) and set(self.kernels) <= {"MatMulNBits", "GatherBlockQuantized"}
+        kind = "weight-only quantized kernels" if weight_only else "integer kernels"
+        lines = [f"on {self.runtime}: {len(self.integer)}/{self.total} quantized nodes run as {kind}"
                  + (" (" + ", ".join(f"{k} {n}" for k, n in sorted(self.kernels.items())) + ")" if self.kernels else "")]
         for name, why in sorted(self.float_.items())[:20]:
             lines.append(f"  runs in float: {name}: {why}")

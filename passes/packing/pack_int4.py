@@ -23,9 +23,14 @@ An embedding table quantized by ``woq-*{embeddings=true}`` (``Gather`` of a
 reading the same 4/8-bit codes, scales and zero points (``gather_axis = 0``,
 ``quantize_axis = 1``), so only the gathered rows are dequantized.
 
+A weight shared by several MatMuls is packed once.
+
 With ``format=qdq`` nothing changes: blocked DequantizeLinear + MatMul is
-already standard ONNX (opset 21), and onnxruntime fuses it into MatMulNBits
-itself when it can. Packed weights of a model whose weights were spilled are
+already standard ONNX (opset 21). onnxruntime fuses it into MatMulNBits itself
+when it can, with the compute type of its session option
+``session.qdq_matmulnbits_accuracy_level`` (default 4: int8 activations), so
+that form is not float-exact in onnxruntime by default; ``matmulnbits`` with
+the default ``accuracy_level = 0`` is. Packed weights of a model whose weights were spilled are
 spilled too, one at a time.
 """
 
@@ -117,6 +122,9 @@ class PackInt4(Pass):
     def requires(self, model: ir.Model) -> None:
         if not 0 <= self.accuracy_level <= 4:
             raise NccError(f"pack-int4: accuracy-level must be 0..4, not {self.accuracy_level}.")
+        if self.accuracy_level and self.format == "qdq":
+            raise NccError("accuracy-level applies to --format matmulnbits; with qdq onnxruntime takes it from its "
+                           "session option session.qdq_matmulnbits_accuracy_level.")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         sites = _sites(model.graph)
@@ -131,8 +139,9 @@ class PackInt4(Pass):
         spill = SpillFile("pack") if any(isinstance(s.codes.const_value, ir.ExternalTensor) for s in sites) else None
         ensure_opset(model, MS_DOMAIN)
         packed_bytes = 0
+        packed: dict[int, list[ir.Value]] = {}  # codes value -> its packed inputs, for shared weights
         for site in sites:
-            packed_bytes += self._pack(rewriter, site, spill)
+            packed_bytes += self._pack(rewriter, site, spill, packed)
         for gather, dq in gathers:
             _pack_gather(rewriter, gather, dq)
         notes = [f"packed {len(sites)} MatMuls as MatMulNBits"
@@ -142,13 +151,39 @@ class PackInt4(Pass):
         return PassResult(modified=True, stats={"MatMulNBits": len(sites), "GatherBlockQuantized": len(gathers),
                                                 "packed bytes": packed_bytes}, notes=notes)
 
-    def _pack(self, rewriter: Rewriter, site: _Site, spill: SpillFile | None) -> int:
-        graph = rewriter.graph
+    def _pack(self, rewriter: Rewriter, site: _Site, spill: SpillFile | None, packed: dict[int, list[ir.Value]]) -> int:
         matmul = site.matmul
+        bits, _ = _CODES[site.codes.const_value.dtype]
+        k, n = (int(d) for d in site.codes.const_value.shape)
+        block = _block_for(site.block, k, matmul.name or site.codes.name)
+        written = 0
+        if id(site.codes) not in packed:
+            packed[id(site.codes)] = self._packed_inputs(rewriter, site, block, spill)
+            written = sum(v.const_value.nbytes for v in packed[id(site.codes)])
+        values = packed[id(site.codes)]
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
+        if self.accuracy_level:
+            attrs["accuracy_level"] = self.accuracy_level
+        rewriter.set_insertion_point(matmul)
+        new = rewriter.create("MatMulNBits", [matmul.inputs[0], *values], attrs, domain=MS_DOMAIN,
+                              name=matmul.name, absorbed=[matmul, site.dq])
+        for key, value in matmul.metadata_props.items():
+            if key.startswith("ncc.quant") or key.startswith("ncc.woq"):
+                new.metadata_props[key] = value
+        dq_out = site.dq.outputs[0]
+        nodes = [matmul] + ([site.dq] if len(dq_out.uses()) == 1 else [])
+        replace_root(rewriter, matmul, new, nodes)
+        for value in (site.codes, site.scale, site.zero_point):
+            if value is not None and not value.uses() and value.is_initializer():
+                rewriter.graph.initializers.pop(value.name)
+        return written
+
+    @staticmethod
+    def _packed_inputs(rewriter: Rewriter, site: _Site, block: int, spill: SpillFile | None) -> list[ir.Value]:
+        """MatMulNBits' ``B``, ``scales`` and (asymmetric) ``zero_points`` for ``site``'s weight."""
         bits, signed = _CODES[site.codes.const_value.dtype]
         codes_tensor = site.codes.const_value
         k, n = (int(d) for d in codes_tensor.shape)
-        block = _block_for(site.block, k, matmul.name or site.codes.name)
         k_blocks = -(-k // block)
         offset = 1 << (bits - 1)
         codes = np.asarray(codes_tensor.numpy()).astype(np.int16).T  # [N, K]
@@ -175,25 +210,8 @@ class PackInt4(Pass):
             inputs_np.append(("zero_points", zp, ir.DataType.UINT8))
         del codes
         base = site.codes.name.removesuffix("_q")
-        values = add_initializers(rewriter, [(f"{base}_{suffix}", dtype, array) for suffix, array, dtype in inputs_np],
-                                  spill)
-        written = sum(v.const_value.nbytes for v in values)
-        attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
-        if self.accuracy_level:
-            attrs["accuracy_level"] = self.accuracy_level
-        rewriter.set_insertion_point(matmul)
-        new = rewriter.create("MatMulNBits", [matmul.inputs[0], *values], attrs, domain=MS_DOMAIN,
-                              name=matmul.name, absorbed=[matmul, site.dq])
-        for key, value in matmul.metadata_props.items():
-            if key.startswith("ncc.quant") or key.startswith("ncc.woq"):
-                new.metadata_props[key] = value
-        dq_out = site.dq.outputs[0]
-        nodes = [matmul] + ([site.dq] if len(dq_out.uses()) == 1 else [])
-        replace_root(rewriter, matmul, new, nodes)
-        for value in (site.codes, site.scale, site.zero_point):
-            if value is not None and not value.uses() and value.is_initializer():
-                graph.initializers.pop(value.name)
-        return written
+        return add_initializers(rewriter, [(f"{base}_{suffix}", dtype, array) for suffix, array, dtype in inputs_np],
+                                spill)
 
 
 def _pack_gather(rewriter: Rewriter, gather: ir.Node, dq: ir.Node) -> None:

@@ -47,6 +47,8 @@ class Calibrate(Pass):
     """Observe activation ranges of the float model on calibration data (needs --calib)."""
 
     name: ClassVar[str] = "calibrate"
+    #: Needs ``ctx.data["calibration_data"]`` (the CLI's ``--calib``).
+    uses_calibration: ClassVar[bool] = True
     method: Method = option("minmax", "range method: minmax, percentile, entropy (KL) or mse")
     percentile: float = option(99.999, "two-sided percentile kept by method=percentile")
     samples: int = option(0, "use at most this many calibration samples (0: all)")

@@ -41,6 +41,18 @@ class InputStats:
         return np.concatenate(self.sample, axis=0) if self.sample else np.zeros((0, self.k), np.float32)
 
 
+def merged(parts: list[InputStats]) -> InputStats:
+    """One weight read by several activations: their statistics pooled (Hessians and sums add, samples join)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return InputStats(
+        first.k, rows=sum(p.rows for p in parts),
+        hessian=None if first.hessian is None else sum(p.hessian for p in parts),
+        abs_sum=sum(p.abs_sum for p in parts),
+        sample=None if first.sample is None else [a for p in parts for a in p.sample])
+
+
 def accumulator_bytes(k: int, *, hessian: bool, sample_rows: int) -> int:
     return (8 * k * k if hessian else 0) + 8 * k + 4 * k * sample_rows
 

@@ -49,7 +49,10 @@ class WoqAwq(WeightOnlyPass):
     def quantize_group(self, rewriter, group, stats, spec):
         x = stats.rows_sample()
         wts = [read_weight_t(use) for use in group]
-        s, a = awq_scales(wts, x, stats.mean_abs, spec, grid=self.grid)
+        if len({a for use in group for a in use.activations}) == 1:
+            s, a = awq_scales(wts, x, stats.mean_abs, spec, grid=self.grid)
+        else:  # one weight read with several activations: no single activation to divide by s
+            s, a = np.ones(group[0].k, np.float32), 0.0
         scaled_x = x / s[None, :]
         if a:
             scale_activation(rewriter, group, (1.0 / s).astype(np.float32))

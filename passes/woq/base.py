@@ -25,7 +25,7 @@ from ncc.ir.spill import SpillFile
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.opset import raise_opset
 from ncc.passes.rewrite import Rewriter
-from ncc.passes.woq.activations import InputStats, accumulator_bytes, collect
+from ncc.passes.woq.activations import InputStats, accumulator_bytes, collect, merged
 from ncc.passes.woq.embeddings import embedding_gathers, quantize_embedding
 from ncc.passes.woq.kernels import GroupSpec, QuantizedWeight
 from ncc.passes.woq.weights import WeightUse, check_group_sizes, weight_matmuls, write_quantized
@@ -143,12 +143,13 @@ class WeightOnlyPass(Pass):
                 hessian, sample_rows = self.statistics_needed()
                 _, batch_size, _ = self.calibration()
                 start = time.perf_counter()
-                stats = collect(model, {name: group[0].k for name, group in chunk}, data, hessian=hessian,
+                stats = collect(model, {a: group[0].k for _, group in chunk for a in _activations(group)}, data,
+                                hessian=hessian,
                                 sample_rows=sample_rows, batch_size=batch_size,
                                 progress=ctx.data.get("progress", False))
                 calib_seconds += time.perf_counter() - start
-            for name, group in chunk:
-                st = stats.get(name)
+            for _, group in chunk:
+                st = merged([stats[a] for a in _activations(group)]) if stats else None
                 for use, wt, qw, s in self.quantize_group(rewriter, group, st, spec):
                     layers.append(self._write(rewriter, use, wt, qw, s, st, spill))
                     del wt, qw
@@ -162,10 +163,15 @@ class WeightOnlyPass(Pass):
 
     # -- helpers -----------------------------------------------------------------------------------
     def _chunks(self, uses: list[WeightUse]) -> list[list[tuple[str, list[WeightUse]]]]:
-        """Weights grouped by their activation, in graph order; calibrated passes split them by memory budget."""
+        """Weights grouped by their activation, in graph order; calibrated passes split them by memory budget.
+
+        A weight read by MatMuls on different activations forms a group of its own.
+        """
         groups: dict[str, list[WeightUse]] = {}
         for use in uses:
-            groups.setdefault(use.matmuls[0].inputs[0].name, []).append(use)
+            acts = use.activations
+            key = acts[0] if len(acts) == 1 else f"{use.weight.name} (shared by {len(acts)} activations)"
+            groups.setdefault(key, []).append(use)
         items = list(groups.items())
         if not self.uses_calibration:
             return [items]
@@ -174,7 +180,7 @@ class WeightOnlyPass(Pass):
         chunks: list[list[tuple[str, list[WeightUse]]]] = [[]]
         used = 0
         for name, group in items:
-            need = accumulator_bytes(group[0].k, hessian=hessian, sample_rows=sample_rows)
+            need = len(_activations(group)) * accumulator_bytes(group[0].k, hessian=hessian, sample_rows=sample_rows)
             if chunks[-1] and used + need > budget:
                 chunks.append([])
                 used = 0
@@ -226,3 +232,7 @@ class WeightOnlyPass(Pass):
         if calib_seconds:
             notes.append(f"calibration runs: {calib_seconds:.1f} s")
         return notes
+
+
+def _activations(group: list[WeightUse]) -> list[str]:
+    return list(dict.fromkeys(a for use in group for a in use.activations))

@@ -64,7 +64,7 @@ class GroupSpec:
 
 @dataclass
 class QuantizedWeight:
-    """``codes [N, K]`` (int8 holding signed or unsigned codes), ``scales [N, G]`` float32,
+    """``codes [N, K]`` (int16 holding signed or unsigned codes of any width), ``scales [N, G]`` float32,
     ``zero_points [N, G]`` uint8 (asymmetric) or None (symmetric)."""
 
     codes: np.ndarray
@@ -104,7 +104,7 @@ def quantize_with(wg: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, sp
     q = np.round(wg / scale[..., None])
     if zero is not None:
         q += zero[..., None]
-    return np.clip(q, spec.qmin, spec.qmax).astype(np.int8)
+    return np.clip(q, spec.qmin, spec.qmax).astype(np.int16)
 
 
 def dequantize_codes(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
@@ -127,7 +127,7 @@ def rtn(wt: np.ndarray, spec: GroupSpec, *, clip: np.ndarray | None = None) -> Q
     n, k = wt.shape
     g = spec.group(k)
     groups = spec.groups(k)
-    codes = np.empty((n, k), np.int8)
+    codes = np.empty((n, k), np.int16)
     scales = np.empty((n, groups), np.float32)
     zeros = None if spec.symmetric else np.empty((n, groups), np.uint8)
     rows = max(1, _CHUNK_ELEMENTS // k)
@@ -175,7 +175,7 @@ def gptq(wt: np.ndarray, hessian: np.ndarray, spec: GroupSpec, *, damp: float = 
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
     u = _inverse_cholesky_upper(h).astype(np.float32)
     groups = k // g
-    codes = np.empty((n, k), np.int8)
+    codes = np.empty((n, k), np.int16)
     scales = np.empty((n, groups), np.float32)
     zeros = None if spec.symmetric else np.empty((n, groups), np.uint8)
     rows = max(1, (1 << 19) // block)
@@ -198,7 +198,7 @@ def _gptq_rows(w: np.ndarray, u: np.ndarray, perm: np.ndarray, g: int, scales: n
                zeros: np.ndarray | None, spec: GroupSpec, block: int, act_order: bool) -> np.ndarray:
     """GPTQ over rows ``w [rows, K]`` (columns already in walk order ``perm``); fills ``scales``/``zeros``."""
     k = w.shape[1]
-    codes = np.empty(w.shape, np.int8)
+    codes = np.empty(w.shape, np.int16)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         w1 = w[:, b0:b1].copy()

@@ -42,6 +42,11 @@ class WeightUse:
         return int(self.weight.const_value.shape[1])
 
     @property
+    def activations(self) -> list[str]:
+        """Names of the activations this weight multiplies (one per distinct MatMul input), in graph order."""
+        return list(dict.fromkeys(node.inputs[0].name for node in self.matmuls))
+
+    @property
     def layer(self) -> str:
         return self.matmuls[0].name or self.weight.name
 

@@ -83,24 +83,14 @@ def weights(n: int, k: int, seed: int = 0) -> np.ndarray:
 SPECS = [pytest.param(bits, group, sym, id=f"b{bits}-g{group}-{'sym' if sym else 'asym'}")
          for bits in (4, 8) for group in (32, 128, 0) for sym in (False, True)]
 
-#: QuantizedWeight.codes is int8 "holding signed or unsigned codes": u8 codes 128..255 are stored wrapped
-#: (as -128..-1), and QuantizedWeight.dequantize / dequantize_codes read them back as negative numbers.
-U8_WRAP = ("kernels.py: 8-bit asymmetric codes 128..255 are held in int8 (QuantizedWeight.codes, quantize_with) "
-           "and dequantize()/dequantize_codes() read them as -128..-1, so w^ is wrong for every code >= 128")
-
-
-def xfail_u8(bits, group, sym):
-    """The SPECS param, marked xfail (strict) for 8-bit asymmetric where dequantization reads wrapped codes."""
-    marks = [pytest.mark.xfail(strict=True, reason=U8_WRAP)] if bits == 8 and not sym else []
-    return pytest.param(bits, group, sym, marks=marks, id=f"b{bits}-g{group}-{'sym' if sym else 'asym'}")
-
-
-DQ_SPECS = [xfail_u8(bits, group, sym) for bits in (4, 8) for group in (32, 128, 0) for sym in (False, True)]
+DQ_SPECS = [pytest.param(bits, group, sym, id=f"b{bits}-g{group}-{'sym' if sym else 'asym'}")
+            for bits in (4, 8) for group in (32, 128, 0) for sym in (False, True)]
 
 
 def unsigned_or_signed(qw) -> np.ndarray:
-    """The codes as the integers they stand for: int8 as is (symmetric), reinterpreted as uint8 (asymmetric)."""
-    return (qw.codes if qw.spec.symmetric else qw.codes.view(np.uint8)).astype(np.int64)
+    """The codes as the integers they stand for (int16 holds both signed and unsigned codes)."""
+    assert qw.codes.dtype == np.int16
+    return qw.codes.astype(np.int64)
 
 
 # -- RTN ------------------------------------------------------------------------------------------
@@ -188,9 +178,7 @@ def test_gptq_with_uncorrelated_inputs_is_rtn(group, k, sym):
 
 @pytest.mark.parametrize("bits,sym", [
     (4, False), (4, True), (8, True),
-    pytest.param(8, False, marks=pytest.mark.xfail(strict=True, reason=(
-        "kernels.gptq at 8 bits asymmetric: quantize_with returns u8 codes wrapped into int8 and dequantize_codes "
-        "reads codes >= 128 as negative, so the error GPTQ propagates is garbage (output error ~6 vs RTN ~0.005)"))),
+    (8, False),
 ], ids=["w4-asym", "w4-sym", "w8-sym", "w8-asym"])
 def test_gptq_dead_inputs_get_weight_zero_and_the_rest_improves(bits, sym):
     """Correlated inputs with one dead channel: the dead channel's weight dequantizes to 0, and GPTQ's output

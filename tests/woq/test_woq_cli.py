@@ -194,10 +194,6 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
     assert files_in(out_dir) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tools/cli.py:191 accepts --calib only when a pass has uses_calibration, which Calibrate "
-    "(passes/quant/calibrate.py) does not set: every `--pass int8 --calib DATA` now fails with "
-    "'--calib given, but the pipeline ... does not calibrate'"))
 def test_layer_report_with_static_int8_names_the_flag(tmp_path):
     src = save_matmul(tmp_path / "m.onnx", gaussian_weight(128, 16))
     out_dir = tmp_path / "out"
@@ -307,10 +303,7 @@ def test_layer_report_has_one_row_per_weight(tmp_path, algo):
         assert int(r["bytes_after"]) < int(r["bytes_before"]) / 6
 
 
-# -- bugs found (xfail strict: they pass once fixed) -------------------------------------------------
-
-U8_WRAP = ("passes/woq/kernels.py: 8-bit asymmetric codes 128..255 are held in int8 (rtn's codes, quantize_with) "
-           "and QuantizedWeight.dequantize / dequantize_codes read them as negative")
+# -- regressions: 8-bit asymmetric codes, shared weights ---------------------------------------------
 
 
 def _correlated_layer(tmp: Path, k: int = 128, n: int = 32):
@@ -336,10 +329,7 @@ def _held_out_errors(tmp: Path, pipeline: str, algos) -> dict[str, float]:
 
 @pytest.mark.parametrize("pipeline,algo", [
     ("w4", "gptq"), ("w4", "awq"),
-    pytest.param("w8", "gptq", marks=pytest.mark.xfail(strict=True, reason=U8_WRAP + (
-        ": GPTQ propagates garbage errors; held-out error 5.8 vs RTN 0.005"))),
-    pytest.param("w8", "awq", marks=pytest.mark.xfail(strict=True, reason=U8_WRAP + (
-        ": AWQ's scale and clip searches compare garbage errors; held-out error 0.26 vs RTN 0.005"))),
+    ("w8", "gptq"), ("w8", "awq"),
 ])
 def test_calibrated_algorithms_are_no_worse_than_rtn(tmp_path, pipeline, algo):
     """On held-out rows of the calibration distribution GPTQ and AWQ are not worse than RTN (25% slack: AWQ's
@@ -348,8 +338,6 @@ def test_calibrated_algorithms_are_no_worse_than_rtn(tmp_path, pipeline, algo):
     assert errors[algo] <= 1.25 * errors["rtn"], errors
 
 
-@pytest.mark.xfail(strict=True, reason=U8_WRAP + ": base.py _write takes the layer report's errors from "
-                   "qw.dequantize(), so `--pass w8 --layer-report` (asym) reports weight_error ~2.8 for RTN")
 def test_w8_layer_report_error_matches_the_model(tmp_path):
     src, _, _ = _correlated_layer(tmp_path)
     report, qdq = tmp_path / "layers.tsv", tmp_path / "q.onnx"
@@ -366,10 +354,6 @@ def test_w8_layer_report_error_matches_the_model(tmp_path):
     np.testing.assert_allclose(float(row["weight_error"]), actual, rtol=1e-3)  # 1e-3: printed with 6 digits
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "passes/woq/awq.py scale_activation: a weight read by MatMuls on different activations is grouped under "
-    "the first MatMul's activation, and every MatMul of the group is rewired to read that activation * 1/s, "
-    "so the second MatMul reads the wrong tensor (its own input, the Relu output, goes dead)"))
 def test_awq_keeps_a_shared_weight_s_second_matmul_on_its_own_input(tmp_path):
     src = _shared_weight_model(tmp_path / "m.onnx")
     x = np.random.default_rng(0).standard_normal((512, 64)).astype(np.float32)
