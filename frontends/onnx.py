@@ -1,10 +1,13 @@
 """ONNX frontend: a ``.onnx`` file (or ModelProto) becomes an ncc IR model.
 
 Weights stay where they are: external data is memory-mapped lazily by onnx-ir
-and never read here. External data whose location leaves the model's folder is
-refused. The model must pass the ONNX checker; missing value types are filled
-by ONNX shape inference (on the proto without weights, so it is cheap), and
-every node gets a stable id (:mod:`ncc.ir.ids`).
+and never read here, so loading costs the same for 4 GB of weights as for 4 KB.
+External data whose location leaves the model's folder is refused, and so is a
+tensor whose bytes reach past the end of its file (checked by size, up front,
+rather than when a pass first reads the tensor). The model must pass the ONNX
+checker; missing value types are filled by ONNX shape inference (on the proto
+without weights, so it is cheap), and every node gets a stable id
+(:mod:`ncc.ir.ids`).
 """
 
 from __future__ import annotations
@@ -88,8 +91,44 @@ def _has_untyped_values(graph: onnx.GraphProto) -> bool:
     return False
 
 
+def _extent(tensor: onnx.TensorProto) -> tuple[int, int]:
+    """(offset, length) of ``tensor``'s bytes in its external data file; length from type and shape when unset."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    try:
+        offset = int(entries.get("offset") or 0)
+        if "length" in entries:
+            length = int(entries["length"])
+        else:
+            length = -(-_count(tensor.dims) * _bitwidth(tensor.data_type) // 8)
+    except ValueError:
+        raise NccError(
+            f"initializer {tensor.name!r}: external data offset/length {entries.get('offset')!r}/"
+            f"{entries.get('length')!r} are not byte counts."
+        ) from None
+    if offset < 0 or length < 0:
+        raise NccError(f"initializer {tensor.name!r}: external data offset/length {offset}/{length} are negative.")
+    return offset, length
+
+
+def _count(dims) -> int:
+    count = 1
+    for d in dims:
+        count *= d
+    return count
+
+
+def _bitwidth(data_type: int) -> int:
+    """Bits per element; 0 for strings and unknown types (whose size the checker judges)."""
+    try:
+        dtype = ir.DataType(data_type)
+        return 0 if dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED) else dtype.bitwidth
+    except (ValueError, TypeError):
+        return 0
+
+
 def _refuse_escaping_external_data(proto: onnx.ModelProto, folder: Path) -> None:
     root = folder.resolve()
+    sizes: dict[Path, int] = {}
     for tensor in external_tensors(proto):
         where = location(tensor)
         resolved = (root / where).resolve()
@@ -100,6 +139,14 @@ def _refuse_escaping_external_data(proto: onnx.ModelProto, folder: Path) -> None
             )
         if not resolved.is_file():
             raise NccError(f"initializer {tensor.name!r}: external data file {where!r} is missing from {folder}.")
+        if resolved not in sizes:
+            sizes[resolved] = resolved.stat().st_size
+        offset, length = _extent(tensor)
+        if offset + length > sizes[resolved]:
+            raise NccError(
+                f"initializer {tensor.name!r} needs bytes {offset}..{offset + length} of external data file "
+                f"{where!r}, which has {sizes[resolved]} (truncated?)."
+            )
 
 
 def external_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -126,6 +173,16 @@ def external_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
     tensors = chain(of_graph(proto.graph), *(of_nodes(f.node) for f in proto.functions))
     return (t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL)
+
+
+def external_tensor(name: str, data_type: int, dims, where: str, offset: int, length: int) -> onnx.TensorProto:
+    """A TensorProto whose bytes are ``length`` bytes at ``offset`` of the file ``where`` (beside the model)."""
+    tensor = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims))
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", where), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
 
 
 def location(tensor: onnx.TensorProto) -> str:

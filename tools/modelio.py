@@ -37,12 +37,31 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     return model
 
 
-def check_distinct(inp: Path, out: Path) -> None:
-    """Refuse to write over the input (or its external data) before any work is done."""
+def check_distinct(inp: Path, out: Path, external_data: str | None = None) -> None:
+    """Refuse to write over the input (or, when ``external_data`` names the output's data file, the
+    input's external data) before any work is done. A data file written only because the output
+    passes 2 GB is checked when it is saved."""
     model_format(out)
     check_writable(out)
     if out.resolve() == inp.resolve() or (out.exists() and os.path.samefile(out, inp)):
         raise NccError(f"output {out} is the input file; choose another output path.")
+    if not external_data:
+        return
+    data = out.parent / external_data
+    if data.is_file() and any(f.is_file() and os.path.samefile(f, data) for f in _input_data_files(inp)):
+        raise NccError(f"output data file {data} holds the input's weights; choose another output or data file name.")
+
+
+def _input_data_files(inp: Path) -> list[Path]:
+    """The files the input model's weights are read from (none when it cannot be read; loading says why)."""
+    if inp.suffix.lower() == ".ncc":
+        return [inp.with_name(inp.name + ".data")]
+    from ncc.frontends.onnx import external_data_files
+
+    try:
+        return external_data_files(inp)
+    except Exception:  # not a readable model: load_model reports it in one sentence
+        return []
 
 
 def save_model(model: ir.Model, path: str | os.PathLike, *, full: bool = True, external_data: str | None = None) -> list[Path]:
