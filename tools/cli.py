@@ -232,7 +232,7 @@ def compile(input: Path, output: Path, external_data: str | None, fmt: str | Non
     from ncc.tools.modelio import check_distinct, load_model, save_model
     from ncc.tools.report import files_size, format_report, input_files, quantization_summary
 
-    check_distinct(input, output)
+    check_distinct(input, output, external_data)
     model = load_model(input)
     size_before = files_size(input_files(input))
     cache = cache_dir or Path(os.environ.get("NCC_CACHE", Path.home() / ".cache" / "ncc"))

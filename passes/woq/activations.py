@@ -3,7 +3,8 @@
 For each MatMul input ``x`` (rows ``x_t`` of its last axis, ``K`` wide) one run
 over the calibration data accumulates
 
-- ``hessian = sum_t x_t^T x_t`` in float64 (GPTQ's ``H``, up to a factor);
+- ``hessian = sum_t x_t^T x_t`` (GPTQ's ``H``, up to a factor), each batch's product in float32
+  and the running sum in float64;
 - ``abs_sum = sum_t |x_t|`` and the row count (AWQ's activation magnitude);
 - ``sample``: up to ``sample_rows`` rows, taken with a fixed stride from every
   batch (AWQ's loss is measured on them).
@@ -72,9 +73,8 @@ def collect(model: ir.Model, inputs: dict[str, int], data: CalibrationData, *, h
         for name, st in stats.items():
             array = batch[name] if name in feeds else outputs[name]
             x = np.asarray(array, dtype=np.float32).reshape(-1, st.k)
-            if st.hessian is not None:
-                x64 = x.astype(np.float64)
-                st.hessian += x64.T @ x64
+            if st.hessian is not None:  # float32 products per batch, summed across batches in float64
+                st.hessian += x.T @ x
             st.abs_sum += np.abs(x).sum(axis=0, dtype=np.float64)
             if st.sample is not None:
                 taken = sum(len(s) for s in st.sample)

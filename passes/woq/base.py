@@ -27,7 +27,7 @@ from ncc.passes.opset import raise_opset
 from ncc.passes.rewrite import Rewriter
 from ncc.passes.woq.activations import InputStats, accumulator_bytes, collect, merged
 from ncc.passes.woq.embeddings import embedding_gathers, quantize_embedding
-from ncc.passes.woq.kernels import GroupSpec, QuantizedWeight
+from ncc.passes.woq.kernels import GroupSpec, QuantizedWeight, reconstruction_errors
 from ncc.passes.woq.weights import WeightUse, check_group_sizes, weight_matmuls, write_quantized
 
 BLOCKED_DQ_OPSET = 21
@@ -190,20 +190,9 @@ class WeightOnlyPass(Pass):
 
     def _write(self, rewriter: Rewriter, use: WeightUse, wt: np.ndarray, qw: QuantizedWeight,
                input_scale: np.ndarray | None, stats: InputStats | None, spill: SpillFile | None) -> LayerReport:
-        dq = qw.dequantize()
-        if input_scale is not None:
-            dq /= input_scale[None, :]
-        diff = wt - dq
-        weight_error = float(np.linalg.norm(diff) / max(np.linalg.norm(wt), 1e-30))
-        output_error = None
-        if stats is not None and stats.hessian is not None:
-            num = float(np.sum((diff.astype(np.float64) @ stats.hessian) * diff))
-            den = float(np.sum((wt.astype(np.float64) @ stats.hessian) * wt))
-            output_error = float(np.sqrt(max(num, 0.0) / max(den, 1e-30)))
-        elif stats is not None and stats.sample:
-            x = stats.rows_sample()
-            output_error = float(np.linalg.norm(x @ diff.T) / max(np.linalg.norm(x @ wt.T), 1e-30))
-        del dq, diff
+        hessian = stats.hessian if stats is not None else None
+        x = stats.rows_sample() if stats is not None and hessian is None and stats.sample else None
+        weight_error, output_error = reconstruction_errors(wt, qw, input_scale=input_scale, hessian=hessian, x=x)
         before = int(wt.size * use.weight.const_value.dtype.itemsize)
         layer = use.layer
         written = write_quantized(rewriter, use, qw, algo=self.algo,

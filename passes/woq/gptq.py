@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
+
 from ncc.passes.base import option
 from ncc.passes.woq.base import WeightOnlyPass
-from ncc.passes.woq.kernels import gptq
+from ncc.passes.woq.kernels import QuantizedWeight, gptq
 from ncc.passes.woq.weights import read_weight_t
 
 
@@ -34,7 +36,13 @@ class WoqGptq(WeightOnlyPass):
         return self.samples, self.batch_size, self.calib_memory_mb
 
     def quantize_group(self, rewriter, group, stats, spec):
-        for use in group:
-            wt = read_weight_t(use)
-            yield use, wt, gptq(wt, stats.hessian, spec, damp=self.damp, block=self.block,
-                                act_order=self.act_order), None
+        # Rows are independent given H: the weights sharing this activation (Q/K/V) go through one walk.
+        wts = [read_weight_t(use) for use in group]
+        joint = gptq(np.concatenate(wts) if len(wts) > 1 else wts[0], stats.hessian, spec, damp=self.damp,
+                     block=self.block, act_order=self.act_order)
+        start = 0
+        for use, wt in zip(group, wts):
+            rows = slice(start, start + wt.shape[0])
+            start += wt.shape[0]
+            yield use, wt, QuantizedWeight(joint.codes[rows], joint.scales[rows],
+                                           None if joint.zero_points is None else joint.zero_points[rows], spec), None

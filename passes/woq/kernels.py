@@ -72,15 +72,42 @@ class QuantizedWeight:
     zero_points: np.ndarray | None
     spec: GroupSpec
 
-    def dequantize(self) -> np.ndarray:
-        """``Wt^`` as float32 ``[N, K]``."""
-        n, k = self.codes.shape
+    def dequantize(self, rows: slice = slice(None)) -> np.ndarray:
+        """``Wt^`` (or the given rows of it) as float32 ``[N, K]``."""
+        codes = self.codes[rows]
+        n, k = codes.shape
         g = self.spec.group(k)
-        codes = pad_k(self.codes, g)
-        q = codes.reshape(n, -1, g).astype(np.float32)
+        q = pad_k(codes, g).reshape(n, -1, g).astype(np.float32)
         if self.zero_points is not None:
-            q = q - self.zero_points.astype(np.float32)[:, :, None]
-        return (q * self.scales[:, :, None]).reshape(n, -1)[:, :k]
+            q = q - self.zero_points[rows].astype(np.float32)[:, :, None]
+        return (q * self.scales[rows][:, :, None]).reshape(n, -1)[:, :k]
+
+
+def reconstruction_errors(wt: np.ndarray, qw: QuantizedWeight, *, input_scale: np.ndarray | None = None,
+                          hessian: np.ndarray | None = None, x: np.ndarray | None = None) -> tuple[float, float | None]:
+    """``(|W - W^| / |W|, |X (W - W^)| / |X W|)`` over row chunks; the output error from ``hessian = X^T X``
+    (exact over every calibration row) or from sample rows ``x``, else None. ``input_scale``: AWQ's ``s``."""
+    n, k = wt.shape
+    sums = np.zeros(4)
+    step = max(1, _CHUNK_ELEMENTS // k)
+    for r0 in range(0, n, step):
+        rows = slice(r0, r0 + step)
+        w = wt[rows]
+        dq = qw.dequantize(rows)
+        if input_scale is not None:
+            dq /= input_scale[None, :]
+        diff = w - dq
+        sums[0] += float(np.sum(np.square(diff, dtype=np.float64)))
+        sums[1] += float(np.sum(np.square(w, dtype=np.float64)))
+        if hessian is not None:
+            sums[2] += float(np.sum((diff.astype(np.float64) @ hessian) * diff))
+            sums[3] += float(np.sum((w.astype(np.float64) @ hessian) * w))
+        elif x is not None:
+            sums[2] += float(np.sum(np.square(x @ diff.T, dtype=np.float64)))
+            sums[3] += float(np.sum(np.square(x @ w.T, dtype=np.float64)))
+    weight = float(np.sqrt(sums[0] / max(sums[1], 1e-30)))
+    output = float(np.sqrt(max(sums[2], 0.0) / max(sums[3], 1e-30))) if hessian is not None or x is not None else None
+    return weight, output
 
 
 def group_params(wg: np.ndarray, spec: GroupSpec) -> tuple[np.ndarray, np.ndarray | None]:
