@@ -49,6 +49,8 @@ def chain_model(n_nodes: int) -> Path:
 
 def big_external_model(gib: float = 1.0) -> Path:
     """MatMul chain whose float weights (``gib`` GiB) live in external data, written without holding them."""
+    from ncc.frontends.onnx import external_tensor
+
     path = CACHE / "big-external" / "model.onnx"
     if path.exists():
         return path
@@ -62,12 +64,7 @@ def big_external_model(gib: float = 1.0) -> Path:
             rng = np.random.default_rng(i)
             for row in range(0, dim, 512):  # 8 MB at a time
                 data.write((rng.standard_normal((512, dim), dtype=np.float32) * 0.01).tobytes())
-            tensor = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[dim, dim])
-            tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", "model.onnx.data"), ("offset", str(i * per)), ("length", str(per))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            inits.append(tensor)
+            inits.append(external_tensor(f"w{i}", TensorProto.FLOAT, [dim, dim], "model.onnx.data", i * per, per))
             nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=f"mm{i}"))
             prev = f"h{i}"
     graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
