@@ -23,8 +23,8 @@ class WoqAwq(WeightOnlyPass):
 
     For the weights sharing one activation ``x`` (Q/K/V, gate/up), a scale
     ``s = mean|x|^a`` is searched over ``a`` so that RTN of ``W * s`` changes
-    ``x W`` least on sampled rows; with ``clip`` each group's range is then
-    shrunk where that lowers the group's output error. ``x`` is divided by
+    ``x W`` least over all calibration rows (through ``x^T x``); with ``clip``
+    each group's range is then shrunk where that lowers the group's output error. ``x`` is divided by
     ``s`` in the graph: folded into a producing ``Mul`` by a constant (an RMS or
     LayerNorm weight) when ``x`` has no other reader, else by a new ``Mul``.
     """
@@ -35,30 +35,26 @@ class WoqAwq(WeightOnlyPass):
 
     grid: int = option(20, "exponents a = 0, 1/grid, ... tried for s = mean|x|^a")
     clip: bool = option(True, "search a clipping ratio per group after scaling")
-    sample_rows: int = option(512, "activation rows kept per input to measure the error on")
     samples: int = option(0, "use at most this many calibration samples (0: all)")
     batch_size: int = option(4, "samples per onnxruntime run")
-    calib_memory_mb: int = option(512, "memory for activation samples per calibration run")
-
-    def statistics_needed(self):
-        return False, self.sample_rows
+    calib_memory_mb: int = option(512, "memory for the per-input statistics (x^T x) per calibration run")
 
     def calibration(self):
         return self.samples, self.batch_size, self.calib_memory_mb
 
     def quantize_group(self, rewriter, group, stats, spec):
-        x = stats.rows_sample()
         wts = [read_weight_t(use) for use in group]
         if len({a for use in group for a in use.activations}) == 1:
-            s, a = awq_scales(wts, x, stats.mean_abs, spec, grid=self.grid)
+            s, a = awq_scales(wts, stats.hessian, stats.mean_abs, spec, grid=self.grid)
         else:  # one weight read with several activations: no single activation to divide by s
             s, a = np.ones(group[0].k, np.float32), 0.0
-        scaled_x = x / s[None, :]
+        inv = (1.0 / s).astype(np.float64)
+        scaled_h = stats.hessian * inv[:, None] * inv[None, :]  # the Hessian of x / s
         if a:
             scale_activation(rewriter, group, (1.0 / s).astype(np.float32))
         for use, wt in zip(group, wts):
             ws = wt * s[None, :]
-            ratio = awq_clip(ws, scaled_x, spec) if self.clip else None
+            ratio = awq_clip(ws, scaled_h, spec) if self.clip else None
             yield use, wt, rtn(ws, spec, clip=ratio), s
         del wts
 

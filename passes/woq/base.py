@@ -86,10 +86,6 @@ class WeightOnlyPass(Pass):
         """
         raise NotImplementedError
 
-    def statistics_needed(self) -> tuple[bool, int]:
-        """``(hessian, sample_rows)`` wanted from calibration; ``(False, 0)`` for none."""
-        return False, 0
-
     def calibration(self) -> tuple[int, int, int]:
         """``(samples, batch_size, memory budget in MB)`` for calibrated subclasses."""
         return 0, 4, 512
@@ -140,12 +136,10 @@ class WeightOnlyPass(Pass):
         for chunk in self._chunks(uses):
             stats: dict[str, InputStats] = {}
             if data is not None:
-                hessian, sample_rows = self.statistics_needed()
                 _, batch_size, _ = self.calibration()
                 start = time.perf_counter()
                 stats = collect(model, {a: group[0].k for _, group in chunk for a in _activations(group)}, data,
-                                hessian=hessian,
-                                sample_rows=sample_rows, batch_size=batch_size,
+                                batch_size=batch_size,
                                 progress=ctx.data.get("progress", False))
                 calib_seconds += time.perf_counter() - start
             for _, group in chunk:
@@ -175,12 +169,11 @@ class WeightOnlyPass(Pass):
         items = list(groups.items())
         if not self.uses_calibration:
             return [items]
-        hessian, sample_rows = self.statistics_needed()
         budget = self.calibration()[2] << 20
         chunks: list[list[tuple[str, list[WeightUse]]]] = [[]]
         used = 0
         for name, group in items:
-            need = len(_activations(group)) * accumulator_bytes(group[0].k, hessian=hessian, sample_rows=sample_rows)
+            need = len(_activations(group)) * accumulator_bytes(group[0].k)
             if chunks[-1] and used + need > budget:
                 chunks.append([])
                 used = 0
@@ -190,9 +183,8 @@ class WeightOnlyPass(Pass):
 
     def _write(self, rewriter: Rewriter, use: WeightUse, wt: np.ndarray, qw: QuantizedWeight,
                input_scale: np.ndarray | None, stats: InputStats | None, spill: SpillFile | None) -> LayerReport:
-        hessian = stats.hessian if stats is not None else None
-        x = stats.rows_sample() if stats is not None and hessian is None and stats.sample else None
-        weight_error, output_error = reconstruction_errors(wt, qw, input_scale=input_scale, hessian=hessian, x=x)
+        weight_error, output_error = reconstruction_errors(wt, qw, input_scale=input_scale,
+                                                           hessian=None if stats is None else stats.hessian)
         before = int(wt.size * use.weight.const_value.dtype.itemsize)
         layer = use.layer
         written = write_quantized(rewriter, use, qw, algo=self.algo,

@@ -29,9 +29,6 @@ class WoqGptq(WeightOnlyPass):
     batch_size: int = option(4, "samples per onnxruntime run")
     calib_memory_mb: int = option(512, "memory for Hessians per calibration run; more layers per run when larger")
 
-    def statistics_needed(self):
-        return True, 0
-
     def calibration(self):
         return self.samples, self.batch_size, self.calib_memory_mb
 

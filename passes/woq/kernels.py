@@ -84,9 +84,9 @@ class QuantizedWeight:
 
 
 def reconstruction_errors(wt: np.ndarray, qw: QuantizedWeight, *, input_scale: np.ndarray | None = None,
-                          hessian: np.ndarray | None = None, x: np.ndarray | None = None) -> tuple[float, float | None]:
+                          hessian: np.ndarray | None = None) -> tuple[float, float | None]:
     """``(|W - W^| / |W|, |X (W - W^)| / |X W|)`` over row chunks; the output error from ``hessian = X^T X``
-    (exact over every calibration row) or from sample rows ``x``, else None. ``input_scale``: AWQ's ``s``."""
+    (exact over every calibration row), None without it. ``input_scale``: AWQ's ``s``."""
     n, k = wt.shape
     sums = np.zeros(4)
     step = max(1, _CHUNK_ELEMENTS // k)
@@ -102,11 +102,8 @@ def reconstruction_errors(wt: np.ndarray, qw: QuantizedWeight, *, input_scale: n
         if hessian is not None:
             sums[2] += float(np.sum((diff.astype(np.float64) @ hessian) * diff))
             sums[3] += float(np.sum((w.astype(np.float64) @ hessian) * w))
-        elif x is not None:
-            sums[2] += float(np.sum(np.square(x @ diff.T, dtype=np.float64)))
-            sums[3] += float(np.sum(np.square(x @ w.T, dtype=np.float64)))
     weight = float(np.sqrt(sums[0] / max(sums[1], 1e-30)))
-    output = float(np.sqrt(max(sums[2], 0.0) / max(sums[3], 1e-30))) if hessian is not None or x is not None else None
+    output = float(np.sqrt(max(sums[2], 0.0) / max(sums[3], 1e-30))) if hessian is not None else None
     return weight, output
 
 
@@ -270,50 +267,52 @@ def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
 # -- AWQ -----------------------------------------------------------------------------------------
 
 
-def awq_scales(wts: list[np.ndarray], x: np.ndarray, x_mean_abs: np.ndarray, spec: GroupSpec,
+def awq_scales(wts: list[np.ndarray], hessian: np.ndarray, x_mean_abs: np.ndarray, spec: GroupSpec,
                *, grid: int = 20, max_rows: int = 4096) -> tuple[np.ndarray, float]:
-    """AWQ's per-input-channel scale ``s [K]`` for weights ``wts`` (each ``[N_i, K]``) sharing input ``x [T, K]``.
+    """AWQ's per-input-channel scale ``s [K]`` for weights ``wts`` (each ``[N_i, K]``) sharing one input ``x``.
 
-    Tries ``s = x_mean_abs^a`` (normalized to geometric mean 1) for ``a`` in
+    Tries ``s = mean|x|^a`` (normalized to geometric mean 1) for ``a`` in
     ``0, 1/grid, ..., (grid-1)/grid`` and keeps the one whose RTN of ``W * s``
-    (undone by ``/ s``) gives the least output error ``|x (W - W^)|^2`` summed over
-    the weights. Returns ``(s, a)``; ``a = 0`` means no scaling. Weights with
-    more than ``max_rows`` output rows in all are searched on evenly strided
-    rows (the scale is per input channel; every row sees it the same way).
+    (undone by ``/ s``) gives the least output error ``|x (W - W^)^T|^2``, summed
+    over the weights and taken over every calibration row through
+    ``hessian = x^T x``: ``tr(D H D^T)`` for ``D = W - W^``. Returns ``(s, a)``;
+    ``a = 0`` means no scaling. Weights with more than ``max_rows`` output rows
+    in all are searched on evenly strided rows (the scale is per input channel;
+    every row sees it the same way).
     """
     xm = np.maximum(x_mean_abs.astype(np.float64), 1e-8)
+    h = np.asarray(hessian, np.float64)
     best = (np.inf, np.ones_like(xm, dtype=np.float32), 0.0)
     total = sum(wt.shape[0] for wt in wts)
+    w = np.concatenate(wts) if len(wts) > 1 else wts[0]
     if total > max_rows:
-        stride = -(-total // max_rows)
-        wts = [wt[::stride] for wt in wts]
-    ref = [x @ wt.T for wt in wts]
+        w = w[::-(-total // max_rows)]
     for step in range(grid):
         a = step / grid
         s = xm ** a
         s = s / np.sqrt(s.max() * s.min())
         s32 = s.astype(np.float32)
-        err = 0.0
-        for wt, y in zip(wts, ref):
-            dq = rtn(wt * s32[None, :], spec).dequantize() / s32[None, :]
-            err += float(np.sum((x @ dq.T - y) ** 2))
+        d = (w - rtn(w * s32[None, :], spec).dequantize() / s32[None, :]).astype(np.float64)
+        err = float(np.sum((d @ h) * d))
         if err < best[0]:
             best = (err, s32, a)
     return best[1], best[2]
 
 
-def awq_clip(wt: np.ndarray, x: np.ndarray, spec: GroupSpec, *, ratios: int = 10,
+def awq_clip(wt: np.ndarray, hessian: np.ndarray, spec: GroupSpec, *, ratios: int = 20,
              max_shrink: float = 0.5) -> np.ndarray:
-    """Per-group clipping ratio ``[N, G]`` in ``[1 - max_shrink, 1]`` minimising each group's output error on ``x``.
+    """Per-group clipping ratio ``[N, G]`` in ``(1 - max_shrink, 1]`` minimising each group's output error.
 
-    A group's error ``|x_j d|^2`` for a weight change ``d`` is ``d^T (x_j^T x_j) d``,
-    so the rows of ``x`` enter once, through each group's ``g x g`` Gram matrix.
+    A group's error for a weight change ``d`` is ``d^T H_j d`` with ``H_j`` the
+    group's ``g x g`` diagonal block of ``hessian = x^T x`` (``x`` the input
+    the weight ``wt`` actually multiplies), so every calibration row counts.
     """
     n, k = wt.shape
     g = spec.group(k)
     groups = spec.groups(k)
-    xt = pad_k(x.astype(np.float32), g).reshape(x.shape[0], groups, g).transpose(1, 0, 2)  # [G, T, g]
-    gram = np.matmul(xt.transpose(0, 2, 1), xt)  # [G, g, g]
+    h = np.zeros((groups * g, groups * g), np.float32)
+    h[:k, :k] = hessian
+    gram = np.stack([h[j * g:(j + 1) * g, j * g:(j + 1) * g] for j in range(groups)])  # [G, g, g]
     best_err = np.full((n, groups), np.inf)
     best = np.ones((n, groups), np.float32)
     rows = max(1, _CHUNK_ELEMENTS // k)

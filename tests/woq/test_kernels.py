@@ -215,7 +215,7 @@ def test_awq_scales_and_clip_ranges():
     x = (rng.standard_normal((t, k)) * mag).astype(np.float32)
     wt = weights(n, k, seed=4)
     spec = GroupSpec(4, 32, False)
-    s, a = awq_scales([wt], x, np.abs(x).mean(0), spec)
+    s, a = awq_scales([wt], x.T.astype(np.float64) @ x, np.abs(x).mean(0), spec)
     assert s.shape == (k,) and s.dtype == np.float32 and 0 <= a < 1
     # normalized so that sqrt(max * min) = 1 (float32 rounding of s)
     np.testing.assert_allclose(np.sqrt(float(s.max()) * float(s.min())), 1.0, rtol=1e-5)
@@ -227,7 +227,7 @@ def test_awq_scales_and_clip_ranges():
     scaled = rtn(wt * s[None, :], spec).dequantize() / s[None, :]
     assert out_err(scaled) <= out_err(rtn(wt, spec).dequantize()) * (1 + 1e-6)
     ws, xs = wt * s[None, :], x / s[None, :]
-    ratio = awq_clip(ws, xs, spec)
+    ratio = awq_clip(ws, xs.T.astype(np.float64) @ xs, spec)
     assert ratio.shape == (n, 4) and np.all((ratio >= 0.5) & (ratio <= 1.0))
     assert np.any(ratio < 1.0)  # the outliers make some group worth clipping
 

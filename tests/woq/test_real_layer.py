@@ -25,7 +25,6 @@ pytestmark = pytest.mark.slow  # torch and transformers load the real model (~10
 LAYERS = {"intermediate": lambda m: m.encoder.layer[0].intermediate.dense,
           "output": lambda m: m.encoder.layer[0].output.dense}
 CALIB_SENTENCES = 32
-AWQ_ROWS = 512  # woq-awq's default sample-rows
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +63,13 @@ def output_error(x: np.ndarray, wt: np.ndarray, wt_hat: np.ndarray) -> float:
 
 
 def awq(wt: np.ndarray, calib: np.ndarray, spec: GroupSpec) -> np.ndarray:
-    """What woq-awq does to one weight: scale search and clip search on sampled rows, RTN, scale undone."""
-    sample = calib[:: max(1, len(calib) // AWQ_ROWS)][:AWQ_ROWS]
-    s, _ = awq_scales([wt], sample, np.abs(calib).mean(axis=0), spec)
+    """What woq-awq does to one weight: scale and clip searches against the calibration rows' x^T x, RTN,
+    scale undone."""
+    h = calib.T.astype(np.float64) @ calib
+    s, _ = awq_scales([wt], h, np.abs(calib).mean(axis=0), spec)
     ws = wt * s[None, :]
-    ratio = awq_clip(ws, sample / s[None, :], spec)
+    inv = 1.0 / s.astype(np.float64)
+    ratio = awq_clip(ws, h * inv[:, None] * inv[None, :], spec)
     return rtn(ws, spec, clip=ratio).dequantize() / s[None, :]
 
 
