@@ -23,8 +23,8 @@ class WoqGptq(WeightOnlyPass):
 
     damp: float = option(0.01, "fraction of the mean Hessian diagonal added to it")
     block: int = option(128, "columns updated together (lazy batch updates)")
-    act_order: bool = option(False, "quantize columns by decreasing Hessian diagonal (group parameters from the "
-                                    "original weights)")
+    act_order: bool = option(True, "quantize columns by decreasing Hessian diagonal, group parameters from the "
+                                   "original weights (SmolLM2 W4G128: perplexity +2.5 with it, +5.3 without)")
     samples: int = option(0, "use at most this many calibration samples (0: all)")
     batch_size: int = option(4, "samples per onnxruntime run")
     calib_memory_mb: int = option(512, "memory for Hessians per calibration run; more layers per run when larger")
