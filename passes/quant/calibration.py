@@ -182,12 +182,15 @@ def _run(
 
 
 def iterate_outputs(model: ir.Model, names: list[str], data: CalibrationData, *, batch_size: int = 8,
-                    progress: bool = True) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+                    progress: bool = True, prune: bool = False,
+                    ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """Run ``model`` in onnxruntime on ``data``; yield ``(feeds, {name: array})`` per batch for the values ``names``.
 
     One session (CPU, graph optimizations off so intermediate names survive)
     for the whole run; an onnxruntime failure on a batch is a user error naming
     the batch. With no ``names`` the model is not run and the outputs are empty.
+    ``prune`` runs only the nodes ``names`` depend on (onnxruntime itself runs
+    every node whatever is fetched): the graph's own outputs are dropped.
     """
     import onnxruntime as ort
 
@@ -197,7 +200,7 @@ def iterate_outputs(model: ir.Model, names: list[str], data: CalibrationData, *,
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             options.log_severity_level = 3
-            source = session_source(model, names, Path(workdir))
+            source = session_source(model, names, Path(workdir), prune=prune)
             session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
             del source
         with _progress_bar(progress, data.num_samples) as advance:
@@ -219,10 +222,13 @@ def iterate_outputs(model: ir.Model, names: list[str], data: CalibrationData, *,
                 advance(next(iter(batch.values())).shape[0])
 
 
-def session_source(model: ir.Model, outputs: list[str], workdir: Path) -> bytes | str:
-    """The model with ``outputs`` as extra graph outputs: proto bytes, or a path for a large external model."""
+def session_source(model: ir.Model, outputs: list[str], workdir: Path, *, prune: bool = False) -> bytes | str:
+    """The model with ``outputs`` as extra graph outputs (``prune``: as its only outputs, nothing else computed):
+    proto bytes, or a path for a large external model."""
     clone = model.clone()
     clone_values = _values_by_name(clone)
+    if prune:
+        clone.graph.outputs.clear()
     present = {v.name for v in clone.graph.outputs}
     for name in outputs:
         value = clone_values[name]
@@ -230,6 +236,11 @@ def session_source(model: ir.Model, outputs: list[str], workdir: Path) -> bytes 
             value.type = ir.TensorType(ir.DataType.FLOAT)
         if name not in present:
             clone.graph.outputs.append(value)
+    if prune:
+        from ncc.passes.base import PassContext
+        from ncc.passes.cleanup.dce import DeadCodeElimination
+
+        DeadCodeElimination().run(clone, PassContext())
     initializers = _initializers(clone)
     total = sum(v.const_value.nbytes for v in initializers)
     external = [v for v in initializers if isinstance(v.const_value, ir.ExternalTensor)]

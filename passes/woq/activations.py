@@ -59,7 +59,7 @@ def collect(model: ir.Model, inputs: dict[str, int], data: CalibrationData, *, b
     stats = {name: InputStats(k, hessian=np.zeros((k, k)), abs_sum=np.zeros(k)) for name, k in inputs.items()}
     feeds = {v.name for v in model.graph.inputs}
     fetched = [n for n in inputs if n not in feeds]
-    for batch, outputs in iterate_outputs(model, fetched, data, batch_size=batch_size, progress=progress):
+    for batch, outputs in iterate_outputs(model, fetched, data, batch_size=batch_size, progress=progress, prune=True):
         for name, st in stats.items():
             array = batch[name] if name in feeds else outputs[name]
             x = np.asarray(array, dtype=np.float32).reshape(-1, st.k)
