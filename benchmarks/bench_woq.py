@@ -132,6 +132,13 @@ def verdicts(fp32: dict, rows: list[dict]) -> list[str]:
     return out
 
 
+def _git_head() -> str:
+    import subprocess
+
+    proc = subprocess.run(["git", "-C", str(L.REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return proc.stdout.strip() or "?"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -168,8 +175,12 @@ def main(argv=None) -> int:
 
     print("# Weight-only INT4: ncc vs onnxruntime MatMulNBitsQuantizer on SmolLM2-135M-Instruct\n")
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
+    sources = sorted({r["ncc_source"] for r in rows if r["kind"] == "ncc"})
+    changed = [f"{r['method']} G{r['group']} {r['scheme']}" for r in rows
+               if r["kind"] == "ncc" and r.get("ncc_source_after", r["ncc_source"]) != r["ncc_source"]]
     print(f"machine: {platform.processor() or platform.machine()}, onnxruntime {ort.__version__}, Python "
-          f"{platform.python_version()}; ncc source {L.ncc_source_hash()}")
+          f"{platform.python_version()}; ncc commit {_git_head()}, ncc source hash(es) {', '.join(sources) or '-'}"
+          + (f" (ncc's code changed while compiling: {', '.join(changed)})" if changed else ""))
     print(f"model: {float_model} (float32 from the GGUF's Q4_1/Q8_0 weights, 211 weight MatMuls incl. untied lm_head)")
     print(f"perplexity: {L.N_EVAL} windows x {L.SEQ} tokens of pydoc_data.topics (first {L.EVAL_FRACTION:.0%} of "
           f"{len(L.token_stream())} tokens), next-token NLL in float64 over {L.N_EVAL * (L.SEQ - 1)} positions; "

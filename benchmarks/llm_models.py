@@ -371,7 +371,6 @@ NCC = Path(sys.executable).parent / "ncc"
 NCC_SOURCES = ("__init__.py", "errors.py", "files.py", "targets.py", "backends", "frontends", "ir", "passes", "tools")
 
 
-@functools.lru_cache(maxsize=None)
 def ncc_source_hash() -> str:
     """sha256 (16 hex digits) of ncc's own code (``.py`` and ``.lark`` files of the package, not tests or
     benchmarks): cached ncc outputs are rebuilt whenever it changes."""
@@ -442,13 +441,20 @@ def ncc_w4_cached(float_path: Path | str, algo: str = "rtn", group_size: int = 1
 
     calib = calibration_npz() if algo in ("gptq", "awq") else None
     settings = f"{algo}-{_settings(group_size, symmetric)}" + (f"-{fmt}" if fmt else "")
-    key = _key(ncc_source_hash(), ort.__version__, model_hash(float_path), model_hash(calib) if calib else "",
+    source = ncc_source_hash()
+    key = _key(source, ort.__version__, model_hash(float_path), model_hash(calib) if calib else "",
                settings, N_EVAL, SEQ)
 
     def produce(out: Path) -> dict:
         wall, cmd, report = ncc_w4(float_path, out, algo, group_size, symmetric, calib, fmt)
         cmd = [c.replace(str(out.parent), "$OUT") for c in cmd]
-        return {"quantize_s": wall, "command": cmd, "report": report, "ncc_source": ncc_source_hash(),
+        # ncc_source_after differs from ncc_source if ncc's code changed while this compiled
+        return {"quantize_s": wall, "command": cmd, "report": report, "ncc_source": source,
+                "ncc_source_after": ncc_source_hash(),
                 "settings": settings}
 
-    return _cached_model(f"ncc-{settings}-{key}", produce)
+    name = f"ncc-{settings}-{key}"
+    for stale in CACHE.glob(f"ncc-{settings}-" + "?" * len(key)):  # one cached build per setting: older code's go
+        if stale.name != name:
+            shutil.rmtree(stale, ignore_errors=True)
+    return _cached_model(name, produce)
