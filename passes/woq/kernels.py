@@ -11,13 +11,15 @@ Codes and dequantization, per row ``n`` and group ``j``::
     asymmetric (unsigned codes, integer zero point):
         lo = min(0, min W[n, j])   hi = max(0, max W[n, j])
         s = (hi - lo) / (2^b - 1)  z = clip(round(-lo / s), 0, 2^b - 1)
-        q = clip(round(w / s) + z, 0, 2^b - 1)          w^ = (q - z) * s
+        q = clip(round(w / s + z), 0, 2^b - 1)          w^ = (q - z) * s
     symmetric (signed codes, no zero point):
         m = the value of largest magnitude in the group (with its sign)
         s = m / -2^(b-1)                                 (m lands on -2^(b-1))
         q = clip(round(w / s), -2^(b-1), 2^(b-1) - 1)   w^ = q * s
 
-A group of zeros gets scale 1 (any scale reproduces it). ``group_size = 0``
+``round`` is to nearest with ties away from zero, as C's ``roundf`` and
+onnxruntime's quantizer round (ties are frequent on weights exported from a
+4-bit GGUF). A group of zeros gets scale 1 (any scale reproduces it). ``group_size = 0``
 means one group over all of ``K`` (per output channel). When ``g`` does not
 divide ``K`` the last group is shorter: arithmetically the row is padded with
 zeros to ``ceil(K / g) * g``, which changes no group's range (both schemes keep
@@ -119,16 +121,22 @@ def group_params(wg: np.ndarray, spec: GroupSpec) -> tuple[np.ndarray, np.ndarra
     hi = np.maximum(wg.max(axis=-1), 0).astype(np.float32)
     scale = (hi - lo) / np.float32(spec.qmax)
     scale[scale == 0] = 1.0
-    zero = np.clip(np.round(-lo / scale), 0, spec.qmax)
+    zero = np.clip(round_half_away(-lo / scale), 0, spec.qmax)
     return scale.astype(np.float32), zero.astype(np.uint8)
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """Round to nearest, ties away from zero (C's ``roundf``, as onnxruntime's quantizers round; numpy's
+    ``round`` goes to even). Ties are common here: weights exported from GGUF already lie on a 4-bit grid."""
+    return np.copysign(np.floor(np.abs(x) + 0.5), x)
 
 
 def quantize_with(wg: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, spec: GroupSpec) -> np.ndarray:
     """Codes of ``wg [..., g]`` for per-group ``scale``/``zero`` of shape ``wg.shape[:-1]``."""
-    q = np.round(wg / scale[..., None])
+    q = wg / scale[..., None]
     if zero is not None:
         q += zero[..., None]
-    return np.clip(q, spec.qmin, spec.qmax).astype(np.int16)
+    return np.clip(round_half_away(q), spec.qmin, spec.qmax).astype(np.int16)
 
 
 def dequantize_codes(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:

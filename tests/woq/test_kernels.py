@@ -26,6 +26,12 @@ from ncc.passes.woq.kernels import GroupSpec, awq_clip, awq_scales, gptq, rtn
 # -- the reference -------------------------------------------------------------------------------
 
 
+def round_away(x):
+    """Nearest integer, ties away from zero (the documented rounding; C's roundf)."""
+    x = np.asarray(x)
+    return np.where(x >= 0, np.floor(x + 0.5), np.ceil(x - 0.5))
+
+
 def ref_rtn(wt: np.ndarray, bits: int, group: int, sym: bool):
     """Codes ``[N, K]`` (int64), scales ``[N, G]`` float32, zero points ``[N, G]`` (None when symmetric)."""
     n, k = wt.shape
@@ -42,15 +48,15 @@ def ref_rtn(wt: np.ndarray, bits: int, group: int, sym: bool):
                 m = w[np.argmax(np.abs(w))]
                 s = np.float32(m) / np.float32(qmin)
                 s = np.float32(1.0) if s == 0 else s
-                q = np.clip(np.round(w / s), qmin, qmax)
+                q = np.clip(round_away(w / s), qmin, qmax)
             else:
                 lo = np.float32(min(np.float32(0), w.min()))
                 hi = np.float32(max(np.float32(0), w.max()))
                 s = (hi - lo) / np.float32(qmax)
                 s = np.float32(1.0) if s == 0 else s
-                z = np.clip(np.round(-lo / s), 0, qmax)
+                z = np.clip(round_away(-lo / s), 0, qmax)
                 zeros[r, j] = int(z)
-                q = np.clip(np.round(w / s) + z, qmin, qmax)
+                q = np.clip(round_away(w / s + np.float32(z)), qmin, qmax)
             scales[r, j] = s
             codes[r, j * g:(j + 1) * g] = q.astype(np.int64)
     return codes, scales, zeros
@@ -133,11 +139,13 @@ def test_rtn_dequantize_within_half_a_step(bits, group, sym, k):
     step = np.abs(qw.scales[:, idx])
     err = np.abs(wt - w_hat)
     # clipped: the unclipped code would leave the integer range
-    raw = np.round(wt / qw.scales[:, idx]) + (0 if sym else zeros[:, idx].astype(np.float32))
+    raw = round_away(wt / qw.scales[:, idx] + (0 if sym else zeros[:, idx].astype(np.float32)))
     clipped = (raw < spec.qmin) | (raw > spec.qmax)
-    # 1e-6 relative: the float32 roundings of w / s and of (q - z) * s
-    assert np.all(err[~clipped] <= step[~clipped] * (0.5 + 1e-6))
-    assert np.all(err[clipped] <= step[clipped] * (1 + 1e-6))
+    # slack: w / s + z is rounded to float32 before it is rounded to an integer, which can move a value that
+    # close to a tie by one float32 ulp of a number up to 2^bits (onnxruntime's quantizer rounds the same sum)
+    slack = 2.0 ** -24 * 2 ** bits * 2 + 1e-6
+    assert np.all(err[~clipped] <= step[~clipped] * (0.5 + slack))
+    assert np.all(err[clipped] <= step[clipped] * (1 + slack))
     if sym:
         # the +-0.5 pair in row 2: one lands on -2^(b-1), the other would be 2^(b-1) and is clipped one step off
         assert clipped[2, 3] and not clipped[2, 9] or clipped[2, 9] and not clipped[2, 3]
