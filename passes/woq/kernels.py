@@ -13,13 +13,14 @@ Codes and dequantization, per row ``n`` and group ``j``::
         s = (hi - lo) / (2^b - 1)  z = clip(round(-lo / s), 0, 2^b - 1)
         q = clip(round(w / s + z), 0, 2^b - 1)          w^ = (q - z) * s
     symmetric (signed codes, no zero point):
-        m = the value of largest magnitude in the group (with its sign)
+        m = the value of largest magnitude in the group (with its sign; the negative one on a tie)
         s = m / -2^(b-1)                                 (m lands on -2^(b-1))
         q = clip(round(w / s), -2^(b-1), 2^(b-1) - 1)   w^ = q * s
 
 ``round`` is to nearest with ties away from zero, as C's ``roundf`` and
-onnxruntime's quantizer round (ties are frequent on weights exported from a
-4-bit GGUF). A group of zeros gets scale 1 (any scale reproduces it). ``group_size = 0``
+onnxruntime's quantizer round, and ``w / s`` is computed as ``w * (1 / s)`` in
+float32 as it does (ties are frequent on weights exported from a 4-bit GGUF,
+so both choices decide codes). A group of zeros gets scale 1 (any scale reproduces it). ``group_size = 0``
 means one group over all of ``K`` (per output channel). When ``g`` does not
 divide ``K`` the last group is shorter: arithmetically the row is padded with
 zeros to ``ceil(K / g) * g``, which changes no group's range (both schemes keep
@@ -112,8 +113,8 @@ def reconstruction_errors(wt: np.ndarray, qw: QuantizedWeight, *, input_scale: n
 def group_params(wg: np.ndarray, spec: GroupSpec) -> tuple[np.ndarray, np.ndarray | None]:
     """Scales (and zero points) for groups ``wg [..., g]`` -> arrays of shape ``wg.shape[:-1]``."""
     if spec.symmetric:
-        idx = np.argmax(np.abs(wg), axis=-1)[..., None]
-        m = np.take_along_axis(wg, idx, axis=-1)[..., 0].astype(np.float32)
+        hi, lo = wg.max(axis=-1).astype(np.float32), wg.min(axis=-1).astype(np.float32)
+        m = np.where(np.abs(hi) > np.abs(lo), hi, lo)  # a tie takes the negative one, as onnxruntime does
         scale = m / np.float32(spec.qmin)
         scale[scale == 0] = 1.0
         return scale.astype(np.float32), None
@@ -133,7 +134,7 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
 
 def quantize_with(wg: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, spec: GroupSpec) -> np.ndarray:
     """Codes of ``wg [..., g]`` for per-group ``scale``/``zero`` of shape ``wg.shape[:-1]``."""
-    q = wg / scale[..., None]
+    q = wg * (np.float32(1) / scale[..., None]).astype(np.float32)  # by the reciprocal, as onnxruntime does
     if zero is not None:
         q += zero[..., None]
     return np.clip(round_half_away(q), spec.qmin, spec.qmax).astype(np.int16)

@@ -45,10 +45,11 @@ def ref_rtn(wt: np.ndarray, bits: int, group: int, sym: bool):
         for j in range(groups):
             w = wt[r, j * g:(j + 1) * g].astype(np.float32)  # the last group may be shorter
             if sym:
-                m = w[np.argmax(np.abs(w))]
+                hi, lo = w.max(), w.min()
+                m = hi if abs(hi) > abs(lo) else lo  # the negative one on a tie (documented)
                 s = np.float32(m) / np.float32(qmin)
                 s = np.float32(1.0) if s == 0 else s
-                q = np.clip(round_away(w / s), qmin, qmax)
+                q = np.clip(round_away(w * (np.float32(1) / s)), qmin, qmax)
             else:
                 lo = np.float32(min(np.float32(0), w.min()))
                 hi = np.float32(max(np.float32(0), w.max()))
@@ -56,7 +57,7 @@ def ref_rtn(wt: np.ndarray, bits: int, group: int, sym: bool):
                 s = np.float32(1.0) if s == 0 else s
                 z = np.clip(round_away(-lo / s), 0, qmax)
                 zeros[r, j] = int(z)
-                q = np.clip(round_away(w / s + np.float32(z)), qmin, qmax)
+                q = np.clip(round_away(w * (np.float32(1) / s) + np.float32(z)), qmin, qmax)
             scales[r, j] = s
             codes[r, j * g:(j + 1) * g] = q.astype(np.int64)
     return codes, scales, zeros
