@@ -15,7 +15,7 @@ Codes and dequantization, per row ``n`` and group ``j``::
     symmetric (signed codes, no zero point):
         m = the value of largest magnitude in the group (with its sign; the negative one on a tie)
         s = m / -2^(b-1)                                 (m lands on -2^(b-1))
-        q = clip(round(w / s), -2^(b-1), 2^(b-1) - 1)   w^ = q * s
+        q = clip(round(w / s + 2^(b-1)) - 2^(b-1), -2^(b-1), 2^(b-1) - 1)   w^ = q * s
 
 ``round`` is to nearest with ties away from zero, as C's ``roundf`` and
 onnxruntime's quantizer round, and ``w / s`` is computed as ``w * (1 / s)`` in
@@ -135,9 +135,10 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
 def quantize_with(wg: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, spec: GroupSpec) -> np.ndarray:
     """Codes of ``wg [..., g]`` for per-group ``scale``/``zero`` of shape ``wg.shape[:-1]``."""
     q = wg * (np.float32(1) / scale[..., None]).astype(np.float32)  # by the reciprocal, as onnxruntime does
-    if zero is not None:
-        q += zero[..., None]
-    return np.clip(round_half_away(q), spec.qmin, spec.qmax).astype(np.int16)
+    # rounded in the unsigned domain: + z, or + 2^(b-1) for symmetric codes (then taken back), as onnxruntime does
+    offset = zero[..., None] if zero is not None else np.float32(-spec.qmin)
+    q = round_half_away(q + offset) - (0 if zero is not None else -spec.qmin)
+    return np.clip(q, spec.qmin, spec.qmax).astype(np.int16)
 
 
 def dequantize_codes(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:

@@ -49,7 +49,7 @@ def ref_rtn(wt: np.ndarray, bits: int, group: int, sym: bool):
                 m = hi if abs(hi) > abs(lo) else lo  # the negative one on a tie (documented)
                 s = np.float32(m) / np.float32(qmin)
                 s = np.float32(1.0) if s == 0 else s
-                q = np.clip(round_away(w * (np.float32(1) / s)), qmin, qmax)
+                q = np.clip(round_away(w * (np.float32(1) / s) + np.float32(-qmin)) + qmin, qmin, qmax)
             else:
                 lo = np.float32(min(np.float32(0), w.min()))
                 hi = np.float32(max(np.float32(0), w.max()))
