@@ -100,13 +100,23 @@ def model_hash(path: Path | str) -> str:
     return h.hexdigest()[:16]
 
 
-def session(path: Path | str, threads: int = THREADS):
-    """An onnxruntime CPU session with ncc bench's options (ORT_ENABLE_ALL, ``threads`` intra-op, 1 inter-op)."""
+# onnxruntime fuses DequantizeLinear(int4, blocked) + MatMul into MatMulNBits at ORT_ENABLE_ALL with
+# accuracy_level 4 (int8 activations) unless told otherwise; 0 keeps float compute, as in the MatMulNBits
+# models both quantizers write (accuracy_level unset). The qdq form is scored with this config.
+FLOAT_QDQ_MATMULNBITS = {"session.qdq_matmulnbits_accuracy_level": "0"}
+
+
+def session(path: Path | str, threads: int = THREADS, config: dict[str, str] | None = None):
+    """An onnxruntime CPU session with ncc bench's options (ORT_ENABLE_ALL, ``threads`` intra-op, 1 inter-op)
+    and the session config entries ``config``."""
     import onnxruntime as ort
 
     from ncc.tools.bench import session_options
 
-    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    options = session_options(threads)
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _cached_json(path: Path, compute) -> dict:
@@ -170,10 +180,10 @@ def calibration_npz(path: Path | str | None = None, n: int = N_CALIB, seq: int =
 
 
 def window_nll(model_path: Path | str, windows: np.ndarray | None = None, batch: int = EVAL_BATCH,
-               threads: int = THREADS) -> np.ndarray:
+               threads: int = THREADS, config: dict[str, str] | None = None) -> np.ndarray:
     """Summed next-token negative log-likelihood (float64) of each window: positions 0..seq-2 predict 1..seq-1."""
     windows = eval_windows() if windows is None else windows
-    sess = session(model_path, threads)
+    sess = session(model_path, threads, config)
     out = []
     for i in range(0, len(windows), batch):
         ids = windows[i : i + batch]
@@ -186,10 +196,12 @@ def window_nll(model_path: Path | str, windows: np.ndarray | None = None, batch:
     return np.asarray(out)
 
 
-def perplexity(model_path: Path | str, windows: np.ndarray | None = None, batch: int = EVAL_BATCH) -> float:
+def perplexity(model_path: Path | str, windows: np.ndarray | None = None, batch: int = EVAL_BATCH,
+               config: dict[str, str] | None = None) -> float:
     """exp(mean next-token NLL) over all predicted positions of the evaluation windows."""
     windows = eval_windows() if windows is None else windows
-    return float(np.exp(window_nll(model_path, windows, batch).sum() / (windows.shape[0] * (windows.shape[1] - 1))))
+    nll = window_nll(model_path, windows, batch, config=config)
+    return float(np.exp(nll.sum() / (windows.shape[0] * (windows.shape[1] - 1))))
 
 
 def fp32_perplexity(model_path: Path | str) -> float:
@@ -323,10 +335,11 @@ def ort_rtn(float_path: Path | str, out_path: Path | str, block_size: int = 128,
     return time.perf_counter() - start
 
 
-def _cached_model(name: str, produce) -> dict:
+def _cached_model(name: str, produce, config: dict[str, str] | None = None) -> dict:
     """A quantized model kept in ``CACHE/name/model.onnx`` with ``result.json``: what ``produce(out_path)``
     returns (its wall time etc.) plus the model's perplexity, weight-MatMul bytes, file bytes and MatMul
-    kinds. Built in a temporary folder and renamed, so an interrupted build leaves nothing behind."""
+    kinds (perplexity with the session config entries ``config``). Built in a temporary folder and
+    renamed, so an interrupted build leaves nothing behind."""
     folder = CACHE / name
     if not (folder / "result.json").exists():
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -334,7 +347,8 @@ def _cached_model(name: str, produce) -> dict:
         try:
             out = tmp / "model.onnx"
             result = dict(produce(out))
-            result.update(perplexity=perplexity(out), weight_matmul_bytes=weight_matmul_bytes(out),
+            result.update(perplexity=perplexity(out, config=config), session_config=config or {},
+                          weight_matmul_bytes=weight_matmul_bytes(out),
                           file_bytes=file_bytes(out), matmuls=quantized_matmuls(out))
             (tmp / "result.json").write_text(json.dumps(result, indent=2))
             shutil.rmtree(folder, ignore_errors=True)
@@ -442,8 +456,9 @@ def ncc_w4_cached(float_path: Path | str, algo: str = "rtn", group_size: int = 1
     calib = calibration_npz() if algo in ("gptq", "awq") else None
     settings = f"{algo}-{_settings(group_size, symmetric)}" + (f"-{fmt}" if fmt else "")
     source = ncc_source_hash()
+    config = FLOAT_QDQ_MATMULNBITS if fmt == "qdq" else None
     key = _key(source, ort.__version__, model_hash(float_path), model_hash(calib) if calib else "",
-               settings, N_EVAL, SEQ)
+               settings, N_EVAL, SEQ, json.dumps(config, sort_keys=True))
 
     def produce(out: Path) -> dict:
         wall, cmd, report = ncc_w4(float_path, out, algo, group_size, symmetric, calib, fmt)
@@ -457,4 +472,4 @@ def ncc_w4_cached(float_path: Path | str, algo: str = "rtn", group_size: int = 1
     for stale in CACHE.glob(f"ncc-{settings}-" + "?" * len(key)):  # one cached build per setting: older code's go
         if stale.name != name:
             shutil.rmtree(stale, ignore_errors=True)
-    return _cached_model(name, produce)
+    return _cached_model(name, produce, config)

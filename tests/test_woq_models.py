@@ -36,6 +36,10 @@ MIN_SIZE_RATIO = 5.0  # FP32 weight-MatMul bytes over quantized
 # a real quality gap between two RTN implementations is larger than that.
 RTN_VS_ORT_RTOL = 1e-3
 # DequantizeLinear + MatMul vs MatMulNBits: the same codes and scales, float sums in another order.
+# The qdq model is scored with onnxruntime's DQ+MatMul -> MatMulNBits fusion kept in float
+# (llm_models.FLOAT_QDQ_MATMULNBITS): by default that fusion computes with int8 activations
+# (accuracy_level 4), which measured 28.76 against 28.47 here, a difference of onnxruntime's kernels, not
+# of the two forms' weights.
 QDQ_RTOL = 1e-3
 N_WEIGHT_MATMULS = 30 * 7 + 1
 
@@ -141,5 +145,6 @@ def test_weight_matmul_bytes_5x_smaller(built, fp32, algo):
 
 def test_qdq_format_matches_matmulnbits(built):
     packed, qdq = built.get("ncc", "rtn"), built.get("ncc", "rtn", "qdq")
+    assert qdq["session_config"] == L.FLOAT_QDQ_MATMULNBITS
     assert qdq["perplexity"] == pytest.approx(packed["perplexity"], rel=QDQ_RTOL), (
         f"W4G{GROUP} asym RTN perplexity: MatMulNBits {packed['perplexity']:.6f} vs qdq {qdq['perplexity']:.6f}")
