@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from ncc.passes.base import option
 from ncc.passes.rewrite import Rewriter
-from ncc.passes.woq.base import WeightOnlyPass
+from ncc.passes.woq.base import CalibratedWeightOnlyPass
 from ncc.passes.woq.kernels import awq_clip, awq_scales, rtn
 from ncc.passes.woq.weights import WeightUse, read_weight_t
 
@@ -18,7 +18,7 @@ _ONNX = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
-class WoqAwq(WeightOnlyPass):
+class WoqAwq(CalibratedWeightOnlyPass):
     """Weight-only quantization by AWQ: per-channel scales that protect salient inputs, then clipping (needs --calib).
 
     For the weights sharing one activation ``x`` (Q/K/V, gate/up), a scale
@@ -31,16 +31,9 @@ class WoqAwq(WeightOnlyPass):
 
     name: ClassVar[str] = "woq-awq"
     algo: ClassVar[str] = "awq"
-    uses_calibration: ClassVar[bool] = True
 
     grid: int = option(20, "exponents a = 0, 1/grid, ... tried for s = mean|x|^a")
     clip: bool = option(True, "search a clipping ratio per group after scaling")
-    samples: int = option(0, "use at most this many calibration samples (0: all)")
-    batch_size: int = option(4, "samples per onnxruntime run")
-    calib_memory_mb: int = option(512, "memory for the per-input statistics (x^T x) per calibration run")
-
-    def calibration(self):
-        return self.samples, self.batch_size, self.calib_memory_mb
 
     def quantize_group(self, rewriter, group, stats, spec):
         wts = [read_weight_t(use) for use in group]

@@ -86,10 +86,6 @@ class WeightOnlyPass(Pass):
         """
         raise NotImplementedError
 
-    def calibration(self) -> tuple[int, int, int]:
-        """``(samples, batch_size, memory budget in MB)`` for calibrated subclasses."""
-        return 0, 4, 512
-
     # -- the contract ------------------------------------------------------------------------------
     def requires(self, model: ir.Model) -> None:
         if self.bits not in (4, 8):
@@ -119,9 +115,8 @@ class WeightOnlyPass(Pass):
             data = ctx.data.get("calibration_data")
             if data is None:
                 raise NccError(f"pass '{self.name}' needs calibration data; give it with --calib DATA.")
-            samples = self.calibration()[0]
-            if samples:
-                data.max_samples = samples
+            if self.samples:
+                data.max_samples = self.samples
         blockers = raise_opset(model, BLOCKED_DQ_OPSET)
         if blockers:
             raise NccError(
@@ -136,10 +131,9 @@ class WeightOnlyPass(Pass):
         for chunk in self._chunks(uses):
             stats: dict[str, InputStats] = {}
             if data is not None:
-                _, batch_size, _ = self.calibration()
                 start = time.perf_counter()
                 stats = collect(model, {a: group[0].k for _, group in chunk for a in _activations(group)}, data,
-                                batch_size=batch_size,
+                                batch_size=self.batch_size,
                                 progress=ctx.data.get("progress", False))
                 calib_seconds += time.perf_counter() - start
             for _, group in chunk:
@@ -169,7 +163,7 @@ class WeightOnlyPass(Pass):
         items = list(groups.items())
         if not self.uses_calibration:
             return [items]
-        budget = self.calibration()[2] << 20
+        budget = self.calib_memory_mb << 20
         chunks: list[list[tuple[str, list[WeightUse]]]] = [[]]
         used = 0
         for name, group in items:
@@ -194,7 +188,7 @@ class WeightOnlyPass(Pass):
 
     @staticmethod
     def _stats(layers: list[LayerReport]) -> dict[str, int]:
-        return {"weights quantized": len(layers), "MatMuls quantized": len(layers),
+        return {"weights quantized": len(layers),
                 "bytes before": sum(r.bytes_before for r in layers), "bytes after": sum(r.bytes_after for r in layers)}
 
     def _notes(self, layers: list[LayerReport], spec: GroupSpec, calib_seconds: float) -> list[str]:
@@ -217,3 +211,15 @@ class WeightOnlyPass(Pass):
 
 def _activations(group: list[WeightUse]) -> list[str]:
     return list(dict.fromkeys(a for use in group for a in use.activations))
+
+
+@dataclass(frozen=True)
+class CalibratedWeightOnlyPass(WeightOnlyPass):
+    """Base of the weight-only passes that read activations (woq-gptq, woq-awq): their calibration options."""
+
+    uses_calibration: ClassVar[bool] = True
+
+    samples: int = option(0, "use at most this many calibration samples (0: all)")
+    batch_size: int = option(4, "samples per onnxruntime run")
+    calib_memory_mb: int = option(512, "memory for the per-input statistics (x^T x) per calibration run; "
+                                       "more layers per run when larger")

@@ -8,29 +8,22 @@ from typing import ClassVar
 import numpy as np
 
 from ncc.passes.base import option
-from ncc.passes.woq.base import WeightOnlyPass
+from ncc.passes.woq.base import CalibratedWeightOnlyPass
 from ncc.passes.woq.kernels import QuantizedWeight, gptq
 from ncc.passes.woq.weights import read_weight_t
 
 
 @dataclass(frozen=True)
-class WoqGptq(WeightOnlyPass):
+class WoqGptq(CalibratedWeightOnlyPass):
     """Weight-only quantization by GPTQ: rounding errors compensated through each layer's input Hessian (needs --calib)."""
 
     name: ClassVar[str] = "woq-gptq"
     algo: ClassVar[str] = "gptq"
-    uses_calibration: ClassVar[bool] = True
 
     damp: float = option(0.01, "fraction of the mean Hessian diagonal added to it")
     block: int = option(128, "columns updated together (lazy batch updates)")
     act_order: bool = option(True, "quantize columns by decreasing Hessian diagonal, group parameters from the "
                                    "original weights (SmolLM2 W4G128: perplexity +2.5 with it, +5.3 without)")
-    samples: int = option(0, "use at most this many calibration samples (0: all)")
-    batch_size: int = option(4, "samples per onnxruntime run")
-    calib_memory_mb: int = option(512, "memory for Hessians per calibration run; more layers per run when larger")
-
-    def calibration(self):
-        return self.samples, self.batch_size, self.calib_memory_mb
 
     def quantize_group(self, rewriter, group, stats, spec):
         # Rows are independent given H: the weights sharing this activation (Q/K/V) go through one walk.

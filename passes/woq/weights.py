@@ -151,12 +151,7 @@ def add_initializers(rewriter: Rewriter, pieces: list[tuple[str, ir.DataType, np
     values = []
     for name, dt, array in pieces:
         name = rewriter.fresh_name(name)
-        if spill is not None:
-            tensor = spill.put(array, dt, name)
-        elif dt.bitwidth == 4:
-            tensor = packed_tensor(np.ascontiguousarray(array), dt, name)
-        else:
-            tensor = ir.Tensor(np.ascontiguousarray(array, dt.numpy()), name=name)
+        tensor = spill.put(array, dt, name) if spill is not None else packed_tensor(array, dt, name)
         value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dt), const_value=tensor)
         rewriter.graph.register_initializer(value)
         values.append(value)
