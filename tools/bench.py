@@ -375,14 +375,23 @@ def _run_all(session, feeds: dict, n: int, chunk: int, path: Path, synthetic: bo
     }
 
 
-def fidelity(ref, got) -> dict:
-    """Cosine (mean over samples on axis 0, each flattened), top-1 agreement, SQNR in dB of ``got`` vs ``ref``."""
+def fidelity(ref, got, mask=None) -> dict:
+    """Cosine (mean over samples on axis 0, each flattened), top-1 agreement, SQNR in dB of ``got`` vs ``ref``.
+
+    ``mask`` (``[samples, seq]``, a transformer's ``attention_mask``) leaves padded positions out of all
+    three when the outputs start with those dimensions: nothing reads a padded token's output.
+    """
     import numpy as np
 
     ref = np.asarray(ref, dtype=np.float64)
     got = np.asarray(got, dtype=np.float64)
     if ref.shape != got.shape:
         raise NccError(f"the models' outputs differ in shape: {list(ref.shape)} vs {list(got.shape)}.")
+    valid = None
+    if mask is not None and ref.ndim > 2 and ref.shape[:2] == np.shape(mask):
+        valid = np.asarray(mask) != 0
+        keep = valid.reshape(valid.shape + (1,) * (ref.ndim - 2))
+        ref, got = ref * keep, got * keep
     r = ref.reshape(ref.shape[0], -1) if ref.ndim else ref.reshape(1, 1)
     g = got.reshape(r.shape)
     nr, ng = np.linalg.norm(r, axis=1), np.linalg.norm(g, axis=1)
@@ -391,7 +400,8 @@ def fidelity(ref, got) -> dict:
         cos = np.where((nr == 0) & (ng == 0), 1.0, np.where((nr == 0) | (ng == 0), 0.0, dot / (nr * ng)))
     top1 = None
     if ref.ndim >= 2 and ref.shape[-1] > 1:
-        top1 = float(np.mean(np.argmax(ref, axis=-1) == np.argmax(got, axis=-1)))
+        same = np.argmax(ref, axis=-1) == np.argmax(got, axis=-1)
+        top1 = float(np.mean(same[valid] if valid is not None and same.shape[:2] == valid.shape else same))
     signal, noise = float(np.sum(ref * ref)), float(np.sum((ref - got) ** 2))
     if noise == 0.0:
         sqnr = math.inf
@@ -518,8 +528,6 @@ def benchmark(
     ``"fidelity"`` or ``"accuracy:LABELS.npy"``. Returns a JSON-ready dict (see :func:`format_table`).
     Anything a user can get wrong raises :class:`NccError`.
     """
-    import numpy as np
-
     kind, labels_path = _parse_metric(metric)
     threads = threads if threads is not None else (os.cpu_count() or 1)
     for option, value, least in (("threads", threads, 1), ("warmup", warmup, 0), ("runs", runs, 1),
@@ -575,7 +583,11 @@ def benchmark(
     out_fp = _run_all(sess_fp, feeds, n, chunk, fp.path, synthetic)
     out_q = _run_all(sess_q, feeds, n, chunk, q.path, synthetic)
 
-    details = {name: fidelity(out_fp[name], out_q[name]) for name in fp.outputs}
+    from ncc.passes.quant.fallback import MASK_INPUT
+
+    mask = feeds.get(MASK_INPUT)
+    mask = mask[:n] if mask is not None and mask.ndim == 2 else None
+    details = {name: fidelity(out_fp[name], out_q[name], mask) for name in fp.outputs}
     first = fp.outputs[0]
     if kind == "fidelity":
         quality = {"name": "cosine", "output": first, "fp32": 1.0, "int8": details[first]["cosine"]}

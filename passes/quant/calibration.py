@@ -16,7 +16,7 @@
    :class:`~ncc.passes.quant.observers.TensorStats`: memory holds one batch's
    activations and the histograms, nothing more.
 
-A model whose weights live in external files is inlined when small
+A model is handed over as an in-memory proto when its weights are small
 (``INLINE_LIMIT``); a larger one is saved with external data to a temporary
 folder and the session is loaded from that path. Protobuf appears only in
 the serialized bytes handed to onnxruntime; no backend is imported.
@@ -48,8 +48,11 @@ from ncc.errors import NccError
 from ncc.passes.quant.calib_data import CalibrationData, validate
 from ncc.passes.quant.observers import TensorStats
 
-INLINE_LIMIT = 512 << 20
-"""Models with at most this many bytes of weights go to onnxruntime as one in-memory proto."""
+INLINE_LIMIT = 16 << 20
+"""Models with at most this many bytes of weights go to onnxruntime as one in-memory proto.
+
+Above it, saving the weights raw to a temporary file is faster than copying them twice into a
+proto (MiniLM's 90 MB: 0.3 s against 0.55 s per session, and min-cosine opens several)."""
 
 _FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}

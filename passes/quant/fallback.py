@@ -12,6 +12,11 @@ up to ``max-float`` of the quantized compute nodes:
 - each step re-quantizes the float model with the chosen nodes excluded, so a
   fallback is exactly what ``--exclude`` would give, and is measured again.
 
+Transformers pad their inputs: where the model takes an ``attention_mask``
+input, positions it masks out (its zeros) are left out of every comparison
+— a padded token's output is never read, and on short sentences the padding
+would otherwise decide the score.
+
 The layers at the model's edges — those reading a graph input (a CNN's stem
 sees the raw image) and those producing a graph output — are tried first,
 then the rest by sensitivity. A fallback that does not improve the measured
@@ -66,21 +71,49 @@ def run(model: ir.Model, feeds: list[dict], outputs: list[str] = ()) -> dict[str
     return results
 
 
-def fidelity(reference: dict, candidate: dict, outputs: list[str]) -> float:
-    """Smallest, over graph outputs, mean per-sample cosine similarity."""
+MASK_INPUT = "attention_mask"
+"""The input whose zeros mark padded positions (the Hugging Face convention)."""
+
+
+def token_masks(feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray | None]:
+    """Per batch of ``feeds``, its ``attention_mask`` as booleans ``[batch, seq]``, or None."""
+    masks = []
+    for feed in feeds:
+        mask = feed.get(MASK_INPUT)
+        masks.append(np.asarray(mask) != 0 if mask is not None and np.ndim(mask) == 2 else None)
+    return masks
+
+
+def _unpadded(arrays: list[np.ndarray], masks: list[np.ndarray | None] | None) -> list[np.ndarray]:
+    """``arrays`` (one per batch) in float64 with masked-out positions zeroed, where an array's leading
+    dimensions are its batch's mask's ``[batch, seq]``; other arrays unchanged."""
+    out = []
+    for i, a in enumerate(arrays):
+        a = a.astype(np.float64)
+        mask = masks[i] if masks is not None and i < len(masks) else None
+        if mask is not None and a.shape[: mask.ndim] == mask.shape:
+            a = a * mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim))
+        out.append(a)
+    return out
+
+
+def fidelity(reference: dict, candidate: dict, outputs: list[str],
+             masks: list[np.ndarray | None] | None = None) -> float:
+    """Smallest, over graph outputs, mean per-sample cosine similarity (padded positions left out)."""
     worst = 1.0
     for name in outputs:
-        ref = np.concatenate([a.reshape(a.shape[0], -1) for a in reference[name]]).astype(np.float64)
-        got = np.concatenate([a.reshape(a.shape[0], -1) for a in candidate[name]]).astype(np.float64)
+        ref = np.concatenate([a.reshape(a.shape[0], -1) for a in _unpadded(reference[name], masks)])
+        got = np.concatenate([a.reshape(a.shape[0], -1) for a in _unpadded(candidate[name], masks)])
         denom = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
         cos = np.where(denom > 0, (ref * got).sum(1) / np.maximum(denom, 1e-30), 1.0)
         worst = min(worst, float(cos.mean()))
     return worst
 
 
-def _rel_error(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
-    num = sum(float(np.sum((r.astype(np.float64) - g) ** 2)) for r, g in zip(ref, got))
-    den = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
+def _rel_error(ref: list[np.ndarray], got: list[np.ndarray], masks: list[np.ndarray | None]) -> float:
+    ref, got = _unpadded(ref, masks), _unpadded(got, masks)
+    num = sum(float(np.sum((r - g) ** 2)) for r, g in zip(ref, got))
+    den = sum(float(np.sum(r**2)) for r in ref)
     return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
@@ -95,23 +128,21 @@ def rank(float_model: ir.Model, quantized: ir.Model, feeds: list[dict]) -> list[
         for value in node.inputs:
             if value is not None and value.const_value is None:
                 wanted[_float_name(value)] = None
-    names = [n for n in wanted if _produced(float_model, n)]
+    in_float, in_quantized = _produced(float_model), _produced(quantized)
+    names = [n for n in wanted if n in in_float]
+    masks = token_masks(feeds)
     ref = run(float_model, feeds, names)
-    got = run(quantized, feeds, [n for n in names if _produced(quantized, n)])
+    got = run(quantized, feeds, [n for n in names if n in in_quantized])
+    errors = {n: _rel_error(ref[n], got[n], masks) for n in names if n in ref and n in got}
+    del ref, got
     scores = []
     for node in nodes:
         out = node.outputs[0].name
-        if out not in ref or out not in got:
+        if out not in errors:
             continue
-        err_out = _rel_error(ref[out], got[out])
-        err_in = 0.0
-        for value in node.inputs:
-            if value is None or value.const_value is not None:
-                continue
-            name = _float_name(value)
-            if name in ref and name in got:
-                err_in = max(err_in, _rel_error(ref[name], got[name]))
-        scores.append((err_out - err_in, node.name))
+        err_in = max((errors.get(_float_name(v), 0.0) for v in node.inputs
+                      if v is not None and v.const_value is None), default=0.0)
+        scores.append((errors[out] - err_in, node.name))
     ranked = [name for _, name in sorted(scores, key=lambda s: -s[0])]
     # The layers at the model's edges see the raw input or produce the raw output: try them first.
     edges = [n.name for n in nodes if any(v is not None and _float_name(v) in _graph_inputs(quantized)
@@ -134,5 +165,6 @@ def _float_name(value: ir.Value) -> str:
     return value.name
 
 
-def _produced(model: ir.Model, name: str) -> bool:
-    return any(o.name == name for n in model.graph for o in n.outputs)
+def _produced(model: ir.Model) -> set[str]:
+    """Names of the values the nodes of ``model``'s main graph produce."""
+    return {o.name for n in model.graph for o in n.outputs}

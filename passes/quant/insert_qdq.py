@@ -66,6 +66,8 @@ class InsertQDQ(Pass):
     min_cosine: float = option(0.0, "keep the most sensitive nodes in float until outputs reach this cosine (0: off)")
     max_float: float = option(0.1, "largest fraction of quantized compute nodes min-cosine may keep in float")
     fallback_samples: int = option(16, "calibration samples min-cosine measures on")
+    min_gain: float = option(0.05, "a node min-cosine keeps in float must close this fraction of the gap to 1")
+    patience: int = option(2, "min-cosine stops after this many fallbacks in a row that gained too little")
 
     def requires(self, model: ir.Model) -> None:
         plan.refuse_quantized(model)
@@ -96,12 +98,13 @@ class InsertQDQ(Pass):
         float_model = ctx.data["float_model"]
         outputs = [v.name for v in model.graph.outputs]
         reference = fallback.run(float_model, feeds, outputs)
+        masks = fallback.token_masks(feeds)
 
         def attempt(excluded: tuple[str, ...]) -> tuple[ir.Model, PassResult, float]:
             candidate = float_model.clone()
             options = dataclasses.replace(self, exclude=self.exclude + excluded, min_cosine=0.0)
             result = _Quantizer(options, candidate, calibration, target, op_types, islands).run()
-            return candidate, result, fallback.fidelity(reference, fallback.run(candidate, feeds, outputs), outputs)
+            return candidate, result, fallback.fidelity(reference, fallback.run(candidate, feeds, outputs), outputs, masks)
 
         best, result, score = attempt(())
         history = [f"fallback: all quantized: output cosine {score:.5f} (target {self.min_cosine})"]
@@ -109,15 +112,24 @@ class InsertQDQ(Pass):
             ranked = fallback.rank(float_model, best, feeds)
             budget = int(self.max_float * len(ranked))
             excluded: tuple[str, ...] = ()
+            misses = 0
             for name in ranked[:budget]:
                 excluded += (_exact(name),)
                 candidate, cand_result, cand_score = attempt(excluded)
-                history.append(f"fallback: + {name} in float: output cosine {cand_score:.5f}")
-                if cand_score > score:
+                # a float node costs speed: keep it only if it buys a real share of what is missing
+                if cand_score - score >= self.min_gain * (1.0 - score):
                     best, result, score = candidate, cand_result, cand_score
+                    misses = 0
+                    history.append(f"fallback: + {name} in float: output cosine {cand_score:.5f}")
                 else:
                     excluded = excluded[:-1]
+                    misses += 1
+                    history.append(f"fallback: {name} stays quantized: in float it gives {cand_score:.5f}")
                 if score >= self.min_cosine:
+                    break
+                if misses >= self.patience:
+                    history.append(f"fallback: stopped after {misses} fallbacks in a row gained less than "
+                                   f"{self.min_gain:.0%} of the gap to 1: the error is spread, not in a few nodes")
                     break
         _adopt(model, best)
         result.notes[:0] = history

@@ -259,3 +259,15 @@ def test_min_cosine_keeps_sensitive_nodes_in_float():
     assert 1 <= len(kept) <= 2  # half of the 5 quantized compute nodes, rounded down
     assert any(note.startswith("fallback: all quantized") for note in record.notes)
     assert record.stats["output cosine (calibration)"] > 0.9999
+
+
+def test_min_cosine_stops_when_fallbacks_gain_too_little():
+    # each float node must close 99% of the gap to cosine 1: none does, so after `patience` misses
+    # the fallback gives up and every compute node stays quantized
+    model, _, report = _int8_model_via_api("fuse-conv-bn,fuse-activation,calibrate,"
+                                           "insert-qdq{min-cosine=0.999999 max-float=1.0 min-gain=0.99 patience=2}")
+    notes = report.records[-1].notes
+    kept = [n.name for n in model.graph if "excluded" in n.metadata_props.get("ncc.quant.skip", "")]
+    assert kept == []
+    assert sum("stays quantized" in note for note in notes) == 2
+    assert any(note.startswith("fallback: stopped after 2 fallbacks in a row") for note in notes)

@@ -8,6 +8,7 @@ token model; the JSON and table output through click; and the errors a user can 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -458,3 +459,18 @@ def test_data_from_a_python_function(models, tmp_path):
     same = benchmark(models["float"], models["quant"], {"x": models["x"][:30]}, batch=4, **FAST)
     assert result["samples"] == 30
     assert result["fidelity"]["logits"]["cosine"] == pytest.approx(same["fidelity"]["logits"]["cosine"], abs=1e-9)
+
+
+def test_fidelity_leaves_padded_positions_out():
+    from ncc.tools.bench import fidelity
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(2, 5, 3))
+    mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    got = ref.copy()
+    got[mask == 0] = -got[mask == 0] * 7  # padded tokens: garbage nothing reads
+    masked = fidelity(ref, got, mask)
+    assert masked["cosine"] == pytest.approx(1.0) and masked["top1_agreement"] == 1.0
+    assert masked["sqnr_db"] == math.inf
+    whole = fidelity(ref, got)
+    assert whole["cosine"] < 0.5 and whole["top1_agreement"] < 1.0
