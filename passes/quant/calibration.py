@@ -11,7 +11,9 @@
 3. otherwise clones the model (tensors are shared, not copied), makes every
    requested intermediate value a graph output (a value of unknown type is
    declared float), and opens one onnxruntime session on the CPU provider with
-   graph optimizations disabled, so intermediate names survive;
+   its full graph optimizations: a graph output is never fused away, so every
+   requested value survives, and a CNN runs in onnxruntime's blocked layout
+   (EfficientNet-Lite0's 64 samples: 2.5 s against 4.3 s with optimizations off);
 4. runs the data batch by batch and folds each requested output into its
    :class:`~ncc.passes.quant.observers.TensorStats`: memory holds one batch's
    activations and the histograms, nothing more.
@@ -189,8 +191,8 @@ def iterate_outputs(model: ir.Model, names: list[str], data: CalibrationData, *,
                     ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """Run ``model`` in onnxruntime on ``data``; yield ``(feeds, {name: array})`` per batch for the values ``names``.
 
-    One session (CPU, graph optimizations off so intermediate names survive)
-    for the whole run; an onnxruntime failure on a batch is a user error naming
+    One session (CPU, full optimizations: requested values are graph outputs,
+    which no fusion removes) for the whole run; an onnxruntime failure on a batch is a user error naming
     the batch. With no ``names`` the model is not run and the outputs are empty.
     ``prune`` runs only the nodes ``names`` depend on (onnxruntime itself runs
     every node whatever is fetched): the graph's own outputs are dropped.
@@ -201,7 +203,6 @@ def iterate_outputs(model: ir.Model, names: list[str], data: CalibrationData, *,
         session = None
         if names:
             options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             options.log_severity_level = 3
             source = session_source(model, names, Path(workdir), prune=prune)
             session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
