@@ -280,8 +280,9 @@ def main(argv=None) -> int:
           f"ncc target {facts['ncc_target']}; Python {facts['python']}")
     print(f"timing: {THREADS} intra-op threads (1 inter-op), CPU EP, ORT_ENABLE_ALL; median of at least {runs} runs (more for fast models, "
           f"so each timed loop lasts >= {MIN_TIMED_S:.0f} s) after {warmup} warm-up, all rows of a model interleaved in one loop; batch {' and '.join(map(str, BATCHES))}"
-          f" (MiniLM at seq len {m.SEQ}); quantize s = `ncc compile` subprocess wall time with an empty calibration "
-          f"cache vs the in-process quantize_static / quantize_dynamic call; total benchmark time {total:.0f}s\n")
+          f" (MiniLM at seq len {m.SEQ}); quantize s = wall time of a fresh process, as a user runs it from a shell: `ncc compile` "
+          f"(empty calibration cache, onnxruntime check of the result included) vs benchmarks/ort_quantize.py calling "
+          f"quantize_static / quantize_dynamic; total benchmark time {total:.0f}s\n")
     for res in results:
         task = res["task"]
         print(f"## {task.name}\n")

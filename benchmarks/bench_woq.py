@@ -9,7 +9,10 @@ wall time. Then the W4G128 acceptance verdicts (issue 4).
 Models, data and metrics come from ``llm_models.py``. Quantized models and their scores are cached
 under ``realmodels.CACHE / "woq"`` (ncc's keyed by a hash of ncc's source code, onnxruntime's by its
 version), so a second run only times; ``--fresh`` rebuilds ncc's. Latency: every row in one loop,
-sessions interleaved (order reversed every other round), median after warm-up.
+sessions interleaved (order reversed every other round), median after warm-up. The speed verdict
+compares ncc's RTN with onnxruntime's at the same settings side by side: ``--paired-rounds``
+back-to-back pairs, the median of their per-pair ratios and its quartiles, and whether the two
+models' packed weights are byte-identical.
 """
 
 from __future__ import annotations
@@ -125,8 +128,17 @@ def verdicts(fp32: dict, rows: list[dict]) -> list[str]:
         if o is None:
             continue
         setting = f"W4G{r['group']} {r['scheme']}"
-        out.append(f"  {ok(r['latency_ms'] <= o['latency_ms'])}: ncc RTN {setting} prefill {r['latency_ms']:.0f} ms vs "
-                   f"onnxruntime RTN {o['latency_ms']:.0f} ms (ratio {r['latency_ms'] / o['latency_ms']:.3f}, <= 1)")
+        side = r.get("side_by_side")
+        if side is None:
+            out.append(f"  {ok(r['latency_ms'] <= o['latency_ms'])}: ncc RTN {setting} prefill {r['latency_ms']:.0f} ms "
+                       f"vs onnxruntime RTN {o['latency_ms']:.0f} ms (ratio {r['latency_ms'] / o['latency_ms']:.3f}, <= 1)")
+        else:
+            # faster, or a tie: the paired ratios' middle half reaches 1 (slower would put it all above 1)
+            verdict = "PASS" if side["ratio"] <= 1 else "PASS (tie)" if side["q25"] <= 1 else "FAIL"
+            same = "byte-identical packed weights" if side["identical"] else "different packed weights"
+            out.append(f"  {verdict}: ncc RTN {setting} prefill vs onnxruntime RTN, side by side: ratio "
+                       f"{side['ratio']:.3f} (median of {side['rounds']} paired rounds, quartiles {side['q25']:.3f}-"
+                       f"{side['q75']:.3f}; {side['a_ms']:.0f} vs {side['b_ms']:.0f} ms; {same})")
         out.append(f"  {ok(r['perplexity'] <= o['perplexity'])}: ncc RTN {setting} perplexity {r['perplexity']:.4f} vs "
                    f"onnxruntime RTN {o['perplexity']:.4f} (<=)")
     return out
@@ -148,6 +160,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-ort", action="store_true", help="no onnxruntime MatMulNBitsQuantizer rows")
     parser.add_argument("--fresh", action="store_true", help="compile ncc's models again even if cached")
     parser.add_argument("--repeats", type=int, default=10, help="timed prefill rounds (after 2 warm-up)")
+    parser.add_argument("--paired-rounds", type=int, default=40,
+                        help="paired ncc/onnxruntime RTN prefill rounds for the side-by-side speed check")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     args.algos = tuple(a.strip() for a in args.algos.split(",") if a.strip())
@@ -170,6 +184,11 @@ def main(argv=None) -> int:
     fp32["latency_ms"] = latencies[0]
     for r, ms in zip(rows, latencies[1:]):
         r["latency_ms"] = ms
+    for r in rows:  # ncc RTN against onnxruntime RTN at the same settings, paired round by round
+        o = find(rows, "ort", "rtn", r["group"], r["scheme"]) if r["kind"] == "ncc" and r["algo"] == "rtn" else None
+        if o is not None:
+            r["side_by_side"] = {**L.paired_latency_ratio(r["path"], o["path"], rounds=args.paired_rounds),
+                                 "identical": L.packed_weight_digests(r["path"]) == L.packed_weight_digests(o["path"])}
     log(f"timing: {time.perf_counter() - t:.0f}s")
     total = time.perf_counter() - start
 

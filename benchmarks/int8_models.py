@@ -19,7 +19,6 @@ Everything derived (data arrays, the trained CNN, FP32 embeddings/logits) is cac
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import importlib.util
@@ -332,57 +331,37 @@ def ncc_compile(model: Path, calib: Path | None, out: Path, pipeline: str = "int
     return wall, " ".join(cmd)
 
 
-class NpzReader:
-    """onnxruntime ``CalibrationDataReader`` over a calibration ``.npz`` (one sample per call)."""
+ORT_QUANTIZE = Path(__file__).resolve().parent / "ort_quantize.py"
 
-    def __init__(self, path: Path, batch: int = 1):
-        from onnxruntime.quantization import CalibrationDataReader  # noqa: F401  (duck-typed subclass below)
 
-        self.arrays = _load_npz(path)
-        self.batch = batch
-        self.n = len(next(iter(self.arrays.values())))
-        self.i = 0
+def _timed_subprocess(args: list[str]) -> float:
+    """Run ``python ort_quantize.py ARGS`` (a fresh process, as ``ncc compile`` is timed); returns wall s."""
+    import subprocess
+    import time
 
-    def get_next(self):
-        if self.i >= self.n:
-            return None
-        feed = {k: v[self.i : self.i + self.batch] for k, v in self.arrays.items()}
-        self.i += self.batch
-        return feed
-
-    def rewind(self):
-        self.i = 0
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ORT_QUANTIZE), *args], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"ort_quantize.py {' '.join(args)} failed ({proc.returncode}): "
+                           f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+    return wall
 
 
 def ort_static(model: Path, calib: Path, out: Path, method: str = "MinMax", reduce_range: bool = False,
                op_types: list[str] | None = None, batch: int = 1) -> float:
-    """onnxruntime ``quantize_static``: QDQ, per-channel, u8 activations / s8 weights; returns wall s."""
-    import time
-
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    class Reader(NpzReader, CalibrationDataReader):
-        pass
-
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # its calibrators print progress on stdout
-        quantize_static(
-            str(model), str(out), Reader(calib, batch), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
-            calibrate_method=getattr(CalibrationMethod, method), op_types_to_quantize=op_types,
-        )
-    return time.perf_counter() - start
+    """onnxruntime ``quantize_static`` (QDQ, per-channel, u8/s8) in a fresh process; returns its wall s."""
+    args = ["static", str(model), str(calib), str(out), "--method", method, "--batch", str(batch)]
+    if reduce_range:
+        args.append("--reduce-range")
+    if op_types:
+        args += ["--op-types", ",".join(op_types)]
+    return _timed_subprocess(args)
 
 
 def ort_dynamic(model: Path, out: Path, reduce_range: bool = False) -> float:
-    """onnxruntime ``quantize_dynamic``, per-channel, s8 weights; returns wall s."""
-    import time
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    start = time.perf_counter()
-    quantize_dynamic(str(model), str(out), per_channel=True, reduce_range=reduce_range, weight_type=QuantType.QInt8)
-    return time.perf_counter() - start
+    """onnxruntime ``quantize_dynamic`` (per-channel, s8 weights) in a fresh process; returns its wall s."""
+    return _timed_subprocess(["dynamic", str(model), str(out), *(["--reduce-range"] if reduce_range else [])])
 
 
 ORT_STATIC_VARIANTS = tuple((method, rr) for rr in (False, True) for method in ("MinMax", "Entropy", "Percentile"))

@@ -233,6 +233,48 @@ def prefill_latencies_ms(paths: list[Path | str], tokens: int = PREFILL_TOKENS, 
     return [1000 * float(np.median(t)) for t in times]
 
 
+def paired_latency_ratio(path_a: Path | str, path_b: Path | str, tokens: int = PREFILL_TOKENS, rounds: int = 40,
+                         warmup: int = 3) -> dict[str, float]:
+    """Side by side: ``rounds`` back-to-back prefills of A and B (order alternating), each round's A/B time
+    ratio; returns its median and quartiles, and each model's median ms. Pairing adjacent runs cancels the
+    drift of a shared machine that separate medians keep."""
+    feed = prefill_feed(tokens)
+    a, b = session(path_a), session(path_b)
+    ratios, ta, tb = [], [], []
+    for round_ in range(warmup + rounds):
+        pair = []
+        for s in ((a, b) if round_ % 2 == 0 else (b, a)):
+            start = time.perf_counter()
+            s.run(["logits"], feed)
+            pair.append(time.perf_counter() - start)
+        t_a, t_b = pair if round_ % 2 == 0 else pair[::-1]
+        if round_ >= warmup:
+            ratios.append(t_a / t_b)
+            ta.append(t_a)
+            tb.append(t_b)
+    q25, median, q75 = (float(q) for q in np.percentile(ratios, [25, 50, 75]))
+    return {"ratio": median, "q25": q25, "q75": q75, "a_ms": 1000 * float(np.median(ta)),
+            "b_ms": 1000 * float(np.median(tb)), "rounds": rounds}
+
+
+def packed_weight_digests(model_path: Path | str) -> list[str]:
+    """sha256 of every MatMulNBits weight, scale and zero-point tensor, sorted: two models with equal lists
+    run the same kernels on the same bytes."""
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path), load_external_data=True)
+    init = {t.name: t for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            blob = b"".join(numpy_helper.to_array(init[n]).tobytes() for n in node.input[1:4] if n in init)
+            out.append(hashlib.sha256(blob).hexdigest())
+    return sorted(out)
+
+
 def prefill_latency_ms(model_path: Path | str, tokens: int = PREFILL_TOKENS, repeats: int = 10) -> float:
     return prefill_latencies_ms([model_path], tokens, repeats)[0]
 
