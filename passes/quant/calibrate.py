@@ -11,7 +11,8 @@ cached statistics instead of running the model again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -30,8 +31,13 @@ class Calibration:
     method: str
     percentile: float
     stats: dict[str, TensorStats]
+    #: Ranges a pass after ``calibrate`` fixed for a tensor it rescaled (``smooth-quant``): the
+    #: histogram describes the tensor before, so these win over the range method.
+    fixed: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def range(self, name: str, *, levels: int = 256, symmetric: bool = False) -> tuple[float, float]:
+        if name in self.fixed:
+            return self.fixed[name]
         stats = self.stats[name]
         if self.method == "percentile":
             return stats.percentile(self.percentile)
@@ -57,7 +63,7 @@ class Calibrate(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         from ncc.passes.quant.calibration import cache_key, collect_statistics
-        from ncc.passes.quant.plan import observed_values
+        from ncc.passes.quant.plan import observed_values, smoothable
 
         data = ctx.data.get("calibration_data")
         if data is None:
@@ -67,10 +73,13 @@ class Calibrate(Pass):
         values = observed_values(model.graph, get_target(self.target))
         if not values:
             raise NccError("nothing to calibrate: the model has no quantizable operators.")
+        # per-channel ranges where smooth-quant may migrate outliers into the weights
+        axes = {name: -1 for name in smoothable(model.graph)}
+        extra = json.dumps(sorted(axes.items())) if axes else ""
         cache = Path(ctx.cache_dir) / "calibration" if ctx.cache_dir else None
-        cached = cache is not None and (cache / f"{cache_key(model, values, data)}.npz").is_file()
+        cached = cache is not None and (cache / f"{cache_key(model, values, data, extra)}.npz").is_file()
         stats = collect_statistics(model, values, data, batch_size=self.batch_size, cache_dir=cache,
-                                   progress=ctx.data.get("progress", True))
+                                   progress=ctx.data.get("progress", True), axes=axes)
         ctx.data["calibration"] = Calibration(self.method, self.percentile, stats)
         sentinels = sorted(n for n, s in stats.items() if s.sentinel_count)
         notes = [f"calibration: {len(stats)} tensors observed, method {self.method}"

@@ -108,8 +108,10 @@ def collect_statistics(
     progress: bool = True,
     cache_dir: Path | None = None,
     extra_key: str = "",
+    axes: dict[str, int] | None = None,
 ) -> dict[str, TensorStats]:
-    """Run ``model`` on ``data`` and return streaming statistics for each float value named in ``values``."""
+    """Run ``model`` on ``data`` and return streaming statistics for each float value named in ``values``
+    (per-channel min/max too along ``axes[name]`` where given)."""
     requested = list(dict.fromkeys(values))
     by_name = _values_by_name(model)
     unknown = [n for n in requested if n not in by_name]
@@ -121,14 +123,14 @@ def collect_statistics(
 
     cache_file = None
     if cache_dir is not None:
-        key = cache_key(model, requested, data, extra_key)
+        key = cache_key(model, requested, data, extra_key + (json.dumps(sorted(axes.items())) if axes else ""))
         cache_file = Path(cache_dir) / f"{key}.npz"
         if cache_file.is_file():
             cached = load_stats(cache_file)
             if cached is not None:
                 return cached
 
-    stats = _run(model, observed, by_name, data, _batch_size(inputs, batch_size), progress)
+    stats = _run(model, observed, by_name, data, _batch_size(inputs, batch_size), progress, axes or {})
     if cache_file is not None:
         save_stats(cache_file, stats)
     return stats
@@ -166,8 +168,9 @@ def _run(
     data: CalibrationData,
     batch_size: int,
     progress: bool,
+    axes: dict[str, int],
 ) -> dict[str, TensorStats]:
-    stats = {name: TensorStats() for name in names}
+    stats = {name: TensorStats(axis=axes.get(name)) for name in names}
     feed_names = {v.name for v in model.graph.inputs if not v.is_initializer()}
     constants = [n for n in names if n not in feed_names and by_name[n].producer() is None]
     for name in constants:

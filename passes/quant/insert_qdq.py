@@ -225,6 +225,8 @@ class _Quantizer:
         return self.o.quantize_graph_outputs or not self._output(node).is_graph_output()
 
     def _reason_to_skip(self, node: ir.Node) -> str | None:
+        if reason := node.metadata_props.get(plan.KEEP_FLOAT):
+            return reason
         if self.o.include and not plan.matches(node, self.o.include):
             return "not matched by include"
         if pattern := plan.matches(node, self.o.exclude):

@@ -18,6 +18,10 @@ from ncc.errors import NccError
 from ncc.targets import TargetProfile
 
 
+KEEP_FLOAT = "ncc.quant.keep_float"
+"""Node metadata: a pass before ``insert-qdq`` wants this node in float; the value is the reason."""
+
+
 @dataclass(frozen=True)
 class Role:
     activations: tuple[int, ...]
@@ -119,3 +123,36 @@ def observed_values(graph: ir.Graph, target: TargetProfile) -> list[str]:
             if value is not None and value.name and value.const_value is None:
                 names[value.name] = None
     return list(names)
+
+
+def smoothable(graph: ir.Graph) -> dict[str, list[ir.Node]]:
+    """Activations that MatMuls with a constant ``[K, N]`` weight read (as their input 0), with those MatMuls.
+
+    ``smooth-quant`` can divide such a tensor per channel and multiply the weights' rows back
+    (see :func:`folds_into_layer_norm` for when the division is free). Graph inputs and outputs
+    are left alone.
+    """
+    out: dict[str, list[ir.Node]] = {}
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain != "" or node.inputs[1] is None:
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        if w.const_value is None or w.const_value.shape.rank() != 2 or x is None or x.const_value is not None:
+            continue
+        if not x.name or x.producer() is None or x.is_graph_output():
+            continue
+        out.setdefault(x.name, []).append(node)
+    return out
+
+
+def folds_into_layer_norm(value: ir.Value) -> bool:
+    """Whether ``value`` comes out of a LayerNormalization over its last axis with a constant scale (and
+    bias): dividing it per channel then only changes those constants."""
+    node = value.producer()
+    if node is None or node.op_type != "LayerNormalization" or node.domain != "" or node.outputs[0] is not value:
+        return False
+    axis = node.attributes.get_int("axis", -1)
+    if axis != -1 and not (value.shape is not None and axis == len(value.shape) - 1):
+        return False
+    params = [v for v in node.inputs[1:3] if v is not None]
+    return bool(params) and all(v.const_value is not None and v.const_value.shape.rank() == 1 for v in params)

@@ -1,0 +1,173 @@
+"""The ``smooth-quant`` pass: move activation outliers into the weights before static INT8.
+
+A transformer's LayerNorm output has a few channels far larger than the rest
+(all-MiniLM-L6-v2 after attention: channel absmax up to 28 against a median
+channel of 1.7), so one per-tensor u8 scale spends most of its 256 levels on
+them. SmoothQuant (Xiao et al., 2023) divides channel ``j`` of the activation by
+
+    s_j = max|X_j| ** alpha / max|W_j| ** (1 - alpha)
+
+and multiplies row ``j`` of every weight that reads it by ``s_j``: ``X W =
+(X / s)(s W)`` exactly, with the range moved from the activation, which has
+one scale, to the weights, which have one per output channel.
+
+Where a LayerNormalization produces the activation, the division is folded
+into its scale and bias, so it costs nothing at run time; a reader that is not
+such a MatMul (the residual Add) gets ``X`` back through one ``Mul`` by ``s``
+and a shape-only reader keeps reading the rescaled tensor. Elsewhere (a GELU
+output feeding the FFN's second MatMul) ``insert-mul`` puts a float ``Mul`` by
+``1/s`` between the activation and its MatMuls. It is off by default: on
+all-MiniLM-L6-v2 it lowers the embedding cosine from 0.9931 to 0.9817, because
+the GELU output's few huge channels, moved into the weights' rows, then decide
+every column's weight scale (6-bit magnitudes on AVX2). The LayerNorm fold
+alone raises it from 0.9897 to 0.9931.
+
+Runs after ``calibrate``, which records per-channel ranges of exactly these
+tensors (:func:`~ncc.passes.quant.plan.smoothable`), and before
+``insert-qdq``. The rescaled tensor's range is computed from the channel
+ranges (``Calibration.fixed``): it is exact for ``minmax`` and replaces the
+histogram's range for the other methods, whose histogram describes the tensor
+before rescaling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from ncc.errors import NccError
+from ncc.passes.base import Pass, PassContext, PassResult, option
+from ncc.passes.quant.plan import KEEP_FLOAT
+from ncc.passes.rewrite import Rewriter
+
+#: Readers that only look at the tensor's shape: they may read the rescaled tensor.
+_SHAPE_ONLY = frozenset({"Shape", "Size"})
+
+
+@dataclass(frozen=True)
+class SmoothQuant(Pass):
+    """Migrate per-channel activation outliers of LayerNorm outputs into the MatMul weights that read them."""
+
+    name: ClassVar[str] = "smooth-quant"
+    alpha: float = option(0.5, "migration strength: 0 leaves the activations alone, 1 moves all their range "
+                               "into the weights")
+    insert_mul: bool = option(False, "also smooth activations no LayerNorm produces, through a float Mul by 1/s "
+                                     "before their MatMuls")
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        from ncc.passes.quant.plan import folds_into_layer_norm, smoothable
+
+        if not 0.0 <= self.alpha <= 1.0:
+            raise NccError(f"smooth-quant's alpha must be between 0 and 1, not {self.alpha}.")
+        calibration = ctx.data.get("calibration")
+        if calibration is None:
+            raise NccError("pass 'smooth-quant' needs activation statistics; run 'calibrate' before it.")
+        rewriter = Rewriter(model, model.graph)
+        spreads, restored, inserted = [], 0, 0
+        for name, matmuls in smoothable(model.graph).items():
+            x = matmuls[0].inputs[0]
+            fold = folds_into_layer_norm(x)
+            if not fold and not self.insert_mul:
+                continue
+            stats = calibration.stats.get(name)
+            if stats is None or stats.channel_max is None or stats.sentinel_count or stats.count == 0:
+                continue
+            act = np.maximum(np.abs(stats.channel_min), np.abs(stats.channel_max))
+            weights = [m.inputs[1].const_value.numpy() for m in matmuls]
+            if not np.all(np.isfinite(act)) or any(w.shape[0] != act.size for w in weights):
+                continue
+            s = _scales(act, np.max([np.abs(w).max(axis=1) for w in weights], axis=0), self.alpha)
+            for node, w in zip(matmuls, weights):
+                _replace_weight(rewriter, node, (w.astype(np.float32) * s[:, None]).astype(np.float32))
+            if fold:
+                _fold_into_layer_norm(rewriter, x.producer(), s)
+                restored += _restore_for_other_readers(rewriter, x, matmuls, s, calibration)
+                smoothed = x
+            else:
+                smoothed = _divide_before(rewriter, x, matmuls, s)
+                calibration.stats[smoothed.name] = stats
+                inserted += 1
+            lo = float(np.min(np.minimum(stats.channel_min / s, 0.0)))
+            hi = float(np.max(np.maximum(stats.channel_max / s, 0.0)))
+            calibration.fixed[smoothed.name] = (lo, hi)
+            spreads.append((_spread(act), _spread(act / s)))
+        notes = []
+        if spreads:
+            before, after = (float(np.median([p[i] for p in spreads])) for i in (0, 1))
+            notes.append(f"smooth-quant: {len(spreads)} activations rescaled (alpha {self.alpha}), {inserted} of them "
+                         f"through a new Mul; largest over median channel range, median over tensors: "
+                         f"{before:.1f}x -> {after:.1f}x")
+        return PassResult(modified=bool(spreads), notes=notes,
+                          stats={"tensors smoothed": len(spreads), "folded into LayerNorm": len(spreads) - inserted,
+                                 "Mul before MatMuls": inserted, "Mul restoring other readers": restored})
+
+
+def _scales(act: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+    """``act**alpha / wmax**(1-alpha)`` per channel; 1 where either side is zero (a dead channel)."""
+    act, wmax = act.astype(np.float64), wmax.astype(np.float64)
+    live = (act > 0) & (wmax > 0)
+    s = np.ones_like(act)
+    s[live] = act[live] ** alpha / wmax[live] ** (1.0 - alpha)
+    return np.clip(s, 1e-5, 1e5).astype(np.float32)
+
+
+def _spread(absmax: np.ndarray) -> float:
+    median = float(np.median(absmax))
+    return float(absmax.max()) / median if median > 0 else 1.0
+
+
+def _fold_into_layer_norm(rewriter: Rewriter, norm: ir.Node, s: np.ndarray) -> None:
+    """LayerNormalization's scale and bias divided by ``s``: its output becomes ``X / s``."""
+    for index in (1, 2):
+        if index >= len(norm.inputs) or norm.inputs[index] is None:
+            continue
+        old = norm.inputs[index]
+        value = rewriter.constant((old.const_value.numpy().astype(np.float32) / s).astype(np.float32),
+                                  f"{old.name}_smoothed")
+        norm.replace_input_with(index, value)
+        _drop_if_unused(rewriter.graph, old)
+
+
+def _replace_weight(rewriter: Rewriter, node: ir.Node, array: np.ndarray) -> None:
+    old = node.inputs[1]
+    node.replace_input_with(1, rewriter.constant(array, f"{old.name}_smoothed"))
+    _drop_if_unused(rewriter.graph, old)
+
+
+def _restore_for_other_readers(rewriter: Rewriter, x: ir.Value, matmuls: list[ir.Node], s: np.ndarray,
+                               calibration) -> bool:
+    """Readers of ``x`` other than ``matmuls`` and shape-only ops read ``x * s`` (the original tensor)."""
+    smoothed_readers = {id(m) for m in matmuls}
+    others = [(node, index) for node, index in x.uses()
+              if id(node) not in smoothed_readers and node.op_type not in _SHAPE_ONLY]
+    if not others:
+        return False
+    rewriter.set_insertion_point(next(n for n in rewriter.graph if any(n is node for node, _ in others)))
+    scale = rewriter.constant(s, f"{x.name}_smooth_scale")
+    mul = rewriter.create("Mul", [x, scale], name=f"{x.name}_unsmooth", output_names=[rewriter.fresh_name(x.name)])
+    mul.outputs[0].type, mul.outputs[0].shape = x.type, x.shape
+    for node, index in others:
+        node.replace_input_with(index, mul.outputs[0])
+    calibration.stats[mul.outputs[0].name] = calibration.stats[x.name]
+    return True
+
+
+def _divide_before(rewriter: Rewriter, x: ir.Value, matmuls: list[ir.Node], s: np.ndarray) -> ir.Value:
+    """``matmuls`` read ``x * (1/s)`` from a new Mul; returns its output."""
+    rewriter.set_insertion_point(next(n for n in rewriter.graph if any(n is m for m in matmuls)))
+    scale = rewriter.constant((1.0 / s).astype(np.float32), f"{x.name}_smooth_inv_scale")
+    mul = rewriter.create("Mul", [x, scale], name=f"{x.name}_smooth", output_names=[rewriter.fresh_name(f"{x.name}_smoothed")])
+    mul.outputs[0].type, mul.outputs[0].shape = x.type, x.shape
+    # quantizing the Mul itself would quantize its input, outliers and all
+    mul.metadata_props[KEEP_FLOAT] = "smooth-quant's scale: it reads the activation before smoothing"
+    for node in matmuls:
+        node.replace_input_with(0, mul.outputs[0])
+    return mul.outputs[0]
+
+
+def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    if not value.uses() and value.is_initializer() and not value.is_graph_input():
+        graph.initializers.pop(value.name, None)
