@@ -258,8 +258,9 @@ def paired_latency_ratio(path_a: Path | str, path_b: Path | str, tokens: int = P
 
 
 def packed_weight_digests(model_path: Path | str) -> list[str]:
-    """sha256 of every MatMulNBits weight, scale and zero-point tensor, sorted: two models with equal lists
-    run the same kernels on the same bytes."""
+    """sha256 of every MatMulNBits weight, scale and zero-point tensor, sorted, with the padding of a partial
+    last block (and of the last packed zero point) cleared: two models with equal lists run the same
+    kernels on the same numbers, whatever each quantizer leaves in bytes no kernel reads."""
     import hashlib
 
     import onnx
@@ -269,9 +270,21 @@ def packed_weight_digests(model_path: Path | str) -> list[str]:
     init = {t.name: t for t in model.graph.initializer}
     out = []
     for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            blob = b"".join(numpy_helper.to_array(init[n]).tobytes() for n in node.input[1:4] if n in init)
-            out.append(hashlib.sha256(blob).hexdigest())
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        k, bits, block = attrs["K"], attrs["bits"], attrs["block_size"]
+        blocks = -(-k // block)
+        arrays = [numpy_helper.to_array(init[n]).copy() if n in init else None for n in node.input[1:4]]
+        weight = arrays[0]
+        tail_bits = (k - (blocks - 1) * block) * bits
+        weight[:, -1, -(-tail_bits // 8):] = 0
+        if tail_bits % 8:
+            weight[:, -1, tail_bits // 8] &= (1 << tail_bits % 8) - 1
+        zero_point = arrays[2] if len(arrays) > 2 else None
+        if zero_point is not None and zero_point.dtype == np.uint8 and (blocks * bits) % 8:
+            zero_point[..., -1] &= (1 << (blocks * bits) % 8) - 1
+        out.append(hashlib.sha256(b"".join(a.tobytes() for a in arrays if a is not None)).hexdigest())
     return sorted(out)
 
 

@@ -91,18 +91,23 @@ def test_minilm_format_valid(minilm, pipeline, fmt):
 
 
 # Measured on the AMD EPYC (AVX2, no VNNI) these run on, with 6-bit-magnitude weights against int16
-# saturation: static 0.9901 (with the min-cosine fallback; 0.9897 without), dynamic 0.9900 — at the
-# threshold, so they may land on either side. Not met robustly: needs SmoothQuant-style scale
-# migration (next step), or a VNNI CPU where 8-bit weights do not saturate.
+# saturation. Static int8 (smooth-quant in the pipeline): cosine 0.9931, a real margin. Dynamic
+# (no calibration, so no smoothing): 0.9900, and LR accuracy of every form 98.9-99.1% (749-750 of
+# 1,000 against FP32's 757; 99% is 749.4): at the threshold, so they may land on either side.
 _MINILM_MARGINAL = pytest.mark.xfail(strict=False, reason="at the 0.99 / 99% threshold on this AVX2 CPU (measured "
-                                                          "cosine 0.9900-0.9901, LR accuracy 98.9-99.1%)")
+                                                          "dynamic cosine 0.9900, LR accuracy 98.9-99.1%)")
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_minilm_static_embedding_cosine(minilm, fmt):
+    _, q = minilm.get("int8", fmt)
+    assert q["cosine"] >= COSINE_MIN, f"int8 {fmt}: mean embedding cosine with FP32 {q['cosine']:.4f} < {COSINE_MIN}"
 
 
 @_MINILM_MARGINAL
-@pytest.mark.parametrize("pipeline,fmt", [("int8", "qdq"), ("int8", "qoperator"), ("int8-dynamic", "integerops")])
-def test_minilm_embedding_cosine(minilm, pipeline, fmt):
-    _, q = minilm.get(pipeline, fmt)
-    assert q["cosine"] >= COSINE_MIN, f"{pipeline} {fmt}: mean embedding cosine with FP32 {q['cosine']:.4f} < {COSINE_MIN}"
+def test_minilm_dynamic_embedding_cosine(minilm):
+    _, q = minilm.get("int8-dynamic", "integerops")
+    assert q["cosine"] >= COSINE_MIN, f"int8-dynamic: mean embedding cosine with FP32 {q['cosine']:.4f} < {COSINE_MIN}"
 
 
 @_MINILM_MARGINAL
