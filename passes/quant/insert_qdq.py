@@ -65,7 +65,7 @@ class InsertQDQ(Pass):
     quantize_graph_outputs: bool = option(False, "quantize tensors that are graph outputs too (they stay float)")
     min_cosine: float = option(0.0, "keep the most sensitive nodes in float until outputs reach this cosine (0: off)")
     max_float: float = option(0.1, "largest fraction of quantized compute nodes min-cosine may keep in float")
-    fallback_samples: int = option(16, "calibration samples min-cosine measures on")
+    fallback_samples: int = option(8, "calibration samples min-cosine measures on")
     min_gain: float = option(0.05, "a node min-cosine keeps in float must close this fraction of the gap to 1")
     patience: int = option(2, "min-cosine stops after this many fallbacks in a row that gained too little")
 

@@ -156,10 +156,17 @@ class TensorStats:
 
     def _update_channels(self, x: np.ndarray) -> None:
         axis = self.axis % x.ndim
-        moved = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1).astype(np.float64)
-        bad = ~(np.abs(moved) < SENTINEL)
-        cmin = np.where(bad, np.inf, moved).min(axis=1, initial=np.inf)
-        cmax = np.where(bad, -np.inf, moved).max(axis=1, initial=-np.inf)
+        if axis == x.ndim - 1:  # channels last (a transformer's hidden size): a view, no copy
+            rows, over = x.reshape(-1, x.shape[-1]), 0
+        else:
+            rows, over = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1), 1
+        cmin = rows.min(axis=over, initial=np.inf).astype(np.float64)
+        cmax = rows.max(axis=over, initial=-np.inf).astype(np.float64)
+        if not (np.all(np.abs(cmin[np.isfinite(cmin)]) < SENTINEL) and np.all(np.abs(cmax[np.isfinite(cmax)]) < SENTINEL)
+                and not (np.isnan(cmin).any() or np.isnan(cmax).any())):  # NaN or sentinels: filter (slow path)
+            bad = ~(np.abs(rows) < SENTINEL)
+            cmin = np.where(bad, np.inf, rows).min(axis=over, initial=np.inf).astype(np.float64)
+            cmax = np.where(bad, -np.inf, rows).max(axis=over, initial=-np.inf).astype(np.float64)
         if self.channel_min is None:
             self.channel_min, self.channel_max = cmin, cmax
         elif self.channel_min.shape != cmin.shape:
