@@ -135,8 +135,9 @@ def test_efficientnet_valid(efficientnet, fmt):
     _valid(path)
 
 
-@pytest.mark.xfail(strict=False, reason="not met: 0.917 measured (0.883 without the min-cosine fallback) on this "
-                                        "AVX2 CPU; onnxruntime's best is 0.892")
+@pytest.mark.xfail(strict=False, reason="not met: 0.946 measured on this AVX2 CPU (fake-quant of the same model "
+                                        "0.942-0.946); onnxruntime's best is 0.892. 5% of these crops have a top-2 "
+                                        "logit margin under 0.05: FP32 with 0.3% input noise already agrees on 0.971")
 @pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
 def test_efficientnet_top1_agreement(efficientnet, fmt):
     _, q = efficientnet.get("int8", fmt)
