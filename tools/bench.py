@@ -387,10 +387,10 @@ def fidelity(ref, got, mask=None) -> dict:
     got = np.asarray(got, dtype=np.float64)
     if ref.shape != got.shape:
         raise NccError(f"the models' outputs differ in shape: {list(ref.shape)} vs {list(got.shape)}.")
-    valid = None
-    if mask is not None and ref.ndim > 2 and ref.shape[:2] == np.shape(mask):
-        valid = np.asarray(mask) != 0
-        keep = valid.reshape(valid.shape + (1,) * (ref.ndim - 2))
+    from ncc.passes.quant.fallback import position_mask
+
+    keep = position_mask(ref, mask) if ref.ndim > 2 else None
+    if keep is not None:
         ref, got = ref * keep, got * keep
     r = ref.reshape(ref.shape[0], -1) if ref.ndim else ref.reshape(1, 1)
     g = got.reshape(r.shape)
@@ -401,7 +401,7 @@ def fidelity(ref, got, mask=None) -> dict:
     top1 = None
     if ref.ndim >= 2 and ref.shape[-1] > 1:
         same = np.argmax(ref, axis=-1) == np.argmax(got, axis=-1)
-        top1 = float(np.mean(same[valid] if valid is not None and same.shape[:2] == valid.shape else same))
+        top1 = float(np.mean(same if keep is None else same[keep.reshape(keep.shape[:2])]))
     signal, noise = float(np.sum(ref * ref)), float(np.sum((ref - got) ** 2))
     if noise == 0.0:
         sqnr = math.inf
@@ -586,7 +586,7 @@ def benchmark(
     from ncc.passes.quant.fallback import MASK_INPUT
 
     mask = feeds.get(MASK_INPUT)
-    mask = mask[:n] if mask is not None and mask.ndim == 2 else None
+    mask = mask[:n] if mask is not None else None
     details = {name: fidelity(out_fp[name], out_q[name], mask) for name in fp.outputs}
     first = fp.outputs[0]
     if kind == "fidelity":

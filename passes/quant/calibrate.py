@@ -11,7 +11,6 @@ cached statistics instead of running the model again.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -62,7 +61,7 @@ class Calibrate(Pass):
     target: str = option(DEFAULT_TARGET, "target profile")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        from ncc.passes.quant.calibration import cache_key, collect_statistics
+        from ncc.passes.quant.calibration import collect_statistics, stats_cache_file
         from ncc.passes.quant.plan import observed_values, smoothable
 
         data = ctx.data.get("calibration_data")
@@ -75,10 +74,10 @@ class Calibrate(Pass):
             raise NccError("nothing to calibrate: the model has no quantizable operators.")
         # per-channel ranges where smooth-quant may migrate outliers into the weights
         axes = {name: -1 for name in smoothable(model.graph)}
-        extra = json.dumps(sorted(axes.items())) if axes else ""
         cache = Path(ctx.cache_dir) / "calibration" if ctx.cache_dir else None
-        cached = cache is not None and (cache / f"{cache_key(model, values, data, extra)}.npz").is_file()
-        stats = collect_statistics(model, values, data, batch_size=self.batch_size, cache_dir=cache,
+        cache_file = stats_cache_file(model, values, data, cache, axes=axes) if cache is not None else None
+        cached = cache_file is not None and cache_file.is_file()
+        stats = collect_statistics(model, values, data, batch_size=self.batch_size, cache_file=cache_file,
                                    progress=ctx.data.get("progress", True), axes=axes)
         ctx.data["calibration"] = Calibration(self.method, self.percentile, stats)
         sentinels = sorted(n for n, s in stats.items() if s.sentinel_count)

@@ -91,12 +91,21 @@ def model_fingerprint(model: ir.Model) -> str:
     return h.hexdigest()
 
 
-def cache_key(model: ir.Model, values: Iterable[str], data: CalibrationData, extra_key: str = "") -> str:
+def cache_key(model: ir.Model, values: Iterable[str], data: CalibrationData, extra_key: str = "",
+              axes: dict[str, int] | None = None) -> str:
     h = hashlib.sha256(_CACHE_VERSION.encode())
-    for part in (model_fingerprint(model), data.digest(), json.dumps(sorted(set(values))), extra_key):
+    parts = (model_fingerprint(model), data.digest(), json.dumps(sorted(set(values))), extra_key,
+             json.dumps(sorted(axes.items())) if axes else "")
+    for part in parts:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+def stats_cache_file(model: ir.Model, values: Iterable[str], data: CalibrationData, cache_dir: Path,
+                     extra_key: str = "", axes: dict[str, int] | None = None) -> Path:
+    """Where :func:`collect_statistics` keeps these statistics under ``cache_dir``."""
+    return Path(cache_dir) / f"{cache_key(model, values, data, extra_key, axes)}.npz"
 
 
 def collect_statistics(
@@ -109,9 +118,13 @@ def collect_statistics(
     cache_dir: Path | None = None,
     extra_key: str = "",
     axes: dict[str, int] | None = None,
+    cache_file: Path | None = None,
 ) -> dict[str, TensorStats]:
     """Run ``model`` on ``data`` and return streaming statistics for each float value named in ``values``
-    (per-channel min/max too along ``axes[name]`` where given)."""
+    (per-channel min/max too along ``axes[name]`` where given).
+
+    Cached under ``cache_dir`` by :func:`stats_cache_file`, or in ``cache_file`` when the caller has
+    already derived it (the key fingerprints the whole model: worth computing once)."""
     requested = list(dict.fromkeys(values))
     by_name = _values_by_name(model)
     unknown = [n for n in requested if n not in by_name]
@@ -121,10 +134,9 @@ def collect_statistics(
     validate(data, inputs)
     observed = [n for n in requested if by_name[n].dtype is None or by_name[n].dtype in _FLOAT_TYPES]
 
-    cache_file = None
-    if cache_dir is not None:
-        key = cache_key(model, requested, data, extra_key + (json.dumps(sorted(axes.items())) if axes else ""))
-        cache_file = Path(cache_dir) / f"{key}.npz"
+    if cache_file is None and cache_dir is not None:
+        cache_file = stats_cache_file(model, requested, data, cache_dir, extra_key, axes)
+    if cache_file is not None:
         if cache_file.is_file():
             cached = load_stats(cache_file)
             if cached is not None:

@@ -84,16 +84,23 @@ def token_masks(feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray | None]:
     return masks
 
 
+def position_mask(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+    """``mask`` (``[batch, seq]``, nonzero at real positions) as booleans shaped to broadcast over
+    ``array`` when ``array`` starts with those dimensions; else None."""
+    if mask is None or np.ndim(mask) != 2 or np.shape(array)[:2] != np.shape(mask):
+        return None
+    keep = np.asarray(mask) != 0
+    return keep.reshape(keep.shape + (1,) * (np.ndim(array) - 2))
+
+
 def _unpadded(arrays: list[np.ndarray], masks: list[np.ndarray | None] | None) -> list[np.ndarray]:
-    """``arrays`` (one per batch) in float64 with masked-out positions zeroed, where an array's leading
-    dimensions are its batch's mask's ``[batch, seq]``; other arrays unchanged."""
+    """``arrays`` (one per batch) in float64 with their batch's padded positions zeroed (see
+    :func:`position_mask`)."""
     out = []
     for i, a in enumerate(arrays):
         a = a.astype(np.float64)
-        mask = masks[i] if masks is not None and i < len(masks) else None
-        if mask is not None and a.shape[: mask.ndim] == mask.shape:
-            a = a * mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim))
-        out.append(a)
+        keep = position_mask(a, masks[i] if masks is not None and i < len(masks) else None)
+        out.append(a if keep is None else a * keep)
     return out
 
 

@@ -162,8 +162,8 @@ class TensorStats:
             rows, over = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1), 1
         cmin = rows.min(axis=over, initial=np.inf).astype(np.float64)
         cmax = rows.max(axis=over, initial=-np.inf).astype(np.float64)
-        if not (np.all(np.abs(cmin[np.isfinite(cmin)]) < SENTINEL) and np.all(np.abs(cmax[np.isfinite(cmax)]) < SENTINEL)
-                and not (np.isnan(cmin).any() or np.isnan(cmax).any())):  # NaN or sentinels: filter (slow path)
+        if not (np.all(np.abs(cmin) < SENTINEL) and np.all(np.abs(cmax) < SENTINEL)):  # NaN, inf or sentinels
+            # filter them out (slow path); a channel left with no value keeps +inf / -inf
             bad = ~(np.abs(rows) < SENTINEL)
             cmin = np.where(bad, np.inf, rows).min(axis=over, initial=np.inf).astype(np.float64)
             cmax = np.where(bad, -np.inf, rows).max(axis=over, initial=-np.inf).astype(np.float64)

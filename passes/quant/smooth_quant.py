@@ -40,7 +40,7 @@ import onnx_ir as ir
 
 from ncc.errors import NccError
 from ncc.passes.base import Pass, PassContext, PassResult, option
-from ncc.passes.quant.plan import KEEP_FLOAT
+from ncc.passes.quant.plan import KEEP_FLOAT, folds_into_layer_norm, smoothable
 from ncc.passes.rewrite import Rewriter
 
 #: Readers that only look at the tensor's shape: they may read the rescaled tensor.
@@ -58,8 +58,6 @@ class SmoothQuant(Pass):
                                      "before their MatMuls")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        from ncc.passes.quant.plan import folds_into_layer_norm, smoothable
-
         if not 0.0 <= self.alpha <= 1.0:
             raise NccError(f"smooth-quant's alpha must be between 0 and 1, not {self.alpha}.")
         calibration = ctx.data.get("calibration")
@@ -145,26 +143,30 @@ def _restore_for_other_readers(rewriter: Rewriter, x: ir.Value, matmuls: list[ir
               if id(node) not in smoothed_readers and node.op_type not in _SHAPE_ONLY]
     if not others:
         return False
-    rewriter.set_insertion_point(next(n for n in rewriter.graph if any(n is node for node, _ in others)))
-    scale = rewriter.constant(s, f"{x.name}_smooth_scale")
-    mul = rewriter.create("Mul", [x, scale], name=f"{x.name}_unsmooth", output_names=[rewriter.fresh_name(x.name)])
-    mul.outputs[0].type, mul.outputs[0].shape = x.type, x.shape
+    restored = _scaled(rewriter, x, s, [node for node, _ in others], "unsmooth")
     for node, index in others:
-        node.replace_input_with(index, mul.outputs[0])
-    calibration.stats[mul.outputs[0].name] = calibration.stats[x.name]
+        node.replace_input_with(index, restored)
+    calibration.stats[restored.name] = calibration.stats[x.name]
     return True
 
 
 def _divide_before(rewriter: Rewriter, x: ir.Value, matmuls: list[ir.Node], s: np.ndarray) -> ir.Value:
     """``matmuls`` read ``x * (1/s)`` from a new Mul; returns its output."""
-    rewriter.set_insertion_point(next(n for n in rewriter.graph if any(n is m for m in matmuls)))
-    scale = rewriter.constant((1.0 / s).astype(np.float32), f"{x.name}_smooth_inv_scale")
-    mul = rewriter.create("Mul", [x, scale], name=f"{x.name}_smooth", output_names=[rewriter.fresh_name(f"{x.name}_smoothed")])
-    mul.outputs[0].type, mul.outputs[0].shape = x.type, x.shape
+    smoothed = _scaled(rewriter, x, (1.0 / s).astype(np.float32), matmuls, "smooth")
     # quantizing the Mul itself would quantize its input, outliers and all
-    mul.metadata_props[KEEP_FLOAT] = "smooth-quant's scale: it reads the activation before smoothing"
+    smoothed.producer().metadata_props[KEEP_FLOAT] = "smooth-quant's scale: it reads the activation before smoothing"
     for node in matmuls:
-        node.replace_input_with(0, mul.outputs[0])
+        node.replace_input_with(0, smoothed)
+    return smoothed
+
+
+def _scaled(rewriter: Rewriter, x: ir.Value, factor: np.ndarray, readers: list[ir.Node], suffix: str) -> ir.Value:
+    """A new ``Mul(x, factor)`` placed before the first of ``readers`` in graph order; returns its output."""
+    rewriter.set_insertion_point(next(n for n in rewriter.graph if any(n is r for r in readers)))
+    scale = rewriter.constant(factor, f"{x.name}_{suffix}_scale")
+    mul = rewriter.create("Mul", [x, scale], name=f"{x.name}_{suffix}",
+                          output_names=[rewriter.fresh_name(f"{x.name}_{suffix}")])
+    mul.outputs[0].type, mul.outputs[0].shape = x.type, x.shape
     return mul.outputs[0]
 
 

@@ -135,9 +135,11 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
 def quantize_with(wg: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, spec: GroupSpec) -> np.ndarray:
     """Codes of ``wg [..., g]`` for per-group ``scale``/``zero`` of shape ``wg.shape[:-1]``."""
     q = wg * (np.float32(1) / scale[..., None]).astype(np.float32)  # by the reciprocal, as onnxruntime does
-    # rounded in the unsigned domain: + z, or + 2^(b-1) for symmetric codes (then taken back), as onnxruntime does
-    offset = zero[..., None] if zero is not None else np.float32(-spec.qmin)
-    q = round_half_away(q + offset) - (0 if zero is not None else -spec.qmin)
+    # rounded in the unsigned domain, as onnxruntime does: + z, or + 2^(b-1) for symmetric codes (then taken back)
+    if zero is not None:
+        q = round_half_away(q + zero[..., None])
+    else:
+        q = round_half_away(q - np.float32(spec.qmin)) + spec.qmin
     return np.clip(q, spec.qmin, spec.qmax).astype(np.int16)
 
 
