@@ -49,6 +49,11 @@ def _short(reason: str) -> str:
     return reason
 
 
+def _reported(pass_name: str, note: str) -> bool:
+    """Pass notes the report repeats: the weight-only passes' and min-cosine's fallback steps."""
+    return pass_name.startswith("woq-") or pass_name == "pack-int4" or note.startswith("fallback:")
+
+
 def format_report(*, spec: str, quantization: list[str], run, ctx, size_before: int, size_after: int,
                   check=None) -> str:
     lines = [f"pipeline: {spec}"]
@@ -58,7 +63,7 @@ def format_report(*, spec: str, quantization: list[str], run, ctx, size_before: 
         how = calibration.method + (f" (p={calibration.percentile})" if calibration.method == "percentile" else "")
         lines.append(f"calibration: {how} on {data.spec if data else '?'}")
     lines += quantization
-    lines += [note for r in run.records if r.name.startswith("woq-") or r.name == "pack-int4" for note in r.notes]
+    lines += [note for r in run.records for note in r.notes if _reported(r.name, note)]
     ratio = size_before / size_after if size_after else float("nan")
     lines.append(f"size: {size_before / 1e6:.2f} MB -> {size_after / 1e6:.2f} MB ({ratio:.2f}x smaller)")
     slowest = sorted(run.records, key=lambda r: -r.seconds)[:5]

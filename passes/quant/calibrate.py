@@ -59,9 +59,10 @@ class Calibrate(Pass):
     samples: int = option(0, "use at most this many calibration samples (0: all)")
     batch_size: int = option(8, "samples per onnxruntime run")
     target: str = option(DEFAULT_TARGET, "target profile")
+    reference_samples: int = option(8, "keep the graph outputs on this many samples for min-cosine (0: none)")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        from ncc.passes.quant.calibration import collect_statistics, stats_cache_file
+        from ncc.passes.quant.calibration import FloatReference, collect_statistics, stats_cache_file
         from ncc.passes.quant.plan import observed_values, smoothable
 
         data = ctx.data.get("calibration_data")
@@ -77,9 +78,13 @@ class Calibrate(Pass):
         cache = Path(ctx.cache_dir) / "calibration" if ctx.cache_dir else None
         cache_file = stats_cache_file(model, values, data, cache, axes=axes) if cache is not None else None
         cached = cache_file is not None and cache_file.is_file()
+        reference = FloatReference(self.reference_samples)
         stats = collect_statistics(model, values, data, batch_size=self.batch_size, cache_file=cache_file,
-                                   progress=ctx.data.get("progress", True), axes=axes)
+                                   progress=ctx.data.get("progress", True), axes=axes,
+                                   reference=reference if self.reference_samples else None)
         ctx.data["calibration"] = Calibration(self.method, self.percentile, stats)
+        if reference.complete:
+            ctx.data["float_reference"] = reference
         sentinels = sorted(n for n, s in stats.items() if s.sentinel_count)
         notes = [f"calibration: {len(stats)} tensors observed, method {self.method}"
                  + (f" (p={self.percentile})" if self.method == "percentile" else "")]

@@ -18,9 +18,8 @@
    :class:`~ncc.passes.quant.observers.TensorStats`: memory holds one batch's
    activations and the histograms, nothing more.
 
-A model is handed over as an in-memory proto when its weights are small
-(``INLINE_LIMIT``); a larger one is saved with external data to a temporary
-folder and the session is loaded from that path. Protobuf appears only in
+The session gets the graph as a proto and the weights as arrays
+(:func:`open_session`): nothing is written to disk. Protobuf appears only in
 the serialized bytes handed to onnxruntime; no backend is imported.
 
 Only float tensors are observed: a requested value that turns out not to be
@@ -41,6 +40,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +50,18 @@ from ncc.errors import NccError
 from ncc.passes.quant.calib_data import CalibrationData, validate
 from ncc.passes.quant.observers import TensorStats
 
-INLINE_LIMIT = 16 << 20
-"""Models with at most this many bytes of weights go to onnxruntime as one in-memory proto.
+HANDOFF_BYTES = 1 << 10
+"""Initializers of at least this many bytes reach onnxruntime as arrays, not inside the proto.
 
-Above it, saving the weights raw to a temporary file is faster than copying them twice into a
-proto (MiniLM's 90 MB: 0.3 s against 0.55 s per session, and min-cosine opens several)."""
+Copying weights into a proto and onnxruntime parsing them again cost 0.55 s per session on
+MiniLM's 90 MB (saving them to a temporary file: 0.3 s), and min-cosine opens several sessions."""
+
+_HANDOFF_LOCATION = "ncc-handoff"
+_HANDOFF_TYPES = frozenset({
+    ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.INT8, ir.DataType.UINT8,
+    ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
+    ir.DataType.UINT64, ir.DataType.BOOL,
+})
 
 _FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
@@ -76,9 +83,14 @@ def model_inputs(model: ir.Model) -> dict[str, tuple[np.dtype, list[int | None] 
 
 
 def model_fingerprint(model: ir.Model) -> str:
-    """sha256 of the serialized model (external tensors by reference) plus each external file's size and mtime."""
-    proto = ir.serde.serialize_model(model)
-    h = hashlib.sha256(proto.SerializeToString(deterministic=True))
+    """sha256 of the serialized model without its in-memory weights, of those weights' bytes, and of each
+    external file's size and mtime (external tensors are serialized by reference, never read)."""
+    clone = model.clone()
+    h = hashlib.sha256()
+    for name, array in _detach_weights(clone, memory_mapped=False):
+        h.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        h.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    h.update(ir.serde.serialize_model(clone).SerializeToString(deterministic=True))
     for value in sorted(_initializers(model), key=lambda v: v.name or ""):
         tensor = value.const_value
         if isinstance(tensor, ir.ExternalTensor):
@@ -89,6 +101,29 @@ def model_fingerprint(model: ir.Model) -> str:
             except OSError:
                 h.update(f"{path}\0missing\0".encode())
     return h.hexdigest()
+
+
+def _detach_weights(model: ir.Model, *, memory_mapped: bool) -> list[tuple[str, np.ndarray]]:
+    """Replace the main graph's used initializers of at least ``HANDOFF_BYTES`` (numpy-native types) by
+    references to nowhere, so that serializing ``model`` copies no weights; returns ``(name, array)``
+    for each. ``memory_mapped``: detach external (memory-mapped) tensors too, as copies, else leave them.
+    Only for a clone: the model no longer holds its weights."""
+    detached = []
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or tensor.dtype not in _HANDOFF_TYPES or tensor.nbytes < HANDOFF_BYTES:
+            continue
+        if not value.uses() and not value.is_graph_output():
+            continue  # onnxruntime drops an unused initializer before it would take the array
+        external = isinstance(tensor, ir.ExternalTensor)
+        if external and not memory_mapped:
+            continue
+        # a copy of a memory-mapped tensor: the session must not read from a map its owner may close
+        array = np.array(tensor.numpy(), copy=True) if external else np.ascontiguousarray(tensor.numpy())
+        value.const_value = ir.ExternalTensor(_HANDOFF_LOCATION, 0, array.nbytes, tensor.dtype,
+                                              shape=tensor.shape, name=value.name)
+        detached.append((value.name, array))
+    return detached
 
 
 def cache_key(model: ir.Model, values: Iterable[str], data: CalibrationData, extra_key: str = "",
@@ -119,9 +154,13 @@ def collect_statistics(
     extra_key: str = "",
     axes: dict[str, int] | None = None,
     cache_file: Path | None = None,
+    reference: FloatReference | None = None,
 ) -> dict[str, TensorStats]:
     """Run ``model`` on ``data`` and return streaming statistics for each float value named in ``values``
     (per-channel min/max too along ``axes[name]`` where given).
+
+    When the model does run (statistics not cached) and ``reference`` is given, the run also fills it
+    with the first ``reference.samples`` samples and the graph outputs on them.
 
     Cached under ``cache_dir`` by :func:`stats_cache_file`, or in ``cache_file`` when the caller has
     already derived it (the key fingerprints the whole model: worth computing once)."""
@@ -142,10 +181,34 @@ def collect_statistics(
             if cached is not None:
                 return cached
 
-    stats = _run(model, observed, by_name, data, _batch_size(inputs, batch_size), progress, axes or {})
+    stats = _run(model, observed, by_name, data, _batch_size(inputs, batch_size), progress, axes or {}, reference)
     if cache_file is not None:
         save_stats(cache_file, stats)
     return stats
+
+
+@dataclass
+class FloatReference:
+    """The float model's graph outputs on the first ``samples`` calibration samples, kept by the
+    calibration run so that later passes (min-cosine) need not run the float model again."""
+
+    samples: int
+    feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
+    outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    count: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.count == self.samples > 0
+
+    def add(self, batch: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        take = min(next(iter(batch.values())).shape[0], self.samples - self.count)
+        if take <= 0:
+            return
+        self.count += take
+        self.feeds.append({k: v[:take] for k, v in batch.items()})
+        for name, array in outputs.items():
+            self.outputs.setdefault(name, []).append(array[:take])
 
 
 def _batch_size(inputs: dict, default: int) -> int:
@@ -181,6 +244,7 @@ def _run(
     batch_size: int,
     progress: bool,
     axes: dict[str, int],
+    reference: FloatReference | None = None,
 ) -> dict[str, TensorStats]:
     stats = {name: TensorStats(axis=axes.get(name)) for name in names}
     feed_names = {v.name for v in model.graph.inputs if not v.is_initializer()}
@@ -189,8 +253,13 @@ def _run(
         stats[name].update(by_name[name].const_value.numpy())
     fetched = [n for n in names if n not in feed_names and n not in constants]
     from_feeds = [n for n in names if n in feed_names]
+    graph_outputs = [v.name for v in model.graph.outputs]
+    fetched += [n for n in graph_outputs if n not in fetched] if reference is not None else []
     done: set[str] = set()
     for batch, outputs in iterate_outputs(model, fetched, data, batch_size=batch_size, progress=progress):
+        if reference is not None:
+            reference.add(batch, {n: outputs[n] for n in graph_outputs})
+            outputs = {n: a for n, a in outputs.items() if n in stats}
         for name in from_feeds:
             stats[name].update(batch[name])
         for name, array in outputs.items():
@@ -212,38 +281,35 @@ def iterate_outputs(model: ir.Model, names: list[str], data: CalibrationData, *,
     ``prune`` runs only the nodes ``names`` depend on (onnxruntime itself runs
     every node whatever is fetched): the graph's own outputs are dropped.
     """
+    session = open_session(model, names, prune=prune) if names else None
+    with _progress_bar(progress, data.num_samples) as advance:
+        for index, batch in enumerate(data.batches(batch_size)):
+            outputs: dict[str, np.ndarray] = {}
+            if session is not None:
+                try:
+                    outputs = dict(zip(names, session.run(names, batch)))
+                except Exception as err:  # noqa: BLE001
+                    if not type(err).__module__.startswith("onnxruntime"):
+                        raise
+                    # the data passed validation (dynamic dims) but the graph cannot run on it
+                    detail = " ".join(str(err).split()).rstrip(".")
+                    raise NccError(
+                        f"onnxruntime failed on calibration batch {index} of {data.spec}: {detail}."
+                    ) from None
+            yield batch, outputs
+            del outputs
+            advance(next(iter(batch.values())).shape[0])
+
+
+def open_session(model: ir.Model, outputs: list[str], *, prune: bool = False):
+    """An onnxruntime session (CPU provider, full optimizations) on ``model`` with ``outputs`` as extra
+    graph outputs (``prune``: as its only outputs, nothing else computed).
+
+    Weights of at least ``HANDOFF_BYTES`` do not go through protobuf: the proto records them as
+    external data and onnxruntime receives the arrays themselves (``add_external_initializers``),
+    so nothing is copied into a proto or written to disk."""
     import onnxruntime as ort
 
-    with tempfile.TemporaryDirectory(prefix="ncc-calib-") as workdir:
-        session = None
-        if names:
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            source = session_source(model, names, Path(workdir), prune=prune)
-            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-            del source
-        with _progress_bar(progress, data.num_samples) as advance:
-            for index, batch in enumerate(data.batches(batch_size)):
-                outputs: dict[str, np.ndarray] = {}
-                if session is not None:
-                    try:
-                        outputs = dict(zip(names, session.run(names, batch)))
-                    except Exception as err:  # noqa: BLE001
-                        if not type(err).__module__.startswith("onnxruntime"):
-                            raise
-                        # the data passed validation (dynamic dims) but the graph cannot run on it
-                        detail = " ".join(str(err).split()).rstrip(".")
-                        raise NccError(
-                            f"onnxruntime failed on calibration batch {index} of {data.spec}: {detail}."
-                        ) from None
-                yield batch, outputs
-                del outputs
-                advance(next(iter(batch.values())).shape[0])
-
-
-def session_source(model: ir.Model, outputs: list[str], workdir: Path, *, prune: bool = False) -> bytes | str:
-    """The model with ``outputs`` as extra graph outputs (``prune``: as its only outputs, nothing else computed):
-    proto bytes, or a path for a large external model."""
     clone = model.clone()
     clone_values = _values_by_name(clone)
     if prune:
@@ -260,18 +326,21 @@ def session_source(model: ir.Model, outputs: list[str], workdir: Path, *, prune:
         from ncc.passes.cleanup.dce import DeadCodeElimination
 
         DeadCodeElimination().run(clone, PassContext())
-    initializers = _initializers(clone)
-    total = sum(v.const_value.nbytes for v in initializers)
-    external = [v for v in initializers if isinstance(v.const_value, ir.ExternalTensor)]
-    if total <= INLINE_LIMIT:
-        for value in external:
-            tensor = value.const_value
-            # a copy: no view into the caller's memory map may outlive this call
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    detached = _detach_weights(clone, memory_mapped=True)
+    for value in clone.graph.initializers.values():  # small external tensors travel in the proto
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and str(tensor.location) != _HANDOFF_LOCATION:
             value.const_value = ir.Tensor(np.array(tensor.numpy(), copy=True), name=tensor.name)
-        return ir.serde.serialize_model(clone).SerializeToString()
-    path = workdir / "model.onnx"
-    ir.save(clone, path, external_data="model.onnx.data")
-    return os.fspath(path)
+    arrays = [array for _, array in detached]
+    ort_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    if detached:
+        options.add_external_initializers([name for name, _ in detached], ort_values)
+    proto = ir.serde.serialize_model(clone).SerializeToString()
+    session = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
+    session._ncc_weights = (arrays, ort_values)  # the session reads them in place: alive as long as it is
+    return session
 
 
 class _progress_bar:  # noqa: N801 - used as a context manager function
@@ -311,8 +380,8 @@ def save_stats(path: Path, stats: dict[str, TensorStats]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {"__names__": np.asarray(json.dumps(list(stats)))}
     for i, s in enumerate(stats.values()):
-        for field, array in s.to_arrays().items():
-            arrays[f"{i}.{field}"] = array
+        for key, array in s.to_arrays().items():
+            arrays[f"{i}.{key}"] = array
     fd, temp = tempfile.mkstemp(prefix=".ncc-calib-", suffix=".npz", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as file:

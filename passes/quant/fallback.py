@@ -25,25 +25,10 @@ cosine is undone.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import onnx_ir as ir
 
 from ncc.passes.quant.calib_data import CalibrationData
-
-
-def _session(model: ir.Model, outputs: list[str], workdir: Path):
-    import onnxruntime as ort
-
-    from ncc.passes.quant.calibration import session_source
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(session_source(model, outputs, workdir), options,
-                                   providers=["CPUExecutionProvider"])
-    return session, [o.name for o in session.get_outputs()]
 
 
 def samples(data: CalibrationData, count: int) -> list[dict[str, np.ndarray]]:
@@ -61,13 +46,15 @@ def samples(data: CalibrationData, count: int) -> list[dict[str, np.ndarray]]:
 
 def run(model: ir.Model, feeds: list[dict], outputs: list[str] = ()) -> dict[str, list[np.ndarray]]:
     """Run ``model`` on ``feeds`` with ``outputs`` (node outputs of its main graph) exposed."""
-    with tempfile.TemporaryDirectory(prefix="ncc-fallback-") as workdir:
-        session, names = _session(model, list(outputs), Path(workdir))
-        inputs = {i.name for i in session.get_inputs()}
-        results: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        for feed in feeds:
-            for name, array in zip(names, session.run(None, {k: v for k, v in feed.items() if k in inputs})):
-                results[name].append(array)
+    from ncc.passes.quant.calibration import open_session
+
+    session = open_session(model, list(outputs))
+    names = [o.name for o in session.get_outputs()]
+    inputs = {i.name for i in session.get_inputs()}
+    results: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in feeds:
+        for name, array in zip(names, session.run(None, {k: v for k, v in feed.items() if k in inputs})):
+            results[name].append(array)
     return results
 
 

@@ -94,10 +94,14 @@ class InsertQDQ(Pass):
         data = ctx.data.get("calibration_data")
         if data is None:
             raise NccError("insert-qdq{min-cosine} needs calibration data (--calib) to measure fidelity.")
-        feeds = fallback.samples(data, self.fallback_samples)
         float_model = ctx.data["float_model"]
         outputs = [v.name for v in model.graph.outputs]
-        reference = fallback.run(float_model, feeds, outputs)
+        kept = ctx.data.get("float_reference")  # from the calibration run, when it ran on the same samples
+        if kept is not None and kept.samples == self.fallback_samples and set(outputs) <= set(kept.outputs):
+            feeds, reference = kept.feeds, kept.outputs
+        else:
+            feeds = fallback.samples(data, self.fallback_samples)
+            reference = fallback.run(float_model, feeds, outputs)
         masks = fallback.token_masks(feeds)
 
         def attempt(excluded: tuple[str, ...]) -> tuple[ir.Model, PassResult, float]:

@@ -72,9 +72,22 @@ HIST_SAMPLE = 1 << 17
 Range methods work on mass fractions, which a sample of 131k values per batch
 (millions per calibration run) pins down well; min and max still see every
 value, so ``minmax`` is exact and no outlier escapes the histogram's range.
+The stride is coprime with a sample's size, so the sample visits every
+channel: a stride dividing the row length (3 on a 384-wide hidden state) would
+see the same third of the channels in every row and miss outlier channels.
 """
 
 _FIELDS_SCALAR = ("count", "zero_count", "sentinel_count", "nan_count", "min", "max", "width", "origin")
+
+
+def _stride(size: int, shape: tuple[int, ...]) -> int:
+    """The sampling stride for ``size`` values of ``shape``: at least ``size // HIST_SAMPLE`` and coprime
+    with the values per sample (``shape[1:]``), so every position within a sample is reachable."""
+    per_sample = math.prod(shape[1:]) if len(shape) > 1 else size
+    stride = max(1, size // HIST_SAMPLE)
+    while math.gcd(stride, per_sample) != 1:
+        stride += 1
+    return stride
 
 
 class TensorStats:
@@ -138,7 +151,7 @@ class TensorStats:
             lo, hi = float(flat.min()), float(flat.max())
         self._cover(min(lo, 0.0), max(hi, 0.0))  # before counting this batch's zeros (see _cover)
         if flat.size > HIST_SAMPLE:  # min/max saw every value; counts and histogram see a strided sample
-            flat = flat[:: flat.size // HIST_SAMPLE]
+            flat = flat[:: _stride(flat.size, x.shape)]
         self.count += flat.size
         self.zero_count += int(flat.size - np.count_nonzero(flat))
         self.min, self.max = min(self.min, lo), max(self.max, hi)

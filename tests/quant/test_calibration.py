@@ -93,7 +93,7 @@ def test_cache_skips_onnxruntime(tmp_path, monkeypatch):
         collect_statistics(other_model, ["add", "y"], data, progress=False, cache_dir=cache)
 
 
-def test_external_data_model_inline_and_from_path(tmp_path, monkeypatch):
+def test_external_data_model_weights_as_arrays_or_in_proto(tmp_path, monkeypatch):
     proto = _mlp_proto()
     pixels = _digits_npz(tmp_path / "calib.npz", n=40)
     ir.save(ir.serde.deserialize_model(proto), tmp_path / "m.onnx", external_data="m.onnx.data", size_threshold_bytes=0)
@@ -101,10 +101,10 @@ def test_external_data_model_inline_and_from_path(tmp_path, monkeypatch):
     assert isinstance(model.graph.initializers["W"].const_value, ir.ExternalTensor)
     ref = _reference(proto, pixels)
     data = load_calibration_data(str(tmp_path / "calib.npz"))
-    inline = collect_statistics(model, ["add"], data, progress=False)
-    monkeypatch.setattr(calibration, "INLINE_LIMIT", 0)  # force the save-to-temp-folder path
-    on_disk = collect_statistics(model, ["add"], data, progress=False)
-    for stats in (inline, on_disk):
+    as_arrays = collect_statistics(model, ["add"], data, progress=False)
+    monkeypatch.setattr(calibration, "HANDOFF_BYTES", 1 << 62)  # every weight inside the proto
+    in_proto = collect_statistics(model, ["add"], data, progress=False)
+    for stats in (as_arrays, in_proto):
         assert stats["add"].minmax() == pytest.approx((float(ref["add"].min()), float(ref["add"].max())), rel=1e-6)
     assert isinstance(model.graph.initializers["W"].const_value, ir.ExternalTensor)
 

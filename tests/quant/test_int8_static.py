@@ -228,6 +228,12 @@ def _int8_model_via_api(spec: str):
     return model, ctx, report
 
 
+def _serialized(model) -> bytes:
+    import onnx_ir as ir
+
+    return ir.serde.serialize_model(model).SerializeToString(deterministic=True)
+
+
 def _layer_mean_errors(model, ctx) -> dict[str, float]:
     """Per quantized Conv: mean over channels of |E[float twin - quantized]| (the bias error)."""
     from ncc.passes.quant import correct_bias, fallback
@@ -259,6 +265,20 @@ def test_min_cosine_keeps_sensitive_nodes_in_float():
     assert 1 <= len(kept) <= 2  # half of the 5 quantized compute nodes, rounded down
     assert any(note.startswith("fallback: all quantized") for note in record.notes)
     assert record.stats["output cosine (calibration)"] > 0.9999
+
+
+def test_min_cosine_compares_with_the_calibration_runs_float_outputs():
+    # calibrate keeps the float model's outputs on the first 8 samples, and insert-qdq measures against
+    # them instead of running the float model again: the same decisions as when it runs it itself
+    spec = "fuse-conv-bn,fuse-activation,calibrate{reference-samples=%d},insert-qdq{min-cosine=0.999999 max-float=0.5}"
+    kept_model, kept_ctx, kept = _int8_model_via_api(spec % 8)
+    ran_model, ran_ctx, ran = _int8_model_via_api(spec % 0)
+    reference = kept_ctx.data["float_reference"]
+    assert reference.count == 8 and "float_reference" not in ran_ctx.data
+    assert [a.shape for a in reference.outputs["logits"]] == [(8, 10)]
+    assert kept.records[-1].notes == ran.records[-1].notes
+    assert any("in float" in note for note in kept.records[-1].notes)
+    assert _serialized(kept_model) == _serialized(ran_model)
 
 
 def test_min_cosine_stops_when_fallbacks_gain_too_little():
