@@ -62,7 +62,12 @@ class Calibrate(Pass):
     reference_samples: int = option(8, "keep the graph outputs on this many samples for min-cosine (0: none)")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        from ncc.passes.quant.calibration import FloatReference, collect_statistics, stats_cache_file
+        from ncc.passes.quant.calibration import (
+            FloatReference,
+            collect_statistics,
+            minmax_cache_file,
+            stats_cache_file,
+        )
         from ncc.passes.quant.plan import observed_values, smoothable
 
         data = ctx.data.get("calibration_data")
@@ -77,11 +82,16 @@ class Calibrate(Pass):
         axes = {name: -1 for name in smoothable(model.graph)}
         cache = Path(ctx.cache_dir) / "calibration" if ctx.cache_dir else None
         cache_file = stats_cache_file(model, values, data, cache, axes=axes) if cache is not None else None
+        # minmax needs no histograms (binning is most of the statistics' cost); cached statistics with
+        # histograms serve it as well
+        histograms = self.method != "minmax" or (cache_file is not None and cache_file.is_file())
+        if cache_file is not None and not histograms:
+            cache_file = minmax_cache_file(cache_file)
         cached = cache_file is not None and cache_file.is_file()
         reference = FloatReference(self.reference_samples)
         stats = collect_statistics(model, values, data, batch_size=self.batch_size, cache_file=cache_file,
                                    progress=ctx.data.get("progress", True), axes=axes,
-                                   reference=reference if self.reference_samples else None)
+                                   reference=reference if self.reference_samples else None, histograms=histograms)
         ctx.data["calibration"] = Calibration(self.method, self.percentile, stats)
         if reference.complete:
             ctx.data["float_reference"] = reference

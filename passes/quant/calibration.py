@@ -40,6 +40,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +144,11 @@ def stats_cache_file(model: ir.Model, values: Iterable[str], data: CalibrationDa
     return Path(cache_dir) / f"{cache_key(model, values, data, extra_key, axes)}.npz"
 
 
+def minmax_cache_file(cache_file: Path) -> Path:
+    """Where the histogram-less (``minmax`` only) statistics of ``cache_file``'s key are kept."""
+    return cache_file.with_name(cache_file.stem + ".minmax.npz")
+
+
 def collect_statistics(
     model: ir.Model,
     values: list[str],
@@ -155,11 +161,13 @@ def collect_statistics(
     axes: dict[str, int] | None = None,
     cache_file: Path | None = None,
     reference: FloatReference | None = None,
+    histograms: bool = True,
 ) -> dict[str, TensorStats]:
     """Run ``model`` on ``data`` and return streaming statistics for each float value named in ``values``
     (per-channel min/max too along ``axes[name]`` where given).
 
-    When the model does run (statistics not cached) and ``reference`` is given, the run also fills it
+    ``histograms=False`` collects only what ``minmax`` needs (see :class:`TensorStats`), cached apart
+    (:func:`minmax_cache_file`). When the model does run (statistics not cached) and ``reference`` is given, the run also fills it
     with the first ``reference.samples`` samples and the graph outputs on them.
 
     Cached under ``cache_dir`` by :func:`stats_cache_file`, or in ``cache_file`` when the caller has
@@ -175,13 +183,15 @@ def collect_statistics(
 
     if cache_file is None and cache_dir is not None:
         cache_file = stats_cache_file(model, requested, data, cache_dir, extra_key, axes)
+        cache_file = cache_file if histograms else minmax_cache_file(cache_file)
     if cache_file is not None:
         if cache_file.is_file():
             cached = load_stats(cache_file)
             if cached is not None:
                 return cached
 
-    stats = _run(model, observed, by_name, data, _batch_size(inputs, batch_size), progress, axes or {}, reference)
+    stats = _run(model, observed, by_name, data, _batch_size(inputs, batch_size), progress, axes or {}, reference,
+                 histograms)
     if cache_file is not None:
         save_stats(cache_file, stats)
     return stats
@@ -245,8 +255,9 @@ def _run(
     progress: bool,
     axes: dict[str, int],
     reference: FloatReference | None = None,
+    histograms: bool = True,
 ) -> dict[str, TensorStats]:
-    stats = {name: TensorStats(axis=axes.get(name)) for name in names}
+    stats = {name: TensorStats(axis=axes.get(name), histogram=histograms) for name in names}
     feed_names = {v.name for v in model.graph.inputs if not v.is_initializer()}
     constants = [n for n in names if n not in feed_names and by_name[n].producer() is None]
     for name in constants:
@@ -256,16 +267,29 @@ def _run(
     graph_outputs = [v.name for v in model.graph.outputs]
     fetched += [n for n in graph_outputs if n not in fetched] if reference is not None else []
     done: set[str] = set()
-    for batch, outputs in iterate_outputs(model, fetched, data, batch_size=batch_size, progress=progress):
-        if reference is not None:
-            reference.add(batch, {n: outputs[n] for n in graph_outputs})
-            outputs = {n: a for n, a in outputs.items() if n in stats}
+
+    def fold(batch: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         for name in from_feeds:
             stats[name].update(batch[name])
         for name, array in outputs.items():
             if isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.floating):
                 stats[name].update(array)
                 done.add(name)
+
+    # Batch i's statistics are folded on a worker thread while onnxruntime runs batch i + 1 (both
+    # release the GIL): one batch in flight, folded in order, so the result does not depend on timing.
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        pending = None
+        for batch, outputs in iterate_outputs(model, fetched, data, batch_size=batch_size, progress=progress):
+            if reference is not None:
+                reference.add(batch, {n: outputs[n] for n in graph_outputs})
+                outputs = {n: a for n, a in outputs.items() if n in stats}
+            if pending is not None:
+                pending.result()
+            pending = worker.submit(fold, batch, outputs)
+            del outputs
+        if pending is not None:
+            pending.result()
     skipped = set(fetched) - done
     return {name: s for name, s in stats.items() if name not in skipped}
 

@@ -96,13 +96,18 @@ class TensorStats:
     ``axis`` (optional) also tracks per-channel min/max along that axis
     (``channel_min``, ``channel_max``; sentinels excluded, a channel with no
     finite value keeps ``+inf``/``-inf``).
+
+    ``histogram=False`` keeps only what ``minmax`` needs (extremes, counts,
+    sentinels, channel ranges): binning is most of an update's cost, and the
+    other range methods then refuse with a clear error.
     """
 
-    def __init__(self, bins: int = DEFAULT_BINS, *, axis: int | None = None):
+    def __init__(self, bins: int = DEFAULT_BINS, *, axis: int | None = None, histogram: bool = True):
         if bins < 16:
             raise ValueError(f"TensorStats needs at least 16 bins, got {bins}")
         self.bins = int(bins)
         self.axis = axis
+        self.histogram = histogram
         self.count = 0  # finite, non-sentinel values observed
         self.zero_count = 0
         self.sentinel_count = 0
@@ -149,12 +154,15 @@ class TensorStats:
             if flat.size == 0:
                 return
             lo, hi = float(flat.min()), float(flat.max())
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        if not self.histogram:
+            self.count += flat.size
+            return
         self._cover(min(lo, 0.0), max(hi, 0.0))  # before counting this batch's zeros (see _cover)
         if flat.size > HIST_SAMPLE:  # min/max saw every value; counts and histogram see a strided sample
             flat = flat[:: _stride(flat.size, x.shape)]
         self.count += flat.size
         self.zero_count += int(flat.size - np.count_nonzero(flat))
-        self.min, self.max = min(self.min, lo), max(self.max, hi)
         if self.width == 0.0:  # only zeros so far: remembered in zero_count, binned on first growth
             return
         # Cell index floor(x / w) - origin, computed in the input's precision (float32 for activations):
@@ -255,6 +263,12 @@ class TensorStats:
         if self.count == 0:
             raise ValueError("no finite values observed: the range is undefined")
 
+    def _require_histogram(self, method: str) -> None:
+        self._require_data()
+        if not self.histogram:
+            raise ValueError(f"calibration method {method!r} needs a histogram; these statistics were "
+                             "collected for minmax only")
+
     def minmax(self) -> tuple[float, float]:
         """The observed ``(min, max)``."""
         self._require_data()
@@ -262,7 +276,7 @@ class TensorStats:
 
     def percentile(self, p: float = 99.99) -> tuple[float, float]:
         """Two-sided percentile range: ``100 - p`` percent of the values cut, half from each tail."""
-        self._require_data()
+        self._require_histogram("percentile")
         if not 0.0 < p <= 100.0:
             raise ValueError(f"percentile must be in (0, 100], got {p}")
         if self.width == 0.0 or p == 100.0:
@@ -286,7 +300,7 @@ class TensorStats:
 
     def entropy(self, levels: int = 256) -> tuple[float, float]:
         """KL-divergence (TensorRT) threshold for an integer grid of ``levels`` values (256 for 8-bit)."""
-        self._require_data()
+        self._require_histogram("entropy")
         if self.width == 0.0:
             return self.minmax()
         if self.min >= 0.0:
@@ -300,7 +314,7 @@ class TensorStats:
 
     def mse(self, levels: int = 256, *, symmetric: bool = False) -> tuple[float, float]:
         """Clip range minimizing the expected squared quantization error on a grid of ``levels`` values."""
-        self._require_data()
+        self._require_histogram("mse")
         if self.width == 0.0:
             return self.minmax()
         w = self.width
@@ -369,6 +383,7 @@ class TensorStats:
         out = {name: np.asarray(getattr(self, name)) for name in _FIELDS_SCALAR}
         out["bins"] = np.asarray(self.bins)
         out["axis"] = np.asarray(-(2**31) if self.axis is None else self.axis)
+        out["histogram"] = np.asarray(self.histogram)
         out["hist"] = self.hist
         if self.channel_min is not None:
             out["channel_min"], out["channel_max"] = self.channel_min, self.channel_max
@@ -377,7 +392,8 @@ class TensorStats:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> TensorStats:
         axis = int(arrays["axis"])
-        stats = cls(int(arrays["bins"]), axis=None if axis == -(2**31) else axis)
+        stats = cls(int(arrays["bins"]), axis=None if axis == -(2**31) else axis,
+                    histogram=bool(arrays["histogram"]) if "histogram" in arrays else True)
         for name in _FIELDS_SCALAR:
             value = arrays[name].item()
             setattr(stats, name, value)

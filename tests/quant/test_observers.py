@@ -285,3 +285,19 @@ def test_kl_search_matches_plain_loop(seed):
     if seed == 2:
         hist[::7] = 0  # sparse histograms: thresholds ending on an empty bin are invalid
     assert _kl_threshold(hist, 64) == _kl_reference(hist, 64)
+
+
+def test_minmax_only_statistics_refuse_histogram_methods():
+    x = _tailed("gauss")
+    full, lean = TensorStats(axis=None), TensorStats(histogram=False)
+    for chunk in np.array_split(x, 5):
+        full.update(chunk)
+        lean.update(chunk)
+    assert lean.minmax() == full.minmax() == (float(x.min()), float(x.max()))
+    assert lean.count == x.size and not lean.hist.any()
+    for method in ("percentile", "entropy", "mse"):
+        with pytest.raises(ValueError, match="needs a histogram"):
+            lean.range(method)
+    again = TensorStats.from_arrays(lean.to_arrays())
+    assert not again.histogram and again.minmax() == lean.minmax()
+    assert TensorStats.from_arrays(full.to_arrays()).histogram
