@@ -34,9 +34,10 @@ class TargetProfile:
     dynamic_ops: frozenset[str]
     #: Ops the runtime runs as integer kernels with float output (no output requantization).
     float_output_ops: frozenset[str]
-    #: Magnitude bits of int8 weights: 7 (±127) with VNNI; 6 (±63) where u8 x s8 products are summed
-    #: in pairs into int16 (AVX2 vpmaddubsw): 255·127·2 overflows int16, 255·63·2 does not.
-    weight_qmax: int = 127
+    #: Whether the u8 x s8 kernels add products in int16 pairs (AVX2 vpmaddubsw, no VNNI): 255·127·2
+    #: overflows int16, so paired weights must keep their same-sign sum within 128
+    #: (:mod:`ncc.passes.quant.pairs`), or within ±63 each where the op's pairing is not known.
+    pairwise_int16: bool = False
 
 
 X86_VNNI = TargetProfile(
@@ -66,7 +67,7 @@ X86_AVX2 = replace(
     X86_VNNI,
     name="x86-avx2",
     description="x86-64 CPU with AVX2 but no VNNI, onnxruntime CPU execution provider",
-    weight_qmax=63,  # measured: full-range s8 weights put QLinearConv/MatMul 2-14 steps off fake-quant
+    pairwise_int16=True,  # measured: unconstrained ±127 weights put QLinearConv/MatMul 2-14 steps off fake-quant
 )
 
 TARGETS: dict[str, TargetProfile] = {t.name: t for t in (X86_VNNI, X86_AVX2)}

@@ -42,7 +42,7 @@ import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.ir import ids
 from ncc.passes.base import Pass, PassContext, PassResult, option
-from ncc.passes.quant import plan
+from ncc.passes.quant import pairs, plan
 from ncc.passes.quant.observers import quant_params
 from ncc.targets import DEFAULT_TARGET, get_target
 
@@ -354,18 +354,27 @@ class _Quantizer:
         if key in self.weights:
             return self.weights[key]
         array = w.const_value.numpy().astype(np.float32)
-        qmax = min(self.target.weight_qmax, 63 if self.o.reduce_range else 127)
+        qmax = 63 if self.o.reduce_range else 127
+        paired = self.target.pairwise_int16 and qmax > 63
+        if paired and node.op_type not in pairs.PAIRED_OPS:  # its K order is not known: ±63 is always safe
+            qmax, paired = 63, False
+        magnitude = np.abs(array)
+        if paired:  # a scale that also keeps every int16 pair of the kernel within range
+            magnitude = np.maximum(magnitude, pairs.pair_magnitude(node.op_type, array, node.attributes))
         if axis is None:
-            absmax = np.array(np.abs(array).max(initial=0.0), np.float32)
+            absmax = np.array(magnitude.max(initial=0.0), np.float32)
         else:
             reduce = tuple(d for d in range(array.ndim) if d != axis)
-            absmax = np.abs(array).max(axis=reduce, initial=0.0).astype(np.float32)
+            absmax = magnitude.max(axis=reduce, initial=0.0).astype(np.float32)
         scales = np.where(absmax > 0, absmax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
         scales = np.maximum(scales, np.asarray(floor, np.float32)).astype(np.float32)
         shape = [1] * array.ndim
         if axis is not None:
             shape[axis] = -1
-        q = np.clip(np.rint(array / scales.reshape(shape)), -qmax, qmax).astype(np.int8)
+        exact = array / scales.reshape(shape)
+        q = np.clip(np.rint(exact), -qmax, qmax).astype(np.int8)
+        if paired:
+            q = pairs.weight_pairs_safe(node.op_type, q, exact, node.attributes)
         wq = self._constant(f"{w.name}_quantized", q)
         ws = self._constant(f"{w.name}_scale", scales)
         wz = self._constant(f"{w.name}_zero_point", np.zeros(scales.shape, np.int8))

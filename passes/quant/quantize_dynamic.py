@@ -59,15 +59,16 @@ and released); a weight shared by several nodes is quantized once.
 Weight integer type and the CPU. ``DynamicQuantizeMatMul`` / ``MatMulInteger``
 run u8 activations against s8 weights (default) or u8 weights (``weight_dtype=u8``,
 zero point 128). With VNNI the u8 x s8 kernel is exact. On x86 CPUs without VNNI
-onnxruntime's u8 x s8 kernels use ``vpmaddubsw``, which adds two adjacent
-products in saturating int16: ``255 * 127 * 2`` overflows, so full-range s8
-weights can give results off by many steps there (the tests model this exactly).
-s8 weights limited to ``[-63, 63]`` (the ``x86-avx2`` target profile's
-``weight_qmax``, which the default ``target=host`` picks on such a CPU, or
-``reduce_range``) or ``weight_dtype=u8`` (the u8 x u8 kernel) are exact on every
-CPU. Measured on all-MiniLM-L6-v2 (onnxruntime 1.32, AVX2 without VNNI):
-embedding cosine 0.9918 (full-range s8, saturating), 0.9915 (s8 within ±63, the
-default there), 0.9929 (u8, but the u8 x u8 kernel is 10-30% slower). Gather
+onnxruntime's u8 x s8 kernels use ``vpmaddubsw``, which adds two K-adjacent
+products in saturating int16: ``255 * 127 * 2`` overflows, so unconstrained
+full-range s8 weights can give results off by many steps there (the tests model
+this exactly). On such a target (``x86-avx2``, which the default ``target=host``
+picks there) each column's scale keeps every K pair's same-sign sum within 128
+(:mod:`ncc.passes.quant.pairs`): exact, and as fine as ±127 wherever two large
+weights of one sign do not meet in a pair. Measured on all-MiniLM-L6-v2
+(onnxruntime 1.32, AVX2 without VNNI): embedding cosine 0.9911 with such weights,
+0.9900 within ±63 (what this target used before). ``reduce_range`` (±63) and
+u8 weights (the u8 x u8 kernel, 10-30% slower) are exact on every CPU. Gather
 tables never meet an integer kernel and are always full-range s8.
 """
 
@@ -84,6 +85,7 @@ import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.cleanup.fold_constants import constant_tensor
+from ncc.passes.quant.pairs import fit_pairs, pair_sums
 from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
 from ncc.targets import DEFAULT_TARGET, get_target
 
@@ -107,6 +109,9 @@ class WeightQuant:
     dtype: str = "s8"  # "s8" | "u8"
     symmetric: bool = True
     reduce_range: bool = False  # 7 bits: the range of quant_params(reduce_range=True)
+    #: s8 weights of a GEMM whose kernel adds products in int16 pairs: pairs along K kept safe
+    #: (:mod:`ncc.passes.quant.pairs`)
+    paired: bool = False
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -135,14 +140,20 @@ class WeightQuant:
         zp = np.where(span > 0, np.clip(np.round(qmin - rmin / scale.astype(np.float64)), qmin, qmax), qmin)
         return scale, zp.astype(np.int64)
 
-    def quantize(self, w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(w_q, scale, zero_point)``; per-tensor (scalars) when ``axis`` is None, else 1-D along ``axis``."""
+    def quantize(self, w: np.ndarray, axis: int | None, k_axis: int | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(w_q, scale, zero_point)``; per-tensor (scalars) when ``axis`` is None, else 1-D along ``axis``.
+        ``k_axis``: the GEMM reduction axis of ``w`` (its int16 pairs are kept safe when ``paired``)."""
         w = np.asarray(w, dtype=np.float32)
+        paired = self.paired and self.dtype == "s8" and not self.reduce_range and k_axis is not None
         if axis is None:
             lo, hi = np.asarray(w.min() if w.size else 0.0), np.asarray(w.max() if w.size else 0.0)
         else:
             reduce = tuple(i for i in range(w.ndim) if i != axis)
             lo, hi = w.min(axis=reduce), w.max(axis=reduce)
+        if paired and self.symmetric and w.size:  # a scale that also keeps every int16 pair within range
+            pairs = np.moveaxis(pair_sums(np.moveaxis(w, k_axis, 0)), 0, k_axis)
+            hi = np.maximum(hi, pairs.max() if axis is None else pairs.max(axis=reduce)).astype(np.float32)
         scale, zp = self.params(lo, hi)
         qmin, qmax = self.qrange
         if self.symmetric:  # keep the grid symmetric: -127..127 around the zero point
@@ -151,7 +162,10 @@ class WeightQuant:
         if axis is not None:
             shape[axis] = -1
         s, z = scale.reshape(shape), zp.reshape(shape)
-        q = np.clip(np.rint(w / s) + z, qmin, qmax).astype(self.np_dtype)
+        exact = w / s + z
+        q = np.clip(np.rint(exact), qmin, qmax).astype(self.np_dtype)
+        if paired:
+            q = fit_pairs(q, exact, k_axis)
         return q, scale, zp.astype(self.np_dtype)
 
 
@@ -194,17 +208,17 @@ class _State:
 
     def weight(
         self, rewriter: Rewriter, value: ir.Value, tensor: ir.TensorProtocol, *, transpose: bool, axis: int | None,
-        scale_shape: tuple[int, ...] | None = None, wq: WeightQuant | None = None,
+        scale_shape: tuple[int, ...] | None = None, wq: WeightQuant | None = None, k_axis: int | None = None,
     ) -> tuple[ir.Value, ir.Value, ir.Value]:
         """Quantized ``(w_q, w_scale, w_zero_point)`` constants for ``value`` (cached; reads it once)."""
         wq = wq or self.wq
-        key = (id(value), transpose, axis, scale_shape, wq)
+        key = (id(value), transpose, axis, scale_shape, wq, k_axis)
         if key in self.weights:
             return self.weights[key]
         array = tensor.numpy()  # the one read of this weight (memory-mapped when external)
         if transpose:
             array = array.T
-        q, scale, zp = wq.quantize(array, axis)
+        q, scale, zp = wq.quantize(array, axis, k_axis)
         del array
         base = value.name or "w"
         if axis is None:
@@ -358,7 +372,7 @@ class MatMulPattern(_Base):
                     bias_array = _bias_vector(c, n, rank)
                     if bias_array is not None:
                         out, absorbed = add.outputs[0], [node, add]
-        w = st.weight(rewriter, b, tensor, transpose=False, axis=1 if st.pass_.per_channel else None)
+        w = st.weight(rewriter, b, tensor, transpose=False, axis=1 if st.pass_.per_channel else None, k_axis=0)
         bias = st.constant(rewriter, bias_array, f"{b.name or 'w'}_bias") if bias_array is not None else None
         self._emit_matmul(rewriter, node, a, w, bias, out, absorbed)
         return MatchResult.ok()
@@ -396,7 +410,7 @@ class GemmPattern(_Base):
             bias_array = np.broadcast_to(ct.numpy().astype(np.float32).reshape(-1), (n,)) * np.float32(beta)
             bias_array = np.ascontiguousarray(bias_array, dtype=np.float32)
         w_q, w_s, w_zp = st.weight(
-            rewriter, b, tensor, transpose=trans_b, axis=1 if st.pass_.per_channel else None
+            rewriter, b, tensor, transpose=trans_b, axis=1 if st.pass_.per_channel else None, k_axis=0
         )
         if alpha != 1.0:
             scaled = w_s.const_value.numpy() * np.float32(alpha)
@@ -571,11 +585,10 @@ class QuantizeDynamic(Pass):
         return tuple(op for op in ops if op != "Gather" or self.gather)
 
     @property
-    def seven_bit_weights(self) -> bool:
-        """s8 weights within ±63: asked for, or the target sums u8 x s8 products in int16 pairs."""
-        if self.reduce_range:
-            return True
-        return self.weight_dtype == "s8" and get_target(self.target).weight_qmax < 127
+    def paired_weights(self) -> bool:
+        """s8 MatMul/Gemm weights with their int16 pairs kept safe: the target's kernels add u8 x s8
+        products in int16 pairs."""
+        return self.weight_dtype == "s8" and not self.reduce_range and get_target(self.target).pairwise_int16
 
     def requires(self, model: ir.Model) -> None:
         from ncc.ir import ids
@@ -594,7 +607,8 @@ class QuantizeDynamic(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         self.requires(model)
-        state = _State(self, WeightQuant(self.weight_dtype, self.weight_symmetric, self.seven_bit_weights))
+        state = _State(self, WeightQuant(self.weight_dtype, self.weight_symmetric, self.reduce_range,
+                                         self.paired_weights))
         patterns = [_PATTERNS[op](state) for op in SUPPORTED_OPS if op in self.active_ops]
         pstats = apply_patterns(model, patterns)
         state.drop_unused(model)

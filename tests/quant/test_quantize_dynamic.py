@@ -15,9 +15,10 @@ of the errors observed (the errors are sums of K independent roundings).
 
 On x86 CPUs without VNNI, onnxruntime's u8 x s8 kernels add adjacent products in
 saturating int16 (``vpmaddubsw``: ``sat16(a[2i] w[2i] + a[2i+1] w[2i+1])``). The
-default ``target=host`` then limits s8 weights to ±63 (the ``x86-avx2``
-profile), which is exact; u8 weights (zero point 128) and ``reduce-range`` are
-exact on every CPU. Full-range s8 (``target=x86-vnni``) on such a CPU is compared
+default ``target=host`` then picks each column's scale so that no K pair of s8
+weights adds up past 128 in magnitude (the ``x86-avx2`` profile, see
+:mod:`ncc.passes.quant.pairs`), which is exact; u8 weights (zero point 128) and
+``reduce-range`` are exact on every CPU. Full-range s8 (``target=x86-vnni``) on such a CPU is compared
 with a reference that saturates the same way (``saturate=True``): onnxruntime
 matches it exactly, which shows the pass's quantization is right and the
 deviation is the kernel's.
@@ -67,18 +68,20 @@ S8_EXACT = _s8_exact()
 NO_VNNI = "the u8 x s8 kernel saturates int16 pairs on this CPU (x86 without VNNI): no float bound holds"
 
 
-def saturating(dtype: str, reduce_range: bool) -> bool:
-    return dtype == "s8" and not reduce_range and not S8_EXACT
+def saturating(dtype: str, weights: str) -> bool:
+    return dtype == "s8" and weights == "full" and not S8_EXACT
 
-#: Whether the default target (this CPU's profile) limits s8 weights to ±63.
-HOST_7BIT = get_target("host").weight_qmax < 127
 
-#: (option spec, weight dtype, 7-bit) combinations; full-range s8 saturates on x86 without VNNI
+#: Whether the default target (this CPU's profile) keeps the int16 pairs of s8 weights safe.
+HOST_PAIRED = get_target("host").pairwise_int16
+
+#: (option spec, weight dtype, weight grid) combinations; grids: "full" (±127), "7bit" (±63), "paired" (±127
+#: with a scale keeping every K pair's same-sign sum within 128). Full-range s8 saturates on x86 without VNNI.
 EXACT_CONFIGS = [
-    pytest.param("", "s8", HOST_7BIT, id="default-host-target"),
-    pytest.param("weight-dtype=u8", "u8", False, id="u8"),
-    pytest.param("reduce-range=true", "s8", True, id="s8-7bit"),
-    pytest.param("target=x86-vnni", "s8", False, id="s8-vnni" if S8_EXACT else "s8-vnni-saturating-int16-pairs"),
+    pytest.param("", "s8", "paired" if HOST_PAIRED else "full", id="default-host-target"),
+    pytest.param("weight-dtype=u8", "u8", "full", id="u8"),
+    pytest.param("reduce-range=true", "s8", "7bit", id="s8-7bit"),
+    pytest.param("target=x86-vnni", "s8", "full", id="s8-vnni" if S8_EXACT else "s8-vnni-saturating-int16-pairs"),
 ]
 
 # -- the numpy reference ------------------------------------------------------------------------------
@@ -93,16 +96,25 @@ def quantize_activation(a: np.ndarray) -> tuple[np.ndarray, np.float32, int]:
     return q, scale, zp
 
 
-def quantize_weight(w: np.ndarray, dtype: str, reduce_range: bool, per_channel: bool = True):
-    """Per column (axis 1) with observers.quant_params; symmetric; levels within +-qpos of the zero point."""
+def quantize_weight(w: np.ndarray, dtype: str, weights: str, per_channel: bool = True):
+    """Per column (axis 1) with observers.quant_params; symmetric; levels within +-qpos of the zero point.
+    ``weights="paired"``: the range also covers 127/128 of each K pair's same-sign magnitude sum."""
     cols = range(w.shape[1]) if per_channel else [None]
     scales, zps, qs = [], [], []
     for n in cols:
         col = w[:, n] if n is not None else w
-        scale, zp = quant_params(float(col.min()), float(col.max()), dtype=dtype, symmetric=True,
-                                 reduce_range=reduce_range)
-        qpos = (63 if reduce_range else 127)
-        qs.append(np.clip(np.rint(col / scale) + zp, zp - qpos, zp + qpos))
+        lo, hi = float(col.min()), float(col.max())
+        if weights == "paired":
+            even, odd = col[0 : len(col) - len(col) % 2 : 2], col[1::2]
+            same_sign = np.maximum(np.maximum(even, 0) + np.maximum(odd, 0), np.maximum(-even, 0) + np.maximum(-odd, 0))
+            hi = max(hi, float(same_sign.max(initial=0.0)) * 127 / 128)
+        scale, zp = quant_params(lo, hi, dtype=dtype, symmetric=True, reduce_range=weights == "7bit")
+        qpos = (63 if weights == "7bit" else 127)
+        q = np.clip(np.rint(col / scale) + zp, zp - qpos, zp + qpos)
+        if weights == "paired":  # the reference relies on rounding keeping the pairs within 128
+            pairs = q[0 : len(q) - len(q) % 2].reshape(-1, 2, *q.shape[1:])
+            assert np.maximum(pairs, 0).sum(1).max() <= 128 and np.minimum(pairs, 0).sum(1).min() >= -128
+        qs.append(q)
         scales.append(scale)
         zps.append(zp)
     if per_channel:
@@ -110,7 +122,7 @@ def quantize_weight(w: np.ndarray, dtype: str, reduce_range: bool, per_channel: 
     return qs[0], np.float32(scales[0]), zps[0]
 
 
-def ref_matmul(a, w, bias=None, *, dtype="s8", reduce_range=False, per_channel=True, saturate=None):
+def ref_matmul(a, w, bias=None, *, dtype="s8", weights="full", per_channel=True, saturate=None):
     """Dynamic quantization of ``a @ w + bias``: integer matmul in int64, float rescale.
 
     ``saturate`` (default: full-range s8 weights on a CPU where u8 x s8 is not
@@ -118,9 +130,9 @@ def ref_matmul(a, w, bias=None, *, dtype="s8", reduce_range=False, per_channel=T
     as ``vpmaddubsw`` does, then corrects for the activation zero point exactly.
     """
     qa, sa, za = quantize_activation(a)
-    qw, sw, zw = quantize_weight(w, dtype, reduce_range, per_channel)
+    qw, sw, zw = quantize_weight(w, dtype, weights, per_channel)
     if saturate is None:
-        saturate = saturating(dtype, reduce_range)
+        saturate = saturating(dtype, weights)
     if saturate:
         qa64, qw64 = qa.astype(np.int64), qw.astype(np.int64)
         k = qa64.shape[-1]
@@ -138,10 +150,10 @@ def ref_matmul(a, w, bias=None, *, dtype="s8", reduce_range=False, per_channel=T
     return y + bias if bias is not None else y
 
 
-def error_bound(a, w, *, dtype="s8", reduce_range=False):
+def error_bound(a, w, *, dtype="s8", weights="full"):
     """Worst-case |quantized - float| of ``a @ w`` per output element (module docstring)."""
     _, sa, _ = quantize_activation(a)
-    _, sw, _ = quantize_weight(w, dtype, reduce_range)
+    _, sw, _ = quantize_weight(w, dtype, weights)
     k = a.shape[-1]
     return np.abs(a) @ np.broadcast_to(sw / 2, w.shape) + sa / 2 * (np.ones_like(a) @ np.abs(w)) + k * sa * sw / 4
 
@@ -225,25 +237,25 @@ def test_all_zero_channel_gets_scale_one():
 
 
 @pytest.mark.parametrize("form", ["fused", "standard"])
-@pytest.mark.parametrize("spec,dtype,reduce_range", EXACT_CONFIGS)
-def test_matmul_bias_matches_reference(form, spec, dtype, reduce_range):
+@pytest.mark.parametrize("spec,dtype,weights", EXACT_CONFIGS)
+def test_matmul_bias_matches_reference(form, spec, dtype, weights):
     model, result = quantize(matmul_model(W, BIAS), " ".join(filter(None, [f"form={form}", spec])))
     assert result.stats["MatMul quantized"] == 1
     assert "Add" in ops(model) if form == "standard" else ops(model) == ["DynamicQuantizeMatMul"]
-    want = ref_matmul(X, W, BIAS, dtype=dtype, reduce_range=reduce_range)
+    want = ref_matmul(X, W, BIAS, dtype=dtype, weights=weights)
     for optimize in (False, True):
         (got,) = run(model, {"x": X}, optimize=optimize)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec,dtype,reduce_range", EXACT_CONFIGS)
-def test_matmul_error_within_worst_case_bound(spec, dtype, reduce_range):
-    if saturating(dtype, reduce_range):
+@pytest.mark.parametrize("spec,dtype,weights", EXACT_CONFIGS)
+def test_matmul_error_within_worst_case_bound(spec, dtype, weights):
+    if saturating(dtype, weights):
         pytest.skip(NO_VNNI)
     model, _ = quantize(matmul_model(W), spec)
     (got,) = run(model, {"x": X})
     err = np.abs(got - X @ W)
-    bound = error_bound(X, W, dtype=dtype, reduce_range=reduce_range)
+    bound = error_bound(X, W, dtype=dtype, weights=weights)
     assert np.all(err <= bound * 1.001 + 1e-5)
     assert err.max() > 0  # it did quantize
 
@@ -312,16 +324,16 @@ def mlp_model(p):
                       [h.make_tensor_value_info("y", T.FLOAT, ["N", 10])], p)
 
 
-def mlp_ref(p, x, quantized: bool, dtype="s8", reduce_range=False):
+def mlp_ref(p, x, quantized: bool, dtype="s8", weights="full"):
     if not quantized:
         return np.maximum(x @ p["w1"] + p["b1"], 0) @ p["w2"] + p["b2"]
-    r1 = np.maximum(ref_matmul(x, p["w1"], p["b1"], dtype=dtype, reduce_range=reduce_range), 0)
-    return ref_matmul(r1, p["w2"], p["b2"], dtype=dtype, reduce_range=reduce_range)
+    r1 = np.maximum(ref_matmul(x, p["w1"], p["b1"], dtype=dtype, weights=weights), 0)
+    return ref_matmul(r1, p["w2"], p["b2"], dtype=dtype, weights=weights)
 
 
 @pytest.mark.parametrize("pipeline", [False, True], ids=["pass", "int8-dynamic-pipeline"])
-@pytest.mark.parametrize("spec,dtype,reduce_range", EXACT_CONFIGS)
-def test_digits_mlp(digits_mlp, pipeline, spec, dtype, reduce_range):
+@pytest.mark.parametrize("spec,dtype,weights", EXACT_CONFIGS)
+def test_digits_mlp(digits_mlp, pipeline, spec, dtype, weights):
     params, x, y = digits_mlp
     model = mlp_model(params)
     if pipeline:  # fuse-matmul-add first turns the rank-2 MatMul+Add into Gemm: the Gemm path
@@ -336,8 +348,8 @@ def test_digits_mlp(digits_mlp, pipeline, spec, dtype, reduce_range):
         _, result = quantize(model, spec)
         assert result.stats["MatMul quantized"] == 2 and result.stats["kept float"] == 0
     (got,) = run(model, {"x": x})
-    np.testing.assert_allclose(got, mlp_ref(params, x, True, dtype, reduce_range), rtol=1e-4, atol=1e-4)
-    if saturating(dtype, reduce_range):
+    np.testing.assert_allclose(got, mlp_ref(params, x, True, dtype, weights), rtol=1e-4, atol=1e-4)
+    if saturating(dtype, weights):
         return  # exact against the saturating reference; fidelity to float is the kernel's problem
     float_logits = mlp_ref(params, x, False)
     assert np.mean(got.argmax(1) == float_logits.argmax(1)) >= 0.99
@@ -391,9 +403,9 @@ def block_model(p):
                       [h.make_tensor_value_info("y", T.FLOAT, ["B", "S", 32])], p)
 
 
-def block_ref(p, ids, quantized: bool, dtype="s8", reduce_range=False):
+def block_ref(p, ids, quantized: bool, dtype="s8", weights="full"):
     def dense(x, w, b):
-        return ref_matmul(x, p[w], p[b], dtype=dtype, reduce_range=reduce_range) if quantized else x @ p[w] + p[b]
+        return ref_matmul(x, p[w], p[b], dtype=dtype, weights=weights) if quantized else x @ p[w] + p[b]
 
     if quantized:
         e = p["emb"]
@@ -410,8 +422,8 @@ def block_ref(p, ids, quantized: bool, dtype="s8", reduce_range=False):
 
 
 @pytest.mark.parametrize("form", ["fused", "standard"])
-@pytest.mark.parametrize("spec,dtype,reduce_range", EXACT_CONFIGS)
-def test_transformer_block(form, spec, dtype, reduce_range):
+@pytest.mark.parametrize("spec,dtype,weights", EXACT_CONFIGS)
+def test_transformer_block(form, spec, dtype, weights):
     p = block_params()
     model = block_model(p)
     _, result = quantize(model, " ".join(filter(None, [f"form={form}", spec])))
@@ -424,8 +436,8 @@ def test_transformer_block(form, spec, dtype, reduce_range):
     ids = np.random.default_rng(2).integers(0, 50, size=(3, 12)).astype(np.int64)
     ids[0, 0] = 7
     (got,) = run(model, {"ids": ids})
-    np.testing.assert_allclose(got, block_ref(p, ids, True, dtype, reduce_range), rtol=1e-4, atol=1e-4)
-    if saturating(dtype, reduce_range):
+    np.testing.assert_allclose(got, block_ref(p, ids, True, dtype, weights), rtol=1e-4, atol=1e-4)
+    if saturating(dtype, weights):
         return  # (12-13% relative error on an AVX2-only CPU; 1.4-1.8% without saturation)
     # against float: 6 chained int8 matmuls with per-tensor dynamic activations; measured 1.4%
     # (u8 weights) and 1.8% (7-bit) relative error norm for the block; 5% leaves room for seeds.
@@ -550,9 +562,11 @@ def test_spec_round_trip_and_defaults():
     assert parse_pass(p.spec()) == p
     d = QuantizeDynamic()
     assert d.op_types == () and d.active_ops == ("Gather", "Gemm", "MatMul") and d.per_channel and d.weight_symmetric
-    assert d.seven_bit_weights == HOST_7BIT and d.target == "host"
-    assert not QuantizeDynamic(target="x86-vnni").seven_bit_weights
-    assert not QuantizeDynamic(target="x86-avx2", weight_dtype="u8").seven_bit_weights
+    assert d.paired_weights == HOST_PAIRED and d.target == "host"
+    assert not QuantizeDynamic(target="x86-vnni").paired_weights
+    assert QuantizeDynamic(target="x86-avx2").paired_weights
+    assert not QuantizeDynamic(target="x86-avx2", weight_dtype="u8").paired_weights
+    assert not QuantizeDynamic(target="x86-avx2", reduce_range=True).paired_weights
     assert not d.reduce_range and d.form == "standard" and d.spec() == "quantize-dynamic"
 
 

@@ -1,0 +1,131 @@
+"""Full-range int8 weights that stay exact where a CPU adds u8 x s8 products in int16 pairs.
+
+On x86 without VNNI, onnxruntime's u8 x s8 GEMM (MLAS, AVX2 ``vpmaddubsw``)
+multiplies a u8 activation by an s8 weight and adds each product to its
+neighbour's in *saturating* int16, pairing the reduction dimension K as
+``(0, 1), (2, 3), ...``. With activations up to 255 a pair overflows when its
+weights' same-sign parts add up past 128 (``255 * 129 > 32767``); below that
+every product pair fits. Measured with onnxruntime 1.32 on this AVX2 CPU
+(``tests/quant/test_pairs.py`` checks it on every machine):
+
+- ``MatMulInteger`` and ``MatMulIntegerToFloat``: K pairs of a ``[K, N]``
+  weight, for any K, M and N (an odd K's last element is paired with padding);
+- ``QLinearConv``: K is a filter's ``(kh, kw, c)`` in that order, channel
+  fastest, flattened across kernel positions (with 3 input channels, channel 2
+  at one position pairs with channel 0 at the next);
+- depthwise ``QLinearConv`` (one input and one output channel per group) and
+  ``ConvInteger`` use other kernels and never saturate; a depthwise conv with a
+  channel multiplier goes through the GEMM and pairs its kernel positions.
+
+So instead of limiting every weight to ±63 (6 magnitude bits), each
+channel's scale is the smallest that keeps both every weight within ±127 and
+every pair's same-sign sum within :data:`PAIR_LIMIT`
+(:func:`pair_magnitude`): between ``absmax / 127`` and ``absmax / 64``, never
+coarser than ±63 and as fine as ±127 where no two large weights of one sign
+meet in a pair. Rounding can still push a pair one step past the limit;
+:func:`fit_pairs` moves such pairs to the nearest point on it.
+
+(Moving every offending pair of a ±127 grid instead, with the scale left at
+``absmax / 127``, made all-MiniLM-L6-v2's weight error 6x *larger* than ±63:
+1.6% of its pairs are two large weights of one sign, and each move is large.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PAIR_LIMIT = 128
+"""Largest sum of same-sign magnitudes two paired s8 weights may have: ``255 * 128 = 32640 <= 32767``."""
+
+
+def fit_pairs(q: np.ndarray, exact: np.ndarray, axis: int = 0) -> np.ndarray:
+    """``q`` (integer weights on a grid within ±127) with every pair ``(2i, 2i + 1)`` along ``axis`` made safe.
+
+    ``exact`` is the unrounded grid position of each weight (``w / scale + zero_point``). A pair whose
+    positive parts add up past :data:`PAIR_LIMIT` (or negative parts below ``-PAIR_LIMIT``) moves to the
+    nearest point on that limit; every other weight is returned unchanged. The result has ``q``'s dtype.
+    """
+    out = np.moveaxis(np.asarray(q).astype(np.int32), axis, 0).copy()
+    target = np.moveaxis(np.asarray(exact, dtype=np.float64), axis, 0)
+    k = out.shape[0] - out.shape[0] % 2
+    a, b = out[0:k:2], out[1:k:2]  # views: assigning into them changes ``out``
+    ta, tb = target[0:k:2], target[1:k:2]
+    for sign in (1, -1):
+        sa, sb = a * sign, b * sign
+        over = (sa > 0) & (sb > 0) & (sa + sb > PAIR_LIMIT)
+        if not over.any():
+            continue
+        # nearest point of sa' + sb' = PAIR_LIMIT to (sign*ta, sign*tb), both magnitudes within [1, 127]
+        na = np.clip(np.rint((sign * ta - sign * tb + PAIR_LIMIT) / 2), PAIR_LIMIT - 127, 127).astype(np.int32)
+        a[over] = (sign * na)[over]
+        b[over] = (sign * (PAIR_LIMIT - na))[over]
+    return np.moveaxis(out, 0, axis).astype(np.asarray(q).dtype)
+
+
+def pair_magnitude(op_type: str, w: np.ndarray, attributes) -> np.ndarray:
+    """For each weight of a ``op_type`` node, the same-sign magnitude sum of the pair it belongs to, scaled
+    by ``127 / PAIR_LIMIT``: a scale covering ``max(|w|, pair_magnitude)`` on a ±127 grid keeps every pair
+    within the limit (up to rounding). Shape of ``w``; ``|w|`` where the op's kernel does not pair."""
+    w = np.asarray(w, dtype=np.float64)
+    if op_type == "Conv":
+        if w.ndim < 3 or _depthwise(w.shape, attributes.get_int("group", 1)):
+            return np.abs(w)
+        order = (*range(2, w.ndim), 1, 0)
+        k_major = np.transpose(w, order)
+        sums = pair_sums(k_major.reshape(-1, w.shape[0]))
+        return np.transpose(sums.reshape(k_major.shape), np.argsort(order))
+    k_axis = _k_axis(op_type, w.ndim, attributes)
+    return np.moveaxis(pair_sums(np.moveaxis(w, k_axis, 0)), 0, k_axis)
+
+
+def pair_sums(x: np.ndarray) -> np.ndarray:
+    """Along axis 0: each element replaced by its pair's larger same-sign magnitude sum, times 127/128."""
+    out = np.abs(x)
+    k = x.shape[0] - x.shape[0] % 2
+    a, b = x[0:k:2], x[1:k:2]
+    pos = np.maximum(a, 0) + np.maximum(b, 0)
+    neg = np.maximum(-a, 0) + np.maximum(-b, 0)
+    both = np.maximum(pos, neg) * (127 / PAIR_LIMIT)
+    out[0:k:2] = np.maximum(out[0:k:2], both)
+    out[1:k:2] = np.maximum(out[1:k:2], both)
+    return out
+
+
+def _k_axis(op_type: str, ndim: int, attributes) -> int:
+    if op_type == "MatMul":
+        return ndim - 2 if ndim >= 2 else 0
+    if op_type == "Gemm":
+        return 1 if attributes.get_int("transB", 0) else 0
+    raise ValueError(f"the K order of {op_type}'s weights is not known")
+
+
+PAIRED_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+"""Ops whose weights' K order in onnxruntime's GEMM is known (measured); others keep weights within ±63."""
+
+
+def weight_pairs_safe(op_type: str, q: np.ndarray, exact: np.ndarray, attributes) -> np.ndarray:
+    """``q``, the weight of a ``op_type`` node (one of :data:`PAIRED_OPS`, with ``attributes``), made safe
+    for the GEMM onnxruntime runs it on."""
+    if op_type == "Conv":
+        return conv_pairs_safe(q, exact, attributes.get_int("group", 1))
+    return fit_pairs(q, exact, _k_axis(op_type, q.ndim, attributes))
+
+
+def conv_pairs_safe(q: np.ndarray, exact: np.ndarray, group: int) -> np.ndarray:
+    """:func:`fit_pairs` for a Conv weight ``[M, C/group, kh, ...]``: K runs over ``(kh, ..., c)``, channel
+    fastest. Depthwise filters (one input and one output channel per group) are returned unchanged:
+    their kernel accumulates in int32."""
+    q = np.asarray(q)
+    if q.ndim < 3 or _depthwise(q.shape, group):
+        return q
+    # [M, C, *k] -> [*k, C, M] -> [K, M]: row r is the K index the GEMM pairs
+    order = (*range(2, q.ndim), 1, 0)
+    k_major = np.transpose(q, order)
+    flat_shape = (-1, q.shape[0])
+    fitted = fit_pairs(k_major.reshape(flat_shape), np.transpose(exact, order).reshape(flat_shape), 0)
+    return np.transpose(fitted.reshape(k_major.shape), np.argsort(order))
+
+
+def _depthwise(shape: tuple[int, ...], group: int) -> bool:
+    """onnxruntime's depthwise kernel (int32 sums): one input and one output channel per group."""
+    return group > 1 and shape[1] == 1 and shape[0] == group

@@ -1,0 +1,127 @@
+"""Pair-safe int8 weights: onnxruntime's integer kernels give exact sums with them, on this CPU.
+
+On x86 without VNNI onnxruntime adds u8 x s8 products in saturating int16 pairs along K. The K
+orders in :mod:`ncc.passes.quant.pairs` were measured; these tests check them on whatever CPU
+runs the suite, with the activations that stress them most (0 and 255 only), against exact int64
+sums. Where the kernels do not pair (VNNI) the sums are exact anyway.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from ncc.passes.quant.pairs import PAIR_LIMIT, fit_pairs, pair_magnitude, weight_pairs_safe
+
+
+class _Attrs:
+    def __init__(self, **values):
+        self.values = values
+
+    def get_int(self, name, default):
+        return self.values.get(name, default)
+
+
+def _session(nodes, inputs, outputs, inits, microsoft=False):
+    opsets = [h.make_opsetid("", 17)] + ([h.make_opsetid("com.microsoft", 1)] if microsoft else [])
+    model = h.make_model(h.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=opsets)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _heavy_tailed(rng, shape):
+    """Weights like a trained layer's: mostly small, a few large of either sign (Student t, 3 dof)."""
+    return rng.standard_t(3, size=shape).astype(np.float32)
+
+
+def _paired_int8(op_type, w, attrs, channel_axis):
+    """Per-channel s8 weights the way insert-qdq makes them on a pairing target."""
+    magnitude = np.maximum(np.abs(w), pair_magnitude(op_type, w, attrs))
+    reduce = tuple(d for d in range(w.ndim) if d != channel_axis)
+    shape = [1] * w.ndim
+    shape[channel_axis] = -1
+    scale = (magnitude.max(axis=reduce) / 127).reshape(shape)
+    exact = w / scale
+    return weight_pairs_safe(op_type, np.clip(np.rint(exact), -127, 127).astype(np.int8), exact, attrs)
+
+
+def _extremes(rng, shape):
+    return rng.choice(np.array([0, 255], np.uint8), size=shape)
+
+
+def test_fit_pairs_moves_only_overflowing_pairs_to_the_limit():
+    rng = np.random.default_rng(0)
+    exact = rng.uniform(-127, 127, size=(64, 9))
+    q = np.rint(exact).astype(np.int8)
+    fitted = fit_pairs(q, exact, 0).astype(np.int32)
+    a, b = fitted[0::2], fitted[1::2]
+    assert (np.maximum(a, 0) + np.maximum(b, 0)).max() <= PAIR_LIMIT
+    assert (np.minimum(a, 0) + np.minimum(b, 0)).min() >= -PAIR_LIMIT
+    qa, qb = q[0::2].astype(np.int32), q[1::2].astype(np.int32)
+    safe = (np.maximum(qa, 0) + np.maximum(qb, 0) <= PAIR_LIMIT) & (np.minimum(qa, 0) + np.minimum(qb, 0) >= -PAIR_LIMIT)
+    assert safe.mean() < 0.9  # the data has overflowing pairs to move
+    np.testing.assert_array_equal(a[safe], qa[safe])
+    np.testing.assert_array_equal(b[safe], qb[safe])
+    moved = ~safe  # on the limit line, as close to the exact values as it allows
+    assert np.all(np.abs(a[moved]) + np.abs(b[moved]) == PAIR_LIMIT)
+    ea, eb = exact[0::2][moved], exact[1::2][moved]
+    shift = np.abs((np.abs(ea) - np.abs(a[moved])) - (np.abs(eb) - np.abs(b[moved])))
+    assert shift.max() <= 1.0 + 1e-9  # the excess is split evenly, up to rounding
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 384, 1536), (128, 384, 384), (64, 1536, 384), (7, 67, 5)])
+def test_matmul_kernels_exact_with_paired_weights(m, k, n):
+    rng = np.random.default_rng(k)
+    wq = _paired_int8("MatMul", _heavy_tailed(rng, (k, n)), _Attrs(), 1)
+    a = _extremes(rng, (m, k))
+    exact = a.astype(np.int64) @ wq.astype(np.int64)
+    integer = _session([h.make_node("MatMulInteger", ["a", "w"], ["y"])], [h.make_tensor_value_info("a", T.UINT8, [m, k])],
+                       [h.make_tensor_value_info("y", T.INT32, [m, n])], [nh.from_array(wq, "w")])
+    np.testing.assert_array_equal(integer.run(None, {"a": a})[0], exact)
+    to_float = _session(
+        [h.make_node("MatMulIntegerToFloat", ["a", "w", "sa", "sw"], ["y"], domain="com.microsoft")],
+        [h.make_tensor_value_info("a", T.UINT8, [m, k])], [h.make_tensor_value_info("y", T.FLOAT, [m, n])],
+        [nh.from_array(wq, "w"), nh.from_array(np.array(1.0, np.float32), "sa"),
+         nh.from_array(np.ones(n, np.float32), "sw")], microsoft=True)
+    np.testing.assert_array_equal(to_float.run(None, {"a": a})[0], exact.astype(np.float32))
+
+
+def _k_index(c, kh, kw, channels):
+    """Where weight (c, kh, kw) of a 3x3 filter sits in the K order pairs.py assumes: (kh, kw, c)."""
+    return (kh * 3 + kw) * channels + c
+
+
+@pytest.mark.parametrize("c,group,m", [(3, 1, 2), (5, 1, 2), (8, 2, 4), (8, 8, 8), (8, 8, 16)],
+                         ids=["rgb", "odd", "grouped", "depthwise", "depthwise-multiplier-2"])
+def test_qlinearconv_pairs_are_the_k_pairs_assumed(c, group, m):
+    # two weights of 127 against activations of 255: 2 * 255 * 127 overflows int16 exactly when the
+    # kernel pairs them. Which pairs do overflow must be the K pairs pairs.py keeps safe (none where
+    # the kernel does not pair: VNNI, or a depthwise conv with one output channel per group).
+    cg = c // group
+    x = np.full((1, c, 5, 5), 255, np.uint8)
+    inits = [nh.from_array(np.array(1.0, np.float32), "xs"), nh.from_array(np.array(0, np.uint8), "xz"),
+             nh.from_array(np.array(1.0, np.float32), "ws"), nh.from_array(np.array(0, np.int8), "wz"),
+             nh.from_array(np.array(256.0, np.float32), "ys"), nh.from_array(np.array(0, np.uint8), "yz")]
+    positions = [(ch, i, j) for ch in range(cg) for i in range(3) for j in range(3)]
+    overflowing, assumed = set(), set()
+    for first in range(len(positions)):
+        for second in range(first + 1, len(positions)):
+            p, q = positions[first], positions[second]
+            w = np.zeros((m, cg, 3, 3), np.int8)
+            w[(0, *p)] = w[(0, *q)] = 127
+            conv = _session([h.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], group=group)],
+                            [h.make_tensor_value_info("x", T.UINT8, [1, c, 5, 5])],
+                            [h.make_tensor_value_info("y", T.UINT8, None)], [*inits, nh.from_array(w, "w")])
+            if int(conv.run(None, {"x": x})[0][0, 0, 1, 1]) != round(2 * 255 * 127 / 256):
+                overflowing.add((p, q))
+            ka, kb = _k_index(*p, cg), _k_index(*q, cg)
+            if min(ka, kb) % 2 == 0 and abs(ka - kb) == 1 and not (cg == 1 and m == group > 1):
+                assumed.add((p, q))
+            safe = weight_pairs_safe("Conv", w, w.astype(np.float64), _Attrs(group=group))
+            assert np.array_equal(safe, w) == ((p, q) not in assumed)  # the assumed pairs are the ones fixed
+    assert overflowing <= assumed
+    if overflowing:  # a pairing CPU: every assumed pair does overflow
+        assert overflowing == assumed
