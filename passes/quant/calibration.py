@@ -257,6 +257,9 @@ def _run(
     reference: FloatReference | None = None,
     histograms: bool = True,
 ) -> dict[str, TensorStats]:
+    # a tensor that only rearranges another's values has that tensor's statistics: observe the source
+    aliases = {n: root for n in names if n not in axes and (root := _moved_from(by_name[n])) is not None}
+    names = list(dict.fromkeys([*(n for n in names if n not in aliases), *aliases.values()]))
     stats = {name: TensorStats(axis=axes.get(name), histogram=histograms) for name in names}
     feed_names = {v.name for v in model.graph.inputs if not v.is_initializer()}
     constants = [n for n in names if n not in feed_names and by_name[n].producer() is None]
@@ -291,7 +294,29 @@ def _run(
         if pending is not None:
             pending.result()
     skipped = set(fetched) - done
+    for alias, root in aliases.items():
+        if root in stats and root not in skipped:
+            stats[alias] = stats[root].without_channels()
     return {name: s for name, s in stats.items() if name not in skipped}
+
+
+#: Ops whose output holds exactly the values of their input 0, rearranged: same range, same histogram.
+_MOVES_VALUES = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity",
+                           "DepthToSpace", "SpaceToDepth"})
+
+
+def _moved_from(value: ir.Value) -> str | None:
+    """The float tensor whose values ``value`` merely rearranges (through a chain of such ops), or None."""
+    root = None
+    node = value.producer()
+    while node is not None and node.domain == "" and node.op_type in _MOVES_VALUES and node.inputs[0] is not None:
+        source = node.inputs[0]
+        if source.const_value is not None or not source.name or (source.dtype is not None and
+                                                                  source.dtype not in _FLOAT_TYPES):
+            break
+        root = source.name
+        node = source.producer()
+    return root
 
 
 def iterate_outputs(model: ir.Model, names: list[str], data: CalibrationData, *, batch_size: int = 8,

@@ -376,6 +376,12 @@ class TensorStats:
             raise ValueError(f"unknown calibration method {method!r}; expected one of {sorted(methods)}")
         return methods[method](**options)
 
+    def without_channels(self) -> TensorStats:
+        """A copy without the per-channel ranges (for a tensor holding the same values in another layout)."""
+        arrays = {k: v for k, v in self.to_arrays().items() if k not in ("channel_min", "channel_max")}
+        arrays["axis"] = np.asarray(-(2**31))
+        return TensorStats.from_arrays(arrays)
+
     # -- persistence ----------------------------------------------------------------------------
 
     def to_arrays(self) -> dict[str, np.ndarray]:

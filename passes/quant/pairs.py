@@ -63,10 +63,11 @@ def fit_pairs(q: np.ndarray, exact: np.ndarray, axis: int = 0) -> np.ndarray:
 
 
 def pair_magnitude(op_type: str, w: np.ndarray, attributes) -> np.ndarray:
-    """For each weight of a ``op_type`` node, the same-sign magnitude sum of the pair it belongs to, scaled
-    by ``127 / PAIR_LIMIT``: a scale covering ``max(|w|, pair_magnitude)`` on a ±127 grid keeps every pair
-    within the limit (up to rounding). Shape of ``w``; ``|w|`` where the op's kernel does not pair."""
-    w = np.asarray(w, dtype=np.float64)
+    """For each weight of a ``op_type`` node, the larger of ``|w|`` and its pair's same-sign magnitude sum
+    scaled by ``127 / PAIR_LIMIT``: a scale covering it on a ±127 grid keeps every pair within the limit
+    (up to rounding). Shape of ``w``; just ``|w|`` where the op's kernel does not pair."""
+    w = np.asarray(w)
+    w = w if w.dtype in (np.float32, np.float64) else w.astype(np.float64)
     if op_type == "Conv":
         if w.ndim < 3 or _depthwise(w.shape, attributes.get_int("group", 1)):
             return np.abs(w)
@@ -79,15 +80,15 @@ def pair_magnitude(op_type: str, w: np.ndarray, attributes) -> np.ndarray:
 
 
 def pair_sums(x: np.ndarray) -> np.ndarray:
-    """Along axis 0: each element replaced by its pair's larger same-sign magnitude sum, times 127/128."""
+    """Along axis 0: each element's ``|x|``, or its pair's larger same-sign magnitude sum times 127/128
+    when that is larger (in ``x``'s float precision)."""
     out = np.abs(x)
     k = x.shape[0] - x.shape[0] % 2
     a, b = x[0:k:2], x[1:k:2]
-    pos = np.maximum(a, 0) + np.maximum(b, 0)
-    neg = np.maximum(-a, 0) + np.maximum(-b, 0)
-    both = np.maximum(pos, neg) * (127 / PAIR_LIMIT)
-    out[0:k:2] = np.maximum(out[0:k:2], both)
-    out[1:k:2] = np.maximum(out[1:k:2], both)
+    same_sign = a * b > 0  # otherwise the larger magnitude alone, already in ``out``
+    both = np.where(same_sign, np.abs(a + b), 0) * x.dtype.type(127 / PAIR_LIMIT)
+    np.maximum(out[0:k:2], both, out=out[0:k:2])
+    np.maximum(out[1:k:2], both, out=out[1:k:2])
     return out
 
 

@@ -125,23 +125,27 @@ def test_qoperator_format_matches_qdq(tmp_path, int8_model):
 
 
 def test_second_compile_reuses_calibration_statistics(tmp_path):
-    # minmax statistics (no histograms) serve any other options; the first histogram method runs the
-    # model again, and its statistics then serve every method
-    cache = tmp_path / "cache"
+    # histogram statistics (the default mse) serve every other option and method; minmax statistics
+    # carry no histograms, so the first histogram method after them runs the model again
 
-    def from_cache(i: int, *options: str) -> bool:
-        proc = ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "-o", tmp_path / f"{i}.onnx",
-                   "--cache-dir", cache, "--pass-statistics", *options)
+    def from_cache(cache: str, name: str, *options: str) -> bool:
+        proc = ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "-o", tmp_path / f"{name}.onnx",
+                   "--cache-dir", tmp_path / cache, "--pass-statistics", *options)
         assert proc.returncode == 0, proc.stderr
         assert ("0 from cache" in proc.stderr) != ("1 from cache" in proc.stderr), proc.stderr
         return "1 from cache" in proc.stderr
 
-    assert not from_cache(0)
-    assert from_cache(1, "--per-tensor", "--format", "qoperator", "--activations", "s8")
-    assert not from_cache(2, "--calib-method", "entropy")
-    assert from_cache(3, "--calib-method", "percentile")
-    assert from_cache(4)
-    assert (tmp_path / "0.onnx").read_bytes() == (tmp_path / "4.onnx").read_bytes()
+    assert not from_cache("a", "mse")
+    assert from_cache("a", "other", "--per-tensor", "--format", "qoperator", "--activations", "s8")
+    assert from_cache("a", "minmax", "--calib-method", "minmax")
+    assert from_cache("a", "entropy", "--calib-method", "entropy")
+    assert from_cache("a", "mse-again")
+    assert (tmp_path / "mse.onnx").read_bytes() == (tmp_path / "mse-again.onnx").read_bytes()
+    assert not from_cache("b", "minmax-first", "--calib-method", "minmax")
+    assert from_cache("b", "minmax-again", "--calib-method", "minmax", "--per-tensor")
+    assert not from_cache("b", "percentile", "--calib-method", "percentile")
+    assert from_cache("b", "minmax-last", "--calib-method", "minmax")
+    assert (tmp_path / "minmax.onnx").read_bytes() == (tmp_path / "minmax-last.onnx").read_bytes()
 
 
 def test_compile_int8_is_deterministic(tmp_path):
