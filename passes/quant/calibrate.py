@@ -42,9 +42,13 @@ class Calibration:
     fixed: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def range(self, name: str, *, levels: int = 256, symmetric: bool = False) -> tuple[float, float]:
+        """The range of ``name`` by the calibration method; by minmax where it was observed without a
+        histogram (the output of a kernel the target runs with float output)."""
         if name in self.fixed:
             return self.fixed[name]
         stats = self.stats[name]
+        if not stats.histogram:
+            return stats.minmax()
         if self.method == "percentile":
             return stats.percentile(self.percentile)
         if self.method == "entropy":
@@ -75,7 +79,7 @@ class Calibrate(Pass):
             minmax_cache_file,
             stats_cache_file,
         )
-        from ncc.passes.quant.plan import observed_values, smoothable
+        from ncc.passes.quant.plan import float_kernel_outputs, observed_values, smoothable
 
         data = ctx.data.get("calibration_data")
         if data is None:
@@ -87,8 +91,10 @@ class Calibrate(Pass):
             raise NccError("nothing to calibrate: the model has no quantizable operators.")
         # per-channel ranges where smooth-quant may migrate outliers into the weights
         axes = {name: -1 for name in smoothable(model.graph)}
+        lean = float_kernel_outputs(model.graph, get_target(self.target))
         cache = Path(ctx.cache_dir) / "calibration" if ctx.cache_dir else None
-        cache_file = stats_cache_file(model, values, data, cache, axes=axes) if cache is not None else None
+        cache_file = (stats_cache_file(model, values, data, cache, axes=axes, minmax_only=lean)
+                      if cache is not None else None)
         # minmax needs no histograms (binning is most of the statistics' cost); cached statistics with
         # histograms serve it as well
         histograms = self.method != "minmax" or (cache_file is not None and cache_file.is_file())
@@ -98,7 +104,8 @@ class Calibrate(Pass):
         reference = FloatReference(self.reference_samples)
         stats = collect_statistics(model, values, data, batch_size=self.batch_size, cache_file=cache_file,
                                    progress=ctx.data.get("progress", True), axes=axes,
-                                   reference=reference if self.reference_samples else None, histograms=histograms)
+                                   reference=reference if self.reference_samples else None, histograms=histograms,
+                                   minmax_only=lean)
         ctx.data["calibration"] = Calibration(self.method, self.percentile, stats)
         if reference.complete:
             ctx.data["float_reference"] = reference

@@ -128,10 +128,10 @@ def _detach_weights(model: ir.Model, *, memory_mapped: bool) -> list[tuple[str, 
 
 
 def cache_key(model: ir.Model, values: Iterable[str], data: CalibrationData, extra_key: str = "",
-              axes: dict[str, int] | None = None) -> str:
+              axes: dict[str, int] | None = None, minmax_only: Iterable[str] = ()) -> str:
     h = hashlib.sha256(_CACHE_VERSION.encode())
     parts = (model_fingerprint(model), data.digest(), json.dumps(sorted(set(values))), extra_key,
-             json.dumps(sorted(axes.items())) if axes else "")
+             json.dumps(sorted(axes.items())) if axes else "", json.dumps(sorted(set(minmax_only))))
     for part in parts:
         h.update(part.encode())
         h.update(b"\0")
@@ -139,9 +139,10 @@ def cache_key(model: ir.Model, values: Iterable[str], data: CalibrationData, ext
 
 
 def stats_cache_file(model: ir.Model, values: Iterable[str], data: CalibrationData, cache_dir: Path,
-                     extra_key: str = "", axes: dict[str, int] | None = None) -> Path:
+                     extra_key: str = "", axes: dict[str, int] | None = None,
+                     minmax_only: Iterable[str] = ()) -> Path:
     """Where :func:`collect_statistics` keeps these statistics under ``cache_dir``."""
-    return Path(cache_dir) / f"{cache_key(model, values, data, extra_key, axes)}.npz"
+    return Path(cache_dir) / f"{cache_key(model, values, data, extra_key, axes, minmax_only)}.npz"
 
 
 def minmax_cache_file(cache_file: Path) -> Path:
@@ -162,12 +163,14 @@ def collect_statistics(
     cache_file: Path | None = None,
     reference: FloatReference | None = None,
     histograms: bool = True,
+    minmax_only: frozenset[str] = frozenset(),
 ) -> dict[str, TensorStats]:
     """Run ``model`` on ``data`` and return streaming statistics for each float value named in ``values``
     (per-channel min/max too along ``axes[name]`` where given).
 
     ``histograms=False`` collects only what ``minmax`` needs (see :class:`TensorStats`), cached apart
-    (:func:`minmax_cache_file`). When the model does run (statistics not cached) and ``reference`` is given, the run also fills it
+    (:func:`minmax_cache_file`); ``minmax_only`` names the values that need no histogram either way
+    (part of the cache key). When the model does run (statistics not cached) and ``reference`` is given, the run also fills it
     with the first ``reference.samples`` samples and the graph outputs on them.
 
     Cached under ``cache_dir`` by :func:`stats_cache_file`, or in ``cache_file`` when the caller has
@@ -182,7 +185,7 @@ def collect_statistics(
     observed = [n for n in requested if by_name[n].dtype is None or by_name[n].dtype in _FLOAT_TYPES]
 
     if cache_file is None and cache_dir is not None:
-        cache_file = stats_cache_file(model, requested, data, cache_dir, extra_key, axes)
+        cache_file = stats_cache_file(model, requested, data, cache_dir, extra_key, axes, minmax_only)
         cache_file = cache_file if histograms else minmax_cache_file(cache_file)
     if cache_file is not None:
         if cache_file.is_file():
@@ -191,7 +194,7 @@ def collect_statistics(
                 return cached
 
     stats = _run(model, observed, by_name, data, _batch_size(inputs, batch_size), progress, axes or {}, reference,
-                 histograms)
+                 histograms, minmax_only)
     if cache_file is not None:
         save_stats(cache_file, stats)
     return stats
@@ -256,11 +259,14 @@ def _run(
     axes: dict[str, int],
     reference: FloatReference | None = None,
     histograms: bool = True,
+    minmax_only: frozenset[str] = frozenset(),
 ) -> dict[str, TensorStats]:
     # a tensor that only rearranges another's values has that tensor's statistics: observe the source
     aliases = {n: root for n in names if n not in axes and (root := _moved_from(by_name[n])) is not None}
+    binned = {n for n in names if n not in minmax_only}  # a root is binned when it or an alias of it is
+    binned |= {root for alias, root in aliases.items() if alias in binned}
     names = list(dict.fromkeys([*(n for n in names if n not in aliases), *aliases.values()]))
-    stats = {name: TensorStats(axis=axes.get(name), histogram=histograms) for name in names}
+    stats = {name: TensorStats(axis=axes.get(name), histogram=histograms and name in binned) for name in names}
     feed_names = {v.name for v in model.graph.inputs if not v.is_initializer()}
     constants = [n for n in names if n not in feed_names and by_name[n].producer() is None]
     for name in constants:

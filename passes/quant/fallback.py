@@ -19,8 +19,9 @@ would otherwise decide the score.
 
 The layers at the model's edges — those reading a graph input (a CNN's stem
 sees the raw image) and those producing a graph output — are tried first,
-then the rest by sensitivity. A fallback that does not improve the measured
-cosine is undone.
+then, only if those do not reach the target, the rest by sensitivity (the
+ranking runs both models once more). A fallback that does not improve the
+measured cosine is undone.
 """
 
 from __future__ import annotations
@@ -105,17 +106,41 @@ def fidelity(reference: dict, candidate: dict, outputs: list[str],
 
 
 def _rel_error(ref: list[np.ndarray], got: list[np.ndarray], masks: list[np.ndarray | None]) -> float:
-    ref, got = _unpadded(ref, masks), _unpadded(got, masks)
-    num = sum(float(np.sum((r - g) ** 2)) for r, g in zip(ref, got))
-    den = sum(float(np.sum(r**2)) for r in ref)
+    """Relative L2 error of ``got`` against ``ref`` over the unpadded positions (in the arrays' own
+    precision: it only ranks nodes)."""
+    num = den = 0.0
+    for i, (r, g) in enumerate(zip(ref, got)):
+        diff = np.subtract(r, g, dtype=np.result_type(r, np.float32))
+        keep = position_mask(r, masks[i] if masks is not None and i < len(masks) else None)
+        if keep is not None:
+            diff *= keep
+            r = r * keep
+        flat_r, flat_d = r.reshape(-1), diff.reshape(-1)
+        num += float(np.dot(flat_d, flat_d))
+        den += float(np.dot(flat_r, flat_r))
     return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
+def candidates(quantized: ir.Model) -> list[ir.Node]:
+    """The quantized compute nodes of ``quantized``: what min-cosine may return to float."""
+    from ncc.passes.quant.plan import ROLES
+
+    return [n for n in quantized.graph if n.metadata_props.get("ncc.quant") == "int8" and n.op_type in ROLES]
+
+
+def edges(quantized: ir.Model) -> list[str]:
+    """Names of the candidates at the model's edges, tried before any ranking: those reading a graph
+    input (a CNN's stem sees the raw image), then those producing a graph output."""
+    nodes = candidates(quantized)
+    inputs = _graph_inputs(quantized)
+    first = [n.name for n in nodes if any(v is not None and _float_name(v) in inputs for v in n.inputs)]
+    first += [n.name for n in nodes if n.outputs[0].is_graph_output()]
+    return list(dict.fromkeys(first))
 
 
 def rank(float_model: ir.Model, quantized: ir.Model, feeds: list[dict]) -> list[str]:
     """Quantized compute nodes of ``quantized``, most sensitive first (see the module docstring)."""
-    from ncc.passes.quant.plan import ROLES
-
-    nodes = [n for n in quantized.graph if n.metadata_props.get("ncc.quant") == "int8" and n.op_type in ROLES]
+    nodes = candidates(quantized)
     wanted: dict[str, None] = {}
     for node in nodes:
         wanted[node.outputs[0].name] = None
@@ -137,12 +162,7 @@ def rank(float_model: ir.Model, quantized: ir.Model, feeds: list[dict]) -> list[
         err_in = max((errors.get(_float_name(v), 0.0) for v in node.inputs
                       if v is not None and v.const_value is None), default=0.0)
         scores.append((errors[out] - err_in, node.name))
-    ranked = [name for _, name in sorted(scores, key=lambda s: -s[0])]
-    # The layers at the model's edges see the raw input or produce the raw output: try them first.
-    edges = [n.name for n in nodes if any(v is not None and _float_name(v) in _graph_inputs(quantized)
-                                          for v in n.inputs)]
-    edges += [n.name for n in nodes if n.outputs[0].is_graph_output()]
-    return list(dict.fromkeys([*edges, *ranked]))
+    return [name for _, name in sorted(scores, key=lambda s: -s[0])]
 
 
 def _graph_inputs(model: ir.Model) -> set[str]:

@@ -88,6 +88,7 @@ class InsertQDQ(Pass):
 
     def _run_with_fallback(self, model, ctx, calibration, target, op_types, islands) -> PassResult:
         import dataclasses
+        import itertools
 
         from ncc.passes.quant import fallback
 
@@ -104,20 +105,27 @@ class InsertQDQ(Pass):
             reference = fallback.run(float_model, feeds, outputs)
         masks = fallback.token_masks(feeds)
 
+        weight_codes: dict = {}
+
         def attempt(excluded: tuple[str, ...]) -> tuple[ir.Model, PassResult, float]:
             candidate = float_model.clone()
             options = dataclasses.replace(self, exclude=self.exclude + excluded, min_cosine=0.0)
-            result = _Quantizer(options, candidate, calibration, target, op_types, islands).run()
+            result = _Quantizer(options, candidate, calibration, target, op_types, islands, weight_codes).run()
             return candidate, result, fallback.fidelity(reference, fallback.run(candidate, feeds, outputs), outputs, masks)
 
         best, result, score = attempt(())
         history = [f"fallback: all quantized: output cosine {score:.5f} (target {self.min_cosine})"]
         if score < self.min_cosine:
-            ranked = fallback.rank(float_model, best, feeds)
-            budget = int(self.max_float * len(ranked))
+            budget = int(self.max_float * len(fallback.candidates(best)))
+            first = fallback.edges(best)
+
+            def order():  # the edges, then the rest ranked on the best model so far (only if reached)
+                yield from first
+                yield from (n for n in fallback.rank(float_model, best, feeds) if n not in first)
+
             excluded: tuple[str, ...] = ()
             misses = 0
-            for name in ranked[:budget]:
+            for name in itertools.islice(order(), budget):
                 excluded += (_exact(name),)
                 candidate, cand_result, cand_score = attempt(excluded)
                 # a float node costs speed: keep it only if it buys a real share of what is missing
@@ -156,8 +164,11 @@ def _adopt(model: ir.Model, source: ir.Model) -> None:
 
 class _Quantizer:
     def __init__(self, options: InsertQDQ, model: ir.Model, calibration, target, op_types: set[str],
-                 islands: set[str]):
+                 islands: set[str], weight_codes: dict | None = None):
         self.o, self.model, self.graph, self.cal, self.target = options, model, model.graph, calibration, target
+        #: (weight, axis, op, floor) -> (int8 codes, scales): shared by min-cosine's attempts, which
+        #: quantize copies of one float model with one calibration
+        self.weight_codes = {} if weight_codes is None else weight_codes
         self.op_types, self.islands = op_types, islands
         self.qtype, self.qnp = _QDTYPE[options.activations]
         self.levels = 128 if options.reduce_range else 256
@@ -353,6 +364,24 @@ class _Quantizer:
         key = (w.name, -1 if axis is None else axis)
         if key in self.weights:
             return self.weights[key]
+        attrs = node.attributes
+        code_key = (w.name, axis, node.op_type, attrs.get_int("group", 1), attrs.get_int("transB", 0),
+                    np.asarray(floor, np.float32).tobytes())
+        if code_key not in self.weight_codes:
+            self.weight_codes[code_key] = self._weight_codes(w, axis, node, floor)
+        q, scales = self.weight_codes[code_key]
+        wq = self._constant(f"{w.name}_quantized", q)
+        ws = self._constant(f"{w.name}_scale", scales)
+        wz = self._constant(f"{w.name}_zero_point", np.zeros(scales.shape, np.int8))
+        attrs = {"axis": axis} if axis is not None else {}
+        dq = self._node("DequantizeLinear", [wq, ws, wz], attrs, f"{w.name}_dequantized", before=node)
+        dq.type, dq.shape = w.type, w.shape
+        self.weights[key] = (dq, scales)
+        return dq, scales
+
+    def _weight_codes(self, w: ir.Value, axis: int | None, node: ir.Node,
+                      floor: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        """Symmetric int8 codes of ``w`` (per channel along ``axis``) and their float32 scales."""
         array = w.const_value.numpy().astype(np.float32)
         qmax = 63 if self.o.reduce_range else 127
         paired = self.target.pairwise_int16 and qmax > 63
@@ -375,14 +404,7 @@ class _Quantizer:
         q = np.clip(np.rint(exact), -qmax, qmax).astype(np.int8)
         if paired:
             q = pairs.weight_pairs_safe(node.op_type, q, exact, node.attributes)
-        wq = self._constant(f"{w.name}_quantized", q)
-        ws = self._constant(f"{w.name}_scale", scales)
-        wz = self._constant(f"{w.name}_zero_point", np.zeros(scales.shape, np.int8))
-        attrs = {"axis": axis} if axis is not None else {}
-        dq = self._node("DequantizeLinear", [wq, ws, wz], attrs, f"{w.name}_dequantized", before=node)
-        dq.type, dq.shape = w.type, w.shape
-        self.weights[key] = (dq, scales)
-        return dq, scales
+        return q, scales
 
     def _quantize_bias(self, node: ir.Node, role: plan.Role, w_scales: np.ndarray) -> None:
         bias = node.inputs[role.bias]

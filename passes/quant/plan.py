@@ -125,6 +125,16 @@ def observed_values(graph: ir.Graph, target: TargetProfile) -> list[str]:
     return list(names)
 
 
+def float_kernel_outputs(graph: ir.Graph, target: TargetProfile) -> frozenset[str]:
+    """Outputs of the ops the target runs as integer kernels with float output (x86: MatMul as
+    MatMulIntegerToFloat): never requantized in the default plan, so their statistics need no histogram
+    (a range for one, should an explicit op type ask, is its min/max)."""
+    return frozenset(
+        value.name for node in graph if node.domain == "" and node.op_type in target.float_output_ops
+        for value in node.outputs[:1] if value is not None and value.name
+    )
+
+
 def smoothable(graph: ir.Graph) -> dict[str, list[ir.Node]]:
     """Activations that MatMuls with a constant ``[K, N]`` weight read (as their input 0), with those MatMuls.
 
