@@ -43,7 +43,7 @@ class Calibration:
 
     def range(self, name: str, *, levels: int = 256, symmetric: bool = False) -> tuple[float, float]:
         """The range of ``name`` by the calibration method; by minmax where it was observed without a
-        histogram (the output of a kernel the target runs with float output)."""
+        histogram (see :func:`ncc.passes.quant.plan.binned_values`)."""
         if name in self.fixed:
             return self.fixed[name]
         stats = self.stats[name]
@@ -79,7 +79,7 @@ class Calibrate(Pass):
             minmax_cache_file,
             stats_cache_file,
         )
-        from ncc.passes.quant.plan import float_kernel_outputs, observed_values, smoothable
+        from ncc.passes.quant.plan import binned_values, observed_values, smoothable
 
         data = ctx.data.get("calibration_data")
         if data is None:
@@ -91,7 +91,7 @@ class Calibrate(Pass):
             raise NccError("nothing to calibrate: the model has no quantizable operators.")
         # per-channel ranges where smooth-quant may migrate outliers into the weights
         axes = {name: -1 for name in smoothable(model.graph)}
-        lean = float_kernel_outputs(model.graph, get_target(self.target))
+        lean = frozenset(values) - binned_values(model.graph, get_target(self.target))
         cache = Path(ctx.cache_dir) / "calibration" if ctx.cache_dir else None
         cache_file = (stats_cache_file(model, values, data, cache, axes=axes, minmax_only=lean)
                       if cache is not None else None)

@@ -67,7 +67,7 @@ _HANDOFF_TYPES = frozenset({
 _FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 )
-_CACHE_VERSION = "ncc-calib-v1"
+_CACHE_VERSION = "ncc-calib-v2"
 
 
 def model_inputs(model: ir.Model) -> dict[str, tuple[np.dtype, list[int | None] | None]]:
@@ -430,13 +430,17 @@ class _progress_bar:  # noqa: N801 - used as a context manager function
 
 
 def save_stats(path: Path, stats: dict[str, TensorStats]) -> None:
-    """Write ``stats`` to ``path`` (an ``.npz``) atomically."""
+    """Write ``stats`` to ``path`` (an ``.npz``) atomically: each field of every tensor's statistics
+    concatenated into one array with per-tensor lengths (a few archive members, not thousands)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    per_tensor = [s.to_arrays() for s in stats.values()]
     arrays: dict[str, np.ndarray] = {"__names__": np.asarray(json.dumps(list(stats)))}
-    for i, s in enumerate(stats.values()):
-        for key, array in s.to_arrays().items():
-            arrays[f"{i}.{key}"] = array
+    for key in sorted({k for fields in per_tensor for k in fields}):
+        present = [np.asarray(fields[key]) for fields in per_tensor if key in fields]
+        arrays[key] = np.concatenate([a.reshape(-1) for a in present])
+        arrays[f"{key}.len"] = np.array([np.asarray(f[key]).size if key in f else -1 for f in per_tensor], np.int64)
+        arrays[f"{key}.ndim"] = np.array(present[0].ndim, np.int64)
     fd, temp = tempfile.mkstemp(prefix=".ncc-calib-", suffix=".npz", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as file:
@@ -452,11 +456,15 @@ def load_stats(path: Path) -> dict[str, TensorStats] | None:
     try:
         with np.load(path, allow_pickle=False) as npz:
             names = json.loads(str(npz["__names__"]))
-            out = {}
-            for i, name in enumerate(names):
-                prefix = f"{i}."
-                fields = {k[len(prefix) :]: npz[k] for k in npz.files if k.startswith(prefix)}
-                out[name] = TensorStats.from_arrays(fields)
-            return out
+            fields = [{} for _ in names]
+            for key in (k for k in npz.files if k != "__names__" and not k.endswith((".len", ".ndim"))):
+                values, lengths, ndim = npz[key], npz[f"{key}.len"], int(npz[f"{key}.ndim"])
+                offset = 0
+                for i, length in enumerate(lengths):
+                    if length >= 0:
+                        part = values[offset : offset + length]
+                        fields[i][key] = part.reshape(()) if ndim == 0 else part
+                        offset += int(length)
+            return {name: TensorStats.from_arrays(f) for name, f in zip(names, fields)}
     except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, not fatal
         return None

@@ -125,14 +125,40 @@ def observed_values(graph: ir.Graph, target: TargetProfile) -> list[str]:
     return list(names)
 
 
-def float_kernel_outputs(graph: ir.Graph, target: TargetProfile) -> frozenset[str]:
-    """Outputs of the ops the target runs as integer kernels with float output (x86: MatMul as
-    MatMulIntegerToFloat): never requantized in the default plan, so their statistics need no histogram
-    (a range for one, should an explicit op type ask, is its min/max)."""
-    return frozenset(
-        value.name for node in graph if node.domain == "" and node.op_type in target.float_output_ops
-        for value in node.outputs[:1] if value is not None and value.name
-    )
+def binned_values(graph: ir.Graph, target: TargetProfile) -> frozenset[str]:
+    """Activations the target's plan takes a histogram range for: the inputs of its compute ops that are
+    quantized whatever their neighbours (static ops that are not islands), traced back through
+    pass-through ops, and the outputs of those it requantizes (not float-output kernels), traced forward
+    through a fused activation and pass-through ops.
+
+    The other observed tensors (a transformer's residual Adds, MatMul outputs on x86) are quantized
+    only as islands next to integer kernels, or with explicit op types; their statistics then give
+    their min/max, and ``calibrate`` bins no histogram for them (binning is most of its cost)."""
+    core = (set(target.static_ops) - set(target.island_ops)) & set(ROLES)
+    moves = set(target.passthrough_ops)
+    out: set[str] = set()
+    for node in graph:
+        if node.domain != "" or node.op_type not in core:
+            continue
+        for value in node.inputs:
+            while value is not None and value.const_value is None and value.name and value.name not in out:
+                out.add(value.name)
+                producer = value.producer()
+                if producer is None or producer.domain != "" or producer.op_type not in moves:
+                    break
+                value = producer.inputs[0]
+        if node.op_type in target.float_output_ops:
+            continue
+        stack = [node.outputs[0]]
+        while stack:
+            value = stack.pop()
+            if value is None or not value.name or value.name in out:
+                continue
+            out.add(value.name)
+            stack.extend(use.node.outputs[0] for use in value.uses()
+                         if use.idx == 0 and use.node.domain == ""
+                         and (use.node.op_type in moves or use.node.op_type in ACTIVATIONS))
+    return frozenset(out)
 
 
 def smoothable(graph: ir.Graph) -> dict[str, list[ir.Node]]:

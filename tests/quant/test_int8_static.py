@@ -284,6 +284,33 @@ def test_min_cosine_keeps_sensitive_nodes_in_float():
     assert record.stats["output cosine (calibration)"] > 0.9999
 
 
+def test_every_quantized_activation_has_a_histogram_range(tmp_path):
+    # calibrate bins histograms only for the tensors the target's plan quantizes (plan.binned_values):
+    # each QuantizeLinear insert-qdq makes reads one of them; a residual block's MatMul outputs and bias
+    # Add (float-output kernels, and an island between them) get none
+    rng = np.random.default_rng(0)
+    w1, w2 = (numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), n) for n in ("w1", "w2"))
+    b = numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Add", ["h", "b"], ["hb"], name="bias"),
+             helper.make_node("Add", ["hb", "x"], ["r"], name="residual"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], [w1, w2, b])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "block.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 16)).astype(np.float32))
+    for path, expect_lean in ((tmp_path / "block.onnx", {"h", "hb", "y"}), (MODEL, set())):
+        model = load_onnx(path)
+        ctx = PassContext()
+        ctx.data["calibration_data"] = load_calibration_data(str(tmp_path / "calib.npz" if expect_lean else CALIB))
+        ctx.data["progress"] = False
+        PassManager("fuse-conv-bn,fuse-activation,calibrate,insert-qdq").run(model, ctx)
+        stats = ctx.data["calibration"].stats
+        quantized = [n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear"]
+        assert quantized and all(stats[name].histogram for name in quantized), path
+        assert {name for name, s in stats.items() if not s.histogram} == expect_lean, path
+
+
 def test_min_cosine_compares_with_the_calibration_runs_float_outputs():
     # calibrate keeps the float model's outputs on the first 8 samples, and insert-qdq measures against
     # them instead of running the float model again: the same decisions as when it runs it itself
