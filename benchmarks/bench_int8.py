@@ -118,7 +118,17 @@ def size_mb(path: Path) -> float:
 # -- one model ----------------------------------------------------------------------------------------
 
 
-def bench_model(key: str, workdir: Path, warmup: int, runs: int, methods: tuple[str, ...], log) -> dict:
+def _median_wall(compile_once, repeats: int):
+    """``compile_once()`` -> ``(wall s, extra)``, run ``repeats`` times; the median wall and the last extra."""
+    walls, extra = [], None
+    for _ in range(max(1, repeats)):
+        wall, extra = compile_once()
+        walls.append(wall)
+    return float(np.median(walls)), extra
+
+
+def bench_model(key: str, workdir: Path, warmup: int, runs: int, methods: tuple[str, ...], log,
+                repeats: int = 1) -> dict:
     t0 = time.perf_counter()
     task = m.TASKS[key]()
     log(f"[{key}] task ready in {time.perf_counter() - t0:.1f}s ({task.float_model})")
@@ -137,7 +147,8 @@ def bench_model(key: str, workdir: Path, warmup: int, runs: int, methods: tuple[
         out = workdir / f"{key}-ncc-{pipeline}-{fmt}.onnx"
         calib = task.calib if pipeline == "int8" else None
         try:
-            wall, cmd = m.ncc_compile(task.float_model, calib, out, pipeline=pipeline, fmt=fmt)
+            wall, cmd = _median_wall(lambda: m.ncc_compile(task.float_model, calib, out, pipeline=pipeline, fmt=fmt),
+                                     repeats)
         except RuntimeError as err:
             log(f"[{key}] ncc {pipeline} {fmt} FAILED: {str(err).splitlines()[0]}")
             continue
@@ -148,8 +159,9 @@ def bench_model(key: str, workdir: Path, warmup: int, runs: int, methods: tuple[
         if method in methods:
             out = workdir / f"{key}-ort-{method}{'-rr' if reduce_range else ''}.onnx"
             try:
-                wall = m.ort_static(task.float_model, task.calib, out, method=method, reduce_range=reduce_range,
-                                    batch=8 if key == "minilm" else 16)
+                wall, _ = _median_wall(lambda: (m.ort_static(task.float_model, task.calib, out, method=method,
+                                                             reduce_range=reduce_range,
+                                                             batch=8 if key == "minilm" else 16), None), repeats)
             except Exception as err:  # report, keep going
                 log(f"[{key}] onnxruntime quantize_static {method} rr={reduce_range} FAILED: {type(err).__name__}: {err}")
                 failures.append((f"onnxruntime static {m.ort_variant_name(method, reduce_range)}",
@@ -166,7 +178,8 @@ def bench_model(key: str, workdir: Path, warmup: int, runs: int, methods: tuple[
     if key == "minilm":  # the hand-restricted form the issue quotes (MinMax, MatMul only: cosine ~0.93)
         out = workdir / f"{key}-ort-MinMax-matmul.onnx"
         try:
-            wall = m.ort_static(task.float_model, task.calib, out, method="MinMax", op_types=["MatMul"], batch=8)
+            wall, _ = _median_wall(lambda: (m.ort_static(task.float_model, task.calib, out, method="MinMax",
+                                                         op_types=["MatMul"], batch=8), None), repeats)
             add("onnxruntime static MinMax, MatMul only (hand-restricted)", out, wall,
                 "quantize_static(QDQ, per_channel=True, QUInt8/QInt8, MinMax, op_types_to_quantize=['MatMul'])",
                 "ort-static-matmul")
@@ -174,7 +187,8 @@ def bench_model(key: str, workdir: Path, warmup: int, runs: int, methods: tuple[
             log(f"[{key}] onnxruntime quantize_static MatMul-only FAILED: {type(err).__name__}: {err}")
         for reduce_range in (False, True):
             out = workdir / f"{key}-ort-dynamic{'-rr' if reduce_range else ''}.onnx"
-            wall = m.ort_dynamic(task.float_model, out, reduce_range=reduce_range)
+            wall, _ = _median_wall(lambda: (m.ort_dynamic(task.float_model, out, reduce_range=reduce_range), None),
+                                   repeats)
             add(f"onnxruntime dynamic{' reduce_range' if reduce_range else ''}", out, wall,
                 f"quantize_dynamic(per_channel=True, QInt8, reduce_range={reduce_range})", "ort-dynamic")
 
@@ -263,6 +277,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 warm-up + 8 timed runs instead of 5 + 30")
     parser.add_argument("--models", default="minilm,efficientnet,mnist", help="comma-separated: minilm,efficientnet,mnist")
     parser.add_argument("--ort-methods", default=",".join(ORT_METHODS), help="onnxruntime calibration methods to run")
+    parser.add_argument("--compile-repeats", type=int, default=1,
+                        help="time every compile this many times (fresh processes) and report the median")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--keep", type=Path, help="keep the quantized models in this folder (default: a temp folder)")
     args = parser.parse_args(argv)
@@ -282,7 +298,7 @@ def main(argv=None) -> int:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         for key in keys:
-            results.append(bench_model(key, workdir, warmup, runs, methods, log))
+            results.append(bench_model(key, workdir, warmup, runs, methods, log, args.compile_repeats))
     total = time.perf_counter() - start
 
     print("# INT8 post-training quantization: ncc vs onnxruntime.quantization\n")
@@ -294,8 +310,8 @@ def main(argv=None) -> int:
           f"so each timed loop lasts >= {MIN_TIMED_S:.0f} s) after {warmup} warm-up, all rows of a model interleaved in one loop; batch {' and '.join(map(str, BATCHES))}"
           f" (MiniLM at seq len {m.SEQ}); quantize s = wall time of a fresh process, as a user runs it from a shell: `ncc compile` "
           f"(empty calibration cache, onnxruntime check of the result included; ncc's bytecode written first, as a "
-          f"pip install does) vs benchmarks/ort_quantize.py calling quantize_static / quantize_dynamic; "
-          f"total benchmark time {total:.0f}s\n")
+          f"pip install does; median of {args.compile_repeats} runs each) vs benchmarks/ort_quantize.py calling "
+          f"quantize_static / quantize_dynamic; total benchmark time {total:.0f}s\n")
     for res in results:
         task = res["task"]
         print(f"## {task.name}\n")

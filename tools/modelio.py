@@ -64,14 +64,16 @@ def _input_data_files(inp: Path) -> list[Path]:
         return []
 
 
-def save_model(model: ir.Model, path: str | os.PathLike, *, full: bool = True, external_data: str | None = None) -> list[Path]:
+def save_model(model: ir.Model, path: str | os.PathLike, *, full: bool = True, external_data: str | None = None,
+               value_info: bool = True) -> list[Path]:
     """Write ``model``; returns the files written (model first). ``.ncc`` output carries
-    every value when ``full`` (large ones in a ``<name>.data`` sidecar)."""
+    every value when ``full`` (large ones in a ``<name>.data`` sidecar); ``.onnx`` output leaves
+    out intermediate values' types and shapes unless ``value_info``."""
     path = Path(path)
     if model_format(path) == ".onnx":
         from ncc.backends.onnx import save_onnx
 
-        data = save_onnx(model, path, external_data=external_data)
+        data = save_onnx(model, path, external_data=external_data, value_info=value_info)
         return [path] + ([data] if data else [])
     from ncc.ir.printer import print_model
 

@@ -58,11 +58,14 @@ def weight_bytes(model: ir.Model) -> int:
     return sum(_tensor_nbytes(slot.tensor) for slot in _slots(model))
 
 
-def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: str | None = None) -> Path | None:
+def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: str | None = None,
+              value_info: bool = True) -> Path | None:
     """Save ``model`` to ``path``; returns the external data file when one was written.
 
     ``external_data`` names the data file (relative to ``path``'s folder); when
     None it is ``<path name>.data`` and is used only for models over 2 GB.
+    ``value_info=False`` leaves out the types and shapes of the main graph's
+    intermediate values (graph inputs and outputs keep theirs).
     """
     path = Path(path)
     _require_weights(model)
@@ -70,7 +73,7 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: str | 
         external_data = path.name + ".data"
     if external_data is None:
         with atomic_outputs(path) as (tmp_model,):
-            _write_inline(model, tmp_model, path)
+            _write_inline(model, tmp_model, path, value_info)
         return None
     if os.path.isabs(external_data) or os.sep in external_data or external_data in {"", ".", ".."}:
         raise NccError(f"external data name {external_data!r} must be a plain file name beside {path.name}.")
@@ -81,7 +84,7 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: str | 
     with atomic_outputs(path, data_path) as (tmp_model, tmp_data):
         replacements = _write_external_data(model, tmp_data, external_data, data_path)
         with _replaced(replacements):
-            proto = _serialize(model)
+            proto = _serialize(model, value_info)
         _save_proto(proto, tmp_model, path)
     return data_path
 
@@ -294,7 +297,7 @@ def _read_back(tensor: ir.ExternalTensor) -> _StandIn:
 _HOLE = b"\xffncc-hole\x00"
 
 
-def _write_inline(model: ir.Model, tmp: Path, final: Path) -> None:
+def _write_inline(model: ir.Model, tmp: Path, final: Path, value_info: bool = True) -> None:
     """Write ``model`` as one self-contained ``.onnx`` file, each large tensor streamed into its place."""
     nonce = os.urandom(16)  # placeholders cannot collide with anything else in the skeleton
     holes: dict[bytes, ir.TensorProtocol] = {}
@@ -308,7 +311,7 @@ def _write_inline(model: ir.Model, tmp: Path, final: Path) -> None:
             holes[token] = tensor
             replacements.append((slot, _StandIn(tensor, lambda token=token: token)))
     with _replaced(replacements):
-        skeleton = _serialize(model).SerializeToString()
+        skeleton = _serialize(model, value_info).SerializeToString()
     pieces = _split(skeleton, holes, _HOLE + nonce)
     if _length(pieces) > PROTOBUF_LIMIT:
         raise NccError(f"cannot write {final}: the model is over protobuf's 2 GB limit; write the weights as "
@@ -408,10 +411,14 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _serialize(model: ir.Model) -> onnx.ModelProto:
-    """``ir.serde.serialize_model``, letting an NccError raised while reading a tensor through (onnx-ir wraps it)."""
+def _serialize(model: ir.Model, value_info: bool = True) -> onnx.ModelProto:
+    """``ir.serde.serialize_model``, letting an NccError raised while reading a tensor through (onnx-ir wraps it);
+    without the main graph's ``value_info`` when asked."""
     try:
-        return ir.serde.serialize_model(model)
+        proto = ir.serde.serialize_model(model)
+        if not value_info:
+            del proto.graph.value_info[:]
+        return proto
     except Exception as err:
         cause, seen = err.__cause__ or err.__context__, set()
         while cause is not None and not isinstance(cause, NccError) and id(cause) not in seen:

@@ -111,6 +111,20 @@ def test_weights_are_int8_per_channel_within_half_a_step(int8_model):
     assert np.abs(gemm_w - floats["head.3.weight"]).max() <= inits["head.3.weight_scale"].max() / 2 * 1.0001
 
 
+def test_int8_onnx_output_leaves_out_intermediate_shapes(tmp_path, int8_model):
+    # onnxruntime fuses Add + LayerNormalization into its slower SkipLayerNormalization only when it knows
+    # the shapes: INT8 artefacts are written without them unless --value-info; float outputs keep them
+    assert len(onnx.load(int8_model).graph.value_info) == 0
+    kept = tmp_path / "kept.onnx"
+    proc = ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "-o", kept, "--cache-dir", tmp_path / "c",
+               "--format", "qoperator", "--value-info")
+    assert proc.returncode == 0, proc.stderr
+    assert len(onnx.load(kept).graph.value_info) > 0
+    optimized = tmp_path / "opt.onnx"
+    assert ncc("compile", MODEL, "--pass", "optimize", "-o", optimized).returncode == 0
+    assert len(onnx.load(optimized).graph.value_info) > 0
+
+
 def test_qoperator_format_matches_qdq(tmp_path, int8_model):
     out = tmp_path / "digits.qop.onnx"
     proc = ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "--format", "qoperator", "-o", out,
