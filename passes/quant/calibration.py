@@ -5,9 +5,10 @@
 1. checks the calibration data against the model's inputs (one clear error
    before anything runs);
 2. looks in ``cache_dir`` for statistics stored under a key made of the model
-   fingerprint (its serialized proto without external data, which records
-   external tensors by location/offset/length, plus each external file's size
-   and mtime), the data digest, the sorted value names and ``extra_key``;
+   fingerprint (its serialized proto without weights, the in-memory weights'
+   bytes, and each external data file's size and mtime), the data digest, the
+   sorted value names, the per-channel axes, the histogram-less values and
+   ``extra_key``;
 3. otherwise clones the model (tensors are shared, not copied), makes every
    requested intermediate value a graph output (a value of unknown type is
    declared float), and opens one onnxruntime session on the CPU provider with
@@ -15,8 +16,10 @@
    requested value survives, and a CNN runs in onnxruntime's blocked layout
    (EfficientNet-Lite0's 64 samples: 2.5 s against 4.3 s with optimizations off);
 4. runs the data batch by batch and folds each requested output into its
-   :class:`~ncc.passes.quant.observers.TensorStats`: memory holds one batch's
-   activations and the histograms, nothing more.
+   :class:`~ncc.passes.quant.observers.TensorStats` on a worker thread while
+   onnxruntime runs the next batch: memory holds two batches' activations and
+   the histograms, nothing more. A value that only rearranges another's (a
+   Reshape or Transpose output) is not fetched: it gets its source's statistics.
 
 The session gets the graph as a proto and the weights as arrays
 (:func:`open_session`): nothing is written to disk. Protobuf appears only in
@@ -170,8 +173,9 @@ def collect_statistics(
 
     ``histograms=False`` collects only what ``minmax`` needs (see :class:`TensorStats`), cached apart
     (:func:`minmax_cache_file`); ``minmax_only`` names the values that need no histogram either way
-    (part of the cache key). When the model does run (statistics not cached) and ``reference`` is given, the run also fills it
-    with the first ``reference.samples`` samples and the graph outputs on them.
+    (part of the cache key). When the model does run (statistics not cached) and ``reference`` is
+    given, the run also fills it with the first ``reference.samples`` samples and the graph outputs
+    on them.
 
     Cached under ``cache_dir`` by :func:`stats_cache_file`, or in ``cache_file`` when the caller has
     already derived it (the key fingerprints the whole model: worth computing once)."""
