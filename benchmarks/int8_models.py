@@ -106,8 +106,12 @@ def run_batched(path: Path | str, feeds: dict[str, np.ndarray], batch: int = 32,
     return np.concatenate(out)
 
 
-def _cached_output(tag: str, model: Path, compute: Callable[[], dict]) -> dict[str, np.ndarray]:
-    path = CACHE / f"{tag}-{file_hash(model)}.npz"
+def _cached_output(tag: str, model: Path, compute: Callable[[], dict], data: Path | None = None,
+                   ) -> dict[str, np.ndarray]:
+    """``compute()``'s arrays, cached under a key of ``model`` (and of the input ``data`` file when given)."""
+    key = file_hash(model) if data is None else hashlib.sha256(f"{file_hash(model)}-{file_hash(data)}".encode()
+                                                               ).hexdigest()[:16]
+    path = CACHE / f"{tag}-{key}.npz"
     if path.exists():
         return _load_npz(path)
     arrays = compute()
@@ -212,15 +216,25 @@ def minilm_task() -> Task:
 # -- EfficientNet-Lite0 on photo crops --------------------------------------------------------------
 
 
+def _crops_file(kind: str, n: int, seed: int) -> Path:
+    """The cached ``photo_crops(n, seed)``, named by a digest of the generator's source and arguments, so
+    a change to the crops (a photo added) makes new files instead of reusing stale ones."""
+    import inspect
+
+    digest = hashlib.sha256(f"{inspect.getsource(realmodels.photo_crops)}-{n}-{seed}".encode()).hexdigest()[:12]
+    path = CACHE / f"efficientnet-{kind}-{digest}.npz"
+    if not path.exists():
+        _atomic_savez(path, image=realmodels.photo_crops(n, seed=seed))
+    return path
+
+
 def efficientnet_task() -> Task:
     model = realmodels.efficientnet_onnx()
-    eval_path, calib = CACHE / "efficientnet-eval.npz", CACHE / "efficientnet-calib.npz"
-    if not eval_path.exists():
-        _atomic_savez(eval_path, image=realmodels.photo_crops(N_CROPS_EVAL, seed=CROP_SEED_EVAL))
-    if not calib.exists():
-        _atomic_savez(calib, image=realmodels.photo_crops(N_CROPS_CALIB, seed=CROP_SEED_CALIB))
+    eval_path = _crops_file("eval", N_CROPS_EVAL, CROP_SEED_EVAL)
+    calib = _crops_file("calib", N_CROPS_CALIB, CROP_SEED_CALIB)
     images = _load_npz(eval_path)
-    ref = _cached_output("efficientnet-fp32-logits", model, lambda: {"logits": run_batched(model, images, 16)})
+    ref = _cached_output("efficientnet-fp32-logits", model, lambda: {"logits": run_batched(model, images, 16)},
+                         data=eval_path)
     ref_top1 = ref["logits"].argmax(-1)
 
     def evaluate(path: Path) -> dict:
@@ -376,7 +390,8 @@ def ort_best_cache(task: Task) -> Path:
     onnxruntime version, the float model and the calibration data: its result depends on nothing else)."""
     import onnxruntime as ort
 
-    key = hashlib.sha256(f"{ort.__version__}-{file_hash(task.float_model)}-{file_hash(task.calib)}".encode())
+    key = hashlib.sha256(f"{ort.__version__}-{file_hash(task.float_model)}-{file_hash(task.calib)}-"
+                         f"{task.name}-{task.eval_samples}".encode())
     return CACHE / f"ort-static-{task.name.replace(' ', '-')}-{key.hexdigest()[:16]}.json"
 
 

@@ -88,7 +88,6 @@ class InsertQDQ(Pass):
 
     def _run_with_fallback(self, model, ctx, calibration, target, op_types, islands) -> PassResult:
         import dataclasses
-        import itertools
 
         from ncc.passes.quant import fallback
 
@@ -115,33 +114,46 @@ class InsertQDQ(Pass):
 
         best, result, score = attempt(())
         history = [f"fallback: all quantized: output cosine {score:.5f} (target {self.min_cosine})"]
-        if score < self.min_cosine:
-            budget = int(self.max_float * len(fallback.candidates(best)))
-            first = fallback.edges(best)
+        first = fallback.edges(best)
+        budget = int(self.max_float * len(fallback.candidates(best)))
+        excluded: tuple[str, ...] = ()
+        misses = 0
 
-            def order():  # the edges, then the rest ranked on the best model so far (only if reached)
-                yield from first
-                yield from (n for n in fallback.rank(float_model, best, feeds) if n not in first)
+        def try_float(name: str) -> None:
+            nonlocal best, result, score, excluded, misses
+            excluded += (_exact(name),)
+            candidate, cand_result, cand_score = attempt(excluded)
+            # a float node costs speed: keep it only if it buys a real share of what is missing
+            if cand_score - score >= self.min_gain * (1.0 - score):
+                best, result, score = candidate, cand_result, cand_score
+                misses = 0
+                history.append(f"fallback: + {name} in float: output cosine {cand_score:.5f}")
+            else:
+                excluded = excluded[:-1]
+                misses += 1
+                history.append(f"fallback: {name} stays quantized: in float it gives {cand_score:.5f}")
 
-            excluded: tuple[str, ...] = ()
-            misses = 0
-            for name in itertools.islice(order(), budget):
-                excluded += (_exact(name),)
-                candidate, cand_result, cand_score = attempt(excluded)
-                # a float node costs speed: keep it only if it buys a real share of what is missing
-                if cand_score - score >= self.min_gain * (1.0 - score):
-                    best, result, score = candidate, cand_result, cand_score
-                    misses = 0
-                    history.append(f"fallback: + {name} in float: output cosine {cand_score:.5f}")
-                else:
-                    excluded = excluded[:-1]
-                    misses += 1
-                    history.append(f"fallback: {name} stays quantized: in float it gives {cand_score:.5f}")
+        # The edges (a stem seeing the raw input, a head producing the output) are tried even when the
+        # target is met: one layer each, and they often carry a large share of the error. The rest,
+        # ranked by measured sensitivity, only while the outputs are below the target.
+        for name in first[:budget]:
+            try_float(name)
+
+        def stopped() -> str:
+            return (f"fallback: stopped after {misses} fallbacks in a row gained less than {self.min_gain:.0%} of "
+                    "the gap to 1: the error is spread, not in a few nodes")
+
+        if score < self.min_cosine and misses >= self.patience:
+            history.append(stopped())
+        elif score < self.min_cosine and len(excluded) < budget:
+            for name in fallback.rank(float_model, best, feeds):
+                if name in first or len(excluded) >= budget:
+                    continue
+                try_float(name)
                 if score >= self.min_cosine:
                     break
                 if misses >= self.patience:
-                    history.append(f"fallback: stopped after {misses} fallbacks in a row gained less than "
-                                   f"{self.min_gain:.0%} of the gap to 1: the error is spread, not in a few nodes")
+                    history.append(stopped())
                     break
         _adopt(model, best)
         result.notes[:0] = history
