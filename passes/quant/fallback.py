@@ -1,9 +1,8 @@
 """Accuracy-driven fallback: keep the few most sensitive nodes in float.
 
 After quantizing, ``insert-qdq{min-cosine=C}`` runs the float and the
-quantized model on a few calibration samples. While the outputs' mean cosine
-similarity is below ``C`` it keeps more nodes in float, most sensitive first,
-up to ``max-float`` of the quantized compute nodes:
+quantized model on a few calibration samples and keeps nodes in float that
+buy fidelity, up to ``max-float`` of the quantized compute nodes:
 
 - *sensitivity* of a node is how much relative error it adds: the relative
   L2 error of its output (quantized model vs float model) minus the largest
@@ -18,10 +17,11 @@ input, positions it masks out (its zeros) are left out of every comparison
 would otherwise decide the score.
 
 The layers at the model's edges — those reading a graph input (a CNN's stem
-sees the raw image) and those producing a graph output — are tried first,
-then, only if those do not reach the target, the rest by sensitivity (the
-ranking runs both models once more). A fallback that does not improve the
-measured cosine is undone.
+sees the raw image) and those producing a graph output — are always tried,
+even when the target is met (one layer each, often a large share of the
+error); the rest by sensitivity only while the outputs are below the target
+(the ranking runs both models once more). A fallback that does not close
+``min-gain`` of the gap to 1 is undone.
 """
 
 from __future__ import annotations
