@@ -74,8 +74,8 @@ class Calibrate(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         from ncc.passes.quant.calibration import (
             FloatReference,
+            cache_file_for,
             collect_statistics,
-            minmax_cache_file,
             stats_cache_file,
         )
         from ncc.passes.quant.plan import binned_values, observed_values, smoothable
@@ -92,21 +92,18 @@ class Calibrate(Pass):
         axes = {name: -1 for name in smoothable(model.graph)}
         lean = frozenset(values) - binned_values(model.graph, get_target(self.target))
         cache = Path(ctx.cache_dir) / "calibration" if ctx.cache_dir else None
-        cache_file = (stats_cache_file(model, values, data, cache, axes=axes, minmax_only=lean)
-                      if cache is not None else None)
-        # minmax needs no histograms (binning is most of the statistics' cost); cached statistics with
-        # histograms serve it as well
-        histograms = self.method != "minmax" or (cache_file is not None and cache_file.is_file())
-        if cache_file is not None and not histograms:
-            cache_file = minmax_cache_file(cache_file)
+        histograms = self.method != "minmax"  # binning is most of the statistics' cost
+        cache_file = None
+        if cache is not None:
+            full = stats_cache_file(model, values, data, cache, axes=axes, minmax_only=lean)
+            cache_file, histograms = cache_file_for(full, histograms)
         cached = cache_file is not None and cache_file.is_file()
-        reference = FloatReference(self.reference_samples)
+        reference = FloatReference(self.reference_samples) if self.reference_samples else None
         stats = collect_statistics(model, values, data, batch_size=self.batch_size, cache_file=cache_file,
-                                   progress=ctx.data.get("progress", True), axes=axes,
-                                   reference=reference if self.reference_samples else None, histograms=histograms,
-                                   minmax_only=lean)
+                                   progress=ctx.data.get("progress", True), axes=axes, reference=reference,
+                                   histograms=histograms, minmax_only=lean)
         ctx.data["calibration"] = Calibration(self.method, self.percentile, stats)
-        if reference.complete:
+        if reference is not None and reference.complete:
             ctx.data["float_reference"] = reference
         sentinels = sorted(n for n, s in stats.items() if s.sentinel_count)
         notes = [f"calibration: {len(stats)} tensors observed, method {self.method}"

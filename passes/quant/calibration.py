@@ -148,9 +148,14 @@ def stats_cache_file(model: ir.Model, values: Iterable[str], data: CalibrationDa
     return Path(cache_dir) / f"{cache_key(model, values, data, extra_key, axes, minmax_only)}.npz"
 
 
-def minmax_cache_file(cache_file: Path) -> Path:
-    """Where the histogram-less (``minmax`` only) statistics of ``cache_file``'s key are kept."""
-    return cache_file.with_name(cache_file.stem + ".minmax.npz")
+def cache_file_for(cache_file: Path, histograms: bool) -> tuple[Path, bool]:
+    """``(file, histograms)``: where statistics of ``cache_file``'s key are read or written.
+
+    Statistics without histograms (``minmax`` only) are kept apart, in ``<key>.minmax.npz``; but a
+    cached file with histograms serves them too, so it is chosen (with histograms) when it exists."""
+    if histograms or cache_file.is_file():
+        return cache_file, True
+    return cache_file.with_name(cache_file.stem + ".minmax.npz"), False
 
 
 def collect_statistics(
@@ -172,7 +177,7 @@ def collect_statistics(
     (per-channel min/max too along ``axes[name]`` where given).
 
     ``histograms=False`` collects only what ``minmax`` needs (see :class:`TensorStats`), cached apart
-    (:func:`minmax_cache_file`); ``minmax_only`` names the values that need no histogram either way
+    (:func:`cache_file_for`); ``minmax_only`` names the values that need no histogram either way
     (part of the cache key). When the model does run (statistics not cached) and ``reference`` is
     given, the run also fills it with the first ``reference.samples`` samples and the graph outputs
     on them.
@@ -189,8 +194,8 @@ def collect_statistics(
     observed = [n for n in requested if by_name[n].dtype is None or by_name[n].dtype in _FLOAT_TYPES]
 
     if cache_file is None and cache_dir is not None:
-        cache_file = stats_cache_file(model, requested, data, cache_dir, extra_key, axes, minmax_only)
-        cache_file = cache_file if histograms else minmax_cache_file(cache_file)
+        full = stats_cache_file(model, requested, data, cache_dir, extra_key, axes, minmax_only)
+        cache_file, histograms = cache_file_for(full, histograms)
     if cache_file is not None:
         if cache_file.is_file():
             cached = load_stats(cache_file)

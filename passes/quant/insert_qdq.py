@@ -147,7 +147,9 @@ class InsertQDQ(Pass):
             history.append(stopped())
         elif score < self.min_cosine and len(excluded) < budget:
             for name in fallback.rank(float_model, best, feeds):
-                if name in first or len(excluded) >= budget:
+                if len(excluded) >= budget:
+                    break
+                if name in first:
                     continue
                 try_float(name)
                 if score >= self.min_cosine:
@@ -376,9 +378,8 @@ class _Quantizer:
         key = (w.name, -1 if axis is None else axis)
         if key in self.weights:
             return self.weights[key]
-        attrs = node.attributes
-        code_key = (w.name, axis, node.op_type, attrs.get_int("group", 1), attrs.get_int("transB", 0),
-                    np.asarray(floor, np.float32).tobytes())
+        code_key = (w.name, axis, node.op_type, node.attributes.get_int("group", 1),
+                    node.attributes.get_int("transB", 0), np.asarray(floor, np.float32).tobytes())
         if code_key not in self.weight_codes:
             self.weight_codes[code_key] = self._weight_codes(w, axis, node, floor)
         q, scales = self.weight_codes[code_key]
@@ -399,9 +400,8 @@ class _Quantizer:
         paired = self.target.pairwise_int16 and qmax > 63
         if paired and node.op_type not in pairs.PAIRED_OPS:  # its K order is not known: ±63 is always safe
             qmax, paired = 63, False
-        magnitude = np.abs(array)
-        if paired:  # a scale that also keeps every int16 pair of the kernel within range
-            magnitude = np.maximum(magnitude, pairs.pair_magnitude(node.op_type, array, node.attributes))
+        # with pairs: a scale that also keeps every int16 pair of the kernel within range
+        magnitude = pairs.pair_magnitude(node.op_type, array, node.attributes) if paired else np.abs(array)
         if axis is None:
             absmax = np.array(magnitude.max(initial=0.0), np.float32)
         else:

@@ -71,11 +71,13 @@ def pair_magnitude(op_type: str, w: np.ndarray, attributes) -> np.ndarray:
     if op_type == "Conv":
         if w.ndim < 3 or _depthwise(w.shape, attributes.get_int("group", 1)):
             return np.abs(w)
-        order = (*range(2, w.ndim), 1, 0)
-        k_major = np.transpose(w, order)
-        sums = pair_sums(k_major.reshape(-1, w.shape[0]))
-        return np.transpose(sums.reshape(k_major.shape), np.argsort(order))
-    k_axis = _k_axis(op_type, w.ndim, attributes)
+        k_major, restore = _conv_k_major(w)
+        return restore(pair_sums(k_major))
+    return k_pair_magnitude(w, _k_axis(op_type, w.ndim, attributes))
+
+
+def k_pair_magnitude(w: np.ndarray, k_axis: int) -> np.ndarray:
+    """:func:`pair_magnitude` of a GEMM weight (float) whose reduction dimension is ``k_axis``."""
     return np.moveaxis(pair_sums(np.moveaxis(w, k_axis, 0)), 0, k_axis)
 
 
@@ -119,12 +121,20 @@ def conv_pairs_safe(q: np.ndarray, exact: np.ndarray, group: int) -> np.ndarray:
     q = np.asarray(q)
     if q.ndim < 3 or _depthwise(q.shape, group):
         return q
-    # [M, C, *k] -> [*k, C, M] -> [K, M]: row r is the K index the GEMM pairs
-    order = (*range(2, q.ndim), 1, 0)
-    k_major = np.transpose(q, order)
-    flat_shape = (-1, q.shape[0])
-    fitted = fit_pairs(k_major.reshape(flat_shape), np.transpose(exact, order).reshape(flat_shape), 0)
-    return np.transpose(fitted.reshape(k_major.shape), np.argsort(order))
+    k_major, restore = _conv_k_major(q)
+    return restore(fit_pairs(k_major, _conv_k_major(exact)[0], 0))
+
+
+def _conv_k_major(w: np.ndarray):
+    """``[M, C, *k] -> [*k, C, M] -> [K, M]`` (row r is the K index the GEMM pairs), and the inverse."""
+    order = (*range(2, w.ndim), 1, 0)
+    k_major = np.transpose(w, order)
+    shape = k_major.shape
+
+    def restore(matrix: np.ndarray) -> np.ndarray:
+        return np.transpose(matrix.reshape(shape), np.argsort(order))
+
+    return k_major.reshape(-1, w.shape[0]), restore
 
 
 def _depthwise(shape: tuple[int, ...], group: int) -> bool:

@@ -85,7 +85,7 @@ import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.cleanup.fold_constants import constant_tensor
-from ncc.passes.quant.pairs import fit_pairs, pair_sums
+from ncc.passes.quant.pairs import fit_pairs, k_pair_magnitude
 from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
 from ncc.targets import DEFAULT_TARGET, get_target
 
@@ -152,7 +152,7 @@ class WeightQuant:
             reduce = tuple(i for i in range(w.ndim) if i != axis)
             lo, hi = w.min(axis=reduce), w.max(axis=reduce)
         if paired and self.symmetric and w.size:  # a scale that also keeps every int16 pair within range
-            pairs = np.moveaxis(pair_sums(np.moveaxis(w, k_axis, 0)), 0, k_axis)
+            pairs = k_pair_magnitude(w, k_axis)
             hi = np.maximum(hi, pairs.max() if axis is None else pairs.max(axis=reduce)).astype(np.float32)
         scale, zp = self.params(lo, hi)
         qmin, qmax = self.qrange
