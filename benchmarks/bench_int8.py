@@ -14,9 +14,11 @@ For each model, in one run, on the same calibration ``.npz``:
   ``reduce_range`` setting is timed and shown as "onnxruntime best", the others are listed;
 - onnxruntime ``quantize_dynamic`` (per-channel; MiniLM only).
 
-Throughput: every row of one model is timed in the same loop (sessions interleaved, the order
-alternating each round), 2 intra-op threads, median latency after warm-up, batch 1 and batch 8
-(MiniLM at sequence length 128). Quality: see ``int8_models.py`` (MiniLM: logistic-regression
+Throughput: every row of one model is timed side by side in blocks (``ncc.tools.timing``: rounds
+of one block per model, the order reversed every round, each block starting once the previous
+model's idle onnxruntime workers stopped spinning), 2 intra-op threads, batch 1 and batch 8
+(MiniLM at sequence length 128); the speed-up is the median over rounds of the FP32/INT8 ratio of
+the block medians of one round. Quality: see ``int8_models.py`` (MiniLM: logistic-regression
 accuracy on 1,000 test tweets and embedding cosine with FP32; EfficientNet: top-1 agreement with
 FP32 on 240 photo crops; MNIST CNN: test accuracy).
 """
@@ -40,10 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import int8_models as m  # noqa: E402
 
+from ncc.tools.timing import SETTLE_S, time_blocks  # noqa: E402
+
 THREADS = 2
 BATCHES = (1, 8)
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
-MIN_TIMED_S, MAX_RUNS = 2.0, 2000
+MIN_BLOCK_S = 0.4  # a fast model's timing block lasts at least this long
 
 
 # -- machine ------------------------------------------------------------------------------------------
@@ -85,28 +89,13 @@ def machine_facts() -> dict:
 # -- timing -------------------------------------------------------------------------------------------
 
 
-def time_rows(paths: list[Path], feed: dict, warmup: int, runs: int) -> list[float]:
-    """Median seconds per run for each model; all sessions in one interleaved loop (at least ``runs``
-    rounds, more for fast models so the timed loop lasts about MIN_TIMED_S)."""
+def time_rows(paths: list[Path], feed: dict, warmup: int, runs: int, rounds: int):
+    """Every model of ``paths`` side by side in blocks (:func:`ncc.tools.timing.time_blocks`: each
+    block after the previous model's idle onnxruntime workers stopped spinning, fast models' blocks
+    lasting at least MIN_BLOCK_S). Returns the Timing; ``paths[0]`` is the FP32 reference."""
     sessions = [m.session(p, THREADS) for p in paths]
-    names = [[i.name for i in s.get_inputs()] for s in sessions]
-    feeds = [{k: feed[k] for k in n} for n in names]
-    times: list[list[float]] = [[] for _ in sessions]
-    order = list(range(len(sessions)))
-    for s, f in zip(sessions, feeds):  # a first round to size the loop: tiny models get more runs
-        s.run(None, f)
-    start = time.perf_counter()
-    for s, f in zip(sessions, feeds):
-        s.run(None, f)
-    runs = max(runs, min(MAX_RUNS, int(MIN_TIMED_S / max(time.perf_counter() - start, 1e-9))))
-    for round_ in range(warmup + runs):
-        for i in order if round_ % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            sessions[i].run(None, feeds[i])
-            elapsed = time.perf_counter() - start
-            if round_ >= warmup:
-                times[i].append(elapsed)
-    return [float(np.median(t)) for t in times]
+    feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
+    return time_blocks(sessions, feeds, runs=runs, rounds=rounds, warmup=warmup, min_block_s=MIN_BLOCK_S)
 
 
 def size_mb(path: Path) -> float:
@@ -127,7 +116,7 @@ def _median_wall(compile_once, repeats: int):
     return float(np.median(walls)), extra
 
 
-def bench_model(key: str, workdir: Path, warmup: int, runs: int, methods: tuple[str, ...], log,
+def bench_model(key: str, workdir: Path, warmup: int, runs: int, rounds: int, methods: tuple[str, ...], log,
                 repeats: int = 1) -> dict:
     t0 = time.perf_counter()
     task = m.TASKS[key]()
@@ -202,18 +191,20 @@ def bench_model(key: str, workdir: Path, warmup: int, runs: int, methods: tuple[
             best.append(b)
     timed = [r for r in rows if r["kind"] != "ort-static"] + best
 
-    perf: dict[int, list[float]] = {}
+    perf = {}
     for batch in BATCHES:
         t = time.perf_counter()
-        perf[batch] = time_rows([task.float_model] + [r["path"] for r in timed], task.timing_feed(batch), warmup, runs)
+        perf[batch] = time_rows([task.float_model] + [r["path"] for r in timed], task.timing_feed(batch), warmup, runs,
+                                rounds)
         log(f"[{key}] timing batch {batch}: {time.perf_counter() - t:.1f}s")
     for i, r in enumerate(timed):
-        r["latency_s"] = {b: perf[b][i + 1] for b in BATCHES}
+        r["latency_s"] = {b: perf[b].median(i + 1) for b in BATCHES}
+        r["speedup"] = {b: perf[b].ratio(i + 1) for b in BATCHES}
     fp32_size = size_mb(task.float_model)
     for r in rows:
         r["size_mb"] = size_mb(r["path"])
     return {
-        "key": key, "task": task, "fp32": fp32, "fp32_latency_s": {b: perf[b][0] for b in BATCHES},
+        "key": key, "task": task, "fp32": fp32, "fp32_latency_s": {b: perf[b].median(0) for b in BATCHES},
         "fp32_size_mb": fp32_size, "rows": rows, "timed": timed, "failures": failures,
     }
 
@@ -241,8 +232,8 @@ def table(result: dict) -> str:
         label = r["method"] + (" (onnxruntime best)" if r.get("best") else "")
         cells = [task.name, label, f"{fp32['metric']:.4f}", f"{q['metric']:.4f}", f"{q['metric'] / fp32['metric']:.2%}"]
         for b in BATCHES:
-            s0, s1 = b / lat0[b], b / r["latency_s"][b]
-            cells += [f"{s0:.1f}", f"{s1:.1f}", f"{s1 / s0:.2f}x"]
+            s0, s1, up = b / lat0[b], b / r["latency_s"][b], r["speedup"][b]
+            cells += [f"{s0:.1f}", f"{s1:.1f}", f"{up['median']:.2f}x ({up['q25']:.2f}-{up['q75']:.2f})"]
         cells += [f"{result['fp32_size_mb']:.1f}", f"{r['size_mb']:.1f}", f"{r['quantize_s']:.1f}"]
         if minilm:
             cells += [f"{q['cosine']:.4f}", f"{q['accuracy'] / q['fp32_accuracy']:.2%}"]
@@ -282,7 +273,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--keep", type=Path, help="keep the quantized models in this folder (default: a temp folder)")
     args = parser.parse_args(argv)
-    warmup, runs = (2, 8) if args.quick else (5, 30)
+    warmup, runs, rounds = (2, 10, 5) if args.quick else (5, 45, 9)
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     unknown = [k for k in keys if k not in m.TASKS]
     if unknown:
@@ -298,7 +289,7 @@ def main(argv=None) -> int:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         for key in keys:
-            results.append(bench_model(key, workdir, warmup, runs, methods, log, args.compile_repeats))
+            results.append(bench_model(key, workdir, warmup, runs, rounds, methods, log, args.compile_repeats))
     total = time.perf_counter() - start
 
     print("# INT8 post-training quantization: ncc vs onnxruntime.quantization\n")
@@ -306,9 +297,12 @@ def main(argv=None) -> int:
     print(f"machine: {facts['cpu']}, {facts['cores']} cores; avx2={facts['avx2']} avx512f={facts['avx512f']} "
           f"avx512_vnni={facts['avx512_vnni']} avx_vnni={facts['avx_vnni']}; onnxruntime {facts['onnxruntime']}; "
           f"ncc target {facts['ncc_target']}; Python {facts['python']}")
-    print(f"timing: {THREADS} intra-op threads (1 inter-op), CPU EP, ORT_ENABLE_ALL; median of at least {runs} runs (more for fast models, "
-          f"so each timed loop lasts >= {MIN_TIMED_S:.0f} s) after {warmup} warm-up, all rows of a model interleaved in one loop; batch {' and '.join(map(str, BATCHES))}"
-          f" (MiniLM at seq len {m.SEQ}); quantize s = wall time of a fresh process, as a user runs it from a shell: `ncc compile` "
+    print(f"timing: {THREADS} intra-op threads (1 inter-op), CPU EP, ORT_ENABLE_ALL; all rows of a model side by side in "
+          f"{rounds} rounds of one block each (ncc.tools.timing: a block starts after {SETTLE_S:.1f} s of untimed runs, "
+          f"when the previous model's idle onnxruntime workers stopped spinning; at least {-(-runs // rounds)} timed runs "
+          f"and {MIN_BLOCK_S} s a block) after {warmup} warm-up; samples/s from the median run; speed-up = median over "
+          f"rounds of the FP32/INT8 ratio of block medians (quartiles in brackets); batch {' and '.join(map(str, BATCHES))}"
+f" (MiniLM at seq len {m.SEQ}); quantize s = wall time of a fresh process, as a user runs it from a shell: `ncc compile` "
           f"(empty calibration cache, onnxruntime check of the result included; ncc's bytecode written first, as a "
           f"pip install does; median of {args.compile_repeats} runs each) vs benchmarks/ort_quantize.py calling "
           f"quantize_static / quantize_dynamic; total benchmark time {total:.0f}s\n")

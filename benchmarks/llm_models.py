@@ -42,6 +42,8 @@ if str(REPO / "tests") not in sys.path:
 
 import realmodels  # noqa: E402
 
+from ncc.tools.timing import time_blocks  # noqa: E402
+
 CACHE = realmodels.CACHE / "woq"
 SEQ = 256
 N_EVAL, N_CALIB = 48, 32
@@ -218,43 +220,23 @@ def prefill_feed(tokens: int = PREFILL_TOKENS) -> dict[str, np.ndarray]:
 def prefill_latencies_ms(paths: list[Path | str], tokens: int = PREFILL_TOKENS, repeats: int = 10,
                          warmup: int = 2) -> list[float]:
     """Median ms of a batch-1 prefill of ``tokens`` tokens for each model, :data:`THREADS` intra-op
-    threads. All sessions are timed in one loop (``warmup`` untimed rounds, then ``repeats`` timed
-    rounds, the order reversed every other round) so that drift on a shared machine hits all alike."""
-    feed = prefill_feed(tokens)
-    sessions = [session(p) for p in paths]
-    times: list[list[float]] = [[] for _ in sessions]
-    order = list(range(len(sessions)))
-    for round_ in range(warmup + repeats):
-        for i in order if round_ % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            sessions[i].run(["logits"], feed)
-            if round_ >= warmup:
-                times[i].append(time.perf_counter() - start)
-    return [1000 * float(np.median(t)) for t in times]
+    threads, side by side in ``repeats`` rounds of one run per model (:func:`ncc.tools.timing.time_blocks`:
+    each run after the previous model's idle workers stopped spinning) so drift hits all alike."""
+    timing = time_blocks([session(p) for p in paths], prefill_feed(tokens), runs=repeats, rounds=repeats,
+                         warmup=warmup, min_block_s=0, outputs=["logits"])
+    return [1000 * timing.median(i) for i in range(len(paths))]
 
 
 def paired_latency_ratio(path_a: Path | str, path_b: Path | str, tokens: int = PREFILL_TOKENS, rounds: int = 40,
                          warmup: int = 3) -> dict[str, float]:
-    """Side by side: ``rounds`` back-to-back prefills of A and B (order alternating), each round's A/B time
-    ratio; returns its median and quartiles, and each model's median ms. Pairing adjacent runs cancels the
-    drift of a shared machine that separate medians keep."""
-    feed = prefill_feed(tokens)
-    a, b = session(path_a), session(path_b)
-    ratios, ta, tb = [], [], []
-    for round_ in range(warmup + rounds):
-        pair = []
-        for s in ((a, b) if round_ % 2 == 0 else (b, a)):
-            start = time.perf_counter()
-            s.run(["logits"], feed)
-            pair.append(time.perf_counter() - start)
-        t_a, t_b = pair if round_ % 2 == 0 else pair[::-1]
-        if round_ >= warmup:
-            ratios.append(t_a / t_b)
-            ta.append(t_a)
-            tb.append(t_b)
-    q25, median, q75 = (float(q) for q in np.percentile(ratios, [25, 50, 75]))
-    return {"ratio": median, "q25": q25, "q75": q75, "a_ms": 1000 * float(np.median(ta)),
-            "b_ms": 1000 * float(np.median(tb)), "rounds": rounds}
+    """Side by side: ``rounds`` rounds of one prefill of A and one of B (:func:`ncc.tools.timing.time_blocks`,
+    order alternating), each round's A/B time ratio; returns its median and quartiles, and each model's
+    median ms. Pairing adjacent runs cancels the drift of a shared machine that separate medians keep."""
+    timing = time_blocks([session(path_a), session(path_b)], prefill_feed(tokens), runs=rounds, rounds=rounds,
+                         warmup=warmup, min_block_s=0, outputs=["logits"])
+    r = timing.ratio(1, 0)
+    return {"ratio": r["median"], "q25": r["q25"], "q75": r["q75"], "a_ms": 1000 * timing.median(0),
+            "b_ms": 1000 * timing.median(1), "rounds": rounds}
 
 
 def packed_weight_digests(model_path: Path | str) -> list[str]:

@@ -17,10 +17,13 @@ itself). ``--metric accuracy:LABELS.npy`` scores both models' top-1 accuracy on
 their first output against the labels instead.
 
 Throughput runs both models in onnxruntime (CPU EP, ``ORT_ENABLE_ALL``,
-``intra_op_num_threads=T``, ``inter_op_num_threads=1``) on one batch: W warm-up
-runs, then R timed runs, float and quantized interleaved (the order alternating
-every round) so machine noise hits both alike; samples/s is batch / median
-latency. Sizes count the model file and every external-data file it references.
+``intra_op_num_threads=T``, ``inter_op_num_threads=1``) on one batch, side by side
+in blocks (:mod:`ncc.tools.timing`: W warm-up runs each, then rounds of one block per
+model, each block starting after the other model's idle workers stopped spinning);
+at least R timed runs per model, more for a fast model. samples/s is batch / median
+latency; the speed-up is the median over rounds of the ratio of the two models'
+block medians in the same round, so machine drift between rounds cancels. Its
+quartiles are in the JSON (``throughput.speedup_q25``, ``speedup_q75``). Sizes count the model file and every external-data file it references.
 
 numpy, onnx and onnxruntime are imported inside the functions so ``ncc --help``
 stays fast. :func:`benchmark` is the Python entry point for benchmark scripts.
@@ -39,9 +42,11 @@ from typing import Any
 import click
 
 from ncc.errors import NccError
+from ncc.tools.timing import MIN_BLOCK_S, SETTLE_S, time_blocks
 
 DEFAULT_WARMUP = 5
 DEFAULT_RUNS = 20
+TIMING_ROUNDS = 5  # blocks per model; the speed-up is the median of the rounds' ratios
 DEFAULT_SEQ_LEN = 128
 SYNTHETIC_SAMPLES = 32
 SYNTHETIC_SEED = 0
@@ -474,30 +479,13 @@ def _load_labels(path: Path):
 # -- timing -----------------------------------------------------------------------------------------
 
 
-def _time_interleaved(sessions: list, feed: dict, warmup: int, runs: int) -> list[list[float]]:
-    """Seconds per run for each session, rounds interleaved and their order alternating."""
-    import time
-
-    times: list[list[float]] = [[] for _ in sessions]
-    order = list(range(len(sessions)))
-    for round_ in range(warmup + runs):
-        for i in (order if round_ % 2 == 0 else order[::-1]):
-            start = time.perf_counter()
-            sessions[i].run(None, feed)
-            elapsed = time.perf_counter() - start
-            if round_ >= warmup:
-                times[i].append(elapsed)
-    return times
-
-
-def _latency_stats(seconds: list[float], batch: int) -> dict:
-    import numpy as np
-
-    median = float(np.median(seconds))
+def _latency_stats(timing, i: int, batch: int) -> dict:
+    median = timing.median(i)
     return {
         "median_ms": median * 1e3,
-        "p90_ms": float(np.percentile(seconds, 90)) * 1e3,
+        "p90_ms": timing.p90(i) * 1e3,
         "samples_per_s": batch / median if median > 0 else math.inf,
+        "runs": len(timing.seconds[i]),
     }
 
 
@@ -518,6 +506,8 @@ def benchmark(
     dims: Mapping[str, int] | None = None,
     seed: int = SYNTHETIC_SEED,
     synthetic_samples: int = SYNTHETIC_SAMPLES,
+    min_block_s: float = MIN_BLOCK_S,
+    settle_s: float = SETTLE_S,
 ) -> dict:
     """Compare a float model with its quantized counterpart: quality, throughput and size.
 
@@ -525,7 +515,8 @@ def benchmark(
     name (samples on axis 0), an iterable of such dicts, or a data spec (a ``.npz`` path; folders and
     ``module.py:function`` when ``ncc.passes.quant.calib_data`` is installed). ``batch`` defaults to
     the model's static batch dim, else 1; ``threads`` to ``os.cpu_count()``. ``metric`` is
-    ``"fidelity"`` or ``"accuracy:LABELS.npy"``. Returns a JSON-ready dict (see :func:`format_table`).
+    ``"fidelity"`` or ``"accuracy:LABELS.npy"``. ``min_block_s`` and ``settle_s`` size the timing blocks
+    (:func:`ncc.tools.timing.time_blocks`; 0 and 0 time exactly ``runs`` runs with no settling). Returns a JSON-ready dict (see :func:`format_table`).
     Anything a user can get wrong raises :class:`NccError`.
     """
     kind, labels_path = _parse_metric(metric)
@@ -600,10 +591,12 @@ def benchmark(
 
     feed = _tile_batch(feeds, n, batch)
     try:
-        t_fp, t_q = _time_interleaved([sess_fp, sess_q], feed, warmup, runs)
+        timing = time_blocks([sess_fp, sess_q], feed, runs=runs, rounds=min(runs, TIMING_ROUNDS), warmup=warmup,
+                             min_block_s=min_block_s, settle_s=settle_s)
     except Exception as err:
         raise NccError(f"onnxruntime failed to run a batch of {batch}: {_first_line(err)}") from None
-    perf_fp, perf_q = _latency_stats(t_fp, batch), _latency_stats(t_q, batch)
+    perf_fp, perf_q = _latency_stats(timing, 0, batch), _latency_stats(timing, 1, batch)
+    speedup = timing.ratio(1, 0)
 
     return {
         "model": fp.path.stem,
@@ -618,7 +611,10 @@ def benchmark(
         "throughput": {
             "fp32": perf_fp,
             "int8": perf_q,
-            "speedup": perf_q["samples_per_s"] / perf_fp["samples_per_s"],
+            "speedup": speedup["median"],
+            "speedup_q25": speedup["q25"],
+            "speedup_q75": speedup["q75"],
+            "rounds": speedup["rounds"],
         },
         "size": {
             "fp32_bytes": fp.size_bytes,
@@ -685,8 +681,9 @@ def format_table(result: dict) -> str:
         "",
         f"latency per batch of {result['batch']} (ms): FP32 median {perf['fp32']['median_ms']:.3f} "
         f"p90 {perf['fp32']['p90_ms']:.3f}; INT8 median {perf['int8']['median_ms']:.3f} "
-        f"p90 {perf['int8']['p90_ms']:.3f} ({result['warmup']} warm-up + {result['runs']} timed runs each, "
-        f"interleaved, {result['threads']} threads)",
+        f"p90 {perf['int8']['p90_ms']:.3f} ({result['warmup']} warm-up + {perf['fp32']['runs']} / "
+        f"{perf['int8']['runs']} timed runs, in {perf['rounds']} rounds of one block each, {result['threads']} threads); "
+        f"speed-up per round: quartiles {perf['speedup_q25']:.2f}-{perf['speedup_q75']:.2f}x",
     ]
     return "\n".join(lines)
 

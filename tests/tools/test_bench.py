@@ -24,7 +24,7 @@ from sklearn.datasets import load_digits
 from ncc.errors import NccError
 from ncc.tools.bench import _ModelInfo, bench, benchmark, synthetic_inputs
 
-FAST = dict(threads=1, warmup=1, runs=3)
+FAST = dict(threads=1, warmup=1, runs=3, min_block_s=0, settle_s=0)
 HIDDEN = 64
 
 
@@ -227,7 +227,9 @@ def test_throughput_and_sizes(models):
     for side in ("fp32", "int8"):
         assert perf[side]["samples_per_s"] == pytest.approx(4 / (perf[side]["median_ms"] / 1e3))
         assert perf[side]["p90_ms"] >= perf[side]["median_ms"] > 0
-    assert perf["speedup"] == pytest.approx(perf["int8"]["samples_per_s"] / perf["fp32"]["samples_per_s"])
+    # the speed-up is the median of per-round ratios of block medians (5 rounds of one block per model)
+    assert perf["rounds"] == 5 and perf["fp32"]["runs"] >= 5 and perf["int8"]["runs"] >= 5
+    assert 0 < perf["speedup_q25"] <= perf["speedup"] <= perf["speedup_q75"]
     size = result["size"]
     assert size["fp32_bytes"] == models["float"].stat().st_size
     assert size["int8_bytes"] == models["quant"].stat().st_size < size["fp32_bytes"]  # int8 weights
@@ -332,7 +334,7 @@ def test_cli_json(models):
     for key in ("model", "quality", "fidelity", "throughput", "size", "threads", "batch", "samples", "synthetic"):
         assert key in result
     assert result["quality"]["name"] == "accuracy" and result["quality"]["fp32"] > 0.85
-    assert set(result["throughput"]) == {"fp32", "int8", "speedup"}
+    assert set(result["throughput"]) == {"fp32", "int8", "speedup", "speedup_q25", "speedup_q75", "rounds"}
     assert result["size"]["fp32_mb"] > result["size"]["int8_mb"] > 0
 
 
