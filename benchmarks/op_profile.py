@@ -7,7 +7,8 @@ first ``--batch`` samples of ``--data`` (arrays keyed by input name); after 5 wa
 runs are profiled. The table gives milliseconds per run summed over the nodes of each op type as
 onnxruntime ran them (after its fusions), so it shows which kernels an INT8 model spends its time in and
 what a speed-up is bounded by: an INT8 model cannot beat FP32 by more than FP32's GEMM time divided by
-its integer GEMM time, plus what the rest costs.
+its integer GEMM time, plus what the rest costs. ``--group LABEL=REGEX`` splits an op type by node name
+(depthwise against pointwise convolutions, say).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -23,8 +25,10 @@ from pathlib import Path
 import numpy as np
 
 
-def profile(path: Path, feeds: dict[str, np.ndarray], runs: int, threads: int = 2) -> dict[str, float]:
-    """Milliseconds per run by op type (onnxruntime's kernel time)."""
+def profile(path: Path, feeds: dict[str, np.ndarray], runs: int, threads: int = 2,
+            groups: list[tuple[str, re.Pattern]] = ()) -> dict[str, float]:
+    """Milliseconds per run by op type (onnxruntime's kernel time); a node whose name matches one of
+    ``groups`` (label, pattern; the first match wins) counts under ``label @ op type`` instead."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -46,7 +50,9 @@ def profile(path: Path, feeds: dict[str, np.ndarray], runs: int, threads: int = 
             node = event["name"][: -len("_kernel_time")]
             seen[node] += 1
             if seen[node] > warmup:  # the profiled runs only
-                totals[event["args"]["op_name"]] += event["dur"]
+                op = event["args"]["op_name"]
+                label = next((label for label, pattern in groups if pattern.search(node)), None)
+                totals[f"{label} @ {op}" if label else op] += event["dur"]
     return {op: us / runs / 1000 for op, us in totals.items()}
 
 
@@ -57,10 +63,22 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--top", type=int, default=12, help="op types shown (the rest summed)")
+    parser.add_argument("--group", action="append", default=[], metavar="LABEL=REGEX",
+                        help="count nodes whose name (as onnxruntime ran them) matches REGEX as 'LABEL @ op type'; "
+                             "repeatable, the first match wins")
     args = parser.parse_args(argv)
+    groups = []
+    for spec in args.group:
+        label, sep, pattern = spec.partition("=")
+        if not sep or not label:
+            parser.error(f"--group takes LABEL=REGEX, got {spec!r}")
+        try:
+            groups.append((label, re.compile(pattern)))
+        except re.error as err:
+            parser.error(f"--group {spec!r}: {err}")
     with np.load(args.data) as npz:
         feeds = {k: npz[k][: args.batch] for k in npz.files}
-    tables = [profile(path, feeds, args.runs) for path in args.models]
+    tables = [profile(path, feeds, args.runs, groups=groups) for path in args.models]
     order = sorted({op for t in tables for op in t}, key=lambda op: -max(t.get(op, 0.0) for t in tables))
     shown, rest = order[: args.top], order[args.top:]
     names = [p.stem for p in args.models]
