@@ -14,8 +14,9 @@ PIPELINES: dict[str, str] = {
         "toposort"
     ),
     "int8": (
-        "shape-inference,fold-constants,eliminate-identity,fuse-conv-bn,fuse-pad-conv,fuse-gelu,fuse-layer-norm,cse,dce,"
-        "toposort,fuse-activation,calibrate,smooth-quant,insert-qdq{min-cosine=0.995},correct-bias,dce"
+        "shape-inference,fold-constants,eliminate-identity,fuse-conv-bn,fuse-pad-conv,fuse-gelu,fuse-layer-norm,"
+        "fuse-matmul-scale,cse,dce,toposort,fuse-activation,calibrate,smooth-quant,insert-qdq{min-cosine=0.995},"
+        "correct-bias,dce"
     ),
     "int8-dynamic": "shape-inference,fold-constants,eliminate-identity,fuse-matmul-add,cse,dce,quantize-dynamic,dce,toposort",
     # weight-only: the quantizer (woq-rtn, or woq-gptq / woq-awq with --algo) then packing for the target

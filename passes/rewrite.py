@@ -141,14 +141,18 @@ class Rewriter:
         inputs = [v for v in node.inputs if v is not None]
         self.graph.remove(node, safe=True)
         for value in inputs:
-            if (
-                value.is_initializer()
-                and not value.uses()
-                and not value.is_graph_input()
-                and not value.is_graph_output()
-                and self.graph.initializers.get(value.name) is value
-            ):
-                del self.graph.initializers[value.name]
+            self.drop_if_unused(value)
+
+    def drop_if_unused(self, value: ir.Value) -> None:
+        """Remove ``value``'s initializer from this graph when nothing reads it any more."""
+        if (
+            value.is_initializer()
+            and not value.uses()
+            and not value.is_graph_input()
+            and not value.is_graph_output()
+            and self.graph.initializers.get(value.name) is value
+        ):
+            del self.graph.initializers[value.name]
 
 
 def _retarget_outputs(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
@@ -190,8 +194,11 @@ class PatternStats:
     sweeps: int = 0
     converged: bool = True
 
-    def to_result(self) -> PassResult:
-        stats = {f"{label} hits": n for label, n in sorted(self.hits.items())}
+    def to_result(self, patterns: Sequence[Pattern] = ()) -> PassResult:
+        """The pass result: hits per pattern (every one of ``patterns`` listed, 0 when it never matched),
+        and why the misses missed."""
+        hits = {**{p.label: 0 for p in patterns}, **self.hits}
+        stats = {f"{label} hits": n for label, n in sorted(hits.items())}
         notes = [f"{label}: no match {n}x: {reason}" for (label, reason), n in sorted(self.failures.items())]
         if not self.converged:
             notes.append(f"pattern driver stopped after {self.sweeps} sweeps without converging")

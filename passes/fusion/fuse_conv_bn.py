@@ -144,6 +144,5 @@ class FuseConvBN(Pass):
     name: ClassVar[str] = "fuse-conv-bn"
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        result = apply_patterns(model, [ConvBNPattern()]).to_result()
-        result.stats.setdefault("ConvBNPattern hits", 0)
-        return result
+        patterns = [ConvBNPattern()]
+        return apply_patterns(model, patterns).to_result(patterns)

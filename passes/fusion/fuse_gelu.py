@@ -316,7 +316,5 @@ class FuseGelu(Pass):
     name: ClassVar[str] = "fuse-gelu"
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        result = apply_patterns(model, [GeluErfPattern(), GeluTanhPattern()]).to_result()
-        result.stats.setdefault("GeluErfPattern hits", 0)
-        result.stats.setdefault("GeluTanhPattern hits", 0)
-        return result
+        patterns = [GeluErfPattern(), GeluTanhPattern()]
+        return apply_patterns(model, patterns).to_result(patterns)

@@ -254,7 +254,4 @@ class FuseLayerNorm(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         patterns = [LayerNormPattern(self.upgrade_opset), LayerNormNoBiasPattern(self.upgrade_opset)]
-        result = apply_patterns(model, patterns).to_result()
-        result.stats.setdefault("LayerNormPattern hits", 0)
-        result.stats.setdefault("LayerNormNoBiasPattern hits", 0)
-        return result
+        return apply_patterns(model, patterns).to_result(patterns)

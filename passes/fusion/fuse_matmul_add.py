@@ -112,6 +112,5 @@ class FuseMatMulAdd(Pass):
     name: ClassVar[str] = "fuse-matmul-add"
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        result = apply_patterns(model, [MatMulAddPattern()]).to_result()
-        result.stats.setdefault("MatMulAddPattern hits", 0)
-        return result
+        patterns = [MatMulAddPattern()]
+        return apply_patterns(model, patterns).to_result(patterns)

@@ -126,13 +126,13 @@ def _fold_into_layer_norm(rewriter: Rewriter, norm: ir.Node, s: np.ndarray) -> N
         value = rewriter.constant((old.const_value.numpy().astype(np.float32) / s).astype(np.float32),
                                   f"{old.name}_smoothed")
         norm.replace_input_with(index, value)
-        _drop_if_unused(rewriter.graph, old)
+        rewriter.drop_if_unused(old)
 
 
 def _replace_weight(rewriter: Rewriter, node: ir.Node, array: np.ndarray) -> None:
     old = node.inputs[1]
     node.replace_input_with(1, rewriter.constant(array, f"{old.name}_smoothed"))
-    _drop_if_unused(rewriter.graph, old)
+    rewriter.drop_if_unused(old)
 
 
 def _restore_for_other_readers(rewriter: Rewriter, x: ir.Value, matmuls: list[ir.Node], s: np.ndarray,
@@ -168,8 +168,3 @@ def _scaled(rewriter: Rewriter, x: ir.Value, factor: np.ndarray, readers: list[i
                           output_names=[rewriter.fresh_name(f"{x.name}_{suffix}")])
     mul.outputs[0].type, mul.outputs[0].shape = x.type, x.shape
     return mul.outputs[0]
-
-
-def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
-    if not value.uses() and value.is_initializer() and not value.is_graph_input():
-        graph.initializers.pop(value.name, None)

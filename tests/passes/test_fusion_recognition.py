@@ -1,4 +1,4 @@
-"""fuse-gelu, fuse-layer-norm and fuse-activation on real exported models.
+"""fuse-gelu, fuse-layer-norm, fuse-matmul-scale and fuse-activation on real exported models.
 
 Each test counts what the pass found against what the model holds, and runs the
 model before and after through onnxruntime on real inputs: every output must
@@ -18,6 +18,7 @@ from ncc.passes.base import PassContext
 from ncc.passes.fusion.fuse_activation import FUSED_ACTIVATION_KEY, FUSED_INTO_KEY, FuseActivation
 from ncc.passes.fusion.fuse_gelu import FuseGelu
 from ncc.passes.fusion.fuse_layer_norm import FuseLayerNorm
+from ncc.passes.fusion.fuse_matmul_scale import FuseMatMulScale
 
 RTOL = 1e-5
 
@@ -145,6 +146,41 @@ def test_fuse_layer_norm_keeps_minilm_layer_norms():
     model = load_onnx(realmodels.minilm_onnx("legacy"))
     assert len(_ops(model, "LayerNormalization")) == 13
     assert not FuseLayerNorm().run(model, PassContext()).modified
+
+
+@pytest.mark.slow
+def test_fuse_matmul_scale_folds_minilm_attention_scales():
+    """all-MiniLM-L6-v2 scales each layer's scores, Mul(MatMul(Q, Kt), 1/sqrt(32)): all six go into the
+    query projections, and the embeddings agree with the original on real tweets."""
+    import sys
+    from pathlib import Path
+
+    import realmodels
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from int8_models import minilm_tweets_file
+
+    from ncc.frontends.onnx import load_onnx
+    from ncc.passes.cleanup.fold_constants import FoldConstants
+
+    path = realmodels.minilm_onnx("legacy")
+    before, after = load_onnx(path), load_onnx(path)
+    FoldConstants().run(after, PassContext())  # the scale is a Constant node until folded
+
+    def scaled_scores(model):
+        return [n for n in model.graph if n.op_type == "Mul" and n.inputs[0].producer() is not None
+                and n.inputs[0].producer().op_type == "MatMul"]
+
+    assert len(scaled_scores(after)) == 6
+    result = FuseMatMulScale().run(after, PassContext())
+    verify(after)
+    assert result.stats["MatMulScalePattern hits"] == 6 and not scaled_scores(after)
+    queries = [n for n in after.graph if n.op_type == "MatMul" and any(
+        v.name and v.name.endswith("_scaled") for v in n.inputs)]
+    assert len(queries) == 6 and all("attention/self/query/MatMul" in n.name for n in queries)
+    with np.load(minilm_tweets_file()) as data:
+        feeds = {k: data[k][:4] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    _assert_same(before, after, feeds)
 
 
 @pytest.mark.slow
