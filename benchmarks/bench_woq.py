@@ -8,11 +8,12 @@ wall time. Then the W4G128 acceptance verdicts (issue 4).
 
 Models, data and metrics come from ``llm_models.py``. Quantized models and their scores are cached
 under ``realmodels.CACHE / "woq"`` (ncc's keyed by a hash of ncc's source code, onnxruntime's by its
-version), so a second run only times; ``--fresh`` rebuilds ncc's. Latency: every row in one loop,
-sessions interleaved (order reversed every other round), median after warm-up. The speed verdict
+version), so a second run only times; ``--fresh`` rebuilds ncc's. Latency: every row side by side in rounds
+of one prefill each (``ncc.tools.timing``: order reversed every other round, each run after the
+previous row's idle onnxruntime workers stopped spinning), median after warm-up. The speed verdict
 compares ncc's RTN with onnxruntime's at the same settings side by side: ``--paired-rounds``
-back-to-back pairs, the median of their per-pair ratios and its quartiles, and whether the two
-models' packed weights are byte-identical.
+rounds of one prefill each, the median of their per-round ratios and its quartiles, and whether
+the two models' packed weights are byte-identical.
 """
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ def main(argv=None) -> int:
           f"{len(L.token_stream())} tokens), next-token NLL in float64 over {L.N_EVAL * (L.SEQ - 1)} positions; "
           f"GPTQ/AWQ calibration: {L.N_CALIB} x {L.SEQ} tokens from the rest ({L.calibration_npz()})")
     print(f"latency: batch-1 prefill of {L.PREFILL_TOKENS} tokens, {L.THREADS} intra-op threads (1 inter-op), CPU EP, "
-          f"ORT_ENABLE_ALL; median of {args.repeats} rounds after 2 warm-up, all rows interleaved in one loop")
+          f"ORT_ENABLE_ALL; median of {args.repeats} rounds after 2 warm-up, one prefill per row a round, each after "
+          f"0.1 s of untimed runs so the previous row's idle onnxruntime workers stopped spinning (ncc.tools.timing)")
     print("weight-MatMul MB: stored bytes of the weights feeding MatMul/MatMulNBits (packed B incl. padding of the last "
           "block, scales, zero points); compile s: `ncc compile` subprocess wall time when the model was built "
           f"(cached by ncc source hash; --fresh rebuilds) / in-process MatMulNBitsQuantizer; total {total:.0f}s\n")

@@ -9,8 +9,8 @@
   rest (disjoint by construction).
 - :func:`perplexity`: exp of the mean next-token negative log-likelihood (float64) over all predicted
   positions of all evaluation windows (``SEQ - 1`` per window), onnxruntime CPU.
-- :func:`prefill_latencies_ms`: batch-1 prefill of :data:`PREFILL_TOKENS` tokens, median of repeats
-  interleaved across the models after warm-up, :data:`THREADS` intra-op threads.
+- :func:`prefill_latencies_ms`: batch-1 prefill of :data:`PREFILL_TOKENS` tokens, median of rounds of
+  one prefill per model (``ncc.tools.timing.time_blocks``) after warm-up, :data:`THREADS` intra-op threads.
 - :func:`weight_matmul_bytes`: bytes of the weights feeding MatMul / MatMulNBits, from the graph alone.
 - :func:`ort_rtn`: onnxruntime's ``MatMulNBitsQuantizer`` (RTN, ``DefaultWeightOnlyQuantConfig``);
   :func:`ncc_w4`: ``ncc compile --pass w4`` in a subprocess.
