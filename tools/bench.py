@@ -23,7 +23,8 @@ model, each block starting after the other model's idle workers stopped spinning
 at least R timed runs per model, more for a fast model. samples/s is batch / median
 latency; the speed-up is the median over rounds of the ratio of the two models'
 block medians in the same round, so machine drift between rounds cancels. Its
-quartiles are in the JSON (``throughput.speedup_q25``, ``speedup_q75``). Sizes count the model file and every external-data file it references.
+quartiles are in the JSON (``throughput.speedup_q25``, ``speedup_q75``). Sizes count
+the model file and every external-data file it references.
 
 numpy, onnx and onnxruntime are imported inside the functions so ``ncc --help``
 stays fast. :func:`benchmark` is the Python entry point for benchmark scripts.
@@ -515,8 +516,9 @@ def benchmark(
     name (samples on axis 0), an iterable of such dicts, or a data spec (a ``.npz`` path; folders and
     ``module.py:function`` when ``ncc.passes.quant.calib_data`` is installed). ``batch`` defaults to
     the model's static batch dim, else 1; ``threads`` to ``os.cpu_count()``. ``metric`` is
-    ``"fidelity"`` or ``"accuracy:LABELS.npy"``. ``min_block_s`` and ``settle_s`` size the timing blocks
-    (:func:`ncc.tools.timing.time_blocks`; 0 and 0 time exactly ``runs`` runs with no settling). Returns a JSON-ready dict (see :func:`format_table`).
+    ``"fidelity"`` or ``"accuracy:LABELS.npy"``. ``min_block_s`` and ``settle_s`` size the timing
+    blocks (:func:`ncc.tools.timing.time_blocks`; 0 and 0 time exactly ``runs`` runs with no settling).
+    Returns a JSON-ready dict (see :func:`format_table`).
     Anything a user can get wrong raises :class:`NccError`.
     """
     kind, labels_path = _parse_metric(metric)
@@ -726,7 +728,8 @@ _PATH = click.Path(path_type=Path, dir_okay=True, exists=False)
 @click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE", help="Size of a named dynamic dim (synthetic data); other dynamic dims are 1.")
 @click.option("--threads", type=int, help="intra-op threads (default: all CPUs).")
 @click.option("--warmup", type=int, default=DEFAULT_WARMUP, show_default=True, help="Untimed runs per model first.")
-@click.option("--runs", type=int, default=DEFAULT_RUNS, show_default=True, help="Timed runs per model (median and p90 reported).")
+@click.option("--runs", type=int, default=DEFAULT_RUNS, show_default=True, help="Timed runs per model, at least (a fast model gets more, so each of its 5 timing blocks "
+                   "lasts 0.25 s); median and p90 reported.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the table.")
 def bench(float_model: Path, quant_model: Path, data: str | None, metric: str, batch: int | None, seq_len: int,
           dims: tuple[str, ...], threads: int | None, warmup: int, runs: int, as_json: bool) -> None:

@@ -22,8 +22,8 @@ Flatten, Identity), the scale lands on
 Preconditions (a failed match says which one did not hold): the Mul/Div has a
 constant float operand with one element, broadcasting to no higher rank than
 the MatMul output (a Div's constant is the divisor, ``c`` is its inverse and
-must not be 0); the MatMul output feeds only the Mul and is not a graph
-output; every value on the path up to the carrier has that one reader too, so
+must not be 0); the MatMul reads two different values, and its output feeds
+only the Mul and is not a graph output; every value on the path up to the carrier has that one reader too, so
 nothing else sees the scaled values. Scaled constants are new initializers
 (the old ones go when nothing else reads them); arithmetic in float64, cast
 back to the weight's dtype. The result equals the original up to float
@@ -141,6 +141,8 @@ def _fold(node: ir.Node, rewriter: Rewriter, divide: bool) -> MatchResult:
         return MatchResult.fail(f"not a MatMul output times a constant scalar ({node.op_type})")
     if matmul.graph is not node.graph:
         return MatchResult.fail("MatMul is in another graph")
+    if matmul.inputs[0] is matmul.inputs[1]:
+        return MatchResult.fail("the MatMul reads one value twice: scaling it would scale the product twice")
     out = matmul.outputs[0]
     if not single_consumer(out, node):
         return MatchResult.fail("MatMul output has other uses")
