@@ -50,8 +50,9 @@ def _short(reason: str) -> str:
 
 
 def _reported(pass_name: str, note: str) -> bool:
-    """Pass notes the report repeats: the weight-only passes' and min-cosine's fallback steps."""
-    return pass_name.startswith("woq-") or pass_name == "pack-int4" or note.startswith("fallback:")
+    """Pass notes the report repeats: the weight-only passes', min-cosine's fallback steps, and warnings."""
+    return (pass_name.startswith("woq-") or pass_name == "pack-int4" or note.startswith("fallback:")
+            or note.startswith("warning:"))
 
 
 def format_report(*, spec: str, quantization: list[str], run, ctx, size_before: int, size_after: int,

@@ -59,8 +59,8 @@ class InsertQDQ(Pass):
     scheme: Literal["asym", "sym"] = option("asym", "activation quantization scheme")
     reduce_range: bool = option(False, "use 7 bits (costs accuracy; only for old CPUs without VNNI)")
     op_types: tuple[str, ...] = option((), "op types to quantize (empty: the target profile's)")
-    include: tuple[str, ...] = option((), "only quantize nodes whose name matches one of these (regex)")
-    exclude: tuple[str, ...] = option((), "keep nodes whose name matches one of these (regex) in float")
+    include: tuple[str, ...] = option((), "only quantize nodes whose name matches one of these (regex, searched)")
+    exclude: tuple[str, ...] = option((), "keep nodes whose name matches one of these (regex, searched) in float")
     target: str = option(DEFAULT_TARGET, "target profile")
     quantize_graph_outputs: bool = option(False, "quantize tensors that are graph outputs too (they stay float)")
     min_cosine: float = option(0.0, "keep the most sensitive nodes in float until outputs reach this cosine (0: off)")
@@ -82,9 +82,13 @@ class InsertQDQ(Pass):
         op_types = set(self.op_types or (set(target.static_ops) & set(plan.ROLES)))
         islands = set() if self.op_types else set(target.island_ops)
         ctx.data["float_model"] = model.clone()  # the reference for correct-bias and min-cosine
+        warnings = plan.unmatched_warnings(model, include=self.include, exclude=self.exclude)
         if self.min_cosine <= 0:
-            return _Quantizer(self, model, calibration, target, op_types, islands).run()
-        return self._run_with_fallback(model, ctx, calibration, target, op_types, islands)
+            result = _Quantizer(self, model, calibration, target, op_types, islands).run()
+        else:
+            result = self._run_with_fallback(model, ctx, calibration, target, op_types, islands)
+        result.notes[:0] = warnings
+        return result
 
     def _run_with_fallback(self, model, ctx, calibration, target, op_types, islands) -> PassResult:
         import dataclasses
@@ -106,30 +110,31 @@ class InsertQDQ(Pass):
 
         weight_codes: dict = {}
 
-        def attempt(excluded: tuple[str, ...]) -> tuple[ir.Model, PassResult, float]:
+        def attempt(kept: tuple[str, ...]) -> tuple[ir.Model, PassResult, float]:
             candidate = float_model.clone()
-            options = dataclasses.replace(self, exclude=self.exclude + excluded, min_cosine=0.0)
-            result = _Quantizer(options, candidate, calibration, target, op_types, islands, weight_codes).run()
+            options = dataclasses.replace(self, min_cosine=0.0)
+            result = _Quantizer(options, candidate, calibration, target, op_types, islands, weight_codes,
+                                kept_float=frozenset(kept)).run()
             return candidate, result, fallback.fidelity(reference, fallback.run(candidate, feeds, outputs), outputs, masks)
 
         best, result, score = attempt(())
         history = [f"fallback: all quantized: output cosine {score:.5f} (target {self.min_cosine})"]
         first = fallback.edges(best)
         budget = int(self.max_float * len(fallback.candidates(best)))
-        excluded: tuple[str, ...] = ()
+        kept: tuple[str, ...] = ()  # node names min-cosine keeps in float
         misses = 0
 
         def try_float(name: str) -> None:
-            nonlocal best, result, score, excluded, misses
-            excluded += (_exact(name),)
-            candidate, cand_result, cand_score = attempt(excluded)
+            nonlocal best, result, score, kept, misses
+            kept += (name,)
+            candidate, cand_result, cand_score = attempt(kept)
             # a float node costs speed: keep it only if it buys a real share of what is missing
             if cand_score - score >= self.min_gain * (1.0 - score):
                 best, result, score = candidate, cand_result, cand_score
                 misses = 0
                 history.append(f"fallback: + {name} in float: output cosine {cand_score:.5f}")
             else:
-                excluded = excluded[:-1]
+                kept = kept[:-1]
                 misses += 1
                 history.append(f"fallback: {name} stays quantized: in float it gives {cand_score:.5f}")
 
@@ -145,9 +150,9 @@ class InsertQDQ(Pass):
 
         if score < self.min_cosine and misses >= self.patience:
             history.append(stopped())
-        elif score < self.min_cosine and len(excluded) < budget:
+        elif score < self.min_cosine and len(kept) < budget:
             for name in fallback.rank(float_model, best, feeds):
-                if len(excluded) >= budget:
+                if len(kept) >= budget:
                     break
                 if name in first:
                     continue
@@ -163,12 +168,6 @@ class InsertQDQ(Pass):
         return result
 
 
-def _exact(name: str) -> str:
-    import re
-
-    return re.escape(name)
-
-
 def _adopt(model: ir.Model, source: ir.Model) -> None:
     """Make ``model`` (the object the pass manager holds) carry ``source``'s graph."""
     model.graph = source.graph
@@ -178,8 +177,9 @@ def _adopt(model: ir.Model, source: ir.Model) -> None:
 
 class _Quantizer:
     def __init__(self, options: InsertQDQ, model: ir.Model, calibration, target, op_types: set[str],
-                 islands: set[str], weight_codes: dict | None = None):
+                 islands: set[str], weight_codes: dict | None = None, kept_float: frozenset[str] = frozenset()):
         self.o, self.model, self.graph, self.cal, self.target = options, model, model.graph, calibration, target
+        self.kept_float = kept_float  # node names min-cosine keeps in float (exact names, not patterns)
         #: (weight, axis, op, floor) -> (int8 codes, scales): shared by min-cosine's attempts, which
         #: quantize copies of one float model with one calibration
         self.weight_codes = {} if weight_codes is None else weight_codes
@@ -260,6 +260,8 @@ class _Quantizer:
             return "not matched by include"
         if pattern := plan.matches(node, self.o.exclude):
             return f"excluded by {pattern!r}"
+        if node.name in self.kept_float:
+            return "excluded by min-cosine"
         role = plan.ROLES[node.op_type]
         if role.weight is not None:
             w = node.inputs[role.weight] if role.weight < len(node.inputs) else None

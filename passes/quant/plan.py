@@ -81,12 +81,23 @@ def refuse_quantized(model: ir.Model) -> None:
 
 
 def matches(node: ir.Node, patterns: Sequence[str]) -> str | None:
-    """The first pattern (node name or regex, full match) naming ``node``, else None."""
+    """The first pattern naming ``node``, else None: its exact name, or a regex found anywhere in the name
+    (``re.search``, as grep and ``quantize-dynamic`` and the weight-only passes do; anchor with ``^``/``$``)."""
     name = node.name or ""
     for pattern in patterns:
-        if name == pattern or re.fullmatch(pattern, name):
+        if name == pattern or re.search(pattern, name):
             return pattern
     return None
+
+
+def unmatched_warnings(model: ir.Model, **patterns: Sequence[str]) -> list[str]:
+    """A report warning for each pattern (``include=...``, ``exclude=...``) that names no node of the
+    model: a typo, or a name from another export, would otherwise change nothing without a word."""
+    from ncc.ir.ids import all_nodes
+
+    nodes = list(all_nodes(model))
+    return [f"warning: {kind} pattern {p!r} matches no node name (patterns are regexes searched in names)"
+            for kind, group in patterns.items() for p in group if not any(matches(n, (p,)) for n in nodes)]
 
 
 def weight_axis(node: ir.Node, index: int, rank: int) -> int:

@@ -196,11 +196,9 @@ class _State:
         return MatchResult.fail(reason)
 
     def excluded(self, node: ir.Node) -> str | None:
-        name = node.name or ""
-        for pattern in self.pass_.exclude:  # validated as regexes when the pass was built
-            if name == pattern or re.search(pattern, name):
-                return pattern
-        return None
+        from ncc.passes.quant.plan import matches
+
+        return matches(node, self.pass_.exclude)  # validated as regexes when the pass was built
 
     def done(self, node: ir.Node, op_type: str) -> None:
         node.metadata_props[QUANT_KEY] = MODE
@@ -606,7 +604,10 @@ class QuantizeDynamic(Pass):
             raise NccError(f"quantize-dynamic needs ONNX opset 13 or newer; the model imports opset {opset}.")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        from ncc.passes.quant.plan import unmatched_warnings
+
         self.requires(model)
+        warnings = unmatched_warnings(model, exclude=self.exclude)
         state = _State(self, WeightQuant(self.weight_dtype, self.weight_symmetric, self.reduce_range,
                                          self.paired_weights))
         patterns = [_PATTERNS[op](state) for op in SUPPORTED_OPS if op in self.active_ops]
@@ -629,7 +630,7 @@ class QuantizeDynamic(Pass):
         stats["kept float"] = len(skipped)
         stats["weight bytes before"] = state.bytes_before
         stats["weight bytes after"] = state.bytes_after
-        notes = [f"kept {n.op_type} {n.name!r} in float: {r}" for n, r in skipped]
+        notes = warnings + [f"kept {n.op_type} {n.name!r} in float: {r}" for n, r in skipped]
         if not pstats.converged:
             notes.append(f"pattern driver stopped after {pstats.sweeps} sweeps without converging")
         return PassResult(modified=True, stats=stats, notes=notes)

@@ -201,6 +201,23 @@ def test_masking_sentinels_keep_ops_in_float(tmp_path):
 
 # --- bad input: one sentence, exit 2, nothing written ------------------------------------------
 
+def test_exclude_patterns_are_searched_in_names_and_unmatched_ones_warned(tmp_path):
+    # like grep (and quantize-dynamic, and the weight-only passes): 'features.3' names
+    # '/features/features.3/Conv' without spelling it out; a pattern that names nothing is reported
+    out = tmp_path / "o.onnx"
+    proc = ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "-o", out, "--cache-dir", tmp_path / "c",
+               "--exclude", "features.3", "--exclude", "featurez")
+    assert proc.returncode == 0, proc.stderr
+    assert "kept float: Conv x1: excluded by 'features.3'" in proc.stderr, proc.stderr
+    assert "warning: exclude pattern 'featurez' matches no node name" in proc.stderr, proc.stderr
+    assert "warning: exclude pattern 'features.3'" not in proc.stderr
+    graph = onnx.load(out).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    convs = {n.name: n.input[1] in dequantized for n in graph.node if n.op_type == "Conv"}  # int8 weight?
+    assert convs == {"/features/features.0/Conv": True, "/features/features.3/Conv": False,
+                     "/features/features.7/Conv": True}
+
+
 def _assert_error(proc, fragment, out: Path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and fragment in proc.stderr, proc.stderr
