@@ -265,7 +265,7 @@ def byte_compile_ncc() -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 warm-up + 8 timed runs instead of 5 + 30")
+    parser.add_argument("--quick", action="store_true", help="5 timing rounds (2 warm-up, at least 10 timed runs) instead of 9 (5, 45)")
     parser.add_argument("--models", default="minilm,efficientnet,mnist", help="comma-separated: minilm,efficientnet,mnist")
     parser.add_argument("--ort-methods", default=",".join(ORT_METHODS), help="onnxruntime calibration methods to run")
     parser.add_argument("--compile-repeats", type=int, default=1,
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
           f"when the previous model's idle onnxruntime workers stopped spinning; at least {-(-runs // rounds)} timed runs "
           f"and {MIN_BLOCK_S} s a block) after {warmup} warm-up; samples/s from the median run; speed-up = median over "
           f"rounds of the FP32/INT8 ratio of block medians (quartiles in brackets); batch {' and '.join(map(str, BATCHES))}"
-f" (MiniLM at seq len {m.SEQ}); quantize s = wall time of a fresh process, as a user runs it from a shell: `ncc compile` "
+          f" (MiniLM at seq len {m.SEQ}); quantize s = wall time of a fresh process, as a user runs it from a shell: `ncc compile` "
           f"(empty calibration cache, onnxruntime check of the result included; ncc's bytecode written first, as a "
           f"pip install does; median of {args.compile_repeats} runs each) vs benchmarks/ort_quantize.py calling "
           f"quantize_static / quantize_dynamic; total benchmark time {total:.0f}s\n")

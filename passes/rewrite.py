@@ -26,6 +26,12 @@ from ncc.ir import ids
 from ncc.passes.base import PassResult
 
 
+#: Ops whose output holds exactly the values of their input 0, rearranged (same range, same histogram; a
+#: scalar factor commutes with them). Only input 0 carries data.
+VALUE_MOVES = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity",
+                         "DepthToSpace", "SpaceToDepth"})
+
+
 @dataclass(frozen=True)
 class MatchResult:
     success: bool

@@ -11,8 +11,9 @@ of them cost all-MiniLM-L6-v2 about 1.5 ms a batch of 8). Since
 the scale can go into whichever operand is computed from constants by a linear
 map: ``Q = Transpose(Reshape(X @ Wq + bq))`` becomes ``X @ (c·Wq) + c·bq``, and
 the Mul disappears. Followed up from the MatMul's operand (first A, then B)
-through data-movement ops (Reshape's data, Transpose, Squeeze, Unsqueeze,
-Flatten, Identity), the scale lands on
+through data-movement ops (``VALUE_MOVES``: Reshape's data, Transpose,
+Squeeze, Unsqueeze, Flatten, Identity, DepthToSpace, SpaceToDepth), the scale
+lands on
 
 - a constant operand: it is scaled;
 - ``MatMul(X, W)`` with a constant ``W``: ``W`` is scaled;
@@ -42,12 +43,10 @@ import onnx_ir as ir
 from ncc.passes.base import Pass, PassContext, PassResult
 from ncc.passes.cleanup.fold_constants import constant_tensor
 from ncc.passes.fusion.fuse_conv_bn import constant_array, single_consumer
-from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
+from ncc.passes.rewrite import VALUE_MOVES, MatchResult, Pattern, Rewriter, apply_patterns
 
 _ONNX = ("", "ai.onnx")
 _FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
-#: Ops that move values without changing them (only input 0 carries data).
-_MOVES = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 
 
 def _scalar(value: ir.Value) -> np.ndarray | None:
@@ -86,7 +85,7 @@ def _plan(operand: ir.Value, reader: ir.Node) -> _Plan | str:
             return "an operand is a graph input"
         if producer.domain not in _ONNX:
             return f"{producer.op_type} ({producer.domain}) is not a standard op"
-        if producer.op_type in _MOVES:
+        if producer.op_type in VALUE_MOVES:
             value, consumer = producer.inputs[0], producer
             continue
         if producer.op_type == "MatMul":

@@ -53,6 +53,7 @@ import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.passes.quant.calib_data import CalibrationData, validate
 from ncc.passes.quant.observers import TensorStats
+from ncc.passes.rewrite import VALUE_MOVES
 
 HANDOFF_BYTES = 1 << 10
 """Initializers of at least this many bytes reach onnxruntime as arrays, not inside the proto.
@@ -315,16 +316,11 @@ def _run(
     return {name: s for name, s in stats.items() if name not in skipped}
 
 
-#: Ops whose output holds exactly the values of their input 0, rearranged: same range, same histogram.
-_MOVES_VALUES = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity",
-                           "DepthToSpace", "SpaceToDepth"})
-
-
 def _moved_from(value: ir.Value) -> str | None:
     """The float tensor whose values ``value`` merely rearranges (through a chain of such ops), or None."""
     root = None
     node = value.producer()
-    while node is not None and node.domain == "" and node.op_type in _MOVES_VALUES and node.inputs[0] is not None:
+    while node is not None and node.domain == "" and node.op_type in VALUE_MOVES and node.inputs[0] is not None:
         source = node.inputs[0]
         if source.const_value is not None or not source.name or (source.dtype is not None and
                                                                   source.dtype not in _FLOAT_TYPES):

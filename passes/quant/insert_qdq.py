@@ -91,8 +91,6 @@ class InsertQDQ(Pass):
         return result
 
     def _run_with_fallback(self, model, ctx, calibration, target, op_types, islands) -> PassResult:
-        import dataclasses
-
         from ncc.passes.quant import fallback
 
         data = ctx.data.get("calibration_data")
@@ -112,8 +110,7 @@ class InsertQDQ(Pass):
 
         def attempt(kept: tuple[str, ...]) -> tuple[ir.Model, PassResult, float]:
             candidate = float_model.clone()
-            options = dataclasses.replace(self, min_cosine=0.0)
-            result = _Quantizer(options, candidate, calibration, target, op_types, islands, weight_codes,
+            result = _Quantizer(self, candidate, calibration, target, op_types, islands, weight_codes,
                                 kept_float=frozenset(kept)).run()
             return candidate, result, fallback.fidelity(reference, fallback.run(candidate, feeds, outputs), outputs, masks)
 

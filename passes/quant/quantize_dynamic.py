@@ -86,6 +86,7 @@ from ncc.errors import NccError
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.cleanup.fold_constants import constant_tensor
 from ncc.passes.quant.pairs import fit_pairs, k_pair_magnitude
+from ncc.passes.quant.plan import matches, refuse_quantized, unmatched_warnings
 from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
 from ncc.targets import DEFAULT_TARGET, get_target
 
@@ -196,8 +197,6 @@ class _State:
         return MatchResult.fail(reason)
 
     def excluded(self, node: ir.Node) -> str | None:
-        from ncc.passes.quant.plan import matches
-
         return matches(node, self.pass_.exclude)  # validated as regexes when the pass was built
 
     def done(self, node: ir.Node, op_type: str) -> None:
@@ -590,8 +589,6 @@ class QuantizeDynamic(Pass):
 
     def requires(self, model: ir.Model) -> None:
         from ncc.ir import ids
-        from ncc.passes.quant.plan import refuse_quantized
-
         refuse_quantized(model)
         found = any(node.domain in _ONNX and node.op_type in self.active_ops for node in ids.all_nodes(model))
         if not found:
@@ -604,8 +601,6 @@ class QuantizeDynamic(Pass):
             raise NccError(f"quantize-dynamic needs ONNX opset 13 or newer; the model imports opset {opset}.")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        from ncc.passes.quant.plan import unmatched_warnings
-
         self.requires(model)
         warnings = unmatched_warnings(model, exclude=self.exclude)
         state = _State(self, WeightQuant(self.weight_dtype, self.weight_symmetric, self.reduce_range,
