@@ -54,4 +54,6 @@ def defer_sympy() -> None:
     if not shapes.is_file():
         return
     _lazy("sympy", sympy_spec)
-    _lazy("onnx_ir._symbolic_shapes", importlib.util.spec_from_file_location("onnx_ir._symbolic_shapes", shapes))
+    _lazy(
+        "onnx_ir._symbolic_shapes", importlib.util.spec_from_file_location("onnx_ir._symbolic_shapes", shapes)
+    )

@@ -47,18 +47,56 @@ X86_VNNI = TargetProfile(
     activation_symmetric=False,
     weight_dtype="s8",
     weight_per_channel=True,
-    static_ops=frozenset({
-        "Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "Concat", "GlobalAveragePool",
-        "AveragePool", "Sigmoid", "LeakyRelu", "Softmax", "Resize", "Where",
-    }),
-    island_ops=frozenset({
-        "Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu", "Softmax", "Resize",
-        "Where",
-    }),
-    passthrough_ops=frozenset({
-        "Reshape", "Transpose", "MaxPool", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split",
-        "Gather", "Resize", "Pad", "DepthToSpace", "SpaceToDepth", "Identity",
-    }),
+    static_ops=frozenset(
+        {
+            "Conv",
+            "ConvTranspose",
+            "MatMul",
+            "Gemm",
+            "Add",
+            "Mul",
+            "Concat",
+            "GlobalAveragePool",
+            "AveragePool",
+            "Sigmoid",
+            "LeakyRelu",
+            "Softmax",
+            "Resize",
+            "Where",
+        }
+    ),
+    island_ops=frozenset(
+        {
+            "Add",
+            "Mul",
+            "Concat",
+            "GlobalAveragePool",
+            "AveragePool",
+            "Sigmoid",
+            "LeakyRelu",
+            "Softmax",
+            "Resize",
+            "Where",
+        }
+    ),
+    passthrough_ops=frozenset(
+        {
+            "Reshape",
+            "Transpose",
+            "MaxPool",
+            "Flatten",
+            "Squeeze",
+            "Unsqueeze",
+            "Slice",
+            "Split",
+            "Gather",
+            "Resize",
+            "Pad",
+            "DepthToSpace",
+            "SpaceToDepth",
+            "Identity",
+        }
+    ),
     dynamic_ops=frozenset({"MatMul", "Gemm", "Gather"}),  # ConvInteger is 7-20x slower on CPU
     float_output_ops=frozenset({"MatMul"}),  # DQ -> MatMul runs as MatMulIntegerToFloat
 )
@@ -90,4 +128,6 @@ def get_target(name: str) -> TargetProfile:
     try:
         return TARGETS[name]
     except KeyError:
-        raise NccError(f"unknown target {name!r}; known targets: host, {', '.join(sorted(TARGETS))}.") from None
+        raise NccError(
+            f"unknown target {name!r}; known targets: host, {', '.join(sorted(TARGETS))}."
+        ) from None

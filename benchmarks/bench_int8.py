@@ -41,7 +41,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import int8_models as m  # noqa: E402
-
 from ncc.tools.timing import SETTLE_S, time_blocks  # noqa: E402
 
 THREADS = 2
@@ -116,8 +115,16 @@ def _median_wall(compile_once, repeats: int):
     return float(np.median(walls)), extra
 
 
-def bench_model(key: str, workdir: Path, warmup: int, runs: int, rounds: int, methods: tuple[str, ...], log,
-                repeats: int = 1) -> dict:
+def bench_model(
+    key: str,
+    workdir: Path,
+    warmup: int,
+    runs: int,
+    rounds: int,
+    methods: tuple[str, ...],
+    log,
+    repeats: int = 1,
+) -> dict:
     t0 = time.perf_counter()
     task = m.TASKS[key]()
     log(f"[{key}] task ready in {time.perf_counter() - t0:.1f}s ({task.float_model})")
@@ -127,17 +134,29 @@ def bench_model(key: str, workdir: Path, warmup: int, runs: int, rounds: int, me
     def add(method: str, path: Path, wall: float, command: str, kind: str) -> dict:
         t = time.perf_counter()
         quality = task.evaluate(path)
-        log(f"[{key}] {method}: quantize {wall:.1f}s, eval {time.perf_counter() - t:.1f}s, {fmt_quality(quality)}")
-        row = {"method": method, "path": path, "quantize_s": wall, "command": command, "quality": quality, "kind": kind}
+        log(
+            f"[{key}] {method}: quantize {wall:.1f}s, eval {time.perf_counter() - t:.1f}s, {fmt_quality(quality)}"
+        )
+        row = {
+            "method": method,
+            "path": path,
+            "quantize_s": wall,
+            "command": command,
+            "quality": quality,
+            "kind": kind,
+        }
         rows.append(row)
         return row
 
-    for pipeline, fmt in [("int8", "qdq"), ("int8", "qoperator")] + ([("int8-dynamic", "integerops")] if key == "minilm" else []):
+    for pipeline, fmt in [("int8", "qdq"), ("int8", "qoperator")] + (
+        [("int8-dynamic", "integerops")] if key == "minilm" else []
+    ):
         out = workdir / f"{key}-ncc-{pipeline}-{fmt}.onnx"
         calib = task.calib if pipeline == "int8" else None
         try:
-            wall, cmd = _median_wall(lambda: m.ncc_compile(task.float_model, calib, out, pipeline=pipeline, fmt=fmt),
-                                     repeats)
+            wall, cmd = _median_wall(
+                lambda: m.ncc_compile(task.float_model, calib, out, pipeline=pipeline, fmt=fmt), repeats
+            )
         except RuntimeError as err:
             log(f"[{key}] ncc {pipeline} {fmt} FAILED: {str(err).splitlines()[0]}")
             continue
@@ -148,45 +167,91 @@ def bench_model(key: str, workdir: Path, warmup: int, runs: int, rounds: int, me
         if method in methods:
             out = workdir / f"{key}-ort-{method}{'-rr' if reduce_range else ''}.onnx"
             try:
-                wall, _ = _median_wall(lambda: (m.ort_static(task.float_model, task.calib, out, method=method,
-                                                             reduce_range=reduce_range,
-                                                             batch=8 if key == "minilm" else 16), None), repeats)
+                wall, _ = _median_wall(
+                    lambda: (
+                        m.ort_static(
+                            task.float_model,
+                            task.calib,
+                            out,
+                            method=method,
+                            reduce_range=reduce_range,
+                            batch=8 if key == "minilm" else 16,
+                        ),
+                        None,
+                    ),
+                    repeats,
+                )
             except Exception as err:  # report, keep going
-                log(f"[{key}] onnxruntime quantize_static {method} rr={reduce_range} FAILED: {type(err).__name__}: {err}")
-                failures.append((f"onnxruntime static {m.ort_variant_name(method, reduce_range)}",
-                                 f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"))
+                log(
+                    f"[{key}] onnxruntime quantize_static {method} rr={reduce_range} FAILED: {type(err).__name__}: {err}"
+                )
+                failures.append(
+                    (
+                        f"onnxruntime static {m.ort_variant_name(method, reduce_range)}",
+                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                    )
+                )
                 continue
-            row = add(f"onnxruntime static {method}{' reduce_range' if reduce_range else ''}", out, wall,
-                      f"quantize_static(QDQ, per_channel=True, QUInt8/QInt8, calibrate_method={method}, "
-                      f"reduce_range={reduce_range})", "ort-static")
+            row = add(
+                f"onnxruntime static {method}{' reduce_range' if reduce_range else ''}",
+                out,
+                wall,
+                f"quantize_static(QDQ, per_channel=True, QUInt8/QInt8, calibrate_method={method}, "
+                f"reduce_range={reduce_range})",
+                "ort-static",
+            )
             row["reduce_range"] = reduce_range
             ort_static_rows.append(row)
     if len(ort_static_rows) == len(m.ORT_STATIC_VARIANTS):  # all ran: cache for tests/test_int8_models.py
-        m.save_ort_scores(task, {m.ort_variant_name(r["method"].split()[2], r["reduce_range"]): r["quality"]["metric"]
-                                 for r in ort_static_rows})
+        m.save_ort_scores(
+            task,
+            {
+                m.ort_variant_name(r["method"].split()[2], r["reduce_range"]): r["quality"]["metric"]
+                for r in ort_static_rows
+            },
+        )
     if key == "minilm":  # the hand-restricted form the issue quotes (MinMax, MatMul only: cosine ~0.93)
         out = workdir / f"{key}-ort-MinMax-matmul.onnx"
         try:
-            wall, _ = _median_wall(lambda: (m.ort_static(task.float_model, task.calib, out, method="MinMax",
-                                                         op_types=["MatMul"], batch=8), None), repeats)
-            add("onnxruntime static MinMax, MatMul only (hand-restricted)", out, wall,
+            wall, _ = _median_wall(
+                lambda: (
+                    m.ort_static(
+                        task.float_model, task.calib, out, method="MinMax", op_types=["MatMul"], batch=8
+                    ),
+                    None,
+                ),
+                repeats,
+            )
+            add(
+                "onnxruntime static MinMax, MatMul only (hand-restricted)",
+                out,
+                wall,
                 "quantize_static(QDQ, per_channel=True, QUInt8/QInt8, MinMax, op_types_to_quantize=['MatMul'])",
-                "ort-static-matmul")
+                "ort-static-matmul",
+            )
         except Exception as err:
             log(f"[{key}] onnxruntime quantize_static MatMul-only FAILED: {type(err).__name__}: {err}")
         for reduce_range in (False, True):
             out = workdir / f"{key}-ort-dynamic{'-rr' if reduce_range else ''}.onnx"
-            wall, _ = _median_wall(lambda: (m.ort_dynamic(task.float_model, out, reduce_range=reduce_range), None),
-                                   repeats)
-            add(f"onnxruntime dynamic{' reduce_range' if reduce_range else ''}", out, wall,
-                f"quantize_dynamic(per_channel=True, QInt8, reduce_range={reduce_range})", "ort-dynamic")
+            wall, _ = _median_wall(
+                lambda: (m.ort_dynamic(task.float_model, out, reduce_range=reduce_range), None), repeats
+            )
+            add(
+                f"onnxruntime dynamic{' reduce_range' if reduce_range else ''}",
+                out,
+                wall,
+                f"quantize_dynamic(per_channel=True, QInt8, reduce_range={reduce_range})",
+                "ort-dynamic",
+            )
 
     # the best onnxruntime static row for each reduce_range setting gets timed (ties: faster quantize)
     best = []
     for reduce_range in (False, True):
         group = [r for r in ort_static_rows if r["reduce_range"] == reduce_range]
         if group:
-            b = max(group, key=lambda r: (r["quality"]["metric"], r["quality"].get("cosine", 0), -r["quantize_s"]))
+            b = max(
+                group, key=lambda r: (r["quality"]["metric"], r["quality"].get("cosine", 0), -r["quantize_s"])
+            )
             b["best"] = True
             best.append(b)
     timed = [r for r in rows if r["kind"] != "ort-static"] + best
@@ -194,8 +259,9 @@ def bench_model(key: str, workdir: Path, warmup: int, runs: int, rounds: int, me
     perf = {}
     for batch in BATCHES:
         t = time.perf_counter()
-        perf[batch] = time_rows([task.float_model] + [r["path"] for r in timed], task.timing_feed(batch), warmup, runs,
-                                rounds)
+        perf[batch] = time_rows(
+            [task.float_model] + [r["path"] for r in timed], task.timing_feed(batch), warmup, runs, rounds
+        )
         log(f"[{key}] timing batch {batch}: {time.perf_counter() - t:.1f}s")
     for i, r in enumerate(timed):
         r["latency_s"] = {b: perf[b].median(i + 1) for b in BATCHES}
@@ -204,8 +270,14 @@ def bench_model(key: str, workdir: Path, warmup: int, runs: int, rounds: int, me
     for r in rows:
         r["size_mb"] = size_mb(r["path"])
     return {
-        "key": key, "task": task, "fp32": fp32, "fp32_latency_s": {b: perf[b].median(0) for b in BATCHES},
-        "fp32_size_mb": fp32_size, "rows": rows, "timed": timed, "failures": failures,
+        "key": key,
+        "task": task,
+        "fp32": fp32,
+        "fp32_latency_s": {b: perf[b].median(0) for b in BATCHES},
+        "fp32_size_mb": fp32_size,
+        "rows": rows,
+        "timed": timed,
+        "failures": failures,
     }
 
 
@@ -230,7 +302,13 @@ def table(result: dict) -> str:
     for r in result["timed"]:
         q = r["quality"]
         label = r["method"] + (" (onnxruntime best)" if r.get("best") else "")
-        cells = [task.name, label, f"{fp32['metric']:.4f}", f"{q['metric']:.4f}", f"{q['metric'] / fp32['metric']:.2%}"]
+        cells = [
+            task.name,
+            label,
+            f"{fp32['metric']:.4f}",
+            f"{q['metric']:.4f}",
+            f"{q['metric'] / fp32['metric']:.2%}",
+        ]
         for b in BATCHES:
             s0, s1, up = b / lat0[b], b / r["latency_s"][b], r["speedup"][b]
             cells += [f"{s0:.1f}", f"{s1:.1f}", f"{up['median']:.2f}x ({up['q25']:.2f}-{up['q75']:.2f})"]
@@ -240,13 +318,19 @@ def table(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     others = [r for r in result["rows"] if r["kind"] == "ort-static" and not r.get("best")]
     if others:
-        lines += ["", f"other onnxruntime quantize_static calibrations ({task.name}, not timed):", "",
-                  "| method | INT8 | ratio | quantize s |" + (" emb. cosine |" if minilm else ""),
-                  "|---|---|---|---|" + ("---|" if minilm else "")]
+        lines += [
+            "",
+            f"other onnxruntime quantize_static calibrations ({task.name}, not timed):",
+            "",
+            "| method | INT8 | ratio | quantize s |" + (" emb. cosine |" if minilm else ""),
+            "|---|---|---|---|" + ("---|" if minilm else ""),
+        ]
         for r in others:
             q = r["quality"]
-            lines.append(f"| {r['method']} | {q['metric']:.4f} | {q['metric'] / fp32['metric']:.2%} | {r['quantize_s']:.1f} |"
-                         + (f" {q['cosine']:.4f} |" if minilm else ""))
+            lines.append(
+                f"| {r['method']} | {q['metric']:.4f} | {q['metric'] / fp32['metric']:.2%} | {r['quantize_s']:.1f} |"
+                + (f" {q['cosine']:.4f} |" if minilm else "")
+            )
     for method, error in result.get("failures", []):
         lines.append(f"\n{method}: FAILED ({error})")
     return "\n".join(lines)
@@ -260,18 +344,36 @@ def byte_compile_ncc() -> None:
 
     import ncc
 
-    compileall.compile_dir(str(Path(ncc.__file__).parent), quiet=1, rx=re.compile(r"[/\\](\.cache|\.ci|venv)[/\\]"))
+    compileall.compile_dir(
+        str(Path(ncc.__file__).parent), quiet=1, rx=re.compile(r"[/\\](\.cache|\.ci|venv)[/\\]")
+    )
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="5 timing rounds (2 warm-up, at least 10 timed runs) instead of 9 (5, 45)")
-    parser.add_argument("--models", default="minilm,efficientnet,mnist", help="comma-separated: minilm,efficientnet,mnist")
-    parser.add_argument("--ort-methods", default=",".join(ORT_METHODS), help="onnxruntime calibration methods to run")
-    parser.add_argument("--compile-repeats", type=int, default=1,
-                        help="time every compile this many times (fresh processes) and report the median")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="5 timing rounds (2 warm-up, at least 10 timed runs) instead of 9 (5, 45)",
+    )
+    parser.add_argument(
+        "--models", default="minilm,efficientnet,mnist", help="comma-separated: minilm,efficientnet,mnist"
+    )
+    parser.add_argument(
+        "--ort-methods", default=",".join(ORT_METHODS), help="onnxruntime calibration methods to run"
+    )
+    parser.add_argument(
+        "--compile-repeats",
+        type=int,
+        default=1,
+        help="time every compile this many times (fresh processes) and report the median",
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
-    parser.add_argument("--keep", type=Path, help="keep the quantized models in this folder (default: a temp folder)")
+    parser.add_argument(
+        "--keep", type=Path, help="keep the quantized models in this folder (default: a temp folder)"
+    )
     args = parser.parse_args(argv)
     warmup, runs, rounds = (2, 10, 5) if args.quick else (5, 45, 9)
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
@@ -289,28 +391,36 @@ def main(argv=None) -> int:
         workdir = args.keep or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         for key in keys:
-            results.append(bench_model(key, workdir, warmup, runs, rounds, methods, log, args.compile_repeats))
+            results.append(
+                bench_model(key, workdir, warmup, runs, rounds, methods, log, args.compile_repeats)
+            )
     total = time.perf_counter() - start
 
     print("# INT8 post-training quantization: ncc vs onnxruntime.quantization\n")
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
-    print(f"machine: {facts['cpu']}, {facts['cores']} cores; avx2={facts['avx2']} avx512f={facts['avx512f']} "
-          f"avx512_vnni={facts['avx512_vnni']} avx_vnni={facts['avx_vnni']}; onnxruntime {facts['onnxruntime']}; "
-          f"ncc target {facts['ncc_target']}; Python {facts['python']}")
-    print(f"timing: {THREADS} intra-op threads (1 inter-op), CPU EP, ORT_ENABLE_ALL; all rows of a model side by side in "
-          f"{rounds} rounds of one block each (ncc.tools.timing: a block starts after {SETTLE_S:.1f} s of untimed runs, "
-          f"when the previous model's idle onnxruntime workers stopped spinning; at least {-(-runs // rounds)} timed runs "
-          f"and {MIN_BLOCK_S} s a block) after {warmup} warm-up; samples/s from the median run; speed-up = median over "
-          f"rounds of the FP32/INT8 ratio of block medians (quartiles in brackets); batch {' and '.join(map(str, BATCHES))}"
-          f" (MiniLM at seq len {m.SEQ}); quantize s = wall time of a fresh process, as a user runs it from a shell: `ncc compile` "
-          f"(empty calibration cache, onnxruntime check of the result included; ncc's bytecode written first, as a "
-          f"pip install does; median of {args.compile_repeats} runs each) vs benchmarks/ort_quantize.py calling "
-          f"quantize_static / quantize_dynamic; total benchmark time {total:.0f}s\n")
+    print(
+        f"machine: {facts['cpu']}, {facts['cores']} cores; avx2={facts['avx2']} avx512f={facts['avx512f']} "
+        f"avx512_vnni={facts['avx512_vnni']} avx_vnni={facts['avx_vnni']}; onnxruntime {facts['onnxruntime']}; "
+        f"ncc target {facts['ncc_target']}; Python {facts['python']}"
+    )
+    print(
+        f"timing: {THREADS} intra-op threads (1 inter-op), CPU EP, ORT_ENABLE_ALL; all rows of a model side by side in "
+        f"{rounds} rounds of one block each (ncc.tools.timing: a block starts after {SETTLE_S:.1f} s of untimed runs, "
+        f"when the previous model's idle onnxruntime workers stopped spinning; at least {-(-runs // rounds)} timed runs "
+        f"and {MIN_BLOCK_S} s a block) after {warmup} warm-up; samples/s from the median run; speed-up = median over "
+        f"rounds of the FP32/INT8 ratio of block medians (quartiles in brackets); batch {' and '.join(map(str, BATCHES))}"
+        f" (MiniLM at seq len {m.SEQ}); quantize s = wall time of a fresh process, as a user runs it from a shell: `ncc compile` "
+        f"(empty calibration cache, onnxruntime check of the result included; ncc's bytecode written first, as a "
+        f"pip install does; median of {args.compile_repeats} runs each) vs benchmarks/ort_quantize.py calling "
+        f"quantize_static / quantize_dynamic; total benchmark time {total:.0f}s\n"
+    )
     for res in results:
         task = res["task"]
         print(f"## {task.name}\n")
-        print(f"calibration: {task.calib} ({len(next(iter(np.load(task.calib).values())))} samples); "
-              f"evaluation: {task.eval_samples} samples\n")
+        print(
+            f"calibration: {task.calib} ({len(next(iter(np.load(task.calib).values())))} samples); "
+            f"evaluation: {task.eval_samples} samples\n"
+        )
         print(table(res))
         print("\ncommands:")
         for r in res["rows"]:
@@ -321,11 +431,18 @@ def main(argv=None) -> int:
     if args.json:
         payload = {"machine": facts, "warmup": warmup, "runs": runs, "total_s": total, "models": []}
         for res in results:
-            payload["models"].append({
-                "model": res["task"].name, "fp32": res["fp32"], "fp32_latency_s": res["fp32_latency_s"],
-                "fp32_size_mb": res["fp32_size_mb"], "failures": res["failures"],
-                "rows": [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in res["rows"]],
-            })
+            payload["models"].append(
+                {
+                    "model": res["task"].name,
+                    "fp32": res["fp32"],
+                    "fp32_latency_s": res["fp32_latency_s"],
+                    "fp32_size_mb": res["fp32_size_mb"],
+                    "failures": res["failures"],
+                    "rows": [
+                        {k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in res["rows"]
+                    ],
+                }
+            )
         args.json.write_text(json.dumps(payload, indent=2, default=str))
     return 0
 

@@ -41,8 +41,14 @@ def chain_model(n_nodes: int) -> Path:
         nodes.append(helper.make_node("Relu", [f"a{i}"], [f"r{i}"], name=f"relu{i}"))
         prev = f"r{i}"
     vi = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, ["N", 8]) for n in nodes[:-1]]
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", 8])], inits, value_info=vi)
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", 8])],
+        inits,
+        value_info=vi,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
 
@@ -62,15 +68,26 @@ def big_external_model(gib: float = 1.0) -> Path:
     with open(path.parent / "model.onnx.data", "wb") as data:
         for i in range(count):
             rng = np.random.default_rng(i)
-            for row in range(0, dim, 512):  # 8 MB at a time
+            for _row in range(0, dim, 512):  # 8 MB at a time
                 data.write((rng.standard_normal((512, dim), dtype=np.float32) * 0.01).tobytes())
-            inits.append(external_tensor(f"w{i}", TensorProto.FLOAT, [dim, dim], "model.onnx.data", i * per, per))
+            inits.append(
+                external_tensor(f"w{i}", TensorProto.FLOAT, [dim, dim], "model.onnx.data", i * per, per)
+            )
             nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=f"mm{i}"))
             prev = f"h{i}"
-    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
-                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", dim])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", dim])],
+        inits,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
+
+
+def _lap(start: float) -> float:
+    return time.perf_counter() - start
 
 
 def stage_times(path: Path, repeat: int) -> dict[str, float]:
@@ -83,15 +100,26 @@ def stage_times(path: Path, repeat: int) -> dict[str, float]:
     runs: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(repeat):
-            t = {}
-            t0 = time.perf_counter(); model = load_onnx(path); t["load"] = time.perf_counter() - t0
-            t0 = time.perf_counter(); verify(model); t["verify"] = time.perf_counter() - t0
-            t0 = time.perf_counter(); print_model(model); t["print"] = time.perf_counter() - t0
+            t: dict[str, float] = {}
+            start = time.perf_counter()
+            model = load_onnx(path)
+            t["load"] = _lap(start)
+            start = time.perf_counter()
+            verify(model)
+            t["verify"] = _lap(start)
+            start = time.perf_counter()
+            print_model(model)
+            t["print"] = _lap(start)
             data = Path(tmp) / "m.ncc.data"
-            t0 = time.perf_counter(); text = print_model(model, full=True, data_file=data)
-            t["print --full"] = time.perf_counter() - t0
-            t0 = time.perf_counter(); again = parse(text, base_dir=Path(tmp)); t["parse"] = time.perf_counter() - t0
-            t0 = time.perf_counter(); save_onnx(again, Path(tmp) / "o.onnx"); t["save"] = time.perf_counter() - t0
+            start = time.perf_counter()
+            text = print_model(model, full=True, data_file=data)
+            t["print --full"] = _lap(start)
+            start = time.perf_counter()
+            again = parse(text, base_dir=Path(tmp))
+            t["parse"] = _lap(start)
+            start = time.perf_counter()
+            save_onnx(again, Path(tmp) / "o.onnx")
+            t["save"] = _lap(start)
             t["total"] = sum(t.values())
             for k, v in t.items():
                 runs.setdefault(k, []).append(v)
@@ -130,14 +158,19 @@ def main() -> None:
         big = big_external_model(1.0)
         ncc = [sys.executable, "-m", "ncc.tools.cli"]
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            for label, extra in (("ncc dump (hash summaries)", []), ("ncc dump --full (sidecar)", ["--full"])):
+            for label, extra in (
+                ("ncc dump (hash summaries)", []),
+                ("ncc dump --full (sidecar)", ["--full"]),
+            ):
                 wall, rss = peak_rss_mb([*ncc, "dump", str(big), "-o", str(Path(tmp) / "big.ncc"), *extra])
                 dumps.append(f"| {label} | {wall:.1f} s | {rss:.0f} MB |")
     import realmodels
 
-    models = [("all-MiniLM-L6-v2 (legacy export)", realmodels.minilm_onnx("legacy")),
-              ("all-MiniLM-L6-v2 (dynamo, ext. data)", realmodels.minilm_onnx("dynamo")),
-              ("chain 10k nodes", chain_model(10_000))]
+    models = [
+        ("all-MiniLM-L6-v2 (legacy export)", realmodels.minilm_onnx("legacy")),
+        ("all-MiniLM-L6-v2 (dynamo, ext. data)", realmodels.minilm_onnx("dynamo")),
+        ("chain 10k nodes", chain_model(10_000)),
+    ]
     if not args.quick:
         models.append(("chain 100k nodes", chain_model(100_000)))
     stages = ["load", "verify", "print", "print --full", "parse", "save", "total"]

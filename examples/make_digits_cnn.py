@@ -20,13 +20,20 @@ class DigitsCNN(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+            torch.nn.Conv2d(1, 16, 3, padding=1),
+            torch.nn.BatchNorm2d(16),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, padding=1),
+            torch.nn.BatchNorm2d(32),
+            torch.nn.ReLU(),
             torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 32, 3, padding=1),
+            torch.nn.BatchNorm2d(32),
+            torch.nn.ReLU(),
         )
-        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 4 * 4, 64), torch.nn.ReLU(),
-                                        torch.nn.Linear(64, 10))
+        self.head = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(32 * 4 * 4, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
+        )
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -40,7 +47,7 @@ def main() -> None:
     train, test = slice(0, 1400), slice(1400, None)
     model = DigitsCNN()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for epoch in range(15):
+    for _epoch in range(15):
         perm = torch.randperm(1400)
         model.train()
         for i in range(0, 1400, 64):
@@ -53,9 +60,17 @@ def main() -> None:
     with torch.no_grad():
         acc = (model(x[test]).argmax(1) == y[test]).float().mean().item()
     print(f"test accuracy on {len(y[test])} held-out digits: {acc:.3f}")
-    torch.onnx.export(model, (x[:1],), str(HERE / "digits_cnn.onnx"), input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
-                      do_constant_folding=False)  # keep BatchNormalization: the example shows fuse-conv-bn
+    torch.onnx.export(
+        model,
+        (x[:1],),
+        str(HERE / "digits_cnn.onnx"),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+        do_constant_folding=False,
+    )  # keep BatchNormalization: the example shows fuse-conv-bn
     np.savez(HERE / "digits_calib.npz", image=x[train][:64].numpy())
 
 

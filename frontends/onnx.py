@@ -20,7 +20,6 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
-
 from ncc.errors import NccError
 from ncc.ir import ids
 
@@ -39,7 +38,9 @@ def load_onnx(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
         raise NccError(f"{path}: not a readable ONNX model ({_first_line(err)}).") from None
     if not proto.HasField("graph"):
-        raise NccError(f"{path}: not an ONNX model (no graph found; the file may be truncated or of another kind).")
+        raise NccError(
+            f"{path}: not an ONNX model (no graph found; the file may be truncated or of another kind)."
+        )
     _refuse_escaping_external_data(proto, path.parent)
     if check:
         _check(str(path), str(path))  # by path, so external data is checked beside the model
@@ -105,7 +106,9 @@ def _infer_types(proto: onnx.ModelProto) -> None:
         if tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.ByteSize() <= _INFER_INLINE_BYTES:
             light_graph.initializer.append(tensor)
         elif tensor.name not in declared:
-            light_graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+            light_graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
     inferred = onnx.shape_inference.infer_shapes(light, data_prop=True).graph
     for name in ("node", "output", "value_info"):  # nodes: their subgraphs' inferred types
         del getattr(graph, name)[:]
@@ -140,7 +143,9 @@ def _extent(tensor: onnx.TensorProto) -> tuple[int, int]:
             f"{entries.get('length')!r} are not byte counts."
         ) from None
     if offset < 0 or length < 0:
-        raise NccError(f"initializer {tensor.name!r}: external data offset/length {offset}/{length} are negative.")
+        raise NccError(
+            f"initializer {tensor.name!r}: external data offset/length {offset}/{length} are negative."
+        )
     return offset, length
 
 
@@ -172,7 +177,9 @@ def _refuse_escaping_external_data(proto: onnx.ModelProto, folder: Path) -> None
                 f"folder {folder}; refusing to read it."
             )
         if not resolved.is_file():
-            raise NccError(f"initializer {tensor.name!r}: external data file {where!r} is missing from {folder}.")
+            raise NccError(
+                f"initializer {tensor.name!r}: external data file {where!r} is missing from {folder}."
+            )
         if resolved not in sizes:
             sizes[resolved] = resolved.stat().st_size
         offset, length = _extent(tensor)
@@ -209,7 +216,9 @@ def external_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     return (t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL)
 
 
-def external_tensor(name: str, data_type: int, dims, where: str, offset: int, length: int) -> onnx.TensorProto:
+def external_tensor(
+    name: str, data_type: int, dims, where: str, offset: int, length: int
+) -> onnx.TensorProto:
     """A TensorProto whose bytes are ``length`` bytes at ``offset`` of the file ``where`` (beside the model)."""
     tensor = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims))
     tensor.data_location = onnx.TensorProto.EXTERNAL

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import onnx_ir as ir
-
 from ncc.errors import VerificationError
 from ncc.ir.ids import node_id
 
@@ -37,7 +36,7 @@ __all__ = [
     "dependencies",
 ]
 
-GraphLike = Union[ir.Graph, ir.Function]
+GraphLike = ir.Graph | ir.Function
 
 
 def dependencies(graph: GraphLike) -> tuple[list[ir.Node], list[list[int]]]:

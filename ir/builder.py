@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.errors import NccError
 from ncc.ir import ids
 
@@ -67,7 +66,11 @@ def dtype(spec: DTypeLike) -> ir.DataType:
 
 
 def _type(spec: DTypeLike) -> ir.TypeProtocol:
-    return spec if isinstance(spec, (ir.TensorType, ir.SequenceType, ir.OptionalType)) else ir.TensorType(dtype(spec))
+    return (
+        spec
+        if isinstance(spec, (ir.TensorType, ir.SequenceType, ir.OptionalType))
+        else ir.TensorType(dtype(spec))
+    )
 
 
 class _Names:
@@ -138,7 +141,9 @@ class GraphBuilder:
         name = self._names.value(name)
         tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(np.asarray(array), name=name)
         tensor.name = name
-        v = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor)
+        v = ir.Value(
+            name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor
+        )
         self.graph.register_initializer(v)
         return v
 
@@ -215,7 +220,9 @@ class GraphBuilder:
     def build(self, *, infer: bool = True, verify: bool = True) -> ir.Model:
         """The model: ONNX shape inference fills missing types, ids are assigned, then it is verified."""
         if self._parent is not None:
-            raise NccError(f"subgraph builder {self.graph.name!r} has no model of its own; pass it as an attribute.")
+            raise NccError(
+                f"subgraph builder {self.graph.name!r} has no model of its own; pass it as an attribute."
+            )
         model = ir.Model(
             self.graph,
             ir_version=self.ir_version or _ir_version_for(self.opsets.get("", 17)),
@@ -310,4 +317,6 @@ def run(
     session = ort.InferenceSession(
         ir.serde.serialize_model(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    return session.run(list(outputs) if outputs is not None else None, {k: np.asarray(v) for k, v in feeds.items()})
+    return session.run(
+        list(outputs) if outputs is not None else None, {k: np.asarray(v) for k, v in feeds.items()}
+    )

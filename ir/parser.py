@@ -21,12 +21,11 @@ from pathlib import Path
 import lark
 import numpy as np
 import onnx_ir as ir
-from onnx_ir import _type_casting
-
 from ncc.errors import NccError, ParseError
 from ncc.ir import ids
 from ncc.ir.printer import ATTR_KINDS_BY_NAME, DTYPES_BY_NAME
 from ncc.ir.tensors import CHUNK, HASH_KEY, ElidedTensor
+from onnx_ir import _type_casting
 
 _GRAMMAR = Path(__file__).with_name("ncc.lark")
 #: Parse simple node lines with a regular expression instead of lark (tests turn it off to compare).
@@ -80,7 +79,17 @@ def _name(token) -> str:
 
 
 class _Scope:
-    __slots__ = ("parent", "values", "pending", "const_inputs", "inputs", "out_decls", "inits", "nodes", "ret")
+    __slots__ = (
+        "parent",
+        "values",
+        "pending",
+        "const_inputs",
+        "inputs",
+        "out_decls",
+        "inits",
+        "nodes",
+        "ret",
+    )
 
     def __init__(self, parent):
         self.parent = parent
@@ -189,14 +198,20 @@ class _Builder(lark.Transformer):
                 if text == "none":
                     inputs.append(None)
                 else:
-                    inputs.append(self.lookup(_tok(text, "VALUE" if text[0] == "%" else "CONST", line, col0 + r.start())))
+                    inputs.append(
+                        self.lookup(
+                            _tok(text, "VALUE" if text[0] == "%" else "CONST", line, col0 + r.start())
+                        )
+                    )
         outs = m.group("outs")
         outputs = []
         if outs:
             col0 = start("outs") + 1
             for r in _SPLIT_REF.finditer(outs):
                 text = r.group()
-                outputs.append(self.define(_tok(text, "NONE" if text == "none" else "VALUE", line, col0 + r.start())))
+                outputs.append(
+                    self.define(_tok(text, "NONE" if text == "none" else "VALUE", line, col0 + r.start()))
+                )
         op_type = m.group("op")
         types = m.group("types")
         if types is not None:
@@ -263,7 +278,7 @@ class _Builder(lark.Transformer):
             return _unquote(tok)
         if kind == "str_dict":
             if not isinstance(tok, dict):
-                raise _Error(f"'{_name(key)}' must be a {{\"key\" = \"value\"}} dict", key)
+                raise _Error(f'\'{_name(key)}\' must be a {{"key" = "value"}} dict', key)
             return {k: self._dict_value(v, "str") for k, v in tok.items()}
         if kind == "int_dict":
             if not isinstance(tok, dict):
@@ -411,10 +426,15 @@ class _Builder(lark.Transformer):
             offset, length = int(off_tok), int(len_tok)
             expected = _nbytes(dtype, count)
             if expected is not None and length != expected:
-                raise _Error(f"expected {expected} bytes of {dtype.name} data but length is {length}", len_tok)
+                raise _Error(
+                    f"expected {expected} bytes of {dtype.name} data but length is {length}", len_tok
+                )
             digest = _hash_range(path, offset, length)
             if digest is None:
-                raise _Error(f"sidecar data file '{location}' is shorter than offset {offset} + length {length}", file_tok)
+                raise _Error(
+                    f"sidecar data file '{location}' is shorter than offset {offset} + length {length}",
+                    file_tok,
+                )
             want = hash_tok[len("sha256:") :]
             if not digest.startswith(want):
                 raise _Error(
@@ -456,7 +476,10 @@ class _Builder(lark.Transformer):
             vals = []
             for it in items:
                 if not isinstance(it, lark.Token) or it.type not in ("INT", "FLOAT"):
-                    raise _Error(f"expected a number for {dtype.name} data", it if isinstance(it, lark.Token) else anchor)
+                    raise _Error(
+                        f"expected a number for {dtype.name} data",
+                        it if isinstance(it, lark.Token) else anchor,
+                    )
                 if is_float:
                     vals.append(float(it))
                 elif it.type != "INT":
@@ -876,9 +899,20 @@ def _terminal_names() -> dict[str, str]:
         if isinstance(pattern, lark.lexer.PatternStr):
             names[term.name] = f"'{pattern.value}'"
     names.update(
-        VALUE="a value (%name)", CONST="a constant (@name)", INT="an integer", FLOAT="a float",
-        STRING="a string", IDENT="a name", NODE_ID="a node id (#N)", HASH="a hash (sha256:...)",
-        EMPTY_LIST="an empty list", QMARK="'?'", FAST_NODES="a node", NONE="'none'", TRUE="'true'", FALSE="'false'",
+        VALUE="a value (%name)",
+        CONST="a constant (@name)",
+        INT="an integer",
+        FLOAT="a float",
+        STRING="a string",
+        IDENT="a name",
+        NODE_ID="a node id (#N)",
+        HASH="a hash (sha256:...)",
+        EMPTY_LIST="an empty list",
+        QMARK="'?'",
+        FAST_NODES="a node",
+        NONE="'none'",
+        TRUE="'true'",
+        FALSE="'false'",
         **{"$END": "end of input"},
     )
     return names
@@ -917,7 +951,8 @@ def _forwarder(rule: str):
 
 
 _RULES = [
-    name for name, member in vars(_Builder).items()
+    name
+    for name, member in vars(_Builder).items()
     if callable(member) and not name.startswith("_") and name not in ("lookup", "define")
 ]
 for _rule in _RULES:
@@ -943,8 +978,9 @@ def parse(text: str, *, filename: str = "<string>", base_dir: Path | None = None
     dispatch.local.builder = _Builder(Path(base_dir) if base_dir is not None else None)
 
     def fail(message: str, line: int, column: int):
-        raise ParseError(message, filename=filename, line=line, column=column,
-                         source_line=_source_line(text, line)) from None
+        raise ParseError(
+            message, filename=filename, line=line, column=column, source_line=_source_line(text, line)
+        ) from None
 
     fast_text, dispatch.local.builder.fast_runs = _fast_split(text) if USE_FAST_PATH else (text, [])
     try:
@@ -961,14 +997,23 @@ def parse(text: str, *, filename: str = "<string>", base_dir: Path | None = None
         tok = err.token
         if tok.type == "FAST_NODES":  # a node line where none can stand
             line = tok.line
-            fail(f"expected {_describe_expected(err.accepts or err.expected)} but found a node statement", line,
-                 len(_source_line(text, line)) - len(_source_line(text, line).lstrip()) + 1)
+            fail(
+                f"expected {_describe_expected(err.accepts or err.expected)} but found a node statement",
+                line,
+                len(_source_line(text, line)) - len(_source_line(text, line).lstrip()) + 1,
+            )
         if tok.type == "$END":
             last = text.rstrip("\n").count("\n") + 1
-            fail(f"expected {_describe_expected(err.accepts or err.expected)} but found end of input", last,
-                 len(_source_line(text, last)) + 1)
-        fail(f"expected {_describe_expected(err.accepts or err.expected)} but found {_describe_token(tok)}",
-             tok.line, tok.column)
+            fail(
+                f"expected {_describe_expected(err.accepts or err.expected)} but found end of input",
+                last,
+                len(_source_line(text, last)) + 1,
+            )
+        fail(
+            f"expected {_describe_expected(err.accepts or err.expected)} but found {_describe_token(tok)}",
+            tok.line,
+            tok.column,
+        )
     except lark.exceptions.UnexpectedCharacters as err:
         ch = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
         if ch == '"':

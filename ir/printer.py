@@ -81,7 +81,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.errors import NccError
 from ncc.ir import ids
 from ncc.ir.tensors import ElidedTensor, num_elements, raw_chunks, sha256_hex, string_elements
@@ -98,7 +97,11 @@ KEYWORDS = frozenset(
 _BARE_NAME = re.compile(r"[A-Za-z0-9_.]+\Z")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
 
-_SPECIAL_DTYPE_NAMES = {ir.DataType.BOOL: "bool", ir.DataType.STRING: "str", ir.DataType.UNDEFINED: "undefined"}
+_SPECIAL_DTYPE_NAMES = {
+    ir.DataType.BOOL: "bool",
+    ir.DataType.STRING: "str",
+    ir.DataType.UNDEFINED: "undefined",
+}
 DTYPE_NAMES: dict[ir.DataType, str] = {d: _SPECIAL_DTYPE_NAMES.get(d) or d.short_name() for d in ir.DataType}
 DTYPES_BY_NAME: dict[str, ir.DataType] = {v: k for k, v in DTYPE_NAMES.items()}
 
@@ -445,11 +448,17 @@ class _Printer:
         elif t == A.TYPE_PROTOS:
             parts = [f"type<{format_type(x.type, x.shape)}>" for x in items]
         else:
-            raise NccError(f"attribute {attr.name!r}: {t.name} attributes are not supported by the text form.")
+            raise NccError(
+                f"attribute {attr.name!r}: {t.name} attributes are not supported by the text form."
+            )
         return "[" + ", ".join(parts) + "]"
 
     def attrs(self, attributes, indent: str) -> str:
-        return "{" + ", ".join(f"{ident(name)} = {self.attr_value(a, indent)}" for name, a in attributes.items()) + "}"
+        return (
+            "{"
+            + ", ".join(f"{ident(name)} = {self.attr_value(a, indent)}" for name, a in attributes.items())
+            + "}"
+        )
 
     # nodes ------------------------------------------------------------------
     def node_line(self, node: ir.Node, indent: str) -> str:
@@ -483,8 +492,10 @@ class _Printer:
                 if loc[-1] is None:
                     loc.pop()
                     other[key] = value
-            elif key == ids.FUSED_KEY and re.fullmatch(r"\d+(,\d+)*", value) and all(
-                str(int(x)) == x for x in value.split(",")
+            elif (
+                key == ids.FUSED_KEY
+                and re.fullmatch(r"\d+(,\d+)*", value)
+                and all(str(int(x)) == x for x in value.split(","))
             ):
                 other.setdefault("__fused__", value)
             else:
@@ -504,8 +515,17 @@ class _Printer:
         self.graph_lines(graph, indent, lines, keyword=keyword, with_opsets=with_opsets)
         return "\n".join(lines)
 
-    def graph_lines(self, graph, indent: str, lines: list[str], *, keyword: str, head: str | None = None,
-                    with_opsets: bool = True, extra_props: dict | None = None) -> None:
+    def graph_lines(
+        self,
+        graph,
+        indent: str,
+        lines: list[str],
+        *,
+        keyword: str,
+        head: str | None = None,
+        with_opsets: bool = True,
+        extra_props: dict | None = None,
+    ) -> None:
         inputs = ", ".join(f"{self.ref(v)}: {format_type(v.type, v.shape)}" for v in graph.inputs)
         outputs = ", ".join(f"{self.ref(v)}: {format_type(v.type, v.shape)}" for v in graph.outputs)
         if head is None:
@@ -527,7 +547,9 @@ class _Printer:
             if tensor is None:
                 raise NccError(f"initializer {value.name!r} has no value; the text form cannot print it.")
             t = DTYPE_NAMES[tensor.dtype] + format_shape(tensor.shape)
-            lines.append(f"{inner}const @{name_token(self.value_name(value))} : {t} = {self.tensor_data(tensor)}")
+            lines.append(
+                f"{inner}const @{name_token(self.value_name(value))} : {t} = {self.tensor_data(tensor)}"
+            )
         for node in graph:
             lines.append(self.node_line(node, inner))
         rets = ", ".join(self.ref(v) for v in graph.outputs)

@@ -57,8 +57,9 @@ class SpillFile:
             offset += align
         data.tofile(self._file)
         self._file.flush()
-        return ir.ExternalTensor(self._name, offset, data.nbytes, dtype, shape=ir.Shape(shape), name=name,
-                                 base_dir=self._base)
+        return ir.ExternalTensor(
+            self._name, offset, data.nbytes, dtype, shape=ir.Shape(shape), name=name, base_dir=self._base
+        )
 
 
 def pack_4bit(codes: np.ndarray) -> np.ndarray:

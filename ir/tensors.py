@@ -15,9 +15,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir._core import TensorBase
-
 from ncc.errors import NccError
+from onnx_ir._core import TensorBase
 
 CHUNK = 16 * 2**20
 HASH_KEY = "ncc.sha256"
@@ -43,7 +42,9 @@ def raw_chunks(tensor: ir.TensorProtocol) -> Iterator[bytes | memoryview]:
                 block = f.read(size)
                 if not block:
                     if remaining > 0:
-                        raise NccError(f"external data {tensor.path!r} of tensor {tensor.name!r} is truncated.")
+                        raise NccError(
+                            f"external data {tensor.path!r} of tensor {tensor.name!r} is truncated."
+                        )
                     break
                 yield block
                 if remaining > 0:

@@ -48,18 +48,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Union
+from functools import cache
 
 import onnx.defs
 import onnx_ir as ir
-
 from ncc.errors import VerificationError
 from ncc.ir.ids import ID_KEY
 
 __all__ = ["Diagnostic", "diagnose", "verify", "format_diagnostics", "describe", "op_info", "OP_RULES"]
 
-GraphLike = Union[ir.Graph, ir.Function]
+GraphLike = ir.Graph | ir.Function
 
 #: Domains whose ops are fully checked against ``onnx.defs``.
 STANDARD_DOMAINS = frozenset({"", "ai.onnx.ml", "ai.onnx.preview.training"})
@@ -171,7 +169,7 @@ OP_RULES: list[tuple[str, Callable[[ir.Node, OpInfo], Iterator[str]]]] = [
 ]
 
 
-@lru_cache(maxsize=None)
+@cache
 def op_info(domain: str, op_type: str, version: int) -> OpInfo | str | None:
     """The op's :class:`OpInfo`; a sentence ending when a standard op does not exist; None when unchecked."""
     if domain in STANDARD_DOMAINS:
@@ -215,7 +213,7 @@ def _missing_op(domain: str, op_type: str, version: int) -> str:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _contrib_schemas() -> dict[tuple[str, str], list]:
     try:
         from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
@@ -321,7 +319,9 @@ class _Verifier:
         self.check_uses()
         return self.problems
 
-    def report(self, rule: str, message: str, node: ir.Node | None = None, scope: _Scope | None = None) -> None:
+    def report(
+        self, rule: str, message: str, node: ir.Node | None = None, scope: _Scope | None = None
+    ) -> None:
         if scope is None and node is not None:
             scope = self.where.get(node)
         self.problems.append(
@@ -354,12 +354,16 @@ class _Verifier:
 
     # -- graphs
 
-    def walk(self, graph: GraphLike, parent: _Scope | None, path: str, gname: str, imports, *, typed: bool) -> None:
+    def walk(
+        self, graph: GraphLike, parent: _Scope | None, path: str, gname: str, imports, *, typed: bool
+    ) -> None:
         """Check one graph; ``typed``: values must carry types (not in functions nor schema-less ops' bodies)."""
         scope = _Scope(parent, graph, path)
         for v in graph.inputs:
             if v.producer() is not None:
-                self.report("ssa", f"input {_value(v)} of {gname} is also {_definition(v)}.", v.producer(), scope)
+                self.report(
+                    "ssa", f"input {_value(v)} of {gname} is also {_definition(v)}.", v.producer(), scope
+                )
             self.define(v, scope, None)
             if typed:
                 self.typed(v, f"input of {gname}", scope)
@@ -368,7 +372,9 @@ class _Verifier:
                 if v in scope.values:
                     continue  # an initializer that is also a graph input
                 if v.producer() is not None:
-                    self.report("ssa", f"initializer {_value(v)} of {gname} is also {_definition(v)}.", None, scope)
+                    self.report(
+                        "ssa", f"initializer {_value(v)} of {gname} is also {_definition(v)}.", None, scope
+                    )
                 self.define(v, scope, None)
                 if typed:
                     self.typed(v, f"initializer of {gname}", scope)
@@ -413,7 +419,9 @@ class _Verifier:
         check_type = typed and op is not None
         for i, v in enumerate(node.outputs):
             if v.producer() is not node or v.index() != i:
-                self.report("ssa", f"{describe(node)}: output {i} {_value(v)} records {_definition(v)}.", node, scope)
+                self.report(
+                    "ssa", f"{describe(node)}: output {i} {_value(v)} records {_definition(v)}.", node, scope
+                )
             if v.name:
                 self.define(v, scope, node)
                 if check_type and v.type is None or check_type and v.dtype == ir.DataType.UNDEFINED:
@@ -429,7 +437,9 @@ class _Verifier:
     def check_id(self, node: ir.Node, scope: _Scope) -> None:
         raw = node.metadata_props.get(ID_KEY)
         if raw is None:
-            self.report("id", f"{describe(node)} has no ncc.id (give it one with ncc.ir.ids.stamp).", node, scope)
+            self.report(
+                "id", f"{describe(node)} has no ncc.id (give it one with ncc.ir.ids.stamp).", node, scope
+            )
             return
         try:
             nid = int(raw)

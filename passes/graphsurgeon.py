@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import onnx_ir as ir
-
 from ncc.ir import ids
 from ncc.passes.base import Pass, PassContext, PassResult
 
@@ -61,7 +60,6 @@ def graphsurgeon_pass(name: str, doc: str | None = None) -> Callable[[Callable[[
 def run_graphsurgeon(model: ir.Model, fn: Callable[[Any], None]) -> PassResult:
     """Apply the GraphSurgeon function ``fn`` to ``model`` in place."""
     import onnx_graphsurgeon as gs
-
     from ncc.ir.printer import fingerprint
 
     before = fingerprint(model)
@@ -125,7 +123,9 @@ def _copy_into(model: ir.Model, new: ir.Model, carried: dict[str, tuple[str, dic
                 seen.add(node_id)
                 node.metadata_props.update(metadata)
                 continue
-            node.metadata_props.update({k: v for k, v in metadata.items() if k not in (ids.ID_KEY, ids.FUSED_KEY)})
+            node.metadata_props.update(
+                {k: v for k, v in metadata.items() if k not in (ids.ID_KEY, ids.FUSED_KEY)}
+            )
         elif name.startswith(_TEMP_PREFIX):
             node.name = None
         fresh.append(node)

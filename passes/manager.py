@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import onnx_ir as ir
-
 from ncc.errors import NccError, PassSpecError, VerificationError
 from ncc.passes.base import Pass, PassContext, PassResult
 
@@ -147,7 +146,9 @@ def count_nodes(model: ir.Model) -> int:
 class PassManager:
     """Runs ``passes`` in order over a model, in place."""
 
-    def __init__(self, passes: Sequence[Pass] | str, *, verify: bool = True, instruments: Instruments | None = None):
+    def __init__(
+        self, passes: Sequence[Pass] | str, *, verify: bool = True, instruments: Instruments | None = None
+    ):
         if isinstance(passes, str):
             from ncc.passes.spec import parse_pipeline
 

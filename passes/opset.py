@@ -17,31 +17,116 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-
 from ncc.passes.rewrite import Rewriter
 
 _ONNX_DOMAINS = ("", "ai.onnx")
 
 #: since_version -> op types whose change at that version keeps existing nodes' meaning.
 _SAFE: dict[int, frozenset[str]] = {
-    14: frozenset({"Add", "Sub", "Mul", "Div", "Relu", "Identity", "CumSum", "Reshape", "BatchNormalization",
-                   "GRU", "LSTM", "RNN"}),
+    14: frozenset(
+        {
+            "Add",
+            "Sub",
+            "Mul",
+            "Div",
+            "Relu",
+            "Identity",
+            "CumSum",
+            "Reshape",
+            "BatchNormalization",
+            "GRU",
+            "LSTM",
+            "RNN",
+        }
+    ),
     15: frozenset({"Pow", "Shape", "BatchNormalization"}),
-    16: frozenset({"Identity", "If", "Loop", "Scan", "LeakyRelu", "PRelu", "GreaterOrEqual", "LessOrEqual",
-                   "Where", "ScatterElements", "ScatterND"}),
-    18: frozenset({"Pad", "Resize", "ScatterElements", "ScatterND", "Split", "LpPool", "OptionalGetElement",
-                   "OptionalHasElement"}),
-    19: frozenset({"AveragePool", "Cast", "CastLike", "Constant", "DequantizeLinear", "QuantizeLinear", "Equal",
-                   "Identity", "If", "Loop", "Scan", "Pad", "Reshape", "Resize", "Shape", "Size"}),
+    16: frozenset(
+        {
+            "Identity",
+            "If",
+            "Loop",
+            "Scan",
+            "LeakyRelu",
+            "PRelu",
+            "GreaterOrEqual",
+            "LessOrEqual",
+            "Where",
+            "ScatterElements",
+            "ScatterND",
+        }
+    ),
+    18: frozenset(
+        {
+            "Pad",
+            "Resize",
+            "ScatterElements",
+            "ScatterND",
+            "Split",
+            "LpPool",
+            "OptionalGetElement",
+            "OptionalHasElement",
+        }
+    ),
+    19: frozenset(
+        {
+            "AveragePool",
+            "Cast",
+            "CastLike",
+            "Constant",
+            "DequantizeLinear",
+            "QuantizeLinear",
+            "Equal",
+            "Identity",
+            "If",
+            "Loop",
+            "Scan",
+            "Pad",
+            "Reshape",
+            "Resize",
+            "Shape",
+            "Size",
+        }
+    ),
     20: frozenset({"ConstantOfShape", "IsInf", "IsNaN", "ReduceMax", "ReduceMin"}),
-    21: frozenset({"Cast", "CastLike", "Constant", "ConstantOfShape", "DequantizeLinear", "QuantizeLinear",
-                   "Flatten", "Identity", "If", "Loop", "Scan", "Pad", "QLinearMatMul", "Reshape", "Shape", "Size",
-                   "Squeeze", "Transpose", "Unsqueeze"}),
+    21: frozenset(
+        {
+            "Cast",
+            "CastLike",
+            "Constant",
+            "ConstantOfShape",
+            "DequantizeLinear",
+            "QuantizeLinear",
+            "Flatten",
+            "Identity",
+            "If",
+            "Loop",
+            "Scan",
+            "Pad",
+            "QLinearMatMul",
+            "Reshape",
+            "Shape",
+            "Size",
+            "Squeeze",
+            "Transpose",
+            "Unsqueeze",
+        }
+    ),
 }
 
 #: Reduce ops whose ``axes`` attribute became an input at opset 18.
-_AXES_TO_INPUT_18 = frozenset({"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax",
-                               "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSumSquare"})
+_AXES_TO_INPUT_18 = frozenset(
+    {
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ReduceMax",
+        "ReduceMean",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceSumSquare",
+    }
+)
 
 
 def default_opset(model: ir.Model) -> int:
@@ -97,7 +182,11 @@ def raise_opset(model: ir.Model, target: int) -> list[str]:
         return blockers
     if current < 18 <= target:
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            if node.domain in _ONNX_DOMAINS and node.op_type in _AXES_TO_INPUT_18 and "axes" in node.attributes:
+            if (
+                node.domain in _ONNX_DOMAINS
+                and node.op_type in _AXES_TO_INPUT_18
+                and "axes" in node.attributes
+            ):
                 axes = np.asarray(node.attributes.pop("axes").as_ints(), np.int64)
                 value = Rewriter(model, node.graph).constant(axes, f"{node.name or node.op_type}_axes")
                 _set_input(node, 1, value)

@@ -21,15 +21,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.ir import ids
 from ncc.passes.base import PassResult
 
-
 #: Ops whose output holds exactly the values of their input 0, rearranged (same range, same histogram; a
 #: scalar factor commutes with them). Only input 0 carries data.
-VALUE_MOVES = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity",
-                         "DepthToSpace", "SpaceToDepth"})
+VALUE_MOVES = frozenset(
+    {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "DepthToSpace", "SpaceToDepth"}
+)
 
 
 @dataclass(frozen=True)
@@ -189,7 +188,10 @@ def _names_in(graph: ir.Graph) -> set[str]:
 
 def _to_attrs(attributes: dict[str, Any] | Iterable[ir.Attr]) -> list[ir.Attr]:
     if isinstance(attributes, dict):
-        return [a if isinstance(a, ir.Attr) else ir.convenience.convert_attribute(k, a) for k, a in attributes.items()]
+        return [
+            a if isinstance(a, ir.Attr) else ir.convenience.convert_attribute(k, a)
+            for k, a in attributes.items()
+        ]
     return list(attributes)
 
 

@@ -78,7 +78,9 @@ def _parse(spec: str, expanding: tuple[str, ...]) -> list[Pass]:
     for entry in _Scanner(spec).pipeline():
         if entry.name in PIPELINES and entry.name not in _registry:
             if entry.options:
-                raise PassSpecError(f"pipeline '{entry.name}' takes no options; give options to its passes instead.")
+                raise PassSpecError(
+                    f"pipeline '{entry.name}' takes no options; give options to its passes instead."
+                )
             if entry.name in expanding:
                 cycle = " -> ".join((*expanding, entry.name))
                 raise PassSpecError(f"pipeline '{entry.name}' includes itself ({cycle}).")
@@ -155,7 +157,9 @@ class _Scanner:
                     raise self.error(f"option '{key}' given twice for pass '{name}'", key_pos)
                 options[key] = self.value(name, key)
                 if self.peek() not in ("}", "") and not self.peek().isspace():
-                    raise self.error(f"expected a space or '}}' after the value of option '{key}' of pass '{name}'")
+                    raise self.error(
+                        f"expected a space or '}}' after the value of option '{key}' of pass '{name}'"
+                    )
         return _Entry(name, options, start)
 
     def value(self, name: str, key: str) -> tuple[_Item, ...]:
@@ -204,7 +208,11 @@ def _instantiate(cls: type[Pass], entry: _Entry) -> Pass:
             raise PassSpecError(unknown_option_message(cls, key))
         kwargs[field_name] = convert(items, hints.get(field_name, Any), cls.name, option_key(field_name))
     for f in fields.values():
-        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if (
+            f.name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
             raise PassSpecError(f"pass '{cls.name}' needs option '{option_key(f.name)}'.")
     try:
         return cls(**kwargs)
@@ -246,7 +254,9 @@ def convert(items: tuple[Any, ...], annotation: Any, pass_name: str, key: str) -
         return _convert(items, annotation)
     except _Bad as bad:
         got = _render_items(items)
-        raise PassSpecError(f"option '{key}' of pass '{pass_name}' must be {bad.args[0]}; got {got}.") from None
+        raise PassSpecError(
+            f"option '{key}' of pass '{pass_name}' must be {bad.args[0]}; got {got}."
+        ) from None
 
 
 def _render_items(items: tuple[_Item, ...]) -> str:

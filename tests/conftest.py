@@ -1,4 +1,3 @@
-
 # -- numerics helpers for pass tests (tests/passes) ------------------------------------------------
 
 import numpy as _np
@@ -14,7 +13,9 @@ def _ort_feeds(model, seed: int = 0, sym: int = 2) -> dict:
     for value in model.graph.inputs:
         if value.is_initializer():
             continue
-        dims = [d if isinstance(d, int) else sym for d in (value.shape.dims if value.shape is not None else ())]
+        dims = [
+            d if isinstance(d, int) else sym for d in (value.shape.dims if value.shape is not None else ())
+        ]
         dtype = value.dtype.numpy() if value.dtype is not None else _np.dtype(_np.float32)
         if value.dtype == ir.DataType.BOOL:
             feeds[value.name] = _np.asarray(rng.random(dims) < 0.5)
@@ -28,12 +29,13 @@ def _ort_feeds(model, seed: int = 0, sym: int = 2) -> dict:
 def run_ort(model, feeds: dict) -> dict:
     """Run an IR model in onnxruntime (CPU) and return its outputs by name."""
     import onnxruntime as ort
-
     from ncc.backends.onnx.emit import to_proto
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feeds)))
 
@@ -45,7 +47,9 @@ def assert_same_outputs(before, after, *, atol: float, rtol: float, seeds=(0, 1)
         want, got = run_ort(before, feeds), run_ort(after, feeds)
         assert list(want) == list(got), f"graph outputs changed: {list(want)} -> {list(got)}"
         for name in want:
-            _np.testing.assert_allclose(got[name], want[name], atol=atol, rtol=rtol, err_msg=f"output {name!r}")
+            _np.testing.assert_allclose(
+                got[name], want[name], atol=atol, rtol=rtol, err_msg=f"output {name!r}"
+            )
 
 
 @_pytest.fixture

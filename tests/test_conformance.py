@@ -190,7 +190,7 @@ def run_case(case) -> tuple[str, str]:
         return "failed", "ModelProto after the text round trip differs from the one emitted directly"
     if case.data_sets is None:
         return "skipped", "no data sets"
-    if (why := _check(_run_ort, proto, case)) is None:
+    if _check(_run_ort, proto, case) is None:
         if (why2 := _check(_run_ort, proto2, case)) is None:
             return "passed-ort", ""
         return "failed", f"onnxruntime runs the original but not the round trip: {why2}"

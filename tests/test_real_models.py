@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 import realmodels
 from ncc.backends.onnx import save_onnx
 from ncc.frontends.onnx import load_onnx
@@ -47,23 +46,29 @@ def test_text_round_trip_gives_identical_outputs(tmp_path, name):
     text = print_model(model, full=True, data_file=tmp_path / "m.ncc.data")
     rebuilt = parse(text, base_dir=tmp_path)
     assert print_model(rebuilt, full=True, data_file=tmp_path / "again.ncc.data") == text.replace(
-        "m.ncc.data", "again.ncc.data")
+        "m.ncc.data", "again.ncc.data"
+    )
     save_onnx(rebuilt, tmp_path / "rebuilt.onnx")
-    np.testing.assert_array_equal(run(tmp_path / "rebuilt.onnx", feeds, optimize=False),
-                                  run(path, feeds, optimize=False))
+    np.testing.assert_array_equal(
+        run(tmp_path / "rebuilt.onnx", feeds, optimize=False), run(path, feeds, optimize=False)
+    )
     # With onnxruntime's optimizations the inferred value types ncc adds may enable other
     # fusions (different summation order), so there the bar is float rounding.
     expected = run(path, feeds)
-    np.testing.assert_allclose(run(tmp_path / "rebuilt.onnx", feeds), expected, rtol=1e-5,
-                               atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        run(tmp_path / "rebuilt.onnx", feeds), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()
+    )
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_cleanup_pipeline_shrinks_and_keeps_outputs(tmp_path, name):
     path, feeds = MODELS[name]()
     out = tmp_path / "opt.onnx"
-    proc = subprocess.run([sys.executable, "-m", "ncc.tools.cli", "compile", str(path), "--passes", PIPELINE,
-                           "-o", str(out)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ncc.tools.cli", "compile", str(path), "--passes", PIPELINE, "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     before = len(onnx.load(path, load_external_data=False).graph.node)
     after = len(onnx.load(out).graph.node)
@@ -80,8 +85,21 @@ def test_compiling_twice_is_byte_identical(tmp_path):
         files = []
         for suffix in (".onnx", ".ncc"):
             out = tmp_path / f"run{i}{suffix}"
-            proc = subprocess.run([sys.executable, "-m", "ncc.tools.cli", "compile", str(path), "--passes", PIPELINE,
-                                   "-o", str(out)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "ncc.tools.cli",
+                    "compile",
+                    str(path),
+                    "--passes",
+                    PIPELINE,
+                    "-o",
+                    str(out),
+                ],
+                capture_output=True,
+                text=True,
+            )
             assert proc.returncode == 0, proc.stderr
             files.append(out.read_bytes())
         outputs.append(files)

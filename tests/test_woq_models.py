@@ -51,7 +51,10 @@ def float_model() -> Path:
 
 @pytest.fixture(scope="module")
 def fp32(float_model) -> dict:
-    return {"perplexity": L.fp32_perplexity(float_model), "weight_matmul_bytes": L.weight_matmul_bytes(float_model)}
+    return {
+        "perplexity": L.fp32_perplexity(float_model),
+        "weight_matmul_bytes": L.weight_matmul_bytes(float_model),
+    }
 
 
 class _Built:
@@ -104,8 +107,10 @@ def test_float_export_graph(float_model):
     assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in init.values()) >= N_WEIGHT_MATMULS
     assert (float_model.parent / "model.onnx.data").exists()
     dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
-    assert {v.name: dims(v) for v in graph.input} == {"input_ids": ["batch", "sequence"],
-                                                       "attention_mask": ["batch", "sequence"]}
+    assert {v.name: dims(v) for v in graph.input} == {
+        "input_ids": ["batch", "sequence"],
+        "attention_mask": ["batch", "sequence"],
+    }
     assert {v.name: dims(v) for v in graph.output} == {"logits": ["batch", "sequence", 49152]}
 
 
@@ -114,8 +119,11 @@ def test_quantizers_quantize_every_weight_matmul(built):
     want = {"MatMulNBits": N_WEIGHT_MATMULS, "DQ->MatMul": 0, "float MatMul": 0}
     assert built.get("ort")["matmuls"] == want
     assert built.get("ncc", "rtn")["matmuls"] == want
-    assert built.get("ncc", "rtn", "qdq")["matmuls"] == {"MatMulNBits": 0, "DQ->MatMul": N_WEIGHT_MATMULS,
-                                                          "float MatMul": 0}
+    assert built.get("ncc", "rtn", "qdq")["matmuls"] == {
+        "MatMulNBits": 0,
+        "DQ->MatMul": N_WEIGHT_MATMULS,
+        "float MatMul": 0,
+    }
 
 
 @pytest.mark.parametrize("algo", ["gptq", "awq"])
@@ -125,13 +133,15 @@ def test_calibrated_algorithms_halve_rtn_delta(built, fp32, algo):
     assert d_algo <= MAX_DELTA_RATIO * d_rtn, (
         f"{algo.upper()} W4G{GROUP} asym: perplexity {result['perplexity']:.4f} (delta {d_algo:+.4f}) vs RTN "
         f"{rtn['perplexity']:.4f} (delta {d_rtn:+.4f}), FP32 {fp32['perplexity']:.4f}: ratio {d_algo / d_rtn:.3f} "
-        f"> {MAX_DELTA_RATIO}")
+        f"> {MAX_DELTA_RATIO}"
+    )
 
 
 def test_ncc_rtn_not_worse_than_onnxruntime(built):
     ncc, ort = built.get("ncc", "rtn"), built.get("ort")
     assert ncc["perplexity"] <= ort["perplexity"] * (1 + RTN_VS_ORT_RTOL), (
-        f"W4G{GROUP} asym RTN perplexity: ncc {ncc['perplexity']:.4f} vs onnxruntime {ort['perplexity']:.4f}")
+        f"W4G{GROUP} asym RTN perplexity: ncc {ncc['perplexity']:.4f} vs onnxruntime {ort['perplexity']:.4f}"
+    )
 
 
 @pytest.mark.parametrize("algo", ["rtn", "gptq", "awq"])
@@ -140,11 +150,13 @@ def test_weight_matmul_bytes_5x_smaller(built, fp32, algo):
     ratio = fp32["weight_matmul_bytes"] / result["weight_matmul_bytes"]
     assert ratio >= MIN_SIZE_RATIO, (
         f"{algo} W4G{GROUP}: weight-MatMul bytes {result['weight_matmul_bytes'] / 1e6:.1f} MB vs FP32 "
-        f"{fp32['weight_matmul_bytes'] / 1e6:.1f} MB: {ratio:.2f}x < {MIN_SIZE_RATIO}x")
+        f"{fp32['weight_matmul_bytes'] / 1e6:.1f} MB: {ratio:.2f}x < {MIN_SIZE_RATIO}x"
+    )
 
 
 def test_qdq_format_matches_matmulnbits(built):
     packed, qdq = built.get("ncc", "rtn"), built.get("ncc", "rtn", "qdq")
     assert qdq["session_config"] == L.FLOAT_QDQ_MATMULNBITS
     assert qdq["perplexity"] == pytest.approx(packed["perplexity"], rel=QDQ_RTOL), (
-        f"W4G{GROUP} asym RTN perplexity: MatMulNBits {packed['perplexity']:.6f} vs qdq {qdq['perplexity']:.6f}")
+        f"W4G{GROUP} asym RTN perplexity: MatMulNBits {packed['perplexity']:.6f} vs qdq {qdq['perplexity']:.6f}"
+    )

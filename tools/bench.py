@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from ncc.errors import NccError
 from ncc.tools.timing import MIN_BLOCK_S, SETTLE_S, time_blocks
 
@@ -97,12 +96,14 @@ class _ModelInfo:
 
 
 def _value_type(value, path: Path):
-    import onnx
     import numpy as np
+    import onnx
 
     tensor_type = value.type.tensor_type
     if not value.type.HasField("tensor_type") or tensor_type.elem_type == 0:
-        raise NccError(f"{path}: input {value.name!r} is not a tensor with a known element type; ncc bench needs tensor inputs.")
+        raise NccError(
+            f"{path}: input {value.name!r} is not a tensor with a known element type; ncc bench needs tensor inputs."
+        )
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
     dims: list = []
     if tensor_type.HasField("shape"):
@@ -218,9 +219,13 @@ def _as_arrays(data, what: str) -> dict:
     parts: dict[str, list] = {}
     for i, feed in enumerate(data):
         if not isinstance(feed, Mapping):
-            raise NccError(f"data {what}: item {i} is a {type(feed).__name__}, not a dict of arrays keyed by input name.")
+            raise NccError(
+                f"data {what}: item {i} is a {type(feed).__name__}, not a dict of arrays keyed by input name."
+            )
         if parts and set(feed) != set(parts):
-            raise NccError(f"data {what}: item {i} has inputs {sorted(feed)}, earlier items have {sorted(parts)}.")
+            raise NccError(
+                f"data {what}: item {i} has inputs {sorted(feed)}, earlier items have {sorted(parts)}."
+            )
         for key, value in feed.items():
             parts.setdefault(str(key), []).append(np.asarray(value))
     arrays = {}
@@ -228,7 +233,9 @@ def _as_arrays(data, what: str) -> dict:
         try:
             arrays[key] = np.concatenate(chunks, axis=0) if chunks[0].ndim else np.stack(chunks)
         except ValueError as err:
-            raise NccError(f"data {what}: the arrays for input {key!r} do not stack ({_first_line(err)}).") from None
+            raise NccError(
+                f"data {what}: the arrays for input {key!r} do not stack ({_first_line(err)})."
+            ) from None
     return arrays
 
 
@@ -290,7 +297,11 @@ def _dims_text(dims) -> str:
 
 
 def synthetic_inputs(
-    info: _ModelInfo, samples: int, *, seq_len: int = DEFAULT_SEQ_LEN, dims: Mapping[str, int] | None = None,
+    info: _ModelInfo,
+    samples: int,
+    *,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    dims: Mapping[str, int] | None = None,
     seed: int = SYNTHETIC_SEED,
 ) -> dict:
     """Deterministic inputs from the model's input types.
@@ -377,7 +388,8 @@ def _run_all(session, feeds: dict, n: int, chunk: int, path: Path, synthetic: bo
         for name, out in zip(names, outs):
             parts[name].append(np.asarray(out))
     return {
-        name: (np.concatenate(chunks, axis=0) if chunks[0].ndim else np.stack(chunks)) for name, chunks in parts.items()
+        name: (np.concatenate(chunks, axis=0) if chunks[0].ndim else np.stack(chunks))
+        for name, chunks in parts.items()
     }
 
 
@@ -449,7 +461,7 @@ def _parse_metric(metric: str) -> tuple[str, Path | None]:
     if metric == "fidelity":
         return "fidelity", None
     if metric.startswith("accuracy:") and len(metric) > len("accuracy:"):
-        return "accuracy", Path(metric[len("accuracy:"):])
+        return "accuracy", Path(metric[len("accuracy:") :])
     raise NccError(f"unknown metric {metric!r}; use 'fidelity' or 'accuracy:LABELS.npy'.")
 
 
@@ -465,7 +477,9 @@ def _load_labels(path: Path):
     if not isinstance(labels, np.ndarray):  # an .npz
         with labels as npz:
             if len(npz.files) != 1:
-                raise NccError(f"labels {path} holds {len(npz.files)} arrays; give a .npy with one label per sample.")
+                raise NccError(
+                    f"labels {path} holds {len(npz.files)} arrays; give a .npy with one label per sample."
+                )
             labels = npz[npz.files[0]]
     if labels.ndim == 0:
         raise NccError(f"labels {path} is a scalar; give one label per sample.")
@@ -523,8 +537,13 @@ def benchmark(
     """
     kind, labels_path = _parse_metric(metric)
     threads = threads if threads is not None else (os.cpu_count() or 1)
-    for option, value, least in (("threads", threads, 1), ("warmup", warmup, 0), ("runs", runs, 1),
-                                 ("seq-len", seq_len, 1), ("batch", batch if batch is not None else 1, 1)):
+    for option, value, least in (
+        ("threads", threads, 1),
+        ("warmup", warmup, 0),
+        ("runs", runs, 1),
+        ("seq-len", seq_len, 1),
+        ("batch", batch if batch is not None else 1, 1),
+    ):
         if value < least:
             raise NccError(f"--{option} must be at least {least}, got {value}.")
 
@@ -532,8 +551,12 @@ def benchmark(
     q = _ModelInfo(Path(quant_path), "quantized")
     _check_same_interface(fp, q)
 
-    static_batches = {info.inputs[name][1][0] for info in (fp, q) for name in info.required_inputs
-                      if info.inputs[name][1] and isinstance(info.inputs[name][1][0], int)}
+    static_batches = {
+        info.inputs[name][1][0]
+        for info in (fp, q)
+        for name in info.required_inputs
+        if info.inputs[name][1] and isinstance(info.inputs[name][1][0], int)
+    }
     if len(static_batches) > 1:
         raise NccError(f"the models' inputs have different fixed sizes on axis 0: {sorted(static_batches)}.")
     static_batch = static_batches.pop() if static_batches else None
@@ -563,13 +586,17 @@ def benchmark(
     chunk, n_data = batch, n
     if static_batch is not None and n % static_batch:
         if n < static_batch:
-            raise NccError(f"the models take a fixed batch of {static_batch} but the data has only {n} samples.")
+            raise NccError(
+                f"the models take a fixed batch of {static_batch} but the data has only {n} samples."
+            )
         n -= n % static_batch  # a fixed-batch model cannot run the partial last batch
     labels = None
     if kind == "accuracy":
         labels = _load_labels(labels_path)
         if labels.shape[0] != n_data:
-            raise NccError(f"labels {labels_path} hold {labels.shape[0]} labels but the data has {n_data} samples.")
+            raise NccError(
+                f"labels {labels_path} hold {labels.shape[0]} labels but the data has {n_data} samples."
+            )
         labels = labels[:n]
 
     sess_fp, sess_q = _session(fp, threads), _session(q, threads)
@@ -586,15 +613,25 @@ def benchmark(
         quality = {"name": "cosine", "output": first, "fp32": 1.0, "int8": details[first]["cosine"]}
     else:
         quality = {
-            "name": "accuracy", "output": first, "labels": str(labels_path),
-            "fp32": _accuracy(out_fp[first], labels, first), "int8": _accuracy(out_q[first], labels, first),
+            "name": "accuracy",
+            "output": first,
+            "labels": str(labels_path),
+            "fp32": _accuracy(out_fp[first], labels, first),
+            "int8": _accuracy(out_q[first], labels, first),
         }
     quality["ratio"] = quality["int8"] / quality["fp32"] if quality["fp32"] else None
 
     feed = _tile_batch(feeds, n, batch)
     try:
-        timing = time_blocks([sess_fp, sess_q], feed, runs=runs, rounds=min(runs, TIMING_ROUNDS), warmup=warmup,
-                             min_block_s=min_block_s, settle_s=settle_s)
+        timing = time_blocks(
+            [sess_fp, sess_q],
+            feed,
+            runs=runs,
+            rounds=min(runs, TIMING_ROUNDS),
+            warmup=warmup,
+            min_block_s=min_block_s,
+            settle_s=settle_s,
+        )
     except Exception as err:
         raise NccError(f"onnxruntime failed to run a batch of {batch}: {_first_line(err)}") from None
     perf_fp, perf_q = _latency_stats(timing, 0, batch), _latency_stats(timing, 1, batch)
@@ -710,7 +747,9 @@ def _parse_dims(values) -> dict[str, int]:
     for text in values:
         match = re.fullmatch(r"\s*([^=\s]+)\s*=\s*(\d+)\s*", text)
         if not match or int(match.group(2)) < 1:
-            raise NccError(f"--dim {text!r}: expected NAME=SIZE with a positive SIZE, e.g. --dim sequence=64.")
+            raise NccError(
+                f"--dim {text!r}: expected NAME=SIZE with a positive SIZE, e.g. --dim sequence=64."
+            )
         dims[match.group(1)] = int(match.group(2))
     return dims
 
@@ -721,18 +760,63 @@ _PATH = click.Path(path_type=Path, dir_okay=True, exists=False)
 @click.command()
 @click.argument("float_model", metavar="FLOAT.onnx", type=_PATH)
 @click.argument("quant_model", metavar="QUANT.onnx", type=_PATH)
-@click.option("--data", metavar="DATA", help="Inputs: a .npz keyed by input name (samples on axis 0), a folder of .npz, or module.py:function. Default: synthetic.")
-@click.option("--metric", default="fidelity", show_default=True, metavar="METRIC", help="'fidelity' (cosine, top-1 agreement, SQNR) or 'accuracy:LABELS.npy'.")
-@click.option("--batch", type=int, help="Batch size for timing and evaluation (default: the model's fixed batch, else 1).")
-@click.option("--seq-len", type=int, default=DEFAULT_SEQ_LEN, show_default=True, help="Dynamic second dim of integer inputs (synthetic data).")
-@click.option("--dim", "dims", multiple=True, metavar="NAME=SIZE", help="Size of a named dynamic dim (synthetic data); other dynamic dims are 1.")
+@click.option(
+    "--data",
+    metavar="DATA",
+    help="Inputs: a .npz keyed by input name (samples on axis 0), a folder of .npz, or module.py:function. Default: synthetic.",
+)
+@click.option(
+    "--metric",
+    default="fidelity",
+    show_default=True,
+    metavar="METRIC",
+    help="'fidelity' (cosine, top-1 agreement, SQNR) or 'accuracy:LABELS.npy'.",
+)
+@click.option(
+    "--batch",
+    type=int,
+    help="Batch size for timing and evaluation (default: the model's fixed batch, else 1).",
+)
+@click.option(
+    "--seq-len",
+    type=int,
+    default=DEFAULT_SEQ_LEN,
+    show_default=True,
+    help="Dynamic second dim of integer inputs (synthetic data).",
+)
+@click.option(
+    "--dim",
+    "dims",
+    multiple=True,
+    metavar="NAME=SIZE",
+    help="Size of a named dynamic dim (synthetic data); other dynamic dims are 1.",
+)
 @click.option("--threads", type=int, help="intra-op threads (default: all CPUs).")
-@click.option("--warmup", type=int, default=DEFAULT_WARMUP, show_default=True, help="Untimed runs per model first.")
-@click.option("--runs", type=int, default=DEFAULT_RUNS, show_default=True, help="Timed runs per model, at least (a fast model gets more, so each of its 5 timing blocks "
-                   "lasts 0.25 s); median and p90 reported.")
+@click.option(
+    "--warmup", type=int, default=DEFAULT_WARMUP, show_default=True, help="Untimed runs per model first."
+)
+@click.option(
+    "--runs",
+    type=int,
+    default=DEFAULT_RUNS,
+    show_default=True,
+    help="Timed runs per model, at least (a fast model gets more, so each of its 5 timing blocks "
+    "lasts 0.25 s); median and p90 reported.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the table.")
-def bench(float_model: Path, quant_model: Path, data: str | None, metric: str, batch: int | None, seq_len: int,
-          dims: tuple[str, ...], threads: int | None, warmup: int, runs: int, as_json: bool) -> None:
+def bench(
+    float_model: Path,
+    quant_model: Path,
+    data: str | None,
+    metric: str,
+    batch: int | None,
+    seq_len: int,
+    dims: tuple[str, ...],
+    threads: int | None,
+    warmup: int,
+    runs: int,
+    as_json: bool,
+) -> None:
     """Compare FLOAT.onnx with QUANT.onnx: quality and its ratio, samples/s and speed-up, sizes.
 
     \b
@@ -740,7 +824,15 @@ def bench(float_model: Path, quant_model: Path, data: str | None, metric: str, b
     ncc bench model.onnx model.int8.onnx --data test.npz --metric accuracy:labels.npy --batch 8
     """
     result = benchmark(
-        float_model, quant_model, data, batch=batch, threads=threads, warmup=warmup, runs=runs, metric=metric,
-        seq_len=seq_len, dims=_parse_dims(dims),
+        float_model,
+        quant_model,
+        data,
+        batch=batch,
+        threads=threads,
+        warmup=warmup,
+        runs=runs,
+        metric=metric,
+        seq_len=seq_len,
+        dims=_parse_dims(dims),
     )
     click.echo(to_json(result) if as_json else format_table(result))

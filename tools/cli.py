@@ -15,7 +15,6 @@ import textwrap
 from pathlib import Path
 
 import click
-
 from ncc import __version__
 from ncc.errors import NccError
 
@@ -50,18 +49,38 @@ def cli() -> None:
 
 def _pipeline_options(fn):  # noqa: C901 - a list of decorators
     options = [
-        click.option("--pass", "pass_name", metavar="NAME", help="Run one pass or named pipeline (see `ncc passes`)."),
-        click.option("--passes", "spec", metavar="SPEC", help='Pipeline spec, e.g. "fold-constants,cse,dce".'),
-        click.option("--plugin", "plugins", multiple=True, type=_IN, metavar="FILE.py", help="Load passes from a file."),
-        click.option("--dump-pipeline", is_flag=True, help="Print the pipeline spec that will run, then run it."),
+        click.option(
+            "--pass", "pass_name", metavar="NAME", help="Run one pass or named pipeline (see `ncc passes`)."
+        ),
+        click.option(
+            "--passes", "spec", metavar="SPEC", help='Pipeline spec, e.g. "fold-constants,cse,dce".'
+        ),
+        click.option(
+            "--plugin", "plugins", multiple=True, type=_IN, metavar="FILE.py", help="Load passes from a file."
+        ),
+        click.option(
+            "--dump-pipeline", is_flag=True, help="Print the pipeline spec that will run, then run it."
+        ),
         click.option("--no-verify", is_flag=True, help="Do not run the IR verifier after every pass."),
-        click.option("--print-ir-before", multiple=True, metavar="NAME", help="Print the IR before pass NAME."),
+        click.option(
+            "--print-ir-before", multiple=True, metavar="NAME", help="Print the IR before pass NAME."
+        ),
         click.option("--print-ir-after", multiple=True, metavar="NAME", help="Print the IR after pass NAME."),
         click.option("--print-ir-after-all", is_flag=True, help="Print the IR after every pass."),
-        click.option("--print-ir-after-change", is_flag=True, help="Print the IR after passes that changed it."),
+        click.option(
+            "--print-ir-after-change", is_flag=True, help="Print the IR after passes that changed it."
+        ),
         click.option("--print-ir-after-failure", is_flag=True, help="Print the IR after a pass that failed."),
-        click.option("--dump-ir-dir", type=click.Path(path_type=Path, file_okay=False), help="Write the IR after every pass to DIR."),
-        click.option("--print-ir-full", is_flag=True, help="Print every constant in IR dumps (default: elide large ones)."),
+        click.option(
+            "--dump-ir-dir",
+            type=click.Path(path_type=Path, file_okay=False),
+            help="Write the IR after every pass to DIR.",
+        ),
+        click.option(
+            "--print-ir-full",
+            is_flag=True,
+            help="Print every constant in IR dumps (default: elide large ones).",
+        ),
         click.option("--time-passes", is_flag=True, help="Print wall time per pass."),
         click.option("--pass-statistics", is_flag=True, help="Print per-pass statistics."),
     ]
@@ -72,30 +91,81 @@ def _pipeline_options(fn):  # noqa: C901 - a list of decorators
 
 def _quant_options(fn):
     options = [
-        click.option("--calib", metavar="DATA", help="Calibration data: a .npz, a folder of .npz, or module.py:function."),
+        click.option(
+            "--calib",
+            metavar="DATA",
+            help="Calibration data: a .npz, a folder of .npz, or module.py:function.",
+        ),
         click.option("--calib-samples", type=int, metavar="N", help="Use at most N calibration samples."),
-        click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
-                     help="How activation ranges are chosen from the statistics."),
-        click.option("--percentile", type=float, metavar="P", help="Percentile kept by --calib-method percentile."),
-        click.option("--per-tensor", is_flag=True, default=None, help="One scale per weight tensor (default: per channel)."),
-        click.option("--activations", type=click.Choice(["u8", "s8"]), help="Activation integer type (default u8)."),
-        click.option("--symmetric", is_flag=True, default=None, help="Symmetric activations (default asymmetric)."),
-        click.option("--reduce-range", is_flag=True, default=None, help="7-bit quantization (costs accuracy)."),
-        click.option("--op-types", metavar="A,B", help="Op types to quantize (default: the target profile's)."),
-        click.option("--include", multiple=True, metavar="REGEX", help="Only quantize nodes whose name matches (regex searched in the name; repeatable)."),
-        click.option("--exclude", multiple=True, metavar="REGEX", help="Keep nodes whose name matches in float (regex searched in the name; repeatable)."),
+        click.option(
+            "--calib-method",
+            type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+            help="How activation ranges are chosen from the statistics.",
+        ),
+        click.option(
+            "--percentile", type=float, metavar="P", help="Percentile kept by --calib-method percentile."
+        ),
+        click.option(
+            "--per-tensor",
+            is_flag=True,
+            default=None,
+            help="One scale per weight tensor (default: per channel).",
+        ),
+        click.option(
+            "--activations", type=click.Choice(["u8", "s8"]), help="Activation integer type (default u8)."
+        ),
+        click.option(
+            "--symmetric", is_flag=True, default=None, help="Symmetric activations (default asymmetric)."
+        ),
+        click.option(
+            "--reduce-range", is_flag=True, default=None, help="7-bit quantization (costs accuracy)."
+        ),
+        click.option(
+            "--op-types", metavar="A,B", help="Op types to quantize (default: the target profile's)."
+        ),
+        click.option(
+            "--include",
+            multiple=True,
+            metavar="REGEX",
+            help="Only quantize nodes whose name matches (regex searched in the name; repeatable).",
+        ),
+        click.option(
+            "--exclude",
+            multiple=True,
+            metavar="REGEX",
+            help="Keep nodes whose name matches in float (regex searched in the name; repeatable).",
+        ),
         click.option("--target", metavar="NAME", help="Target profile: host (default), x86-vnni, x86-avx2."),
-        click.option("--min-cosine", type=float, metavar="C",
-                     help="Keep the most sensitive nodes in float until outputs reach cosine C on calibration data."),
-        click.option("--algo", type=click.Choice(["rtn", "gptq", "awq"]),
-                     help="Weight-only algorithm (w4/w8): rtn (default), gptq or awq (both need --calib)."),
+        click.option(
+            "--min-cosine",
+            type=float,
+            metavar="C",
+            help="Keep the most sensitive nodes in float until outputs reach cosine C on calibration data.",
+        ),
+        click.option(
+            "--algo",
+            type=click.Choice(["rtn", "gptq", "awq"]),
+            help="Weight-only algorithm (w4/w8): rtn (default), gptq or awq (both need --calib).",
+        ),
         click.option("--bits", type=click.Choice(["4", "8"]), help="Weight-only bits (w4: 4, w8: 8)."),
-        click.option("--group-size", type=int, metavar="G",
-                     help="Weight-only: input channels per scale (default 128; 0 = per output channel)."),
-        click.option("--partial-groups", is_flag=True, default=None,
-                     help="Weight-only: allow a shorter last group when G does not divide a layer's K."),
-        click.option("--accuracy-level", type=click.IntRange(0, 4), metavar="0-4",
-                     help="MatMulNBits compute type (4: int8 activations, fastest on CPU)."),
+        click.option(
+            "--group-size",
+            type=int,
+            metavar="G",
+            help="Weight-only: input channels per scale (default 128; 0 = per output channel).",
+        ),
+        click.option(
+            "--partial-groups",
+            is_flag=True,
+            default=None,
+            help="Weight-only: allow a shorter last group when G does not divide a layer's K.",
+        ),
+        click.option(
+            "--accuracy-level",
+            type=click.IntRange(0, 4),
+            metavar="0-4",
+            help="MatMulNBits compute type (4: int8 activations, fastest on CPU).",
+        ),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -134,7 +204,9 @@ def _apply_flags(passes, opts: dict):
             continue
         chosen = [(k, v) for k, v in alternatives(value) if k in fields]
         if not chosen:
-            raise NccError(f"--{flag.replace('_', '-')} does not apply to the pipeline {format_pipeline(passes)}.")
+            raise NccError(
+                f"--{flag.replace('_', '-')} does not apply to the pipeline {format_pipeline(passes)}."
+            )
         updates.update(chosen)
     return with_options(passes, updates) if updates else passes
 
@@ -165,7 +237,9 @@ def _apply_format(passes, fmt: str | None):
     packs = any(p.name == "pack-int4" for p in passes)
     if not packs:
         if fmt == "matmulnbits":
-            raise NccError(f"--format matmulnbits is for weight-only pipelines (w4, w8), not {format_pipeline(passes)}.")
+            raise NccError(
+                f"--format matmulnbits is for weight-only pipelines (w4, w8), not {format_pipeline(passes)}."
+            )
         return passes
     if fmt in (None, "matmulnbits", "qdq"):
         return with_options(passes, {"format": fmt}) if fmt else passes
@@ -174,9 +248,9 @@ def _apply_format(passes, fmt: str | None):
 
 def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None, ctx=None):
     from ncc.passes import registry
+    from ncc.passes.base import PassContext
     from ncc.passes.manager import Instruments, PassManager
     from ncc.passes.spec import format_pipeline, parse_pipeline
-    from ncc.passes.base import PassContext
 
     for plugin in opts["plugins"]:
         registry.load_plugin(plugin)
@@ -185,7 +259,9 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
     spec = opts["spec"] or opts["pass_name"] or default
     if spec is None:
         return None
-    passes = _apply_format(_apply_flags(_choose_algo(parse_pipeline(spec), opts.get("algo")), opts), opts.get("fmt"))
+    passes = _apply_format(
+        _apply_flags(_choose_algo(parse_pipeline(spec), opts.get("algo")), opts), opts.get("fmt")
+    )
     ctx = ctx or PassContext(source=source)
     if opts.get("calib"):
         if not any(getattr(p, "uses_calibration", False) for p in passes):
@@ -211,24 +287,51 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
 
 @cli.command()
 @click.argument("input", type=_IN)
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx or .ncc file.")
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx or .ncc file."
+)
 @click.option("--external-data", metavar="NAME", help="Write weights to NAME beside the output .onnx.")
-@click.option("--format", "fmt", type=click.Choice(["qdq", "qoperator", "integerops", "matmulnbits"]),
-              help="ONNX form of a quantized model: qdq (default for int8), qoperator, integerops; weight-only: "
-                   "matmulnbits (default) or qdq (blocked DequantizeLinear).")
-@click.option("--layer-report", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE.tsv",
-              help="Weight-only: write the per-layer table (error, bits, group, bytes) to FILE.tsv.")
-@click.option("--no-check", is_flag=True, help="Do not load the result in onnxruntime to see what runs in integer.")
-@click.option("--value-info", is_flag=True,
-              help="Keep intermediate values' shapes in an INT8 .onnx output (left out by default: with them "
-                   "onnxruntime fuses Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel made "
-                   "all-MiniLM-L6-v2's INT8 9%% slower at batch 8).")
-@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Where calibration statistics are cached (default $NCC_CACHE or ~/.cache/ncc).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["qdq", "qoperator", "integerops", "matmulnbits"]),
+    help="ONNX form of a quantized model: qdq (default for int8), qoperator, integerops; weight-only: "
+    "matmulnbits (default) or qdq (blocked DequantizeLinear).",
+)
+@click.option(
+    "--layer-report",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE.tsv",
+    help="Weight-only: write the per-layer table (error, bits, group, bytes) to FILE.tsv.",
+)
+@click.option(
+    "--no-check", is_flag=True, help="Do not load the result in onnxruntime to see what runs in integer."
+)
+@click.option(
+    "--value-info",
+    is_flag=True,
+    help="Keep intermediate values' shapes in an INT8 .onnx output (left out by default: with them "
+    "onnxruntime fuses Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel made "
+    "all-MiniLM-L6-v2's INT8 9%% slower at batch 8).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where calibration statistics are cached (default $NCC_CACHE or ~/.cache/ncc).",
+)
 @_quant_options
 @_pipeline_options
-def compile(input: Path, output: Path, external_data: str | None, fmt: str | None, layer_report: Path | None,
-            no_check: bool, value_info: bool, cache_dir: Path | None, **opts) -> None:
+def compile(
+    input: Path,
+    output: Path,
+    external_data: str | None,
+    fmt: str | None,
+    layer_report: Path | None,
+    no_check: bool,
+    value_info: bool,
+    cache_dir: Path | None,
+    **opts,
+) -> None:
     """Compile INPUT (.onnx or .ncc) through a pipeline into OUTPUT (.onnx or .ncc)."""
     import os
 
@@ -259,14 +362,28 @@ def compile(input: Path, output: Path, external_data: str | None, fmt: str | Non
 
         write_layer_report(layer_report, layers)
     check = None
-    if not no_check and output.suffix == ".onnx" and any("ncc.quant" in n.metadata_props for n in model.graph):
+    if (
+        not no_check
+        and output.suffix == ".onnx"
+        and any("ncc.quant" in n.metadata_props for n in model.graph)
+    ):
         from ncc.backends.onnx.check import check_on_onnxruntime
 
         check = check_on_onnxruntime(output, model)
     if run is not None:
         spec = ",".join(r.spec for r in run.records)
-        click.echo(format_report(spec=spec, quantization=quantization, run=run, ctx=ctx, size_before=size_before,
-                                 size_after=files_size(written), check=check), err=True)
+        click.echo(
+            format_report(
+                spec=spec,
+                quantization=quantization,
+                run=run,
+                ctx=ctx,
+                size_before=size_before,
+                size_after=files_size(written),
+                check=check,
+            ),
+            err=True,
+        )
         for line in legal:
             click.echo(f"ncc: {line}", err=True)
     click.echo(f"ncc: wrote {', '.join(map(str, written))}", err=True)
@@ -284,14 +401,20 @@ def _legalize(model, fmt: str | None, target: str | None) -> list[str]:
 
         return to_qoperator(model, target=get_target(target or "host")).summary().splitlines()
     if fmt == "integerops" and not ops & {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"}:
-        raise NccError("--format integerops is what --pass int8-dynamic produces; this model has no IntegerOps.")
+        raise NccError(
+            "--format integerops is what --pass int8-dynamic produces; this model has no IntegerOps."
+        )
     return []
 
 
 @cli.command()
 @click.argument("input", type=_IN)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output .ncc file (default: stdout).")
-@click.option("--full", is_flag=True, help="Carry every value (large ones in OUTPUT.data) so the text rebuilds the model.")
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Carry every value (large ones in OUTPUT.data) so the text rebuilds the model.",
+)
 @_pipeline_options
 def opt(input: Path, output: Path | None, full: bool, **opts) -> None:
     """Run passes on an .ncc (or .onnx) file and print the resulting IR text."""
@@ -306,8 +429,14 @@ def opt(input: Path, output: Path | None, full: bool, **opts) -> None:
 
 @cli.command()
 @click.argument("input", type=_IN)
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write to FILE (.ncc) instead of stdout.")
-@click.option("--full", is_flag=True, help="Carry every value (large ones in OUTPUT.data) so the text rebuilds the model.")
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Write to FILE (.ncc) instead of stdout."
+)
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Carry every value (large ones in OUTPUT.data) so the text rebuilds the model.",
+)
 def dump(input: Path, output: Path | None, full: bool) -> None:
     """Print the IR of INPUT (.onnx or .ncc) as ncc text."""
     from ncc.tools.modelio import check_distinct, load_model
@@ -328,7 +457,9 @@ def _emit_text(model, output: Path | None, full: bool) -> None:
 
 
 @cli.command("passes")
-@click.option("--plugin", "plugins", multiple=True, type=_IN, metavar="FILE.py", help="Also load passes from a file.")
+@click.option(
+    "--plugin", "plugins", multiple=True, type=_IN, metavar="FILE.py", help="Also load passes from a file."
+)
 def list_passes(plugins: tuple[Path, ...]) -> None:
     """List passes (with their options) and named pipelines."""
     from ncc.passes import registry

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import onnx_ir as ir
-
 from ncc.errors import NccError
 from ncc.files import atomic_outputs, check_writable
 
@@ -49,7 +48,9 @@ def check_distinct(inp: Path, out: Path, external_data: str | None = None) -> No
         return
     data = out.parent / external_data
     if data.is_file() and any(f.is_file() and os.path.samefile(f, data) for f in _input_data_files(inp)):
-        raise NccError(f"output data file {data} holds the input's weights; choose another output or data file name.")
+        raise NccError(
+            f"output data file {data} holds the input's weights; choose another output or data file name."
+        )
 
 
 def _input_data_files(inp: Path) -> list[Path]:
@@ -64,8 +65,14 @@ def _input_data_files(inp: Path) -> list[Path]:
         return []
 
 
-def save_model(model: ir.Model, path: str | os.PathLike, *, full: bool = True, external_data: str | None = None,
-               value_info: bool = True) -> list[Path]:
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    full: bool = True,
+    external_data: str | None = None,
+    value_info: bool = True,
+) -> list[Path]:
     """Write ``model``; returns the files written (model first). ``.ncc`` output carries
     every value when ``full`` (large ones in a ``<name>.data`` sidecar); ``.onnx`` output leaves
     out intermediate values' types and shapes unless ``value_info``."""

@@ -51,24 +51,33 @@ def _short(reason: str) -> str:
 
 def _reported(pass_name: str, note: str) -> bool:
     """Pass notes the report repeats: the weight-only passes', min-cosine's fallback steps, and warnings."""
-    return (pass_name.startswith("woq-") or pass_name == "pack-int4" or note.startswith("fallback:")
-            or note.startswith("warning:"))
+    return (
+        pass_name.startswith("woq-")
+        or pass_name == "pack-int4"
+        or note.startswith("fallback:")
+        or note.startswith("warning:")
+    )
 
 
-def format_report(*, spec: str, quantization: list[str], run, ctx, size_before: int, size_after: int,
-                  check=None) -> str:
+def format_report(
+    *, spec: str, quantization: list[str], run, ctx, size_before: int, size_after: int, check=None
+) -> str:
     lines = [f"pipeline: {spec}"]
     calibration = ctx.data.get("calibration")
     if calibration is not None:
         data = ctx.data.get("calibration_data")
-        how = calibration.method + (f" (p={calibration.percentile})" if calibration.method == "percentile" else "")
+        how = calibration.method + (
+            f" (p={calibration.percentile})" if calibration.method == "percentile" else ""
+        )
         lines.append(f"calibration: {how} on {data.spec if data else '?'}")
     lines += quantization
     lines += [note for r in run.records for note in r.notes if _reported(r.name, note)]
     ratio = size_before / size_after if size_after else float("nan")
     lines.append(f"size: {size_before / 1e6:.2f} MB -> {size_after / 1e6:.2f} MB ({ratio:.2f}x smaller)")
     slowest = sorted(run.records, key=lambda r: -r.seconds)[:5]
-    lines.append(f"time: {run.total_seconds:.2f} s (" + ", ".join(f"{r.name} {r.seconds:.2f} s" for r in slowest) + ")")
+    lines.append(
+        f"time: {run.total_seconds:.2f} s (" + ", ".join(f"{r.name} {r.seconds:.2f} s" for r in slowest) + ")"
+    )
     if check is not None:
         lines += check.summary().splitlines()
     return "\n".join("ncc: " + line for line in lines)

@@ -53,13 +53,25 @@ class Timing:
         ratios = [r / s for r, s in zip(self.block_medians[ref], self.block_medians[i]) if s > 0]
         if not ratios:
             return {"median": math.inf, "q25": math.inf, "q75": math.inf, "rounds": 0}
-        return {"median": _percentile(ratios, 50), "q25": _percentile(ratios, 25),
-                "q75": _percentile(ratios, 75), "rounds": len(ratios)}
+        return {
+            "median": _percentile(ratios, 50),
+            "q25": _percentile(ratios, 25),
+            "q75": _percentile(ratios, 75),
+            "rounds": len(ratios),
+        }
 
 
-def time_blocks(sessions: Sequence, feeds: Mapping | Sequence[Mapping], *, runs: int, rounds: int = 5,
-                warmup: int = 1, min_block_s: float = MIN_BLOCK_S, settle_s: float = SETTLE_S,
-                outputs: Sequence[str] | None = None) -> Timing:
+def time_blocks(
+    sessions: Sequence,
+    feeds: Mapping | Sequence[Mapping],
+    *,
+    runs: int,
+    rounds: int = 5,
+    warmup: int = 1,
+    min_block_s: float = MIN_BLOCK_S,
+    settle_s: float = SETTLE_S,
+    outputs: Sequence[str] | None = None,
+) -> Timing:
     """Time ``sessions`` (onnxruntime ``InferenceSession``s) side by side: ``warmup`` untimed runs
     each (at least one), then ``rounds`` rounds of one block per session (see the module docstring).
 

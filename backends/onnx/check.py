@@ -20,15 +20,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx_ir as ir
-
 from ncc.errors import NccError
 
-INTEGER_KERNELS = frozenset({
-    "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearAdd", "QLinearMul",
-    "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu",
-    "QLinearSoftmax", "QLinearWhere", "QLinearResize", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
-    "MatMulNBits", "GatherBlockQuantized", "QAttention", "QEmbedLayerNormalization", "QLinearReduceMean",
-})
+INTEGER_KERNELS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulIntegerToFloat",
+        "QGemm",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearConcat",
+        "QLinearGlobalAveragePool",
+        "QLinearAveragePool",
+        "QLinearSigmoid",
+        "QLinearLeakyRelu",
+        "QLinearSoftmax",
+        "QLinearWhere",
+        "QLinearResize",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeMatMul",
+        "MatMulNBits",
+        "GatherBlockQuantized",
+        "QAttention",
+        "QEmbedLayerNormalization",
+        "QLinearReduceMean",
+    }
+)
 
 
 @dataclass
@@ -47,8 +66,14 @@ class RuntimeCheck:
     def summary(self) -> str:
         weight_only = bool(self.kernels) and set(self.kernels) <= {"MatMulNBits", "GatherBlockQuantized"}
         kind = "weight-only quantized kernels" if weight_only else "integer kernels"
-        lines = [f"on {self.runtime}: {len(self.integer)}/{self.total} quantized nodes run as {kind}"
-                 + (" (" + ", ".join(f"{k} {n}" for k, n in sorted(self.kernels.items())) + ")" if self.kernels else "")]
+        lines = [
+            f"on {self.runtime}: {len(self.integer)}/{self.total} quantized nodes run as {kind}"
+            + (
+                " (" + ", ".join(f"{k} {n}" for k, n in sorted(self.kernels.items())) + ")"
+                if self.kernels
+                else ""
+            )
+        ]
         for name, why in sorted(self.float_.items())[:20]:
             lines.append(f"  runs in float: {name}: {why}")
         if len(self.float_) > 20:
@@ -62,8 +87,10 @@ def check_on_onnxruntime(path: str | Path, model: ir.Model) -> RuntimeCheck:
     import onnxruntime as ort
 
     quantized = {
-        n.name: n.op_type for n in model.graph
-        if n.metadata_props.get("ncc.quant", "").startswith(("int8", "w4", "w8")) and n.op_type not in _MOVEMENT
+        n.name: n.op_type
+        for n in model.graph
+        if n.metadata_props.get("ncc.quant", "").startswith(("int8", "w4", "w8"))
+        and n.op_type not in _MOVEMENT
     }
     with tempfile.TemporaryDirectory(prefix="ncc-check-") as tmp:
         options = ort.SessionOptions()
@@ -73,12 +100,16 @@ def check_on_onnxruntime(path: str | Path, model: ir.Model) -> RuntimeCheck:
         try:
             ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # the artefact does not load: that is the finding
-            raise NccError(f"onnxruntime cannot load the emitted model {path}: {str(err).splitlines()[0]}") from None
+            raise NccError(
+                f"onnxruntime cannot load the emitted model {path}: {str(err).splitlines()[0]}"
+            ) from None
         optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
     by_name = {n.name: n for n in optimized.graph.node}
     check = RuntimeCheck(runtime=f"onnxruntime {ort.__version__} CPUExecutionProvider")
     for name, op in quantized.items():
-        node = by_name.get(name) or next((n for n in optimized.graph.node if name and n.name.startswith(name)), None)
+        node = by_name.get(name) or next(
+            (n for n in optimized.graph.node if name and n.name.startswith(name)), None
+        )
         if node is None:
             check.float_[name] = f"{op} not found after onnxruntime's optimizations"
         elif node.op_type in INTEGER_KERNELS:
@@ -89,8 +120,23 @@ def check_on_onnxruntime(path: str | Path, model: ir.Model) -> RuntimeCheck:
     return check
 
 
-_MOVEMENT = frozenset({"Reshape", "Transpose", "MaxPool", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split",
-                       "Gather", "Pad", "DepthToSpace", "SpaceToDepth", "Identity"})
+_MOVEMENT = frozenset(
+    {
+        "Reshape",
+        "Transpose",
+        "MaxPool",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Slice",
+        "Split",
+        "Gather",
+        "Pad",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "Identity",
+    }
+)
 
 
 def _why(node, graph) -> str:

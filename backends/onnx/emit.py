@@ -34,10 +34,9 @@ from typing import BinaryIO
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir._core import TensorBase
-
 from ncc.errors import NccError
 from ncc.files import atomic_outputs
+from onnx_ir._core import TensorBase
 
 PROTOBUF_LIMIT = 2**31 - 1
 #: Tensors at most this many bytes stay inside the proto when writing external data.
@@ -49,7 +48,11 @@ COPY_CHUNK = 16 * 2**20
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """Serialize to a ModelProto with every weight inline (small models only); ``model`` is not changed."""
     _require_weights(model)
-    inline = [(slot, _read_back(slot.tensor)) for slot in _slots(model) if isinstance(slot.tensor, ir.ExternalTensor)]
+    inline = [
+        (slot, _read_back(slot.tensor))
+        for slot in _slots(model)
+        if isinstance(slot.tensor, ir.ExternalTensor)
+    ]
     with _replaced(inline):
         return _serialize(model)
 
@@ -58,8 +61,9 @@ def weight_bytes(model: ir.Model) -> int:
     return sum(_tensor_nbytes(slot.tensor) for slot in _slots(model))
 
 
-def save_onnx(model: ir.Model, path: str | os.PathLike, *, external_data: str | None = None,
-              value_info: bool = True) -> Path | None:
+def save_onnx(
+    model: ir.Model, path: str | os.PathLike, *, external_data: str | None = None, value_info: bool = True
+) -> Path | None:
     """Save ``model`` to ``path``; returns the external data file when one was written.
 
     ``external_data`` names the data file (relative to ``path``'s folder); when
@@ -144,7 +148,9 @@ def _replaced(replacements: list[tuple[_Slot, ir.TensorProtocol]]) -> Iterator[N
                 new_value = list(old_attr.value)
                 new_value[slot.index] = tensor
             node.attributes[name] = ir.Attr(name, old_attr.type, new_value, doc_string=old_attr.doc_string)
-            undo.append(lambda node=node, name=name, old_attr=old_attr: node.attributes.__setitem__(name, old_attr))
+            undo.append(
+                lambda node=node, name=name, old_attr=old_attr: node.attributes.__setitem__(name, old_attr)
+            )
         yield
     finally:
         for step in reversed(undo):
@@ -173,11 +179,22 @@ def _write_external_data(
                     continue
                 offset = out.tell()
                 _write_tensor(tensor, out)
-                replacements.append((slot, ir.ExternalTensor(
-                    location, offset, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=tensor.name,
-                    doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props) or None,
-                    base_dir=str(data_file.parent),
-                )))
+                replacements.append(
+                    (
+                        slot,
+                        ir.ExternalTensor(
+                            location,
+                            offset,
+                            tensor.nbytes,
+                            tensor.dtype,
+                            shape=tensor.shape,
+                            name=tensor.name,
+                            doc_string=tensor.doc_string,
+                            metadata_props=dict(tensor.metadata_props) or None,
+                            base_dir=str(data_file.parent),
+                        ),
+                    )
+                )
     except OSError as err:
         raise NccError(f"cannot write {final}: {err.strerror or err}.") from None
     return replacements
@@ -193,8 +210,10 @@ def _write_tensor(tensor: ir.TensorProtocol, out: BinaryIO) -> None:
     else:
         out.write(tensor.tobytes())
     if out.tell() - start != tensor.nbytes:
-        raise NccError(f"tensor {tensor.name!r} wrote {out.tell() - start} bytes of data, but its type and shape "
-                       f"({tensor.dtype}, {tensor.shape}) need {tensor.nbytes}.")
+        raise NccError(
+            f"tensor {tensor.name!r} wrote {out.tell() - start} bytes of data, but its type and shape "
+            f"({tensor.dtype}, {tensor.shape}) need {tensor.nbytes}."
+        )
 
 
 def _copy_external(tensor: ir.ExternalTensor, out: BinaryIO) -> None:
@@ -242,15 +261,18 @@ def _open_source(tensor: ir.ExternalTensor) -> Iterator[BinaryIO]:
     try:
         src = open(tensor.path, "rb")
     except OSError as err:
-        raise NccError(f"cannot read external data of tensor {tensor.name!r} from {tensor.path}: "
-                       f"{err.strerror or err}.") from None
+        raise NccError(
+            f"cannot read external data of tensor {tensor.name!r} from {tensor.path}: {err.strerror or err}."
+        ) from None
     with src:
         yield src
 
 
 def _truncated(tensor: ir.ExternalTensor) -> None:
-    raise NccError(f"external data file {tensor.path} of tensor {tensor.name!r} is shorter than its "
-                   f"offset {tensor.offset or 0} plus {tensor.nbytes} bytes (truncated?).")
+    raise NccError(
+        f"external data file {tensor.path} of tensor {tensor.name!r} is shorter than its "
+        f"offset {tensor.offset or 0} plus {tensor.nbytes} bytes (truncated?)."
+    )
 
 
 class _StandIn(TensorBase):
@@ -261,8 +283,9 @@ class _StandIn(TensorBase):
     __slots__ = ("_data", "_source")
 
     def __init__(self, source: ir.TensorProtocol, data: Callable[[], bytes]) -> None:
-        super().__init__(name=source.name, doc_string=source.doc_string,
-                         metadata_props=dict(source.metadata_props) or None)
+        super().__init__(
+            name=source.name, doc_string=source.doc_string, metadata_props=dict(source.metadata_props) or None
+        )
         self._source = source
         self._data = data
 
@@ -314,8 +337,10 @@ def _write_inline(model: ir.Model, tmp: Path, final: Path, value_info: bool = Tr
         skeleton = _serialize(model, value_info).SerializeToString()
     pieces = _split(skeleton, holes, _HOLE + nonce)
     if _length(pieces) > PROTOBUF_LIMIT:
-        raise NccError(f"cannot write {final}: the model is over protobuf's 2 GB limit; write the weights as "
-                       "external data (--external-data).")
+        raise NccError(
+            f"cannot write {final}: the model is over protobuf's 2 GB limit; write the weights as "
+            "external data (--external-data)."
+        )
     try:
         with open(tmp, "wb") as out:
             _emit(pieces, out)
@@ -355,7 +380,12 @@ def _split(message: bytes, holes: dict[bytes, ir.TensorProtocol], marker: bytes)
             payload = message[body : body + length]
             if marker in payload:
                 pieces.append(message[kept:field])
-                pieces.append((message[field:pos], holes[payload] if payload in holes else _split(payload, holes, marker)))
+                pieces.append(
+                    (
+                        message[field:pos],
+                        holes[payload] if payload in holes else _split(payload, holes, marker),
+                    )
+                )
                 kept = body + length
             pos = body + length
         else:  # groups (3, 4) are not used by ONNX
@@ -433,7 +463,9 @@ def _save_proto(proto: onnx.ModelProto, tmp: Path, final: Path) -> None:
     try:
         onnx.save(proto, tmp)
     except ValueError as err:  # protobuf refuses messages over 2 GB
-        raise NccError(f"cannot write {final}: {err}; write the weights as external data (--external-data).") from None
+        raise NccError(
+            f"cannot write {final}: {err}; write the weights as external data (--external-data)."
+        ) from None
     except OSError as err:
         raise NccError(f"cannot write {final}: {err.strerror or err}.") from None
 
@@ -447,7 +479,11 @@ def _refuse_overwriting_inputs(model: ir.Model, data_path: Path) -> None:
         return
     for slot in _slots(model):
         tensor = slot.tensor
-        if isinstance(tensor, ir.ExternalTensor) and os.path.exists(tensor.path) and os.path.samefile(tensor.path, data_path):
+        if (
+            isinstance(tensor, ir.ExternalTensor)
+            and os.path.exists(tensor.path)
+            and os.path.samefile(tensor.path, data_path)
+        ):
             raise NccError(
                 f"external data file {data_path} holds weights of the model being saved "
                 f"(tensor {tensor.name!r}); choose another external data name."

@@ -62,7 +62,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
 from ncc.targets import X86_VNNI, TargetProfile
 
@@ -77,10 +76,24 @@ _INT8 = {ir.DataType.UINT8: (0, 255), ir.DataType.INT8: (-128, 127)}
 _NOT_A_GROUP = "not a QDQ group: its output is not quantized"
 
 #: Pass-through ops this legalization knows how to run on 8-bit tensors.
-_PASSTHROUGH = frozenset({
-    "Reshape", "Transpose", "MaxPool", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split",
-    "Gather", "Resize", "Pad", "DepthToSpace", "SpaceToDepth", "Identity",
-})
+_PASSTHROUGH = frozenset(
+    {
+        "Reshape",
+        "Transpose",
+        "MaxPool",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Slice",
+        "Split",
+        "Gather",
+        "Resize",
+        "Pad",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "Identity",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -136,7 +149,10 @@ def to_qoperator(model: ir.Model, *, target: TargetProfile = X86_VNNI) -> QOpera
     report = QOperatorReport(target=target.name)
     legal = _Legalizer(model, target, report)
     unused_before = {
-        id(v) for g in (model.graph, *model.graph.subgraphs()) for v in g.initializers.values() if not v.uses()
+        id(v)
+        for g in (model.graph, *model.graph.subgraphs())
+        for v in g.initializers.values()
+        if not v.uses()
     }
     patterns: list[Pattern] = [_QOpPattern(op, legal) for op in sorted(_HANDLERS) if op in target.static_ops]
     patterns += [_QOpPattern(op, legal) for op in sorted(_PASSTHROUGH & target.passthrough_ops)]
@@ -161,7 +177,12 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     if value.const_value is not None:
         return value.const_value.numpy()
     node = value.producer()
-    if node is not None and node.op_type == "Constant" and node.domain in _ONNX and "value" in node.attributes:
+    if (
+        node is not None
+        and node.op_type == "Constant"
+        and node.domain in _ONNX
+        and "value" in node.attributes
+    ):
         return node.attributes["value"].value.numpy()
     return None
 
@@ -290,7 +311,11 @@ def _output(node: ir.Node, index: int = 0) -> _Output:
     if consumer.op_type in ("Relu", "Clip") and consumer.domain in _ONNX:
         act_out = consumer.outputs[0]
         act_consumers = list(dict.fromkeys(u.node for u in act_out.uses()))
-        if act_out.is_graph_output() or len(act_consumers) != 1 or act_consumers[0].op_type != "QuantizeLinear":
+        if (
+            act_out.is_graph_output()
+            or len(act_consumers) != 1
+            or act_consumers[0].op_type != "QuantizeLinear"
+        ):
             if any(c.op_type == "QuantizeLinear" for c in act_consumers):
                 return _Output(reason=f"the output of {consumer.op_type} is read both quantized and in float")
             return _Output()
@@ -468,7 +493,9 @@ def _finish(
     legal.report.emitted[key] += 1
 
 
-def _absorbed(node: ir.Node, dqs: list[_QParams], out: _Output, extra: tuple[ir.Node, ...] = ()) -> list[ir.Node]:
+def _absorbed(
+    node: ir.Node, dqs: list[_QParams], out: _Output, extra: tuple[ir.Node, ...] = ()
+) -> list[ir.Node]:
     nodes = [p.node for p in dqs] + [node, *out.acts, *extra]
     if out.q is not None:
         nodes.append(out.q)
@@ -569,7 +596,11 @@ def _conv(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
     if bias_value is not None:
         inputs.append(bias_value)
     new = rw.create(
-        "QLinearConv", inputs, _copy_attrs(node), name=node.name, absorbed=_absorbed(node, [x[1], wp, *bias_dqs], out)
+        "QLinearConv",
+        inputs,
+        _copy_attrs(node),
+        name=node.name,
+        absorbed=_absorbed(node, [x[1], wp, *bias_dqs], out),
     )
     _finish(rw, legal, node, new, out)
     return None
@@ -590,7 +621,10 @@ def _matmul(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
     out = _output(node)
     if out.quantized and out.params.dtype == a[1].dtype:
         inputs = [
-            a[0], *_scale_zp(rw, a[1], "a"), b_q, *_scale_zp(rw, bp, "b", scalar=bp.per_tensor),
+            a[0],
+            *_scale_zp(rw, a[1], "a"),
+            b_q,
+            *_scale_zp(rw, bp, "b", scalar=bp.per_tensor),
             *_scale_zp(rw, out.params, "y"),
         ]
         new = rw.create("QLinearMatMul", inputs, name=node.name, absorbed=_absorbed(node, [a[1], bp], out))
@@ -611,7 +645,10 @@ def _matmul(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
         inputs.append(bias if bias.is_initializer() else rw.constant(_const(bias).astype(np.float32), "bias"))
         extra = (add,)
     new = rw.create(
-        "MatMulIntegerToFloat", inputs, domain=MS, name=node.name,
+        "MatMulIntegerToFloat",
+        inputs,
+        domain=MS,
+        name=node.name,
         absorbed=_absorbed(node, [a[1], bp], float_out, extra),
     )
     _finish(rw, legal, node, new, float_out, replaced=add, extra=extra)
@@ -631,7 +668,13 @@ def _bias_add(node: ir.Node, b_q: ir.Value, bp: _QParams) -> tuple[ir.Node | Non
     array = _const(other)
     shape = b_q.const_value.shape if b_q.const_value is not None else b_q.shape
     n = shape[-1] if shape is not None and len(shape) else None
-    if array is None or array.dtype != np.float32 or array.ndim != 1 or not isinstance(n, int) or array.shape[0] != n:
+    if (
+        array is None
+        or array.dtype != np.float32
+        or array.ndim != 1
+        or not isinstance(n, int)
+        or array.shape[0] != n
+    ):
         return None, None
     return add, other
 
@@ -666,7 +709,11 @@ def _gemm(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
     if out.quantized:
         inputs += _scale_zp(rw, out.params, "y")
     new = rw.create(
-        "QGemm", inputs, _copy_attrs(node, drop=("beta",)), domain=MS, name=node.name,
+        "QGemm",
+        inputs,
+        _copy_attrs(node, drop=("beta",)),
+        domain=MS,
+        name=node.name,
         absorbed=_absorbed(node, [a[1], bp, *bias_dqs], out),
     )
     while new.inputs and new.inputs[-1] is None:
@@ -690,10 +737,18 @@ def _unary(op: str, keep: tuple[str, ...] = ()):
             dilations = node.attributes.get("dilations")
             if dilations is not None and any(d != 1 for d in dilations.value):
                 return "QLinearAveragePool has no dilations"
-        if node.op_type == "GlobalAveragePool" and _rank(node.inputs[0]) is not None and _rank(node.inputs[0]) < 3:
+        if (
+            node.op_type == "GlobalAveragePool"
+            and _rank(node.inputs[0]) is not None
+            and _rank(node.inputs[0]) < 3
+        ):
             return "input rank below 3"
         if node.op_type == "Softmax":
-            axis = node.attributes["axis"].value if "axis" in node.attributes else (-1 if legal.opset >= 13 else 1)
+            axis = (
+                node.attributes["axis"].value
+                if "axis" in node.attributes
+                else (-1 if legal.opset >= 13 else 1)
+            )
             attrs = [ir.AttrInt64("opset", legal.opset), ir.AttrInt64("axis", axis)]
         inputs = [x[0], *_scale_zp(rw, x[1], "x"), *_scale_zp(rw, out.params, "y")]
         new = rw.create(op, inputs, attrs, domain=MS, name=node.name, absorbed=_absorbed(node, [x[1]], out))
@@ -716,7 +771,13 @@ def _binary(op: str):
             return out.reason or "its output is not quantized"
         if not a[1].dtype == b[1].dtype == out.params.dtype:
             return "inputs and output mix u8 and s8"
-        inputs = [a[0], *_scale_zp(rw, a[1], "a"), b[0], *_scale_zp(rw, b[1], "b"), *_scale_zp(rw, out.params, "y")]
+        inputs = [
+            a[0],
+            *_scale_zp(rw, a[1], "a"),
+            b[0],
+            *_scale_zp(rw, b[1], "b"),
+            *_scale_zp(rw, out.params, "y"),
+        ]
         new = rw.create(op, inputs, domain=MS, name=node.name, absorbed=_absorbed(node, [a[1], b[1]], out))
         _finish(rw, legal, node, new, out)
         return None
@@ -740,7 +801,11 @@ def _concat(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
     for i, (x_q, params) in enumerate(found):
         inputs += [x_q, *_scale_zp(rw, params, f"x{i}")]
     new = rw.create(
-        "QLinearConcat", inputs, _copy_attrs(node), domain=MS, name=node.name,
+        "QLinearConcat",
+        inputs,
+        _copy_attrs(node),
+        domain=MS,
+        name=node.name,
         absorbed=_absorbed(node, [p for _, p in found], out),
     )
     _finish(rw, legal, node, new, out)
@@ -762,8 +827,17 @@ def _where(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
         return out.reason or "its output is not quantized"
     if not x[1].dtype == y[1].dtype == out.params.dtype:
         return "inputs and output mix u8 and s8"
-    inputs = [cond, x[0], *_scale_zp(rw, x[1], "x"), y[0], *_scale_zp(rw, y[1], "y"), *_scale_zp(rw, out.params, "z")]
-    new = rw.create("QLinearWhere", inputs, domain=MS, name=node.name, absorbed=_absorbed(node, [x[1], y[1]], out))
+    inputs = [
+        cond,
+        x[0],
+        *_scale_zp(rw, x[1], "x"),
+        y[0],
+        *_scale_zp(rw, y[1], "y"),
+        *_scale_zp(rw, out.params, "z"),
+    ]
+    new = rw.create(
+        "QLinearWhere", inputs, domain=MS, name=node.name, absorbed=_absorbed(node, [x[1], y[1]], out)
+    )
     _finish(rw, legal, node, new, out)
     return None
 
@@ -809,8 +883,13 @@ def _passthrough(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
             inputs[2] = pad
     absorbed = [xp.node, node, *(o.q for o in outs.values())]
     new = rw.create(
-        node.op_type, inputs, _copy_attrs(node), domain=node.domain, num_outputs=len(node.outputs),
-        name=node.name, absorbed=absorbed,
+        node.op_type,
+        inputs,
+        _copy_attrs(node),
+        domain=node.domain,
+        num_outputs=len(node.outputs),
+        name=node.name,
+        absorbed=absorbed,
     )
     for i, out in outs.items():
         name = out.q.outputs[0].name
@@ -850,7 +929,8 @@ _HANDLERS = {
     "Concat": _concat,
     "GlobalAveragePool": _unary("QLinearGlobalAveragePool"),
     "AveragePool": _unary(
-        "QLinearAveragePool", keep=("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pads", "strides")
+        "QLinearAveragePool",
+        keep=("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pads", "strides"),
     ),
     "Sigmoid": _unary("QLinearSigmoid"),
     "LeakyRelu": _unary("QLinearLeakyRelu", keep=("alpha",)),
@@ -868,7 +948,11 @@ def _cleanup(graph: ir.Graph, report: QOperatorReport, unused_before: set[int]) 
     while changed:
         changed = False
         for node in reversed(list(graph)):
-            if node.domain not in _ONNX or node.op_type not in ("QuantizeLinear", "DequantizeLinear", "Constant"):
+            if node.domain not in _ONNX or node.op_type not in (
+                "QuantizeLinear",
+                "DequantizeLinear",
+                "Constant",
+            ):
                 continue
             if any(o.uses() or o.is_graph_output() for o in node.outputs):
                 continue

@@ -31,13 +31,20 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.rewrite import Rewriter
 
 #: Two of these compute different values from the same inputs (Dropout may be in training mode).
 NONDETERMINISTIC = frozenset(
-    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
+    {
+        "RandomNormal",
+        "RandomUniform",
+        "RandomNormalLike",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+        "Dropout",
+    }
 )
 
 
@@ -122,7 +129,11 @@ class CommonSubexpressionElimination(Pass):
                     new.name = name
                 elif old.is_graph_output():
                     ident = rewriter.create(
-                        "Identity", [new], name=node.name, absorbed=[node], output_names=[_tmp_name(rewriter, old)]
+                        "Identity",
+                        [new],
+                        name=node.name,
+                        absorbed=[node],
+                        output_names=[_tmp_name(rewriter, old)],
                     )
                     out = ident.outputs[0]
                     out.type, out.shape = old.type, old.shape

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx_ir as ir
-
 from ncc.passes.base import Pass, PassContext, PassResult
 
 

@@ -22,7 +22,6 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.passes.base import Pass, PassContext, PassResult
 
 _ONNX = ("", "ai.onnx")
@@ -65,7 +64,11 @@ def _is_noop(node: ir.Node, opset: int) -> bool:
             return False
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             training = node.inputs[2].const_value
-            if training is None or node.inputs[2].is_graph_input() or bool(np.asarray(training.numpy()).any()):
+            if (
+                training is None
+                or node.inputs[2].is_graph_input()
+                or bool(np.asarray(training.numpy()).any())
+            ):
                 return False
         return True
     if node.op_type == "Cast":

@@ -38,12 +38,19 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.ir import ids
 from ncc.passes.base import Pass, PassContext, PassResult, option
 
 NONDETERMINISTIC = frozenset(
-    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
+    {
+        "RandomNormal",
+        "RandomUniform",
+        "RandomNormalLike",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+        "Dropout",
+    }
 )
 #: Folding these would undo quantization (they mark where the backend quantizes).
 NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
@@ -80,8 +87,13 @@ class FoldConstants(Pass):
     fold_shapes: bool = option(True, "fold Shape(x) when x has a fully static shape")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        stats = {"nodes folded": 0, "constants to initializers": 0, "shapes folded": 0, "identities removed": 0,
-                 "skipped (size limit)": 0}
+        stats = {
+            "nodes folded": 0,
+            "constants to initializers": 0,
+            "shapes folded": 0,
+            "identities removed": 0,
+            "skipped (size limit)": 0,
+        }
         notes: list[str] = []
         opsets = dict(model.opset_imports)
         for graph in model.graphs():
@@ -92,12 +104,16 @@ class FoldConstants(Pass):
                 if outcome:
                     stats[outcome] += 1
         stats = {k: v for k, v in stats.items() if v or k == "nodes folded"}
-        changed = sum(stats.get(k, 0) for k in ("nodes folded", "constants to initializers", "shapes folded",
-                                                 "identities removed"))
+        changed = sum(
+            stats.get(k, 0)
+            for k in ("nodes folded", "constants to initializers", "shapes folded", "identities removed")
+        )
         return PassResult(modified=changed > 0, stats=stats, notes=notes)
 
     # -- one node ----------------------------------------------------------------
-    def _fold(self, model: ir.Model, graph: ir.Graph, node: ir.Node, opsets: dict, notes: list[str]) -> str | None:
+    def _fold(
+        self, model: ir.Model, graph: ir.Graph, node: ir.Node, opsets: dict, notes: list[str]
+    ) -> str | None:
         if node.domain not in ONNX_DOMAINS or node.op_type in NONDETERMINISTIC or node.op_type in NEVER_FOLD:
             return None
         if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
@@ -128,7 +144,9 @@ class FoldConstants(Pass):
         try:
             results = _evaluate(node, arrays, opsets, model.ir_version)
         except Exception as err:  # the reference evaluator raises anything; folding is optional
-            notes.append(f"could not evaluate {node.op_type} {node.name or _out_name(node)}: {_first_line(err)}")
+            notes.append(
+                f"could not evaluate {node.op_type} {node.name or _out_name(node)}: {_first_line(err)}"
+            )
             return None
         if results is None:
             return None
@@ -152,7 +170,7 @@ class FoldConstants(Pass):
     def _drop_neutral(self, node: ir.Node) -> bool:
         neutral, commutative = _NEUTRAL[node.op_type]
         out = node.outputs[0]
-        for const_index in ((1, 0) if commutative else (1,)):
+        for const_index in (1, 0) if commutative else (1,):
             const, x = node.inputs[const_index], node.inputs[1 - const_index]
             if x is None or const is None or not is_constant(const) or is_constant(x):
                 continue
@@ -184,8 +202,14 @@ class FoldConstants(Pass):
 
 
 #: op -> (neutral element of its constant operand, whether either operand may hold it)
-_NEUTRAL = {"Add": (0, True), "Sub": (0, False), "Mul": (1, True), "Div": (1, False),
-            "And": (True, True), "Or": (False, True)}
+_NEUTRAL = {
+    "Add": (0, True),
+    "Sub": (0, False),
+    "Mul": (1, True),
+    "Div": (1, False),
+    "And": (True, True),
+    "Or": (False, True),
+}
 
 
 def _same_shape(a: ir.Value, b: ir.Value) -> bool:
@@ -207,7 +231,9 @@ def _replace_with_initializers(
         if tensor is None or (not out.uses() and not out.is_graph_output()):
             continue
         if out.is_graph_output():
-            const = ir.Node("", "Constant", [], [ir.AttrTensor("value", tensor)], num_outputs=1, name=node.name)
+            const = ir.Node(
+                "", "Constant", [], [ir.AttrTensor("value", tensor)], num_outputs=1, name=node.name
+            )
             ids.stamp(model, const, [node])
             graph.insert_before(node, const)
             new = const.outputs[0]
@@ -264,8 +290,29 @@ def _evaluate(node: ir.Node, arrays: list[np.ndarray | None], opsets: dict, ir_v
 
 
 _BROADCASTING = frozenset(
-    {"Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min", "Sum", "Mean", "Where", "And", "Or", "Xor",
-     "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "BitShift", "PRelu"}
+    {
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Pow",
+        "Mod",
+        "Max",
+        "Min",
+        "Sum",
+        "Mean",
+        "Where",
+        "And",
+        "Or",
+        "Xor",
+        "Equal",
+        "Less",
+        "Greater",
+        "LessOrEqual",
+        "GreaterOrEqual",
+        "BitShift",
+        "PRelu",
+    }
 )
 
 

@@ -25,7 +25,6 @@ from typing import ClassVar
 
 import onnx
 import onnx_ir as ir
-
 from ncc.errors import NccError
 from ncc.passes.base import Pass, PassContext, PassResult, option
 
@@ -39,7 +38,9 @@ class ShapeInference(Pass):
 
     name: ClassVar[str] = "shape-inference"
 
-    strict: bool = option(False, "fail when inference fails or contradicts a declared type (else note and go on)")
+    strict: bool = option(
+        False, "fail when inference fails or contradicts a declared type (else note and go on)"
+    )
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         notes: list[str] = []
@@ -96,7 +97,11 @@ def _infer(model: ir.Model, *, strict: bool) -> onnx.ModelProto:
                     value.shape = ir.Shape(tensor.shape)
             if not value.is_graph_input():
                 graph.inputs.append(value)
-            keep = tensor is not None and not isinstance(tensor, ir.ExternalTensor) and _nbytes(tensor) <= _INLINE_BYTES
+            keep = (
+                tensor is not None
+                and not isinstance(tensor, ir.ExternalTensor)
+                and _nbytes(tensor) <= _INLINE_BYTES
+            )
             if not keep:
                 graph.initializers.pop(value.name)
                 value.const_value = None

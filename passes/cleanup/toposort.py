@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx_ir as ir
-
 from ncc.errors import NccError, VerificationError
 from ncc.ir.analysis import topological_order
 from ncc.passes.base import Pass, PassContext, PassResult

@@ -50,7 +50,6 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.ir import ids
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.fusion.fuse_gelu import MS_DOMAIN, ONNX_DOMAINS, ensure_opset, replace_root, scalar_constant
@@ -110,7 +109,9 @@ class FuseActivation(Pass):
 
     name: ClassVar[str] = "fuse-activation"
 
-    emit_fused_conv: bool = option(False, "rewrite Conv+Relu/Clip into com.microsoft::FusedConv instead of marking")
+    emit_fused_conv: bool = option(
+        False, "rewrite Conv+Relu/Clip into com.microsoft::FusedConv instead of marking"
+    )
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
@@ -162,5 +163,7 @@ class FuseActivation(Pass):
             hi = float(np.finfo(np.float32).max) if hi is None else hi
             attrs += [ir.AttrString("activation", "Clip"), ir.AttrFloat32s("activation_params", [lo, hi])]
         ensure_opset(rewriter.model, MS_DOMAIN)
-        fused = rewriter.create("FusedConv", list(conv.inputs), attrs, domain=MS_DOMAIN, name=conv.name, absorbed=[conv, act])
+        fused = rewriter.create(
+            "FusedConv", list(conv.inputs), attrs, domain=MS_DOMAIN, name=conv.name, absorbed=[conv, act]
+        )
         replace_root(rewriter, act, fused, [conv, act])

@@ -39,7 +39,6 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.passes.base import Pass, PassContext, PassResult
 from ncc.passes.cleanup.fold_constants import constant_tensor
 from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
@@ -112,14 +111,20 @@ class ConvBNPattern(Pattern):
         gamma, beta, mean, var = params
         eps = bn.attributes.get_float("epsilon", 1e-5)
         scale = gamma / np.sqrt(var + eps)
-        new_w = (weight.astype(np.float64) * scale.reshape((m,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
+        new_w = (weight.astype(np.float64) * scale.reshape((m,) + (1,) * (weight.ndim - 1))).astype(
+            weight.dtype
+        )
         b = np.zeros(m) if bias is None else bias.astype(np.float64)
         new_b = ((b - mean) * scale + beta).astype(weight.dtype)
 
         w_new = rewriter.constant(new_w, f"{w_value.name}_bn")
-        b_new = rewriter.constant(new_b, f"{b_value.name}_bn" if b_value is not None else f"{w_value.name}_bn_bias")
+        b_new = rewriter.constant(
+            new_b, f"{b_value.name}_bn" if b_value is not None else f"{w_value.name}_bn_bias"
+        )
         attrs = [ir.Attr(a.name, a.type, a.value) for a in conv.attributes.values()]
-        fused = rewriter.create("Conv", [conv.inputs[0], w_new, b_new], attrs, name=conv.name, absorbed=[conv, bn])
+        fused = rewriter.create(
+            "Conv", [conv.inputs[0], w_new, b_new], attrs, name=conv.name, absorbed=[conv, bn]
+        )
         out = fused.outputs[0]
         y = bn.outputs[0]
         out.type, out.shape = y.type, y.shape

@@ -40,7 +40,6 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.passes.base import Pass, PassContext, PassResult
 from ncc.passes.cleanup.fold_constants import constant_tensor
 from ncc.passes.opset import default_opset  # noqa: F401 - re-exported for the fusion passes
@@ -145,7 +144,11 @@ def erase_matched(rewriter: Rewriter, nodes: list[ir.Node]) -> None:
         else:  # pragma: no cover - inner_uses_problem rules this out
             raise RuntimeError("matched nodes are still read outside the pattern")
     for node in constants:
-        if node.graph is rewriter.graph and not node.outputs[0].uses() and not node.outputs[0].is_graph_output():
+        if (
+            node.graph is rewriter.graph
+            and not node.outputs[0].uses()
+            and not node.outputs[0].is_graph_output()
+        ):
             rewriter.erase(node)
 
 
@@ -285,7 +288,9 @@ class _GeluPattern(Pattern):
     def _rewrite(self, root: ir.Node, x: ir.Value, nodes: list[ir.Node], rewriter: Rewriter) -> None:
         model = rewriter.model
         if default_opset(model) >= 20:
-            new = rewriter.create("Gelu", [x], {"approximate": self.approximate}, name=root.name, absorbed=nodes)
+            new = rewriter.create(
+                "Gelu", [x], {"approximate": self.approximate}, name=root.name, absorbed=nodes
+            )
         else:
             ensure_opset(model, MS_DOMAIN)
             op = "Gelu" if self.approximate == "none" else "FastGelu"

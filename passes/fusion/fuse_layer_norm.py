@@ -42,7 +42,6 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.cleanup.fold_constants import constant_tensor
 from ncc.passes.fusion.fuse_gelu import (
@@ -59,6 +58,7 @@ from ncc.passes.opset import upgrade_blockers
 from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
 
 LAYER_NORM_OPSET = 17
+
 
 def _reduce_axes(node: ir.Node) -> list[int] | None:
     """The constant axes of a ReduceMean (attribute or input), or None when not known."""
@@ -236,7 +236,9 @@ class LayerNormNoBiasPattern(_LayerNormPattern):
             if reader.op_type == "Add" and reader.domain in ONNX_DOMAINS and operands(reader) is not None:
                 other = reader.inputs[1] if reader.inputs[0] is out else reader.inputs[0]
                 if constant_tensor(other) is not None:
-                    return MatchResult.fail("the gamma Mul feeds an Add of a constant (matched there, with beta)")
+                    return MatchResult.fail(
+                        "the gamma Mul feeds an Add of a constant (matched there, with beta)"
+                    )
         x, gamma, eps, nodes = found
         return self._emit(node, x, gamma, None, eps, nodes, rewriter)
 

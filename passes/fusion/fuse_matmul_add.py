@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx_ir as ir
-
 from ncc.passes.base import Pass, PassContext, PassResult
 from ncc.passes.cleanup.fold_constants import constant_tensor
 from ncc.passes.fusion.fuse_conv_bn import single_consumer

@@ -39,7 +39,6 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.passes.base import Pass, PassContext, PassResult
 from ncc.passes.cleanup.fold_constants import constant_tensor
 from ncc.passes.fusion.fuse_conv_bn import constant_array, single_consumer
@@ -58,7 +57,9 @@ def _scalar(value: ir.Value) -> np.ndarray | None:
 
 def _scaled(rewriter: Rewriter, value: ir.Value, factor: float) -> ir.Value:
     array = constant_array(value)
-    return rewriter.constant((array.astype(np.float64) * factor).astype(array.dtype), f"{value.name or 'const'}_scaled")
+    return rewriter.constant(
+        (array.astype(np.float64) * factor).astype(array.dtype), f"{value.name or 'const'}_scaled"
+    )
 
 
 class _Plan:
@@ -97,8 +98,14 @@ def _plan(operand: ir.Value, reader: ir.Node) -> _Plan | str:
             for i in (0, 1):
                 mm_out, bias = producer.inputs[i], producer.inputs[1 - i]
                 mm = mm_out.producer()
-                if (mm is not None and mm.op_type == "MatMul" and mm.domain in _ONNX and _float_constant(bias)
-                        and _float_constant(mm.inputs[1]) and single_consumer(mm_out, producer)):
+                if (
+                    mm is not None
+                    and mm.op_type == "MatMul"
+                    and mm.domain in _ONNX
+                    and _float_constant(bias)
+                    and _float_constant(mm.inputs[1])
+                    and single_consumer(mm_out, producer)
+                ):
                     return _Plan([(mm, 1), (producer, 1 - i)])
             return "the Add upstream is not a MatMul with constant weight plus a constant bias"
         if producer.op_type == "Gemm":
@@ -133,7 +140,12 @@ def _fold(node: ir.Node, rewriter: Rewriter, divide: bool) -> MatchResult:
     for i in sides:
         producer = node.inputs[i].producer()
         c = _scalar(node.inputs[1 - i])
-        if producer is not None and producer.op_type == "MatMul" and producer.domain in _ONNX and c is not None:
+        if (
+            producer is not None
+            and producer.op_type == "MatMul"
+            and producer.domain in _ONNX
+            and c is not None
+        ):
             matmul, scale, scale_value = producer, c, node.inputs[1 - i]
             break
     if matmul is None:
@@ -146,7 +158,9 @@ def _fold(node: ir.Node, rewriter: Rewriter, divide: bool) -> MatchResult:
     if not single_consumer(out, node):
         return MatchResult.fail("MatMul output has other uses")
     if scale.ndim > 1 and (out.shape is None or scale.ndim > len(out.shape)):
-        return MatchResult.fail(f"the constant has rank {scale.ndim}, which may broadcast the MatMul output up")
+        return MatchResult.fail(
+            f"the constant has rank {scale.ndim}, which may broadcast the MatMul output up"
+        )
     c = float(scale.reshape(()))
     if divide and c == 0.0:
         return MatchResult.fail("division by a constant 0")

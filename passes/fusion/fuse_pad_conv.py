@@ -21,7 +21,6 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.passes.base import Pass, PassContext, PassResult
 from ncc.passes.cleanup.fold_constants import constant_tensor
 from ncc.passes.fusion.fuse_conv_bn import single_consumer
@@ -64,8 +63,14 @@ class PadConvPattern(Pattern):
         merged += [conv_pads[spatial + i] + end[2 + i] for i in range(spatial)]
         attrs = {a.name: a for a in conv.attributes.values() if a.name != "pads"}
         attrs["pads"] = ir.AttrInt64s("pads", merged)
-        new = rewriter.create("Conv", [pad.inputs[0], *conv.inputs[1:]], list(attrs.values()), name=conv.name,
-                              absorbed=[pad, conv], output_names=[conv.outputs[0].name])
+        new = rewriter.create(
+            "Conv",
+            [pad.inputs[0], *conv.inputs[1:]],
+            list(attrs.values()),
+            name=conv.name,
+            absorbed=[pad, conv],
+            output_names=[conv.outputs[0].name],
+        )
         rewriter.replace_op(conv, new.outputs)
         rewriter.erase(pad)
         return MatchResult.ok()

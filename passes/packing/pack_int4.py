@@ -41,7 +41,6 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.errors import NccError
 from ncc.ir.spill import SpillFile, pack_4bit
 from ncc.passes.base import Pass, PassContext, PassResult, option
@@ -49,8 +48,12 @@ from ncc.passes.fusion.fuse_gelu import MS_DOMAIN, ensure_opset, replace_root
 from ncc.passes.rewrite import Rewriter
 from ncc.passes.woq.weights import add_initializers
 
-_CODES = {ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False),
-          ir.DataType.INT8: (8, True), ir.DataType.UINT8: (8, False)}
+_CODES = {
+    ir.DataType.INT4: (4, True),
+    ir.DataType.UINT4: (4, False),
+    ir.DataType.INT8: (8, True),
+    ir.DataType.UINT8: (8, False),
+}
 _ONNX = ("", "ai.onnx")
 
 
@@ -67,7 +70,12 @@ class _Site:
 def _sites(graph: ir.Graph) -> list[_Site]:
     sites = []
     for node in graph:
-        if node.op_type != "MatMul" or node.domain not in _ONNX or len(node.inputs) != 2 or node.inputs[1] is None:
+        if (
+            node.op_type != "MatMul"
+            or node.domain not in _ONNX
+            or len(node.inputs) != 2
+            or node.inputs[1] is None
+        ):
             continue
         dq = node.inputs[1].producer()
         if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in _ONNX:
@@ -75,9 +83,15 @@ def _sites(graph: ir.Graph) -> list[_Site]:
         block = dq.attributes.get_int("block_size", 0)
         codes, scale = dq.inputs[0], dq.inputs[1]
         zero = dq.inputs[2] if len(dq.inputs) > 2 else None
-        if (not block or dq.attributes.get_int("axis", 1) != 0 or codes.const_value is None
-                or scale.const_value is None or (zero is not None and zero.const_value is None)
-                or codes.const_value.dtype not in _CODES or len(codes.const_value.shape) != 2):
+        if (
+            not block
+            or dq.attributes.get_int("axis", 1) != 0
+            or codes.const_value is None
+            or scale.const_value is None
+            or (zero is not None and zero.const_value is None)
+            or codes.const_value.dtype not in _CODES
+            or len(codes.const_value.shape) != 2
+        ):
             continue
         sites.append(_Site(node, dq, codes, scale, zero, block))
     return sites
@@ -90,10 +104,16 @@ def _gather_sites(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node]]:
         if node.op_type != "Gather" or node.domain not in _ONNX or node.attributes.get_int("axis", 0) != 0:
             continue
         dq = node.inputs[0].producer() if node.inputs[0] is not None else None
-        if (dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in _ONNX
-                or dq.attributes.get_int("axis", 1) != 1 or not dq.attributes.get_int("block_size", 0)
-                or any(v is not None and v.const_value is None for v in dq.inputs)
-                or dq.inputs[0].const_value.dtype not in _CODES or len(dq.inputs[0].const_value.shape) != 2):
+        if (
+            dq is None
+            or dq.op_type != "DequantizeLinear"
+            or dq.domain not in _ONNX
+            or dq.attributes.get_int("axis", 1) != 1
+            or not dq.attributes.get_int("block_size", 0)
+            or any(v is not None and v.const_value is None for v in dq.inputs)
+            or dq.inputs[0].const_value.dtype not in _CODES
+            or len(dq.inputs[0].const_value.shape) != 2
+        ):
             continue
         sites.append((node, dq))
     return sites
@@ -106,7 +126,8 @@ def _block_for(block: int, k: int, layer: str) -> int:
         return max(16, 1 << (k - 1).bit_length())
     raise NccError(
         f"MatMulNBits needs a block size that is a power of two of at least 16, and {layer} has group size "
-        f"{block}; use a power-of-two group size or --format qdq.")
+        f"{block}; use a power-of-two group size or --format qdq."
+    )
 
 
 @dataclass(frozen=True)
@@ -115,28 +136,44 @@ class PackInt4(Pass):
 
     name: ClassVar[str] = "pack-int4"
     format: Literal["matmulnbits", "qdq"] = option(
-        "matmulnbits", "matmulnbits: com.microsoft::MatMulNBits; qdq: keep standard blocked DequantizeLinear + MatMul")
+        "matmulnbits",
+        "matmulnbits: com.microsoft::MatMulNBits; qdq: keep standard blocked DequantizeLinear + MatMul",
+    )
     accuracy_level: int = option(
-        0, "MatMulNBits compute type: 0 unset (float), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations per block")
+        0, "MatMulNBits compute type: 0 unset (float), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations per block"
+    )
 
     def requires(self, model: ir.Model) -> None:
         if not 0 <= self.accuracy_level <= 4:
             raise NccError(f"pack-int4: accuracy-level must be 0..4, not {self.accuracy_level}.")
         if self.accuracy_level and self.format == "qdq":
-            raise NccError("accuracy-level applies to --format matmulnbits; with qdq onnxruntime takes it from its "
-                           "session option session.qdq_matmulnbits_accuracy_level.")
+            raise NccError(
+                "accuracy-level applies to --format matmulnbits; with qdq onnxruntime takes it from its "
+                "session option session.qdq_matmulnbits_accuracy_level."
+            )
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         sites = _sites(model.graph)
         gathers = _gather_sites(model.graph)
         if not sites and not gathers:
-            raise NccError("pack-int4 found no weight-only quantized MatMuls; run woq-rtn, woq-gptq or woq-awq first.")
+            raise NccError(
+                "pack-int4 found no weight-only quantized MatMuls; run woq-rtn, woq-gptq or woq-awq first."
+            )
         if self.format == "qdq":
-            return PassResult(modified=False, stats={"MatMuls kept as DequantizeLinear + MatMul": len(sites)},
-                              notes=[f"format qdq: {len(sites)} MatMuls and {len(gathers)} Gathers keep blocked "
-                                     "DequantizeLinear (opset 21)"])
+            return PassResult(
+                modified=False,
+                stats={"MatMuls kept as DequantizeLinear + MatMul": len(sites)},
+                notes=[
+                    f"format qdq: {len(sites)} MatMuls and {len(gathers)} Gathers keep blocked "
+                    "DequantizeLinear (opset 21)"
+                ],
+            )
         rewriter = Rewriter(model, model.graph)
-        spill = SpillFile("pack") if any(isinstance(s.codes.const_value, ir.ExternalTensor) for s in sites) else None
+        spill = (
+            SpillFile("pack")
+            if any(isinstance(s.codes.const_value, ir.ExternalTensor) for s in sites)
+            else None
+        )
         ensure_opset(model, MS_DOMAIN)
         packed_bytes = 0
         packed: dict[int, list[ir.Value]] = {}  # codes value -> its packed inputs, for shared weights
@@ -144,14 +181,25 @@ class PackInt4(Pass):
             packed_bytes += self._pack(rewriter, site, spill, packed)
         for gather, dq in gathers:
             _pack_gather(rewriter, gather, dq)
-        notes = [f"packed {len(sites)} MatMuls as MatMulNBits"
-                 + (f" (accuracy_level {self.accuracy_level})" if self.accuracy_level else "")]
+        notes = [
+            f"packed {len(sites)} MatMuls as MatMulNBits"
+            + (f" (accuracy_level {self.accuracy_level})" if self.accuracy_level else "")
+        ]
         if gathers:
             notes.append(f"{len(gathers)} Gathers as GatherBlockQuantized")
-        return PassResult(modified=True, stats={"MatMulNBits": len(sites), "GatherBlockQuantized": len(gathers),
-                                                "packed bytes": packed_bytes}, notes=notes)
+        return PassResult(
+            modified=True,
+            stats={
+                "MatMulNBits": len(sites),
+                "GatherBlockQuantized": len(gathers),
+                "packed bytes": packed_bytes,
+            },
+            notes=notes,
+        )
 
-    def _pack(self, rewriter: Rewriter, site: _Site, spill: SpillFile | None, packed: dict[int, list[ir.Value]]) -> int:
+    def _pack(
+        self, rewriter: Rewriter, site: _Site, spill: SpillFile | None, packed: dict[int, list[ir.Value]]
+    ) -> int:
         matmul = site.matmul
         bits, _ = _CODES[site.codes.const_value.dtype]
         k, n = (int(d) for d in site.codes.const_value.shape)
@@ -165,8 +213,14 @@ class PackInt4(Pass):
         if self.accuracy_level:
             attrs["accuracy_level"] = self.accuracy_level
         rewriter.set_insertion_point(matmul)
-        new = rewriter.create("MatMulNBits", [matmul.inputs[0], *values], attrs, domain=MS_DOMAIN,
-                              name=matmul.name, absorbed=[matmul, site.dq])
+        new = rewriter.create(
+            "MatMulNBits",
+            [matmul.inputs[0], *values],
+            attrs,
+            domain=MS_DOMAIN,
+            name=matmul.name,
+            absorbed=[matmul, site.dq],
+        )
         for key, value in matmul.metadata_props.items():
             if key.startswith("ncc.quant") or key.startswith("ncc.woq"):
                 new.metadata_props[key] = value
@@ -179,7 +233,9 @@ class PackInt4(Pass):
         return written
 
     @staticmethod
-    def _packed_inputs(rewriter: Rewriter, site: _Site, block: int, spill: SpillFile | None) -> list[ir.Value]:
+    def _packed_inputs(
+        rewriter: Rewriter, site: _Site, block: int, spill: SpillFile | None
+    ) -> list[ir.Value]:
         """MatMulNBits' ``B``, ``scales`` and (asymmetric) ``zero_points`` for ``site``'s weight."""
         bits, signed = _CODES[site.codes.const_value.dtype]
         codes_tensor = site.codes.const_value
@@ -204,14 +260,18 @@ class PackInt4(Pass):
             codes = np.concatenate([codes, fill.astype(np.int16)], axis=1)
         codes = codes.astype(np.uint8).reshape(n, k_blocks, block)
         b = pack_4bit(codes).reshape(n, k_blocks, block // 2) if bits == 4 else codes
-        inputs_np = [("B", b, ir.DataType.UINT8), ("scales", np.ascontiguousarray(scale), site.scale.const_value.dtype)]
+        inputs_np = [
+            ("B", b, ir.DataType.UINT8),
+            ("scales", np.ascontiguousarray(scale), site.scale.const_value.dtype),
+        ]
         if zero is not None:
             zp = pack_4bit(_pad_even(zero)).reshape(n, -1) if bits == 4 else np.ascontiguousarray(zero)
             inputs_np.append(("zero_points", zp, ir.DataType.UINT8))
         del codes
         base = site.codes.name.removesuffix("_q")
-        return add_initializers(rewriter, [(f"{base}_{suffix}", dtype, array) for suffix, array, dtype in inputs_np],
-                                spill)
+        return add_initializers(
+            rewriter, [(f"{base}_{suffix}", dtype, array) for suffix, array, dtype in inputs_np], spill
+        )
 
 
 def _pack_gather(rewriter: Rewriter, gather: ir.Node, dq: ir.Node) -> None:
@@ -222,9 +282,14 @@ def _pack_gather(rewriter: Rewriter, gather: ir.Node, dq: ir.Node) -> None:
     block = _block_for(dq.attributes.get_int("block_size"), h, gather.name or codes.name)
     inputs = [codes, gather.inputs[1], scale] + [z for z in zero if z is not None]
     rewriter.set_insertion_point(gather)
-    new = rewriter.create("GatherBlockQuantized", inputs,
-                          {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits},
-                          domain=MS_DOMAIN, name=gather.name, absorbed=[gather, dq])
+    new = rewriter.create(
+        "GatherBlockQuantized",
+        inputs,
+        {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits},
+        domain=MS_DOMAIN,
+        name=gather.name,
+        absorbed=[gather, dq],
+    )
     for key, value in gather.metadata_props.items():
         if key.startswith("ncc.quant") or key.startswith("ncc.woq"):
             new.metadata_props[key] = value

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from ncc.errors import NccError
 
 _CHUNK_BYTES = 16 << 20  # rows read per step from an .npz member: about this many bytes
@@ -47,8 +46,14 @@ InputSpec = Mapping[str, tuple[np.dtype, Sequence[Dim] | None]]
 class CalibrationData:
     """A lazily read calibration set; iterate with :meth:`batches`."""
 
-    def __init__(self, spec: str, pieces: Callable[[], Iterator[dict[str, np.ndarray]]], *,
-                 num_samples: int | None, max_samples: int | None = None):
+    def __init__(
+        self,
+        spec: str,
+        pieces: Callable[[], Iterator[dict[str, np.ndarray]]],
+        *,
+        num_samples: int | None,
+        max_samples: int | None = None,
+    ):
         self.spec = spec
         self._pieces = pieces
         self._num_samples = num_samples
@@ -151,7 +156,9 @@ def load_calibration_data(spec: str, *, max_samples: int | None = None) -> Calib
         if not files:
             raise NccError(f"calibration folder {spec} contains no .npz files.")
         counts = [_npz_samples(f) for f in files]
-        return CalibrationData(spec, lambda: _folder_pieces(files), num_samples=sum(counts), max_samples=max_samples)
+        return CalibrationData(
+            spec, lambda: _folder_pieces(files), num_samples=sum(counts), max_samples=max_samples
+        )
     if path.suffix == ".npz" or path.is_file():
         if not path.exists():
             raise NccError(f"calibration data {spec} does not exist.")
@@ -163,9 +170,12 @@ def load_calibration_data(spec: str, *, max_samples: int | None = None) -> Calib
         return CalibrationData(spec, lambda: _npz_pieces(path), num_samples=n, max_samples=max_samples)
     if ":" in spec:
         function = _resolve_function(spec)
-        return CalibrationData(spec, lambda: _function_pieces(function, spec), num_samples=None,
-                               max_samples=max_samples)
-    raise NccError(f"calibration data {spec} does not exist (expected a .npz file, a folder or module:function).")
+        return CalibrationData(
+            spec, lambda: _function_pieces(function, spec), num_samples=None, max_samples=max_samples
+        )
+    raise NccError(
+        f"calibration data {spec} does not exist (expected a .npz file, a folder or module:function)."
+    )
 
 
 def _npz_members(path: Path) -> tuple[zipfile.ZipFile, dict[str, str]]:
@@ -222,7 +232,10 @@ def _npz_pieces(path: Path) -> Iterator[dict[str, np.ndarray]]:
                     yield {name: np.asarray(npz[name]) for name in sorted(members)}
                 return
             n = headers[next(iter(headers))][0][0]
-            row_bytes = sum(dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64)) for shape, _, dtype in headers.values())
+            row_bytes = sum(
+                dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+                for shape, _, dtype in headers.values()
+            )
             step = max(1, _CHUNK_BYTES // max(row_bytes, 1))
             for start in range(0, n, step):
                 rows = min(step, n - start)
@@ -250,7 +263,9 @@ def _folder_pieces(files: list[Path]) -> Iterator[dict[str, np.ndarray]]:
 def _resolve_function(spec: str) -> Callable[[], Any]:
     module_part, _, function_name = spec.rpartition(":")
     if not module_part or not function_name:
-        raise NccError(f"calibration data {spec} is not a .npz file, a folder of .npz files or module:function.")
+        raise NccError(
+            f"calibration data {spec} is not a .npz file, a folder of .npz files or module:function."
+        )
     if module_part.endswith(".py"):
         file = Path(module_part)
         if not file.is_file():
@@ -263,14 +278,18 @@ def _resolve_function(spec: str) -> Callable[[], Any]:
             loader_spec.loader.exec_module(module)
         except Exception as err:  # noqa: BLE001 - the user's module failed to import
             sys.modules.pop(module_name, None)
-            raise NccError(f"cannot import calibration module {module_part}: {type(err).__name__}: {err}.") from None
+            raise NccError(
+                f"cannot import calibration module {module_part}: {type(err).__name__}: {err}."
+            ) from None
     else:
         try:
             module = importlib.import_module(module_part)
         except ModuleNotFoundError as err:
             raise NccError(f"cannot import calibration module {module_part!r}: {err}.") from None
         except Exception as err:  # noqa: BLE001
-            raise NccError(f"cannot import calibration module {module_part!r}: {type(err).__name__}: {err}.") from None
+            raise NccError(
+                f"cannot import calibration module {module_part!r}: {type(err).__name__}: {err}."
+            ) from None
     if not hasattr(module, function_name):
         raise NccError(f"calibration module {module_part} has no function {function_name!r}.")
     function = getattr(module, function_name)
@@ -366,7 +385,9 @@ def _format_shape(shape: Sequence[Dim] | None) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def _check_piece(piece: Mapping[str, np.ndarray], expected: Mapping[str, tuple[np.dtype, Any]], spec: str) -> None:
+def _check_piece(
+    piece: Mapping[str, np.ndarray], expected: Mapping[str, tuple[np.dtype, Any]], spec: str
+) -> None:
     names, want = sorted(piece), sorted(expected)
     if names != want:
         missing = [n for n in want if n not in piece]
@@ -379,9 +400,7 @@ def _check_piece(piece: Mapping[str, np.ndarray], expected: Mapping[str, tuple[n
             )
             if part
         )
-        raise NccError(
-            f"calibration data {spec} has inputs {names} but the model expects {want} ({detail})."
-        )
+        raise NccError(f"calibration data {spec} has inputs {names} but the model expects {want} ({detail}).")
     for name in want:
         array = piece[name]
         dtype, shape = expected[name]

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import onnx_ir as ir
-
 from ncc.errors import NccError
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.quant.observers import TensorStats
@@ -64,7 +63,9 @@ class Calibrate(Pass):
     name: ClassVar[str] = "calibrate"
     #: Needs ``ctx.data["calibration_data"]`` (the CLI's ``--calib``).
     uses_calibration: ClassVar[bool] = True
-    method: Method = option("mse", "range method: mse (least squared error), minmax, percentile or entropy (KL)")
+    method: Method = option(
+        "mse", "range method: mse (least squared error), minmax, percentile or entropy (KL)"
+    )
     percentile: float = option(99.999, "two-sided percentile kept by method=percentile")
     samples: int = option(0, "use at most this many calibration samples (0: all)")
     batch_size: int = option(8, "samples per onnxruntime run")
@@ -99,18 +100,38 @@ class Calibrate(Pass):
             cache_file, histograms = cache_file_for(full, histograms)
         cached = cache_file is not None and cache_file.is_file()
         reference = FloatReference(self.reference_samples) if self.reference_samples else None
-        stats = collect_statistics(model, values, data, batch_size=self.batch_size, cache_file=cache_file,
-                                   progress=ctx.data.get("progress", True), axes=axes, reference=reference,
-                                   histograms=histograms, minmax_only=lean)
+        stats = collect_statistics(
+            model,
+            values,
+            data,
+            batch_size=self.batch_size,
+            cache_file=cache_file,
+            progress=ctx.data.get("progress", True),
+            axes=axes,
+            reference=reference,
+            histograms=histograms,
+            minmax_only=lean,
+        )
         ctx.data["calibration"] = Calibration(self.method, self.percentile, stats)
         if reference is not None and reference.complete:
             ctx.data["float_reference"] = reference
         sentinels = sorted(n for n, s in stats.items() if s.sentinel_count)
-        notes = [f"calibration: {len(stats)} tensors observed, method {self.method}"
-                 + (f" (p={self.percentile})" if self.method == "percentile" else "")]
+        notes = [
+            f"calibration: {len(stats)} tensors observed, method {self.method}"
+            + (f" (p={self.percentile})" if self.method == "percentile" else "")
+        ]
         if sentinels:
-            notes.append(f"{len(sentinels)} tensors carry masking sentinels (|x| >= 1e30), e.g. {sentinels[0]}")
+            notes.append(
+                f"{len(sentinels)} tensors carry masking sentinels (|x| >= 1e30), e.g. {sentinels[0]}"
+            )
         if cached:
             notes.append(f"statistics reused from the cache in {cache}")
-        return PassResult(modified=False, stats={"tensors observed": len(stats), "with sentinels": len(sentinels),
-                                                 "from cache": int(cached)}, notes=notes)
+        return PassResult(
+            modified=False,
+            stats={
+                "tensors observed": len(stats),
+                "with sentinels": len(sentinels),
+                "from cache": int(cached),
+            },
+            notes=notes,
+        )

@@ -49,7 +49,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.errors import NccError
 from ncc.passes.quant.calib_data import CalibrationData, validate
 from ncc.passes.quant.observers import TensorStats
@@ -62,15 +61,24 @@ Copying weights into a proto and onnxruntime parsing them again cost 0.55 s per 
 MiniLM's 90 MB (saving them to a temporary file: 0.3 s), and min-cosine opens several sessions."""
 
 _HANDOFF_LOCATION = "ncc-handoff"
-_HANDOFF_TYPES = frozenset({
-    ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.INT8, ir.DataType.UINT8,
-    ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
-    ir.DataType.UINT64, ir.DataType.BOOL,
-})
-
-_FLOAT_TYPES = frozenset(
-    {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+_HANDOFF_TYPES = frozenset(
+    {
+        ir.DataType.FLOAT,
+        ir.DataType.DOUBLE,
+        ir.DataType.FLOAT16,
+        ir.DataType.INT8,
+        ir.DataType.UINT8,
+        ir.DataType.INT16,
+        ir.DataType.UINT16,
+        ir.DataType.INT32,
+        ir.DataType.UINT32,
+        ir.DataType.INT64,
+        ir.DataType.UINT64,
+        ir.DataType.BOOL,
+    }
 )
+
+_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 _CACHE_VERSION = "ncc-calib-v2"
 
 
@@ -125,26 +133,45 @@ def _detach_weights(model: ir.Model, *, memory_mapped: bool) -> list[tuple[str, 
             continue
         # a copy of a memory-mapped tensor: the session must not read from a map its owner may close
         array = np.array(tensor.numpy(), copy=True) if external else np.ascontiguousarray(tensor.numpy())
-        value.const_value = ir.ExternalTensor(_HANDOFF_LOCATION, 0, array.nbytes, tensor.dtype,
-                                              shape=tensor.shape, name=value.name)
+        value.const_value = ir.ExternalTensor(
+            _HANDOFF_LOCATION, 0, array.nbytes, tensor.dtype, shape=tensor.shape, name=value.name
+        )
         detached.append((value.name, array))
     return detached
 
 
-def cache_key(model: ir.Model, values: Iterable[str], data: CalibrationData, extra_key: str = "",
-              axes: dict[str, int] | None = None, minmax_only: Iterable[str] = ()) -> str:
+def cache_key(
+    model: ir.Model,
+    values: Iterable[str],
+    data: CalibrationData,
+    extra_key: str = "",
+    axes: dict[str, int] | None = None,
+    minmax_only: Iterable[str] = (),
+) -> str:
     h = hashlib.sha256(_CACHE_VERSION.encode())
-    parts = (model_fingerprint(model), data.digest(), json.dumps(sorted(set(values))), extra_key,
-             json.dumps(sorted(axes.items())) if axes else "", json.dumps(sorted(set(minmax_only))))
+    parts = (
+        model_fingerprint(model),
+        data.digest(),
+        json.dumps(sorted(set(values))),
+        extra_key,
+        json.dumps(sorted(axes.items())) if axes else "",
+        json.dumps(sorted(set(minmax_only))),
+    )
     for part in parts:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
 
 
-def stats_cache_file(model: ir.Model, values: Iterable[str], data: CalibrationData, cache_dir: Path,
-                     extra_key: str = "", axes: dict[str, int] | None = None,
-                     minmax_only: Iterable[str] = ()) -> Path:
+def stats_cache_file(
+    model: ir.Model,
+    values: Iterable[str],
+    data: CalibrationData,
+    cache_dir: Path,
+    extra_key: str = "",
+    axes: dict[str, int] | None = None,
+    minmax_only: Iterable[str] = (),
+) -> Path:
     """Where :func:`collect_statistics` keeps these statistics under ``cache_dir``."""
     return Path(cache_dir) / f"{cache_key(model, values, data, extra_key, axes, minmax_only)}.npz"
 
@@ -203,8 +230,18 @@ def collect_statistics(
             if cached is not None:
                 return cached
 
-    stats = _run(model, observed, by_name, data, _batch_size(inputs, batch_size), progress, axes or {}, reference,
-                 histograms, minmax_only)
+    stats = _run(
+        model,
+        observed,
+        by_name,
+        data,
+        _batch_size(inputs, batch_size),
+        progress,
+        axes or {},
+        reference,
+        histograms,
+        minmax_only,
+    )
     if cache_file is not None:
         save_stats(cache_file, stats)
     return stats
@@ -276,7 +313,9 @@ def _run(
     binned = {n for n in names if n not in minmax_only}  # a root is binned when it or an alias of it is
     binned |= {root for alias, root in aliases.items() if alias in binned}
     names = list(dict.fromkeys([*(n for n in names if n not in aliases), *aliases.values()]))
-    stats = {name: TensorStats(axis=axes.get(name), histogram=histograms and name in binned) for name in names}
+    stats = {
+        name: TensorStats(axis=axes.get(name), histogram=histograms and name in binned) for name in names
+    }
     feed_names = {v.name for v in model.graph.inputs if not v.is_initializer()}
     constants = [n for n in names if n not in feed_names and by_name[n].producer() is None]
     for name in constants:
@@ -320,19 +359,30 @@ def _moved_from(value: ir.Value) -> str | None:
     """The float tensor whose values ``value`` merely rearranges (through a chain of such ops), or None."""
     root = None
     node = value.producer()
-    while node is not None and node.domain == "" and node.op_type in VALUE_MOVES and node.inputs[0] is not None:
+    while (
+        node is not None and node.domain == "" and node.op_type in VALUE_MOVES and node.inputs[0] is not None
+    ):
         source = node.inputs[0]
-        if source.const_value is not None or not source.name or (source.dtype is not None and
-                                                                  source.dtype not in _FLOAT_TYPES):
+        if (
+            source.const_value is not None
+            or not source.name
+            or (source.dtype is not None and source.dtype not in _FLOAT_TYPES)
+        ):
             break
         root = source.name
         node = source.producer()
     return root
 
 
-def iterate_outputs(model: ir.Model, names: list[str], data: CalibrationData, *, batch_size: int = 8,
-                    progress: bool = True, prune: bool = False,
-                    ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+def iterate_outputs(
+    model: ir.Model,
+    names: list[str],
+    data: CalibrationData,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    prune: bool = False,
+) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """Run ``model`` in onnxruntime on ``data``; yield ``(feeds, {name: array})`` per batch for the values ``names``.
 
     One session (CPU, full optimizations: requested values are graph outputs,
@@ -418,8 +468,12 @@ class _progress_bar:  # noqa: N801 - used as a context manager function
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
-            TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=Console(stderr=True), transient=True,
+            TextColumn("calibrating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
         )
         self._progress.start()
         task = self._progress.add_task("calibrating", total=self.total)
@@ -444,7 +498,9 @@ def save_stats(path: Path, stats: dict[str, TensorStats]) -> None:
     for key in sorted({k for fields in per_tensor for k in fields}):
         present = [np.asarray(fields[key]) for fields in per_tensor if key in fields]
         arrays[key] = np.concatenate([a.reshape(-1) for a in present])
-        arrays[f"{key}.len"] = np.array([np.asarray(f[key]).size if key in f else -1 for f in per_tensor], np.int64)
+        arrays[f"{key}.len"] = np.array(
+            [np.asarray(f[key]).size if key in f else -1 for f in per_tensor], np.int64
+        )
         arrays[f"{key}.ndim"] = np.array(present[0].ndim, np.int64)
     fd, temp = tempfile.mkstemp(prefix=".ncc-calib-", suffix=".npz", dir=path.parent)
     try:

@@ -28,7 +28,6 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.errors import NccError
 from ncc.passes.base import Pass, PassContext, PassResult, option
 
@@ -66,7 +65,9 @@ class CorrectBias(Pass):
                 total += float(np.abs(delta).mean())
             count = len(pairs)
             shifts.append(total / len(pairs))
-        notes = [f"correct-bias: mean |shift| per layer, round {i + 1}: {s:.3g}" for i, s in enumerate(shifts)]
+        notes = [
+            f"correct-bias: mean |shift| per layer, round {i + 1}: {s:.3g}" for i, s in enumerate(shifts)
+        ]
         return PassResult(modified=count > 0, stats={"biases corrected": count}, notes=notes)
 
 
@@ -92,15 +93,25 @@ def _probe(model: ir.Model, float_model: ir.Model):
             copy = ir.Value(name=f"{value.name}__probe_{key}", const_value=value.const_value)
             probe.graph.register_initializer(copy)
             consts.append(copy)
-        twin = ir.Node("", node.op_type, [node.inputs[0], *consts], list(node.attributes.values()),
-                       name=f"{node.name}__float")
+        twin = ir.Node(
+            "",
+            node.op_type,
+            [node.inputs[0], *consts],
+            list(node.attributes.values()),
+            name=f"{node.name}__float",
+        )
         twin.outputs[0].name = f"{node.outputs[0].name}__float"
         probe.graph.insert_after(node, twin)
         local, observed = twin.outputs[0], _observed(node)
         act = observed.producer()
         if act is not node:  # measure after the fused activation, on both sides
-            act_twin = ir.Node("", act.op_type, [local, *act.inputs[1:]], list(act.attributes.values()),
-                               name=f"{act.name}__float")
+            act_twin = ir.Node(
+                "",
+                act.op_type,
+                [local, *act.inputs[1:]],
+                list(act.attributes.values()),
+                name=f"{act.name}__float",
+            )
             act_twin.outputs[0].name = f"{observed.name}__float"
             probe.graph.insert_after(act, act_twin)
             local = act_twin.outputs[0]
@@ -120,7 +131,11 @@ def _observed(node: ir.Node) -> ir.Value:
 
 def _int32_bias(node: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
     """(the int32 bias initializer, its per-channel scale) of a quantized Conv/Gemm, else None."""
-    if node.metadata_props.get("ncc.quant") != "int8" or node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3:
+    if (
+        node.metadata_props.get("ncc.quant") != "int8"
+        or node.op_type not in ("Conv", "Gemm")
+        or len(node.inputs) < 3
+    ):
         return None
     bias = node.inputs[2]
     dq = bias.producer() if bias is not None else None

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.passes.quant.calib_data import CalibrationData
 
 
@@ -92,8 +91,9 @@ def _unpadded(arrays: list[np.ndarray], masks: list[np.ndarray | None] | None) -
     return out
 
 
-def fidelity(reference: dict, candidate: dict, outputs: list[str],
-             masks: list[np.ndarray | None] | None = None) -> float:
+def fidelity(
+    reference: dict, candidate: dict, outputs: list[str], masks: list[np.ndarray | None] | None = None
+) -> float:
     """Smallest, over graph outputs, mean per-sample cosine similarity (padded positions left out)."""
     worst = 1.0
     for name in outputs:
@@ -159,8 +159,10 @@ def rank(float_model: ir.Model, quantized: ir.Model, feeds: list[dict]) -> list[
         out = node.outputs[0].name
         if out not in errors:
             continue
-        err_in = max((errors.get(_float_name(v), 0.0) for v in node.inputs
-                      if v is not None and v.const_value is None), default=0.0)
+        err_in = max(
+            (errors.get(_float_name(v), 0.0) for v in node.inputs if v is not None and v.const_value is None),
+            default=0.0,
+        )
         scores.append((errors[out] - err_in, node.name))
     return [name for _, name in sorted(scores, key=lambda s: -s[0])]
 

@@ -38,7 +38,6 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.errors import NccError
 from ncc.ir import ids
 from ncc.passes.base import Pass, PassContext, PassResult, option
@@ -59,14 +58,24 @@ class InsertQDQ(Pass):
     scheme: Literal["asym", "sym"] = option("asym", "activation quantization scheme")
     reduce_range: bool = option(False, "use 7 bits (costs accuracy; only for old CPUs without VNNI)")
     op_types: tuple[str, ...] = option((), "op types to quantize (empty: the target profile's)")
-    include: tuple[str, ...] = option((), "only quantize nodes whose name matches one of these (regex, searched)")
-    exclude: tuple[str, ...] = option((), "keep nodes whose name matches one of these (regex, searched) in float")
+    include: tuple[str, ...] = option(
+        (), "only quantize nodes whose name matches one of these (regex, searched)"
+    )
+    exclude: tuple[str, ...] = option(
+        (), "keep nodes whose name matches one of these (regex, searched) in float"
+    )
     target: str = option(DEFAULT_TARGET, "target profile")
-    quantize_graph_outputs: bool = option(False, "quantize tensors that are graph outputs too (they stay float)")
-    min_cosine: float = option(0.0, "keep the most sensitive nodes in float until outputs reach this cosine (0: off)")
+    quantize_graph_outputs: bool = option(
+        False, "quantize tensors that are graph outputs too (they stay float)"
+    )
+    min_cosine: float = option(
+        0.0, "keep the most sensitive nodes in float until outputs reach this cosine (0: off)"
+    )
     max_float: float = option(0.1, "largest fraction of quantized compute nodes min-cosine may keep in float")
     fallback_samples: int = option(8, "calibration samples min-cosine measures on")
-    min_gain: float = option(0.05, "a node min-cosine keeps in float must close this fraction of the gap to 1")
+    min_gain: float = option(
+        0.05, "a node min-cosine keeps in float must close this fraction of the gap to 1"
+    )
     patience: int = option(2, "min-cosine stops after this many fallbacks in a row that gained too little")
 
     def requires(self, model: ir.Model) -> None:
@@ -110,9 +119,21 @@ class InsertQDQ(Pass):
 
         def attempt(kept: tuple[str, ...]) -> tuple[ir.Model, PassResult, float]:
             candidate = float_model.clone()
-            result = _Quantizer(self, candidate, calibration, target, op_types, islands, weight_codes,
-                                kept_float=frozenset(kept)).run()
-            return candidate, result, fallback.fidelity(reference, fallback.run(candidate, feeds, outputs), outputs, masks)
+            result = _Quantizer(
+                self,
+                candidate,
+                calibration,
+                target,
+                op_types,
+                islands,
+                weight_codes,
+                kept_float=frozenset(kept),
+            ).run()
+            return (
+                candidate,
+                result,
+                fallback.fidelity(reference, fallback.run(candidate, feeds, outputs), outputs, masks),
+            )
 
         best, result, score = attempt(())
         history = [f"fallback: all quantized: output cosine {score:.5f} (target {self.min_cosine})"]
@@ -142,8 +163,10 @@ class InsertQDQ(Pass):
             try_float(name)
 
         def stopped() -> str:
-            return (f"fallback: stopped after {misses} fallbacks in a row gained less than {self.min_gain:.0%} of "
-                    "the gap to 1: the error is spread, not in a few nodes")
+            return (
+                f"fallback: stopped after {misses} fallbacks in a row gained less than {self.min_gain:.0%} of "
+                "the gap to 1: the error is spread, not in a few nodes"
+            )
 
         if score < self.min_cosine and misses >= self.patience:
             history.append(stopped())
@@ -173,9 +196,24 @@ def _adopt(model: ir.Model, source: ir.Model) -> None:
 
 
 class _Quantizer:
-    def __init__(self, options: InsertQDQ, model: ir.Model, calibration, target, op_types: set[str],
-                 islands: set[str], weight_codes: dict | None = None, kept_float: frozenset[str] = frozenset()):
-        self.o, self.model, self.graph, self.cal, self.target = options, model, model.graph, calibration, target
+    def __init__(
+        self,
+        options: InsertQDQ,
+        model: ir.Model,
+        calibration,
+        target,
+        op_types: set[str],
+        islands: set[str],
+        weight_codes: dict | None = None,
+        kept_float: frozenset[str] = frozenset(),
+    ):
+        self.o, self.model, self.graph, self.cal, self.target = (
+            options,
+            model,
+            model.graph,
+            calibration,
+            target,
+        )
         self.kept_float = kept_float  # node names min-cosine keeps in float (exact names, not patterns)
         #: (weight, axis, op, floor) -> (int8 codes, scales): shared by min-cosine's attempts, which
         #: quantize copies of one float model with one calibration
@@ -300,7 +338,9 @@ class _Quantizer:
             if src is None or src.name not in self.need or out.name not in self.cal.stats:
                 continue
             users = [u.node for u in out.uses()]
-            if users and all(id(u) in quantized_ids or u.op_type in self.target.passthrough_ops for u in users):
+            if users and all(
+                id(u) in quantized_ids or u.op_type in self.target.passthrough_ops for u in users
+            ):
                 self.need[out.name] = out
                 self.quantized_producer.add(out.name)
                 self._union(src.name, out.name)
@@ -324,8 +364,9 @@ class _Quantizer:
         for members in groups.values():
             ranges = [self._range(self.need[m], symmetric) for m in members]
             lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
-            params = quant_params(lo, hi, dtype=self.o.activations, symmetric=symmetric,
-                                  reduce_range=self.o.reduce_range)
+            params = quant_params(
+                lo, hi, dtype=self.o.activations, symmetric=symmetric, reduce_range=self.o.reduce_range
+            )
             for m in members:
                 self.params[m] = params
 
@@ -354,7 +395,12 @@ class _Quantizer:
             node.replace_input_with(i, dq)
             if i == role.weight:
                 weight_scales = scales
-        if weight_scales is not None and role.bias is not None and role.bias < len(node.inputs) and node.inputs[role.bias] is not None:
+        if (
+            weight_scales is not None
+            and role.bias is not None
+            and role.bias < len(node.inputs)
+            and node.inputs[role.bias] is not None
+        ):
             self._quantize_bias(node, role, weight_scales)
 
     def _bias_floor(self, node: ir.Node, role: plan.Role, axis: int | None) -> np.ndarray | float:
@@ -372,13 +418,20 @@ class _Quantizer:
         floor = b / (np.float32(self.params[x.name][0]) * np.float32(2**30))
         return floor if axis is not None and floor.ndim == 1 else float(floor.max(initial=0.0))
 
-    def _weight_dq(self, w: ir.Value, axis: int | None, node: ir.Node,
-                   floor: np.ndarray | float = 0.0) -> tuple[ir.Value, np.ndarray]:
+    def _weight_dq(
+        self, w: ir.Value, axis: int | None, node: ir.Node, floor: np.ndarray | float = 0.0
+    ) -> tuple[ir.Value, np.ndarray]:
         key = (w.name, -1 if axis is None else axis)
         if key in self.weights:
             return self.weights[key]
-        code_key = (w.name, axis, node.op_type, node.attributes.get_int("group", 1),
-                    node.attributes.get_int("transB", 0), np.asarray(floor, np.float32).tobytes())
+        code_key = (
+            w.name,
+            axis,
+            node.op_type,
+            node.attributes.get_int("group", 1),
+            node.attributes.get_int("transB", 0),
+            np.asarray(floor, np.float32).tobytes(),
+        )
         if code_key not in self.weight_codes:
             self.weight_codes[code_key] = self._weight_codes(w, axis, node, floor)
         q, scales = self.weight_codes[code_key]
@@ -391,8 +444,9 @@ class _Quantizer:
         self.weights[key] = (dq, scales)
         return dq, scales
 
-    def _weight_codes(self, w: ir.Value, axis: int | None, node: ir.Node,
-                      floor: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    def _weight_codes(
+        self, w: ir.Value, axis: int | None, node: ir.Node, floor: np.ndarray | float
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Symmetric int8 codes of ``w`` (per channel along ``axis``) and their float32 scales."""
         array = w.const_value.numpy().astype(np.float32)
         qmax = 63 if self.o.reduce_range else 127
@@ -430,8 +484,10 @@ class _Quantizer:
             return
         q = np.clip(np.rint(array / scale), -(2**31), 2**31 - 1).astype(np.int32)
         bq = self._constant(f"{bias.name}_quantized", q)
-        bs = self._constant(f"{bias.name}_scale", np.broadcast_to(scale, array.shape).copy() if scale.size > 1
-                            else scale.reshape(()))
+        bs = self._constant(
+            f"{bias.name}_scale",
+            np.broadcast_to(scale, array.shape).copy() if scale.size > 1 else scale.reshape(()),
+        )
         bz = self._constant(f"{bias.name}_zero_point", np.zeros(np.shape(bs.const_value.numpy()), np.int32))
         attrs = {"axis": 0} if scale.size > 1 else {}
         dq = self._node("DequantizeLinear", [bq, bs, bz], attrs, f"{bias.name}_dequantized", before=node)

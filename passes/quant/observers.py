@@ -266,8 +266,10 @@ class TensorStats:
     def _require_histogram(self, method: str) -> None:
         self._require_data()
         if not self.histogram:
-            raise ValueError(f"calibration method {method!r} needs a histogram; these statistics were "
-                             "collected for minmax only")
+            raise ValueError(
+                f"calibration method {method!r} needs a histogram; these statistics were "
+                "collected for minmax only"
+            )
 
     def minmax(self) -> tuple[float, float]:
         """The observed ``(min, max)``."""
@@ -371,7 +373,12 @@ class TensorStats:
 
     def range(self, method: str = "minmax", **options) -> tuple[float, float]:
         """Dispatch by name: ``minmax``, ``percentile`` (``p``), ``entropy`` (``levels``), ``mse``."""
-        methods = {"minmax": self.minmax, "percentile": self.percentile, "entropy": self.entropy, "mse": self.mse}
+        methods = {
+            "minmax": self.minmax,
+            "percentile": self.percentile,
+            "entropy": self.entropy,
+            "mse": self.mse,
+        }
         if method not in methods:
             raise ValueError(f"unknown calibration method {method!r}; expected one of {sorted(methods)}")
         return methods[method](**options)
@@ -398,8 +405,11 @@ class TensorStats:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> TensorStats:
         axis = int(arrays["axis"])
-        stats = cls(int(arrays["bins"]), axis=None if axis == -(2**31) else axis,
-                    histogram=bool(arrays["histogram"]) if "histogram" in arrays else True)
+        stats = cls(
+            int(arrays["bins"]),
+            axis=None if axis == -(2**31) else axis,
+            histogram=bool(arrays["histogram"]) if "histogram" in arrays else True,
+        )
         for name in _FIELDS_SCALAR:
             value = arrays[name].item()
             setattr(stats, name, value)
@@ -447,7 +457,9 @@ def _kl_threshold(hist: np.ndarray, levels: int) -> int:
     last = hist[cand - 1]
     p_last = last + outliers
     with np.errstate(divide="ignore", invalid="ignore"):
-        plogp = cum_hlogh[cand - 1] + np.where(p_last > 0, p_last * np.log(np.where(p_last > 0, p_last, 1.0)), 0.0)
+        plogp = cum_hlogh[cand - 1] + np.where(
+            p_last > 0, p_last * np.log(np.where(p_last > 0, p_last, 1.0)), 0.0
+        )
     # chunk boundaries, shape (candidates, levels + 1)
     merged = cand // levels
     starts = merged[:, None] * np.arange(levels + 1)[None, :]

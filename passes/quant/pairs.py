@@ -56,7 +56,9 @@ def fit_pairs(q: np.ndarray, exact: np.ndarray, axis: int = 0) -> np.ndarray:
         if not over.any():
             continue
         # nearest point of sa' + sb' = PAIR_LIMIT to (sign*ta, sign*tb), both magnitudes within [1, 127]
-        na = np.clip(np.rint((sign * ta - sign * tb + PAIR_LIMIT) / 2), PAIR_LIMIT - 127, 127).astype(np.int32)
+        na = np.clip(np.rint((sign * ta - sign * tb + PAIR_LIMIT) / 2), PAIR_LIMIT - 127, 127).astype(
+            np.int32
+        )
         a[over] = (sign * na)[over]
         b[over] = (sign * (PAIR_LIMIT - na))[over]
     return np.moveaxis(out, 0, axis).astype(np.asarray(q).dtype)

@@ -13,10 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import onnx_ir as ir
-
 from ncc.errors import NccError
 from ncc.targets import TargetProfile
-
 
 KEEP_FLOAT = "ncc.quant.keep_float"
 """Node metadata: a pass before ``insert-qdq`` wants this node in float; the value is the reason."""
@@ -49,15 +47,27 @@ ROLES: dict[str, Role] = {
 }
 
 #: Ops whose presence means a model was quantized already (plus every ``QLinear*``).
-QUANTIZED_OPS = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention", "DynamicQuantizeLSTM",
-    "MatMulNBits", "GatherBlockQuantized",
-})
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "QGemm",
+        "QAttention",
+        "DynamicQuantizeLSTM",
+        "MatMulNBits",
+        "GatherBlockQuantized",
+    }
+)
 
 
 def is_quantized_op(node: ir.Node) -> bool:
     return node.op_type in QUANTIZED_OPS or node.op_type.startswith("QLinear")
+
 
 ACTIVATIONS = frozenset({"Relu", "Clip"})
 
@@ -96,8 +106,12 @@ def unmatched_warnings(model: ir.Model, **patterns: Sequence[str]) -> list[str]:
     from ncc.ir.ids import all_nodes
 
     nodes = list(all_nodes(model))
-    return [f"warning: {kind} pattern {p!r} matches no node name (patterns are regexes searched in names)"
-            for kind, group in patterns.items() for p in group if not any(matches(n, (p,)) for n in nodes)]
+    return [
+        f"warning: {kind} pattern {p!r} matches no node name (patterns are regexes searched in names)"
+        for kind, group in patterns.items()
+        for p in group
+        if not any(matches(n, (p,)) for n in nodes)
+    ]
 
 
 def weight_axis(node: ir.Node, index: int, rank: int) -> int:
@@ -166,9 +180,13 @@ def binned_values(graph: ir.Graph, target: TargetProfile) -> frozenset[str]:
             if value is None or not value.name or value.name in out:
                 continue
             out.add(value.name)
-            stack.extend(use.node.outputs[0] for use in value.uses()
-                         if use.idx == 0 and use.node.domain == ""
-                         and (use.node.op_type in moves or use.node.op_type in ACTIVATIONS))
+            stack.extend(
+                use.node.outputs[0]
+                for use in value.uses()
+                if use.idx == 0
+                and use.node.domain == ""
+                and (use.node.op_type in moves or use.node.op_type in ACTIVATIONS)
+            )
     return frozenset(out)
 
 
@@ -196,7 +214,12 @@ def folds_into_layer_norm(value: ir.Value) -> bool:
     """Whether ``value`` comes out of a LayerNormalization over its last axis with a constant scale (and
     bias): dividing it per channel then only changes those constants."""
     node = value.producer()
-    if node is None or node.op_type != "LayerNormalization" or node.domain != "" or node.outputs[0] is not value:
+    if (
+        node is None
+        or node.op_type != "LayerNormalization"
+        or node.domain != ""
+        or node.outputs[0] is not value
+    ):
         return False
     axis = node.attributes.get_int("axis", -1)
     if axis != -1 and not (value.shape is not None and axis == len(value.shape) - 1):

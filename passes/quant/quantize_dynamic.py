@@ -81,7 +81,6 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.errors import NccError
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.cleanup.fold_constants import constant_tensor
@@ -141,8 +140,12 @@ class WeightQuant:
         zp = np.where(span > 0, np.clip(np.round(qmin - rmin / scale.astype(np.float64)), qmin, qmax), qmin)
         return scale, zp.astype(np.int64)
 
-    def quantize(self, w: np.ndarray, axis: int | None, k_axis: int | None = None,
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def quantize(
+        self,
+        w: np.ndarray,
+        axis: int | None,
+        k_axis: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(w_q, scale, zero_point)``; per-tensor (scalars) when ``axis`` is None, else 1-D along ``axis``.
         ``k_axis``: the GEMM reduction axis of ``w`` (its int16 pairs are kept safe when ``paired``)."""
         w = np.asarray(w, dtype=np.float32)
@@ -204,8 +207,16 @@ class _State:
         self.quantized[op_type] += 1
 
     def weight(
-        self, rewriter: Rewriter, value: ir.Value, tensor: ir.TensorProtocol, *, transpose: bool, axis: int | None,
-        scale_shape: tuple[int, ...] | None = None, wq: WeightQuant | None = None, k_axis: int | None = None,
+        self,
+        rewriter: Rewriter,
+        value: ir.Value,
+        tensor: ir.TensorProtocol,
+        *,
+        transpose: bool,
+        axis: int | None,
+        scale_shape: tuple[int, ...] | None = None,
+        wq: WeightQuant | None = None,
+        k_axis: int | None = None,
     ) -> tuple[ir.Value, ir.Value, ir.Value]:
         """Quantized ``(w_q, w_scale, w_zero_point)`` constants for ``value`` (cached; reads it once)."""
         wq = wq or self.wq
@@ -247,14 +258,21 @@ class _State:
                     self.bytes_after -= value.const_value.nbytes
                 del graph.initializers[value.name]
 
-    def dynamic_quantize(self, rewriter: Rewriter, a: ir.Value, name: str) -> tuple[ir.Value, ir.Value, ir.Value]:
+    def dynamic_quantize(
+        self, rewriter: Rewriter, a: ir.Value, name: str
+    ) -> tuple[ir.Value, ir.Value, ir.Value]:
         """``DynamicQuantizeLinear(a)``, one per activation and graph (before its first quantized reader)."""
         key = (id(rewriter.graph), id(a))
         if key in self.activations:
             return self.activations[key]
         dql = rewriter.create(
-            "DynamicQuantizeLinear", [a], num_outputs=3, name=f"{name}/DynamicQuantizeLinear",
-            output_names=[rewriter.fresh_name(f"{a.name or 'a'}_{s}") for s in ("quantized", "scale", "zero_point")],
+            "DynamicQuantizeLinear",
+            [a],
+            num_outputs=3,
+            name=f"{name}/DynamicQuantizeLinear",
+            output_names=[
+                rewriter.fresh_name(f"{a.name or 'a'}_{s}") for s in ("quantized", "scale", "zero_point")
+            ],
         )
         aq, a_s, a_zp = dql.outputs
         _typed(aq, ir.DataType.UINT8, a.shape)
@@ -306,32 +324,55 @@ class _Base(Pattern):
         return None
 
     def _emit_matmul(
-        self, rewriter: Rewriter, node: ir.Node, a: ir.Value, w: tuple[ir.Value, ir.Value, ir.Value],
-        bias: ir.Value | None, out: ir.Value, absorbed: list[ir.Node],
+        self,
+        rewriter: Rewriter,
+        node: ir.Node,
+        a: ir.Value,
+        w: tuple[ir.Value, ir.Value, ir.Value],
+        bias: ir.Value | None,
+        out: ir.Value,
+        absorbed: list[ir.Node],
     ) -> None:
         st, name = self.state, node.name or self.op
         w_q, w_s, w_zp = w
         if st.pass_.form == "fused":
             st.uses_ms = True
             inputs = [a, w_q, w_s, w_zp] + ([bias] if bias is not None else [])
-            new = rewriter.create("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN, name=name, absorbed=absorbed)
+            new = rewriter.create(
+                "DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN, name=name, absorbed=absorbed
+            )
             st.done(new, self.op)
             _take_over(rewriter, out, new.outputs[0], absorbed)
             return
         aq, a_s, a_zp = st.dynamic_quantize(rewriter, a, name)
         base = out.name or name
-        mmi = rewriter.create("MatMulInteger", [aq, w_q, a_zp, w_zp], name=f"{name}/MatMulInteger", absorbed=absorbed,
-                              output_names=[rewriter.fresh_name(f"{base}_int32")])
+        mmi = rewriter.create(
+            "MatMulInteger",
+            [aq, w_q, a_zp, w_zp],
+            name=f"{name}/MatMulInteger",
+            absorbed=absorbed,
+            output_names=[rewriter.fresh_name(f"{base}_int32")],
+        )
         _typed(mmi.outputs[0], ir.DataType.INT32, out.shape)
         st.done(mmi, self.op)
-        cast = rewriter.create("Cast", mmi.outputs, {"to": ir.DataType.FLOAT}, name=f"{name}/Cast",
-                               output_names=[rewriter.fresh_name(f"{base}_float")])
+        cast = rewriter.create(
+            "Cast",
+            mmi.outputs,
+            {"to": ir.DataType.FLOAT},
+            name=f"{name}/Cast",
+            output_names=[rewriter.fresh_name(f"{base}_float")],
+        )
         _typed(cast.outputs[0], ir.DataType.FLOAT, out.shape)
-        scale = rewriter.create("Mul", [a_s, w_s], name=f"{name}/scale",
-                                output_names=[rewriter.fresh_name(f"{base}_scale")])
+        scale = rewriter.create(
+            "Mul", [a_s, w_s], name=f"{name}/scale", output_names=[rewriter.fresh_name(f"{base}_scale")]
+        )
         _typed(scale.outputs[0], ir.DataType.FLOAT, w_s.shape)
-        y = rewriter.create("Mul", [cast.outputs[0], scale.outputs[0]], name=f"{name}/rescale",
-                            output_names=[rewriter.fresh_name(f"{base}_rescaled")])
+        y = rewriter.create(
+            "Mul",
+            [cast.outputs[0], scale.outputs[0]],
+            name=f"{name}/rescale",
+            output_names=[rewriter.fresh_name(f"{base}_rescaled")],
+        )
         if bias is not None:
             _typed(y.outputs[0], ir.DataType.FLOAT, out.shape)
             y = rewriter.create("Add", [y.outputs[0], bias], name=f"{name}/bias")
@@ -369,7 +410,9 @@ class MatMulPattern(_Base):
                     bias_array = _bias_vector(c, n, rank)
                     if bias_array is not None:
                         out, absorbed = add.outputs[0], [node, add]
-        w = st.weight(rewriter, b, tensor, transpose=False, axis=1 if st.pass_.per_channel else None, k_axis=0)
+        w = st.weight(
+            rewriter, b, tensor, transpose=False, axis=1 if st.pass_.per_channel else None, k_axis=0
+        )
         bias = st.constant(rewriter, bias_array, f"{b.name or 'w'}_bias") if bias_array is not None else None
         self._emit_matmul(rewriter, node, a, w, bias, out, absorbed)
         return MatchResult.ok()
@@ -440,36 +483,65 @@ class GatherPattern(_Base):
         # no integer kernel reads the table: always s8 (8 bits), symmetric unless asked otherwise
         table_quant = WeightQuant("s8", st.wq.symmetric, False)
         e_q, e_s, e_zp = st.weight(
-            rewriter, table, tensor, transpose=False, axis=0 if per_row else None,
-            scale_shape=(int(tensor.shape[0]), 1) if per_row else None, wq=table_quant,
+            rewriter,
+            table,
+            tensor,
+            transpose=False,
+            axis=0 if per_row else None,
+            scale_shape=(int(tensor.shape[0]), 1) if per_row else None,
+            wq=table_quant,
         )
         base = out.name or name
-        g = rewriter.create("Gather", [e_q, idx], name=name, absorbed=[node],
-                            output_names=[rewriter.fresh_name(f"{base}_quantized")])
+        g = rewriter.create(
+            "Gather",
+            [e_q, idx],
+            name=name,
+            absorbed=[node],
+            output_names=[rewriter.fresh_name(f"{base}_quantized")],
+        )
         _typed(g.outputs[0], e_q.const_value.dtype, out.shape)
         st.done(g, self.op)
         if not per_row:
-            y = rewriter.create("DequantizeLinear", [g.outputs[0], e_s, e_zp], name=f"{name}/DequantizeLinear")
+            y = rewriter.create(
+                "DequantizeLinear", [g.outputs[0], e_s, e_zp], name=f"{name}/DequantizeLinear"
+            )
             _take_over(rewriter, out, y.outputs[0], [node])
             return MatchResult.ok()
-        cast = rewriter.create("Cast", g.outputs, {"to": ir.DataType.FLOAT}, name=f"{name}/Cast",
-                               output_names=[rewriter.fresh_name(f"{base}_float")])
+        cast = rewriter.create(
+            "Cast",
+            g.outputs,
+            {"to": ir.DataType.FLOAT},
+            name=f"{name}/Cast",
+            output_names=[rewriter.fresh_name(f"{base}_float")],
+        )
         _typed(cast.outputs[0], ir.DataType.FLOAT, out.shape)
         x = cast.outputs[0]
         row_shape = ir.Shape([*idx.shape.dims, 1]) if idx.shape is not None else None
         if not table_quant.symmetric:  # (q - zp) * s: gather the zero points too
             zp_f = e_zp.const_value.numpy().astype(np.float32)
             zp_v = st.constant(rewriter, zp_f, f"{table.name or 'table'}_zero_point_f")
-            gz = rewriter.create("Gather", [zp_v, idx], name=f"{name}/zero_point",
-                                 output_names=[rewriter.fresh_name(f"{base}_row_zero_point")])
+            gz = rewriter.create(
+                "Gather",
+                [zp_v, idx],
+                name=f"{name}/zero_point",
+                output_names=[rewriter.fresh_name(f"{base}_row_zero_point")],
+            )
             st.created.add(id(gz))
             _typed(gz.outputs[0], ir.DataType.FLOAT, row_shape)
-            sub = rewriter.create("Sub", [x, gz.outputs[0]], name=f"{name}/Sub",
-                                  output_names=[rewriter.fresh_name(f"{base}_centered")])
+            sub = rewriter.create(
+                "Sub",
+                [x, gz.outputs[0]],
+                name=f"{name}/Sub",
+                output_names=[rewriter.fresh_name(f"{base}_centered")],
+            )
             _typed(sub.outputs[0], ir.DataType.FLOAT, out.shape)
             x = sub.outputs[0]
-        gs = rewriter.create("Gather", [e_s, idx], name=f"{name}/scale",
-                             output_names=[rewriter.fresh_name(f"{base}_row_scale")])
+        gs = rewriter.create(
+            "Gather",
+            [e_s, idx],
+            name=f"{name}/scale",
+            output_names=[rewriter.fresh_name(f"{base}_row_scale")],
+        )
         st.created.add(id(gs))
         _typed(gs.outputs[0], ir.DataType.FLOAT, row_shape)
         y = rewriter.create("Mul", [x, gs.outputs[0]], name=f"{name}/rescale")
@@ -503,19 +575,32 @@ class ConvPattern(_Base):
         m = int(tensor.shape[0])
         per_channel = st.pass_.per_channel
         if per_channel and not st.wq.symmetric:
-            return st.skip(node, "ConvInteger takes one weight zero point: per-channel weights must be symmetric")
+            return st.skip(
+                node, "ConvInteger takes one weight zero point: per-channel weights must be symmetric"
+            )
         w_q, w_s, w_zp = st.weight(rewriter, w, tensor, transpose=False, axis=0 if per_channel else None)
         if per_channel:  # symmetric: every zero point is the same; ConvInteger wants a scalar
             zp0 = w_zp.const_value.numpy().reshape(-1)[:1].reshape(())
             w_zp = st.constant(rewriter, zp0, f"{w.name or 'w'}_zero_point_scalar")
         aq, a_s, a_zp = st.dynamic_quantize(rewriter, x, name)
         base = out.name or name
-        conv = rewriter.create("ConvInteger", [aq, w_q, a_zp, w_zp], node.attributes.values(), name=name,
-                               absorbed=[node], output_names=[rewriter.fresh_name(f"{base}_int32")])
+        conv = rewriter.create(
+            "ConvInteger",
+            [aq, w_q, a_zp, w_zp],
+            node.attributes.values(),
+            name=name,
+            absorbed=[node],
+            output_names=[rewriter.fresh_name(f"{base}_int32")],
+        )
         _typed(conv.outputs[0], ir.DataType.INT32, out.shape)
         st.done(conv, self.op)
-        cast = rewriter.create("Cast", conv.outputs, {"to": ir.DataType.FLOAT}, name=f"{name}/Cast",
-                               output_names=[rewriter.fresh_name(f"{base}_float")])
+        cast = rewriter.create(
+            "Cast",
+            conv.outputs,
+            {"to": ir.DataType.FLOAT},
+            name=f"{name}/Cast",
+            output_names=[rewriter.fresh_name(f"{base}_float")],
+        )
         _typed(cast.outputs[0], ir.DataType.FLOAT, out.shape)
         # per-channel scales (and the bias) broadcast over [N, M, spatial...]
         bshape = (m,) + (1,) * (rank - 2)
@@ -523,11 +608,16 @@ class ConvPattern(_Base):
             ws_b = st.constant(rewriter, w_s.const_value.numpy().reshape(bshape), f"{w.name or 'w'}_scale_b")
         else:
             ws_b = w_s
-        scale = rewriter.create("Mul", [a_s, ws_b], name=f"{name}/scale",
-                                output_names=[rewriter.fresh_name(f"{base}_scale")])
+        scale = rewriter.create(
+            "Mul", [a_s, ws_b], name=f"{name}/scale", output_names=[rewriter.fresh_name(f"{base}_scale")]
+        )
         _typed(scale.outputs[0], ir.DataType.FLOAT, ws_b.shape)
-        y = rewriter.create("Mul", [cast.outputs[0], scale.outputs[0]], name=f"{name}/rescale",
-                            output_names=[rewriter.fresh_name(f"{base}_rescaled")])
+        y = rewriter.create(
+            "Mul",
+            [cast.outputs[0], scale.outputs[0]],
+            name=f"{name}/rescale",
+            output_names=[rewriter.fresh_name(f"{base}_rescaled")],
+        )
         if bias_array is not None:
             _typed(y.outputs[0], ir.DataType.FLOAT, out.shape)
             bv = st.constant(rewriter, bias_array.reshape(bshape), f"{b.name or 'b'}_b")
@@ -548,14 +638,17 @@ class QuantizeDynamic(Pass):
 
     name: ClassVar[str] = "quantize-dynamic"
 
-    op_types: tuple[str, ...] = option((), "op types to quantize: MatMul, Gemm, Gather, Conv (empty: the target's)")
+    op_types: tuple[str, ...] = option(
+        (), "op types to quantize: MatMul, Gemm, Gather, Conv (empty: the target's)"
+    )
     per_channel: bool = option(True, "one weight scale per output channel (per row for Gather tables)")
     weight_symmetric: bool = option(True, "symmetric weights (zero point 0)")
     weight_dtype: Literal["s8", "u8"] = option("s8", "weight integer type: s8, or u8 (zero point 128)")
     reduce_range: bool = option(False, "7-bit weights (s8 within ±63, u8 within 64±63) on any target")
     exclude: tuple[str, ...] = option((), "node names or regexes (searched in the name) to keep in float")
     form: Literal["standard", "fused"] = option(
-        "standard", "standard: DynamicQuantizeLinear + MatMulInteger; fused: com.microsoft DynamicQuantizeMatMul"
+        "standard",
+        "standard: DynamicQuantizeLinear + MatMulInteger; fused: com.microsoft DynamicQuantizeMatMul",
     )
     gather: bool = option(True, "quantize Gather on constant tables (embeddings) when op-types names Gather")
     target: str = option(DEFAULT_TARGET, "target profile (host: this CPU's)")
@@ -589,6 +682,7 @@ class QuantizeDynamic(Pass):
 
     def requires(self, model: ir.Model) -> None:
         from ncc.ir import ids
+
         refuse_quantized(model)
         found = any(node.domain in _ONNX and node.op_type in self.active_ops for node in ids.all_nodes(model))
         if not found:
@@ -603,8 +697,10 @@ class QuantizeDynamic(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         self.requires(model)
         warnings = unmatched_warnings(model, exclude=self.exclude)
-        state = _State(self, WeightQuant(self.weight_dtype, self.weight_symmetric, self.reduce_range,
-                                         self.paired_weights))
+        state = _State(
+            self,
+            WeightQuant(self.weight_dtype, self.weight_symmetric, self.reduce_range, self.paired_weights),
+        )
         patterns = [_PATTERNS[op](state) for op in SUPPORTED_OPS if op in self.active_ops]
         pstats = apply_patterns(model, patterns)
         state.drop_unused(model)
@@ -612,7 +708,9 @@ class QuantizeDynamic(Pass):
             model.opset_imports[MS_DOMAIN] = 1
         # a candidate that was skipped in an early sweep may have been quantized later
         skipped = [
-            (n, r) for n, r in state.skipped.values() if n.graph is not None and QUANT_KEY not in n.metadata_props
+            (n, r)
+            for n, r in state.skipped.values()
+            if n.graph is not None and QUANT_KEY not in n.metadata_props
         ]
         total = sum(state.quantized.values())
         if total == 0:

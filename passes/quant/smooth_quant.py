@@ -37,7 +37,6 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.errors import NccError
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.quant.plan import KEEP_FLOAT, folds_into_layer_norm, smoothable
@@ -52,10 +51,13 @@ class SmoothQuant(Pass):
     """Migrate per-channel activation outliers of LayerNorm outputs into the MatMul weights that read them."""
 
     name: ClassVar[str] = "smooth-quant"
-    alpha: float = option(0.5, "migration strength: 0 leaves the activations alone, 1 moves all their range "
-                               "into the weights")
-    insert_mul: bool = option(False, "also smooth activations no LayerNorm produces, through a float Mul by 1/s "
-                                     "before their MatMuls")
+    alpha: float = option(
+        0.5, "migration strength: 0 leaves the activations alone, 1 moves all their range into the weights"
+    )
+    insert_mul: bool = option(
+        False,
+        "also smooth activations no LayerNorm produces, through a float Mul by 1/s before their MatMuls",
+    )
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         if not 0.0 <= self.alpha <= 1.0:
@@ -95,12 +97,21 @@ class SmoothQuant(Pass):
         notes = []
         if spreads:
             before, after = (float(np.median([p[i] for p in spreads])) for i in (0, 1))
-            notes.append(f"smooth-quant: {len(spreads)} activations rescaled (alpha {self.alpha}), {inserted} of them "
-                         f"through a new Mul; largest over median channel range, median over tensors: "
-                         f"{before:.1f}x -> {after:.1f}x")
-        return PassResult(modified=bool(spreads), notes=notes,
-                          stats={"tensors smoothed": len(spreads), "folded into LayerNorm": len(spreads) - inserted,
-                                 "Mul before MatMuls": inserted, "Mul restoring other readers": restored})
+            notes.append(
+                f"smooth-quant: {len(spreads)} activations rescaled (alpha {self.alpha}), {inserted} of them "
+                f"through a new Mul; largest over median channel range, median over tensors: "
+                f"{before:.1f}x -> {after:.1f}x"
+            )
+        return PassResult(
+            modified=bool(spreads),
+            notes=notes,
+            stats={
+                "tensors smoothed": len(spreads),
+                "folded into LayerNorm": len(spreads) - inserted,
+                "Mul before MatMuls": inserted,
+                "Mul restoring other readers": restored,
+            },
+        )
 
 
 def _scales(act: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -123,8 +134,9 @@ def _fold_into_layer_norm(rewriter: Rewriter, norm: ir.Node, s: np.ndarray) -> N
         if index >= len(norm.inputs) or norm.inputs[index] is None:
             continue
         old = norm.inputs[index]
-        value = rewriter.constant((old.const_value.numpy().astype(np.float32) / s).astype(np.float32),
-                                  f"{old.name}_smoothed")
+        value = rewriter.constant(
+            (old.const_value.numpy().astype(np.float32) / s).astype(np.float32), f"{old.name}_smoothed"
+        )
         norm.replace_input_with(index, value)
         rewriter.drop_if_unused(old)
 
@@ -135,12 +147,16 @@ def _replace_weight(rewriter: Rewriter, node: ir.Node, array: np.ndarray) -> Non
     rewriter.drop_if_unused(old)
 
 
-def _restore_for_other_readers(rewriter: Rewriter, x: ir.Value, matmuls: list[ir.Node], s: np.ndarray,
-                               calibration) -> bool:
+def _restore_for_other_readers(
+    rewriter: Rewriter, x: ir.Value, matmuls: list[ir.Node], s: np.ndarray, calibration
+) -> bool:
     """Readers of ``x`` other than ``matmuls`` and shape-only ops read ``x * s`` (the original tensor)."""
     smoothed_readers = {id(m) for m in matmuls}
-    others = [(node, index) for node, index in x.uses()
-              if id(node) not in smoothed_readers and node.op_type not in _SHAPE_ONLY]
+    others = [
+        (node, index)
+        for node, index in x.uses()
+        if id(node) not in smoothed_readers and node.op_type not in _SHAPE_ONLY
+    ]
     if not others:
         return False
     restored = _scaled(rewriter, x, s, [node for node, _ in others], "unsmooth")
@@ -154,17 +170,22 @@ def _divide_before(rewriter: Rewriter, x: ir.Value, matmuls: list[ir.Node], s: n
     """``matmuls`` read ``x * (1/s)`` from a new Mul; returns its output."""
     smoothed = _scaled(rewriter, x, (1.0 / s).astype(np.float32), matmuls, "smooth")
     # quantizing the Mul itself would quantize its input, outliers and all
-    smoothed.producer().metadata_props[KEEP_FLOAT] = "smooth-quant's scale: it reads the activation before smoothing"
+    smoothed.producer().metadata_props[KEEP_FLOAT] = (
+        "smooth-quant's scale: it reads the activation before smoothing"
+    )
     for node in matmuls:
         node.replace_input_with(0, smoothed)
     return smoothed
 
 
-def _scaled(rewriter: Rewriter, x: ir.Value, factor: np.ndarray, readers: list[ir.Node], suffix: str) -> ir.Value:
+def _scaled(
+    rewriter: Rewriter, x: ir.Value, factor: np.ndarray, readers: list[ir.Node], suffix: str
+) -> ir.Value:
     """A new ``Mul(x, factor)`` placed before the first of ``readers`` in graph order; returns its output."""
     rewriter.set_insertion_point(next(n for n in rewriter.graph if any(n is r for r in readers)))
     scale = rewriter.constant(factor, f"{x.name}_{suffix}_scale")
-    mul = rewriter.create("Mul", [x, scale], name=f"{x.name}_{suffix}",
-                          output_names=[rewriter.fresh_name(f"{x.name}_{suffix}")])
+    mul = rewriter.create(
+        "Mul", [x, scale], name=f"{x.name}_{suffix}", output_names=[rewriter.fresh_name(f"{x.name}_{suffix}")]
+    )
     mul.outputs[0].type, mul.outputs[0].shape = x.type, x.shape
     return mul.outputs[0]

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.passes.quant.calib_data import CalibrationData
 
 
@@ -43,23 +42,35 @@ def merged(parts: list[InputStats]) -> InputStats:
     """One weight read by several activations: their statistics pooled (Hessians and sums add, samples join)."""
     if len(parts) == 1:
         return parts[0]
-    return InputStats(parts[0].k, hessian=sum(p.hessian for p in parts), abs_sum=sum(p.abs_sum for p in parts),
-                      rows=sum(p.rows for p in parts))
+    return InputStats(
+        parts[0].k,
+        hessian=sum(p.hessian for p in parts),
+        abs_sum=sum(p.abs_sum for p in parts),
+        rows=sum(p.rows for p in parts),
+    )
 
 
 def accumulator_bytes(k: int) -> int:
     return 8 * k * k + 8 * k
 
 
-def collect(model: ir.Model, inputs: dict[str, int], data: CalibrationData, *, batch_size: int = 4,
-            progress: bool = False) -> dict[str, InputStats]:
+def collect(
+    model: ir.Model,
+    inputs: dict[str, int],
+    data: CalibrationData,
+    *,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> dict[str, InputStats]:
     """Statistics of the float values ``inputs`` (name -> K) of ``model`` over ``data``."""
     from ncc.passes.quant.calibration import iterate_outputs
 
     stats = {name: InputStats(k, hessian=np.zeros((k, k)), abs_sum=np.zeros(k)) for name, k in inputs.items()}
     feeds = {v.name for v in model.graph.inputs}
     fetched = [n for n in inputs if n not in feeds]
-    for batch, outputs in iterate_outputs(model, fetched, data, batch_size=batch_size, progress=progress, prune=True):
+    for batch, outputs in iterate_outputs(
+        model, fetched, data, batch_size=batch_size, progress=progress, prune=True
+    ):
         for name, st in stats.items():
             array = batch[name] if name in feeds else outputs[name]
             x = np.asarray(array, dtype=np.float32).reshape(-1, st.k)

@@ -7,7 +7,6 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.passes.base import option
 from ncc.passes.rewrite import Rewriter
 from ncc.passes.woq.base import CalibratedWeightOnlyPass
@@ -62,8 +61,12 @@ def scale_activation(rewriter: Rewriter, group: list[WeightUse], inv_s: np.ndarr
     if only_group and producer is not None and producer.op_type == "Mul" and producer.domain in _ONNX:
         for i, operand in enumerate(producer.inputs):
             tensor = operand.const_value if operand is not None else None
-            if tensor is None or tensor.dtype != ir.DataType.FLOAT or tensor.shape[-1:] != (inv_s.size,) \
-                    or any(d != 1 for d in tensor.shape[:-1]):
+            if (
+                tensor is None
+                or tensor.dtype != ir.DataType.FLOAT
+                or tensor.shape[-1:] != (inv_s.size,)
+                or any(d != 1 for d in tensor.shape[:-1])
+            ):
                 continue
             folded = (tensor.numpy() * inv_s).astype(np.float32)
             value = rewriter.constant(folded, f"{operand.name}_awq")
@@ -74,8 +77,12 @@ def scale_activation(rewriter: Rewriter, group: list[WeightUse], inv_s: np.ndarr
     scale = rewriter.constant(inv_s, f"{x.name}_awq_scale")
     first = group[0].matmuls[0]
     rewriter.set_insertion_point(first)
-    mul = rewriter.create("Mul", [x, scale], name=f"{first.name or x.name}_awq_Mul",
-                          output_names=[rewriter.fresh_name(f"{x.name}_awq")])
+    mul = rewriter.create(
+        "Mul",
+        [x, scale],
+        name=f"{first.name or x.name}_awq_Mul",
+        output_names=[rewriter.fresh_name(f"{x.name}_awq")],
+    )
     mul.outputs[0].type = x.type
     mul.outputs[0].shape = x.shape
     for use in group:

@@ -19,7 +19,6 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.errors import NccError
 from ncc.ir.spill import SpillFile
 from ncc.passes.base import Pass, PassContext, PassResult, option
@@ -49,13 +48,33 @@ class LayerReport:
     bytes_before: int
     bytes_after: int
 
-    COLUMNS: ClassVar[tuple[str, ...]] = ("layer", "weight", "k", "n", "label", "algo", "weight_error",
-                                          "output_error", "bytes_before", "bytes_after")
+    COLUMNS: ClassVar[tuple[str, ...]] = (
+        "layer",
+        "weight",
+        "k",
+        "n",
+        "label",
+        "algo",
+        "weight_error",
+        "output_error",
+        "bytes_before",
+        "bytes_after",
+    )
 
     def row(self) -> list[str]:
         out = self.output_error
-        return [self.layer, self.weight, str(self.k), str(self.n), self.label, self.algo, f"{self.weight_error:.6g}",
-                "" if out is None else f"{out:.6g}", str(self.bytes_before), str(self.bytes_after)]
+        return [
+            self.layer,
+            self.weight,
+            str(self.k),
+            str(self.n),
+            self.label,
+            self.algo,
+            f"{self.weight_error:.6g}",
+            "" if out is None else f"{out:.6g}",
+            str(self.bytes_before),
+            str(self.bytes_after),
+        ]
 
 
 @dataclass(frozen=True)
@@ -67,18 +86,29 @@ class WeightOnlyPass(Pass):
     uses_calibration: ClassVar[bool] = False
 
     bits: int = option(4, "bits per weight: 4 or 8")
-    group_size: int = option(128, "input channels sharing one scale along K (0: one scale per output channel)")
+    group_size: int = option(
+        128, "input channels sharing one scale along K (0: one scale per output channel)"
+    )
     scheme: Literal["asym", "sym"] = option(
-        "asym", "asym: unsigned codes and an integer zero point per group; sym: signed codes, no zero point")
+        "asym", "asym: unsigned codes and an integer zero point per group; sym: signed codes, no zero point"
+    )
     partial_groups: bool = option(False, "allow a shorter last group when group-size does not divide K")
-    include: tuple[str, ...] = option((), "only MatMuls whose node or weight name matches one of these regexes")
-    exclude: tuple[str, ...] = option((), "keep MatMuls whose node or weight name matches one of these in float")
-    embeddings: bool = option(False, "also quantize Gather embedding tables (RTN, groups along the hidden axis; "
-                                     "GatherBlockQuantized after pack-int4)")
+    include: tuple[str, ...] = option(
+        (), "only MatMuls whose node or weight name matches one of these regexes"
+    )
+    exclude: tuple[str, ...] = option(
+        (), "keep MatMuls whose node or weight name matches one of these in float"
+    )
+    embeddings: bool = option(
+        False,
+        "also quantize Gather embedding tables (RTN, groups along the hidden axis; "
+        "GatherBlockQuantized after pack-int4)",
+    )
 
     # -- what subclasses provide -------------------------------------------------------------------
-    def quantize_group(self, rewriter: Rewriter, group: list[WeightUse], stats: InputStats | None,
-                       spec: GroupSpec) -> Iterator[tuple[WeightUse, np.ndarray, QuantizedWeight, np.ndarray | None]]:
+    def quantize_group(
+        self, rewriter: Rewriter, group: list[WeightUse], stats: InputStats | None, spec: GroupSpec
+    ) -> Iterator[tuple[WeightUse, np.ndarray, QuantizedWeight, np.ndarray | None]]:
         """Yield ``(use, Wt, quantized, input_scale)`` per weight of ``group``; ``Wt = W^T`` as read.
 
         ``input_scale`` (AWQ) is the per-K factor the weight was multiplied by
@@ -91,7 +121,9 @@ class WeightOnlyPass(Pass):
         if self.bits not in (4, 8):
             raise NccError(f"{self.name}: bits must be 4 or 8, not {self.bits}.")
         if self.group_size < 0 or (self.group_size and self.group_size < 2):
-            raise NccError(f"{self.name}: group-size must be 0 (per channel) or at least 2, not {self.group_size}.")
+            raise NccError(
+                f"{self.name}: group-size must be 0 (per channel) or at least 2, not {self.group_size}."
+            )
         for pattern in (*self.include, *self.exclude):
             try:
                 re.compile(pattern)
@@ -104,12 +136,20 @@ class WeightOnlyPass(Pass):
         uses = weight_matmuls(graph, self.include, self.exclude)
         if not uses:
             what = " matching the include/exclude filters" if self.include or self.exclude else ""
-            raise NccError(f"no weight MatMuls{what} to quantize: {self.name} needs MatMuls whose second input is "
-                           "a constant float [K, N] weight.")
+            raise NccError(
+                f"no weight MatMuls{what} to quantize: {self.name} needs MatMuls whose second input is "
+                "a constant float [K, N] weight."
+            )
         tables = embedding_gathers(graph) if self.embeddings else {}
-        check_group_sizes([(u.layer, u.weight.name, u.k, u.n) for u in uses]
-                          + [(g[0].name or name, name, int(t.const_value.shape[1]), int(t.const_value.shape[0]))
-                             for name, (t, g) in tables.items()], spec, self.partial_groups)
+        check_group_sizes(
+            [(u.layer, u.weight.name, u.k, u.n) for u in uses]
+            + [
+                (g[0].name or name, name, int(t.const_value.shape[1]), int(t.const_value.shape[0]))
+                for name, (t, g) in tables.items()
+            ],
+            spec,
+            self.partial_groups,
+        )
         data = None
         if self.uses_calibration:
             data = ctx.data.get("calibration_data")
@@ -121,9 +161,12 @@ class WeightOnlyPass(Pass):
         if blockers:
             raise NccError(
                 f"weight-only quantization writes blocked DequantizeLinear (opset {BLOCKED_DQ_OPSET}), and this "
-                f"model's opset cannot be raised safely because of {', '.join(blockers)}.")
-        external = any(isinstance(v.const_value, ir.ExternalTensor)
-                       for v in [u.weight for u in uses] + [t for t, _ in tables.values()])
+                f"model's opset cannot be raised safely because of {', '.join(blockers)}."
+            )
+        external = any(
+            isinstance(v.const_value, ir.ExternalTensor)
+            for v in [u.weight for u in uses] + [t for t, _ in tables.values()]
+        )
         spill = SpillFile("woq") if external else None
         rewriter = Rewriter(model, graph)
         layers: list[LayerReport] = []
@@ -132,9 +175,13 @@ class WeightOnlyPass(Pass):
             stats: dict[str, InputStats] = {}
             if data is not None:
                 start = time.perf_counter()
-                stats = collect(model, {a: group[0].k for _, group in chunk for a in _activations(group)}, data,
-                                batch_size=self.batch_size,
-                                progress=ctx.data.get("progress", False))
+                stats = collect(
+                    model,
+                    {a: group[0].k for _, group in chunk for a in _activations(group)},
+                    data,
+                    batch_size=self.batch_size,
+                    progress=ctx.data.get("progress", False),
+                )
                 calib_seconds += time.perf_counter() - start
             for _, group in chunk:
                 st = merged([stats[a] for a in _activations(group)]) if stats else None
@@ -144,10 +191,15 @@ class WeightOnlyPass(Pass):
         for name, (table, gathers) in tables.items():
             error, before, after = quantize_embedding(rewriter, table, gathers, spec, spill)
             v, h = (int(d) for d in table.shape) if table.shape is not None else (0, 0)
-            layers.append(LayerReport(gathers[0].name or name, name, h, v, spec.label(), "rtn", error, None,
-                                      before, after))
+            layers.append(
+                LayerReport(
+                    gathers[0].name or name, name, h, v, spec.label(), "rtn", error, None, before, after
+                )
+            )
         ctx.data.setdefault(LAYERS_KEY, []).extend(layers)
-        return PassResult(modified=True, stats=self._stats(layers), notes=self._notes(layers, spec, calib_seconds))
+        return PassResult(
+            modified=True, stats=self._stats(layers), notes=self._notes(layers, spec, calib_seconds)
+        )
 
     # -- helpers -----------------------------------------------------------------------------------
     def _chunks(self, uses: list[WeightUse]) -> list[list[tuple[str, list[WeightUse]]]]:
@@ -175,21 +227,49 @@ class WeightOnlyPass(Pass):
             used += need
         return chunks
 
-    def _write(self, rewriter: Rewriter, use: WeightUse, wt: np.ndarray, qw: QuantizedWeight,
-               input_scale: np.ndarray | None, stats: InputStats | None, spill: SpillFile | None) -> LayerReport:
-        weight_error, output_error = reconstruction_errors(wt, qw, input_scale=input_scale,
-                                                           hessian=None if stats is None else stats.hessian)
+    def _write(
+        self,
+        rewriter: Rewriter,
+        use: WeightUse,
+        wt: np.ndarray,
+        qw: QuantizedWeight,
+        input_scale: np.ndarray | None,
+        stats: InputStats | None,
+        spill: SpillFile | None,
+    ) -> LayerReport:
+        weight_error, output_error = reconstruction_errors(
+            wt, qw, input_scale=input_scale, hessian=None if stats is None else stats.hessian
+        )
         before = int(wt.size * use.weight.const_value.dtype.itemsize)
         layer = use.layer
-        written = write_quantized(rewriter, use, qw, algo=self.algo,
-                                  error=output_error if output_error is not None else weight_error, spill=spill)
-        return LayerReport(layer, use.weight.name, use.k, use.n, qw.spec.label(), self.algo, weight_error,
-                           output_error, before, written)
+        written = write_quantized(
+            rewriter,
+            use,
+            qw,
+            algo=self.algo,
+            error=output_error if output_error is not None else weight_error,
+            spill=spill,
+        )
+        return LayerReport(
+            layer,
+            use.weight.name,
+            use.k,
+            use.n,
+            qw.spec.label(),
+            self.algo,
+            weight_error,
+            output_error,
+            before,
+            written,
+        )
 
     @staticmethod
     def _stats(layers: list[LayerReport]) -> dict[str, int]:
-        return {"weights quantized": len(layers),
-                "bytes before": sum(r.bytes_before for r in layers), "bytes after": sum(r.bytes_after for r in layers)}
+        return {
+            "weights quantized": len(layers),
+            "bytes before": sum(r.bytes_before for r in layers),
+            "bytes after": sum(r.bytes_after for r in layers),
+        }
 
     def _notes(self, layers: list[LayerReport], spec: GroupSpec, calib_seconds: float) -> list[str]:
         before = sum(r.bytes_before for r in layers)
@@ -221,5 +301,7 @@ class CalibratedWeightOnlyPass(WeightOnlyPass):
 
     samples: int = option(0, "use at most this many calibration samples (0: all)")
     batch_size: int = option(4, "samples per onnxruntime run")
-    calib_memory_mb: int = option(512, "memory for the per-input statistics (x^T x) per calibration run; "
-                                       "more layers per run when larger")
+    calib_memory_mb: int = option(
+        512,
+        "memory for the per-input statistics (x^T x) per calibration run; more layers per run when larger",
+    )

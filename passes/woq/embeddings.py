@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.ir.spill import SpillFile
 from ncc.passes.rewrite import Rewriter
 from ncc.passes.woq.kernels import GroupSpec, rtn
@@ -39,8 +38,9 @@ def embedding_gathers(graph: ir.Graph) -> dict[str, tuple[ir.Value, list[ir.Node
     return found
 
 
-def quantize_embedding(rewriter: Rewriter, table: ir.Value, gathers: list[ir.Node], spec: GroupSpec,
-                       spill: SpillFile | None) -> tuple[float, int, int]:
+def quantize_embedding(
+    rewriter: Rewriter, table: ir.Value, gathers: list[ir.Node], spec: GroupSpec, spill: SpillFile | None
+) -> tuple[float, int, int]:
     """Rewrite one table; returns ``(relative error, bytes before, bytes after)``."""
     graph = rewriter.graph
     tensor = table.const_value
@@ -52,17 +52,23 @@ def quantize_embedding(rewriter: Rewriter, table: ir.Value, gathers: list[ir.Nod
     before = int(e.size * tensor.dtype.itemsize)
     del e
     dtype = code_dtype(spec)
-    pieces = [(f"{table.name}_q", dtype, qw.codes), (f"{table.name}_scale", tensor.dtype,
-                                                      qw.scales.astype(_FLOATS[tensor.dtype]))]
+    pieces = [
+        (f"{table.name}_q", dtype, qw.codes),
+        (f"{table.name}_scale", tensor.dtype, qw.scales.astype(_FLOATS[tensor.dtype])),
+    ]
     if qw.zero_points is not None:
         pieces.append((f"{table.name}_zero_point", dtype, qw.zero_points))
     values = add_initializers(rewriter, pieces, spill)
     after = sum(v.const_value.nbytes for v in values)
     rewriter.set_insertion_point(gathers[0])
     first = gathers[0].name
-    dq = rewriter.create("DequantizeLinear", values, {"axis": 1, "block_size": spec.group(int(tensor.shape[1]))},
-                         name=(first.rsplit("/", 1)[0] + "/DequantizeLinear") if "/" in first else f"{table.name}_dq",
-                         output_names=[rewriter.fresh_name(f"{table.name}_dq")])
+    dq = rewriter.create(
+        "DequantizeLinear",
+        values,
+        {"axis": 1, "block_size": spec.group(int(tensor.shape[1]))},
+        name=(first.rsplit("/", 1)[0] + "/DequantizeLinear") if "/" in first else f"{table.name}_dq",
+        output_names=[rewriter.fresh_name(f"{table.name}_dq")],
+    )
     dq.outputs[0].type = ir.TensorType(tensor.dtype)
     dq.outputs[0].shape = ir.Shape(list(tensor.shape))
     for node in gathers:

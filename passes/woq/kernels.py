@@ -86,8 +86,13 @@ class QuantizedWeight:
         return (q * self.scales[rows][:, :, None]).reshape(n, -1)[:, :k]
 
 
-def reconstruction_errors(wt: np.ndarray, qw: QuantizedWeight, *, input_scale: np.ndarray | None = None,
-                          hessian: np.ndarray | None = None) -> tuple[float, float | None]:
+def reconstruction_errors(
+    wt: np.ndarray,
+    qw: QuantizedWeight,
+    *,
+    input_scale: np.ndarray | None = None,
+    hessian: np.ndarray | None = None,
+) -> tuple[float, float | None]:
     """``(|W - W^| / |W|, |X (W - W^)| / |X W|)`` over row chunks; the output error from ``hessian = X^T X``
     (exact over every calibration row), None without it. ``input_scale``: AWQ's ``s``."""
     n, k = wt.shape
@@ -168,13 +173,13 @@ def rtn(wt: np.ndarray, spec: GroupSpec, *, clip: np.ndarray | None = None) -> Q
     zeros = None if spec.symmetric else np.empty((n, groups), np.uint8)
     rows = max(1, _CHUNK_ELEMENTS // k)
     for r0 in range(0, n, rows):
-        wg = pad_k(np.asarray(wt[r0:r0 + rows], dtype=np.float32), g).reshape(-1, groups, g)
-        ref = wg if clip is None else _clipped(wg, clip[r0:r0 + rows])
+        wg = pad_k(np.asarray(wt[r0 : r0 + rows], dtype=np.float32), g).reshape(-1, groups, g)
+        ref = wg if clip is None else _clipped(wg, clip[r0 : r0 + rows])
         scale, zero = group_params(ref, spec)
-        codes[r0:r0 + rows] = quantize_with(wg, scale, zero, spec).reshape(-1, groups * g)[:, :k]
-        scales[r0:r0 + rows] = scale
+        codes[r0 : r0 + rows] = quantize_with(wg, scale, zero, spec).reshape(-1, groups * g)[:, :k]
+        scales[r0 : r0 + rows] = scale
         if zeros is not None:
-            zeros[r0:r0 + rows] = zero
+            zeros[r0 : r0 + rows] = zero
     return QuantizedWeight(codes, scales, zeros, spec)
 
 
@@ -186,8 +191,15 @@ def _clipped(wg: np.ndarray, ratio: np.ndarray) -> np.ndarray:
 # -- GPTQ ----------------------------------------------------------------------------------------
 
 
-def gptq(wt: np.ndarray, hessian: np.ndarray, spec: GroupSpec, *, damp: float = 0.01, block: int = 128,
-         act_order: bool = False) -> QuantizedWeight:
+def gptq(
+    wt: np.ndarray,
+    hessian: np.ndarray,
+    spec: GroupSpec,
+    *,
+    damp: float = 0.01,
+    block: int = 128,
+    act_order: bool = False,
+) -> QuantizedWeight:
     """GPTQ (Frantar et al. 2022) of ``wt [N, K]`` against ``hessian = X^T X [K, K]`` of its inputs.
 
     Columns are quantized left to right (or by decreasing Hessian diagonal with
@@ -230,8 +242,17 @@ def gptq(wt: np.ndarray, hessian: np.ndarray, spec: GroupSpec, *, damp: float = 
     return QuantizedWeight(codes[:, :k_in], scales, zeros, spec)
 
 
-def _gptq_rows(w: np.ndarray, u: np.ndarray, perm: np.ndarray, g: int, scales: np.ndarray,
-               zeros: np.ndarray | None, spec: GroupSpec, block: int, act_order: bool) -> np.ndarray:
+def _gptq_rows(
+    w: np.ndarray,
+    u: np.ndarray,
+    perm: np.ndarray,
+    g: int,
+    scales: np.ndarray,
+    zeros: np.ndarray | None,
+    spec: GroupSpec,
+    block: int,
+    act_order: bool,
+) -> np.ndarray:
     """GPTQ over rows ``w [rows, K]`` (columns already in walk order ``perm``); fills ``scales``/``zeros``."""
     k = w.shape[1]
     codes = np.empty(w.shape, np.int16)
@@ -243,17 +264,21 @@ def _gptq_rows(w: np.ndarray, u: np.ndarray, perm: np.ndarray, g: int, scales: n
             col = int(perm[b0 + i])
             j = col // g
             if not act_order and col % g == 0:
-                ahead = w1[:, i:i + g] if i + g <= b1 - b0 else np.concatenate([w1[:, i:], w[:, b1:b0 + i + g]], axis=1)
+                ahead = (
+                    w1[:, i : i + g]
+                    if i + g <= b1 - b0
+                    else np.concatenate([w1[:, i:], w[:, b1 : b0 + i + g]], axis=1)
+                )
                 s, z = group_params(ahead, spec)
                 scales[:, j] = s
                 if zeros is not None:
                     zeros[:, j] = z
             zj = None if zeros is None else zeros[:, j]
-            q = quantize_with(w1[:, i:i + 1], scales[:, j], zj, spec)[:, 0]
+            q = quantize_with(w1[:, i : i + 1], scales[:, j], zj, spec)[:, 0]
             codes[:, col] = q
             dq = dequantize_codes(q[:, None], scales[:, j], zj)[:, 0]
             e = (w1[:, i] - dq) / u[b0 + i, b0 + i]
-            w1[:, i:] -= np.outer(e, u[b0 + i, b0 + i:b1])
+            w1[:, i:] -= np.outer(e, u[b0 + i, b0 + i : b1])
             err1[:, i] = e
         w[:, b1:] -= err1 @ u[b0:b1, b1:]
     return codes
@@ -279,8 +304,15 @@ def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
 # -- AWQ -----------------------------------------------------------------------------------------
 
 
-def awq_scales(wts: list[np.ndarray], hessian: np.ndarray, x_mean_abs: np.ndarray, spec: GroupSpec,
-               *, grid: int = 20, max_rows: int = 4096) -> tuple[np.ndarray, float]:
+def awq_scales(
+    wts: list[np.ndarray],
+    hessian: np.ndarray,
+    x_mean_abs: np.ndarray,
+    spec: GroupSpec,
+    *,
+    grid: int = 20,
+    max_rows: int = 4096,
+) -> tuple[np.ndarray, float]:
     """AWQ's per-input-channel scale ``s [K]`` for weights ``wts`` (each ``[N_i, K]``) sharing one input ``x``.
 
     Tries ``s = mean|x|^a`` (normalized to geometric mean 1) for ``a`` in
@@ -298,10 +330,10 @@ def awq_scales(wts: list[np.ndarray], hessian: np.ndarray, x_mean_abs: np.ndarra
     total = sum(wt.shape[0] for wt in wts)
     w = np.concatenate(wts) if len(wts) > 1 else wts[0]
     if total > max_rows:
-        w = w[::-(-total // max_rows)]
+        w = w[:: -(-total // max_rows)]
     for step in range(grid):
         a = step / grid
-        s = xm ** a
+        s = xm**a
         s = s / np.sqrt(s.max() * s.min())
         s32 = s.astype(np.float32)
         d = (w - rtn(w * s32[None, :], spec).dequantize() / s32[None, :]).astype(np.float64)
@@ -311,8 +343,9 @@ def awq_scales(wts: list[np.ndarray], hessian: np.ndarray, x_mean_abs: np.ndarra
     return best[1], best[2]
 
 
-def awq_clip(wt: np.ndarray, hessian: np.ndarray, spec: GroupSpec, *, ratios: int = 20,
-             max_shrink: float = 0.5) -> np.ndarray:
+def awq_clip(
+    wt: np.ndarray, hessian: np.ndarray, spec: GroupSpec, *, ratios: int = 20, max_shrink: float = 0.5
+) -> np.ndarray:
     """Per-group clipping ratio ``[N, G]`` in ``(1 - max_shrink, 1]`` minimising each group's output error.
 
     A group's error for a weight change ``d`` is ``d^T H_j d`` with ``H_j`` the
@@ -324,19 +357,21 @@ def awq_clip(wt: np.ndarray, hessian: np.ndarray, spec: GroupSpec, *, ratios: in
     groups = spec.groups(k)
     h = np.zeros((groups * g, groups * g), np.float32)
     h[:k, :k] = hessian
-    gram = np.stack([h[j * g:(j + 1) * g, j * g:(j + 1) * g] for j in range(groups)])  # [G, g, g]
+    gram = np.stack([h[j * g : (j + 1) * g, j * g : (j + 1) * g] for j in range(groups)])  # [G, g, g]
     best_err = np.full((n, groups), np.inf)
     best = np.ones((n, groups), np.float32)
     rows = max(1, _CHUNK_ELEMENTS // k)
     for r0 in range(0, n, rows):
-        wg = pad_k(np.asarray(wt[r0:r0 + rows], np.float32), g).reshape(-1, groups, g)
+        wg = pad_k(np.asarray(wt[r0 : r0 + rows], np.float32), g).reshape(-1, groups, g)
         for step in range(ratios):
             ratio = np.float32(1.0 - max_shrink * step / ratios)
             ref = _clipped(wg, np.full(wg.shape[:2], ratio, np.float32))
             scale, zero = group_params(ref, spec)
-            diff = (wg - dequantize_codes(quantize_with(wg, scale, zero, spec), scale, zero)).transpose(1, 0, 2)
+            diff = (wg - dequantize_codes(quantize_with(wg, scale, zero, spec), scale, zero)).transpose(
+                1, 0, 2
+            )
             err = np.sum(np.matmul(diff, gram) * diff, axis=2).T  # [rows, G]
-            better = err < best_err[r0:r0 + rows]
-            best_err[r0:r0 + rows][better] = err[better]
-            best[r0:r0 + rows][better] = ratio
+            better = err < best_err[r0 : r0 + rows]
+            best_err[r0 : r0 + rows][better] = err[better]
+            best[r0 : r0 + rows][better] = ratio
     return best

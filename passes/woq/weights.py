@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.errors import NccError
 from ncc.ir.spill import SpillFile, packed_tensor
 from ncc.passes.rewrite import Rewriter
@@ -55,7 +54,9 @@ class WeightUse:
         return self.weight.const_value.dtype
 
 
-def weight_matmuls(graph: ir.Graph, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[WeightUse]:
+def weight_matmuls(
+    graph: ir.Graph, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> list[WeightUse]:
     """Weights read as ``B`` by a standard MatMul: rank-2 float initializers, in graph order."""
     inc = [re.compile(p) for p in include]
     exc = [re.compile(p) for p in exclude]
@@ -114,8 +115,15 @@ def code_dtype(spec: GroupSpec) -> ir.DataType:
     return ir.DataType.INT8 if spec.symmetric else ir.DataType.UINT8
 
 
-def write_quantized(rewriter: Rewriter, use: WeightUse, qw: QuantizedWeight, *, algo: str, error: float,
-                    spill: SpillFile | None) -> int:
+def write_quantized(
+    rewriter: Rewriter,
+    use: WeightUse,
+    qw: QuantizedWeight,
+    *,
+    algo: str,
+    error: float,
+    spill: SpillFile | None,
+) -> int:
     """Replace ``use``'s weight by ``DequantizeLinear(codes, scale, zero_point)``; returns the bytes written."""
     spec = qw.spec
     graph = rewriter.graph
@@ -130,8 +138,13 @@ def write_quantized(rewriter: Rewriter, use: WeightUse, qw: QuantizedWeight, *, 
     k = use.k
     attrs = {"axis": 0, "block_size": spec.group(k)}
     rewriter.set_insertion_point(use.matmuls[0])
-    dq = rewriter.create("DequantizeLinear", values, attrs, name=_node_name(use, "DequantizeLinear"),
-                         output_names=[rewriter.fresh_name(f"{base}_dq")])
+    dq = rewriter.create(
+        "DequantizeLinear",
+        values,
+        attrs,
+        name=_node_name(use, "DequantizeLinear"),
+        output_names=[rewriter.fresh_name(f"{base}_dq")],
+    )
     out = dq.outputs[0]
     out.type = ir.TensorType(use.dtype)
     out.shape = ir.Shape([k, use.n])
@@ -145,8 +158,9 @@ def write_quantized(rewriter: Rewriter, use: WeightUse, qw: QuantizedWeight, *, 
     return written
 
 
-def add_initializers(rewriter: Rewriter, pieces: list[tuple[str, ir.DataType, np.ndarray]],
-                     spill: SpillFile | None) -> list[ir.Value]:
+def add_initializers(
+    rewriter: Rewriter, pieces: list[tuple[str, ir.DataType, np.ndarray]], spill: SpillFile | None
+) -> list[ir.Value]:
     """Register ``(name, dtype, array)`` pieces as initializers (spilled when ``spill`` is given), in order."""
     values = []
     for name, dt, array in pieces:

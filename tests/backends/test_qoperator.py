@@ -21,14 +21,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto
-from onnx import helper as oh
-from onnx import numpy_helper as onp
-
 from ncc.backends.onnx import to_proto
 from ncc.backends.onnx.qoperator import to_qoperator
 from ncc.frontends.onnx import from_proto
 from ncc.ir import ids, verify
+from onnx import TensorProto
+from onnx import helper as oh
+from onnx import numpy_helper as onp
 
 OPSET = 17
 
@@ -40,7 +39,11 @@ class Net:
     """Emit a float graph (``ranges=None``) or its QDQ form (``ranges`` from calibration)."""
 
     def __init__(
-        self, ranges: dict[str, tuple[float, float]] | None = None, *, weight_bits: int = 7, signed: bool = False
+        self,
+        ranges: dict[str, tuple[float, float]] | None = None,
+        *,
+        weight_bits: int = 7,
+        signed: bool = False,
     ):
         self.ranges = ranges
         self.signed = signed
@@ -57,7 +60,9 @@ class Net:
     def qdq(self) -> bool:
         return self.ranges is not None
 
-    def op(self, op_type: str, inputs: list[str], *, name: str | None = None, domain: str = "", **attrs) -> str:
+    def op(
+        self, op_type: str, inputs: list[str], *, name: str | None = None, domain: str = "", **attrs
+    ) -> str:
         name = name or f"{op_type.lower()}{self._n}"
         self._n += 1
         self.nodes.append(oh.make_node(op_type, inputs, [name], name=name, domain=domain, **attrs))
@@ -93,7 +98,9 @@ class Net:
             oh.make_node("QuantizeLinear", [t, f"{t}_scale", f"{t}_zero_point"], [f"{t}_q"], name=f"q_{t}")
         )
         self.nodes.append(
-            oh.make_node("DequantizeLinear", [f"{t}_q", f"{t}_scale", f"{t}_zero_point"], [f"{t}_dq"], name=f"dq_{t}")
+            oh.make_node(
+                "DequantizeLinear", [f"{t}_q", f"{t}_scale", f"{t}_zero_point"], [f"{t}_dq"], name=f"dq_{t}"
+            )
         )
         self._dq[t] = f"{t}_dq"
         return f"{t}_dq"
@@ -114,8 +121,11 @@ class Net:
         self.const(f"{name}_zero_point", np.zeros_like(scale, dtype=np.int8))
         self.nodes.append(
             oh.make_node(
-                "DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"], [f"{name}_dq"],
-                name=f"dq_{name}", axis=axis,
+                "DequantizeLinear",
+                [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
+                [f"{name}_dq"],
+                name=f"dq_{name}",
+                axis=axis,
             )
         )
         return f"{name}_dq"
@@ -131,8 +141,11 @@ class Net:
         self.const(f"{name}_zero_point", np.zeros(scale.shape, np.int32))
         self.nodes.append(
             oh.make_node(
-                "DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"], [f"{name}_dq"],
-                name=f"dq_{name}", axis=0,
+                "DequantizeLinear",
+                [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
+                [f"{name}_dq"],
+                name=f"dq_{name}",
+                axis=0,
             )
         )
         return f"{name}_dq"
@@ -141,7 +154,8 @@ class Net:
 def build(define, inputs: dict[str, list], outputs: dict[str, list], net: Net) -> onnx.ModelProto:
     define(net)
     graph = oh.make_graph(
-        net.nodes, "g",
+        net.nodes,
+        "g",
         [oh.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in inputs.items()],
         [oh.make_tensor_value_info(o, TensorProto.FLOAT, shape) for o, shape in outputs.items()],
         [onp.from_array(v, k) for k, v in net.inits.items()],
@@ -331,7 +345,9 @@ def misc(net: Net) -> None:
     pool = net.q(net.op("MaxPool", [up], name="pool0", kernel_shape=[3, 3], strides=[3, 3]), like=ap)
     sg = net.q(net.op("Sigmoid", [pool], name="sig0"))
     t = net.q(net.op("Transpose", [sg], name="t0", perm=[0, 2, 3, 1]), like="sig0")
-    flat = net.q(net.op("Reshape", [t, net.const("shape", np.array([1, -1], np.int64))], name="flat0"), like="sig0")
+    flat = net.q(
+        net.op("Reshape", [t, net.const("shape", np.array([1, -1], np.int64))], name="flat0"), like="sig0"
+    )
     net.op("Gemm", [flat, net.w("wf", wf, 1), net.b("bf", bf, "flat0", "wf")], name="out")
 
 
@@ -342,12 +358,25 @@ def test_cnn_converts_every_group_and_matches_the_qdq_reference():
     _, qdq, net = quantized_model(cnn, CNN_INPUTS, {"out": [2, 10]})
     model, proto, report = convert(qdq)
     assert op_types(model) == [
-        "QuantizeLinear", "QLinearConv", "MaxPool", "QLinearConv", "QLinearAdd", "QLinearConv", "QLinearConcat",
-        "QLinearGlobalAveragePool", "Flatten", "QGemm", "DequantizeLinear", "Identity",
+        "QuantizeLinear",
+        "QLinearConv",
+        "MaxPool",
+        "QLinearConv",
+        "QLinearAdd",
+        "QLinearConv",
+        "QLinearConcat",
+        "QLinearGlobalAveragePool",
+        "Flatten",
+        "QGemm",
+        "DequantizeLinear",
+        "Identity",
     ]
     assert dict(report.emitted) == {
-        "QLinearConv": 3, "com.microsoft::QGemm": 1, "com.microsoft::QLinearAdd": 1,
-        "com.microsoft::QLinearConcat": 1, "com.microsoft::QLinearGlobalAveragePool": 1,
+        "QLinearConv": 3,
+        "com.microsoft::QGemm": 1,
+        "com.microsoft::QLinearAdd": 1,
+        "com.microsoft::QLinearConcat": 1,
+        "com.microsoft::QLinearGlobalAveragePool": 1,
     }
     assert dict(report.passthrough) == {"MaxPool": 1, "Flatten": 1}
     assert report.kept == []
@@ -393,19 +422,30 @@ def test_mlp_matmul_add(quantized_output):
     model, proto, report = convert(qdq)
     if quantized_output:
         assert op_types(model) == [
-            "QuantizeLinear", "MatMulIntegerToFloat", "Relu", "QuantizeLinear", "QLinearMatMul", "DequantizeLinear",
+            "QuantizeLinear",
+            "MatMulIntegerToFloat",
+            "Relu",
+            "QuantizeLinear",
+            "QLinearMatMul",
+            "DequantizeLinear",
             "Identity",
         ]
         step = float(net.act_params("fc2")[0])
     else:
         assert op_types(model) == [
-            "QuantizeLinear", "MatMulIntegerToFloat", "Relu", "QuantizeLinear", "MatMulIntegerToFloat",
+            "QuantizeLinear",
+            "MatMulIntegerToFloat",
+            "Relu",
+            "QuantizeLinear",
+            "MatMulIntegerToFloat",
         ]
         (last,) = [n for n in model.graph if n.name == "fc2"]
         assert len(last.inputs) == 7 and last.inputs[6].name == "b2"  # the bias Add was folded
         assert last.outputs[0].name == "out"
         # float output: one step of the quantized input times the largest weight column sum
-        w2 = onp.to_array(next(t for t in qdq.graph.initializer if t.name == "w2_quantized")).astype(np.float32)
+        w2 = onp.to_array(next(t for t in qdq.graph.initializer if t.name == "w2_quantized")).astype(
+            np.float32
+        )
         w2 *= onp.to_array(next(t for t in qdq.graph.initializer if t.name == "w2_scale"))
         step = float(net.act_params("relu1")[0] * np.abs(w2).sum(axis=0).max())
     first = next(n for n in model.graph if n.name == "fc1")
@@ -418,7 +458,10 @@ def test_mlp_matmul_add(quantized_output):
         data = feeds(MLP_INPUTS, 0)
         w1 = inits["w1_quantized"] * inits["w1_scale"]
         w2 = inits["w2_quantized"] * inits["w2_scale"]
-        h = fake_quant(data["x"], inits["x_scale"], inits["x_zero_point"].astype(np.float32)) @ w1 + inits["b1"]
+        h = (
+            fake_quant(data["x"], inits["x_scale"], inits["x_zero_point"].astype(np.float32)) @ w1
+            + inits["b1"]
+        )
         r = fake_quant(np.maximum(h, 0), inits["relu1_scale"], inits["relu1_zero_point"].astype(np.float32))
         want = r @ w2 + inits["b2"]
         got = session(proto).run(None, data)[0]
@@ -429,8 +472,17 @@ def test_attention_block():
     _, qdq, net = quantized_model(attention, ATTN_INPUTS, {"out": [2, 6, 16]})
     model, proto, report = convert(qdq)
     assert op_types(model) == [
-        "QuantizeLinear", "QLinearMatMul", "QLinearMatMul", "Transpose", "QLinearMatMul", "QLinearMatMul",
-        "QLinearSoftmax", "QLinearMatMul", "QLinearSigmoid", "QLinearMul", "MatMulIntegerToFloat",
+        "QuantizeLinear",
+        "QLinearMatMul",
+        "QLinearMatMul",
+        "Transpose",
+        "QLinearMatMul",
+        "QLinearMatMul",
+        "QLinearSoftmax",
+        "QLinearMatMul",
+        "QLinearSigmoid",
+        "QLinearMul",
+        "MatMulIntegerToFloat",
     ]
     softmax = next(n for n in model.graph if n.op_type == "QLinearSoftmax")
     assert softmax.attributes["opset"].value == OPSET and softmax.attributes["axis"].value == -1
@@ -446,16 +498,33 @@ def test_pooling_activations_and_passthrough_ops():
     _, qdq, net = quantized_model(misc, MISC_INPUTS, {"out": [1, 5]})
     model, proto, report = convert(qdq)
     assert op_types(model) == [
-        "QuantizeLinear", "QLinearConv", "QLinearLeakyRelu", "QLinearAveragePool", "Pad", "Resize", "MaxPool",
-        "QLinearSigmoid", "Transpose", "Reshape", "QGemm",
+        "QuantizeLinear",
+        "QLinearConv",
+        "QLinearLeakyRelu",
+        "QLinearAveragePool",
+        "Pad",
+        "Resize",
+        "MaxPool",
+        "QLinearSigmoid",
+        "Transpose",
+        "Reshape",
+        "QGemm",
     ]
     (pad,) = [n for n in model.graph if n.op_type == "Pad"]
     assert pad.inputs[2].const_value.numpy() == net.act_params("avg0")[1]  # pads with the zero point
     gemm = model.graph.outputs[0].producer()
     assert gemm.op_type == "QGemm" and len(gemm.inputs) == 7  # no y_scale: float output
-    step = float(net.act_params("flat0")[0] * np.abs(onp.to_array(
-        next(t for t in qdq.graph.initializer if t.name == "wf_quantized")).astype(np.float32)
-        * onp.to_array(next(t for t in qdq.graph.initializer if t.name == "wf_scale"))).sum(axis=0).max())
+    step = float(
+        net.act_params("flat0")[0]
+        * np.abs(
+            onp.to_array(next(t for t in qdq.graph.initializer if t.name == "wf_quantized")).astype(
+                np.float32
+            )
+            * onp.to_array(next(t for t in qdq.graph.initializer if t.name == "wf_scale"))
+        )
+        .sum(axis=0)
+        .max()
+    )
     worst = worst_steps(qdq, proto, MISC_INPUTS, {"out": step})
     assert worst["out"] <= 1.0 + 1e-4, worst
 
@@ -510,16 +579,26 @@ def test_requantize_round_trip_between_integer_ops_is_removed():
         if net.qdq:  # a second Q/DQ of the same tensor with equal parameters
             params = ["conv0_scale", "conv0_zero_point"]
             net.nodes.append(oh.make_node("QuantizeLinear", [cq, *params], ["again_q"], name="q_again"))
-            net.nodes.append(oh.make_node("DequantizeLinear", ["again_q", *params], ["again"], name="dq_again"))
+            net.nodes.append(
+                oh.make_node("DequantizeLinear", ["again_q", *params], ["again"], name="dq_again")
+            )
             cq = "again"
         net.op("Sigmoid", [cq], name="sig0")
         net.op("Identity", [net.q("sig0")], name="out")
 
     _, qdq, net = quantized_model(define, {"x": [1, 2, 4, 4]}, {"out": [1, 4, 4, 4]})
     model, proto, report = convert(qdq)
-    assert op_types(model) == ["QuantizeLinear", "QLinearConv", "QLinearSigmoid", "DequantizeLinear", "Identity"]
+    assert op_types(model) == [
+        "QuantizeLinear",
+        "QLinearConv",
+        "QLinearSigmoid",
+        "DequantizeLinear",
+        "Identity",
+    ]
     assert report.requantize_removed == 1
-    assert worst_steps(qdq, proto, {"x": [1, 2, 4, 4]}, {"out": float(net.act_params("sig0")[0])})["out"] <= 1.0
+    assert (
+        worst_steps(qdq, proto, {"x": [1, 2, 4, 4]}, {"out": float(net.act_params("sig0")[0])})["out"] <= 1.0
+    )
 
 
 def test_result_verifies_and_prints():
@@ -551,8 +630,12 @@ def variants(net: Net) -> None:
     wg, bg = _kaiming(rng, (6, 64), 64), rng.standard_normal(6).astype(np.float32) * 0.1
     w3, w4 = _kaiming(rng, (64, 3), 64), _kaiming(rng, (4, 2, 1, 1), 2)
     x = net.q("x")
-    c0 = net.op("Conv", [x, net.w("w0", w0, 0), net.const("b0", rng.standard_normal(4).astype(np.float32))],
-                name="conv0", pads=[1, 1, 1, 1])
+    c0 = net.op(
+        "Conv",
+        [x, net.w("w0", w0, 0), net.const("b0", rng.standard_normal(4).astype(np.float32))],
+        name="conv0",
+        pads=[1, 1, 1, 1],
+    )
     clip = net.op("Clip", [c0, net.const("lo", np.float32(0)), net.const("hi", np.float32(6))], name="relu6")
     if net.qdq:
         net.ranges[clip] = (0.0, 6.0)
@@ -560,8 +643,14 @@ def variants(net: Net) -> None:
     cond = net.const("cond", np.random.default_rng(0).random((1, 4, 4, 4)) < 0.5)
     where = net.q(net.op("Where", [cond, net.q(clip), c1], name="where0"))
     flat = net.q(net.op("Flatten", [where], name="flat0"), like="where0")
-    gemm = net.op("Gemm", [flat, net.w("wg", wg, 0), net.b("bg", bg, "flat0", "wg")], name="fc0",
-                  transB=1, alpha=0.5, beta=2.0)
+    gemm = net.op(
+        "Gemm",
+        [flat, net.w("wg", wg, 0), net.b("bg", bg, "flat0", "wg")],
+        name="fc0",
+        transB=1,
+        alpha=0.5,
+        beta=2.0,
+    )
     net.op("Identity", [net.q(gemm)], name="out")
     mm = net.op("Relu", [net.op("MatMul", [flat, net.w("w3", w3, 1)], name="fc1")], name="relu_fc1")
     c4 = net.op("Relu", [net.op("Conv", [x, net.w("w4", w4, 0)], name="conv4")], name="relu_c4")
@@ -585,7 +674,9 @@ def test_variants_bias_requantization_activation_absorption_and_where():
     assert {k.node: k.reason for k in report.kept} == {
         "conv4": "Relu 'relu_c4' clamps at 0, above the output's quantized minimum",
     }
-    steps = {o: float(net.act_params(t)[0]) for o, t in (("out", "fc0"), ("out2", "relu_fc1"), ("out3", "relu_c4"))}
+    steps = {
+        o: float(net.act_params(t)[0]) for o, t in (("out", "fc0"), ("out2", "relu_fc1"), ("out3", "relu_c4"))
+    }
     worst = worst_steps(qdq, proto, VARIANT_INPUTS, steps)
     assert max(worst.values()) <= 1.0 + 1e-4, worst
 
@@ -609,12 +700,18 @@ def shuffles(net: Net) -> None:
     parts = net.const("parts", np.array([4, 4], np.int64))
     net.nodes.append(oh.make_node("Split", [c, parts], [a, b], name="split0", axis=1))
     a, b = net.q(a, like="conv0"), net.q(b, like="conv0")
-    starts, ends, axes = (net.const(n, np.array(v, np.int64)) for n, v in (("st", [1]), ("en", [3]), ("ax", [2])))
+    starts, ends, axes = (
+        net.const(n, np.array(v, np.int64)) for n, v in (("st", [1]), ("en", [3]), ("ax", [2]))
+    )
     sl = net.q(net.op("Slice", [a, starts, ends, axes], name="slice0"), like="conv0")
-    un = net.q(net.op("Unsqueeze", [sl, net.const("uax", np.array([0], np.int64))], name="unsq0"), like="conv0")
+    un = net.q(
+        net.op("Unsqueeze", [sl, net.const("uax", np.array([0], np.int64))], name="unsq0"), like="conv0"
+    )
     sq = net.q(net.op("Squeeze", [un, net.const("sax", np.array([0], np.int64))], name="sq0"), like="conv0")
-    g = net.q(net.op("Gather", [b, net.const("idx", np.array([0, 2, 1, 3], np.int64))], name="gather0", axis=1),
-              like="conv0")
+    g = net.q(
+        net.op("Gather", [b, net.const("idx", np.array([0, 2, 1, 3], np.int64))], name="gather0", axis=1),
+        like="conv0",
+    )
     d2s = net.q(net.op("DepthToSpace", [g], name="d2s0", blocksize=2), like="conv0")
     scales = net.const("sc", np.array([1, 1, 0.5, 0.5], np.float32))
     rs = net.q(net.op("Resize", [d2s, "", scales], name="down0", mode="linear"), like="conv0")
@@ -627,7 +724,13 @@ def test_more_passthrough_ops_run_on_the_8bit_tensor():
     _, qdq, net = quantized_model(shuffles, {"x": [1, 2, 6, 6]}, outputs)
     model, proto, report = convert(qdq)
     assert dict(report.passthrough) == {
-        "Split": 1, "Slice": 1, "Unsqueeze": 1, "Squeeze": 1, "Gather": 1, "DepthToSpace": 1, "Resize": 1,
+        "Split": 1,
+        "Slice": 1,
+        "Unsqueeze": 1,
+        "Squeeze": 1,
+        "Gather": 1,
+        "DepthToSpace": 1,
+        "Resize": 1,
     }
     assert report.kept == []
     split = next(n for n in model.graph if n.op_type == "Split")

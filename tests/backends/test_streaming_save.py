@@ -12,12 +12,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from ncc.backends.onnx import save_onnx, to_proto
 from ncc.errors import NccError
 from ncc.frontends.onnx import external_tensor, load_onnx
 from ncc.tools.modelio import load_model, save_model
+from onnx import TensorProto, helper, numpy_helper
 
 MiB = 2**20
 
@@ -44,8 +43,11 @@ def _small_model(folder: Path) -> Path:
         helper.make_node("Reshape", ["h6", "tiny"], ["y"], name="reshape"),
     ]
     graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 16, 16])], inits,
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 16, 16])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.external_data_helper.convert_model_to_external_data(
@@ -96,13 +98,20 @@ def test_external_data_layout_and_what_stays_inline(tmp_path):
     proto = onnx.load(str(tmp_path / "out.onnx"), load_external_data=False)
     where = {}
     for t in proto.graph.initializer:
-        where[t.name] = {e.key: e.value for e in t.external_data} if t.data_location == TensorProto.EXTERNAL else None
+        where[t.name] = (
+            {e.key: e.value for e in t.external_data} if t.data_location == TensorProto.EXTERNAL else None
+        )
     const = next(n for n in proto.graph.node if n.op_type == "Constant").attribute[0].t
     where["cw"] = {e.key: e.value for e in const.external_data}
     assert where["tiny"] is None  # at most 1 KB: inside the proto
     # Dense, in model order: initializers first, then tensor attributes.
     offset = 0
-    for name, nbytes in (("w0", 256 * 1024 * 4), ("b0", 1024 * 4), ("w1", 1024 * 512 * 2), ("cw", 512 * 256 * 4)):
+    for name, nbytes in (
+        ("w0", 256 * 1024 * 4),
+        ("b0", 1024 * 4),
+        ("w1", 1024 * 512 * 2),
+        ("cw", 512 * 256 * 4),
+    ):
         assert where[name] == {"location": "w.bin", "offset": str(offset), "length": str(nbytes)}, name
         offset += nbytes
     assert (tmp_path / "w.bin").stat().st_size == offset
@@ -125,13 +134,26 @@ def test_in_memory_external_and_other_file_tensors_all_save(tmp_path):
         f.write(spilled.tobytes())
     values = {v.name: v for v in model.graph.initializers.values()}
     values["w0"].const_value = ir.Tensor(new_w0, name="w0")
-    values["b0"].const_value = ir.ExternalTensor("scratch.bin", 4096, spilled.nbytes, ir.DataType.FLOAT,
-                                                 shape=ir.Shape([1024]), name="b0", base_dir=str(spill_dir))
-    codes_value = ir.Value(name="codes", const_value=ir.PackedTensor(packed, ir.DataType.INT4, shape=ir.Shape([32, 64]),
-                                                                      name="codes"))
+    values["b0"].const_value = ir.ExternalTensor(
+        "scratch.bin",
+        4096,
+        spilled.nbytes,
+        ir.DataType.FLOAT,
+        shape=ir.Shape([1024]),
+        name="b0",
+        base_dir=str(spill_dir),
+    )
+    codes_value = ir.Value(
+        name="codes",
+        const_value=ir.PackedTensor(packed, ir.DataType.INT4, shape=ir.Shape([32, 64]), name="codes"),
+    )
     model.graph.register_initializer(codes_value)
-    lazy = ir.LazyTensor(lambda: ir.Tensor(np.full((300,), 7, np.int32)), dtype=ir.DataType.INT32,
-                         shape=ir.Shape([300]), name="lazy")
+    lazy = ir.LazyTensor(
+        lambda: ir.Tensor(np.full((300,), 7, np.int32)),
+        dtype=ir.DataType.INT32,
+        shape=ir.Shape([300]),
+        name="lazy",
+    )
     model.graph.register_initializer(ir.Value(name="lazy", const_value=lazy))
     before = {name: v.const_value for name, v in model.graph.initializers.items()}
     const_before = next(n for n in model.graph if n.op_type == "Constant").attributes["value"].value
@@ -146,10 +168,14 @@ def test_in_memory_external_and_other_file_tensors_all_save(tmp_path):
         got = _values(out)
         assert sorted(got) == sorted(want)
         for name in want:
-            np.testing.assert_array_equal(np.asarray(got[name]).astype(want[name].dtype), want[name], err_msg=name)
+            np.testing.assert_array_equal(
+                np.asarray(got[name]).astype(want[name].dtype), want[name], err_msg=name
+            )
         # The model is unchanged: the same tensor objects, none read into memory.
         assert {name: v.const_value for name, v in model.graph.initializers.items()} == before
-        assert next(n for n in model.graph if n.op_type == "Constant").attributes["value"].value is const_before
+        assert (
+            next(n for n in model.graph if n.op_type == "Constant").attributes["value"].value is const_before
+        )
         assert all(t.raw is None for t in before.values() if isinstance(t, ir.ExternalTensor))
     # to_proto inlines everything and changes nothing either.
     proto = to_proto(model)
@@ -163,29 +189,47 @@ def test_streamed_onnx_file_is_what_protobuf_writes(tmp_path):
     rng = np.random.default_rng(2)
     big = lambda name: numpy_helper.from_array(rng.standard_normal((64, 64), dtype=np.float32), name)  # noqa: E731
     branch = lambda name: helper.make_graph(  # noqa: E731
-        [helper.make_node("Constant", [], [f"{name}_c"], value=big(f"{name}_const")),
-         helper.make_node("Add", [f"{name}_c", f"{name}_w"], [f"{name}_out"])],
-        name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [64, 64])], [big(f"{name}_w")])
+        [
+            helper.make_node("Constant", [], [f"{name}_c"], value=big(f"{name}_const")),
+            helper.make_node("Add", [f"{name}_c", f"{name}_w"], [f"{name}_out"]),
+        ],
+        name,
+        [],
+        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [64, 64])],
+        [big(f"{name}_w")],
+    )
     graph = helper.make_graph(
-        [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("else"))], "g",
+        [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("else"))],
+        "g",
         [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])], [big("top")])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 64])],
+        [big("top")],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     (tmp_path / "src").mkdir()
-    onnx.external_data_helper.convert_model_to_external_data(proto, location="m.data", size_threshold=1024,
-                                                             convert_attribute=True)
+    onnx.external_data_helper.convert_model_to_external_data(
+        proto, location="m.data", size_threshold=1024, convert_attribute=True
+    )
     onnx.save(proto, tmp_path / "src" / "m.onnx")
     model = load_onnx(tmp_path / "src" / "m.onnx")
-    model.graph.initializers["top"].const_value = ir.Tensor(rng.standard_normal((300, 7), dtype=np.float32), name="top")
+    model.graph.initializers["top"].const_value = ir.Tensor(
+        rng.standard_normal((300, 7), dtype=np.float32), name="top"
+    )
     save_onnx(model, tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx").read_bytes() == to_proto(model).SerializeToString()
     saved = onnx.load(str(tmp_path / "out.onnx"))
     then = next(a.g for a in saved.graph.node[0].attribute if a.name == "then_branch")
-    want = next(a.g for a in onnx.load(str(tmp_path / "src" / "m.onnx")).graph.node[0].attribute
-                if a.name == "then_branch")
-    np.testing.assert_array_equal(numpy_helper.to_array(then.initializer[0]), numpy_helper.to_array(want.initializer[0]))
-    np.testing.assert_array_equal(numpy_helper.to_array(then.node[0].attribute[0].t),
-                                  numpy_helper.to_array(want.node[0].attribute[0].t))
+    want = next(
+        a.g
+        for a in onnx.load(str(tmp_path / "src" / "m.onnx")).graph.node[0].attribute
+        if a.name == "then_branch"
+    )
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(then.initializer[0]), numpy_helper.to_array(want.initializer[0])
+    )
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(then.node[0].attribute[0].t), numpy_helper.to_array(want.node[0].attribute[0].t)
+    )
 
 
 def test_saving_refuses_to_replace_the_data_file_it_reads(tmp_path):
@@ -201,7 +245,9 @@ def test_saving_refuses_to_replace_the_data_file_it_reads(tmp_path):
 def test_truncated_external_data_is_refused_on_load(tmp_path):
     src = _small_model(tmp_path)
     os.truncate(tmp_path / "m.onnx.data", 1000)
-    with pytest.raises(NccError, match=r"needs bytes 0\.\.1048576 of external data file 'm.onnx.data', which has 1000"):
+    with pytest.raises(
+        NccError, match=r"needs bytes 0\.\.1048576 of external data file 'm.onnx.data', which has 1000"
+    ):
         load_onnx(src)
 
 
@@ -234,13 +280,16 @@ _CHILD = textwrap.dedent(
 
 # Runs the command and prints its ru_maxrss (KiB). A child's peak RSS starts at its parent's size when
 # it is started, so the measured process is started from this small launcher, not from pytest.
-_LAUNCHER = "import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]); _, s, u = os.wait4(p.pid, 0); " \
-            "print(os.waitstatus_to_exitcode(s), u.ru_maxrss)"
+_LAUNCHER = (
+    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]); _, s, u = os.wait4(p.pid, 0); "
+    "print(os.waitstatus_to_exitcode(s), u.ru_maxrss)"
+)
 
 
 def _peak_rss_mib(*args: str) -> float:
-    done = subprocess.run([sys.executable, "-c", _LAUNCHER, sys.executable, *args], capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, sys.executable, *args], capture_output=True, text=True, check=True
+    )
     code, kib = done.stdout.split()
     assert code == "0", done.stderr
     return int(kib) / 1024
@@ -255,12 +304,23 @@ def big_model(tmp_path_factory) -> Path:
     with open(folder / "m.onnx.data", "wb") as data:
         for i in range(_COUNT):
             for r0 in range(0, _ROWS, 512):
-                data.write((np.arange(r0, r0 + 512, dtype=np.float32)[:, None] + cols + np.float32(i)).tobytes())
-            inits.append(external_tensor(f"w{i}", TensorProto.FLOAT, [_ROWS, _COLS], "m.onnx.data", i * _TENSOR, _TENSOR))
+                data.write(
+                    (np.arange(r0, r0 + 512, dtype=np.float32)[:, None] + cols + np.float32(i)).tobytes()
+                )
+            inits.append(
+                external_tensor(
+                    f"w{i}", TensorProto.FLOAT, [_ROWS, _COLS], "m.onnx.data", i * _TENSOR, _TENSOR
+                )
+            )
             nodes.append(helper.make_node("Add", [prev, f"w{i}"], [f"h{i}"], name=f"add{i}"))
             prev = f"h{i}"
-    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [_ROWS, _COLS])],
-                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [_ROWS, _COLS])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [_ROWS, _COLS])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [_ROWS, _COLS])],
+        inits,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "m.onnx")
     (folder / "child.py").write_text(_CHILD)
     return folder / "m.onnx"
@@ -290,4 +350,6 @@ def test_save_memory_is_bounded_by_one_tensor_not_the_model(big_model, tmp_path,
         with open(data, "rb") as f:
             f.seek(5 * _TENSOR + 3 * _COLS * 4)
             row = np.frombuffer(f.read(_COLS * 4), np.float32)
-    np.testing.assert_array_equal(row, scale * (np.float32(3) + np.arange(_COLS, dtype=np.float32) * np.float32(1e-3) + 5))
+    np.testing.assert_array_equal(
+        row, scale * (np.float32(3) + np.arange(_COLS, dtype=np.float32) * np.float32(1e-3) + 5)
+    )

@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from ncc.errors import VerificationError
 from ncc.ir import analysis
 from ncc.ir.builder import GraphBuilder
@@ -145,7 +144,9 @@ def test_dominators_with_two_sources():
     q = b.op("Relu", [y], name="q")
     s = b.op("Add", [p, q], name="s")
     b.output(b.op("Relu", [s], name="t"))
-    idom = {n.name: (d.name if d is not None else None) for n, d in analysis.dominators(b.build().graph).items()}
+    idom = {
+        n.name: (d.name if d is not None else None) for n, d in analysis.dominators(b.build().graph).items()
+    }
     assert idom == {"p": None, "q": None, "s": None, "t": "s"}
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from ncc.errors import NccError
 from ncc.ir import ids
 from ncc.ir.builder import DTYPES_BY_NAME, GraphBuilder, dtype, run

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from ncc.errors import NccError, ParseError
 from ncc.ir import parser as parser_module
 from ncc.ir.parser import parse, parse_file
@@ -33,17 +32,39 @@ def caret_column(err: ParseError) -> int:
     [
         (["%y = Relu(%x : f32[2]", "return %y"], 4, 16, "expected ')' or ',' but found ':'"),
         (["%y = Add(%x, %zz) : f32[2]", "return %y"], 4, 16, "undefined value %zz"),
-        (["%y = Relu(%x) : f32[2]", "%y = Relu(%x) : f32[2]", "return %y"], 5, 3, "value %y is defined twice"),
+        (
+            ["%y = Relu(%x) : f32[2]", "%y = Relu(%x) : f32[2]", "return %y"],
+            5,
+            3,
+            "value %y is defined twice",
+        ),
         (["%y = Relu(%x) : g32[2]", "return %y"], 4, 19, "unknown dtype 'g32'"),
         (["%y = Relu(%x) ; f32[2]", "return %y"], 4, 17, "unexpected character ';'"),
         (['%y = Relu(%x) {a = "abc} : f32[2]', "return %y"], 4, 22, "unterminated string"),
         (["%y = Relu(%x) : f32[2], f32[2]", "return %y"], 4, 8, "Relu has 1 outputs but 2 types"),
-        (["const @c : f32[] = dense<1.0>", "const @c : f32[] = dense<1.0>", "%y = Relu(%x) : f32[2]", "return %y"],
-         5, 9, "constant @c is declared twice"),
-        (["const @c : f32[3] = dense<[1.0, 2.0]>", "%y = Relu(%x) : f32[2]", "return %y"],
-         4, 30, "expected 3 values for shape [3] but found 2"),
-        (["const @c : i8[2] = dense<[1, 2.5]>", "%y = Relu(%x) : f32[2]", "return %y"],
-         4, 32, "expected an integer for INT8 data but found 2.5"),
+        (
+            [
+                "const @c : f32[] = dense<1.0>",
+                "const @c : f32[] = dense<1.0>",
+                "%y = Relu(%x) : f32[2]",
+                "return %y",
+            ],
+            5,
+            9,
+            "constant @c is declared twice",
+        ),
+        (
+            ["const @c : f32[3] = dense<[1.0, 2.0]>", "%y = Relu(%x) : f32[2]", "return %y"],
+            4,
+            30,
+            "expected 3 values for shape [3] but found 2",
+        ),
+        (
+            ["const @c : i8[2] = dense<[1, 2.5]>", "%y = Relu(%x) : f32[2]", "return %y"],
+            4,
+            32,
+            "expected an integer for INT8 data but found 2.5",
+        ),
         (["%y = Relu(%x) : f32[2]", "return %q"], 5, 10, "undefined value %q"),
         (["%y = Relu(%x) : f32[2]"], 3, 7, "graph has no return statement"),
     ],
@@ -94,7 +115,9 @@ def test_output_mismatch_and_bad_fields():
 
 
 def test_input_declared_constant_needs_a_value():
-    err = error_of(graph("%y = Relu(%x) : f32[2]", "return %y", sig="(%x: f32[2], @w: f32[2]) -> (%y: f32[2])"))
+    err = error_of(
+        graph("%y = Relu(%x) : f32[2]", "return %y", sig="(%x: f32[2], @w: f32[2]) -> (%y: f32[2])")
+    )
     assert "input @w has no const declaration" in str(err)
 
 

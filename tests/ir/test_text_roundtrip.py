@@ -9,9 +9,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto as TP
-from onnx import helper as oh
-
 from ncc.backends.onnx.emit import to_proto
 from ncc.errors import NccError, ParseError
 from ncc.frontends.onnx import from_proto
@@ -19,8 +16,10 @@ from ncc.ir import parser as parser_module
 from ncc.ir.parser import parse, parse_file
 from ncc.ir.printer import fingerprint, format_float, print_model, print_node
 from ncc.ir.tensors import ElidedTensor
+from onnx import TensorProto as TP
+from onnx import helper as oh
 
-RICH = r'''// ncc.ir 1
+RICH = r"""// ncc.ir 1
 model {ir_version = 10, opset_import = {"" = 21, "com.microsoft" = 1, custom = 1}, producer_name = "pytorch", producer_version = "2.13.0", domain = "ai.ncc", model_version = 3, doc_string = "a \"doc\"\nline\x00\xff", metadata_props = {"k" = "v", "author" = "me"}}
 graph @main_graph(%x: f32[N,3,32,32], %mask: i64[N,?], @w: f32[8,3,3,3], %"/layer.0/in": f32, %seqin: seq<f32>, %o: opt<seq<i64>>, %u: ?, %sp: sparse<f32>[2,2], %s2: ?[3]) -> (%out: f32[N,8,32,32], %y: f32[N,8,32,32], @w: f32[8,3,3,3], %x: f32[N,3,32,32]) with {doc_string = "graph doc", metadata_props = {"gk" = "gv"}} {
   const @x_scale : f32[] = dense<0.02>
@@ -74,7 +73,7 @@ func custom::MyFn[overload = "v2"](%p: ?, %q: ?) -> (%r: ?) attrs {alpha = 1.0, 
 func Other(%p: ?) -> (%p: ?) {
   return %p
 }
-'''
+"""
 
 HEAD = '// ncc.ir 1\nmodel {ir_version = 10, opset_import = {"" = 21}}\n'
 
@@ -83,8 +82,13 @@ def roundtrip(text: str, **kw) -> str:
     """Parse, print and check the printed text parses back to itself."""
     model = parse(text, **{k: v for k, v in kw.items() if k == "base_dir"})
     printed = print_model(model, **{k: v for k, v in kw.items() if k != "base_dir"})
-    assert print_model(parse(printed, **{k: v for k, v in kw.items() if k == "base_dir"}), **{
-        k: v for k, v in kw.items() if k != "base_dir"}) == printed
+    assert (
+        print_model(
+            parse(printed, **{k: v for k, v in kw.items() if k == "base_dir"}),
+            **{k: v for k, v in kw.items() if k != "base_dir"},
+        )
+        == printed
+    )
     return printed
 
 
@@ -111,7 +115,7 @@ def test_rich_text_model_contents():
     model = parse(RICH)
     g = model.graph
     assert model.ir_version == 10 and g.opset_imports == {"": 21, "com.microsoft": 1, "custom": 1}
-    assert model.doc_string == "a \"doc\"\nline\x00\udcff"
+    assert model.doc_string == 'a "doc"\nline\x00\udcff'
     assert model.metadata_props == {"k": "v", "author": "me"}
     assert [v.name for v in g.inputs][:4] == ["x", "mask", "w", "/layer.0/in"]
     assert g.inputs[2].is_initializer() and g.inputs[2] is g.initializers["w"]
@@ -119,11 +123,15 @@ def test_rich_text_model_contents():
     assert str(g.inputs[0].shape) == "[N,3,32,32]" and g.inputs[1].shape[1].value is None
     assert g.inputs[3].shape is None  # unknown rank
     assert isinstance(g.inputs[4].type, ir.SequenceType)
-    assert isinstance(g.inputs[5].type, ir.OptionalType) and isinstance(g.inputs[5].type.elem_type, ir.SequenceType)
+    assert isinstance(g.inputs[5].type, ir.OptionalType) and isinstance(
+        g.inputs[5].type.elem_type, ir.SequenceType
+    )
     assert g.inputs[6].type is None and g.inputs[8].type is None and list(g.inputs[8].shape) == [3]
     b = g.initializers["b"].const_value.numpy()
     assert b[:4].tolist() == [np.float32(x) for x in (0.011, 0.009, 0.01, 0.012)]
-    assert math.isnan(b[4]) and b[5] == np.inf and b[6] == -np.inf and b[7] == 0 and math.copysign(1, b[7]) < 0
+    assert (
+        math.isnan(b[4]) and b[5] == np.inf and b[6] == -np.inf and b[7] == 0 and math.copysign(1, b[7]) < 0
+    )
     assert g.initializers["strs"].const_value.numpy().tolist() == [b"a\n", b"\xff\x00"]
     assert g.initializers["q"].const_value.numpy().astype(int).tolist() == [-8, 0, 7]
     assert g.initializers["u64"].const_value.numpy().tolist() == [2**64 - 1]
@@ -131,8 +139,17 @@ def test_rich_text_model_contents():
     conv = g.node(0)
     assert conv.attributes["f"].type == ir.AttributeType.FLOAT and conv.attributes["f"].value == 1.0
     assert conv.attributes["pads"].type == ir.AttributeType.INTS
-    for name, kind in [("e", "INTS"), ("ef", "FLOATS"), ("es", "STRINGS"), ("et", "TENSORS"), ("eg", "GRAPHS")]:
-        assert conv.attributes[name].type == getattr(ir.AttributeType, kind) and list(conv.attributes[name].value) == []
+    for name, kind in [
+        ("e", "INTS"),
+        ("ef", "FLOATS"),
+        ("es", "STRINGS"),
+        ("et", "TENSORS"),
+        ("eg", "GRAPHS"),
+    ]:
+        assert (
+            conv.attributes[name].type == getattr(ir.AttributeType, kind)
+            and list(conv.attributes[name].value) == []
+        )
     assert conv.attributes["tl"].value[1].name == "t"
     assert conv.metadata_props == {"ncc.id": "3"} and conv.name == "conv0"
     foo = g.node(1)
@@ -176,7 +193,10 @@ def _conv_model(n_out: int = 8) -> onnx.ModelProto:
     g = oh.make_graph(
         nodes,
         "g",
-        [oh.make_tensor_value_info("x", TP.FLOAT, ["N", 3, 8, 8]), oh.make_tensor_value_info("w", TP.FLOAT, [n_out, 3, 3, 3])],
+        [
+            oh.make_tensor_value_info("x", TP.FLOAT, ["N", 3, 8, 8]),
+            oh.make_tensor_value_info("w", TP.FLOAT, [n_out, 3, 3, 3]),
+        ],
         [oh.make_tensor_value_info("out", TP.FLOAT, ["N", n_out, 8, 8])],
         initializer=[onnx.numpy_helper.from_array(w, "w")],
     )
@@ -198,11 +218,16 @@ def test_onnx_model_roundtrips_in_both_modes(tmp_path):
     assert print_model(rebuilt, full=True) == full
     assert print_model(rebuilt) == short
     original, again = to_proto(model), to_proto(rebuilt)
-    assert [n.name for n in again.graph.node] == ["conv0", "dup", "dup"] + [n.name for n in original.graph.node][3:]
+    assert [n.name for n in again.graph.node] == ["conv0", "dup", "dup"] + [
+        n.name for n in original.graph.node
+    ][3:]
     assert again.graph.initializer[0].raw_data == original.graph.initializer[0].raw_data or np.array_equal(
-        onnx.numpy_helper.to_array(again.graph.initializer[0]), onnx.numpy_helper.to_array(original.graph.initializer[0])
+        onnx.numpy_helper.to_array(again.graph.initializer[0]),
+        onnx.numpy_helper.to_array(original.graph.initializer[0]),
     )
-    assert [list(n.metadata_props) for n in again.graph.node] == [list(n.metadata_props) for n in original.graph.node]
+    assert [list(n.metadata_props) for n in again.graph.node] == [
+        list(n.metadata_props) for n in original.graph.node
+    ]
     import onnxruntime as ort
 
     x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
@@ -215,24 +240,37 @@ def test_onnx_model_roundtrips_in_both_modes(tmp_path):
 
 def test_onnx_functions_roundtrip():
     fn = oh.make_function(
-        "custom", "Scale", ["a"], ["b"],
+        "custom",
+        "Scale",
+        ["a"],
+        ["b"],
         [oh.make_node("Constant", [], ["s"], value_float=2.0), oh.make_node("Mul", ["a", "s"], ["b"])],
-        opset_imports=[oh.make_opsetid("", 17)], attributes=["unused"],
+        opset_imports=[oh.make_opsetid("", 17)],
+        attributes=["unused"],
     )
     g = oh.make_graph(
-        [oh.make_node("Scale", ["x"], ["y"], domain="custom")], "g",
-        [oh.make_tensor_value_info("x", TP.FLOAT, [2])], [oh.make_tensor_value_info("y", TP.FLOAT, [2])],
+        [oh.make_node("Scale", ["x"], ["y"], domain="custom")],
+        "g",
+        [oh.make_tensor_value_info("x", TP.FLOAT, [2])],
+        [oh.make_tensor_value_info("y", TP.FLOAT, [2])],
     )
-    proto = oh.make_model(g, functions=[fn], opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("custom", 1)])
+    proto = oh.make_model(
+        g, functions=[fn], opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("custom", 1)]
+    )
     model = from_proto(proto, check=False)
     text = print_model(model, full=True)
-    assert "func custom::Scale(%a: ?) -> (%b: ?) attrs {unused = unset<undefined>}" in text or "func custom::Scale(" in text
+    assert (
+        "func custom::Scale(%a: ?) -> (%b: ?) attrs {unused = unset<undefined>}" in text
+        or "func custom::Scale(" in text
+    )
     again = parse(text)
     assert print_model(again, full=True) == text
     import onnxruntime as ort
 
     x = np.array([1.5, -2.0], dtype=np.float32)
-    got = ort.InferenceSession(to_proto(again).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = ort.InferenceSession(to_proto(again).SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )
     np.testing.assert_array_equal(got[0], x * 2)
 
 
@@ -278,10 +316,14 @@ def test_sidecar_alignment_and_order(tmp_path):
     inits = []
     for i, n in enumerate((17, 100, 33)):
         t = ir.Tensor(rng.standard_normal(n).astype(np.float32), name=f"t{i}")
-        inits.append(ir.Value(name=f"t{i}", const_value=t, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([n])))
+        inits.append(
+            ir.Value(name=f"t{i}", const_value=t, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([n]))
+        )
     node = ir.Node("", "Concat", inits, [ir.AttrInt64("axis", 0)])
     node.outputs[0].name = "y"
-    graph = ir.Graph([], [node.outputs[0]], nodes=[node], initializers=inits, name="g", opset_imports={"": 17})
+    graph = ir.Graph(
+        [], [node.outputs[0]], nodes=[node], initializers=inits, name="g", opset_imports={"": 17}
+    )
     text = print_model(ir.Model(graph, ir_version=8), full=True, data_file=tmp_path / "d.bin")
     offsets = [int(m) for m in re.findall(r"offset=(\d+)", text)]
     assert offsets == [0, 128, 576]
@@ -295,7 +337,9 @@ def test_sidecar_hash_mismatch_and_missing(tmp_path):
     raw = bytearray((tmp_path / "m.ncc.data").read_bytes())
     raw[5] ^= 0xFF
     (tmp_path / "m.ncc.data").write_bytes(bytes(raw))
-    with pytest.raises(ParseError, match=r"m\.ncc:4:\d+: sha256 of m\.ncc\.data\[0:864\] is [0-9a-f]{16}, not"):
+    with pytest.raises(
+        ParseError, match=r"m\.ncc:4:\d+: sha256 of m\.ncc\.data\[0:864\] is [0-9a-f]{16}, not"
+    ):
         parse_file(tmp_path / "m.ncc")
     (tmp_path / "m.ncc.data").unlink()
     with pytest.raises(ParseError, match="sidecar data file 'm.ncc.data' not found"):
@@ -321,11 +365,15 @@ def test_elided_placeholder():
 def test_hash_is_cached_and_streams_external(tmp_path):
     arr = np.arange(1000, dtype=np.float32)
     (tmp_path / "w.bin").write_bytes(b"\0" * 16 + arr.tobytes())
-    t = ir.ExternalTensor("w.bin", 16, arr.nbytes, ir.DataType.FLOAT, shape=ir.Shape([1000]), name="w", base_dir=tmp_path)
+    t = ir.ExternalTensor(
+        "w.bin", 16, arr.nbytes, ir.DataType.FLOAT, shape=ir.Shape([1000]), name="w", base_dir=tmp_path
+    )
     v = ir.Value(name="w", const_value=t, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1000]))
     node = ir.Node("", "Identity", [v])
     node.outputs[0].name = "y"
-    model = ir.Model(ir.Graph([], [node.outputs[0]], nodes=[node], initializers=[v], opset_imports={"": 17}), ir_version=8)
+    model = ir.Model(
+        ir.Graph([], [node.outputs[0]], nodes=[node], initializers=[v], opset_imports={"": 17}), ir_version=8
+    )
     import hashlib
 
     text = print_model(model)
@@ -374,7 +422,9 @@ def test_shortest_floats(value, dtype, text):
     assert format_float(value, dtype) == text
     back = float(text)
     np_dtype = np.float64 if dtype == ir.DataType.DOUBLE else dtype.numpy().type
-    assert np.array(back, dtype=np_dtype).tobytes() == np.array(value, dtype=np_dtype).tobytes() or math.isnan(back)
+    assert np.array(back, dtype=np_dtype).tobytes() == np.array(
+        value, dtype=np_dtype
+    ).tobytes() or math.isnan(back)
 
 
 def test_every_dtype_small_constant_roundtrips():
@@ -417,16 +467,26 @@ def test_large_constants_of_every_dtype_roundtrip_in_full_mode(tmp_path):
             arr = np.array([f"s{i}".encode() for i in range(20)], dtype=object)
             tensor = ir.StringTensor(arr, name=f"c{dt.value}")
         else:
-            arr = rng.integers(0, 2, 20).astype(dt.numpy()) if dt != ir.DataType.BOOL else rng.integers(0, 2, 20).astype(bool)
+            arr = (
+                rng.integers(0, 2, 20).astype(dt.numpy())
+                if dt != ir.DataType.BOOL
+                else rng.integers(0, 2, 20).astype(bool)
+            )
             tensor = ir.Tensor(arr, dtype=dt, name=f"c{dt.value}")
-        inits.append(ir.Value(name=f"c{dt.value}", const_value=tensor, type=ir.TensorType(dt), shape=ir.Shape([20])))
-    model = ir.Model(ir.Graph([], [], nodes=[], initializers=inits, name="g", opset_imports={"": 21}), ir_version=10)
+        inits.append(
+            ir.Value(name=f"c{dt.value}", const_value=tensor, type=ir.TensorType(dt), shape=ir.Shape([20]))
+        )
+    model = ir.Model(
+        ir.Graph([], [], nodes=[], initializers=inits, name="g", opset_imports={"": 21}), ir_version=10
+    )
     full = print_model(model, full=True)
     assert full.count("b64<") == len(inits) - 1
     again = parse(full)
     assert print_model(again, full=True) == full
     side = print_model(model, full=True, data_file=tmp_path / "d")
-    assert print_model(parse(side, base_dir=tmp_path), full=True, data_file=tmp_path / "e") == side.replace('"d"', '"e"')
+    assert print_model(parse(side, base_dir=tmp_path), full=True, data_file=tmp_path / "e") == side.replace(
+        '"d"', '"e"'
+    )
     for v in model.graph.initializers.values():
         a = again.graph.initializers[v.name].const_value
         assert a.tobytes() == v.const_value.tobytes() if v.const_value.dtype != ir.DataType.STRING else True
@@ -436,17 +496,17 @@ def test_strings_escape_any_bytes():
     every = bytes(range(256))
     t = ir.StringTensor(np.array([every, b"", "é\u2028".encode()], dtype=object), name="s")
     v = ir.Value(name="s", const_value=t, type=ir.TensorType(ir.DataType.STRING), shape=ir.Shape([3]))
-    attr_text = "tab\there \"q\" \\ \x01 é \u2028 end"
-    node = ir.Node("", "Identity", [v], [ir.AttrString("note", attr_text)], name="n\n\"x\"")
-    node.outputs[0].name = "weird \"name\"\n"
+    attr_text = 'tab\there "q" \\ \x01 é \u2028 end'
+    node = ir.Node("", "Identity", [v], [ir.AttrString("note", attr_text)], name='n\n"x"')
+    node.outputs[0].name = 'weird "name"\n'
     graph = ir.Graph([], [node.outputs[0]], nodes=[node], initializers=[v], name="g", opset_imports={"": 17})
     text = print_model(ir.Model(graph, ir_version=8))
     assert "\n" not in text.split("\n", 4)[3][:-1]  # one line per statement
     again = parse(text)
     assert again.graph.initializers["s"].const_value.numpy().tolist() == [every, b"", "é\u2028".encode()]
     assert again.graph.node(0).attributes["note"].value == attr_text
-    assert again.graph.node(0).name == "n\n\"x\""
-    assert again.graph.outputs[0].name == "weird \"name\"\n"
+    assert again.graph.node(0).name == 'n\n"x"'
+    assert again.graph.outputs[0].name == 'weird "name"\n'
     assert print_model(again) == text
 
 
@@ -460,7 +520,7 @@ def test_chain_scales_linearly():
 
     def chain(n: int) -> str:
         lines = [HEAD + "graph @g(%v0: f32[N,8]) -> (%v" + str(n) + ": f32[N,8]) {"]
-        lines += [f"  %v{i + 1} = Relu(%v{i}) : f32[N,8]  loc(\"r{i}\" #{i})" for i in range(n)]
+        lines += [f'  %v{i + 1} = Relu(%v{i}) : f32[N,8]  loc("r{i}" #{i})' for i in range(n)]
         lines += [f"  return %v{n}", "}", ""]
         return "\n".join(lines)
 

@@ -8,13 +8,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
-
 from ncc.errors import VerificationError
 from ncc.frontends.onnx import from_proto
 from ncc.ir import ids
 from ncc.ir.builder import GraphBuilder
 from ncc.ir.verifier import diagnose, format_diagnostics, verify
+from onnx import TensorProto, helper
 
 
 def chain(n: int = 3, *, infer: bool = True) -> ir.Model:
@@ -67,7 +66,9 @@ def _if_model_proto() -> onnx.ModelProto:
     graph = helper.make_graph(
         [
             helper.make_node("Conv", ["x", "w"], ["y"], name="conv0"),
-            helper.make_node("If", ["cond"], ["z"], name="if0", then_branch=then_graph, else_branch=else_graph),
+            helper.make_node(
+                "If", ["cond"], ["z"], name="if0", then_branch=then_graph, else_branch=else_graph
+            ),
             helper.make_node("Relu", ["z"], ["out"], name="relu0"),
         ],
         "if_model",
@@ -304,7 +305,9 @@ def test_empty_required_input():
     x = b.input("x", "f32", [1, 3, 4, 4])
     b.output(b.op("Conv", [None, x]), "f32", [1, 3, 4, 4])
     model = b.build(infer=False, verify=False)
-    assert only(model, "inputs").message == "Conv node 'conv0' (id 0) lacks required input 0 ('X') of Conv-11."
+    assert (
+        only(model, "inputs").message == "Conv node 'conv0' (id 0) lacks required input 0 ('X') of Conv-11."
+    )
 
 
 def test_wrong_output_arity():
@@ -330,7 +333,10 @@ def test_missing_required_attribute():
     x = b.input("x", "f32", [3])
     b.output(b.op("Cast", [x]), "f16", [3])
     model = b.build(infer=False, verify=False)
-    assert only(model, "attribute").message == "Cast node 'cast0' (id 0) lacks required attribute 'to' of Cast-13."
+    assert (
+        only(model, "attribute").message
+        == "Cast node 'cast0' (id 0) lacks required attribute 'to' of Cast-13."
+    )
 
 
 def test_unknown_attribute():
@@ -369,7 +375,10 @@ def test_unknown_standard_op():
     x = b.input("x", "f32", [3])
     b.output(b.op("Relux", [x]), "f32", [3])
     model = b.build(infer=False, verify=False)
-    assert only(model, "op").message == "Relux node 'relux0' (id 0) is not an operator of the default ONNX domain."
+    assert (
+        only(model, "op").message
+        == "Relux node 'relux0' (id 0) is not an operator of the default ONNX domain."
+    )
 
 
 def test_domain_not_imported():

@@ -12,7 +12,6 @@ import io
 import numpy as np
 import pytest
 from conftest import run_ort
-
 from ncc.ir.verifier import verify
 from ncc.passes.base import PassContext
 from ncc.passes.fusion.fuse_activation import FUSED_ACTIVATION_KEY, FUSED_INTO_KEY, FuseActivation
@@ -42,7 +41,6 @@ def _assert_same(before, after, feeds) -> None:
 @pytest.mark.slow
 def test_fuse_gelu_on_minilm_legacy():
     import realmodels
-
     from ncc.frontends.onnx import load_onnx
 
     path = realmodels.minilm_onnx("legacy")
@@ -68,7 +66,6 @@ def test_fuse_gelu_on_minilm_legacy():
 def test_fuse_gelu_leaves_minilm_dynamo_alone():
     """The opset-20 dynamo export already has 6 standard Gelu nodes: nothing to do."""
     import realmodels
-
     from ncc.frontends.onnx import load_onnx
 
     model = load_onnx(realmodels.minilm_onnx("dynamo"))
@@ -80,7 +77,6 @@ def _hand_written_layer_norm_onnx(opset: int = 13):
     """A small torch MLP with a hand-written LayerNorm, exported by the TorchScript exporter."""
     import onnx
     import torch
-
     from ncc.frontends.onnx import from_proto
 
     class LayerNorm(torch.nn.Module):
@@ -110,9 +106,16 @@ def _hand_written_layer_norm_onnx(opset: int = 13):
     torch.manual_seed(0)
     buffer = io.BytesIO()
     with torch.no_grad():
-        torch.onnx.export(Block().eval(), (torch.randn(2, 7, 16),), buffer, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "batch", 1: "seq"}, "y": {0: "batch", 1: "seq"}},
-                          opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            Block().eval(),
+            (torch.randn(2, 7, 16),),
+            buffer,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch", 1: "seq"}, "y": {0: "batch", 1: "seq"}},
+            opset_version=opset,
+            dynamo=False,
+        )
     return lambda: from_proto(onnx.load_from_string(buffer.getvalue()))
 
 
@@ -129,7 +132,8 @@ def test_fuse_layer_norm_on_exported_torch_module():
     lns = _ops(after, "LayerNormalization")
     assert len(lns) == 3 and not _ops(after, "ReduceMean") and after.opset_imports[""] == 17
     assert sorted(n.attributes.get_float("epsilon") for n in lns) == sorted(
-        float(np.float32(e)) for e in (1e-5, 1e-12, 1e-6))
+        float(np.float32(e)) for e in (1e-5, 1e-12, 1e-6)
+    )
     # Per LayerNorm: ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add and two Constant nodes.
     assert _nodes(before) - _nodes(after) == 3 * (9 + 2 - 1)
     rng = np.random.default_rng(0)
@@ -140,7 +144,6 @@ def test_fuse_layer_norm_on_exported_torch_module():
 def test_fuse_layer_norm_keeps_minilm_layer_norms():
     """MiniLM's exports already use LayerNormalization (13 each): nothing to fuse."""
     import realmodels
-
     from ncc.frontends.onnx import load_onnx
 
     model = load_onnx(realmodels.minilm_onnx("legacy"))
@@ -159,7 +162,6 @@ def test_fuse_matmul_scale_folds_minilm_attention_scales():
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from int8_models import minilm_tweets_file
-
     from ncc.frontends.onnx import load_onnx
     from ncc.passes.cleanup.fold_constants import FoldConstants
 
@@ -168,15 +170,23 @@ def test_fuse_matmul_scale_folds_minilm_attention_scales():
     FoldConstants().run(after, PassContext())  # the scale is a Constant node until folded
 
     def scaled_scores(model):
-        return [n for n in model.graph if n.op_type == "Mul" and n.inputs[0].producer() is not None
-                and n.inputs[0].producer().op_type == "MatMul"]
+        return [
+            n
+            for n in model.graph
+            if n.op_type == "Mul"
+            and n.inputs[0].producer() is not None
+            and n.inputs[0].producer().op_type == "MatMul"
+        ]
 
     assert len(scaled_scores(after)) == 6
     result = FuseMatMulScale().run(after, PassContext())
     verify(after)
     assert result.stats["MatMulScalePattern hits"] == 6 and not scaled_scores(after)
-    queries = [n for n in after.graph if n.op_type == "MatMul" and any(
-        v.name and v.name.endswith("_scaled") for v in n.inputs)]
+    queries = [
+        n
+        for n in after.graph
+        if n.op_type == "MatMul" and any(v.name and v.name.endswith("_scaled") for v in n.inputs)
+    ]
     assert len(queries) == 6 and all("attention/self/query/MatMul" in n.name for n in queries)
     with np.load(minilm_tweets_file()) as data:
         feeds = {k: data[k][:4] for k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -187,7 +197,6 @@ def test_fuse_matmul_scale_folds_minilm_attention_scales():
 @pytest.mark.parametrize("emit", [False, True], ids=["mark", "fused-conv"])
 def test_fuse_activation_on_efficientnet(emit):
     import realmodels
-
     from ncc.frontends.onnx import load_onnx
     from ncc.ir import ids
 

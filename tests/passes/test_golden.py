@@ -38,7 +38,6 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_same_outputs
-
 from ncc.ir.parser import parse
 from ncc.ir.printer import print_model
 from ncc.passes.base import PassContext
@@ -136,7 +135,9 @@ def test_golden(case: Case) -> None:
         _updated.setdefault(case.path, {})[case.index] = text
         write_cases(case.path, split_cases(case.path), _updated[case.path])
     else:
-        assert case.expected, f"{case.path.name}:{case.name} has no expected section (run with NCC_UPDATE_GOLDEN=1)"
+        assert case.expected, (
+            f"{case.path.name}:{case.name} has no expected section (run with NCC_UPDATE_GOLDEN=1)"
+        )
         assert text.strip("\n") == case.expected.strip("\n"), (
             f"{case.path.name}:{case.name}: output differs from the golden text\n--- got ---\n{text}"
         )
@@ -144,7 +145,9 @@ def test_golden(case: Case) -> None:
     for r in results:
         stats.update(r.stats)
     for key, want in case.stats.items():
-        assert stats.get(key) == want, f"{case.name}: stat {key!r} = {stats.get(key)}, expected {want} ({stats})"
+        assert stats.get(key) == want, (
+            f"{case.name}: stat {key!r} = {stats.get(key)}, expected {want} ({stats})"
+        )
     # A pass must also say it changed something exactly when the text changed.
     changed = print_model(before) != text
     assert any(r.modified for r in results) == changed, f"{case.name}: modified flag disagrees with the IR"

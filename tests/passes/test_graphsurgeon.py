@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from ncc.ir import ids
 from ncc.ir.builder import GraphBuilder, run
 from ncc.ir.printer import print_model

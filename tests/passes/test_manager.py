@@ -8,14 +8,12 @@ from typing import ClassVar
 
 import onnx_ir as ir
 import pytest
-
 from ncc.errors import NccError, PassSpecError, VerificationError
 from ncc.ir import ids
+from ncc.ir.builder import GraphBuilder
 from ncc.ir.printer import fingerprint, print_model
 from ncc.passes import Pass, PassContext, PassResult, option
 from ncc.passes.manager import Instruments, PassManager, RunReport
-
-from ncc.ir.builder import GraphBuilder
 
 
 def relu_model() -> ir.Model:
@@ -203,7 +201,12 @@ def test_print_ir_before_and_after_by_name():
         print_ir_after=("test-mgr-liar",),
     )
     assert out == (
-        header("After", "test-mgr-liar") + "\n" + before + header("Before", "test-mgr-append-relu") + "\n" + before
+        header("After", "test-mgr-liar")
+        + "\n"
+        + before
+        + header("Before", "test-mgr-append-relu")
+        + "\n"
+        + before
     )
 
 
@@ -227,7 +230,9 @@ def test_print_ir_after_failure_shows_the_ir_the_pass_left():
 
 def test_print_ir_after_failure_on_verification_error():
     stream = io.StringIO()
-    manager = PassManager("test-mgr-breaker", instruments=Instruments(stream=stream, print_ir_after_failure=True))
+    manager = PassManager(
+        "test-mgr-breaker", instruments=Instruments(stream=stream, print_ir_after_failure=True)
+    )
     with pytest.raises(VerificationError):
         manager.run(relu_model())
     text = stream.getvalue()

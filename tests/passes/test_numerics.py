@@ -12,10 +12,6 @@ import onnx
 import onnx_ir as ir
 import pytest
 from conftest import assert_same_outputs
-from onnx import TensorProto as TP
-from onnx import helper as h
-from onnx import numpy_helper as nh
-
 from ncc.errors import NccError
 from ncc.frontends.onnx import from_proto
 from ncc.ir import ids
@@ -29,6 +25,9 @@ from ncc.passes.cleanup.shape_inference import ShapeInference
 from ncc.passes.cleanup.toposort import TopologicalSort
 from ncc.passes.fusion.fuse_conv_bn import FuseConvBN
 from ncc.passes.fusion.fuse_matmul_add import FuseMatMulAdd
+from onnx import TensorProto as TP
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 REWRITE_TOL = 1e-6
 FUSION_TOL = 1e-5
@@ -66,10 +65,22 @@ def _conv_bn(rng, name, x, cin, cout, group=1, k=3, bias=True):
         inits.append(_init(f"{name}.b", rng.normal(0, 0.1, cout).astype(np.float32)))
         conv_inputs.append(f"{name}.b")
     nodes = [
-        h.make_node("Conv", conv_inputs, [f"{name}.conv"], name=f"{name}/conv", group=group,
-                    kernel_shape=[k, k], pads=[k // 2] * 4),
-        h.make_node("BatchNormalization", [f"{name}.conv", f"{name}.gamma", f"{name}.beta", f"{name}.mean",
-                                           f"{name}.var"], [f"{name}.bn"], name=f"{name}/bn", epsilon=1e-5),
+        h.make_node(
+            "Conv",
+            conv_inputs,
+            [f"{name}.conv"],
+            name=f"{name}/conv",
+            group=group,
+            kernel_shape=[k, k],
+            pads=[k // 2] * 4,
+        ),
+        h.make_node(
+            "BatchNormalization",
+            [f"{name}.conv", f"{name}.gamma", f"{name}.beta", f"{name}.mean", f"{name}.var"],
+            [f"{name}.bn"],
+            name=f"{name}/bn",
+            epsilon=1e-5,
+        ),
         h.make_node("Relu", [f"{name}.bn"], [f"{name}.out"], name=f"{name}/relu"),
     ]
     return nodes, inits, f"{name}.out"
@@ -89,16 +100,22 @@ def small_cnn() -> ir.Model:
         n, i, x = _conv_bn(rng, name, x, cin, cout, group, k, bias)
         nodes += n
         inits += i
-    inits += [_init("fc.w", rng.standard_normal((16, 10)).astype(np.float32) / 4),
-              _init("fc.b", rng.standard_normal(10).astype(np.float32))]
+    inits += [
+        _init("fc.w", rng.standard_normal((16, 10)).astype(np.float32) / 4),
+        _init("fc.b", rng.standard_normal(10).astype(np.float32)),
+    ]
     nodes += [
         h.make_node("GlobalAveragePool", [x], ["pooled"], name="pool"),
         h.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
         h.make_node("MatMul", ["flat", "fc.w"], ["logits_mm"], name="fc/matmul"),
         h.make_node("Add", ["logits_mm", "fc.b"], ["logits"], name="fc/add"),
     ]
-    return _model(nodes, [h.make_tensor_value_info("input", TP.FLOAT, ["N", 3, 16, 16])],
-                  [h.make_tensor_value_info("logits", TP.FLOAT, ["N", 10])], inits)
+    return _model(
+        nodes,
+        [h.make_tensor_value_info("input", TP.FLOAT, ["N", 3, 16, 16])],
+        [h.make_tensor_value_info("logits", TP.FLOAT, ["N", 10])],
+        inits,
+    )
 
 
 def mlp() -> ir.Model:
@@ -106,17 +123,25 @@ def mlp() -> ir.Model:
     nodes, inits, x = [], [], "x"
     sizes = [12, 32, 32, 4]
     for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
-        inits += [_init(f"w{i}", (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)),
-                  _init(f"b{i}", rng.standard_normal(b).astype(np.float32))]
-        nodes += [h.make_node("MatMul", [x, f"w{i}"], [f"mm{i}"], name=f"fc{i}/matmul"),
-                  h.make_node("Add", [f"mm{i}", f"b{i}"], [f"h{i}"], name=f"fc{i}/add")]
+        inits += [
+            _init(f"w{i}", (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)),
+            _init(f"b{i}", rng.standard_normal(b).astype(np.float32)),
+        ]
+        nodes += [
+            h.make_node("MatMul", [x, f"w{i}"], [f"mm{i}"], name=f"fc{i}/matmul"),
+            h.make_node("Add", [f"mm{i}", f"b{i}"], [f"h{i}"], name=f"fc{i}/add"),
+        ]
         x = f"h{i}"
         if i < len(sizes) - 2:
             nodes.append(h.make_node("Tanh", [x], [f"a{i}"], name=f"act{i}"))
             x = f"a{i}"
     nodes.append(h.make_node("Identity", [x], ["y"], name="out"))
-    return _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, ["batch", 12])],
-                  [h.make_tensor_value_info("y", TP.FLOAT, ["batch", 4])], inits)
+    return _model(
+        nodes,
+        [h.make_tensor_value_info("x", TP.FLOAT, ["batch", 12])],
+        [h.make_tensor_value_info("y", TP.FLOAT, ["batch", 4])],
+        inits,
+    )
 
 
 def messy() -> ir.Model:
@@ -135,8 +160,13 @@ def messy() -> ir.Model:
         h.make_node("Dropout", ["reshaped"], ["y"], name="dropout"),
         h.make_node("Neg", ["x"], ["dead"], name="dead"),
     ]
-    return _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [2, 5])],
-                  [h.make_tensor_value_info("y", TP.FLOAT, [2, 5])], [_init("half", np.float32(0.75))], check=False)
+    return _model(
+        nodes,
+        [h.make_tensor_value_info("x", TP.FLOAT, [2, 5])],
+        [h.make_tensor_value_info("y", TP.FLOAT, [2, 5])],
+        [_init("half", np.float32(0.75))],
+        check=False,
+    )
 
 
 def _count(model: ir.Model) -> int:
@@ -166,11 +196,15 @@ def test_fuse_conv_bn_matches_batchnorm_in_float64():
     conv = next(n for n in after.graph if n.name == "pw/conv")
     w_new = conv.inputs[1].const_value.numpy().astype(np.float64)
     graph = before.graph
-    p = {k: graph.initializers[f"pw.{k}"].const_value.numpy().astype(np.float64)
-         for k in ("w", "gamma", "beta", "mean", "var")}
+    p = {
+        k: graph.initializers[f"pw.{k}"].const_value.numpy().astype(np.float64)
+        for k in ("w", "gamma", "beta", "mean", "var")
+    }
     s = p["gamma"] / np.sqrt(p["var"] + 1e-5)
     np.testing.assert_allclose(w_new, p["w"] * s[:, None, None, None], rtol=1e-6)
-    np.testing.assert_allclose(conv.inputs[2].const_value.numpy(), p["beta"] - p["mean"] * s, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        conv.inputs[2].const_value.numpy(), p["beta"] - p["mean"] * s, rtol=1e-6, atol=1e-7
+    )
 
 
 def test_fuse_conv_bn_reports_why_not():
@@ -178,8 +212,12 @@ def test_fuse_conv_bn_reports_why_not():
         rng = np.random.default_rng(0)
         nodes, inits, out = _conv_bn(rng, "l", "x", 2, 2, k=1)
         nodes.append(h.make_node("Add", ["l.conv", out], ["y"]))  # Conv output read twice
-        return _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 2, 3, 3])],
-                      [h.make_tensor_value_info("y", TP.FLOAT, [1, 2, 3, 3])], inits)
+        return _model(
+            nodes,
+            [h.make_tensor_value_info("x", TP.FLOAT, [1, 2, 3, 3])],
+            [h.make_tensor_value_info("y", TP.FLOAT, [1, 2, 3, 3])],
+            inits,
+        )
 
     _, after, result = _run(FuseConvBN(), build)
     assert not result.modified
@@ -203,10 +241,12 @@ def test_fuse_matmul_add_on_cnn_head_and_leaves_rank3():
 
     def rank3():
         w = np.ones((4, 3), np.float32)
-        return _model([h.make_node("MatMul", ["x", "w"], ["m"]), h.make_node("Add", ["m", "b"], ["y"])],
-                      [h.make_tensor_value_info("x", TP.FLOAT, ["B", "S", 4])],
-                      [h.make_tensor_value_info("y", TP.FLOAT, ["B", "S", 3])],
-                      [_init("w", w), _init("b", np.zeros(3, np.float32))])
+        return _model(
+            [h.make_node("MatMul", ["x", "w"], ["m"]), h.make_node("Add", ["m", "b"], ["y"])],
+            [h.make_tensor_value_info("x", TP.FLOAT, ["B", "S", 4])],
+            [h.make_tensor_value_info("y", TP.FLOAT, ["B", "S", 3])],
+            [_init("w", w), _init("b", np.zeros(3, np.float32))],
+        )
 
     _, after, result = _run(FuseMatMulAdd(), rank3)
     assert not result.modified
@@ -221,8 +261,14 @@ def test_cleanup_pipeline_on_messy_graph():
     reference = messy()
     stats = {}
     # ONNX shape inference needs a sorted graph: sort, then type, then clean.
-    for p in (TopologicalSort(), ShapeInference(), FoldConstants(), EliminateIdentity(),
-              CommonSubexpressionElimination(), DeadCodeElimination()):
+    for p in (
+        TopologicalSort(),
+        ShapeInference(),
+        FoldConstants(),
+        EliminateIdentity(),
+        CommonSubexpressionElimination(),
+        DeadCodeElimination(),
+    ):
         result = p.run(model, PassContext())
         if p.name != "toposort":
             verify(model)
@@ -241,8 +287,17 @@ def test_cleanup_pipeline_on_messy_graph():
     assert [v.name for v in model.graph.outputs] == ["y"]
 
 
-@pytest.mark.parametrize("pass_", [ShapeInference(), FoldConstants(), DeadCodeElimination(),
-                                   CommonSubexpressionElimination(), EliminateIdentity(), TopologicalSort()])
+@pytest.mark.parametrize(
+    "pass_",
+    [
+        ShapeInference(),
+        FoldConstants(),
+        DeadCodeElimination(),
+        CommonSubexpressionElimination(),
+        EliminateIdentity(),
+        TopologicalSort(),
+    ],
+)
 def test_cleanup_passes_keep_numerics_on_real_graphs(pass_):
     for build in (small_cnn, mlp):
         before, after, _ = _run(pass_, build)
@@ -256,9 +311,16 @@ def test_passes_are_deterministic():
     texts = set()
     for _ in range(2):
         model = messy()
-        for p in (TopologicalSort(), ShapeInference(), FoldConstants(), EliminateIdentity(),
-                  CommonSubexpressionElimination(),
-                  DeadCodeElimination(), FuseConvBN(), FuseMatMulAdd()):
+        for p in (
+            TopologicalSort(),
+            ShapeInference(),
+            FoldConstants(),
+            EliminateIdentity(),
+            CommonSubexpressionElimination(),
+            DeadCodeElimination(),
+            FuseConvBN(),
+            FuseMatMulAdd(),
+        ):
             p.run(model, PassContext())
         texts.add(print_model(model))
     assert len(texts) == 1
@@ -266,11 +328,16 @@ def test_passes_are_deterministic():
 
 def test_shape_inference_fills_types_and_strict_errors():
     def untyped():
-        proto = h.make_model(h.make_graph(
-            [h.make_node("MatMul", ["x", "w"], ["m"]), h.make_node("Relu", ["m"], ["y"])], "g",
-            [h.make_tensor_value_info("x", TP.FLOAT, ["N", 4])],
-            [h.make_tensor_value_info("y", TP.FLOAT, None)], [_init("w", np.ones((4, 3), np.float32))]),
-            opset_imports=[h.make_opsetid("", 17)])
+        proto = h.make_model(
+            h.make_graph(
+                [h.make_node("MatMul", ["x", "w"], ["m"]), h.make_node("Relu", ["m"], ["y"])],
+                "g",
+                [h.make_tensor_value_info("x", TP.FLOAT, ["N", 4])],
+                [h.make_tensor_value_info("y", TP.FLOAT, None)],
+                [_init("w", np.ones((4, 3), np.float32))],
+            ),
+            opset_imports=[h.make_opsetid("", 17)],
+        )
         model = ir.serde.deserialize_model(proto)
         ids.assign_ids(model)
         return model
@@ -299,19 +366,35 @@ def test_weights_are_not_read(tmp_path):
     missing = tmp_path / "weights.bin"  # never created: reading it would raise
 
     def build():
-        model = _model([h.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
-                        h.make_node("MatMul", ["x", "wt"], ["y"])],
-                       [h.make_tensor_value_info("x", TP.FLOAT, [1, 2048])],
-                       [h.make_tensor_value_info("y", TP.FLOAT, [1, 2048])],
-                       [_init("w", np.zeros((1, 1), np.float32))])
+        model = _model(
+            [h.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), h.make_node("MatMul", ["x", "wt"], ["y"])],
+            [h.make_tensor_value_info("x", TP.FLOAT, [1, 2048])],
+            [h.make_tensor_value_info("y", TP.FLOAT, [1, 2048])],
+            [_init("w", np.zeros((1, 1), np.float32))],
+        )
         w = model.graph.initializers["w"]
-        w.const_value = ir.ExternalTensor(missing.name, offset=0, length=2048 * 2048 * 4, dtype=ir.DataType.FLOAT,
-                                          shape=ir.Shape([2048, 2048]), name="w", base_dir=str(tmp_path))
+        w.const_value = ir.ExternalTensor(
+            missing.name,
+            offset=0,
+            length=2048 * 2048 * 4,
+            dtype=ir.DataType.FLOAT,
+            shape=ir.Shape([2048, 2048]),
+            name="w",
+            base_dir=str(tmp_path),
+        )
         w.shape = ir.Shape([2048, 2048])
         return model
 
-    for p in (ShapeInference(), FoldConstants(), DeadCodeElimination(), CommonSubexpressionElimination(),
-              EliminateIdentity(), TopologicalSort(), FuseMatMulAdd(), FuseConvBN()):
+    for p in (
+        ShapeInference(),
+        FoldConstants(),
+        DeadCodeElimination(),
+        CommonSubexpressionElimination(),
+        EliminateIdentity(),
+        TopologicalSort(),
+        FuseMatMulAdd(),
+        FuseConvBN(),
+    ):
         model = build()
         result = p.run(model, PassContext())
         assert model.graph.initializers["w"].const_value.__class__ is ir.ExternalTensor
@@ -321,13 +404,17 @@ def test_weights_are_not_read(tmp_path):
 
 def test_fold_constants_output_names_and_types_are_stable():
     def build():
-        return _model([h.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
-                       h.make_node("Cast", ["wt"], ["wt16"], to=TP.FLOAT16),
-                       h.make_node("Cast", ["x"], ["x16"], to=TP.FLOAT16),
-                       h.make_node("MatMul", ["x16", "wt16"], ["y"])],
-                      [h.make_tensor_value_info("x", TP.FLOAT, [1, 3])],
-                      [h.make_tensor_value_info("y", TP.FLOAT16, [1, 2])],
-                      [_init("w", np.arange(6, dtype=np.float32).reshape(2, 3))])
+        return _model(
+            [
+                h.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+                h.make_node("Cast", ["wt"], ["wt16"], to=TP.FLOAT16),
+                h.make_node("Cast", ["x"], ["x16"], to=TP.FLOAT16),
+                h.make_node("MatMul", ["x16", "wt16"], ["y"]),
+            ],
+            [h.make_tensor_value_info("x", TP.FLOAT, [1, 3])],
+            [h.make_tensor_value_info("y", TP.FLOAT16, [1, 2])],
+            [_init("w", np.arange(6, dtype=np.float32).reshape(2, 3))],
+        )
 
     before, after, result = _run(FoldConstants(), build)
     assert result.stats["nodes folded"] == 2
@@ -337,8 +424,11 @@ def test_fold_constants_output_names_and_types_are_stable():
 
 
 def test_toposort_reports_cycles():
-    model = _model([h.make_node("Relu", ["x"], ["y"])], [h.make_tensor_value_info("x", TP.FLOAT, [2])],
-                   [h.make_tensor_value_info("y", TP.FLOAT, [2])])
+    model = _model(
+        [h.make_node("Relu", ["x"], ["y"])],
+        [h.make_tensor_value_info("x", TP.FLOAT, [2])],
+        [h.make_tensor_value_info("y", TP.FLOAT, [2])],
+    )
     a = ir.Node("", "Neg", [None], name="a")
     b = ir.Node("", "Abs", [a.outputs[0]], name="b")
     a.replace_input_with(0, b.outputs[0])
@@ -348,14 +438,21 @@ def test_toposort_reports_cycles():
 
 
 def test_dce_removes_unused_functions():
-    fn = h.make_function("custom", "Unused", ["a"], ["b"], [h.make_node("Neg", ["a"], ["b"])],
-                         [h.make_opsetid("", 17)])
-    fn2 = h.make_function("custom", "Used", ["a"], ["b"], [h.make_node("Relu", ["a"], ["b"])],
-                          [h.make_opsetid("", 17)])
-    graph = h.make_graph([h.make_node("Used", ["x"], ["y"], domain="custom")], "g",
-                         [h.make_tensor_value_info("x", TP.FLOAT, [2])], [h.make_tensor_value_info("y", TP.FLOAT, [2])])
-    proto = h.make_model(graph, functions=[fn, fn2],
-                         opset_imports=[h.make_opsetid("", 17), h.make_opsetid("custom", 1)])
+    fn = h.make_function(
+        "custom", "Unused", ["a"], ["b"], [h.make_node("Neg", ["a"], ["b"])], [h.make_opsetid("", 17)]
+    )
+    fn2 = h.make_function(
+        "custom", "Used", ["a"], ["b"], [h.make_node("Relu", ["a"], ["b"])], [h.make_opsetid("", 17)]
+    )
+    graph = h.make_graph(
+        [h.make_node("Used", ["x"], ["y"], domain="custom")],
+        "g",
+        [h.make_tensor_value_info("x", TP.FLOAT, [2])],
+        [h.make_tensor_value_info("y", TP.FLOAT, [2])],
+    )
+    proto = h.make_model(
+        graph, functions=[fn, fn2], opset_imports=[h.make_opsetid("", 17), h.make_opsetid("custom", 1)]
+    )
     before, after = from_proto(proto), from_proto(proto)
     result = DeadCodeElimination().run(after, PassContext())
     assert result.stats["functions removed"] == 1
@@ -365,12 +462,18 @@ def test_dce_removes_unused_functions():
 
 def test_fold_constants_never_materializes_a_huge_constant_of_shape():
     def build():
-        return _model([h.make_node("ConstantOfShape", ["big"], ["a"]), h.make_node("ReduceSum", ["a"], ["s"]),
-                       h.make_node("ConstantOfShape", ["small"], ["b"]), h.make_node("Add", ["x", "b"], ["t"]),
-                       h.make_node("Add", ["t", "s"], ["y"])],
-                      [h.make_tensor_value_info("x", TP.FLOAT, [2, 3])],
-                      [h.make_tensor_value_info("y", TP.FLOAT, [2, 3])],
-                      [_init("big", np.array([100000, 100000], np.int64)), _init("small", np.array([2, 3], np.int64))])
+        return _model(
+            [
+                h.make_node("ConstantOfShape", ["big"], ["a"]),
+                h.make_node("ReduceSum", ["a"], ["s"]),
+                h.make_node("ConstantOfShape", ["small"], ["b"]),
+                h.make_node("Add", ["x", "b"], ["t"]),
+                h.make_node("Add", ["t", "s"], ["y"]),
+            ],
+            [h.make_tensor_value_info("x", TP.FLOAT, [2, 3])],
+            [h.make_tensor_value_info("y", TP.FLOAT, [2, 3])],
+            [_init("big", np.array([100000, 100000], np.int64)), _init("small", np.array([2, 3], np.int64))],
+        )
 
     model = build()
     result = FoldConstants().run(model, PassContext())
@@ -386,7 +489,6 @@ def test_cleanup_pipeline_on_real_models(which):
     """The whole cleanup + fusion pipeline on real exported models keeps their outputs."""
     import realmodels
     from conftest import run_ort
-
     from ncc.frontends.onnx import load_onnx
     from ncc.passes.manager import PassManager
 
@@ -395,7 +497,9 @@ def test_cleanup_pipeline_on_real_models(which):
     else:
         path = realmodels.minilm_onnx(which.split("-")[1])
     before, after = load_onnx(path), load_onnx(path)
-    pipeline = "shape-inference,toposort,fold-constants,eliminate-identity,cse,fuse-conv-bn,fuse-matmul-add,dce"
+    pipeline = (
+        "shape-inference,toposort,fold-constants,eliminate-identity,cse,fuse-conv-bn,fuse-matmul-add,dce"
+    )
     PassManager(pipeline).run(after)
     names = [v.name for v in before.graph.inputs]
     if which == "efficientnet":

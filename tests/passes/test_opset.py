@@ -6,25 +6,30 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from conftest import run_ort
+from ncc.passes.opset import default_opset, raise_opset, upgrade_blockers
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from ncc.passes.opset import default_opset, raise_opset, upgrade_blockers
-
-from conftest import run_ort
-
 
 def _model(nodes, inits=(), opset=13, x_shape=(2, 3, 8), y_shape=None):
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, list(x_shape))],
-                         [h.make_tensor_value_info("y", T.FLOAT, y_shape)], list(inits))
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, list(x_shape))],
+        [h.make_tensor_value_info("y", T.FLOAT, y_shape)],
+        list(inits),
+    )
     return ir.serde.deserialize_model(h.make_model(graph, opset_imports=[h.make_opsetid("", opset)]))
 
 
 def test_reduce_axes_attribute_becomes_an_input_and_outputs_are_unchanged():
-    nodes = [h.make_node("ReduceMean", ["x"], ["m"], axes=[-1], keepdims=1),
-             h.make_node("ReduceMax", ["m"], ["y0"], axes=[1], keepdims=0),
-             h.make_node("Reshape", ["y0", "shape"], ["y"])]
+    nodes = [
+        h.make_node("ReduceMean", ["x"], ["m"], axes=[-1], keepdims=1),
+        h.make_node("ReduceMax", ["m"], ["y0"], axes=[1], keepdims=0),
+        h.make_node("Reshape", ["y0", "shape"], ["y"]),
+    ]
     model = _model(nodes, [nh.from_array(np.array([-1], np.int64), "shape")], y_shape=[2])
     x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
     before = run_ort(model, {"x": x})["y"]
@@ -37,10 +42,13 @@ def test_reduce_axes_attribute_becomes_an_input_and_outputs_are_unchanged():
     np.testing.assert_array_equal(run_ort(model, {"x": x})["y"], before)
 
 
-@pytest.mark.parametrize("op, attrs, opset, target", [
-    ("RoiAlign", {}, 13, 21),  # 16: coordinate_transformation_mode default changed
-    ("GroupNormalization", {"num_groups": 1}, 18, 21),  # 21: scale and bias per channel, not per group
-])
+@pytest.mark.parametrize(
+    "op, attrs, opset, target",
+    [
+        ("RoiAlign", {}, 13, 21),  # 16: coordinate_transformation_mode default changed
+        ("GroupNormalization", {"num_groups": 1}, 18, 21),  # 21: scale and bias per channel, not per group
+    ],
+)
 def test_meaning_changes_block_the_upgrade(op, attrs, opset, target):
     if op == "RoiAlign":
         node = h.make_node(op, ["x", "rois", "idx"], ["y"])
@@ -53,8 +61,11 @@ def test_meaning_changes_block_the_upgrade(op, attrs, opset, target):
 
 
 def test_type_only_changes_do_not_block():
-    nodes = [h.make_node("Cast", ["x"], ["c"], to=T.FLOAT), h.make_node("Pad", ["c", "pads"], ["p"]),
-             h.make_node("Transpose", ["p"], ["y"], perm=[0, 2, 1])]
+    nodes = [
+        h.make_node("Cast", ["x"], ["c"], to=T.FLOAT),
+        h.make_node("Pad", ["c", "pads"], ["p"]),
+        h.make_node("Transpose", ["p"], ["y"], perm=[0, 2, 1]),
+    ]
     model = _model(nodes, [nh.from_array(np.zeros(6, np.int64), "pads")])
     assert upgrade_blockers(model, 21) == []
     assert raise_opset(model, 21) == [] and default_opset(model) == 21

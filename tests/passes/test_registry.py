@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
-
 from ncc.errors import NccError, PassSpecError
 from ncc.passes import Pass, registry
 from ncc.passes.registry import all_passes, get_pass, load_entry_points, load_plugin

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
 from ncc.ir import ids
 from ncc.ir.builder import GraphBuilder, run
 from ncc.ir.verifier import verify

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import pytest
-
 from ncc.errors import PassSpecError
 from ncc.passes import Pass, PassResult, option
 from ncc.passes.pipelines import PIPELINES
@@ -172,7 +171,9 @@ def test_unknown_option_lists_valid_ones():
         "pass 'test-spec-probe' has no option 'bitz'; did you mean 'bits'? Valid options: "
         "scheme, granularity, bits, alpha, enabled, label, ops, axes, limit, note."
     )
-    assert spec_error("test-spec-plain{x=1}") == "pass 'test-spec-plain' has no option 'x'; it takes no options."
+    assert (
+        spec_error("test-spec-plain{x=1}") == "pass 'test-spec-plain' has no option 'x'; it takes no options."
+    )
 
 
 @pytest.mark.parametrize(
@@ -182,9 +183,18 @@ def test_unknown_option_lists_valid_ones():
             "test-spec-probe{scheme=symm}",
             "option 'scheme' of pass 'test-spec-probe' must be one of sym, asym; got 'symm'.",
         ),
-        ("test-spec-probe{bits=eight}", "option 'bits' of pass 'test-spec-probe' must be an integer; got 'eight'."),
-        ("test-spec-probe{bits=4.5}", "option 'bits' of pass 'test-spec-probe' must be an integer; got '4.5'."),
-        ("test-spec-probe{alpha=big}", "option 'alpha' of pass 'test-spec-probe' must be a number; got 'big'."),
+        (
+            "test-spec-probe{bits=eight}",
+            "option 'bits' of pass 'test-spec-probe' must be an integer; got 'eight'.",
+        ),
+        (
+            "test-spec-probe{bits=4.5}",
+            "option 'bits' of pass 'test-spec-probe' must be an integer; got '4.5'.",
+        ),
+        (
+            "test-spec-probe{alpha=big}",
+            "option 'alpha' of pass 'test-spec-probe' must be a number; got 'big'.",
+        ),
         (
             "test-spec-probe{enabled=yes}",
             "option 'enabled' of pass 'test-spec-probe' must be true or false; got 'yes'.",
@@ -253,7 +263,10 @@ def test_syntax_errors_point_at_a_column(spec, first_line):
 
 
 def test_pipeline_takes_no_options():
-    assert spec_error("cleanup{x=1}") == "pipeline 'cleanup' takes no options; give options to its passes instead."
+    assert (
+        spec_error("cleanup{x=1}")
+        == "pipeline 'cleanup' takes no options; give options to its passes instead."
+    )
 
 
 def test_post_init_validation_becomes_spec_error():

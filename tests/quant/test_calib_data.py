@@ -7,7 +7,6 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from ncc.errors import NccError
 from ncc.passes.quant.calib_data import load_calibration_data, validate
 
@@ -164,7 +163,9 @@ def test_error_empty(tmp_path):
     spec = str(tmp_path / "c.npz")
     assert _error(spec) == f"calibration data {spec} is empty: it holds no samples."
     (tmp_path / "empty").mkdir()
-    assert _error(str(tmp_path / "empty")) == f"calibration folder {tmp_path / 'empty'} contains no .npz files."
+    assert (
+        _error(str(tmp_path / "empty")) == f"calibration folder {tmp_path / 'empty'} contains no .npz files."
+    )
     (tmp_path / "none.py").write_text("def f():\n    return []\n")
     spec = f"{tmp_path / 'none.py'}:f"
     assert _error(spec) == f"calibration data {spec} is empty: it holds no samples."
@@ -178,10 +179,15 @@ def test_error_unreadable_and_missing(tmp_path):
     assert _error(spec) == f"calibration data {spec} does not exist."
     (tmp_path / "c.csv").write_text("1,2")
     spec = str(tmp_path / "c.csv")
-    assert _error(spec) == f"calibration data {spec} is not a .npz file, a folder of .npz files or module:function."
+    assert (
+        _error(spec)
+        == f"calibration data {spec} is not a .npz file, a folder of .npz files or module:function."
+    )
     np.savez(tmp_path / "uneven.npz", x=np.zeros((2, 3, 4), np.float32), ids=np.zeros((3, 5), np.int64))
     spec = str(tmp_path / "uneven.npz")
-    assert _error(spec) == f"calibration data {spec} has a different number of samples per input (ids: 3, x: 2)."
+    assert (
+        _error(spec) == f"calibration data {spec} has a different number of samples per input (ids: 3, x: 2)."
+    )
 
 
 def test_error_module_function(tmp_path):
@@ -192,7 +198,9 @@ def test_error_module_function(tmp_path):
     m = tmp_path / "m.py"
     assert _error(f"{m}:missing") == f"calibration module {m} has no function 'missing'."
     assert _error(f"{m}:value") == f"calibration data {m}:value names int 'value', which is not callable."
-    assert _error(f"{m}:ints") == f"calibration function {m}:ints returned int, not an iterable of input dicts."
+    assert (
+        _error(f"{m}:ints") == f"calibration function {m}:ints returned int, not an iterable of input dicts."
+    )
     assert _error(f"{m}:items") == (
         f"calibration data {m}:items gave int as item 0, expected a dict of input name to array."
     )

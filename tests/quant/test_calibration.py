@@ -6,12 +6,11 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from ncc.errors import NccError
 from ncc.passes.quant import calibration
 from ncc.passes.quant.calib_data import load_calibration_data
 from ncc.passes.quant.calibration import collect_statistics
+from onnx import TensorProto, helper, numpy_helper
 
 
 def _mlp_proto(seed: int = 0, hidden: int = 32):
@@ -27,8 +26,10 @@ def _mlp_proto(seed: int = 0, hidden: int = 32):
         ],
         "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", hidden]),
-         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", hidden]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -57,16 +58,22 @@ def test_matches_onnxruntime_run(tmp_path):
     pixels = _digits_npz(tmp_path / "calib.npz")
     model = ir.serde.deserialize_model(proto)
     data = load_calibration_data(str(tmp_path / "calib.npz"))
-    stats = collect_statistics(model, ["x", "mm", "add", "y", "shape", "W"], data, batch_size=16, progress=False)
+    stats = collect_statistics(
+        model, ["x", "mm", "add", "y", "shape", "W"], data, batch_size=16, progress=False
+    )
     assert list(stats) == ["x", "mm", "add", "y", "W"]  # 'shape' is int64: not observed
     ref = _reference(proto, pixels)
     ref["x"] = pixels
     ref["W"] = numpy_helper.to_array(proto.graph.initializer[0])
     for name, s in stats.items():
         assert s.count == ref[name].size, name
-        assert s.minmax() == pytest.approx((float(ref[name].min()), float(ref[name].max())), rel=1e-6, abs=1e-6), name
+        assert s.minmax() == pytest.approx(
+            (float(ref[name].min()), float(ref[name].max())), rel=1e-6, abs=1e-6
+        ), name
     assert stats["y"].min == 0.0 and stats["y"].zero_count == int(np.count_nonzero(ref["y"] == 0))
-    assert model.graph.outputs[0].name == "y" and len(model.graph.outputs) == 2  # the caller's model is untouched
+    assert (
+        model.graph.outputs[0].name == "y" and len(model.graph.outputs) == 2
+    )  # the caller's model is untouched
 
 
 def test_cache_skips_onnxruntime(tmp_path, monkeypatch):
@@ -81,8 +88,13 @@ def test_cache_skips_onnxruntime(tmp_path, monkeypatch):
         raise AssertionError("onnxruntime must not run on a cache hit")
 
     monkeypatch.setattr(ort, "InferenceSession", forbidden)
-    again = collect_statistics(model, ["y", "add"], load_calibration_data(str(tmp_path / "calib.npz")),
-                               progress=False, cache_dir=cache)
+    again = collect_statistics(
+        model,
+        ["y", "add"],
+        load_calibration_data(str(tmp_path / "calib.npz")),
+        progress=False,
+        cache_dir=cache,
+    )
     for name in first:
         assert again[name].minmax() == first[name].minmax()
         np.testing.assert_array_equal(again[name].hist, first[name].hist)
@@ -96,7 +108,12 @@ def test_cache_skips_onnxruntime(tmp_path, monkeypatch):
 def test_external_data_model_weights_as_arrays_or_in_proto(tmp_path, monkeypatch):
     proto = _mlp_proto()
     pixels = _digits_npz(tmp_path / "calib.npz", n=40)
-    ir.save(ir.serde.deserialize_model(proto), tmp_path / "m.onnx", external_data="m.onnx.data", size_threshold_bytes=0)
+    ir.save(
+        ir.serde.deserialize_model(proto),
+        tmp_path / "m.onnx",
+        external_data="m.onnx.data",
+        size_threshold_bytes=0,
+    )
     model = ir.load(tmp_path / "m.onnx")
     assert isinstance(model.graph.initializers["W"].const_value, ir.ExternalTensor)
     ref = _reference(proto, pixels)
@@ -105,7 +122,9 @@ def test_external_data_model_weights_as_arrays_or_in_proto(tmp_path, monkeypatch
     monkeypatch.setattr(calibration, "HANDOFF_BYTES", 1 << 62)  # every weight inside the proto
     in_proto = collect_statistics(model, ["add"], data, progress=False)
     for stats in (as_arrays, in_proto):
-        assert stats["add"].minmax() == pytest.approx((float(ref["add"].min()), float(ref["add"].max())), rel=1e-6)
+        assert stats["add"].minmax() == pytest.approx(
+            (float(ref["add"].min()), float(ref["add"].max())), rel=1e-6
+        )
     assert isinstance(model.graph.initializers["W"].const_value, ir.ExternalTensor)
 
 
@@ -114,7 +133,9 @@ def test_value_without_type_is_fetched_as_float(tmp_path):
     model.graph.node(1).outputs[0].type = None  # 'add' lost its type
     model.graph.node(1).outputs[0].shape = None
     _digits_npz(tmp_path / "calib.npz", n=10)
-    stats = collect_statistics(model, ["add"], load_calibration_data(str(tmp_path / "calib.npz")), progress=False)
+    stats = collect_statistics(
+        model, ["add"], load_calibration_data(str(tmp_path / "calib.npz")), progress=False
+    )
     assert stats["add"].count == 10 * 32
 
 
@@ -123,8 +144,9 @@ def test_fixed_batch_dimension_is_respected(tmp_path):
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # a model exported with batch 1
     model = ir.serde.deserialize_model(proto)
     _digits_npz(tmp_path / "calib.npz", n=7)
-    stats = collect_statistics(model, ["y"], load_calibration_data(str(tmp_path / "calib.npz")), batch_size=8,
-                               progress=False)
+    stats = collect_statistics(
+        model, ["y"], load_calibration_data(str(tmp_path / "calib.npz")), batch_size=8, progress=False
+    )
     assert stats["y"].count == 7 * 32
 
 
@@ -139,7 +161,9 @@ def test_bad_data_fails_before_running(tmp_path, monkeypatch):
         f"calibration input 'x' in {spec} has shape [4, 63] but the model expects [?, 64]: dimension 1 is 63, expected 64."
     )
     with pytest.raises(ValueError, match="not in the model"):
-        collect_statistics(model, ["nope"], load_calibration_data(str(tmp_path / "calib.npz")), progress=False)
+        collect_statistics(
+            model, ["nope"], load_calibration_data(str(tmp_path / "calib.npz")), progress=False
+        )
 
 
 def test_onnxruntime_failure_on_data_is_one_sentence(tmp_path):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from ncc.passes.quant import fallback
 
 
 def _batch(rng, lengths, seq=6, hidden=4):
     mask = (np.arange(seq)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
-    return {"input_ids": np.zeros_like(mask), "attention_mask": mask}, rng.normal(size=(len(lengths), seq, hidden))
+    return {"input_ids": np.zeros_like(mask), "attention_mask": mask}, rng.normal(
+        size=(len(lengths), seq, hidden)
+    )
 
 
 def test_padded_positions_do_not_count():

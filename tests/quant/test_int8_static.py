@@ -14,14 +14,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from ncc.backends.onnx import save_onnx
 from ncc.frontends.onnx import load_onnx
 from ncc.passes.base import PassContext
 from ncc.passes.manager import PassManager
 from ncc.passes.quant.calib_data import load_calibration_data
 from ncc.targets import get_target
+from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "examples" / "digits_cnn.onnx"
@@ -29,7 +28,9 @@ CALIB = REPO / "examples" / "digits_calib.npz"
 
 
 def ncc(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ncc.tools.cli", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "ncc.tools.cli", *map(str, args)], capture_output=True, text=True
+    )
 
 
 def heldout() -> tuple[np.ndarray, np.ndarray]:
@@ -54,8 +55,18 @@ def accuracy(path: Path) -> float:
 @pytest.fixture(scope="module")
 def int8_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("int8") / "digits.int8.onnx"
-    proc = ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "-o", out,
-               "--cache-dir", tmp_path_factory.mktemp("cache"))
+    proc = ncc(
+        "compile",
+        MODEL,
+        "--pass",
+        "int8",
+        "--calib",
+        CALIB,
+        "-o",
+        out,
+        "--cache-dir",
+        tmp_path_factory.mktemp("cache"),
+    )
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -76,8 +87,11 @@ def test_every_qdq_pair_matches_numpy_fake_quant(int8_model):
     """Each QuantizeLinear output equals round(x / scale) + zp (saturated) on real inputs, within one step."""
     proto = onnx.load(int8_model)
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    pairs = [(n.input[0], n.output[0], inits[n.input[1]], inits[n.input[2]])
-             for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    pairs = [
+        (n.input[0], n.output[0], inits[n.input[1]], inits[n.input[2]])
+        for n in proto.graph.node
+        if n.op_type == "QuantizeLinear"
+    ]
     assert len(pairs) >= 5
     wanted = sorted({name for p in pairs for name in p[:2]})
     for name in wanted:
@@ -99,7 +113,9 @@ def test_weights_are_int8_per_channel_within_half_a_step(int8_model):
     proto = onnx.load(int8_model)
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     floats = {i.name: numpy_helper.to_array(i) for i in onnx.load(MODEL).graph.initializer}
-    conv_weight = inits["features.3.weight_bn_quantized"] if "features.3.weight_bn_quantized" in inits else None
+    conv_weight = (
+        inits["features.3.weight_bn_quantized"] if "features.3.weight_bn_quantized" in inits else None
+    )
     assert conv_weight is not None and conv_weight.dtype == np.int8
     scale = inits["features.3.weight_bn_scale"]
     assert scale.shape == (32,)  # one scale per output channel
@@ -116,8 +132,21 @@ def test_int8_onnx_output_leaves_out_intermediate_shapes(tmp_path, int8_model):
     # the shapes: INT8 artefacts are written without them unless --value-info; float outputs keep them
     assert len(onnx.load(int8_model).graph.value_info) == 0
     kept = tmp_path / "kept.onnx"
-    proc = ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "-o", kept, "--cache-dir", tmp_path / "c",
-               "--format", "qoperator", "--value-info")
+    proc = ncc(
+        "compile",
+        MODEL,
+        "--pass",
+        "int8",
+        "--calib",
+        CALIB,
+        "-o",
+        kept,
+        "--cache-dir",
+        tmp_path / "c",
+        "--format",
+        "qoperator",
+        "--value-info",
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(onnx.load(kept).graph.value_info) > 0
     optimized = tmp_path / "opt.onnx"
@@ -127,8 +156,20 @@ def test_int8_onnx_output_leaves_out_intermediate_shapes(tmp_path, int8_model):
 
 def test_qoperator_format_matches_qdq(tmp_path, int8_model):
     out = tmp_path / "digits.qop.onnx"
-    proc = ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "--format", "qoperator", "-o", out,
-               "--cache-dir", tmp_path / "cache")
+    proc = ncc(
+        "compile",
+        MODEL,
+        "--pass",
+        "int8",
+        "--calib",
+        CALIB,
+        "--format",
+        "qoperator",
+        "-o",
+        out,
+        "--cache-dir",
+        tmp_path / "cache",
+    )
     assert proc.returncode == 0, proc.stderr
     onnx.checker.check_model(onnx.load(out))
     ops = {n.op_type for n in onnx.load(out).graph.node}
@@ -143,8 +184,20 @@ def test_second_compile_reuses_calibration_statistics(tmp_path):
     # carry no histograms, so the first histogram method after them runs the model again
 
     def from_cache(cache: str, name: str, *options: str) -> bool:
-        proc = ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "-o", tmp_path / f"{name}.onnx",
-                   "--cache-dir", tmp_path / cache, "--pass-statistics", *options)
+        proc = ncc(
+            "compile",
+            MODEL,
+            "--pass",
+            "int8",
+            "--calib",
+            CALIB,
+            "-o",
+            tmp_path / f"{name}.onnx",
+            "--cache-dir",
+            tmp_path / cache,
+            "--pass-statistics",
+            *options,
+        )
         assert proc.returncode == 0, proc.stderr
         assert ("0 from cache" in proc.stderr) != ("1 from cache" in proc.stderr), proc.stderr
         return "1 from cache" in proc.stderr
@@ -164,8 +217,21 @@ def test_second_compile_reuses_calibration_statistics(tmp_path):
 
 def test_compile_int8_is_deterministic(tmp_path):
     for name in ("a", "b"):
-        assert ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "-o", tmp_path / f"{name}.onnx",
-                   "--cache-dir", tmp_path / f"cache-{name}").returncode == 0
+        assert (
+            ncc(
+                "compile",
+                MODEL,
+                "--pass",
+                "int8",
+                "--calib",
+                CALIB,
+                "-o",
+                tmp_path / f"{name}.onnx",
+                "--cache-dir",
+                tmp_path / f"cache-{name}",
+            ).returncode
+            == 0
+        )
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
@@ -173,13 +239,22 @@ def test_masking_sentinels_keep_ops_in_float(tmp_path):
     """An attention-style Add of a float32-minimum mask and its Softmax stay in float, with the reason."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["s"], name="scores"),
-             helper.make_node("Add", ["s", "mask"], ["masked"], name="add_mask"),
-             helper.make_node("Softmax", ["masked"], ["p"], axis=-1, name="softmax"),
-             helper.make_node("MatMul", ["p", "x"], ["y"], name="context")]
-    graph = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8]),
-                                              helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8])], [w])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["s"], name="scores"),
+        helper.make_node("Add", ["s", "mask"], ["masked"], name="add_mask"),
+        helper.make_node("Softmax", ["masked"], ["p"], axis=-1, name="softmax"),
+        helper.make_node("MatMul", ["p", "x"], ["y"], name="context"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "attn",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 8, 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8])],
+        [w],
+    )
     src = tmp_path / "attn.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
     mask = np.where(rng.random((16, 8, 8)) < 0.3, np.finfo(np.float32).min, 0).astype(np.float32)
@@ -201,12 +276,27 @@ def test_masking_sentinels_keep_ops_in_float(tmp_path):
 
 # --- bad input: one sentence, exit 2, nothing written ------------------------------------------
 
+
 def test_exclude_patterns_are_searched_in_names_and_unmatched_ones_warned(tmp_path):
     # like grep (and quantize-dynamic, and the weight-only passes): 'features.3' names
     # '/features/features.3/Conv' without spelling it out; a pattern that names nothing is reported
     out = tmp_path / "o.onnx"
-    proc = ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "-o", out, "--cache-dir", tmp_path / "c",
-               "--exclude", "features.3", "--exclude", "featurez")
+    proc = ncc(
+        "compile",
+        MODEL,
+        "--pass",
+        "int8",
+        "--calib",
+        CALIB,
+        "-o",
+        out,
+        "--cache-dir",
+        tmp_path / "c",
+        "--exclude",
+        "features.3",
+        "--exclude",
+        "featurez",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "kept float: Conv x1: excluded by 'features.3'" in proc.stderr, proc.stderr
     assert "warning: exclude pattern 'featurez' matches no node name" in proc.stderr, proc.stderr
@@ -214,8 +304,11 @@ def test_exclude_patterns_are_searched_in_names_and_unmatched_ones_warned(tmp_pa
     graph = onnx.load(out).graph
     dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     convs = {n.name: n.input[1] in dequantized for n in graph.node if n.op_type == "Conv"}  # int8 weight?
-    assert convs == {"/features/features.0/Conv": True, "/features/features.3/Conv": False,
-                     "/features/features.7/Conv": True}
+    assert convs == {
+        "/features/features.0/Conv": True,
+        "/features/features.3/Conv": False,
+        "/features/features.7/Conv": True,
+    }
 
 
 def _assert_error(proc, fragment, out: Path):
@@ -227,19 +320,25 @@ def _assert_error(proc, fragment, out: Path):
 def test_calibration_data_with_wrong_input_name(tmp_path):
     np.savez(tmp_path / "bad.npz", pixels=np.zeros((4, 1, 8, 8), np.float32))
     out = tmp_path / "o.onnx"
-    _assert_error(ncc("compile", MODEL, "--pass", "int8", "--calib", tmp_path / "bad.npz", "-o", out), "image", out)
+    _assert_error(
+        ncc("compile", MODEL, "--pass", "int8", "--calib", tmp_path / "bad.npz", "-o", out), "image", out
+    )
 
 
 def test_calibration_data_with_wrong_dtype(tmp_path):
     np.savez(tmp_path / "bad.npz", image=np.zeros((4, 1, 8, 8), np.int64))
     out = tmp_path / "o.onnx"
-    _assert_error(ncc("compile", MODEL, "--pass", "int8", "--calib", tmp_path / "bad.npz", "-o", out), "image", out)
+    _assert_error(
+        ncc("compile", MODEL, "--pass", "int8", "--calib", tmp_path / "bad.npz", "-o", out), "image", out
+    )
 
 
 def test_calibration_data_empty(tmp_path):
     np.savez(tmp_path / "empty.npz", image=np.zeros((0, 1, 8, 8), np.float32))
     out = tmp_path / "o.onnx"
-    _assert_error(ncc("compile", MODEL, "--pass", "int8", "--calib", tmp_path / "empty.npz", "-o", out), "empty", out)
+    _assert_error(
+        ncc("compile", MODEL, "--pass", "int8", "--calib", tmp_path / "empty.npz", "-o", out), "empty", out
+    )
 
 
 def test_missing_calibration_data(tmp_path):
@@ -249,13 +348,18 @@ def test_missing_calibration_data(tmp_path):
 
 def test_already_quantized_model_is_refused(tmp_path, int8_model):
     out = tmp_path / "o.onnx"
-    _assert_error(ncc("compile", int8_model, "--pass", "int8", "--calib", CALIB, "-o", out), "already quantized", out)
+    _assert_error(
+        ncc("compile", int8_model, "--pass", "int8", "--calib", CALIB, "-o", out), "already quantized", out
+    )
 
 
 def test_nothing_to_quantize(tmp_path):
-    graph = helper.make_graph([helper.make_node("Relu", ["image"], ["y"])], "g",
-                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["image"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])],
+    )
     src, out = tmp_path / "relu.onnx", tmp_path / "o.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
     _assert_error(ncc("compile", src, "--pass", "int8", "--calib", CALIB, "-o", out), "nothing to", out)
@@ -263,8 +367,11 @@ def test_nothing_to_quantize(tmp_path):
 
 def test_unsupported_op_type(tmp_path):
     out = tmp_path / "o.onnx"
-    _assert_error(ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "--op-types", "Conv,Erf", "-o", out),
-                  "'Erf'", out)
+    _assert_error(
+        ncc("compile", MODEL, "--pass", "int8", "--calib", CALIB, "--op-types", "Conv,Erf", "-o", out),
+        "'Erf'",
+        out,
+    )
 
 
 def _int8_model_via_api(spec: str):
@@ -289,9 +396,16 @@ def _layer_mean_errors(model, ctx) -> dict[str, float]:
     probe, pairs = correct_bias._probe(model, ctx.data["float_model"])
     feeds = fallback.samples(ctx.data["calibration_data"], 64)
     results = fallback.run(probe, feeds, [n for p in pairs for n in p[2:]])
-    return {node.name: float(np.abs(correct_bias._channel_mean(results[local], 1)
-                                    - correct_bias._channel_mean(results[observed], 1)).mean())
-            for node, _, local, observed in pairs if node.op_type == "Conv"}
+    return {
+        node.name: float(
+            np.abs(
+                correct_bias._channel_mean(results[local], 1)
+                - correct_bias._channel_mean(results[observed], 1)
+            ).mean()
+        )
+        for node, _, local, observed in pairs
+        if node.op_type == "Conv"
+    }
 
 
 def test_correct_bias_shrinks_each_layers_mean_error():
@@ -306,8 +420,9 @@ def test_correct_bias_shrinks_each_layers_mean_error():
 
 
 def test_min_cosine_keeps_sensitive_nodes_in_float():
-    model, ctx, report = _int8_model_via_api("fuse-conv-bn,fuse-activation,calibrate,"
-                                             "insert-qdq{min-cosine=0.999999 max-float=0.5}")
+    model, ctx, report = _int8_model_via_api(
+        "fuse-conv-bn,fuse-activation,calibrate,insert-qdq{min-cosine=0.999999 max-float=0.5}"
+    )
     record = report.records[-1]
     kept = [n.name for n in model.graph if "excluded" in n.metadata_props.get("ncc.quant.skip", "")]
     assert 1 <= len(kept) <= 2  # half of the 5 quantized compute nodes, rounded down
@@ -320,20 +435,31 @@ def test_every_quantized_activation_has_a_histogram_range(tmp_path):
     # each QuantizeLinear insert-qdq makes reads one of them; a residual block's MatMul outputs and bias
     # Add (float-output kernels, and an island between them) get none
     rng = np.random.default_rng(0)
-    w1, w2 = (numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), n) for n in ("w1", "w2"))
+    w1, w2 = (
+        numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), n) for n in ("w1", "w2")
+    )
     b = numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "b")
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-             helper.make_node("Add", ["h", "b"], ["hb"], name="bias"),
-             helper.make_node("Add", ["hb", "x"], ["r"], name="residual"),
-             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
-    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], [w1, w2, b])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("Add", ["h", "b"], ["hb"], name="bias"),
+        helper.make_node("Add", ["hb", "x"], ["r"], name="residual"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        [w1, w2, b],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "block.onnx")
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 16)).astype(np.float32))
     for path, expect_lean in ((tmp_path / "block.onnx", {"h", "hb", "y"}), (MODEL, set())):
         model = load_onnx(path)
         ctx = PassContext()
-        ctx.data["calibration_data"] = load_calibration_data(str(tmp_path / "calib.npz" if expect_lean else CALIB))
+        ctx.data["calibration_data"] = load_calibration_data(
+            str(tmp_path / "calib.npz" if expect_lean else CALIB)
+        )
         ctx.data["progress"] = False
         PassManager("fuse-conv-bn,fuse-activation,calibrate,insert-qdq").run(model, ctx)
         stats = ctx.data["calibration"].stats
@@ -359,8 +485,10 @@ def test_min_cosine_compares_with_the_calibration_runs_float_outputs():
 def test_min_cosine_stops_when_fallbacks_gain_too_little():
     # each float node must close 99% of the gap to cosine 1: none does, so after `patience` misses
     # the fallback gives up and every compute node stays quantized
-    model, _, report = _int8_model_via_api("fuse-conv-bn,fuse-activation,calibrate,"
-                                           "insert-qdq{min-cosine=0.999999 max-float=1.0 min-gain=0.99 patience=2}")
+    model, _, report = _int8_model_via_api(
+        "fuse-conv-bn,fuse-activation,calibrate,"
+        "insert-qdq{min-cosine=0.999999 max-float=1.0 min-gain=0.99 patience=2}"
+    )
     notes = report.records[-1].notes
     kept = [n.name for n in model.graph if "excluded" in n.metadata_props.get("ncc.quant.skip", "")]
     assert kept == []

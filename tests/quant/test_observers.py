@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-
 from ncc.passes.quant import observers
 from ncc.passes.quant.observers import TensorStats, quant_params
 
@@ -45,12 +44,19 @@ def test_digits_streamed_matches_numpy():
         lo, hi = stats.percentile(p)
         cut = (100 - p) / 2
         ref_lo, ref_hi = np.percentile(pixels, [cut, 100 - cut])
-        assert abs(lo - ref_lo) <= 1.0 + stats.width and abs(hi - ref_hi) <= 1.0 + stats.width  # integer-valued data
+        assert (
+            abs(lo - ref_lo) <= 1.0 + stats.width and abs(hi - ref_hi) <= 1.0 + stats.width
+        )  # integer-valued data
 
 
 def test_histogram_matches_numpy_after_growth():
     rng = np.random.default_rng(1)
-    parts = [rng.uniform(0, 0.5, 5000), rng.normal(0, 3, 5000), rng.uniform(-40, 100, 5000), rng.normal(0, 1, 5000)]
+    parts = [
+        rng.uniform(0, 0.5, 5000),
+        rng.normal(0, 3, 5000),
+        rng.uniform(-40, 100, 5000),
+        rng.normal(0, 1, 5000),
+    ]
     stats = TensorStats(bins=512)
     widths = []
     for part in parts:
@@ -207,10 +213,15 @@ def _ort_qdq(x: np.ndarray, scale: np.float32, zp: int, dtype: str) -> tuple[np.
         "qdq",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [x.size])],
         [
-            helper.make_tensor_value_info("q", TensorProto.UINT8 if dtype == "u8" else TensorProto.INT8, [x.size]),
+            helper.make_tensor_value_info(
+                "q", TensorProto.UINT8 if dtype == "u8" else TensorProto.INT8, [x.size]
+            ),
             helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.size]),
         ],
-        [numpy_helper.from_array(np.array(scale, dtype=np.float32), "s"), numpy_helper.from_array(zp_array, "z")],
+        [
+            numpy_helper.from_array(np.array(scale, dtype=np.float32), "s"),
+            numpy_helper.from_array(zp_array, "z"),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     onnx.checker.check_model(model)
@@ -237,7 +248,9 @@ def test_quant_params_against_onnxruntime(dtype, symmetric, reduce_range, lo, hi
     x = np.concatenate([np.linspace(rmin, rmax, 1001), [0.0, rmin, rmax]]).astype(np.float32)
     q, y = _ort_qdq(x, scale, zp, dtype)
     assert q.min() >= qmin and q.max() <= qmax
-    assert np.all(np.abs(y - x) <= scale * 0.5 + 1e-6 * max(abs(rmin), abs(rmax)))  # within one step (half, rounding)
+    assert np.all(
+        np.abs(y - x) <= scale * 0.5 + 1e-6 * max(abs(rmin), abs(rmax))
+    )  # within one step (half, rounding)
     assert y[-3] == 0.0  # zero is exact
 
 

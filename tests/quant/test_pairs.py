@@ -11,11 +11,10 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from ncc.passes.quant.pairs import PAIR_LIMIT, fit_pairs, pair_magnitude, weight_pairs_safe
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
-
-from ncc.passes.quant.pairs import PAIR_LIMIT, fit_pairs, pair_magnitude, weight_pairs_safe
 
 
 class _Attrs:
@@ -61,7 +60,9 @@ def test_fit_pairs_moves_only_overflowing_pairs_to_the_limit():
     assert (np.maximum(a, 0) + np.maximum(b, 0)).max() <= PAIR_LIMIT
     assert (np.minimum(a, 0) + np.minimum(b, 0)).min() >= -PAIR_LIMIT
     qa, qb = q[0::2].astype(np.int32), q[1::2].astype(np.int32)
-    safe = (np.maximum(qa, 0) + np.maximum(qb, 0) <= PAIR_LIMIT) & (np.minimum(qa, 0) + np.minimum(qb, 0) >= -PAIR_LIMIT)
+    safe = (np.maximum(qa, 0) + np.maximum(qb, 0) <= PAIR_LIMIT) & (
+        np.minimum(qa, 0) + np.minimum(qb, 0) >= -PAIR_LIMIT
+    )
     assert safe.mean() < 0.9  # the data has overflowing pairs to move
     np.testing.assert_array_equal(a[safe], qa[safe])
     np.testing.assert_array_equal(b[safe], qb[safe])
@@ -78,14 +79,24 @@ def test_matmul_kernels_exact_with_paired_weights(m, k, n):
     wq = _paired_int8("MatMul", _heavy_tailed(rng, (k, n)), _Attrs(), 1)
     a = _extremes(rng, (m, k))
     exact = a.astype(np.int64) @ wq.astype(np.int64)
-    integer = _session([h.make_node("MatMulInteger", ["a", "w"], ["y"])], [h.make_tensor_value_info("a", T.UINT8, [m, k])],
-                       [h.make_tensor_value_info("y", T.INT32, [m, n])], [nh.from_array(wq, "w")])
+    integer = _session(
+        [h.make_node("MatMulInteger", ["a", "w"], ["y"])],
+        [h.make_tensor_value_info("a", T.UINT8, [m, k])],
+        [h.make_tensor_value_info("y", T.INT32, [m, n])],
+        [nh.from_array(wq, "w")],
+    )
     np.testing.assert_array_equal(integer.run(None, {"a": a})[0], exact)
     to_float = _session(
         [h.make_node("MatMulIntegerToFloat", ["a", "w", "sa", "sw"], ["y"], domain="com.microsoft")],
-        [h.make_tensor_value_info("a", T.UINT8, [m, k])], [h.make_tensor_value_info("y", T.FLOAT, [m, n])],
-        [nh.from_array(wq, "w"), nh.from_array(np.array(1.0, np.float32), "sa"),
-         nh.from_array(np.ones(n, np.float32), "sw")], microsoft=True)
+        [h.make_tensor_value_info("a", T.UINT8, [m, k])],
+        [h.make_tensor_value_info("y", T.FLOAT, [m, n])],
+        [
+            nh.from_array(wq, "w"),
+            nh.from_array(np.array(1.0, np.float32), "sa"),
+            nh.from_array(np.ones(n, np.float32), "sw"),
+        ],
+        microsoft=True,
+    )
     np.testing.assert_array_equal(to_float.run(None, {"a": a})[0], exact.astype(np.float32))
 
 
@@ -94,17 +105,25 @@ def _k_index(c, kh, kw, channels):
     return (kh * 3 + kw) * channels + c
 
 
-@pytest.mark.parametrize("c,group,m", [(3, 1, 2), (5, 1, 2), (8, 2, 4), (8, 8, 8), (8, 8, 16)],
-                         ids=["rgb", "odd", "grouped", "depthwise", "depthwise-multiplier-2"])
+@pytest.mark.parametrize(
+    "c,group,m",
+    [(3, 1, 2), (5, 1, 2), (8, 2, 4), (8, 8, 8), (8, 8, 16)],
+    ids=["rgb", "odd", "grouped", "depthwise", "depthwise-multiplier-2"],
+)
 def test_qlinearconv_pairs_are_the_k_pairs_assumed(c, group, m):
     # two weights of 127 against activations of 255: 2 * 255 * 127 overflows int16 exactly when the
     # kernel pairs them. Which pairs do overflow must be the K pairs pairs.py keeps safe (none where
     # the kernel does not pair: VNNI, or a depthwise conv with one output channel per group).
     cg = c // group
     x = np.full((1, c, 5, 5), 255, np.uint8)
-    inits = [nh.from_array(np.array(1.0, np.float32), "xs"), nh.from_array(np.array(0, np.uint8), "xz"),
-             nh.from_array(np.array(1.0, np.float32), "ws"), nh.from_array(np.array(0, np.int8), "wz"),
-             nh.from_array(np.array(256.0, np.float32), "ys"), nh.from_array(np.array(0, np.uint8), "yz")]
+    inits = [
+        nh.from_array(np.array(1.0, np.float32), "xs"),
+        nh.from_array(np.array(0, np.uint8), "xz"),
+        nh.from_array(np.array(1.0, np.float32), "ws"),
+        nh.from_array(np.array(0, np.int8), "wz"),
+        nh.from_array(np.array(256.0, np.float32), "ys"),
+        nh.from_array(np.array(0, np.uint8), "yz"),
+    ]
     positions = [(ch, i, j) for ch in range(cg) for i in range(3) for j in range(3)]
     overflowing, assumed = set(), set()
     for first in range(len(positions)):
@@ -112,9 +131,16 @@ def test_qlinearconv_pairs_are_the_k_pairs_assumed(c, group, m):
             p, q = positions[first], positions[second]
             w = np.zeros((m, cg, 3, 3), np.int8)
             w[(0, *p)] = w[(0, *q)] = 127
-            conv = _session([h.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], group=group)],
-                            [h.make_tensor_value_info("x", T.UINT8, [1, c, 5, 5])],
-                            [h.make_tensor_value_info("y", T.UINT8, None)], [*inits, nh.from_array(w, "w")])
+            conv = _session(
+                [
+                    h.make_node(
+                        "QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], group=group
+                    )
+                ],
+                [h.make_tensor_value_info("x", T.UINT8, [1, c, 5, 5])],
+                [h.make_tensor_value_info("y", T.UINT8, None)],
+                [*inits, nh.from_array(w, "w")],
+            )
             if int(conv.run(None, {"x": x})[0][0, 0, 1, 1]) != round(2 * 255 * 127 / 256):
                 overflowing.add((p, q))
             ka, kb = _k_index(*p, cg), _k_index(*q, cg)

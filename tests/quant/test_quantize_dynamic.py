@@ -35,10 +35,6 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto as T
-from onnx import helper as h
-from onnx import numpy_helper as nh
-
 from ncc.backends.onnx.emit import save_onnx, to_proto
 from ncc.errors import NccError, PassSpecError
 from ncc.frontends.onnx import from_proto, load_onnx
@@ -49,6 +45,9 @@ from ncc.passes.quant.observers import quant_params
 from ncc.passes.quant.quantize_dynamic import QuantizeDynamic, WeightQuant
 from ncc.passes.spec import parse_pass, parse_pipeline
 from ncc.targets import get_target
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 # -- environment ------------------------------------------------------------------------------------
 
@@ -81,7 +80,9 @@ EXACT_CONFIGS = [
     pytest.param("", "s8", "paired" if HOST_PAIRED else "full", id="default-host-target"),
     pytest.param("weight-dtype=u8", "u8", "full", id="u8"),
     pytest.param("reduce-range=true", "s8", "7bit", id="s8-7bit"),
-    pytest.param("target=x86-vnni", "s8", "full", id="s8-vnni" if S8_EXACT else "s8-vnni-saturating-int16-pairs"),
+    pytest.param(
+        "target=x86-vnni", "s8", "full", id="s8-vnni" if S8_EXACT else "s8-vnni-saturating-int16-pairs"
+    ),
 ]
 
 # -- the numpy reference ------------------------------------------------------------------------------
@@ -106,10 +107,12 @@ def quantize_weight(w: np.ndarray, dtype: str, weights: str, per_channel: bool =
         lo, hi = float(col.min()), float(col.max())
         if weights == "paired":
             even, odd = col[0 : len(col) - len(col) % 2 : 2], col[1::2]
-            same_sign = np.maximum(np.maximum(even, 0) + np.maximum(odd, 0), np.maximum(-even, 0) + np.maximum(-odd, 0))
+            same_sign = np.maximum(
+                np.maximum(even, 0) + np.maximum(odd, 0), np.maximum(-even, 0) + np.maximum(-odd, 0)
+            )
             hi = max(hi, float(same_sign.max(initial=0.0)) * 127 / 128)
         scale, zp = quant_params(lo, hi, dtype=dtype, symmetric=True, reduce_range=weights == "7bit")
-        qpos = (63 if weights == "7bit" else 127)
+        qpos = 63 if weights == "7bit" else 127
         q = np.clip(np.rint(col / scale) + zp, zp - qpos, zp + qpos)
         if weights == "paired":  # the reference relies on rounding keeping the pairs within 128
             pairs = q[0 : len(q) - len(q) % 2].reshape(-1, 2, *q.shape[1:])
@@ -155,7 +158,11 @@ def error_bound(a, w, *, dtype="s8", weights="full"):
     _, sa, _ = quantize_activation(a)
     _, sw, _ = quantize_weight(w, dtype, weights)
     k = a.shape[-1]
-    return np.abs(a) @ np.broadcast_to(sw / 2, w.shape) + sa / 2 * (np.ones_like(a) @ np.abs(w)) + k * sa * sw / 4
+    return (
+        np.abs(a) @ np.broadcast_to(sw / 2, w.shape)
+        + sa / 2 * (np.ones_like(a) @ np.abs(w))
+        + k * sa * sw / 4
+    )
 
 
 # -- model helpers ------------------------------------------------------------------------------------
@@ -200,8 +207,12 @@ def matmul_model(w, bias=None, rank=3):
     if bias is not None:
         nodes.append(h.make_node("Add", ["m", "b"], ["y"], name="add"))
         inits["b"] = bias
-    return make_model(nodes, [h.make_tensor_value_info("x", T.FLOAT, shape_in)],
-                      [h.make_tensor_value_info("y", T.FLOAT, shape_out)], inits)
+    return make_model(
+        nodes,
+        [h.make_tensor_value_info("x", T.FLOAT, shape_in)],
+        [h.make_tensor_value_info("y", T.FLOAT, shape_out)],
+        inits,
+    )
 
 
 RNG = np.random.default_rng(0)
@@ -220,7 +231,9 @@ def test_weight_params_match_quant_params(dtype, reduce_range, symmetric):
     wq = WeightQuant(dtype, symmetric, reduce_range)
     q, scale, zp = wq.quantize(W, axis=1)
     for n in range(W.shape[1]):
-        s, z = quant_params(W[:, n].min(), W[:, n].max(), dtype=dtype, symmetric=symmetric, reduce_range=reduce_range)
+        s, z = quant_params(
+            W[:, n].min(), W[:, n].max(), dtype=dtype, symmetric=symmetric, reduce_range=reduce_range
+        )
         assert scale[n] == s and zp[n] == z
     deq = (q.astype(np.float32) - zp.astype(np.float32)) * scale
     assert np.all(np.abs(deq - W) <= scale / 2 * (1 + 1e-5))  # round to nearest, never clipped
@@ -265,15 +278,21 @@ def test_per_tensor_option():
     scale = model.graph.initializers["w_scale"].const_value.numpy()
     assert scale.shape == ()
     (got,) = run(model, {"x": X})
-    np.testing.assert_allclose(got, ref_matmul(X, W, BIAS, dtype="u8", per_channel=False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got, ref_matmul(X, W, BIAS, dtype="u8", per_channel=False), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_rank2_and_rank4_activations():
     for shape in [(5, 64), (2, 3, 4, 64)]:
         x = RNG.standard_normal(shape).astype(np.float32)
         dims = [f"d{i}" for i in range(len(shape) - 1)] + [64]
-        model = make_model([h.make_node("MatMul", ["x", "w"], ["y"])], [h.make_tensor_value_info("x", T.FLOAT, dims)],
-                           [h.make_tensor_value_info("y", T.FLOAT, dims[:-1] + [48])], {"w": W})
+        model = make_model(
+            [h.make_node("MatMul", ["x", "w"], ["y"])],
+            [h.make_tensor_value_info("x", T.FLOAT, dims)],
+            [h.make_tensor_value_info("y", T.FLOAT, dims[:-1] + [48])],
+            {"w": W},
+        )
         quantize(model, "weight-dtype=u8")
         (got,) = run(model, {"x": x})
         np.testing.assert_allclose(got, ref_matmul(x, W, dtype="u8"), rtol=1e-5, atol=1e-5)
@@ -284,7 +303,8 @@ def test_gemm_transb_alpha_beta():
     c = BIAS.reshape(1, -1)
     model = make_model(
         [h.make_node("Gemm", ["x", "w", "c"], ["y"], alpha=0.5, beta=2.0, transB=1, name="gemm")],
-        [h.make_tensor_value_info("x", T.FLOAT, ["N", 64])], [h.make_tensor_value_info("y", T.FLOAT, ["N", 48])],
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 64])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 48])],
         {"w": wt, "c": c},
     )
     _, result = quantize(model, "weight-dtype=u8")
@@ -307,8 +327,12 @@ def digits_mlp():
     x = (x / 16.0).astype(np.float32)
     clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=400, random_state=0).fit(x[:1200], y[:1200])
     (w1, w2), (b1, b2) = clf.coefs_, clf.intercepts_
-    params = {"w1": w1.astype(np.float32), "b1": b1.astype(np.float32),
-              "w2": w2.astype(np.float32), "b2": b2.astype(np.float32)}
+    params = {
+        "w1": w1.astype(np.float32),
+        "b1": b1.astype(np.float32),
+        "w2": w2.astype(np.float32),
+        "b2": b2.astype(np.float32),
+    }
     return params, x[1200:], y[1200:]
 
 
@@ -320,8 +344,12 @@ def mlp_model(p):
         h.make_node("MatMul", ["r1", "w2"], ["m2"], name="fc2"),
         h.make_node("Add", ["m2", "b2"], ["y"], name="fc2_bias"),
     ]
-    return make_model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", 64])],
-                      [h.make_tensor_value_info("y", T.FLOAT, ["N", 10])], p)
+    return make_model(
+        nodes,
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 64])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 10])],
+        p,
+    )
 
 
 def mlp_ref(p, x, quantized: bool, dtype="s8", weights="full"):
@@ -337,9 +365,13 @@ def test_digits_mlp(digits_mlp, pipeline, spec, dtype, weights):
     params, x, y = digits_mlp
     model = mlp_model(params)
     if pipeline:  # fuse-matmul-add first turns the rank-2 MatMul+Add into Gemm: the Gemm path
-        full = "int8-dynamic" if not spec else ",".join(
-            f"quantize-dynamic{{{spec}}}" if p.name == "quantize-dynamic" else p.spec()
-            for p in parse_pipeline("int8-dynamic")
+        full = (
+            "int8-dynamic"
+            if not spec
+            else ",".join(
+                f"quantize-dynamic{{{spec}}}" if p.name == "quantize-dynamic" else p.spec()
+                for p in parse_pipeline("int8-dynamic")
+            )
         )
         report = PassManager(full).run(model)
         stats = next(r.stats for r in report.records if r.name == "quantize-dynamic")
@@ -372,10 +404,24 @@ def test_digits_mlp_default_options_accuracy(digits_mlp):
 
 def block_params(d=32, f=64, vocab=50, seed=1):
     rng = np.random.default_rng(seed)
-    p = {name: (rng.standard_normal(shape) * 0.2).astype(np.float32) for name, shape in {
-        "emb": (vocab, d), "wq": (d, d), "wk": (d, d), "wv": (d, d), "wo": (d, d), "w1": (d, f), "w2": (f, d),
-        "bq": (d,), "bk": (d,), "bv": (d,), "bo": (d,), "b1": (f,), "b2": (d,),
-    }.items()}
+    p = {
+        name: (rng.standard_normal(shape) * 0.2).astype(np.float32)
+        for name, shape in {
+            "emb": (vocab, d),
+            "wq": (d, d),
+            "wk": (d, d),
+            "wv": (d, d),
+            "wo": (d, d),
+            "w1": (d, f),
+            "w2": (f, d),
+            "bq": (d,),
+            "bk": (d,),
+            "bv": (d,),
+            "bo": (d,),
+            "b1": (f,),
+            "b2": (d,),
+        }.items()
+    }
     p["emb"][7, 3] = 4.0  # a row with an outlier
     p["scale"] = np.array(1 / np.sqrt(d), np.float32)
     return p
@@ -383,8 +429,10 @@ def block_params(d=32, f=64, vocab=50, seed=1):
 
 def block_model(p):
     def dense(x, w, b, out, name):
-        return [h.make_node("MatMul", [x, w], [f"{out}_mm"], name=name),
-                h.make_node("Add", [f"{out}_mm", b], [out], name=f"{name}_bias")]
+        return [
+            h.make_node("MatMul", [x, w], [f"{out}_mm"], name=name),
+            h.make_node("Add", [f"{out}_mm", b], [out], name=f"{name}_bias"),
+        ]
 
     nodes = [h.make_node("Gather", ["emb", "ids"], ["x"], name="embeddings")]
     for w, b, out, name in [("wq", "bq", "q", "query"), ("wk", "bk", "k", "key"), ("wv", "bv", "v", "value")]:
@@ -396,11 +444,19 @@ def block_model(p):
         h.make_node("Softmax", ["s1"], ["attn"], axis=-1, name="softmax"),
         h.make_node("MatMul", ["attn", "v"], ["ctx"], name="context"),
     ]
-    nodes += dense("ctx", "wo", "bo", "o", "output") + [h.make_node("Add", ["x", "o"], ["h1"], name="residual")]
+    nodes += dense("ctx", "wo", "bo", "o", "output") + [
+        h.make_node("Add", ["x", "o"], ["h1"], name="residual")
+    ]
     nodes += dense("h1", "w1", "b1", "f1", "ffn1") + [h.make_node("Relu", ["f1"], ["f2"], name="act")]
-    nodes += dense("f2", "w2", "b2", "f3", "ffn2") + [h.make_node("Add", ["h1", "f3"], ["y"], name="residual2")]
-    return make_model(nodes, [h.make_tensor_value_info("ids", T.INT64, ["B", "S"])],
-                      [h.make_tensor_value_info("y", T.FLOAT, ["B", "S", 32])], p)
+    nodes += dense("f2", "w2", "b2", "f3", "ffn2") + [
+        h.make_node("Add", ["h1", "f3"], ["y"], name="residual2")
+    ]
+    return make_model(
+        nodes,
+        [h.make_tensor_value_info("ids", T.INT64, ["B", "S"])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["B", "S", 32])],
+        p,
+    )
 
 
 def block_ref(p, ids, quantized: bool, dtype="s8", weights="full"):
@@ -448,9 +504,12 @@ def test_transformer_block(form, spec, dtype, weights):
 
 def test_gather_only_the_rows_used_are_dequantized():
     p = block_params()
-    model = make_model([h.make_node("Gather", ["emb", "ids"], ["y"], name="emb")],
-                       [h.make_tensor_value_info("ids", T.INT64, ["N"])],
-                       [h.make_tensor_value_info("y", T.FLOAT, ["N", 32])], {"emb": p["emb"]})
+    model = make_model(
+        [h.make_node("Gather", ["emb", "ids"], ["y"], name="emb")],
+        [h.make_tensor_value_info("ids", T.INT64, ["N"])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 32])],
+        {"emb": p["emb"]},
+    )
     _, result = quantize(model)
     assert ops(model) == ["Gather", "Cast", "Gather", "Mul"]
     assert result.stats["weight bytes after"] == 50 * 32 + 50 * 4  # int8 table + one f32 scale per row
@@ -464,9 +523,12 @@ def test_gather_only_the_rows_used_are_dequantized():
 
 def test_gather_per_tensor_uses_dequantize_linear():
     p = block_params()
-    model = make_model([h.make_node("Gather", ["emb", "ids"], ["y"])],
-                       [h.make_tensor_value_info("ids", T.INT64, ["N"])],
-                       [h.make_tensor_value_info("y", T.FLOAT, ["N", 32])], {"emb": p["emb"]})
+    model = make_model(
+        [h.make_node("Gather", ["emb", "ids"], ["y"])],
+        [h.make_tensor_value_info("ids", T.INT64, ["N"])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 32])],
+        {"emb": p["emb"]},
+    )
     quantize(model, "per-channel=false")
     assert ops(model) == ["Gather", "DequantizeLinear"]
     (got,) = run(model, {"ids": np.arange(50, dtype=np.int64)})
@@ -487,9 +549,12 @@ def conv_model():
     rng = np.random.default_rng(3)
     w = (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
     b = (rng.standard_normal(4) * 0.1).astype(np.float32)
-    model = make_model([h.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1], name="conv")],
-                       [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
-                       [h.make_tensor_value_info("y", T.FLOAT, ["N", 4, 8, 8])], {"w": w, "b": b})
+    model = make_model(
+        [h.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1], name="conv")],
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 4, 8, 8])],
+        {"w": w, "b": b},
+    )
     return model, w, b
 
 
@@ -513,10 +578,14 @@ def test_conv_opt_in_conv_integer(per_channel):
     wq = WeightQuant("u8", True, False)
     q, s, z = wq.quantize(w, 0 if per_channel else None)
     wd = (q.astype(np.float32) - np.reshape(z, (-1, 1, 1, 1) if per_channel else ()).astype(np.float32)) * (
-        np.reshape(s, (-1, 1, 1, 1)) if per_channel else s)
-    ref_model = make_model([h.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])],
-                           [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
-                           [h.make_tensor_value_info("y", T.FLOAT, ["N", 4, 8, 8])], {"w": wd, "b": b})
+        np.reshape(s, (-1, 1, 1, 1)) if per_channel else s
+    )
+    ref_model = make_model(
+        [h.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])],
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 4, 8, 8])],
+        {"w": wd, "b": b},
+    )
     (ref,) = run(ref_model, {"x": ((qa - za) * sa).astype(np.float32)})
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     assert np.abs(got - want).max() < 0.1
@@ -527,15 +596,21 @@ def test_conv_opt_in_conv_integer(per_channel):
 
 def test_already_quantized_model_is_refused():
     model, _ = quantize(matmul_model(W, BIAS), "form=fused")
-    with pytest.raises(NccError, match=r"model is already quantized \(found DynamicQuantizeMatMul 'mm'\); start from"):
+    with pytest.raises(
+        NccError, match=r"model is already quantized \(found DynamicQuantizeMatMul 'mm'\); start from"
+    ):
         QuantizeDynamic().requires(model)
     with pytest.raises(NccError, match="already quantized"):
         PassManager("quantize-dynamic").run(model)
 
 
 def test_nothing_to_quantize_names_op_types():
-    model = make_model([h.make_node("Relu", ["x"], ["y"])], [h.make_tensor_value_info("x", T.FLOAT, [2])],
-                       [h.make_tensor_value_info("y", T.FLOAT, [2])], {})
+    model = make_model(
+        [h.make_node("Relu", ["x"], ["y"])],
+        [h.make_tensor_value_info("x", T.FLOAT, [2])],
+        [h.make_tensor_value_info("y", T.FLOAT, [2])],
+        {},
+    )
     with pytest.raises(NccError, match="looked for op types Gather, Gemm, MatMul"):
         PassManager("quantize-dynamic").run(model)
 
@@ -561,7 +636,12 @@ def test_spec_round_trip_and_defaults():
     assert p.op_types == ("MatMul",) and p.exclude == ("lm_head", "/pooler/.*")
     assert parse_pass(p.spec()) == p
     d = QuantizeDynamic()
-    assert d.op_types == () and d.active_ops == ("Gather", "Gemm", "MatMul") and d.per_channel and d.weight_symmetric
+    assert (
+        d.op_types == ()
+        and d.active_ops == ("Gather", "Gemm", "MatMul")
+        and d.per_channel
+        and d.weight_symmetric
+    )
     assert d.paired_weights == HOST_PAIRED and d.target == "host"
     assert not QuantizeDynamic(target="x86-vnni").paired_weights
     assert QuantizeDynamic(target="x86-avx2").paired_weights
@@ -575,7 +655,9 @@ def test_metadata_ids_and_stats():
     ids_before = {n.name: n.metadata_props["ncc.id"] for n in model.graph}
     _, result = quantize(model, "exclude=^ffn2$ form=fused")
     quantized = [n for n in model.graph if n.metadata_props.get("ncc.quant") == "int8-dynamic"]
-    assert sorted(n.name for n in quantized) == sorted(["embeddings", "query", "key", "value", "output", "ffn1"])
+    assert sorted(n.name for n in quantized) == sorted(
+        ["embeddings", "query", "key", "value", "output", "ffn1"]
+    )
     by_name = {n.name: n for n in model.graph}
     assert by_name["ffn2"].metadata_props["ncc.quant.skip"] == "excluded by '^ffn2$'"
     fused = by_name["query"].metadata_props["ncc.fused"].split(",")
@@ -588,9 +670,16 @@ def test_metadata_ids_and_stats():
 
 
 def test_shared_weight_is_quantized_once():
-    nodes = [h.make_node("MatMul", ["x", "w"], ["y1"], name="a"), h.make_node("MatMul", ["x", "w"], ["y2"], name="b")]
-    model = make_model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", 64])],
-                       [h.make_tensor_value_info(n, T.FLOAT, ["N", 48]) for n in ("y1", "y2")], {"w": W})
+    nodes = [
+        h.make_node("MatMul", ["x", "w"], ["y1"], name="a"),
+        h.make_node("MatMul", ["x", "w"], ["y2"], name="b"),
+    ]
+    model = make_model(
+        nodes,
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 64])],
+        [h.make_tensor_value_info(n, T.FLOAT, ["N", 48]) for n in ("y1", "y2")],
+        {"w": W},
+    )
     _, result = quantize(model)
     assert result.stats["MatMul quantized"] == 2
     assert result.stats["weight bytes before"] == W.nbytes
@@ -600,8 +689,14 @@ def test_shared_weight_is_quantized_once():
 def test_external_data_weights(tmp_path):
     """Weights in memory-mapped external data are read and replaced; the result saves and runs."""
     src = to_proto(block_model(block_params()))
-    onnx.save_model(src, str(tmp_path / "float.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="float.onnx.data", size_threshold=0)
+    onnx.save_model(
+        src,
+        str(tmp_path / "float.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="float.onnx.data",
+        size_threshold=0,
+    )
     model = load_onnx(tmp_path / "float.onnx")
     assert any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
     PassManager("int8-dynamic").run(model)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from ncc.backends.onnx import save_onnx
 from ncc.errors import NccError
 from ncc.frontends.onnx import load_onnx
@@ -19,6 +17,7 @@ from ncc.passes.base import PassContext
 from ncc.passes.manager import PassManager
 from ncc.passes.quant.calib_data import load_calibration_data
 from ncc.passes.quant.plan import KEEP_FLOAT
+from onnx import TensorProto, helper, numpy_helper
 
 C = 64
 
@@ -34,8 +33,10 @@ def _model_proto(producer: str = "LayerNormalization"):
     gamma = np.ones(C, np.float32)
     gamma[[3, 17, 40, 61]] = 30.0  # outlier channels
     w1 = (rng.normal(size=(C, C)) / np.sqrt(C)).astype(np.float32)
-    inits = [numpy_helper.from_array(a, n) for a, n in
-             ((gamma, "gamma"), (np.zeros(C, np.float32) + 0.1, "beta"), (w1, "W1"))]
+    inits = [
+        numpy_helper.from_array(a, n)
+        for a, n in ((gamma, "gamma"), (np.zeros(C, np.float32) + 0.1, "beta"), (w1, "W1"))
+    ]
     if producer == "LayerNormalization":
         first = helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1, name="ln")
     else:  # an activation no LayerNorm produces: x * gamma (outlier channels), then Relu
@@ -47,8 +48,13 @@ def _model_proto(producer: str = "LayerNormalization"):
         helper.make_node("MatMul", ["h", "W1"], ["m"], name="fc1"),
         helper.make_node("Add", ["h", "m"], ["y"], name="residual"),
     ]
-    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", C])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", C])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", C])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", C])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -83,12 +89,18 @@ def _reference(tmp_path, producer: str = "LayerNormalization") -> np.ndarray:
 def test_smoothing_keeps_the_float_function_and_folds_into_layer_norm(tmp_path):
     model, ctx, report, path = _run_spec(tmp_path, "calibrate,smooth-quant")
     stats = report.records[-1].stats
-    assert stats == {"tensors smoothed": 1, "folded into LayerNorm": 1, "Mul before MatMuls": 0,
-                     "Mul restoring other readers": 1}
+    assert stats == {
+        "tensors smoothed": 1,
+        "folded into LayerNorm": 1,
+        "Mul before MatMuls": 0,
+        "Mul restoring other readers": 1,
+    }
     nodes = {n.name: n for n in model.graph}
     assert nodes["fc1"].inputs[0] is nodes["ln"].outputs[0]  # the MatMul reads the rescaled LayerNorm output
     residual_in = nodes["residual"].inputs[0].producer()
-    assert residual_in.op_type == "Mul" and residual_in.inputs[0] is nodes["ln"].outputs[0]  # the Add gets x back
+    assert (
+        residual_in.op_type == "Mul" and residual_in.inputs[0] is nodes["ln"].outputs[0]
+    )  # the Add gets x back
     got, ref = _outputs(path, _digits()[1000:]), _reference(tmp_path)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 

@@ -18,11 +18,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
-from sklearn.datasets import load_digits
-
 from ncc.errors import NccError
 from ncc.tools.bench import _ModelInfo, bench, benchmark, synthetic_inputs
+from onnx import TensorProto, helper, numpy_helper
+from sklearn.datasets import load_digits
 
 FAST = dict(threads=1, warmup=1, runs=3, min_block_s=0, settle_s=0)
 HIDDEN = 64
@@ -96,12 +95,15 @@ def make_qdq_mlp(path: Path, batch="batch") -> Path:
     x, _ = _digits()
     h = np.maximum(x @ w1 + b1, 0)
     inits = [
-        numpy_helper.from_array(q1, "w1_q"), numpy_helper.from_array(np.array(s1, np.float32), "w1_s"),
-        numpy_helper.from_array(q2, "w2_q"), numpy_helper.from_array(np.array(s2, np.float32), "w2_s"),
+        numpy_helper.from_array(q1, "w1_q"),
+        numpy_helper.from_array(np.array(s1, np.float32), "w1_s"),
+        numpy_helper.from_array(q2, "w2_q"),
+        numpy_helper.from_array(np.array(s2, np.float32), "w2_s"),
         numpy_helper.from_array(np.array(x.max() / 255, np.float32), "x_s"),
         numpy_helper.from_array(np.array(h.max() / 255, np.float32), "h_s"),
         numpy_helper.from_array(np.array(0, np.uint8), "zp_u8"),
-        numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(b2, "b2"),
+        numpy_helper.from_array(b1, "b1"),
+        numpy_helper.from_array(b2, "b2"),
     ]
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "x_s", "zp_u8"], ["x_q"]),
@@ -128,8 +130,13 @@ def models(tmp_path_factory):
     np.savez(d / "test.npz", x=test_x)
     np.save(d / "labels.npy", test_y)
     return {
-        "dir": d, "float": make_float_mlp(d / "mlp.onnx"), "quant": make_qdq_mlp(d / "mlp.int8.onnx"),
-        "data": d / "test.npz", "labels": d / "labels.npy", "x": test_x, "y": test_y,
+        "dir": d,
+        "float": make_float_mlp(d / "mlp.onnx"),
+        "quant": make_qdq_mlp(d / "mlp.int8.onnx"),
+        "data": d / "test.npz",
+        "labels": d / "labels.npy",
+        "x": test_x,
+        "y": test_y,
     }
 
 
@@ -197,14 +204,22 @@ def test_identical_models_are_bit_exact(models):
 
 
 def test_accuracy_metric_against_labels(models):
-    result = benchmark(models["float"], models["quant"], models["data"], batch=7,
-                       metric=f"accuracy:{models['labels']}", **FAST)
+    result = benchmark(
+        models["float"],
+        models["quant"],
+        models["data"],
+        batch=7,
+        metric=f"accuracy:{models['labels']}",
+        **FAST,
+    )
     y = models["y"]
     fp, q = _ort_outputs(models["float"], models["x"]), _ort_outputs(models["quant"], models["x"])
     acc_fp, acc_q = np.mean(fp["logits"].argmax(1) == y), np.mean(q["logits"].argmax(1) == y)
     quality = result["quality"]
     assert quality["name"] == "accuracy"
-    assert quality["fp32"] == pytest.approx(acc_fp, abs=1e-12) and quality["int8"] == pytest.approx(acc_q, abs=1e-12)
+    assert quality["fp32"] == pytest.approx(acc_fp, abs=1e-12) and quality["int8"] == pytest.approx(
+        acc_q, abs=1e-12
+    )
     assert quality["ratio"] == pytest.approx(acc_q / acc_fp, abs=1e-12)
     assert quality["fp32"] > 0.85 and abs(quality["ratio"] - 1) < 0.05
     assert "cosine" in result["fidelity"]["logits"]  # the fidelity details come along
@@ -212,8 +227,12 @@ def test_accuracy_metric_against_labels(models):
 
 def test_feeds_dict_and_iterable_of_feeds(models):
     x = models["x"][:40]
-    a = benchmark(models["float"], models["quant"], {"x": x.astype(np.float64)}, batch=8, **FAST)  # cast to f32
-    b = benchmark(models["float"], models["quant"], [{"x": x[i : i + 10]} for i in range(0, 40, 10)], batch=8, **FAST)
+    a = benchmark(
+        models["float"], models["quant"], {"x": x.astype(np.float64)}, batch=8, **FAST
+    )  # cast to f32
+    b = benchmark(
+        models["float"], models["quant"], [{"x": x[i : i + 10]} for i in range(0, 40, 10)], batch=8, **FAST
+    )
     assert a["samples"] == b["samples"] == 40
     assert a["fidelity"]["logits"]["cosine"] == pytest.approx(b["fidelity"]["logits"]["cosine"], abs=1e-9)
 
@@ -237,8 +256,13 @@ def test_throughput_and_sizes(models):
 
 
 def test_size_counts_external_data(tmp_path, models):
-    path = make_float_mlp(tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
-                          location="ext.onnx.data", size_threshold=0)
+    path = make_float_mlp(
+        tmp_path / "ext.onnx",
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
     data = tmp_path / "ext.onnx.data"
     assert data.exists()
     info = _ModelInfo(path, "float")
@@ -264,8 +288,10 @@ def make_token_model(path: Path) -> Path:
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((1000, 8)).astype(np.float32)
     tt = rng.standard_normal((2, 8)).astype(np.float32)
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
-              for n in ("input_ids", "attention_mask", "token_type_ids")]
+    inputs = [
+        helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+        for n in ("input_ids", "attention_mask", "token_type_ids")
+    ]
     outputs = [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 8])]
     nodes = [
         helper.make_node("Gather", ["emb", "input_ids"], ["e"]),
@@ -276,18 +302,27 @@ def make_token_model(path: Path) -> Path:
         helper.make_node("Mul", ["et", "m3"], ["masked"]),
         helper.make_node("ReduceSum", ["masked", "axis1"], ["pooled"], keepdims=0),
     ]
-    inits = [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(tt, "tt"),
-             numpy_helper.from_array(np.array([-1], np.int64), "axis"),
-             numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    inits = [
+        numpy_helper.from_array(emb, "emb"),
+        numpy_helper.from_array(tt, "tt"),
+        numpy_helper.from_array(np.array([-1], np.int64), "axis"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+    ]
     return _save(helper.make_graph(nodes, "tokens", inputs, outputs, inits), path)
 
 
 def test_synthetic_token_inputs(tmp_path):
     path = make_token_model(tmp_path / "tokens.onnx")
     feeds = synthetic_inputs(_ModelInfo(path, "float"), 3, seq_len=16)
-    assert {k: v.shape for k, v in feeds.items()} == {k: (3, 16) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    assert {k: v.shape for k, v in feeds.items()} == {
+        k: (3, 16) for k in ("input_ids", "attention_mask", "token_type_ids")
+    }
     assert all(v.dtype == np.int64 for v in feeds.values())
-    assert feeds["input_ids"].min() >= 0 and feeds["input_ids"].max() < 1000 and len(np.unique(feeds["input_ids"])) > 10
+    assert (
+        feeds["input_ids"].min() >= 0
+        and feeds["input_ids"].max() < 1000
+        and len(np.unique(feeds["input_ids"])) > 10
+    )
     assert (feeds["attention_mask"] == 1).all() and (feeds["token_type_ids"] == 0).all()
     again = synthetic_inputs(_ModelInfo(path, "float"), 3, seq_len=16)
     assert all(np.array_equal(feeds[k], again[k]) for k in feeds)  # seeded
@@ -312,26 +347,64 @@ def test_synthetic_float_inputs_and_note(models):
 
 
 def test_cli_table_row(models):
-    run = _cli(models["float"], models["quant"], "--data", models["data"], "--batch", 8, "--threads", 1,
-               "--warmup", 1, "--runs", 3)
+    run = _cli(
+        models["float"],
+        models["quant"],
+        "--data",
+        models["data"],
+        "--batch",
+        8,
+        "--threads",
+        1,
+        "--warmup",
+        1,
+        "--runs",
+        3,
+    )
     assert run.exit_code == 0, run.output
     lines = run.output.splitlines()
     header = "| model | FP32 quality | INT8 quality | ratio | FP32 samples/s | INT8 samples/s | speed-up | FP32 MB | INT8 MB | threads | batch |"
     assert header in lines and "synthetic" not in run.output
     row = lines[lines.index(header) + 2]
     num = r"[0-9.]+"
-    assert re.fullmatch(rf"\| mlp \| 1\.0000 \| 0\.99\d\d \| 99\.\d\d% \| {num} \| {num} \| {num}x \| {num} \| {num} \| 1 \| 8 \|", row), row
+    assert re.fullmatch(
+        rf"\| mlp \| 1\.0000 \| 0\.99\d\d \| 99\.\d\d% \| {num} \| {num} \| {num}x \| {num} \| {num} \| 1 \| 8 \|",
+        row,
+    ), row
     assert re.search(r"^\| logits \| 0\.99\d+ \| [01]\.\d{4} \| \d+\.\d\d \|$", run.output, re.M)
     assert re.search(r"^\| probs \|", run.output, re.M)
     assert "FP32 median" in run.output and "p90" in run.output
 
 
 def test_cli_json(models):
-    run = _cli(models["float"], models["quant"], "--data", models["data"], "--metric", f"accuracy:{models['labels']}",
-               "--threads", 1, "--warmup", 1, "--runs", 2, "--json")
+    run = _cli(
+        models["float"],
+        models["quant"],
+        "--data",
+        models["data"],
+        "--metric",
+        f"accuracy:{models['labels']}",
+        "--threads",
+        1,
+        "--warmup",
+        1,
+        "--runs",
+        2,
+        "--json",
+    )
     assert run.exit_code == 0, run.output
     result = json.loads(run.output)
-    for key in ("model", "quality", "fidelity", "throughput", "size", "threads", "batch", "samples", "synthetic"):
+    for key in (
+        "model",
+        "quality",
+        "fidelity",
+        "throughput",
+        "size",
+        "threads",
+        "batch",
+        "samples",
+        "synthetic",
+    ):
         assert key in result
     assert result["quality"]["name"] == "accuracy" and result["quality"]["fp32"] > 0.85
     assert set(result["throughput"]) == {"fp32", "int8", "speedup", "speedup_q25", "speedup_q75", "rounds"}
@@ -339,8 +412,19 @@ def test_cli_json(models):
 
 
 def test_cli_json_is_strict_for_exact_models(models):
-    run = _cli(models["float"], models["float"], "--data", models["data"], "--threads", 1, "--warmup", 0,
-               "--runs", 1, "--json")
+    run = _cli(
+        models["float"],
+        models["float"],
+        "--data",
+        models["data"],
+        "--threads",
+        1,
+        "--warmup",
+        0,
+        "--runs",
+        1,
+        "--json",
+    )
     assert run.exit_code == 0, run.output
     result = json.loads(run.output, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert result["fidelity"]["logits"]["sqnr_db"] is None  # infinite SQNR
@@ -358,8 +442,15 @@ def _other_input_model(path: Path) -> Path:
 
 def _other_output_model(path: Path) -> Path:
     nodes = [helper.make_node("Identity", ["x"], ["features"])]
-    return _save(helper.make_graph(nodes, "other", _io()[0],
-                                   [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 64])]), path)
+    return _save(
+        helper.make_graph(
+            nodes,
+            "other",
+            _io()[0],
+            [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 64])],
+        ),
+        path,
+    )
 
 
 @pytest.mark.parametrize(
@@ -460,7 +551,9 @@ def test_data_from_a_python_function(models, tmp_path):
     result = benchmark(models["float"], models["quant"], f"{source}:feeds", batch=4, **FAST)
     same = benchmark(models["float"], models["quant"], {"x": models["x"][:30]}, batch=4, **FAST)
     assert result["samples"] == 30
-    assert result["fidelity"]["logits"]["cosine"] == pytest.approx(same["fidelity"]["logits"]["cosine"], abs=1e-9)
+    assert result["fidelity"]["logits"]["cosine"] == pytest.approx(
+        same["fidelity"]["logits"]["cosine"], abs=1e-9
+    )
 
 
 def test_fidelity_leaves_padded_positions_out():

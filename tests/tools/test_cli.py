@@ -59,7 +59,9 @@ def test_compile_example_optimize_keeps_outputs(tmp_path):
     assert len(after.graph.node) < len(before.graph.node)
     assert "BatchNormalization" not in {n.op_type for n in after.graph.node}
     x = digits()
-    np.testing.assert_allclose(run_ort(out, {"image": x})[0], run_ort(EXAMPLE, {"image": x})[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        run_ort(out, {"image": x})[0], run_ort(EXAMPLE, {"image": x})[0], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_compile_is_deterministic(tmp_path):
@@ -102,8 +104,18 @@ def test_opt_text_in_text_out(tmp_path):
 def test_passes_lists_builtins_pipelines_and_plugin():
     proc = ncc("passes", "--plugin", PLUGIN)
     assert proc.returncode == 0, proc.stderr
-    for name in ("shape-inference", "fold-constants", "dce", "cse", "eliminate-identity", "toposort",
-                 "fuse-conv-bn", "fuse-matmul-add", "collapse-transposes", "optimize"):
+    for name in (
+        "shape-inference",
+        "fold-constants",
+        "dce",
+        "cse",
+        "eliminate-identity",
+        "toposort",
+        "fuse-conv-bn",
+        "fuse-matmul-add",
+        "collapse-transposes",
+        "optimize",
+    ):
         assert name in proc.stdout
     assert str(PLUGIN) in proc.stdout
 
@@ -111,9 +123,13 @@ def test_passes_lists_builtins_pipelines_and_plugin():
 def test_plugin_pass_runs(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4, 2])
-    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
-             helper.make_node("Transpose", ["t"], ["y"], perm=[0, 2, 1])]
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+        helper.make_node("Transpose", ["t"], ["y"], perm=[0, 2, 1]),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)]
+    )
     src, out = tmp_path / "t.onnx", tmp_path / "t.out.onnx"
     onnx.save(model, src)
     proc = ncc("compile", src, "--plugin", PLUGIN, "--passes", "collapse-transposes,dce", "-o", out)
@@ -125,8 +141,18 @@ def test_plugin_pass_runs(tmp_path):
 
 def test_instruments(tmp_path):
     dump_dir = tmp_path / "ir"
-    proc = ncc("compile", EXAMPLE, "--passes", "fuse-conv-bn,dce,toposort", "-o", tmp_path / "o.onnx",
-               "--print-ir-after-change", "--time-passes", "--dump-ir-dir", dump_dir)
+    proc = ncc(
+        "compile",
+        EXAMPLE,
+        "--passes",
+        "fuse-conv-bn,dce,toposort",
+        "-o",
+        tmp_path / "o.onnx",
+        "--print-ir-after-change",
+        "--time-passes",
+        "--dump-ir-dir",
+        dump_dir,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "IR Dump After fuse-conv-bn" in proc.stderr
     # fuse-conv-bn drops the parameters it folded, so dce and toposort leave the fingerprint unchanged
@@ -138,31 +164,40 @@ def test_instruments(tmp_path):
 
 # --- bad input: one sentence, exit 2, no traceback, nothing written ----------------------------
 
+
 def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     not_onnx = tmp / "notes.onnx"
     not_onnx.write_text("this is not a model\n" * 20)
     truncated = tmp / "truncated.onnx"
     truncated.write_bytes(EXAMPLE.read_bytes()[:5000])
     checker = tmp / "checker.onnx"
-    bad = helper.make_model(helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]), opset_imports=[helper.make_opsetid("", 17)])
+    bad = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     bad.ir_version = 99
     checker.write_bytes(bad.SerializeToString())
     cycle = tmp / "cycle.ncc"
     cycle.write_text(
         '// ncc.ir 1\nmodel {ir_version = 8, opset_import = {"" = 17}}\n'
         "graph @g(%x: f32[2]) -> (%b: f32[2]) {\n"
-        "  %a = Add(%x, %b) : f32[2]\n  %b = Relu(%a) : f32[2]\n  return %b\n}\n")
+        "  %a = Add(%x, %b) : f32[2]\n  %b = Relu(%a) : f32[2]\n  return %b\n}\n"
+    )
     undefined = tmp / "undef.ncc"
     undefined.write_text(
         '// ncc.ir 1\nmodel {ir_version = 8, opset_import = {"" = 17}}\n'
-        "graph @g(%x: f32[2]) -> (%y: f32[2]) {\n  %y = Add(%x, %nope) : f32[2]\n  return %y\n}\n")
+        "graph @g(%x: f32[2]) -> (%y: f32[2]) {\n  %y = Add(%x, %nope) : f32[2]\n  return %y\n}\n"
+    )
     syntax = tmp / "syntax.ncc"
     syntax.write_text(
         '// ncc.ir 1\nmodel {ir_version = 8, opset_import = {"" = 17}}\n'
-        "graph @g(%x: f32[2]) -> (%y: f32[2]) {\n  %y = Relu(%x : f32[2]\n  return %y\n}\n")
+        "graph @g(%x: f32[2]) -> (%y: f32[2]) {\n  %y = Relu(%x : f32[2]\n  return %y\n}\n"
+    )
     return {
         "missing": (tmp / "nope.onnx", "no such file"),
         "folder": (tmp, "folder"),
@@ -176,8 +211,20 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "folder", "not onnx", "truncated", "checker", "cycle",
-                                  "undefined", "syntax", "unknown format"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "folder",
+        "not onnx",
+        "truncated",
+        "checker",
+        "cycle",
+        "undefined",
+        "syntax",
+        "unknown format",
+    ],
+)
 def test_bad_input_files(tmp_path, case):
     path, fragment = _bad_inputs(tmp_path)[case]
     out = tmp_path / "out" / "o.onnx"
@@ -193,12 +240,15 @@ def test_syntax_error_shows_caret(tmp_path):
     assert "%y = Relu(%x : f32[2]" in proc.stderr
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--passes", "fold-constant"], "did you mean 'fold-constants'"),
-    (["--passes", "fold-constants{size_limt=3}"], "did you mean 'size-limit'"),
-    (["--pass", "dce", "--passes", "cse"], "either --pass or --passes"),
-    (["--plugin", "missing_plugin.py", "--pass", "dce"], "missing_plugin.py"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--passes", "fold-constant"], "did you mean 'fold-constants'"),
+        (["--passes", "fold-constants{size_limt=3}"], "did you mean 'size-limit'"),
+        (["--pass", "dce", "--passes", "cse"], "either --pass or --passes"),
+        (["--plugin", "missing_plugin.py", "--pass", "dce"], "missing_plugin.py"),
+    ],
+)
 def test_bad_pipeline(tmp_path, args, fragment):
     out = tmp_path / "o.onnx"
     assert_user_error(ncc("compile", EXAMPLE, "-o", out, *args), fragment)
@@ -233,7 +283,8 @@ def test_failed_pass_leaves_no_output(tmp_path):
         "        import onnx_ir as ir\n"
         "        node = next(iter(model.graph))\n"
         "        node.replace_input_with(0, ir.Value(name='dangling'))\n"
-        "        return PassResult(modified=True)\n")
+        "        return PassResult(modified=True)\n"
+    )
     out = tmp_path / "o.onnx"
     proc = ncc("compile", EXAMPLE, "--plugin", plugin, "--passes", "break-it", "-o", out)
     assert_user_error(proc, "break-it")

@@ -3,7 +3,6 @@
 A fake clock that only the fake sessions advance makes every number exact."""
 
 import pytest
-
 from ncc.tools import timing
 
 
@@ -38,8 +37,9 @@ def test_blocks_settle_untimed_and_rounds_alternate(clock):
     log = []
     a = FakeSession("a", clock, log, lambda n: 0.03)
     b = FakeSession("b", clock, log, lambda n: 0.01)
-    t = timing.time_blocks([a, b], [{"x": "a"}, {"x": "b"}], runs=6, rounds=3, warmup=2,
-                           min_block_s=0, settle_s=0.1)
+    t = timing.time_blocks(
+        [a, b], [{"x": "a"}, {"x": "b"}], runs=6, rounds=3, warmup=2, min_block_s=0, settle_s=0.1
+    )
     # warm-up 2 each; then per block: runs until 0.1 s of settling passed (a: 4 runs of 30 ms,
     # b: 10 runs of 10 ms, float sums permitting one more), then 2 timed runs
     assert log[:4] == ["a", "a", "b", "b"]
@@ -69,9 +69,12 @@ def test_ratio_pairs_blocks_of_the_same_round(clock):
 
     a = FakeSession("a", clock, log, durations(0.02))
     b = FakeSession("b", clock, log, durations(0.01))
-    t = timing.time_blocks([a, b], [{"x": "a"}, {"x": "b"}], runs=2, rounds=2, warmup=1,
-                           min_block_s=0, settle_s=0)
-    assert t.block_medians[0] == pytest.approx([0.02, 0.04]) and t.block_medians[1] == pytest.approx([0.01, 0.02])
+    t = timing.time_blocks(
+        [a, b], [{"x": "a"}, {"x": "b"}], runs=2, rounds=2, warmup=1, min_block_s=0, settle_s=0
+    )
+    assert t.block_medians[0] == pytest.approx([0.02, 0.04]) and t.block_medians[1] == pytest.approx(
+        [0.01, 0.02]
+    )
     assert t.ratio(1)["median"] == pytest.approx(2.0)
 
 

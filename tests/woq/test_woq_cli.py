@@ -22,11 +22,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from ncc.tools.cli import cli
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
-
-from ncc.tools.cli import cli
 
 # -- helpers (also used by test_pack_int4.py and test_real_layer.py) ---------------------------------
 
@@ -52,8 +51,15 @@ def ncc_ok(*args) -> Run:
     return run
 
 
-def save_matmul(path: Path, w: np.ndarray, *, rank: int = 3, bias: np.ndarray | None = None, opset: int = 17,
-                external: str | None = None) -> Path:
+def save_matmul(
+    path: Path,
+    w: np.ndarray,
+    *,
+    rank: int = 3,
+    bias: np.ndarray | None = None,
+    opset: int = 17,
+    external: str | None = None,
+) -> Path:
     """An ONNX model ``y = x @ w (+ bias)`` with ``x`` of rank 2 ``[M, K]`` or 3 ``[B, S, K]`` (symbolic dims)."""
     k, n = w.shape
     lead = ["B", "S"] if rank == 3 else ["M"]
@@ -62,8 +68,13 @@ def save_matmul(path: Path, w: np.ndarray, *, rank: int = 3, bias: np.ndarray | 
     if bias is not None:
         nodes.append(h.make_node("Add", ["m", "b"], ["y"], name="add"))
         inits.append(nh.from_array(bias, "b"))
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [*lead, k])],
-                         [h.make_tensor_value_info("y", T.FLOAT, [*lead, n])], inits)
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [*lead, k])],
+        [h.make_tensor_value_info("y", T.FLOAT, [*lead, n])],
+        inits,
+    )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)], ir_version=8)
     onnx.checker.check_model(model)
     if external:
@@ -126,7 +137,9 @@ def test_woq_ir_is_blocked_dequantize_linear_before_packing(tmp_path, scheme, dt
 def test_full_text_compiles_back_to_the_same_model(tmp_path):
     """``ncc opt --passes woq-rtn --full -o x.ncc`` then ``ncc compile x.ncc --passes pack-int4`` gives the same
     weights and the same outputs as compiling in one go."""
-    src = save_matmul(tmp_path / "m.onnx", gaussian_weight(256, 48), bias=np.linspace(-1, 1, 48, dtype=np.float32))
+    src = save_matmul(
+        tmp_path / "m.onnx", gaussian_weight(256, 48), bias=np.linspace(-1, 1, 48, dtype=np.float32)
+    )
     text, via_text, direct = tmp_path / "x.ncc", tmp_path / "y.onnx", tmp_path / "z.onnx"
     ncc_ok("opt", src, "--passes", "woq-rtn{group-size=32}", "--full", "-o", text)
     assert "u4[256,48]" in text.read_text() and (tmp_path / "x.ncc.data").exists()
@@ -154,10 +167,12 @@ def _calib(tmp: Path, k: int) -> Path:
 
 def _no_weight_model(tmp: Path) -> Path:
     """MatMul of two activations: no constant weight to quantize."""
-    graph = h.make_graph([h.make_node("MatMul", ["x", "v"], ["y"], name="mm")], "g",
-                         [h.make_tensor_value_info("x", T.FLOAT, [4, 8]),
-                          h.make_tensor_value_info("v", T.FLOAT, [8, 3])],
-                         [h.make_tensor_value_info("y", T.FLOAT, [4, 3])])
+    graph = h.make_graph(
+        [h.make_node("MatMul", ["x", "v"], ["y"], name="mm")],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [4, 8]), h.make_tensor_value_info("v", T.FLOAT, [8, 3])],
+        [h.make_tensor_value_info("y", T.FLOAT, [4, 3])],
+    )
     path = tmp / "noweights.onnx"
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), path)
     return path
@@ -165,19 +180,39 @@ def _no_weight_model(tmp: Path) -> Path:
 
 BAD = {
     # case: (model K, arguments, fragments of the one-line message)
-    "group does not divide K": (96, ["--pass", "w4", "--group-size", "64"],
-                                ["group size 64 does not divide K=96 of mm", "divide every layer's K: 16, 32",
-                                 "--partial-groups"]),
+    "group does not divide K": (
+        96,
+        ["--pass", "w4", "--group-size", "64"],
+        ["group size 64 does not divide K=96 of mm", "divide every layer's K: 16, 32", "--partial-groups"],
+    ),
     "no weight MatMuls": (None, ["--pass", "w4"], ["no weight MatMuls"]),
     "gptq without calib": (128, ["--pass", "w4", "--algo", "gptq"], ["woq-gptq", "--calib"]),
     "awq without calib": (128, ["--pass", "w4", "--algo", "awq"], ["woq-awq", "--calib"]),
-    "qoperator with w4": (128, ["--pass", "w4", "--format", "qoperator"], ["--format qoperator", "matmulnbits or qdq"]),
-    "matmulnbits with int8": (128, ["--pass", "int8", "--calib", "CALIB", "--format", "matmulnbits"],
-                              ["--format matmulnbits", "weight-only"]),
-    "algo with int8": (128, ["--pass", "int8", "--calib", "CALIB", "--algo", "gptq"], ["--algo", "weight-only"]),
-    "group 96 with matmulnbits": (192, ["--pass", "w4", "--group-size", "96"], ["power of two", "--format qdq"]),
-    "layer report with int8-dynamic": (128, ["--pass", "int8-dynamic", "--layer-report", "OUT/layers.tsv"],
-                                       ["--layer-report", "weight-only"]),
+    "qoperator with w4": (
+        128,
+        ["--pass", "w4", "--format", "qoperator"],
+        ["--format qoperator", "matmulnbits or qdq"],
+    ),
+    "matmulnbits with int8": (
+        128,
+        ["--pass", "int8", "--calib", "CALIB", "--format", "matmulnbits"],
+        ["--format matmulnbits", "weight-only"],
+    ),
+    "algo with int8": (
+        128,
+        ["--pass", "int8", "--calib", "CALIB", "--algo", "gptq"],
+        ["--algo", "weight-only"],
+    ),
+    "group 96 with matmulnbits": (
+        192,
+        ["--pass", "w4", "--group-size", "96"],
+        ["power of two", "--format qdq"],
+    ),
+    "layer report with int8-dynamic": (
+        128,
+        ["--pass", "int8-dynamic", "--layer-report", "OUT/layers.tsv"],
+        ["--layer-report", "weight-only"],
+    ),
     "calib with rtn": (128, ["--pass", "w4", "--calib", "CALIB"], ["--calib", "does not calibrate"]),
 }
 
@@ -185,7 +220,9 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
     k, args, fragments = BAD[case]
-    src = _no_weight_model(tmp_path) if k is None else save_matmul(tmp_path / "m.onnx", gaussian_weight(k, 16))
+    src = (
+        _no_weight_model(tmp_path) if k is None else save_matmul(tmp_path / "m.onnx", gaussian_weight(k, 16))
+    )
     calib = _calib(tmp_path, k or 8)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -198,8 +235,18 @@ def test_layer_report_with_static_int8_names_the_flag(tmp_path):
     src = save_matmul(tmp_path / "m.onnx", gaussian_weight(128, 16))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    run = ncc("compile", src, "--pass", "int8", "--calib", _calib(tmp_path, 128), "--layer-report",
-              out_dir / "layers.tsv", "-o", out_dir / "o.onnx")
+    run = ncc(
+        "compile",
+        src,
+        "--pass",
+        "int8",
+        "--calib",
+        _calib(tmp_path, 128),
+        "--layer-report",
+        out_dir / "layers.tsv",
+        "-o",
+        out_dir / "o.onnx",
+    )
     assert_user_error(run, "--layer-report", "weight-only")
     assert files_in(out_dir) == []
 
@@ -213,8 +260,9 @@ def test_group_96_works_with_qdq(tmp_path):
     assert [a.i for a in dq[0].attribute if a.name == "block_size"] == [96]
 
 
-@pytest.mark.parametrize("args,fragment", [(["--bits", "3"], "--bits"),
-                                           (["--accuracy-level", "5"], "--accuracy-level")])
+@pytest.mark.parametrize(
+    "args,fragment", [(["--bits", "3"], "--bits"), (["--accuracy-level", "5"], "--accuracy-level")]
+)
 def test_bad_choice_is_refused_by_the_parser(tmp_path, args, fragment):
     src = save_matmul(tmp_path / "m.onnx", gaussian_weight(128, 16))
     out_dir = tmp_path / "out"
@@ -229,10 +277,16 @@ def test_bad_choice_is_refused_by_the_parser(tmp_path, args, fragment):
 
 def _compile_in_subprocesses(runs: list[tuple[list, str]]) -> None:
     """``ncc compile ARGS --no-check`` for each ``(ARGS, hash seed)``, all at once (separate interpreters)."""
-    procs = [subprocess.Popen([sys.executable, "-m", "ncc.tools.cli", "compile", *map(str, args), "--no-check"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONHASHSEED": seed})
-             for args, seed in runs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ncc.tools.cli", "compile", *map(str, args), "--no-check"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        for args, seed in runs
+    ]
     for proc in procs:
         _, err = proc.communicate()
         assert proc.returncode == 0, err
@@ -248,8 +302,26 @@ def test_compile_twice_gives_identical_bytes(tmp_path, algo):
     folders = [tmp_path / "run1", tmp_path / "run2"]
     for folder in folders:
         folder.mkdir()
-    _compile_in_subprocesses([([src, "--pass", "w4", "--group-size", "32", *extra, "--external-data", "w.bin",
-                                "-o", folder / "o.onnx"], str(seed)) for seed, folder in enumerate(folders, 1)])
+    _compile_in_subprocesses(
+        [
+            (
+                [
+                    src,
+                    "--pass",
+                    "w4",
+                    "--group-size",
+                    "32",
+                    *extra,
+                    "--external-data",
+                    "w.bin",
+                    "-o",
+                    folder / "o.onnx",
+                ],
+                str(seed),
+            )
+            for seed, folder in enumerate(folders, 1)
+        ]
+    )
     outputs = []
     for folder in folders:
         assert files_in(folder) == ["o.onnx", "w.bin"]
@@ -265,13 +337,19 @@ def test_compile_twice_gives_identical_bytes(tmp_path, algo):
 def _shared_weight_model(path: Path) -> Path:
     """``x @ w1 -> Relu -> @ w1 -> @ w2``: weight w1 [64, 64] read by two MatMuls on different inputs."""
     w1, w2 = gaussian_weight(64, 64, seed=4), gaussian_weight(64, 32, seed=5)
-    nodes = [h.make_node("MatMul", ["x", "w1"], ["a"], name="first"),
-             h.make_node("Relu", ["a"], ["r"], name="relu"),
-             h.make_node("MatMul", ["r", "w1"], ["b"], name="again"),
-             h.make_node("MatMul", ["b", "w2"], ["y"], name="last")]
-    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["B", 64])],
-                         [h.make_tensor_value_info("y", T.FLOAT, ["B", 32])],
-                         [nh.from_array(w1, "w1"), nh.from_array(w2, "w2")])
+    nodes = [
+        h.make_node("MatMul", ["x", "w1"], ["a"], name="first"),
+        h.make_node("Relu", ["a"], ["r"], name="relu"),
+        h.make_node("MatMul", ["r", "w1"], ["b"], name="again"),
+        h.make_node("MatMul", ["b", "w2"], ["y"], name="last"),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, ["B", 64])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["B", 32])],
+        [nh.from_array(w1, "w1"), nh.from_array(w2, "w2")],
+    )
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), path)
     return path
 
@@ -284,12 +362,33 @@ def test_layer_report_has_one_row_per_weight(tmp_path, algo):
     calib = tmp_path / "c.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32))
     extra = ["--algo", algo, "--calib", calib] if algo != "rtn" else []
-    ncc_ok("compile", src, "--pass", "w4", "--group-size", "32", *extra, "--layer-report", report,
-           "-o", tmp_path / "o.onnx")
+    ncc_ok(
+        "compile",
+        src,
+        "--pass",
+        "w4",
+        "--group-size",
+        "32",
+        *extra,
+        "--layer-report",
+        report,
+        "-o",
+        tmp_path / "o.onnx",
+    )
     with open(report, newline="") as f:
         rows = list(csv.reader(f, delimiter="\t"))
-    assert rows[0] == ["layer", "weight", "k", "n", "label", "algo", "weight_error", "output_error",
-                       "bytes_before", "bytes_after"]
+    assert rows[0] == [
+        "layer",
+        "weight",
+        "k",
+        "n",
+        "label",
+        "algo",
+        "weight_error",
+        "output_error",
+        "bytes_before",
+        "bytes_after",
+    ]
     table = [dict(zip(rows[0], r)) for r in rows[1:]]
     assert [(r["weight"], r["k"], r["n"]) for r in table] == [("w1", "64", "64"), ("w2", "64", "32")]
     for r in table:
@@ -321,16 +420,32 @@ def _held_out_errors(tmp: Path, pipeline: str, algos) -> dict[str, float]:
     errors = {}
     for algo in algos:
         out = tmp / f"{pipeline}-{algo}.onnx"
-        ncc_ok("compile", src, "--pass", pipeline, "--group-size", "32", "--algo", algo,
-               *(["--calib", calib] if algo != "rtn" else []), "-o", out)
+        ncc_ok(
+            "compile",
+            src,
+            "--pass",
+            pipeline,
+            "--group-size",
+            "32",
+            "--algo",
+            algo,
+            *(["--calib", calib] if algo != "rtn" else []),
+            "-o",
+            out,
+        )
         errors[algo] = float(np.linalg.norm(run_ort(out, {"x": held}) - want) / np.linalg.norm(want))
     return errors
 
 
-@pytest.mark.parametrize("pipeline,algo", [
-    ("w4", "gptq"), ("w4", "awq"),
-    ("w8", "gptq"), ("w8", "awq"),
-])
+@pytest.mark.parametrize(
+    "pipeline,algo",
+    [
+        ("w4", "gptq"),
+        ("w4", "awq"),
+        ("w8", "gptq"),
+        ("w8", "awq"),
+    ],
+)
 def test_calibrated_algorithms_are_no_worse_than_rtn(tmp_path, pipeline, algo):
     """On held-out rows of the calibration distribution GPTQ and AWQ are not worse than RTN (25% slack: AWQ's
     gain on Gaussian activations is small; measured at W4 G32 RTN 0.084, GPTQ 0.067, AWQ 0.082)."""
@@ -341,8 +456,20 @@ def test_calibrated_algorithms_are_no_worse_than_rtn(tmp_path, pipeline, algo):
 def test_w8_layer_report_error_matches_the_model(tmp_path):
     src, _, _ = _correlated_layer(tmp_path)
     report, qdq = tmp_path / "layers.tsv", tmp_path / "q.onnx"
-    ncc_ok("compile", src, "--pass", "w8", "--group-size", "32", "--format", "qdq", "--layer-report", report,
-           "-o", qdq)
+    ncc_ok(
+        "compile",
+        src,
+        "--pass",
+        "w8",
+        "--group-size",
+        "32",
+        "--format",
+        "qdq",
+        "--layer-report",
+        report,
+        "-o",
+        qdq,
+    )
     row = dict(zip(*[line.split("\t") for line in report.read_text().splitlines()]))
     # the weight error of the written model, from its DequantizeLinear inputs (uint8 codes, zero points)
     inits = {t.name: nh.to_array(t) for t in onnx.load(qdq).graph.initializer}
@@ -362,8 +489,19 @@ def test_awq_keeps_a_shared_weight_s_second_matmul_on_its_own_input(tmp_path):
     errors = {}
     for algo in ("rtn", "awq"):
         out = tmp_path / f"{algo}.onnx"
-        ncc_ok("compile", src, "--pass", "w4", "--group-size", "32", "--algo", algo,
-               *(["--calib", calib] if algo == "awq" else []), "-o", out)
+        ncc_ok(
+            "compile",
+            src,
+            "--pass",
+            "w4",
+            "--group-size",
+            "32",
+            "--algo",
+            algo,
+            *(["--calib", calib] if algo == "awq" else []),
+            "-o",
+            out,
+        )
         want = run_ort(src, {"x": x[256:]})
         errors[algo] = float(np.linalg.norm(run_ort(out, {"x": x[256:]}) - want) / np.linalg.norm(want))
     assert any("r" in n.input for n in onnx.load(tmp_path / "awq.onnx").graph.node if n.op_type != "Relu")
