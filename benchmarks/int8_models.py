@@ -92,10 +92,10 @@ def file_hash(path: Path) -> str:
 
 def session(path: Path | str, threads: int = 2):
     """An onnxruntime CPU session (ORT_ENABLE_ALL, ``threads`` intra-op threads, 1 inter-op)."""
-    import onnxruntime as ort
+    from ncc.runtime import open_session
     from ncc.tools.bench import session_options
 
-    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    return open_session(path, options=session_options(threads)).ort
 
 
 def run_batched(

@@ -109,13 +109,13 @@ FLOAT_QDQ_MATMULNBITS = {"session.qdq_matmulnbits_accuracy_level": "0"}
 def session(path: Path | str, threads: int = THREADS, config: dict[str, str] | None = None):
     """An onnxruntime CPU session with ncc bench's options (ORT_ENABLE_ALL, ``threads`` intra-op, 1 inter-op)
     and the session config entries ``config``."""
-    import onnxruntime as ort
+    from ncc.runtime import open_session
     from ncc.tools.bench import session_options
 
     options = session_options(threads)
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return open_session(path, options=options).ort
 
 
 def _cached_json(path: Path, compute) -> dict:

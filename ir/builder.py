@@ -30,7 +30,6 @@ builders directly::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,7 +38,7 @@ import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.ir import ids
 
-__all__ = ["GraphBuilder", "dtype", "run", "DTYPE_NAMES", "DTYPES_BY_NAME"]
+__all__ = ["GraphBuilder", "dtype", "DTYPE_NAMES", "DTYPES_BY_NAME"]
 
 try:  # one table for the whole IR: the printer's
     from ncc.ir.printer import DTYPE_NAMES, DTYPES_BY_NAME
@@ -298,25 +297,3 @@ def infer_types(model: ir.Model) -> None:
                 v.type = other.type
             if v.shape is None and other.shape is not None:
                 v.shape = other.shape
-
-
-def run(
-    model: ir.Model, feeds: Mapping[str, Any] | Sequence[Any], *, outputs: Sequence[str] | None = None
-) -> list[np.ndarray]:
-    """Run ``model`` in onnxruntime on the CPU; ``feeds`` by input name or in input order."""
-    import onnxruntime as ort
-
-    if not isinstance(feeds, Mapping):
-        names = [v.name for v in model.graph.inputs if not v.is_initializer()]
-        if len(feeds) != len(names):
-            raise NccError(f"model takes {len(names)} inputs ({', '.join(names)}); got {len(feeds)}.")
-        feeds = dict(zip(names, feeds))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = min(4, os.cpu_count() or 1)
-    session = ort.InferenceSession(
-        ir.serde.serialize_model(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return session.run(
-        list(outputs) if outputs is not None else None, {k: np.asarray(v) for k, v in feeds.items()}
-    )

@@ -149,25 +149,15 @@ def _check_same_interface(fp: _ModelInfo, q: _ModelInfo) -> None:
 def session_options(threads: int):
     """How every throughput number in ncc is measured: CPU EP, all optimizations, ``threads``
     intra-op threads, one inter-op thread, sequential execution."""
-    import onnxruntime as ort
+    from ncc.runtime import session_options as options
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return options
+    return options(threads=threads, sequential=True)
 
 
 def _session(info: _ModelInfo, threads: int):
-    import onnxruntime as ort
+    from ncc.runtime import open_session
 
-    options = session_options(threads)
-    try:
-        return ort.InferenceSession(str(info.path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:
-        raise NccError(f"onnxruntime cannot load {info.path}: {_first_line(err)}") from None
+    return open_session(info.path, options=session_options(threads))
 
 
 def _first_line(err: Exception) -> str:
@@ -373,19 +363,16 @@ def _tile_batch(feeds: dict, n: int, batch: int) -> dict:
 # -- quality ----------------------------------------------------------------------------------------
 
 
-def _run_all(session, feeds: dict, n: int, chunk: int, path: Path, synthetic: bool) -> dict:
-    """Run ``session`` over the samples ``chunk`` at a time; outputs by name, samples concatenated."""
+def _run_all(session, feeds: dict, n: int, chunk: int, synthetic: bool) -> dict:
+    """Run ``session`` (an :class:`ncc.runtime.Session`) over the samples ``chunk`` at a time; outputs by
+    name, samples concatenated."""
     import numpy as np
 
-    names = [o.name for o in session.get_outputs()]
-    parts: dict[str, list] = {name: [] for name in names}
+    where = "synthetic inputs (pass --data with real inputs)" if synthetic else ""
+    parts: dict[str, list] = {name: [] for name in session.output_names}
     for start in range(0, n, chunk):
-        try:
-            outs = session.run(None, _take(feeds, start, min(start + chunk, n)))
-        except Exception as err:
-            hint = " (on synthetic inputs; pass --data with real inputs)" if synthetic else ""
-            raise NccError(f"onnxruntime failed to run {path}{hint}: {_first_line(err)}") from None
-        for name, out in zip(names, outs):
+        outs = session.run(_take(feeds, start, min(start + chunk, n)), where=where)
+        for name, out in outs.items():
             parts[name].append(np.asarray(out))
     return {
         name: (np.concatenate(chunks, axis=0) if chunks[0].ndim else np.stack(chunks))
@@ -600,8 +587,8 @@ def benchmark(
         labels = labels[:n]
 
     sess_fp, sess_q = _session(fp, threads), _session(q, threads)
-    out_fp = _run_all(sess_fp, feeds, n, chunk, fp.path, synthetic)
-    out_q = _run_all(sess_q, feeds, n, chunk, q.path, synthetic)
+    out_fp = _run_all(sess_fp, feeds, n, chunk, synthetic)
+    out_q = _run_all(sess_q, feeds, n, chunk, synthetic)
 
     from ncc.passes.quant.fallback import MASK_INPUT
 
@@ -624,7 +611,7 @@ def benchmark(
     feed = _tile_batch(feeds, n, batch)
     try:
         timing = time_blocks(
-            [sess_fp, sess_q],
+            [sess_fp.ort, sess_q.ort],
             feed,
             runs=runs,
             rounds=min(runs, TIMING_ROUNDS),

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx_ir as ir
-from ncc.errors import NccError
 
 INTEGER_KERNELS = frozenset(
     {
@@ -85,6 +84,7 @@ def check_on_onnxruntime(path: str | Path, model: ir.Model) -> RuntimeCheck:
     """Load ``path`` (the emitted file of ``model``) in onnxruntime and classify ``model``'s quantized nodes."""
     import onnx
     import onnxruntime as ort
+    from ncc.runtime import open_session, session_options
 
     quantized = {
         n.name: n.op_type
@@ -93,17 +93,12 @@ def check_on_onnxruntime(path: str | Path, model: ir.Model) -> RuntimeCheck:
         and n.op_type not in _MOVEMENT
     }
     with tempfile.TemporaryDirectory(prefix="ncc-check-") as tmp:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        options.log_severity_level = 3
-        try:
-            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # the artefact does not load: that is the finding
-            raise NccError(
-                f"onnxruntime cannot load the emitted model {path}: {str(err).splitlines()[0]}"
-            ) from None
-        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+        optimized_path = Path(tmp) / "optimized.onnx"
+        options = session_options(optimization="extended", optimized_model=optimized_path)
+        open_session(
+            path, options=options, what=f"the emitted model {path}"
+        )  # a failure to load is the finding
+        optimized = onnx.load(str(optimized_path), load_external_data=False)
     by_name = {n.name: n for n in optimized.graph.node}
     check = RuntimeCheck(runtime=f"onnxruntime {ort.__version__} CPUExecutionProvider")
     for name, op in quantized.items():

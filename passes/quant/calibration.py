@@ -22,7 +22,7 @@
    Reshape or Transpose output) is not fetched: it gets its source's statistics.
 
 The session gets the graph as a proto and the weights as arrays
-(:func:`open_session`): nothing is written to disk. Protobuf appears only in
+(:func:`ncc.runtime.open_session`): nothing is written to disk. Protobuf appears only in
 the serialized bytes handed to onnxruntime; no backend is imported.
 
 Only float tensors are observed: a requested value that turns out not to be
@@ -53,30 +53,7 @@ from ncc.errors import NccError
 from ncc.passes.quant.calib_data import CalibrationData, validate
 from ncc.passes.quant.observers import TensorStats
 from ncc.passes.rewrite import VALUE_MOVES
-
-HANDOFF_BYTES = 1 << 10
-"""Initializers of at least this many bytes reach onnxruntime as arrays, not inside the proto.
-
-Copying weights into a proto and onnxruntime parsing them again cost 0.55 s per session on
-MiniLM's 90 MB (saving them to a temporary file: 0.3 s), and min-cosine opens several sessions."""
-
-_HANDOFF_LOCATION = "ncc-handoff"
-_HANDOFF_TYPES = frozenset(
-    {
-        ir.DataType.FLOAT,
-        ir.DataType.DOUBLE,
-        ir.DataType.FLOAT16,
-        ir.DataType.INT8,
-        ir.DataType.UINT8,
-        ir.DataType.INT16,
-        ir.DataType.UINT16,
-        ir.DataType.INT32,
-        ir.DataType.UINT32,
-        ir.DataType.INT64,
-        ir.DataType.UINT64,
-        ir.DataType.BOOL,
-    }
-)
+from ncc.runtime import detach_weights, open_session
 
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 _CACHE_VERSION = "ncc-calib-v2"
@@ -100,7 +77,7 @@ def model_fingerprint(model: ir.Model) -> str:
     external file's size and mtime (external tensors are serialized by reference, never read)."""
     clone = model.clone()
     h = hashlib.sha256()
-    for name, array in _detach_weights(clone, memory_mapped=False):
+    for name, array in detach_weights(clone, memory_mapped=False):
         h.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
         h.update(memoryview(np.ascontiguousarray(array)).cast("B"))
     h.update(ir.serde.serialize_model(clone).SerializeToString(deterministic=True))
@@ -114,30 +91,6 @@ def model_fingerprint(model: ir.Model) -> str:
             except OSError:
                 h.update(f"{path}\0missing\0".encode())
     return h.hexdigest()
-
-
-def _detach_weights(model: ir.Model, *, memory_mapped: bool) -> list[tuple[str, np.ndarray]]:
-    """Replace the main graph's used initializers of at least ``HANDOFF_BYTES`` (numpy-native types) by
-    references to nowhere, so that serializing ``model`` copies no weights; returns ``(name, array)``
-    for each. ``memory_mapped``: detach external (memory-mapped) tensors too, as copies, else leave them.
-    Only for a clone: the model no longer holds its weights."""
-    detached = []
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is None or tensor.dtype not in _HANDOFF_TYPES or tensor.nbytes < HANDOFF_BYTES:
-            continue
-        if not value.uses() and not value.is_graph_output():
-            continue  # onnxruntime drops an unused initializer before it would take the array
-        external = isinstance(tensor, ir.ExternalTensor)
-        if external and not memory_mapped:
-            continue
-        # a copy of a memory-mapped tensor: the session must not read from a map its owner may close
-        array = np.array(tensor.numpy(), copy=True) if external else np.ascontiguousarray(tensor.numpy())
-        value.const_value = ir.ExternalTensor(
-            _HANDOFF_LOCATION, 0, array.nbytes, tensor.dtype, shape=tensor.shape, name=value.name
-        )
-        detached.append((value.name, array))
-    return detached
 
 
 def cache_key(
@@ -391,66 +344,16 @@ def iterate_outputs(
     ``prune`` runs only the nodes ``names`` depend on (onnxruntime itself runs
     every node whatever is fetched): the graph's own outputs are dropped.
     """
-    session = open_session(model, names, prune=prune) if names else None
+    session = open_session(model, outputs=names, prune=prune, what="the float model") if names else None
     with _progress_bar(progress, data.num_samples) as advance:
         for index, batch in enumerate(data.batches(batch_size)):
             outputs: dict[str, np.ndarray] = {}
             if session is not None:
-                try:
-                    outputs = dict(zip(names, session.run(names, batch)))
-                except Exception as err:  # noqa: BLE001
-                    if not type(err).__module__.startswith("onnxruntime"):
-                        raise
-                    # the data passed validation (dynamic dims) but the graph cannot run on it
-                    detail = " ".join(str(err).split()).rstrip(".")
-                    raise NccError(
-                        f"onnxruntime failed on calibration batch {index} of {data.spec}: {detail}."
-                    ) from None
+                # the data passed validation (dynamic dims) but the graph may still fail on it
+                outputs = session.run(batch, names, where=f"calibration batch {index} of {data.spec}")
             yield batch, outputs
             del outputs
             advance(next(iter(batch.values())).shape[0])
-
-
-def open_session(model: ir.Model, outputs: list[str], *, prune: bool = False):
-    """An onnxruntime session (CPU provider, full optimizations) on ``model`` with ``outputs`` as extra
-    graph outputs (``prune``: as its only outputs, nothing else computed).
-
-    Weights of at least ``HANDOFF_BYTES`` do not go through protobuf: the proto records them as
-    external data and onnxruntime receives the arrays themselves (``add_external_initializers``),
-    so nothing is copied into a proto or written to disk."""
-    import onnxruntime as ort
-
-    clone = model.clone()
-    clone_values = _values_by_name(clone)
-    if prune:
-        clone.graph.outputs.clear()
-    present = {v.name for v in clone.graph.outputs}
-    for name in outputs:
-        value = clone_values[name]
-        if value.type is None:
-            value.type = ir.TensorType(ir.DataType.FLOAT)
-        if name not in present:
-            clone.graph.outputs.append(value)
-    if prune:
-        from ncc.passes.base import PassContext
-        from ncc.passes.cleanup.dce import DeadCodeElimination
-
-        DeadCodeElimination().run(clone, PassContext())
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    detached = _detach_weights(clone, memory_mapped=True)
-    for value in clone.graph.initializers.values():  # small external tensors travel in the proto
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor) and str(tensor.location) != _HANDOFF_LOCATION:
-            value.const_value = ir.Tensor(np.array(tensor.numpy(), copy=True), name=tensor.name)
-    arrays = [array for _, array in detached]
-    ort_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-    if detached:
-        options.add_external_initializers([name for name, _ in detached], ort_values)
-    proto = ir.serde.serialize_model(clone).SerializeToString()
-    session = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
-    session._ncc_weights = (arrays, ort_values)  # the session reads them in place: alive as long as it is
-    return session
 
 
 class _progress_bar:  # noqa: N801 - used as a context manager function

@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from ncc.passes.quant.calib_data import CalibrationData
+from ncc.runtime import open_session
 
 
 def samples(data: CalibrationData, count: int) -> list[dict[str, np.ndarray]]:
@@ -45,15 +46,12 @@ def samples(data: CalibrationData, count: int) -> list[dict[str, np.ndarray]]:
 
 
 def run(model: ir.Model, feeds: list[dict], outputs: list[str] = ()) -> dict[str, list[np.ndarray]]:
-    """Run ``model`` on ``feeds`` with ``outputs`` (node outputs of its main graph) exposed."""
-    from ncc.passes.quant.calibration import open_session
-
-    session = open_session(model, list(outputs))
-    names = [o.name for o in session.get_outputs()]
-    inputs = {i.name for i in session.get_inputs()}
-    results: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feed in feeds:
-        for name, array in zip(names, session.run(None, {k: v for k, v in feed.items() if k in inputs})):
+    """Run ``model`` on ``feeds`` with ``outputs`` (node outputs of its main graph) exposed; per output
+    name, one array per feed."""
+    session = open_session(model, outputs=list(outputs))
+    results: dict[str, list[np.ndarray]] = {n: [] for n in session.output_names}
+    for index, feed in enumerate(feeds):
+        for name, array in session.run(feed, where=f"calibration batch {index}").items():
             results[name].append(array)
     return results
 

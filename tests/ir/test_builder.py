@@ -7,8 +7,9 @@ import onnx_ir as ir
 import pytest
 from ncc.errors import NccError
 from ncc.ir import ids
-from ncc.ir.builder import DTYPES_BY_NAME, GraphBuilder, dtype, run
+from ncc.ir.builder import DTYPES_BY_NAME, GraphBuilder, dtype
 from ncc.ir.verifier import diagnose
+from ncc.runtime import run
 
 
 def conv_split_model() -> tuple[ir.Model, np.ndarray]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 from ncc.ir import ids
-from ncc.ir.builder import GraphBuilder, run
+from ncc.ir.builder import GraphBuilder
 from ncc.ir.printer import print_model
 from ncc.ir.verifier import verify
 from ncc.passes import Pass, PassContext
 from ncc.passes.graphsurgeon import graphsurgeon_pass
 from ncc.passes.manager import PassManager
 from ncc.passes.registry import get_pass
+from ncc.runtime import run
 
 
 @graphsurgeon_pass("test-gs-remove-identity")

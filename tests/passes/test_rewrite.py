@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from ncc.ir import ids
-from ncc.ir.builder import GraphBuilder, run
+from ncc.ir.builder import GraphBuilder
 from ncc.ir.verifier import verify
 from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
+from ncc.runtime import run
 
 
 def chain(*ops: str, shape=(2, 3)) -> ir.Model:

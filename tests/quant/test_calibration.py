@@ -6,8 +6,8 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from ncc import runtime
 from ncc.errors import NccError
-from ncc.passes.quant import calibration
 from ncc.passes.quant.calib_data import load_calibration_data
 from ncc.passes.quant.calibration import collect_statistics
 from onnx import TensorProto, helper, numpy_helper
@@ -119,7 +119,7 @@ def test_external_data_model_weights_as_arrays_or_in_proto(tmp_path, monkeypatch
     ref = _reference(proto, pixels)
     data = load_calibration_data(str(tmp_path / "calib.npz"))
     as_arrays = collect_statistics(model, ["add"], data, progress=False)
-    monkeypatch.setattr(calibration, "HANDOFF_BYTES", 1 << 62)  # every weight inside the proto
+    monkeypatch.setattr(runtime, "HANDOFF_BYTES", 1 << 62)  # every weight inside the proto
     in_proto = collect_statistics(model, ["add"], data, progress=False)
     for stats in (as_arrays, in_proto):
         assert stats["add"].minmax() == pytest.approx(
@@ -175,5 +175,5 @@ def test_onnxruntime_failure_on_data_is_one_sentence(tmp_path):
     with pytest.raises(NccError) as info:
         collect_statistics(model, ["y"], load_calibration_data(spec), progress=False)
     message = str(info.value)
-    assert message.startswith(f"onnxruntime failed on calibration batch 0 of {spec}: ")
+    assert message.startswith(f"onnxruntime failed to run the float model on calibration batch 0 of {spec}: ")
     assert "\n" not in message and "matmul" in message.lower()
