@@ -231,7 +231,9 @@ def _choose_algo(passes, algo: str | None):
 
 
 def _apply_format(passes, fmt: str | None):
-    """``--format`` for weight-only pipelines is pack-int4's ``format``; matmulnbits means nothing elsewhere."""
+    """``--format``: ``qoperator`` appends the ``legalize-qoperator`` lowering; for weight-only pipelines it
+    is pack-int4's ``format`` (matmulnbits or qdq); matmulnbits means nothing elsewhere."""
+    from ncc.passes.registry import get_pass
     from ncc.passes.spec import format_pipeline, with_options
 
     packs = any(p.name == "pack-int4" for p in passes)
@@ -240,6 +242,8 @@ def _apply_format(passes, fmt: str | None):
             raise NccError(
                 f"--format matmulnbits is for weight-only pipelines (w4, w8), not {format_pipeline(passes)}."
             )
+        if fmt == "qoperator" and not any(p.name == "legalize-qoperator" for p in passes):
+            return [*passes, get_pass("legalize-qoperator")()]
         return passes
     if fmt in (None, "matmulnbits", "qdq"):
         return with_options(passes, {"format": fmt}) if fmt else passes
@@ -257,11 +261,10 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
     if opts["pass_name"] and opts["spec"]:
         raise NccError("give either --pass or --passes, not both.")
     spec = opts["spec"] or opts["pass_name"] or default
-    if spec is None:
+    passes = parse_pipeline(spec) if spec is not None else []
+    passes = _apply_flags(_apply_format(_choose_algo(passes, opts.get("algo")), opts.get("fmt")), opts)
+    if not passes:
         return None
-    passes = _apply_format(
-        _apply_flags(_choose_algo(parse_pipeline(spec), opts.get("algo")), opts), opts.get("fmt")
-    )
     ctx = ctx or PassContext(source=source)
     if opts.get("calib"):
         if not any(getattr(p, "uses_calibration", False) for p in passes):
@@ -352,7 +355,7 @@ def compile(
     run = _run_pipeline(model, {**opts, "fmt": fmt}, source=str(input), default=None, ctx=ctx)
     quantization = quantization_summary(model)
     int8 = any(n.metadata_props.get("ncc.quant", "").startswith("int8") for n in model.graph)
-    legal = _legalize(model, fmt, opts.get("target"))
+    _check_format(model, fmt)
     layers = ctx.data.get("woq_layers")
     if layer_report is not None and not layers:
         raise NccError("--layer-report needs a weight-only pipeline (w4, w8, woq-*).")
@@ -384,27 +387,16 @@ def compile(
             ),
             err=True,
         )
-        for line in legal:
-            click.echo(f"ncc: {line}", err=True)
     click.echo(f"ncc: wrote {', '.join(map(str, written))}", err=True)
 
 
-def _legalize(model, fmt: str | None, target: str | None) -> list[str]:
-    """Bring a QDQ model into the requested ONNX form; returns report lines."""
+def _check_format(model, fmt: str | None) -> None:
+    """``--format integerops`` names what ``int8-dynamic`` produces: refuse it for a model without IntegerOps."""
     ops = {n.op_type for n in model.graph}
-    fmt = fmt or "qdq"
-    if fmt == "qoperator":
-        if "QuantizeLinear" not in ops:
-            raise NccError("--format qoperator needs a statically quantized model (--pass int8).")
-        from ncc.backends.onnx.qoperator import to_qoperator
-        from ncc.targets import get_target
-
-        return to_qoperator(model, target=get_target(target or "host")).summary().splitlines()
     if fmt == "integerops" and not ops & {"DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear"}:
         raise NccError(
             "--format integerops is what --pass int8-dynamic produces; this model has no IntegerOps."
         )
-    return []
 
 
 @cli.command()

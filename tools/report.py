@@ -50,10 +50,11 @@ def _short(reason: str) -> str:
 
 
 def _reported(pass_name: str, note: str) -> bool:
-    """Pass notes the report repeats: the weight-only passes', min-cosine's fallback steps, and warnings."""
+    """Pass notes the report repeats: the weight-only and lowering passes', min-cosine's fallback steps, and
+    warnings."""
     return (
         pass_name.startswith("woq-")
-        or pass_name == "pack-int4"
+        or pass_name in ("pack-int4", "legalize-qoperator")
         or note.startswith("fallback:")
         or note.startswith("warning:")
     )

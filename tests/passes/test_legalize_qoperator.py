@@ -17,14 +17,18 @@ against onnxruntime's own fusion of the QDQ model instead.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from ncc.backends.onnx import to_proto
-from ncc.backends.onnx.qoperator import to_qoperator
 from ncc.frontends.onnx import from_proto
 from ncc.ir import ids, verify
+from ncc.passes.lowering.legalize_qoperator import to_qoperator
 from onnx import TensorProto
 from onnx import helper as oh
 from onnx import numpy_helper as onp
@@ -738,3 +742,24 @@ def test_more_passthrough_ops_run_on_the_8bit_tensor():
     step = float(net.act_params("conv0")[0])
     worst = worst_steps(qdq, proto, {"x": [1, 2, 6, 6]}, {"out": step, "out2": step})
     assert worst["out"] == 0.0 and worst["out2"] <= 1.0 + 1e-4, worst
+
+
+def test_format_qoperator_is_a_pass_the_instruments_see(tmp_path):
+    """--format qoperator appends legalize-qoperator: printed after, timed, listed in the pipeline."""
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "q.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ncc.tools.cli", "compile", str(repo / "examples" / "digits_cnn.onnx")]
+        + ["--pass", "int8", "--calib", str(repo / "examples" / "digits_calib.npz"), "--format", "qoperator"]
+        + ["--print-ir-after", "legalize-qoperator", "--time-passes", "--cache-dir", str(tmp_path / "c")]
+        + ["-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "IR Dump After legalize-qoperator" in proc.stderr + proc.stdout
+    assert "QLinearConv(" in proc.stderr + proc.stdout
+    timing = [line for line in proc.stderr.splitlines() if line.strip().endswith("legalize-qoperator")]
+    assert len(timing) == 1, proc.stderr
+    assert "5/5 quantized nodes run as integer kernels" in proc.stderr
+    assert {n.op_type for n in onnx.load(out).graph.node} >= {"QLinearConv", "QGemm"}

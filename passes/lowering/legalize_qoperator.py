@@ -1,4 +1,4 @@
-"""QOperator legalization: rewrite QDQ groups into onnxruntime's integer kernels.
+"""The ``legalize-qoperator`` pass: rewrite QDQ groups into onnxruntime's integer kernels.
 
 The input follows the QDQ conventions of :mod:`ncc.passes.quant`: quantized
 tensors are read through ``DequantizeLinear`` and a quantized result is
@@ -59,13 +59,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
+from ncc.errors import NccError
+from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
-from ncc.targets import X86_VNNI, TargetProfile
+from ncc.targets import DEFAULT_TARGET, X86_VNNI, TargetProfile, get_target
 
-__all__ = ["QOperatorReport", "KeptGroup", "to_qoperator"]
+__all__ = ["LegalizeQOperator", "QOperatorReport", "KeptGroup", "to_qoperator"]
 
 MS = "com.microsoft"
 _ONNX = ("", "ai.onnx")
@@ -142,6 +145,28 @@ class QOperatorReport:
         if not self.converged:
             lines.append("  warning: the rewrite driver stopped before converging")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LegalizeQOperator(Pass):
+    """Rewrite QDQ groups into onnxruntime's QOperator kernels (QLinearConv, QGemm, ...): --format qoperator."""
+
+    name: ClassVar[str] = "legalize-qoperator"
+    target: str = option(DEFAULT_TARGET, "target profile (which ops and pass-throughs it runs in integer)")
+
+    def requires(self, model: ir.Model) -> None:
+        if not any(n.op_type == "QuantizeLinear" for n in model.graph):
+            raise NccError(
+                "legalize-qoperator (--format qoperator) needs a statically quantized model "
+                "(QuantizeLinear/DequantizeLinear pairs, e.g. from --pass int8)."
+            )
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        report = to_qoperator(model, target=get_target(self.target))
+        stats = {f"{op} emitted": n for op, n in sorted(report.emitted.items())}
+        stats.update({f"{op} on 8-bit": n for op, n in sorted(report.passthrough.items())})
+        stats["groups kept QDQ"] = len(report.kept)
+        return PassResult(modified=report.modified, stats=stats, notes=report.summary().splitlines())
 
 
 def to_qoperator(model: ir.Model, *, target: TargetProfile = X86_VNNI) -> QOperatorReport:
@@ -489,8 +514,16 @@ def _finish(
         if dead is not last and dead.graph is not None:
             rw.erase(dead)
     new.outputs[0].name = name
+    _keep_quant_mark(node, new)
     key = f"{new.domain}::{new.op_type}" if new.domain else new.op_type
     legal.report.emitted[key] += 1
+
+
+def _keep_quant_mark(node: ir.Node, new: ir.Node) -> None:
+    """The integer kernel is the node insert-qdq quantized: it keeps its ``ncc.quant`` mark, so the report
+    and the runtime check count it."""
+    if mark := node.metadata_props.get("ncc.quant"):
+        new.metadata_props["ncc.quant"] = mark
 
 
 def _absorbed(
@@ -897,6 +930,7 @@ def _passthrough(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
         rw.replace_op(out.q, [new.outputs[i]])
         if not was_output:
             new.outputs[i].name = name
+    _keep_quant_mark(node, new)
     rw.erase(node)
     legal.report.passthrough[node.op_type] += 1
     return None
