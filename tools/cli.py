@@ -407,6 +407,7 @@ def _check_format(model, fmt: str | None) -> None:
     is_flag=True,
     help="Carry every value (large ones in OUTPUT.data) so the text rebuilds the model.",
 )
+@click.option("--calib", metavar="DATA", help="Calibration data for passes that need it (see compile).")
 @_pipeline_options
 def opt(input: Path, output: Path | None, full: bool, **opts) -> None:
     """Run passes on an .ncc (or .onnx) file and print the resulting IR text."""

@@ -64,12 +64,13 @@ def format_report(
     *, spec: str, quantization: list[str], run, ctx, size_before: int, size_after: int, check=None
 ) -> str:
     lines = [f"pipeline: {spec}"]
-    calibration = ctx.data.get("calibration")
-    if calibration is not None:
+    calibrated = [r for r in run.records if r.name == "calibrate"]
+    if calibrated:
+        from ncc.passes.spec import parse_pipeline
+
+        (calibrate,) = parse_pipeline(calibrated[-1].spec)
         data = ctx.data.get("calibration_data")
-        how = calibration.method + (
-            f" (p={calibration.percentile})" if calibration.method == "percentile" else ""
-        )
+        how = calibrate.method + (f" (p={calibrate.percentile})" if calibrate.method == "percentile" else "")
         lines.append(f"calibration: {how} on {data.spec if data else '?'}")
     lines += quantization
     lines += [note for r in run.records for note in r.notes if _reported(r.name, note)]

@@ -3,21 +3,24 @@
 Runs the float model in onnxruntime on the calibration data (``--calib``,
 handed over in ``ctx.data["calibration_data"]``), observing every activation
 a quantization pass may need (:func:`ncc.passes.quant.plan.observed_values`),
-and leaves a :class:`Calibration` in ``ctx.data["calibration"]``. Statistics
-are histograms, so the range method (mse, minmax, percentile, entropy) is a
-choice made afterwards: changing it, or any quantization option, reuses the
-cached statistics instead of running the model again. ``minmax`` alone needs no
-histograms and collects none (binning is most of the collection's cost); a
-histogram method after it runs the model once more.
+and writes each one's range onto the graph (:mod:`ncc.passes.quant.ranges`),
+where ``smooth-quant`` and ``insert-qdq`` read it and every dump shows it.
+Statistics are histograms, cached by model and data, so the range method (mse,
+minmax, percentile, entropy) is a choice made afterwards: changing it, or any
+quantization option, reuses the cached statistics instead of running the model
+again. ``minmax`` alone needs no histograms and collects none (binning is most of
+the collection's cost); a histogram method after it runs the model once more.
 
-The default is ``mse``: the clip range with the least expected squared error.
-Measured (onnxruntime 1.32, AVX2): all-MiniLM-L6-v2's embedding cosine 0.9953
-against 0.9944 for minmax (LR accuracy 756 against 747 of 1,000, FP32 757).
+The default is ``mse``: the clip range with the least expected squared error
+(on all-MiniLM-L6-v2 it keeps more of the embedding than minmax; numbers in
+``benchmarks/RESULTS.md``). mse and entropy depend on the number of levels and
+on the scheme, so the pass takes insert-qdq's ``scheme`` and ``reduce-range``
+(the CLI's ``--symmetric`` and ``--reduce-range`` set both).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -25,6 +28,7 @@ import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.quant.observers import TensorStats
+from ncc.passes.quant.ranges import CalibratedRanges, TensorRange
 from ncc.targets import DEFAULT_TARGET, get_target
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
@@ -35,15 +39,10 @@ class Calibration:
     method: str
     percentile: float
     stats: dict[str, TensorStats]
-    #: Ranges a pass after ``calibrate`` fixed for a tensor it rescaled (``smooth-quant``): the
-    #: histogram describes the tensor before, so these win over the range method.
-    fixed: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def range(self, name: str, *, levels: int = 256, symmetric: bool = False) -> tuple[float, float]:
         """The range of ``name`` by the calibration method; by minmax where it was observed without a
         histogram (see :func:`ncc.passes.quant.plan.binned_values`)."""
-        if name in self.fixed:
-            return self.fixed[name]
         stats = self.stats[name]
         if not stats.histogram:
             return stats.minmax()
@@ -70,6 +69,10 @@ class Calibrate(Pass):
     samples: int = option(0, "use at most this many calibration samples (0: all)")
     batch_size: int = option(8, "samples per onnxruntime run")
     target: str = option(DEFAULT_TARGET, "target profile")
+    scheme: Literal["asym", "sym"] = option(
+        "asym", "activation scheme the ranges are chosen for (as insert-qdq's)"
+    )
+    reduce_range: bool = option(False, "choose ranges for 7-bit activations (as insert-qdq's reduce-range)")
     reference_samples: int = option(8, "keep the graph outputs on this many samples for min-cosine (0: none)")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
@@ -112,7 +115,26 @@ class Calibrate(Pass):
             histograms=histograms,
             minmax_only=lean,
         )
-        ctx.data["calibration"] = Calibration(self.method, self.percentile, stats)
+        calibration = Calibration(self.method, self.percentile, stats)
+        levels = 128 if self.reduce_range else 256
+        ranges = CalibratedRanges(
+            self.method,
+            levels,
+            self.scheme,
+            percentile=self.percentile if self.method == "percentile" else None,
+        )
+        for name in sorted(stats):
+            tensor = stats[name]
+            if tensor.count == 0:
+                continue  # nothing finite observed: no range (insert-qdq keeps its readers float)
+            if tensor.sentinel_count:  # never quantized; its range is recorded as observed
+                lo, hi = tensor.minmax()
+            else:
+                lo, hi = calibration.range(name, levels=levels, symmetric=self.scheme == "sym")
+            ranges.tensors[name] = TensorRange(
+                lo, hi, tensor.sentinel_count, tensor.channel_min, tensor.channel_max
+            )
+        ranges.write(model.graph)
         if reference is not None and reference.complete:
             ctx.data["float_reference"] = reference
         sentinels = sorted(n for n, s in stats.items() if s.sentinel_count)
@@ -127,7 +149,7 @@ class Calibrate(Pass):
         if cached:
             notes.append(f"statistics reused from the cache in {cache}")
         return PassResult(
-            modified=False,
+            modified=True,
             stats={
                 "tensors observed": len(stats),
                 "with sentinels": len(sentinels),

@@ -17,7 +17,9 @@ all layers are corrected at once without double counting. The difference is meas
 after a fused Relu/Clip when there is one: what the activation clips away
 does not matter downstream. ``rounds`` > 1 measures
 again on the corrected model.
-Needs ``insert-qdq`` before it (it leaves the float model in the pass context)
+Needs ``insert-qdq`` right before it (the float weights it replaced stay in the
+graph, linked from each quantized node by ``ncc.quant.float_weight`` and
+``ncc.quant.float_bias``; this pass removes the links and ``dce`` the tensors)
 and the calibration data.
 """
 
@@ -30,6 +32,7 @@ import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.passes.base import Pass, PassContext, PassResult, option
+from ncc.passes.quant.insert_qdq import FLOAT_BIAS, FLOAT_WEIGHT
 
 
 @dataclass(frozen=True)
@@ -43,15 +46,19 @@ class CorrectBias(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         from ncc.passes.quant import fallback
 
-        float_model = ctx.data.get("float_model")
         data = ctx.data.get("calibration_data")
-        if float_model is None or data is None:
-            raise NccError("pass 'correct-bias' needs insert-qdq before it and calibration data (--calib).")
+        if data is None:
+            raise NccError("pass 'correct-bias' needs calibration data (--calib).")
+        if not any(FLOAT_WEIGHT in n.metadata_props for n in model.graph):
+            raise NccError(
+                "pass 'correct-bias' needs the float weights insert-qdq keeps beside the quantized ones; "
+                "run it right after insert-qdq (no dce between them)."
+            )
         feeds = fallback.samples(data, self.samples)
         shifts = []
         count = 0
         for _ in range(self.rounds):
-            probe, pairs = _probe(model, float_model)
+            probe, pairs = _probe(model)
             if not pairs:
                 break
             results = fallback.run(probe, feeds, [name for pair in pairs for name in pair[2:]])
@@ -65,42 +72,39 @@ class CorrectBias(Pass):
                 total += float(np.abs(delta).mean())
             count = len(pairs)
             shifts.append(total / len(pairs))
+        _forget_float_weights(model)
         notes = [
             f"correct-bias: mean |shift| per layer, round {i + 1}: {s:.3g}" for i, s in enumerate(shifts)
         ]
         return PassResult(modified=count > 0, stats={"biases corrected": count}, notes=notes)
 
 
-def _probe(model: ir.Model, float_model: ir.Model):
+def _probe(model: ir.Model):
     """A copy of ``model`` where every quantized Conv/Gemm also runs in float on the same (dequantized)
-    input, with its float weights: the difference of the two is that layer's own error."""
+    input, with the float weights insert-qdq kept: the difference of the two is that layer's own error."""
     from ncc.ir.ids import ID_KEY
 
-    originals = {n.metadata_props.get(ID_KEY): n for n in float_model.graph}
-    biases = {n.metadata_props.get(ID_KEY): b for n in model.graph if (b := _int32_bias(n)) is not None}
     probe = model.clone()
+    names = {v.name for v in probe.graph.inputs} | set(probe.graph.initializers)
+    names |= {o.name for n in probe.graph for o in n.outputs if o.name}
     pairs = []
     for node in list(probe.graph):
         key = node.metadata_props.get(ID_KEY)
-        if key not in biases or key not in originals:
+        bias = _int32_bias(node)
+        weight = probe.graph.initializers.get(node.metadata_props.get(FLOAT_WEIGHT, ""))
+        float_bias = probe.graph.initializers.get(node.metadata_props.get(FLOAT_BIAS, ""))
+        if bias is None or weight is None or float_bias is None:
             continue
-        float_node = originals[key]
-        weight, bias = float_node.inputs[1], float_node.inputs[2]
-        if weight is None or bias is None or weight.const_value is None or bias.const_value is None:
+        if weight.const_value is None or float_bias.const_value is None:
             continue
-        consts = []
-        for value in (weight, bias):
-            copy = ir.Value(name=f"{value.name}__probe_{key}", const_value=value.const_value)
-            probe.graph.register_initializer(copy)
-            consts.append(copy)
         twin = ir.Node(
             "",
             node.op_type,
-            [node.inputs[0], *consts],
+            [node.inputs[0], weight, float_bias],
             list(node.attributes.values()),
-            name=f"{node.name}__float",
+            name=_fresh(names, f"{node.name or node.op_type}__float"),
         )
-        twin.outputs[0].name = f"{node.outputs[0].name}__float"
+        twin.outputs[0].name = _fresh(names, f"{node.outputs[0].name}__float")
         probe.graph.insert_after(node, twin)
         local, observed = twin.outputs[0], _observed(node)
         act = observed.producer()
@@ -110,15 +114,32 @@ def _probe(model: ir.Model, float_model: ir.Model):
                 act.op_type,
                 [local, *act.inputs[1:]],
                 list(act.attributes.values()),
-                name=f"{act.name}__float",
+                name=_fresh(names, f"{act.name or act.op_type}__float"),
             )
-            act_twin.outputs[0].name = f"{observed.name}__float"
+            act_twin.outputs[0].name = _fresh(names, f"{observed.name}__float")
             probe.graph.insert_after(act, act_twin)
             local = act_twin.outputs[0]
-        pairs.append((node, biases[key], local.name, observed.name))
+        pairs.append((key, local.name, observed.name))
     # pairs refer to the probe's nodes; the caller corrects the model's own bias tensors
     by_id = {n.metadata_props.get(ID_KEY): n for n in model.graph}
-    return probe, [(by_id[p[0].metadata_props[ID_KEY]], *p[1:]) for p in pairs]
+    return probe, [(by_id[key], _int32_bias(by_id[key]), local, observed) for key, local, observed in pairs]
+
+
+def _fresh(taken: set[str], base: str) -> str:
+    """``base``, or ``base_N`` if taken: names unique whatever the model's own names are."""
+    name, n = base, 0
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    taken.add(name)
+    return name
+
+
+def _forget_float_weights(model: ir.Model) -> None:
+    """The float weights served their purpose: drop the links (dce drops the tensors)."""
+    for node in model.graph:
+        node.metadata_props.pop(FLOAT_WEIGHT, None)
+        node.metadata_props.pop(FLOAT_BIAS, None)
 
 
 def _observed(node: ir.Node) -> ir.Value:

@@ -43,7 +43,13 @@ from ncc.ir import ids
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.quant import pairs, plan
 from ncc.passes.quant.observers import quant_params
+from ncc.passes.quant.ranges import CalibratedRanges, clear_ranges
 from ncc.targets import DEFAULT_TARGET, get_target
+
+#: On a quantized node: the float weight and bias it replaced, left in the graph (unused) for
+#: ``correct-bias``, which measures against them and removes these entries; ``dce`` drops the tensors.
+FLOAT_WEIGHT = "ncc.quant.float_weight"
+FLOAT_BIAS = "ncc.quant.float_bias"
 
 _QDTYPE = {"u8": (ir.DataType.UINT8, np.uint8), "s8": (ir.DataType.INT8, np.int8)}
 
@@ -84,18 +90,19 @@ class InsertQDQ(Pass):
             plan.check_op_types(self.op_types, plan.ROLES)
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        calibration = ctx.data.get("calibration")
+        calibration = CalibratedRanges.read(model.graph)
         if calibration is None:
-            raise NccError("pass 'insert-qdq' needs activation statistics; run 'calibrate' before it.")
+            raise NccError("pass 'insert-qdq' needs calibrated ranges; run 'calibrate' before it.")
+        calibration.check_options(self.name, levels=128 if self.reduce_range else 256, scheme=self.scheme)
         target = get_target(self.target)
         op_types = set(self.op_types or (set(target.static_ops) & set(plan.ROLES)))
         islands = set() if self.op_types else set(target.island_ops)
-        ctx.data["float_model"] = model.clone()  # the reference for correct-bias and min-cosine
         warnings = plan.unmatched_warnings(model, include=self.include, exclude=self.exclude)
         if self.min_cosine <= 0:
             result = _Quantizer(self, model, calibration, target, op_types, islands).run()
         else:
             result = self._run_with_fallback(model, ctx, calibration, target, op_types, islands)
+        clear_ranges(model.graph)  # the ranges are Q/DQ scales now
         result.notes[:0] = warnings
         return result
 
@@ -105,7 +112,7 @@ class InsertQDQ(Pass):
         data = ctx.data.get("calibration_data")
         if data is None:
             raise NccError("insert-qdq{min-cosine} needs calibration data (--calib) to measure fidelity.")
-        float_model = ctx.data["float_model"]
+        float_model = model.clone()  # every attempt quantizes a copy of it
         outputs = [v.name for v in model.graph.outputs]
         kept = ctx.data.get("float_reference")  # from the calibration run, when it ran on the same samples
         if kept is not None and kept.samples == self.fallback_samples and set(outputs) <= set(kept.outputs):
@@ -308,10 +315,10 @@ class _Quantizer:
         for value in tensors:
             if value.const_value is not None:
                 continue
-            stats = self.cal.stats.get(value.name)
-            if stats is None or stats.count == 0:
+            stats = self.cal.tensors.get(value.name)
+            if stats is None:
                 return f"no calibration statistics for {value.name}"
-            if stats.sentinel_count:
+            if stats.sentinels:
                 return f"masking sentinels in {value.name} (|x| >= 1e30)"
             if value.dtype != ir.DataType.FLOAT:
                 return f"{value.name} is not float32"
@@ -335,7 +342,7 @@ class _Quantizer:
             if node.domain != "" or node.op_type not in self.target.passthrough_ops or not node.inputs:
                 continue
             src, out = node.inputs[0], node.outputs[0]
-            if src is None or src.name not in self.need or out.name not in self.cal.stats:
+            if src is None or src.name not in self.need or out.name not in self.cal.tensors:
                 continue
             users = [u.node for u in out.uses()]
             if users and all(
@@ -375,7 +382,7 @@ class _Quantizer:
             array = value.const_value.numpy()
             return float(array.min(initial=0.0)), float(array.max(initial=0.0))
         producer = value.producer()
-        lo, hi = self.cal.range(value.name, levels=self.levels, symmetric=symmetric)
+        lo, hi = self.cal.tensors[value.name].lo, self.cal.tensors[value.name].hi
         if producer is not None and producer.op_type in plan.ACTIVATIONS:
             lo = max(lo, 0.0)  # Relu/Clip output: keep zero point at 0 so the runtime drops the activation
         return lo, hi
@@ -395,6 +402,7 @@ class _Quantizer:
             node.replace_input_with(i, dq)
             if i == role.weight:
                 weight_scales = scales
+                node.metadata_props[FLOAT_WEIGHT] = w.name  # kept (unused) for correct-bias's float twin
         if (
             weight_scales is not None
             and role.bias is not None
@@ -493,6 +501,7 @@ class _Quantizer:
         dq = self._node("DequantizeLinear", [bq, bs, bz], attrs, f"{bias.name}_dequantized", before=node)
         dq.type, dq.shape = bias.type, bias.shape
         node.replace_input_with(role.bias, dq)
+        node.metadata_props[FLOAT_BIAS] = bias.name
 
     # -- rewrite ---------------------------------------------------------------------------------
     def _insert_pairs(self) -> None:

@@ -23,11 +23,11 @@ every column's weight scale (6-bit magnitudes on AVX2). The LayerNorm fold
 alone raises it from 0.9897 to 0.9931.
 
 Runs after ``calibrate``, which records per-channel ranges of exactly these
-tensors (:func:`~ncc.passes.quant.plan.smoothable`), and before
+tensors (:func:`~ncc.passes.quant.plan.smoothable`) on the graph, and before
 ``insert-qdq``. The rescaled tensor's range is computed from the channel
-ranges (``Calibration.fixed``): it is exact for ``minmax`` and replaces the
-histogram's range for the other methods, whose histogram describes the tensor
-before rescaling.
+ranges and written over the calibrated one: it is exact for ``minmax`` and
+replaces the histogram's range for the other methods, whose histogram
+describes the tensor before rescaling.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.quant.plan import KEEP_FLOAT, folds_into_layer_norm, smoothable
+from ncc.passes.quant.ranges import CalibratedRanges, TensorRange
 from ncc.passes.rewrite import Rewriter
 
 #: Readers that only look at the tensor's shape: they may read the rescaled tensor.
@@ -62,9 +63,9 @@ class SmoothQuant(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         if not 0.0 <= self.alpha <= 1.0:
             raise NccError(f"smooth-quant's alpha must be between 0 and 1, not {self.alpha}.")
-        calibration = ctx.data.get("calibration")
+        calibration = CalibratedRanges.read(model.graph)
         if calibration is None:
-            raise NccError("pass 'smooth-quant' needs activation statistics; run 'calibrate' before it.")
+            raise NccError("pass 'smooth-quant' needs calibrated ranges; run 'calibrate' before it.")
         rewriter = Rewriter(model, model.graph)
         spreads, restored, inserted = [], 0, 0
         for name, matmuls in smoothable(model.graph).items():
@@ -72,8 +73,8 @@ class SmoothQuant(Pass):
             fold = folds_into_layer_norm(x)
             if not fold and not self.insert_mul:
                 continue
-            stats = calibration.stats.get(name)
-            if stats is None or stats.channel_max is None or stats.sentinel_count or stats.count == 0:
+            stats = calibration.tensors.get(name)
+            if stats is None or stats.channel_max is None or stats.sentinels:
                 continue
             act = np.maximum(np.abs(stats.channel_min), np.abs(stats.channel_max))
             weights = [m.inputs[1].const_value.numpy() for m in matmuls]
@@ -88,12 +89,12 @@ class SmoothQuant(Pass):
                 smoothed = x
             else:
                 smoothed = _divide_before(rewriter, x, matmuls, s)
-                calibration.stats[smoothed.name] = stats
                 inserted += 1
             lo = float(np.min(np.minimum(stats.channel_min / s, 0.0)))
             hi = float(np.max(np.maximum(stats.channel_max / s, 0.0)))
-            calibration.fixed[smoothed.name] = (lo, hi)
+            calibration.tensors[smoothed.name] = TensorRange(lo, hi)
             spreads.append((_spread(act), _spread(act / s)))
+        calibration.write(model.graph)
         notes = []
         if spreads:
             before, after = (float(np.median([p[i] for p in spreads])) for i in (0, 1))
@@ -162,7 +163,8 @@ def _restore_for_other_readers(
     restored = _scaled(rewriter, x, s, [node for node, _ in others], "unsmooth")
     for node, index in others:
         node.replace_input_with(index, restored)
-    calibration.stats[restored.name] = calibration.stats[x.name]
+    original = calibration.tensors[x.name]  # x * s is the tensor before smoothing
+    calibration.tensors[restored.name] = TensorRange(original.lo, original.hi)
     return True
 
 

@@ -9,6 +9,7 @@ A file is a list of cases separated by a line ``// =====``. A case is::
     // RUN: fold-constants{size-limit=4}       (optional; default: the file's pass name)
     // STATS: nodes folded=1, shapes folded=0  (optional; each listed stat must equal)
     // NUMERICS: off                           (optional; "off", or "atol=1e-5 rtol=1e-5")
+    // CALIB: samples=16 seed=0                (optional; calibration data for passes that need it)
     // any other comment line: free text explaining the case
     <input: ncc text>
     // -----
@@ -23,7 +24,9 @@ from the RUN spec) with a fresh :class:`PassContext`, verifies the result with
 :func:`ncc.ir.verifier.verify`, prints it and compares; then, unless NUMERICS is
 off, it runs the input and the output in onnxruntime (optimizations disabled)
 on seeded random inputs and compares every graph output: atol = rtol = 1e-6 for
-cleanup passes, 1e-5 for ``fuse-*`` passes.
+cleanup passes, 1e-5 for ``fuse-*`` passes. With CALIB, the pass context holds that
+many seeded random samples of the input model's inputs (normal, or small integers for
+integer inputs) as calibration data, in batches of 8.
 
 ``NCC_UPDATE_GOLDEN=1 pytest tests/passes/test_golden.py`` rewrites the expected
 sections from the current output (directives and inputs are kept as written).
@@ -46,7 +49,7 @@ from ncc.passes.spec import parse_pipeline
 GOLDEN = Path(__file__).parent / "golden"
 CASE_SEP = "// ====="
 IO_SEP = "// -----"
-_DIRECTIVE = re.compile(r"//\s*(CASE|RUN|STATS|NUMERICS):\s*(.*?)\s*$")
+_DIRECTIVE = re.compile(r"//\s*(CASE|RUN|STATS|NUMERICS|CALIB):\s*(.*?)\s*$")
 UPDATE = os.environ.get("NCC_UPDATE_GOLDEN") == "1"
 
 
@@ -61,6 +64,7 @@ class Case:
     run: str = ""
     stats: dict[str, int] = field(default_factory=dict)
     numerics: str = ""
+    calib: str = ""
 
 
 def split_cases(path: Path) -> list[Case]:
@@ -87,6 +91,8 @@ def split_cases(path: Path) -> list[Case]:
                 case.run = value
             elif key == "NUMERICS":
                 case.numerics = value
+            elif key == "CALIB":
+                case.calib = value
             else:
                 for item in filter(None, (s.strip() for s in value.split(","))):
                     k, _, v = item.rpartition("=")
@@ -120,9 +126,25 @@ def run_case(case: Case) -> tuple[str, object, object, object]:
     before = parse(case.input, filename=f"{case.path.name}:{case.name}")
     model = parse(case.input, filename=f"{case.path.name}:{case.name}")
     results = []
+    ctx = PassContext()
+    if case.calib:
+        ctx.data["calibration_data"] = _calibration_data(before, case.calib)
     for p in parse_pipeline(case.run):
-        results.append(p.run(model, PassContext()))
+        results.append(p.run(model, ctx))
     return print_model(model), before, model, results
+
+
+def _calibration_data(model, spec: str):
+    """``samples=N seed=S``: N seeded random samples of ``model``'s inputs, as calibration data."""
+    import numpy as np
+    from conftest import _ort_feeds
+    from ncc.passes.quant.calib_data import CalibrationData
+
+    options = dict(item.partition("=")[::2] for item in spec.split())
+    samples, seed = int(options.get("samples", 16)), int(options.get("seed", 0))
+    rows = [_ort_feeds(model, seed + i, sym=1) for i in range(samples)]
+    arrays = {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
+    return CalibrationData(f"seeded random (seed {seed})", lambda: iter([arrays]), num_samples=samples)
 
 
 @pytest.mark.parametrize("case", _all_cases())
