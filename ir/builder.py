@@ -38,6 +38,7 @@ import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.ir import ids
+from ncc.ir.ops import is_onnx_domain
 
 __all__ = ["GraphBuilder", "dtype", "run", "DTYPE_NAMES", "DTYPES_BY_NAME"]
 
@@ -171,7 +172,7 @@ class GraphBuilder:
             count = num_outputs if num_outputs is not None else 1
         if num_outputs is not None and self._has_attribute(domain, op_type, "num_outputs"):
             attributes.setdefault("num_outputs", num_outputs)
-        if domain not in self._root.opsets and domain != "ai.onnx":
+        if not is_onnx_domain(domain) and domain not in self._root.opsets:
             self._root.opsets[domain] = 1
         values: list[ir.Value | None] = []
         for k, v in enumerate(inputs):

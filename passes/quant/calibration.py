@@ -50,9 +50,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.ir.ops import VALUE_MOVES
 from ncc.passes.quant.calib_data import CalibrationData, validate
 from ncc.passes.quant.observers import TensorStats
-from ncc.passes.rewrite import VALUE_MOVES
 
 HANDOFF_BYTES = 1 << 10
 """Initializers of at least this many bytes reach onnxruntime as arrays, not inside the proto.
