@@ -494,6 +494,11 @@ _add_bench()
 
 
 def main() -> None:
+    """The ``ncc`` command: sympy, which onnx-ir imports and ncc never uses, loads only if something
+    uses it (:mod:`ncc._imports`)."""
+    from ncc._imports import defer_sympy
+
+    defer_sympy()
     cli(prog_name="ncc")
 
 
