@@ -39,16 +39,9 @@ import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.ir import ids
 from ncc.ir.ops import is_onnx_domain
+from ncc.ir.printer import DTYPE_NAMES, DTYPES_BY_NAME  # one table for the whole IR: the printer's
 
 __all__ = ["GraphBuilder", "dtype", "run", "DTYPE_NAMES", "DTYPES_BY_NAME"]
-
-try:  # one table for the whole IR: the printer's
-    from ncc.ir.printer import DTYPE_NAMES, DTYPES_BY_NAME
-except ImportError:  # pragma: no cover - only while the printer is being written
-    DTYPE_NAMES = {
-        d: {ir.DataType.BOOL: "bool", ir.DataType.STRING: "str"}.get(d) or d.short_name() for d in ir.DataType
-    }
-    DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 DTypeLike = str | ir.DataType | np.dtype | type
 ShapeLike = Sequence[int | str | None] | None

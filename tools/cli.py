@@ -478,12 +478,6 @@ def list_passes(plugins: tuple[Path, ...]) -> None:
         click.echo(f"  {name:<22} {spec}")
 
 
-def _count_nodes(model) -> int:
-    from ncc.ir.ids import all_nodes
-
-    return sum(1 for _ in all_nodes(model))
-
-
 def _add_bench() -> None:
     from ncc.tools.bench import bench
 
