@@ -7,7 +7,3 @@ need them.
 """
 
 __version__ = "0.1.0"
-
-from ncc._imports import defer_sympy as _defer_sympy
-
-_defer_sympy()

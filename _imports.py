@@ -9,6 +9,10 @@ executed in full on the first access to an attribute it defines, so any code
 that does use sympy (torch, or onnx-ir itself) gets the real module, only
 later. (:class:`importlib.util.LazyLoader` would not do: on Python 3.11 the
 import system's own look-up of ``__spec__`` triggers the load.)
+
+Only the ``ncc`` command calls it (``tools/cli.py:main``), before any command
+imports onnx-ir: it rewrites ``sys.modules`` for the whole process, which a
+program importing ncc as a library has not asked for.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Target profiles: which ops and formats a target runs fast, as data.
 
 Passes read a profile to decide what to quantize and how; backends read it to
-decide what to emit. Both import this module; it imports neither. Numbers
-behind each choice are in FIELD-NOTES.md (measured with onnxruntime 1.32).
+decide what to emit. Both import this module; it imports neither (op families
+come from :mod:`ncc.ir.ops`). Numbers behind each choice are in FIELD-NOTES.md
+(measured with onnxruntime 1.32).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ncc.errors import NccError
+from ncc.ir.ops import PASSTHROUGH
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,8 @@ class TargetProfile:
     #: kernel: elsewhere a Q/DQ pair costs a float -> int8 -> float round trip and accuracy for
     #: nothing (a transformer's residual Add, LayerNorm-side Mul).
     island_ops: frozenset[str]
-    #: Ops that move or select data without arithmetic: their output shares the input's scale.
+    #: Ops that move or select data without arithmetic: their output shares the input's scale
+    #: (a subset of :data:`ncc.ir.ops.PASSTHROUGH`, which the QOperator legalization can run in 8 bits).
     passthrough_ops: frozenset[str]
     #: Ops worth quantizing in dynamic (IntegerOps) mode.
     dynamic_ops: frozenset[str]
@@ -79,24 +82,7 @@ X86_VNNI = TargetProfile(
             "Where",
         }
     ),
-    passthrough_ops=frozenset(
-        {
-            "Reshape",
-            "Transpose",
-            "MaxPool",
-            "Flatten",
-            "Squeeze",
-            "Unsqueeze",
-            "Slice",
-            "Split",
-            "Gather",
-            "Resize",
-            "Pad",
-            "DepthToSpace",
-            "SpaceToDepth",
-            "Identity",
-        }
-    ),
+    passthrough_ops=PASSTHROUGH,
     dynamic_ops=frozenset({"MatMul", "Gemm", "Gather"}),  # ConvInteger is 7-20x slower on CPU
     float_output_ops=frozenset({"MatMul"}),  # DQ -> MatMul runs as MatMulIntegerToFloat
 )

@@ -41,6 +41,7 @@ if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))
 
 import realmodels  # noqa: E402
+from ncc.ir.ops import is_onnx_domain  # noqa: E402
 from ncc.tools.timing import time_blocks  # noqa: E402
 
 CACHE = realmodels.CACHE / "woq"
@@ -347,7 +348,7 @@ def weight_matmul_bytes(model_path: Path | str) -> float:
     for node in graph.node:
         if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
             total += add(node.input[1:4])  # B, scales, zero_points
-        elif node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+        elif node.op_type == "MatMul" and is_onnx_domain(node.domain):
             b = node.input[1]
             while b in producer and producer[b].op_type in _PASS_THROUGH:
                 b = producer[b].input[0]

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx_ir as ir
-from ncc.passes import Pass, PassContext, PassResult
-from ncc.passes.base import option
-from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
+from ncc.ir.ops import is_onnx_domain
+from ncc.ir.rewrite import MatchResult, Pattern, Rewriter
+from ncc.passes import Pass, PassContext, PassResult, option, run_patterns
 
 
 class TransposeOfTranspose(Pattern):
@@ -28,7 +28,7 @@ class TransposeOfTranspose(Pattern):
 
     def match_and_rewrite(self, node: ir.Node, rewriter: Rewriter) -> MatchResult:
         inner = node.inputs[0].producer()
-        if inner is None or inner.op_type != "Transpose" or inner.domain != "":
+        if inner is None or inner.op_type != "Transpose" or not is_onnx_domain(inner):
             return MatchResult.fail("input is not produced by a Transpose")
         p1, p2 = inner.attributes.get_ints("perm"), node.attributes.get_ints("perm")
         if p1 is None or p2 is None:
@@ -55,4 +55,4 @@ class CollapseTransposes(Pass):
     keep_identity: bool = option(False, "keep an identity Transpose instead of removing it")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        return apply_patterns(model, [TransposeOfTranspose(self.keep_identity)]).to_result()
+        return run_patterns(model, [TransposeOfTranspose(self.keep_identity)])

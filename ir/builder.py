@@ -37,16 +37,10 @@ import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.ir import ids
+from ncc.ir.ops import is_onnx_domain
+from ncc.ir.printer import DTYPE_NAMES, DTYPES_BY_NAME  # one table for the whole IR: the printer's
 
 __all__ = ["GraphBuilder", "dtype", "DTYPE_NAMES", "DTYPES_BY_NAME"]
-
-try:  # one table for the whole IR: the printer's
-    from ncc.ir.printer import DTYPE_NAMES, DTYPES_BY_NAME
-except ImportError:  # pragma: no cover - only while the printer is being written
-    DTYPE_NAMES = {
-        d: {ir.DataType.BOOL: "bool", ir.DataType.STRING: "str"}.get(d) or d.short_name() for d in ir.DataType
-    }
-    DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 DTypeLike = str | ir.DataType | np.dtype | type
 ShapeLike = Sequence[int | str | None] | None
@@ -170,7 +164,7 @@ class GraphBuilder:
             count = num_outputs if num_outputs is not None else 1
         if num_outputs is not None and self._has_attribute(domain, op_type, "num_outputs"):
             attributes.setdefault("num_outputs", num_outputs)
-        if domain not in self._root.opsets and domain != "ai.onnx":
+        if not is_onnx_domain(domain) and domain not in self._root.opsets:
             self._root.opsets[domain] = 1
         values: list[ir.Value | None] = []
         for k, v in enumerate(inputs):

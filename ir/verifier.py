@@ -54,6 +54,7 @@ import onnx.defs
 import onnx_ir as ir
 from ncc.errors import VerificationError
 from ncc.ir.ids import ID_KEY
+from ncc.ir.ops import is_onnx_domain
 
 __all__ = ["Diagnostic", "diagnose", "verify", "format_diagnostics", "describe", "op_info", "OP_RULES"]
 
@@ -582,7 +583,7 @@ def _why_undefined(v: ir.Value, scope: _Scope) -> str:
 
 
 def _normalized(imports: dict[str, int]) -> dict[str, int]:
-    return {("" if d == "ai.onnx" else d): v for d, v in imports.items()}
+    return {("" if is_onnx_domain(d) else d): v for d, v in imports.items()}
 
 
 # --------------------------------------------------------------------------- rendering

@@ -1,15 +1,16 @@
 """Passes: the pass contract, the registry, spec strings and the pass manager.
 
 ``from ncc.passes import Pass, PassResult, PassContext, option`` is all a pass
-needs. The manager, spec parser and registry functions are re-exported lazily,
-so importing a pass module stays cheap.
+needs (a pass made of rewrite patterns from :mod:`ncc.ir.rewrite` returns
+``run_patterns``). The manager, spec parser and registry functions are
+re-exported lazily, so importing a pass module stays cheap.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ncc.passes.base import Pass, PassContext, PassResult, option
+from ncc.passes.base import Pass, PassContext, PassResult, option, run_patterns
 
 _LAZY = {
     "PassManager": "ncc.passes.manager",
@@ -25,7 +26,7 @@ _LAZY = {
     "graphsurgeon_pass": "ncc.passes.graphsurgeon",
 }
 
-__all__ = ["Pass", "PassContext", "PassResult", "option", *_LAZY]
+__all__ = ["Pass", "PassContext", "PassResult", "option", "run_patterns", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -8,16 +8,20 @@ postconditions as code; the :class:`~ncc.passes.manager.PassManager` calls them
 around ``run`` and verifies the IR after every pass.
 
 Defining a subclass with a ``name`` registers it (see
-:mod:`ncc.passes.registry`), so a plugin file only has to define the class.
+:mod:`ncc.passes.registry`), so a plugin file only has to define the class. A
+pass made of rewrite patterns (:mod:`ncc.ir.rewrite`) returns
+:func:`run_patterns`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import onnx_ir as ir
+from ncc.ir.rewrite import Pattern, PatternStats, apply_patterns
 
 
 def option(default: Any, doc: str) -> Any:
@@ -35,6 +39,23 @@ class PassResult:
     stats: dict[str, int] = field(default_factory=dict)
     #: Lines for the compile report (e.g. "kept Softmax /attn/Softmax in float: ...").
     notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_patterns(cls, stats: PatternStats, patterns: Sequence[Pattern]) -> PassResult:
+        """The result of a pattern driver run: hits per pattern (every one of ``patterns`` listed, 0 when it
+        never matched), and why the misses missed."""
+        hits = {**{p.label: 0 for p in patterns}, **stats.hits}
+        counts = {f"{label} hits": n for label, n in sorted(hits.items())}
+        notes = [f"{label}: no match {n}x: {reason}" for (label, reason), n in sorted(stats.failures.items())]
+        if not stats.converged:
+            notes.append(f"pattern driver stopped after {stats.sweeps} sweeps without converging")
+        return cls(modified=sum(stats.hits.values()) > 0, stats=counts, notes=notes)
+
+
+def run_patterns(model: ir.Model, patterns: Sequence[Pattern], *, max_sweeps: int = 10) -> PassResult:
+    """Apply ``patterns`` to ``model`` (:func:`ncc.ir.rewrite.apply_patterns`) and report it: the body of
+    a pass made of patterns."""
+    return PassResult.from_patterns(apply_patterns(model, patterns, max_sweeps=max_sweeps), patterns)
 
 
 @dataclass

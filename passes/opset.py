@@ -17,9 +17,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-from ncc.passes.rewrite import Rewriter
-
-_ONNX_DOMAINS = ("", "ai.onnx")
+from ncc.ir.ops import is_onnx_domain, onnx_opset, set_onnx_opset
+from ncc.ir.rewrite import Rewriter
 
 #: since_version -> op types whose change at that version keeps existing nodes' meaning.
 _SAFE: dict[int, frozenset[str]] = {
@@ -129,10 +128,6 @@ _AXES_TO_INPUT_18 = frozenset(
 )
 
 
-def default_opset(model: ir.Model) -> int:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-
-
 def _changes(op_type: str, current: int, target: int) -> list[int] | None:
     """Versions in ``(current, target]`` at which ``op_type``'s schema changed; None if it has no schema."""
     versions = set()
@@ -149,11 +144,11 @@ def _changes(op_type: str, current: int, target: int) -> list[int] | None:
 
 def upgrade_blockers(model: ir.Model, target: int) -> list[str]:
     """Standard op types in ``model`` whose meaning may change when its default opset is raised to ``target``."""
-    current = default_opset(model)
+    current = onnx_opset(model)
     blockers: set[str] = set()
     seen: set[str] = set()
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.domain not in _ONNX_DOMAINS or node.op_type in seen:
+        if not is_onnx_domain(node) or node.op_type in seen:
             continue
         seen.add(node.op_type)
         changes = _changes(node.op_type, current, target)
@@ -174,7 +169,7 @@ def raise_opset(model: ir.Model, target: int) -> list[str]:
 
     Does nothing when the model is already at ``target`` or above.
     """
-    current = default_opset(model)
+    current = onnx_opset(model)
     if current >= target:
         return []
     blockers = upgrade_blockers(model, target)
@@ -182,16 +177,11 @@ def raise_opset(model: ir.Model, target: int) -> list[str]:
         return blockers
     if current < 18 <= target:
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            if (
-                node.domain in _ONNX_DOMAINS
-                and node.op_type in _AXES_TO_INPUT_18
-                and "axes" in node.attributes
-            ):
+            if is_onnx_domain(node) and node.op_type in _AXES_TO_INPUT_18 and "axes" in node.attributes:
                 axes = np.asarray(node.attributes.pop("axes").as_ints(), np.int64)
                 value = Rewriter(model, node.graph).constant(axes, f"{node.name or node.op_type}_axes")
                 _set_input(node, 1, value)
-    key = "" if "" in model.opset_imports else "ai.onnx"
-    model.opset_imports[key] = target
+    set_onnx_opset(model, target)
     model.ir_version = max(model.ir_version or 0, _IR_FOR_OPSET.get(target, 10))
     return []
 

@@ -3,7 +3,7 @@
 Three sources, looked up lazily on the first :func:`get_pass` / :func:`all_passes`:
 
 - built-in passes: every module of the family packages (``ncc.passes.cleanup``,
-  ``ncc.passes.fusion``, ``quant``, ``sparsity``, ``packing`` when present),
+  ``ncc.passes.fusion``, ``quant``, ``packing``, ``woq``: :data:`BUILTIN_FAMILIES`),
   found with :mod:`pkgutil`, so a new module registers without edits here;
 - installed plugins: the entry-point group ``ncc.passes``; an entry point
   loads a module (whose passes register on import) or one Pass class;
@@ -21,7 +21,6 @@ import difflib
 import hashlib
 import importlib
 import importlib.metadata
-import importlib.util
 import inspect
 import pkgutil
 import re
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
     from ncc.passes.base import Pass
 
 #: Packages whose modules hold the built-in passes, one pass per module.
-BUILTIN_FAMILIES = ("cleanup", "fusion", "quant", "sparsity", "packing", "woq", "lowering")
+BUILTIN_FAMILIES = ("cleanup", "fusion", "quant", "packing", "woq", "lowering")
 ENTRY_POINT_GROUP = "ncc.passes"
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9]*(?:[-_.:][a-z0-9]+)*\Z")
 
@@ -108,11 +107,9 @@ def _load_all() -> None:
 
 
 def load_builtins() -> None:
-    """Import every module of the built-in pass families (missing families are skipped)."""
+    """Import every module of the built-in pass families."""
     for family in BUILTIN_FAMILIES:
         package_name = f"ncc.passes.{family}"
-        if importlib.util.find_spec(package_name) is None:
-            continue
         package = importlib.import_module(package_name)
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
             if not info.name.startswith("_"):

@@ -471,12 +471,6 @@ def list_passes(plugins: tuple[Path, ...]) -> None:
         click.echo(f"  {name:<22} {spec}")
 
 
-def _count_nodes(model) -> int:
-    from ncc.ir.ids import all_nodes
-
-    return sum(1 for _ in all_nodes(model))
-
-
 def _add_bench() -> None:
     from ncc.tools.bench import bench
 
@@ -487,6 +481,11 @@ _add_bench()
 
 
 def main() -> None:
+    """The ``ncc`` command: sympy, which onnx-ir imports and ncc never uses, loads only if something
+    uses it (:mod:`ncc._imports`)."""
+    from ncc._imports import defer_sympy
+
+    defer_sympy()
     cli(prog_name="ncc")
 
 

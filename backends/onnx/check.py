@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx_ir as ir
+from ncc.ir.ops import DATA_MOVEMENT as _MOVEMENT
 
 INTEGER_KERNELS = frozenset(
     {
@@ -113,25 +114,6 @@ def check_on_onnxruntime(path: str | Path, model: ir.Model) -> RuntimeCheck:
         else:
             check.float_[name] = f"{op} stays {node.op_type} in float ({_why(node, optimized)})"
     return check
-
-
-_MOVEMENT = frozenset(
-    {
-        "Reshape",
-        "Transpose",
-        "MaxPool",
-        "Flatten",
-        "Squeeze",
-        "Unsqueeze",
-        "Slice",
-        "Split",
-        "Gather",
-        "Pad",
-        "DepthToSpace",
-        "SpaceToDepth",
-        "Identity",
-    }
-)
 
 
 def _why(node, graph) -> str:

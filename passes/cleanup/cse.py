@@ -31,21 +31,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
+from ncc.ir.ops import NONDETERMINISTIC, is_onnx_domain
+from ncc.ir.rewrite import Rewriter
 from ncc.passes.base import Pass, PassContext, PassResult, option
-from ncc.passes.rewrite import Rewriter
-
-#: Two of these compute different values from the same inputs (Dropout may be in training mode).
-NONDETERMINISTIC = frozenset(
-    {
-        "RandomNormal",
-        "RandomUniform",
-        "RandomNormalLike",
-        "RandomUniformLike",
-        "Multinomial",
-        "Bernoulli",
-        "Dropout",
-    }
-)
 
 
 class _Skip(Exception):
@@ -102,7 +90,7 @@ class CommonSubexpressionElimination(Pass):
         rewriter = Rewriter(model, graph)
         merged = 0
         for node in list(graph):
-            if node.domain in ("", "ai.onnx") and node.op_type in NONDETERMINISTIC:
+            if is_onnx_domain(node) and node.op_type in NONDETERMINISTIC:
                 continue
             try:
                 key = (
@@ -120,29 +108,7 @@ class CommonSubexpressionElimination(Pass):
                 continue
             rewriter.set_insertion_point(node)
             for old, new in zip(node.outputs, first.outputs, strict=True):
-                interface = new.is_graph_output() or new.is_graph_input() or new.is_initializer()
-                if old.is_graph_output() and not interface:
-                    # Keep the public name: the kept value takes it.
-                    name = old.name
-                    old.replace_all_uses_with(new, replace_graph_outputs=True)
-                    old.name = None
-                    new.name = name
-                elif old.is_graph_output():
-                    ident = rewriter.create(
-                        "Identity",
-                        [new],
-                        name=node.name,
-                        absorbed=[node],
-                        output_names=[_tmp_name(rewriter, old)],
-                    )
-                    out = ident.outputs[0]
-                    out.type, out.shape = old.type, old.shape
-                    name = old.name
-                    old.replace_all_uses_with(out, replace_graph_outputs=True)
-                    old.name = None
-                    out.name = name
-                else:
-                    old.replace_all_uses_with(new)
+                rewriter.replace_all_uses(old, new)  # a graph output keeps its name
             graph.remove(node, safe=True)
             merged += 1
         return merged
@@ -185,7 +151,3 @@ def _nbytes(tensor: ir.TensorProtocol) -> int:
         return tensor.nbytes
     except Exception:  # string tensors
         return 1 << 62
-
-
-def _tmp_name(rewriter: Rewriter, old: ir.Value) -> str:
-    return rewriter.fresh_name(f"{old.name}_cse")

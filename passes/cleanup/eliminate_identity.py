@@ -22,9 +22,9 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
+from ncc.ir.ops import is_onnx_domain, onnx_opset
+from ncc.ir.rewrite import Rewriter
 from ncc.passes.base import Pass, PassContext, PassResult
-
-_ONNX = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,13 @@ class EliminateIdentity(Pass):
         graphs = [*model.graphs()]
         for function in model.functions.values():
             graphs.extend([function.graph, *function.graph.subgraphs()])
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 21))
+        opset = onnx_opset(model, default=21)
         for graph in graphs:
+            rewriter = Rewriter(model, graph)
             for node in list(graph):
-                if node.domain not in _ONNX or not _is_noop(node, opset):
+                if not is_onnx_domain(node) or not _is_noop(node, opset):
                     continue
-                if _eliminate(graph, node):
+                if _eliminate(rewriter, node):
                     stats[f"{node.op_type} removed"] += 1
                 else:
                     stats["kept (graph output)"] += 1
@@ -78,11 +79,11 @@ def _is_noop(node: ir.Node, opset: int) -> bool:
     return False
 
 
-def _eliminate(graph: ir.Graph, node: ir.Node) -> bool:
+def _eliminate(rewriter: Rewriter, node: ir.Node) -> bool:
     x, y = node.inputs[0], node.outputs[0]
     if y.is_graph_output():
         producer = x.producer()
-        if producer is None or producer.graph is not graph:
+        if producer is None or producer.graph is not rewriter.graph:
             return False
         if x.is_graph_output() or x.is_graph_input() or x.is_initializer():
             return False
@@ -90,10 +91,6 @@ def _eliminate(graph: ir.Graph, node: ir.Node) -> bool:
         x.type = y.type
     if x.shape is None and y.shape is not None:
         x.shape = y.shape
-    name = y.name if y.is_graph_output() else None
-    y.replace_all_uses_with(x, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    if name is not None:
-        y.name = None
-        x.name = name
+    rewriter.replace_all_uses(y, x)  # x takes a graph output's name
+    rewriter.graph.remove(node, safe=True)
     return True

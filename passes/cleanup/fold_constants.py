@@ -38,43 +38,12 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-from ncc.ir import ids
+from ncc.ir.ops import NONDETERMINISTIC, is_onnx_domain
+from ncc.ir.rewrite import Rewriter, constant_tensor, is_constant
 from ncc.passes.base import Pass, PassContext, PassResult, option
 
-NONDETERMINISTIC = frozenset(
-    {
-        "RandomNormal",
-        "RandomUniform",
-        "RandomNormalLike",
-        "RandomUniformLike",
-        "Multinomial",
-        "Bernoulli",
-        "Dropout",
-    }
-)
 #: Folding these would undo quantization (they mark where the backend quantizes).
 NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
-ONNX_DOMAINS = frozenset({"", "ai.onnx"})
-
-
-def is_constant(value: ir.Value | None) -> bool:
-    """Whether ``value`` holds a compile-time constant (initializer not overridable, or a Constant output)."""
-    if value is None:
-        return False
-    if value.is_initializer():
-        return value.const_value is not None and not value.is_graph_input()
-    producer = value.producer()
-    return producer is not None and producer.op_type == "Constant" and producer.domain in ONNX_DOMAINS
-
-
-def constant_tensor(value: ir.Value) -> ir.TensorProtocol | None:
-    """The tensor of a constant value (no data is read), or None."""
-    if value.is_initializer():
-        return value.const_value if not value.is_graph_input() else None
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain in ONNX_DOMAINS:
-        return _constant_node_tensor(producer)
-    return None
 
 
 @dataclass(frozen=True)
@@ -97,10 +66,11 @@ class FoldConstants(Pass):
         notes: list[str] = []
         opsets = dict(model.opset_imports)
         for graph in model.graphs():
+            rewriter = Rewriter(model, graph)
             for node in list(graph):
                 if node.graph is not graph:
                     continue
-                outcome = self._fold(model, graph, node, opsets, notes)
+                outcome = self._fold(rewriter, node, opsets, notes)
                 if outcome:
                     stats[outcome] += 1
         stats = {k: v for k, v in stats.items() if v or k == "nodes folded"}
@@ -111,22 +81,20 @@ class FoldConstants(Pass):
         return PassResult(modified=changed > 0, stats=stats, notes=notes)
 
     # -- one node ----------------------------------------------------------------
-    def _fold(
-        self, model: ir.Model, graph: ir.Graph, node: ir.Node, opsets: dict, notes: list[str]
-    ) -> str | None:
-        if node.domain not in ONNX_DOMAINS or node.op_type in NONDETERMINISTIC or node.op_type in NEVER_FOLD:
+    def _fold(self, rewriter: Rewriter, node: ir.Node, opsets: dict, notes: list[str]) -> str | None:
+        if not is_onnx_domain(node) or node.op_type in NONDETERMINISTIC or node.op_type in NEVER_FOLD:
             return None
         if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
             return None
         if node.op_type == "Constant":
-            tensor = _constant_node_tensor(node)
+            tensor = constant_tensor(node.outputs[0])
             if tensor is None or node.outputs[0].is_graph_output():
                 return None
-            _replace_with_initializers(model, graph, node, [tensor])
+            _replace_with_initializers(rewriter, node, [tensor])
             return "constants to initializers"
         if node.op_type == "Shape" and self.fold_shapes:
-            return self._fold_shape(model, graph, node)
-        if node.op_type in _NEUTRAL and len(node.inputs) == 2 and self._drop_neutral(node):
+            return self._fold_shape(rewriter, node)
+        if node.op_type in _NEUTRAL and len(node.inputs) == 2 and self._drop_neutral(rewriter, node):
             return "identities removed"
         if not node.inputs or not all(v is None or is_constant(v) for v in node.inputs):
             return None
@@ -142,7 +110,7 @@ class FoldConstants(Pass):
         if _estimated_output_size(node, arrays) > self.size_limit:
             return "skipped (size limit)"
         try:
-            results = _evaluate(node, arrays, opsets, model.ir_version)
+            results = _evaluate(node, arrays, opsets, rewriter.model.ir_version)
         except Exception as err:  # the reference evaluator raises anything; folding is optional
             notes.append(
                 f"could not evaluate {node.op_type} {node.name or _out_name(node)}: {_first_line(err)}"
@@ -164,10 +132,10 @@ class FoldConstants(Pass):
                     f"not folding {node.op_type} {_out_name(node)}: evaluated dtype {array.dtype} != {out.dtype}"
                 )
                 return None
-        _replace_with_initializers(model, graph, node, [None if a is None else ir.tensor(a) for a in results])
+        _replace_with_initializers(rewriter, node, [None if a is None else ir.tensor(a) for a in results])
         return "nodes folded"
 
-    def _drop_neutral(self, node: ir.Node) -> bool:
+    def _drop_neutral(self, rewriter: Rewriter, node: ir.Node) -> bool:
         neutral, commutative = _NEUTRAL[node.op_type]
         out = node.outputs[0]
         for const_index in (1, 0) if commutative else (1,):
@@ -181,12 +149,12 @@ class FoldConstants(Pass):
                 continue
             if not np.all(tensor.numpy() == neutral):
                 continue
-            ir.convenience.replace_all_uses_with(out, x)
+            rewriter.replace_all_uses(out, x)
             node.graph.remove(node, safe=True)
             return True
         return False
 
-    def _fold_shape(self, model: ir.Model, graph: ir.Graph, node: ir.Node) -> str | None:
+    def _fold_shape(self, rewriter: Rewriter, node: ir.Node) -> str | None:
         source = node.inputs[0] if node.inputs else None
         if source is None or source.shape is None or not source.shape.is_static():
             return None
@@ -197,7 +165,7 @@ class FoldConstants(Pass):
         start = min(max(start + rank if start < 0 else start, 0), rank)
         end = min(max(end + rank if end < 0 else end, 0), rank)
         array = np.array(dims[start:end], dtype=np.int64)
-        _replace_with_initializers(model, graph, node, [ir.tensor(array)])
+        _replace_with_initializers(rewriter, node, [ir.tensor(array)])
         return "shapes folded"
 
 
@@ -223,34 +191,30 @@ def _same_shape(a: ir.Value, b: ir.Value) -> bool:
 
 
 def _replace_with_initializers(
-    model: ir.Model, graph: ir.Graph, node: ir.Node, tensors: list[ir.TensorProtocol | None]
+    rewriter: Rewriter, node: ir.Node, tensors: list[ir.TensorProtocol | None]
 ) -> None:
     """Replace each output of ``node`` by an initializer (or a Constant node for graph outputs)."""
-    replacements: list[tuple[ir.Value, ir.Value]] = []
+    replacements: list[tuple[ir.Value, ir.Value, bool]] = []
     for out, tensor in zip(node.outputs, tensors, strict=True):
         if tensor is None or (not out.uses() and not out.is_graph_output()):
             continue
-        if out.is_graph_output():
-            const = ir.Node(
-                "", "Constant", [], [ir.AttrTensor("value", tensor)], num_outputs=1, name=node.name
+        public = out.is_graph_output()
+        if public:
+            rewriter.set_insertion_point(node)
+            const = rewriter.create(
+                "Constant", [], [ir.AttrTensor("value", tensor)], name=node.name, absorbed=[node]
             )
-            ids.stamp(model, const, [node])
-            graph.insert_before(node, const)
             new = const.outputs[0]
         else:
             new = ir.Value(const_value=tensor)
         new.type = ir.TensorType(tensor.dtype)
         new.shape = ir.Shape(tensor.shape)
-        replacements.append((out, new))
-    for out, new in replacements:
-        name = out.name
-        is_output = out.is_graph_output()
-        out.replace_all_uses_with(new, replace_graph_outputs=True)
-        out.name = None
-        new.name = name
-        if not is_output:
-            graph.register_initializer(new)
-    graph.remove(node, safe=True)
+        replacements.append((out, new, public))
+    for out, new, public in replacements:
+        rewriter.replace_value(out, new)
+        if not public:
+            rewriter.graph.register_initializer(new)
+    rewriter.graph.remove(node, safe=True)
 
 
 def _evaluate(node: ir.Node, arrays: list[np.ndarray | None], opsets: dict, ir_version: int) -> list | None:
@@ -342,23 +306,6 @@ def _estimated_output_size(node: ir.Node, arrays: list[np.ndarray | None]) -> in
     except (ValueError, TypeError, OverflowError):
         return 0  # malformed: let the evaluator report it
     return 0
-
-
-def _constant_node_tensor(node: ir.Node) -> ir.TensorProtocol | None:
-    attrs = node.attributes
-    if "value" in attrs:
-        return attrs["value"].as_tensor()
-    scalars = {
-        "value_float": (np.float32, False),
-        "value_floats": (np.float32, True),
-        "value_int": (np.int64, False),
-        "value_ints": (np.int64, True),
-    }
-    for key, (dtype, is_list) in scalars.items():
-        if key in attrs:
-            raw = attrs[key].value
-            return ir.tensor(np.array(list(raw) if is_list else raw, dtype=dtype))
-    return None  # sparse_value and strings: left alone
 
 
 def _size(shape) -> int:

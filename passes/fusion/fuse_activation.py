@@ -51,9 +51,10 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 from ncc.ir import ids
+from ncc.ir.ops import ensure_opset, is_onnx_domain
+from ncc.ir.rewrite import Rewriter
 from ncc.passes.base import Pass, PassContext, PassResult, option
-from ncc.passes.fusion.fuse_gelu import MS_DOMAIN, ONNX_DOMAINS, ensure_opset, replace_root, scalar_constant
-from ncc.passes.rewrite import Rewriter
+from ncc.passes.fusion.fuse_gelu import MS_DOMAIN, scalar_constant
 
 FUSED_ACTIVATION_KEY = "ncc.fused_activation"
 FUSED_INTO_KEY = "ncc.fused_into"
@@ -84,7 +85,7 @@ def clip_bounds(clip: ir.Node) -> tuple[float, float | None] | str:
 
 def pair_problem(producer: ir.Node | None, act: ir.Node) -> str:
     """Why ``producer → act`` is not a pair to mark ('' when it is)."""
-    if producer is None or producer.domain not in ONNX_DOMAINS or producer.op_type not in PRODUCERS:
+    if producer is None or not is_onnx_domain(producer) or producer.op_type not in PRODUCERS:
         return "input is not produced by Conv, Gemm or MatMul"
     if producer.graph is not act.graph:
         return "producer is in another graph"
@@ -122,7 +123,7 @@ class FuseActivation(Pass):
         for graph in [model.graph, *model.graph.subgraphs()]:
             rewriter = Rewriter(model, graph)
             for act in list(graph):
-                if act.graph is not graph or act.domain not in ONNX_DOMAINS or act.op_type not in ACTIVATIONS:
+                if act.graph is not graph or not is_onnx_domain(act) or act.op_type not in ACTIVATIONS:
                     continue
                 if not act.inputs or act.inputs[0] is None:
                     continue
@@ -166,4 +167,5 @@ class FuseActivation(Pass):
         fused = rewriter.create(
             "FusedConv", list(conv.inputs), attrs, domain=MS_DOMAIN, name=conv.name, absorbed=[conv, act]
         )
-        replace_root(rewriter, act, fused, [conv, act])
+        rewriter.replace_value(act.outputs[0], fused.outputs[0])
+        rewriter.erase_all([conv, act])

@@ -39,25 +39,11 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-from ncc.passes.base import Pass, PassContext, PassResult
-from ncc.passes.cleanup.fold_constants import constant_tensor
-from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
+from ncc.ir.ops import is_onnx_domain
+from ncc.ir.rewrite import MatchResult, Pattern, Rewriter, constant_array, constant_tensor, single_consumer
+from ncc.passes.base import Pass, PassContext, PassResult, run_patterns
 
 _FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
-
-
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's data when it is a compile-time constant (reads the tensor), else None."""
-    if value is None:
-        return None
-    tensor = constant_tensor(value)
-    return None if tensor is None else tensor.numpy()
-
-
-def single_consumer(value: ir.Value, node: ir.Node) -> bool:
-    """Whether ``node`` is the only reader of ``value`` (and it is not a graph output)."""
-    uses = value.uses()
-    return not value.is_graph_output() and len(uses) > 0 and all(u.node is node for u in uses)
 
 
 class ConvBNPattern(Pattern):
@@ -74,7 +60,7 @@ class ConvBNPattern(Pattern):
             return MatchResult.fail("BatchNormalization does not have 5 inputs")
         x = bn.inputs[0]
         conv = x.producer()
-        if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
+        if conv is None or conv.op_type != "Conv" or not is_onnx_domain(conv):
             transposed = conv is not None and conv.op_type == "ConvTranspose"
             kind = "ConvTranspose (not supported)" if transposed else "not a Conv"
             return MatchResult.fail(f"BatchNormalization input producer is {kind}")
@@ -125,17 +111,9 @@ class ConvBNPattern(Pattern):
         fused = rewriter.create(
             "Conv", [conv.inputs[0], w_new, b_new], attrs, name=conv.name, absorbed=[conv, bn]
         )
-        out = fused.outputs[0]
-        y = bn.outputs[0]
-        out.type, out.shape = y.type, y.shape
-        public = y.is_graph_output()
-        name = y.name
-        rewriter.replace_all_uses(y, out)
+        rewriter.replace_value(bn.outputs[0], fused.outputs[0])
         rewriter.erase(bn)
         rewriter.erase(conv)
-        if not public:
-            y.name = None
-            out.name = name
         return MatchResult.ok()
 
 
@@ -149,5 +127,4 @@ class FuseConvBN(Pass):
     name: ClassVar[str] = "fuse-conv-bn"
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        patterns = [ConvBNPattern()]
-        return apply_patterns(model, patterns).to_result(patterns)
+        return run_patterns(model, [ConvBNPattern()])

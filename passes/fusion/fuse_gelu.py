@@ -40,12 +40,10 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-from ncc.passes.base import Pass, PassContext, PassResult
-from ncc.passes.cleanup.fold_constants import constant_tensor
-from ncc.passes.opset import default_opset  # noqa: F401 - re-exported for the fusion passes
-from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
+from ncc.ir.ops import ensure_opset, is_onnx_domain, onnx_opset
+from ncc.ir.rewrite import MatchResult, Pattern, Rewriter, constant_tensor
+from ncc.passes.base import Pass, PassContext, PassResult, run_patterns
 
-ONNX_DOMAINS = ("", "ai.onnx")
 MS_DOMAIN = "com.microsoft"
 #: Relative tolerance on the constants of a recognized pattern.
 CONST_RTOL = 1e-4
@@ -65,7 +63,7 @@ def producer_of(value: ir.Value | None, *op_types: str) -> ir.Node | None:
     if value is None:
         return None
     node = value.producer()
-    if node is None or node.domain not in ONNX_DOMAINS or node.op_type not in op_types:
+    if node is None or not is_onnx_domain(node) or node.op_type not in op_types:
         return None
     return node
 
@@ -124,50 +122,6 @@ def inner_uses_problem(nodes: list[ir.Node], root: ir.Node) -> str:
             if any(id(u.node) not in members for u in out.uses()):
                 return f"intermediate value {out.name} has a consumer outside the pattern"
     return ""
-
-
-def erase_matched(rewriter: Rewriter, nodes: list[ir.Node]) -> None:
-    """Erase the matched nodes (consumers first) and the Constant nodes they leave unread."""
-    constants: list[ir.Node] = []
-    for node in nodes:
-        for value in node.inputs:
-            p = value.producer() if value is not None else None
-            if p is not None and p.op_type == "Constant" and p.domain in ONNX_DOMAINS and p not in constants:
-                constants.append(p)
-    pending = list(nodes)
-    while pending:  # erase a node once nothing reads its outputs
-        for node in pending:
-            if not any(o.uses() for o in node.outputs):
-                rewriter.erase(node)
-                pending.remove(node)
-                break
-        else:  # pragma: no cover - inner_uses_problem rules this out
-            raise RuntimeError("matched nodes are still read outside the pattern")
-    for node in constants:
-        if (
-            node.graph is rewriter.graph
-            and not node.outputs[0].uses()
-            and not node.outputs[0].is_graph_output()
-        ):
-            rewriter.erase(node)
-
-
-def replace_root(rewriter: Rewriter, root: ir.Node, new_node: ir.Node, nodes: list[ir.Node]) -> None:
-    """Point ``root``'s readers at ``new_node``, keep the output name, erase the matched nodes."""
-    out, y = new_node.outputs[0], root.outputs[0]
-    out.type, out.shape = y.type, y.shape
-    public, name = y.is_graph_output(), y.name
-    rewriter.replace_all_uses(y, out)
-    erase_matched(rewriter, nodes)
-    if not public:
-        y.name = None
-        out.name = name
-
-
-def ensure_opset(model: ir.Model, domain: str, version: int = 1) -> None:
-    """Import ``domain`` at ``version`` unless the model already imports it."""
-    if domain not in model.opset_imports:
-        model.opset_imports[domain] = version
 
 
 # -- the GELU patterns -------------------------------------------------------------------
@@ -287,7 +241,7 @@ class _GeluPattern(Pattern):
 
     def _rewrite(self, root: ir.Node, x: ir.Value, nodes: list[ir.Node], rewriter: Rewriter) -> None:
         model = rewriter.model
-        if default_opset(model) >= 20:
+        if onnx_opset(model) >= 20:
             new = rewriter.create(
                 "Gelu", [x], {"approximate": self.approximate}, name=root.name, absorbed=nodes
             )
@@ -295,7 +249,8 @@ class _GeluPattern(Pattern):
             ensure_opset(model, MS_DOMAIN)
             op = "Gelu" if self.approximate == "none" else "FastGelu"
             new = rewriter.create(op, [x], domain=MS_DOMAIN, name=root.name, absorbed=nodes)
-        replace_root(rewriter, root, new, nodes)
+        rewriter.replace_value(root.outputs[0], new.outputs[0])
+        rewriter.erase_all(nodes)
 
 
 class GeluErfPattern(_GeluPattern):
@@ -321,5 +276,4 @@ class FuseGelu(Pass):
     name: ClassVar[str] = "fuse-gelu"
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        patterns = [GeluErfPattern(), GeluTanhPattern()]
-        return apply_patterns(model, patterns).to_result(patterns)
+        return run_patterns(model, [GeluErfPattern(), GeluTanhPattern()])

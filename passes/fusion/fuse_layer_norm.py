@@ -42,20 +42,17 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-from ncc.passes.base import Pass, PassContext, PassResult, option
-from ncc.passes.cleanup.fold_constants import constant_tensor
+from ncc.ir.ops import is_onnx_domain, onnx_opset, set_onnx_opset
+from ncc.ir.rewrite import MatchResult, Pattern, Rewriter, constant_tensor
+from ncc.passes.base import Pass, PassContext, PassResult, option, run_patterns
 from ncc.passes.fusion.fuse_gelu import (
-    ONNX_DOMAINS,
-    default_opset,
     inner_uses_problem,
     is_constant,
     operands,
     producer_of,
-    replace_root,
     scalar_constant,
 )
 from ncc.passes.opset import upgrade_blockers
-from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
 
 LAYER_NORM_OPSET = 17
 
@@ -172,25 +169,25 @@ class _LayerNormPattern(Pattern):
         if problem:
             return MatchResult.fail(problem)
         model = rewriter.model
-        if default_opset(model) < LAYER_NORM_OPSET:
+        if onnx_opset(model) < LAYER_NORM_OPSET:
             if not self.upgrade_opset:
                 return MatchResult.fail(
                     f"LayerNormalization needs opset {LAYER_NORM_OPSET}, the model imports "
-                    f"{default_opset(model)} (upgrade-opset=false)"
+                    f"{onnx_opset(model)} (upgrade-opset=false)"
                 )
             blockers = upgrade_blockers(model, LAYER_NORM_OPSET)
             if blockers:
                 return MatchResult.fail(
                     f"LayerNormalization needs opset {LAYER_NORM_OPSET}, and the model's opset "
-                    f"{default_opset(model)} cannot be raised safely because of {', '.join(blockers)}"
+                    f"{onnx_opset(model)} cannot be raised safely because of {', '.join(blockers)}"
                 )
-            key = "" if "" in model.opset_imports else "ai.onnx"
-            model.opset_imports[key] = LAYER_NORM_OPSET
+            set_onnx_opset(model, LAYER_NORM_OPSET)
             model.ir_version = max(model.ir_version or 0, 8)  # IR 8 is the one released with opset 17
         inputs = [x, gamma] + ([beta] if beta is not None else [])
         attrs = {"axis": -1, "epsilon": float(np.float32(eps))}
         new = rewriter.create("LayerNormalization", inputs, attrs, name=root.name, absorbed=nodes)
-        replace_root(rewriter, root, new, nodes)
+        rewriter.replace_value(root.outputs[0], new.outputs[0])
+        rewriter.erase_all(nodes)
         return MatchResult.ok()
 
 
@@ -233,7 +230,7 @@ class LayerNormNoBiasPattern(_LayerNormPattern):
         uses = out.uses()
         if len(uses) == 1 and not out.is_graph_output():
             reader = uses[0].node
-            if reader.op_type == "Add" and reader.domain in ONNX_DOMAINS and operands(reader) is not None:
+            if reader.op_type == "Add" and is_onnx_domain(reader) and operands(reader) is not None:
                 other = reader.inputs[1] if reader.inputs[0] is out else reader.inputs[0]
                 if constant_tensor(other) is not None:
                     return MatchResult.fail(
@@ -255,5 +252,6 @@ class FuseLayerNorm(Pass):
     upgrade_opset: bool = option(True, "raise a default opset below 17 to 17 when every op keeps its meaning")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        patterns = [LayerNormPattern(self.upgrade_opset), LayerNormNoBiasPattern(self.upgrade_opset)]
-        return apply_patterns(model, patterns).to_result(patterns)
+        return run_patterns(
+            model, [LayerNormPattern(self.upgrade_opset), LayerNormNoBiasPattern(self.upgrade_opset)]
+        )

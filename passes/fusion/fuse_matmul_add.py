@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx_ir as ir
-from ncc.passes.base import Pass, PassContext, PassResult
-from ncc.passes.cleanup.fold_constants import constant_tensor
-from ncc.passes.fusion.fuse_conv_bn import single_consumer
-from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
+from ncc.ir.ops import is_onnx_domain
+from ncc.ir.rewrite import MatchResult, Pattern, Rewriter, constant_tensor, single_consumer
+from ncc.passes.base import Pass, PassContext, PassResult, run_patterns
 
 _GEMM_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
@@ -45,7 +44,7 @@ class MatMulAddPattern(Pattern):
         matmul, bias = None, None
         for i, value in enumerate(add.inputs):
             producer = value.producer()
-            if producer is not None and producer.op_type == "MatMul" and producer.domain in ("", "ai.onnx"):
+            if producer is not None and producer.op_type == "MatMul" and is_onnx_domain(producer):
                 matmul, bias = producer, add.inputs[1 - i]
                 break
         if matmul is None:
@@ -79,16 +78,9 @@ class MatMulAddPattern(Pattern):
             return MatchResult.fail(reason)
 
         gemm = rewriter.create("Gemm", [a, b, bias], name=add.name or matmul.name, absorbed=[matmul, add])
-        out = gemm.outputs[0]
-        y = add.outputs[0]
-        out.type, out.shape = y.type, y.shape
-        public, name = y.is_graph_output(), y.name
-        rewriter.replace_all_uses(y, out)
+        rewriter.replace_value(add.outputs[0], gemm.outputs[0])
         rewriter.erase(add)
         rewriter.erase(matmul)
-        if not public:
-            y.name = None
-            out.name = name
         return MatchResult.ok()
 
 
@@ -111,5 +103,4 @@ class FuseMatMulAdd(Pass):
     name: ClassVar[str] = "fuse-matmul-add"
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        patterns = [MatMulAddPattern()]
-        return apply_patterns(model, patterns).to_result(patterns)
+        return run_patterns(model, [MatMulAddPattern()])

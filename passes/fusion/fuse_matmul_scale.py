@@ -39,12 +39,10 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-from ncc.passes.base import Pass, PassContext, PassResult
-from ncc.passes.cleanup.fold_constants import constant_tensor
-from ncc.passes.fusion.fuse_conv_bn import constant_array, single_consumer
-from ncc.passes.rewrite import VALUE_MOVES, MatchResult, Pattern, Rewriter, apply_patterns
+from ncc.ir.ops import VALUE_MOVES, is_onnx_domain
+from ncc.ir.rewrite import MatchResult, Pattern, Rewriter, constant_array, constant_tensor, single_consumer
+from ncc.passes.base import Pass, PassContext, PassResult, run_patterns
 
-_ONNX = ("", "ai.onnx")
 _FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
 
@@ -84,7 +82,7 @@ def _plan(operand: ir.Value, reader: ir.Node) -> _Plan | str:
         producer = value.producer()
         if producer is None:
             return "an operand is a graph input"
-        if producer.domain not in _ONNX:
+        if not is_onnx_domain(producer):
             return f"{producer.op_type} ({producer.domain}) is not a standard op"
         if producer.op_type in VALUE_MOVES:
             value, consumer = producer.inputs[0], producer
@@ -101,7 +99,7 @@ def _plan(operand: ir.Value, reader: ir.Node) -> _Plan | str:
                 if (
                     mm is not None
                     and mm.op_type == "MatMul"
-                    and mm.domain in _ONNX
+                    and is_onnx_domain(mm)
                     and _float_constant(bias)
                     and _float_constant(mm.inputs[1])
                     and single_consumer(mm_out, producer)
@@ -143,7 +141,7 @@ def _fold(node: ir.Node, rewriter: Rewriter, divide: bool) -> MatchResult:
         if (
             producer is not None
             and producer.op_type == "MatMul"
-            and producer.domain in _ONNX
+            and is_onnx_domain(producer)
             and c is not None
         ):
             matmul, scale, scale_value = producer, c, node.inputs[1 - i]
@@ -185,16 +183,10 @@ def _fold(node: ir.Node, rewriter: Rewriter, divide: bool) -> MatchResult:
                 value = plan.gemm.attributes.get_float(attr, 1.0) * factor
                 plan.gemm.attributes[attr] = ir.AttrFloat32(attr, value)
         fused = rewriter.create("MatMul", new_inputs, name=matmul.name, absorbed=[matmul, node])
-        y = node.outputs[0]
-        fused.outputs[0].type, fused.outputs[0].shape = y.type, y.shape
-        public, name = y.is_graph_output(), y.name
-        rewriter.replace_all_uses(y, fused.outputs[0])
+        rewriter.replace_value(node.outputs[0], fused.outputs[0])
         rewriter.erase(node)
         rewriter.erase(matmul)
         rewriter.drop_if_unused(scale_value)
-        if not public:
-            y.name = None
-            fused.outputs[0].name = name
         return MatchResult.ok()
     return MatchResult.fail("; ".join(dict.fromkeys(reasons)))
 
@@ -206,5 +198,4 @@ class FuseMatMulScale(Pass):
     name: ClassVar[str] = "fuse-matmul-scale"
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        patterns = [MatMulScalePattern(), MatMulDivScalePattern()]
-        return apply_patterns(model, patterns).to_result(patterns)
+        return run_patterns(model, [MatMulScalePattern(), MatMulDivScalePattern()])

@@ -21,10 +21,9 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-from ncc.passes.base import Pass, PassContext, PassResult
-from ncc.passes.cleanup.fold_constants import constant_tensor
-from ncc.passes.fusion.fuse_conv_bn import single_consumer
-from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
+from ncc.ir.ops import is_onnx_domain
+from ncc.ir.rewrite import MatchResult, Pattern, Rewriter, constant_tensor, single_consumer
+from ncc.passes.base import Pass, PassContext, PassResult, run_patterns
 
 
 class PadConvPattern(Pattern):
@@ -33,7 +32,7 @@ class PadConvPattern(Pattern):
     def match_and_rewrite(self, node: ir.Node, rewriter: Rewriter) -> MatchResult:
         conv = node
         pad = conv.inputs[0].producer() if conv.inputs and conv.inputs[0] is not None else None
-        if pad is None or pad.op_type != "Pad" or pad.domain != "":
+        if pad is None or pad.op_type != "Pad" or not is_onnx_domain(pad):
             return MatchResult.fail("Conv input is not produced by a Pad")
         if pad.graph is not conv.graph or not single_consumer(pad.outputs[0], conv):
             return MatchResult.fail("Pad output has other uses")
@@ -69,9 +68,9 @@ class PadConvPattern(Pattern):
             list(attrs.values()),
             name=conv.name,
             absorbed=[pad, conv],
-            output_names=[conv.outputs[0].name],
         )
-        rewriter.replace_op(conv, new.outputs)
+        rewriter.replace_value(conv.outputs[0], new.outputs[0])
+        rewriter.erase(conv)
         rewriter.erase(pad)
         return MatchResult.ok()
 
@@ -83,4 +82,4 @@ class FusePadConv(Pass):
     name: ClassVar[str] = "fuse-pad-conv"
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        return apply_patterns(model, [PadConvPattern()]).to_result()
+        return run_patterns(model, [PadConvPattern()])

@@ -51,7 +51,7 @@ Why each rewrite is exact (up to float rounding in the kernels):
 A group that does not match exactly (non-constant scales, per-channel
 activations, an output read both through Q and in float, mixed u8/s8, ...)
 stays QDQ and the report says why. The rewrite happens in place through
-:class:`ncc.passes.rewrite.Rewriter`, so each new node records the ids of the
+:class:`ncc.ir.rewrite.Rewriter`, so each new node records the ids of the
 DQ/op/Q nodes it absorbed and keeps the float op's name.
 """
 
@@ -64,39 +64,27 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.ir.ops import PASSTHROUGH, ensure_opset, is_onnx_domain, onnx_opset
+from ncc.ir.rewrite import (
+    MatchResult,
+    Pattern,
+    Rewriter,
+    apply_patterns,
+    constant_array,
+    constant_tensor,
+    consumers,
+)
 from ncc.passes.base import Pass, PassContext, PassResult, option
-from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
 from ncc.targets import DEFAULT_TARGET, X86_VNNI, TargetProfile, get_target
 
 __all__ = ["LegalizeQOperator", "QOperatorReport", "KeptGroup", "to_qoperator"]
 
 MS = "com.microsoft"
-_ONNX = ("", "ai.onnx")
 
 _INT8 = {ir.DataType.UINT8: (0, 255), ir.DataType.INT8: (-128, 127)}
 
 #: A handler's answer for a node that is no QDQ group at all (nothing to report).
 _NOT_A_GROUP = "not a QDQ group: its output is not quantized"
-
-#: Pass-through ops this legalization knows how to run on 8-bit tensors.
-_PASSTHROUGH = frozenset(
-    {
-        "Reshape",
-        "Transpose",
-        "MaxPool",
-        "Flatten",
-        "Squeeze",
-        "Unsqueeze",
-        "Slice",
-        "Split",
-        "Gather",
-        "Resize",
-        "Pad",
-        "DepthToSpace",
-        "SpaceToDepth",
-        "Identity",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -180,36 +168,19 @@ def to_qoperator(model: ir.Model, *, target: TargetProfile = X86_VNNI) -> QOpera
         if not v.uses()
     }
     patterns: list[Pattern] = [_QOpPattern(op, legal) for op in sorted(_HANDLERS) if op in target.static_ops]
-    patterns += [_QOpPattern(op, legal) for op in sorted(_PASSTHROUGH & target.passthrough_ops)]
+    patterns += [_QOpPattern(op, legal) for op in sorted(PASSTHROUGH & target.passthrough_ops)]
     patterns.append(_RequantizePattern(legal))
     stats = apply_patterns(model, patterns)
     report.converged = stats.converged
     for graph in (model.graph, *model.graph.subgraphs()):
         _cleanup(graph, report, unused_before)
     if any(n.domain == MS for g in (model.graph, *model.graph.subgraphs()) for n in g):
-        model.opset_imports.setdefault(MS, 1)
+        ensure_opset(model, MS)
     report.kept = legal.kept_groups()
     return report
 
 
 # -- quantization parameters ---------------------------------------------------------------------
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    """The constant behind ``value`` (initializer or Constant node), or None."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if (
-        node is not None
-        and node.op_type == "Constant"
-        and node.domain in _ONNX
-        and "value" in node.attributes
-    ):
-        return node.attributes["value"].value.numpy()
-    return None
 
 
 @dataclass
@@ -240,11 +211,11 @@ def _params(node: ir.Node) -> _QParams | str:
     """Read a QuantizeLinear/DequantizeLinear node's parameters, or say why they are unusable."""
     kind = "QuantizeLinear" if node.op_type == "QuantizeLinear" else "DequantizeLinear"
     inputs = list(node.inputs) + [None] * (3 - len(node.inputs))
-    scale = _const(inputs[1])
+    scale = constant_array(inputs[1])
     if scale is None:
         return f"{kind} {node.name!r} has a non-constant scale"
     zp_value = inputs[2]
-    zero_point = _const(zp_value)
+    zero_point = constant_array(zp_value)
     if zp_value is not None and zero_point is None:
         return f"{kind} {node.name!r} has a non-constant zero point"
     if (block := node.attributes.get("block_size")) is not None and block.value:
@@ -289,7 +260,7 @@ def _rank(value: ir.Value | None) -> int | None:
 def _dequantized(value: ir.Value | None, what: str) -> tuple[ir.Value, _QParams] | str:
     """(quantized input, params) when ``value`` is a DequantizeLinear output, else a reason."""
     node = value.producer() if value is not None else None
-    if node is None or node.op_type != "DequantizeLinear" or node.domain not in _ONNX:
+    if node is None or node.op_type != "DequantizeLinear" or not is_onnx_domain(node):
         return f"{what} is not dequantized"
     params = _params(node)
     if isinstance(params, str):
@@ -324,18 +295,18 @@ class _Output:
 
 def _output(node: ir.Node, index: int = 0) -> _Output:
     out = node.outputs[index]
-    consumers = list(dict.fromkeys(u.node for u in out.uses()))
-    if out.is_graph_output() or not consumers:
+    readers = consumers(out)
+    if out.is_graph_output() or not readers:
         return _Output()
-    if len(consumers) > 1:
-        if any(c.op_type == "QuantizeLinear" for c in consumers):
+    if len(readers) > 1:
+        if any(c.op_type == "QuantizeLinear" for c in readers):
             return _Output(reason="its output is read both through QuantizeLinear and by float ops")
         return _Output()
-    (consumer,) = consumers
+    (consumer,) = readers
     acts: tuple[ir.Node, ...] = ()
-    if consumer.op_type in ("Relu", "Clip") and consumer.domain in _ONNX:
+    if consumer.op_type in ("Relu", "Clip") and is_onnx_domain(consumer):
         act_out = consumer.outputs[0]
-        act_consumers = list(dict.fromkeys(u.node for u in act_out.uses()))
+        act_consumers = consumers(act_out)
         if (
             act_out.is_graph_output()
             or len(act_consumers) != 1
@@ -345,7 +316,7 @@ def _output(node: ir.Node, index: int = 0) -> _Output:
                 return _Output(reason=f"the output of {consumer.op_type} is read both quantized and in float")
             return _Output()
         acts, consumer = (consumer,), act_consumers[0]
-    if consumer.op_type != "QuantizeLinear" or consumer.domain not in _ONNX:
+    if consumer.op_type != "QuantizeLinear" or not is_onnx_domain(consumer):
         return _Output()
     params = _params(consumer)
     if isinstance(params, str):
@@ -375,7 +346,7 @@ def _absorb_reason(act: ir.Node, params: _QParams) -> str:
                 if v is None:
                     bounds.append(None)
                     continue
-                c = _const(v)
+                c = constant_array(v)
                 if c is None:
                     return f"Clip {act.name!r} has non-constant bounds"
                 bounds.append(float(c.reshape(())))
@@ -397,7 +368,7 @@ class _Legalizer:
         self.model = model
         self.target = target
         self.report = report
-        self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        self.opset = onnx_opset(model)
         self.reasons: dict[int, tuple[ir.Node, str]] = {}
 
     def fail(self, node: ir.Node, reason: str) -> MatchResult:
@@ -411,7 +382,7 @@ class _Legalizer:
         kept = []
         for graph in (self.model.graph, *self.model.graph.subgraphs()):
             for node in graph:
-                if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain in _ONNX:
+                if node.op_type in ("QuantizeLinear", "DequantizeLinear") and is_onnx_domain(node):
                     continue
                 if not any(
                     v is not None and (p := v.producer()) is not None and p.op_type == "DequantizeLinear"
@@ -462,7 +433,7 @@ class _RequantizePattern(Pattern):
 
     def match_and_rewrite(self, node: ir.Node, rewriter: Rewriter) -> MatchResult:
         dq = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in _ONNX:
+        if dq is None or dq.op_type != "DequantizeLinear" or not is_onnx_domain(dq):
             return MatchResult.fail("input is not dequantized")
         q_params, dq_params = _params(node), _params(dq)
         if isinstance(q_params, str) or isinstance(dq_params, str) or not q_params.same_as(dq_params):
@@ -507,13 +478,11 @@ def _finish(
 ) -> None:
     """Route the group's result to ``new``'s output and erase what it absorbed."""
     last = out.q if out.quantized else (replaced or node)
-    old = last.outputs[0]
-    name = old.name
-    rw.replace_op(last, [new.outputs[0]])
+    rw.replace_value(last.outputs[0], new.outputs[0])
+    rw.erase(last)
     for dead in (*reversed(out.acts), *reversed(extra), node):
         if dead is not last and dead.graph is not None:
             rw.erase(dead)
-    new.outputs[0].name = name
     _keep_quant_mark(node, new)
     key = f"{new.domain}::{new.op_type}" if new.domain else new.op_type
     legal.report.emitted[key] += 1
@@ -547,13 +516,13 @@ def _int32_bias(
         return None, []
     found = _dequantized(bias, what)
     if isinstance(found, str):
-        array = _const(bias)
+        array = constant_array(bias)
         if array is None or not np.issubdtype(array.dtype, np.floating):
             return f"{what} is neither a dequantized int32 constant nor a float constant"
         dqs, value_f = [], array.astype(np.float64)
     else:
         q_value, params = found
-        data = _const(q_value)
+        data = constant_array(q_value)
         if data is None:
             return f"{what} is dequantized from a non-constant"
         if data.dtype != np.int32:
@@ -606,7 +575,7 @@ def _conv(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
     if isinstance(w, str):
         return w
     w_q, wp = w
-    if _const(w_q) is None:
+    if constant_tensor(w_q) is None:
         return "the weight is not a constant"
     if wp.dtype not in _INT8:
         return f"the weight is {wp.dtype.name.lower()}, not 8-bit"
@@ -675,7 +644,9 @@ def _matmul(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
     float_out = _Output()
     extra: tuple[ir.Node, ...] = ()
     if add is not None:
-        inputs.append(bias if bias.is_initializer() else rw.constant(_const(bias).astype(np.float32), "bias"))
+        inputs.append(
+            bias if bias.is_initializer() else rw.constant(constant_array(bias).astype(np.float32), "bias")
+        )
         extra = (add,)
     new = rw.create(
         "MatMulIntegerToFloat",
@@ -695,10 +666,10 @@ def _bias_add(node: ir.Node, b_q: ir.Value, bp: _QParams) -> tuple[ir.Node | Non
     if out.is_graph_output() or len(uses) != 1:
         return None, None
     add = uses[0].node
-    if add.op_type != "Add" or add.domain not in _ONNX or len(add.inputs) != 2:
+    if add.op_type != "Add" or not is_onnx_domain(add) or len(add.inputs) != 2:
         return None, None
     other = add.inputs[1 - uses[0].idx]
-    array = _const(other)
+    array = constant_array(other)
     shape = b_q.const_value.shape if b_q.const_value is not None else b_q.shape
     n = shape[-1] if shape is not None and len(shape) else None
     if (
@@ -925,11 +896,8 @@ def _passthrough(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
         absorbed=absorbed,
     )
     for i, out in outs.items():
-        name = out.q.outputs[0].name
-        was_output = out.q.outputs[0].is_graph_output()
-        rw.replace_op(out.q, [new.outputs[i]])
-        if not was_output:
-            new.outputs[i].name = name
+        rw.replace_value(out.q.outputs[0], new.outputs[i])
+        rw.erase(out.q)
     _keep_quant_mark(node, new)
     rw.erase(node)
     legal.report.passthrough[node.op_type] += 1
@@ -944,7 +912,7 @@ def _pad_value(rw: Rewriter, node: ir.Node, xp: _QParams) -> ir.Value | None | s
     if value is None:
         pad = 0.0
     else:
-        array = _const(value)
+        array = constant_array(value)
         if array is None:
             return "Pad has a non-constant pad value"
         pad = float(array.reshape(()))
@@ -982,7 +950,7 @@ def _cleanup(graph: ir.Graph, report: QOperatorReport, unused_before: set[int]) 
     while changed:
         changed = False
         for node in reversed(list(graph)):
-            if node.domain not in _ONNX or node.op_type not in (
+            if not is_onnx_domain(node) or node.op_type not in (
                 "QuantizeLinear",
                 "DequantizeLinear",
                 "Constant",

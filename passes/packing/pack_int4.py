@@ -42,10 +42,11 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.ir.ops import ensure_opset, is_onnx_domain
+from ncc.ir.rewrite import Rewriter
 from ncc.ir.spill import SpillFile, pack_4bit
 from ncc.passes.base import Pass, PassContext, PassResult, option
-from ncc.passes.fusion.fuse_gelu import MS_DOMAIN, ensure_opset, replace_root
-from ncc.passes.rewrite import Rewriter
+from ncc.passes.fusion.fuse_gelu import MS_DOMAIN
 from ncc.passes.woq.weights import add_initializers
 
 _CODES = {
@@ -54,7 +55,6 @@ _CODES = {
     ir.DataType.INT8: (8, True),
     ir.DataType.UINT8: (8, False),
 }
-_ONNX = ("", "ai.onnx")
 
 
 @dataclass
@@ -72,13 +72,13 @@ def _sites(graph: ir.Graph) -> list[_Site]:
     for node in graph:
         if (
             node.op_type != "MatMul"
-            or node.domain not in _ONNX
+            or not is_onnx_domain(node)
             or len(node.inputs) != 2
             or node.inputs[1] is None
         ):
             continue
         dq = node.inputs[1].producer()
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in _ONNX:
+        if dq is None or dq.op_type != "DequantizeLinear" or not is_onnx_domain(dq):
             continue
         block = dq.attributes.get_int("block_size", 0)
         codes, scale = dq.inputs[0], dq.inputs[1]
@@ -101,13 +101,13 @@ def _gather_sites(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node]]:
     """``(Gather, DequantizeLinear)`` pairs of weight-only quantized embedding tables."""
     sites = []
     for node in graph:
-        if node.op_type != "Gather" or node.domain not in _ONNX or node.attributes.get_int("axis", 0) != 0:
+        if node.op_type != "Gather" or not is_onnx_domain(node) or node.attributes.get_int("axis", 0) != 0:
             continue
         dq = node.inputs[0].producer() if node.inputs[0] is not None else None
         if (
             dq is None
             or dq.op_type != "DequantizeLinear"
-            or dq.domain not in _ONNX
+            or not is_onnx_domain(dq)
             or dq.attributes.get_int("axis", 1) != 1
             or not dq.attributes.get_int("block_size", 0)
             or any(v is not None and v.const_value is None for v in dq.inputs)
@@ -226,7 +226,8 @@ class PackInt4(Pass):
                 new.metadata_props[key] = value
         dq_out = site.dq.outputs[0]
         nodes = [matmul] + ([site.dq] if len(dq_out.uses()) == 1 else [])
-        replace_root(rewriter, matmul, new, nodes)
+        rewriter.replace_value(matmul.outputs[0], new.outputs[0])
+        rewriter.erase_all(nodes)
         for value in (site.codes, site.scale, site.zero_point):
             if value is not None and not value.uses() and value.is_initializer():
                 rewriter.graph.initializers.pop(value.name)
@@ -293,7 +294,8 @@ def _pack_gather(rewriter: Rewriter, gather: ir.Node, dq: ir.Node) -> None:
     for key, value in gather.metadata_props.items():
         if key.startswith("ncc.quant") or key.startswith("ncc.woq"):
             new.metadata_props[key] = value
-    replace_root(rewriter, gather, new, [gather] + ([dq] if len(dq.outputs[0].uses()) == 1 else []))
+    rewriter.replace_value(gather.outputs[0], new.outputs[0])
+    rewriter.erase_all([gather] + ([dq] if len(dq.outputs[0].uses()) == 1 else []))
 
 
 def _pad_even(zero: np.ndarray) -> np.ndarray:

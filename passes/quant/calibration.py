@@ -50,9 +50,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.ir.ops import VALUE_MOVES
 from ncc.passes.quant.calib_data import CalibrationData, validate
 from ncc.passes.quant.observers import TensorStats
-from ncc.passes.rewrite import VALUE_MOVES
 from ncc.runtime import detach_weights, open_session
 
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})

@@ -49,7 +49,8 @@ class CorrectBias(Pass):
         data = ctx.data.get("calibration_data")
         if data is None:
             raise NccError("pass 'correct-bias' needs calibration data (--calib).")
-        if not any(FLOAT_WEIGHT in n.metadata_props for n in model.graph):
+        layers = [n for n in model.graph if _int32_bias(n) is not None]
+        if layers and not any(FLOAT_WEIGHT in n.metadata_props for n in layers):
             raise NccError(
                 "pass 'correct-bias' needs the float weights insert-qdq keeps beside the quantized ones; "
                 "run it right after insert-qdq (no dce between them)."

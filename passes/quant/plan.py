@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.ir.ops import is_onnx_domain
 from ncc.targets import TargetProfile
 
 KEEP_FLOAT = "ncc.quant.keep_float"
@@ -142,7 +143,7 @@ def observed_values(graph: ir.Graph, target: TargetProfile) -> list[str]:
     interesting = set(ROLES) | set(target.passthrough_ops) | ACTIVATIONS
     names: dict[str, None] = {}
     for node in graph:
-        if node.domain != "" or node.op_type not in interesting:
+        if not is_onnx_domain(node) or node.op_type not in interesting:
             continue
         for value in (*node.inputs, *node.outputs):
             if value is not None and value.name and value.const_value is None:
@@ -163,13 +164,13 @@ def binned_values(graph: ir.Graph, target: TargetProfile) -> frozenset[str]:
     moves = set(target.passthrough_ops)
     out: set[str] = set()
     for node in graph:
-        if node.domain != "" or node.op_type not in core:
+        if not is_onnx_domain(node) or node.op_type not in core:
             continue
         for value in node.inputs:
             while value is not None and value.const_value is None and value.name and value.name not in out:
                 out.add(value.name)
                 producer = value.producer()
-                if producer is None or producer.domain != "" or producer.op_type not in moves:
+                if producer is None or not is_onnx_domain(producer) or producer.op_type not in moves:
                     break
                 value = producer.inputs[0]
         if node.op_type in target.float_output_ops:
@@ -184,7 +185,7 @@ def binned_values(graph: ir.Graph, target: TargetProfile) -> frozenset[str]:
                 use.node.outputs[0]
                 for use in value.uses()
                 if use.idx == 0
-                and use.node.domain == ""
+                and is_onnx_domain(use.node)
                 and (use.node.op_type in moves or use.node.op_type in ACTIVATIONS)
             )
     return frozenset(out)
@@ -199,7 +200,7 @@ def smoothable(graph: ir.Graph) -> dict[str, list[ir.Node]]:
     """
     out: dict[str, list[ir.Node]] = {}
     for node in graph:
-        if node.op_type != "MatMul" or node.domain != "" or node.inputs[1] is None:
+        if node.op_type != "MatMul" or not is_onnx_domain(node) or node.inputs[1] is None:
             continue
         x, w = node.inputs[0], node.inputs[1]
         if w.const_value is None or w.const_value.shape.rank() != 2 or x is None or x.const_value is not None:
@@ -217,7 +218,7 @@ def folds_into_layer_norm(value: ir.Value) -> bool:
     if (
         node is None
         or node.op_type != "LayerNormalization"
-        or node.domain != ""
+        or not is_onnx_domain(node)
         or node.outputs[0] is not value
     ):
         return False

@@ -82,11 +82,11 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.ir.ops import ensure_opset, is_onnx_domain, onnx_opset
+from ncc.ir.rewrite import MatchResult, Pattern, Rewriter, apply_patterns, constant_tensor
 from ncc.passes.base import Pass, PassContext, PassResult, option
-from ncc.passes.cleanup.fold_constants import constant_tensor
 from ncc.passes.quant.pairs import fit_pairs, k_pair_magnitude
 from ncc.passes.quant.plan import matches, refuse_quantized, unmatched_warnings
-from ncc.passes.rewrite import MatchResult, Pattern, Rewriter, apply_patterns
 from ncc.targets import DEFAULT_TARGET, get_target
 
 QUANT_KEY = "ncc.quant"
@@ -96,7 +96,6 @@ MS_DOMAIN = "com.microsoft"
 
 SUPPORTED_OPS = ("Conv", "Gather", "Gemm", "MatMul")
 _FLOAT_TYPES = frozenset({ir.DataType.FLOAT})
-_ONNX = ("", "ai.onnx")
 
 
 # -- weight quantization (numpy) -------------------------------------------------------------------
@@ -289,14 +288,9 @@ def _typed(value: ir.Value, dtype: ir.DataType, shape: ir.Shape | None) -> None:
 
 def _take_over(rewriter: Rewriter, old: ir.Value, new: ir.Value, erase: list[ir.Node]) -> None:
     """``new`` replaces ``old`` everywhere and takes over its name; ``erase`` are then removed."""
-    new.type, new.shape = old.type, old.shape
-    public, name = old.is_graph_output(), old.name
-    rewriter.replace_all_uses(old, new)
+    rewriter.replace_value(old, new)
     for node in reversed(erase):  # consumers first
         rewriter.erase(node)
-    if not public:
-        old.name = None
-        new.name = name
 
 
 def _bias_vector(tensor: ir.TensorProtocol, n: int, out_rank: int | None) -> np.ndarray | None:
@@ -402,7 +396,7 @@ class MatMulPattern(_Base):
         uses = out.uses()
         if not out.is_graph_output() and len(uses) == 1 and uses[0].node.op_type == "Add":
             add = uses[0].node
-            if add.domain in _ONNX and add.graph is node.graph and len(add.inputs) == 2:
+            if is_onnx_domain(add) and add.graph is node.graph and len(add.inputs) == 2:
                 other = add.inputs[1 - uses[0].idx]
                 c = constant_tensor(other) if other is not None else None
                 if c is not None and c.dtype in _FLOAT_TYPES:
@@ -684,13 +678,13 @@ class QuantizeDynamic(Pass):
         from ncc.ir import ids
 
         refuse_quantized(model)
-        found = any(node.domain in _ONNX and node.op_type in self.active_ops for node in ids.all_nodes(model))
+        found = any(is_onnx_domain(node) and node.op_type in self.active_ops for node in ids.all_nodes(model))
         if not found:
             raise NccError(
                 f"nothing to quantize: the model has no {', '.join(self.active_ops) or 'op of the requested types'} "
                 "node (looked for op types " + ", ".join(self.active_ops) + ")."
             )
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        opset = onnx_opset(model, default=0)
         if opset < 13:
             raise NccError(f"quantize-dynamic needs ONNX opset 13 or newer; the model imports opset {opset}.")
 
@@ -704,8 +698,8 @@ class QuantizeDynamic(Pass):
         patterns = [_PATTERNS[op](state) for op in SUPPORTED_OPS if op in self.active_ops]
         pstats = apply_patterns(model, patterns)
         state.drop_unused(model)
-        if state.uses_ms and MS_DOMAIN not in model.opset_imports:
-            model.opset_imports[MS_DOMAIN] = 1
+        if state.uses_ms:
+            ensure_opset(model, MS_DOMAIN)
         # a candidate that was skipped in an early sweep may have been quantized later
         skipped = [
             (n, r)

@@ -38,10 +38,10 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.ir.rewrite import Rewriter
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.quant.plan import KEEP_FLOAT, folds_into_layer_norm, smoothable
 from ncc.passes.quant.ranges import CalibratedRanges, TensorRange
-from ncc.passes.rewrite import Rewriter
 
 #: Readers that only look at the tensor's shape: they may read the rescaled tensor.
 _SHAPE_ONLY = frozenset({"Shape", "Size"})

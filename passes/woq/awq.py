@@ -7,13 +7,12 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
+from ncc.ir.ops import is_onnx_domain
+from ncc.ir.rewrite import Rewriter
 from ncc.passes.base import option
-from ncc.passes.rewrite import Rewriter
 from ncc.passes.woq.base import CalibratedWeightOnlyPass
 from ncc.passes.woq.kernels import awq_clip, awq_scales, rtn
 from ncc.passes.woq.weights import WeightUse, read_weight_t
-
-_ONNX = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ def scale_activation(rewriter: Rewriter, group: list[WeightUse], inv_s: np.ndarr
     readers = {id(n) for use in group for n in use.matmuls}
     only_group = all(id(node) in readers for node, _ in x.uses()) and x not in graph.outputs
     producer = x.producer()
-    if only_group and producer is not None and producer.op_type == "Mul" and producer.domain in _ONNX:
+    if only_group and producer is not None and producer.op_type == "Mul" and is_onnx_domain(producer):
         for i, operand in enumerate(producer.inputs):
             tensor = operand.const_value if operand is not None else None
             if (

@@ -20,10 +20,10 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.ir.rewrite import Rewriter
 from ncc.ir.spill import SpillFile
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.opset import raise_opset
-from ncc.passes.rewrite import Rewriter
 from ncc.passes.woq.activations import InputStats, accumulator_bytes, collect, merged
 from ncc.passes.woq.embeddings import embedding_gathers, quantize_embedding
 from ncc.passes.woq.kernels import GroupSpec, QuantizedWeight, reconstruction_errors

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from ncc.ir.ops import is_onnx_domain
+from ncc.ir.rewrite import Rewriter
 from ncc.ir.spill import SpillFile
-from ncc.passes.rewrite import Rewriter
 from ncc.passes.woq.kernels import GroupSpec, rtn
 from ncc.passes.woq.weights import ALGO_KEY, ERROR_KEY, QUANT_KEY, add_initializers, code_dtype
 
 _FLOATS = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
-_ONNX = ("", "ai.onnx")
 
 
 def embedding_gathers(graph: ir.Graph) -> dict[str, tuple[ir.Value, list[ir.Node]]]:
@@ -28,7 +28,7 @@ def embedding_gathers(graph: ir.Graph) -> dict[str, tuple[ir.Value, list[ir.Node
     found: dict[str, tuple[ir.Value, list[ir.Node]]] = {}
     outputs = {v.name for v in graph.outputs}
     for node in graph:
-        if node.op_type != "Gather" or node.domain not in _ONNX or node.attributes.get_int("axis", 0) != 0:
+        if node.op_type != "Gather" or not is_onnx_domain(node) or node.attributes.get_int("axis", 0) != 0:
             continue
         table = node.inputs[0]
         tensor = table.const_value if table is not None and table.is_initializer() else None

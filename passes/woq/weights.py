@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.ir.ops import is_onnx_domain
+from ncc.ir.rewrite import Rewriter
 from ncc.ir.spill import SpillFile, packed_tensor
-from ncc.passes.rewrite import Rewriter
 from ncc.passes.woq.kernels import GroupSpec, QuantizedWeight
 
 QUANT_KEY = "ncc.quant"
 ALGO_KEY = "ncc.woq.algo"
 ERROR_KEY = "ncc.woq.error"
 _FLOATS = {ir.DataType.FLOAT: np.float32, ir.DataType.FLOAT16: np.float16}
-_ONNX = ("", "ai.onnx")
 
 
 @dataclass
@@ -63,7 +63,7 @@ def weight_matmuls(
     uses: dict[str, WeightUse] = {}
     outputs = {v.name for v in graph.outputs}
     for node in graph:
-        if node.op_type != "MatMul" or node.domain not in _ONNX or len(node.inputs) != 2:
+        if node.op_type != "MatMul" or not is_onnx_domain(node) or len(node.inputs) != 2:
             continue
         b = node.inputs[1]
         tensor = b.const_value if b is not None and b.is_initializer() else None

@@ -7,7 +7,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 from conftest import run_ort
-from ncc.passes.opset import default_opset, raise_opset, upgrade_blockers
+from ncc.ir.ops import onnx_opset
+from ncc.passes.opset import raise_opset, upgrade_blockers
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -34,7 +35,7 @@ def test_reduce_axes_attribute_becomes_an_input_and_outputs_are_unchanged():
     x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
     before = run_ort(model, {"x": x})["y"]
     assert raise_opset(model, 21) == []
-    assert default_opset(model) == 21 and model.ir_version >= 10
+    assert onnx_opset(model) == 21 and model.ir_version >= 10
     reduces = [n for n in model.graph if n.op_type.startswith("Reduce")]
     assert all("axes" not in n.attributes and len(n.inputs) == 2 for n in reduces)
     assert [int(a) for n in reduces for a in n.inputs[1].const_value.numpy()] == [-1, 1]
@@ -57,7 +58,7 @@ def test_meaning_changes_block_the_upgrade(op, attrs, opset, target):
     model = _model([node], opset=opset)
     assert upgrade_blockers(model, target) == [op]
     assert raise_opset(model, target) == [op]
-    assert default_opset(model) == opset  # untouched
+    assert onnx_opset(model) == opset  # untouched
 
 
 def test_type_only_changes_do_not_block():
@@ -68,9 +69,9 @@ def test_type_only_changes_do_not_block():
     ]
     model = _model(nodes, [nh.from_array(np.zeros(6, np.int64), "pads")])
     assert upgrade_blockers(model, 21) == []
-    assert raise_opset(model, 21) == [] and default_opset(model) == 21
+    assert raise_opset(model, 21) == [] and onnx_opset(model) == 21
 
 
 def test_already_at_target_is_left_alone():
     model = _model([h.make_node("Relu", ["x"], ["y"])], opset=21)
-    assert raise_opset(model, 17) == [] and default_opset(model) == 21
+    assert raise_opset(model, 17) == [] and onnx_opset(model) == 21
