@@ -390,6 +390,17 @@ def _serialized(model) -> bytes:
     return ir.serde.serialize_model(model).SerializeToString(deterministic=True)
 
 
+def _channel_mean(arrays: list[np.ndarray], axis: int) -> np.ndarray:
+    """Mean per channel (``axis``) over every other axis and every batch, accumulated in float64."""
+    total, count = 0.0, 0
+    for a in arrays:
+        ax = axis % a.ndim
+        others = tuple(d for d in range(a.ndim) if d != ax)
+        total = total + a.sum(axis=others, dtype=np.float64)
+        count += a.size // a.shape[ax]
+    return total / count
+
+
 def _layer_mean_errors(model, ctx) -> dict[str, float]:
     """Per quantized Conv: mean over channels of |E[float twin - quantized]| (the bias error)."""
     from ncc.passes.quant import correct_bias, fallback
@@ -399,10 +410,7 @@ def _layer_mean_errors(model, ctx) -> dict[str, float]:
     results = fallback.run(probe, feeds, [n for p in pairs for n in p[2:]])
     return {
         node.name: float(
-            np.abs(
-                correct_bias._channel_mean(results[local], 1)
-                - correct_bias._channel_mean(results[observed], 1)
-            ).mean()
+            np.abs(_channel_mean(results[local], 1) - _channel_mean(results[observed], 1)).mean()
         )
         for node, _, local, observed in pairs
         if node.op_type == "Conv"
