@@ -1,9 +1,13 @@
-"""All-or-nothing output files.
+"""All-or-nothing output files, and the one check for file names stored inside a model.
 
 Every file ncc writes goes through :func:`atomic_outputs`: the writer fills
 temporary files beside the targets and they are renamed into place only when
 the writer finishes without an exception. A failed compile never leaves a
 half-written model behind.
+
+A model names other files (ONNX external data, ncc text sidecars) relative to
+its own folder; :func:`inside_folder` is the check, shared by every reader,
+that such a name stays inside that folder.
 """
 
 from __future__ import annotations
@@ -15,6 +19,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ncc.errors import NccError
+
+
+def inside_folder(folder: str | os.PathLike, name: str) -> Path | None:
+    """``folder / name`` with symlinks resolved, when ``name`` is a relative path that stays inside
+    ``folder`` (resolved too); ``None`` when it is absolute or leads out of the folder."""
+    if os.path.isabs(name):
+        return None
+    try:
+        root = Path(folder).resolve()
+        resolved = (root / name).resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop: not a usable name
+        return None
+    return resolved if resolved.is_relative_to(root) else None
 
 
 def check_writable(path: Path) -> None:

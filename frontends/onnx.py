@@ -21,6 +21,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from ncc.errors import NccError
+from ncc.files import inside_folder
 from ncc.ir import ids
 
 
@@ -166,12 +167,11 @@ def _bitwidth(data_type: int) -> int:
 
 
 def _refuse_escaping_external_data(proto: onnx.ModelProto, folder: Path) -> None:
-    root = folder.resolve()
     sizes: dict[Path, int] = {}
     for tensor in external_tensors(proto):
         where = location(tensor)
-        resolved = (root / where).resolve()
-        if os.path.isabs(where) or not resolved.is_relative_to(root):
+        resolved = inside_folder(folder, where)
+        if resolved is None:
             raise NccError(
                 f"initializer {tensor.name!r} points at external data {where!r} outside the model's "
                 f"folder {folder}; refusing to read it."

@@ -22,6 +22,7 @@ import lark
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError, ParseError
+from ncc.files import inside_folder
 from ncc.ir import ids
 from ncc.ir.printer import ATTR_KINDS_BY_NAME, DTYPES_BY_NAME
 from ncc.ir.tensors import CHUNK, HASH_KEY, ElidedTensor
@@ -30,6 +31,8 @@ from onnx_ir import _type_casting
 _GRAMMAR = Path(__file__).with_name("ncc.lark")
 #: Parse simple node lines with a regular expression instead of lark (tests turn it off to compare).
 USE_FAST_PATH = True
+#: The shortest sha256 prefix an ``external<...>`` may give (the printer writes all 64 hex digits).
+MIN_DIGITS = 16
 
 
 class _Error(Exception):
@@ -420,8 +423,14 @@ class _Builder(lark.Transformer):
             file_tok, off_tok, len_tok, hash_tok = data[1]
             location = _unquote(file_tok)
             base = self.base_dir if self.base_dir is not None else Path(".")
-            path = base / location
-            if os.path.isabs(location) or not path.is_file():
+            path = inside_folder(base, location)
+            if path is None:
+                raise _Error(
+                    f"sidecar data file '{location}' lies outside {base}{os.sep}, the text file's folder; "
+                    "refusing to read it",
+                    file_tok,
+                )
+            if not path.is_file():
                 raise _Error(f"sidecar data file '{location}' not found in {base}", file_tok)
             offset, length = int(off_tok), int(len_tok)
             expected = _nbytes(dtype, count)
@@ -429,16 +438,27 @@ class _Builder(lark.Transformer):
                 raise _Error(
                     f"expected {expected} bytes of {dtype.name} data but length is {length}", len_tok
                 )
-            digest = _hash_range(path, offset, length)
+            want = hash_tok[len("sha256:") :]
+            if len(want) < MIN_DIGITS:
+                raise _Error(
+                    f"sha256 prefix '{want}' is too short: give at least {MIN_DIGITS} hex digits (--full "
+                    "dumps carry all 64)",
+                    hash_tok,
+                )
+            try:
+                digest = _hash_range(path, offset, length)
+            except OSError as err:
+                raise _Error(
+                    f"cannot read sidecar data file '{location}': {err.strerror or err}", file_tok
+                ) from None
             if digest is None:
                 raise _Error(
                     f"sidecar data file '{location}' is shorter than offset {offset} + length {length}",
                     file_tok,
                 )
-            want = hash_tok[len("sha256:") :]
             if not digest.startswith(want):
                 raise _Error(
-                    f"sha256 of {location}[{offset}:{offset + length}] is {digest[: len(want)]}, not {want} "
+                    f"sha256 of {location}[{offset}:{offset + length}] does not match "
                     "(the data file does not belong to this dump)",
                     hash_tok,
                 )
