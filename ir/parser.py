@@ -1069,3 +1069,15 @@ def parse_file(path: str | os.PathLike) -> ir.Model:
     except UnicodeDecodeError:
         raise NccError(f"{path}: not a text file (not UTF-8).") from None
     return parse(text, filename=str(path), base_dir=path.parent)
+
+
+_EXTERNAL_FILE = re.compile(r'\bexternal\s*<\s*("(?:[^"\\\n]|\\.)*")')
+
+
+def sidecar_files(path: str | os.PathLike) -> list[Path]:
+    """The sidecar data files the ``.ncc`` file at ``path`` names in ``external<...>``, each once
+    (beside it, as parsing reads them); found by a scan of the text, without parsing it."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    names = dict.fromkeys(_unquote(_tok(m.group(1), "STRING", 0, 0)) for m in _EXTERNAL_FILE.finditer(text))
+    return [path.parent / name for name in names]

@@ -336,19 +336,32 @@ def compile(
     import os
 
     from ncc.passes.base import PassContext
-    from ncc.tools.modelio import check_distinct, load_model, save_model
-    from ncc.tools.report import files_size, format_report, input_files, quantization_summary
+    from ncc.tools.modelio import (
+        FileUse,
+        calibration_files,
+        check_distinct,
+        input_files,
+        load_model,
+        output_files,
+        save_model,
+    )
+    from ncc.tools.report import files_size, format_report, quantization_summary
 
-    check_distinct(input, output, external_data)
+    inputs = input_files(input)
+    reads = [
+        *inputs,
+        *calibration_files(opts.get("calib")),
+        *(FileUse("a --plugin file", p) for p in opts["plugins"]),
+    ]
+    writes = output_files(output, external_data=external_data)
+    if layer_report is not None:
+        writes.append(FileUse("the --layer-report file", layer_report))
+    check_distinct(reads, writes)
     model = load_model(input)
-    size_before = files_size(input_files(input))
+    size_before = files_size([use.path for use in inputs])
     cache = cache_dir or Path(os.environ.get("NCC_CACHE", Path.home() / ".cache" / "ncc"))
     ctx = PassContext(source=str(input), cache_dir=str(cache))
     ctx.data["progress"] = sys.stderr.isatty()
-    if layer_report is not None:
-        from ncc.files import check_writable
-
-        check_writable(layer_report)
     run = _run_pipeline(model, {**opts, "fmt": fmt}, source=str(input), default=None, ctx=ctx)
     quantization = quantization_summary(model)
     int8 = any(n.metadata_props.get("ncc.quant", "").startswith("int8") for n in model.graph)
@@ -418,10 +431,11 @@ def _legalize(model, fmt: str | None, target: str | None) -> list[str]:
 @_pipeline_options
 def opt(input: Path, output: Path | None, full: bool, **opts) -> None:
     """Run passes on an .ncc (or .onnx) file and print the resulting IR text."""
-    from ncc.tools.modelio import check_distinct, load_model
+    from ncc.tools.modelio import FileUse, check_distinct, input_files, load_model, output_files
 
     if output is not None:
-        check_distinct(input, output)
+        plugins = [FileUse("a --plugin file", p) for p in opts["plugins"]]
+        check_distinct(input_files(input) + plugins, output_files(output, full=full))
     model = load_model(input)
     _run_pipeline(model, opts, source=str(input), default=None)
     _emit_text(model, output, full)
@@ -439,10 +453,10 @@ def opt(input: Path, output: Path | None, full: bool, **opts) -> None:
 )
 def dump(input: Path, output: Path | None, full: bool) -> None:
     """Print the IR of INPUT (.onnx or .ncc) as ncc text."""
-    from ncc.tools.modelio import check_distinct, load_model
+    from ncc.tools.modelio import check_distinct, input_files, load_model, output_files
 
     if output is not None:
-        check_distinct(input, output)
+        check_distinct(input_files(input), output_files(output, full=full))
     _emit_text(load_model(input), output, full)
 
 

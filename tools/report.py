@@ -12,16 +12,6 @@ def files_size(paths: list[Path]) -> int:
     return sum(p.stat().st_size for p in paths if p.exists())
 
 
-def input_files(path: Path) -> list[Path]:
-    """The model file and the external data files it references."""
-    if path.suffix != ".onnx":
-        data = path.with_name(path.name + ".data")
-        return [path, data] if data.exists() else [path]
-    from ncc.frontends.onnx import external_data_files
-
-    return [path, *external_data_files(path)]
-
-
 def quantization_summary(model: ir.Model) -> list[str]:
     quantized, skipped = Counter(), Counter()
     for node in model.graph:

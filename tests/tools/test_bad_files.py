@@ -178,3 +178,74 @@ def test_full_dump_carries_the_whole_digest_and_rebuilds(tmp_path):
     text.write_text(body.replace(real, real[:16]))
     proc = ncc("compile", text, "-o", tmp_path / "back16.onnx")
     assert proc.returncode == 0, proc.stderr
+
+
+# -- 2. no output replaces a file the command reads ---------------------------------------------
+
+
+def _clobber_case(tmp: Path, case: str) -> tuple[list, tuple[str, ...]]:
+    w = tmp / "w"
+    if case == "dump --full sidecar is the input's data":
+        src = mlp(w, data="m.ncc.data")
+        return ["dump", "--full", src, "-o", w / "m.ncc"], ("sidecar data file", "input's external data")
+    if case == "compile output is the input's data":
+        src = mlp(w, data="weights.onnx")
+        return ["compile", src, "-o", w / "weights.onnx"], ("the output", "input's external data")
+    if case == "output hard-linked to the input's data":
+        src = mlp(w)
+        os.link(w / "weights.bin", w / "hard.onnx")
+        return ["compile", src, "-o", w / "hard.onnx"], ("the output", "input's external data")
+    if case == "output symlinked to the input's data":
+        src = mlp(w)
+        (w / "alias.onnx").symlink_to("weights.bin")
+        return ["compile", src, "-o", w / "alias.onnx"], ("the output", "input's external data")
+    if case == "ncc input's sidecar named by the output":
+        text, body = full_dump(w)
+        (w / "m.ncc.data").rename(w / "b.ncc.data")
+        text.write_text(body.replace('"m.ncc.data"', '"b.ncc.data"'))
+        return ["compile", text, "-o", w / "b.ncc"], ("sidecar data file", "input's sidecar data file")
+    if case == "layer report is the input":
+        src = mlp(w)
+        return (
+            ["compile", src, "--pass", "w4", "--group-size", "0", "-o", w / "o.onnx", "--layer-report", src],
+            ("--layer-report", "is the input"),
+        )
+    if case == "layer report is the calibration data":
+        src = mlp(w)
+        np.savez(w / "calib.npz", x=np.ones((4, 8), np.float32))
+        args = ["compile", src, "--pass", "w4", "--algo", "gptq", "--group-size", "0", "--calib"]
+        return (
+            [*args, w / "calib.npz", "-o", w / "o.onnx", "--layer-report", w / "calib.npz"],
+            ("--layer-report", "calibration data"),
+        )
+    # these already passed
+    if case == "output is the input":
+        src = mlp(w)
+        (w / "sub").mkdir()
+        return ["compile", src, "-o", w / "sub" / ".." / "model.onnx"], ("model.onnx", "is the input")
+    if case == "--external-data is the input's data":
+        src = mlp(w)
+        args = ["compile", src, "-o", w / "o.onnx", "--external-data", "weights.bin"]
+        return args, ("weights.bin", "input's")
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "dump --full sidecar is the input's data",
+        "compile output is the input's data",
+        "output hard-linked to the input's data",
+        "output symlinked to the input's data",
+        "ncc input's sidecar named by the output",
+        "layer report is the input",
+        "layer report is the calibration data",
+        "output is the input",
+        "--external-data is the input's data",
+    ],
+)
+def test_outputs_never_replace_inputs(tmp_path, case):
+    args, fragments = _clobber_case(tmp_path, case)
+    before = snapshot(tmp_path)
+    assert_refused(ncc(*args), *fragments, "choose another")
+    assert snapshot(tmp_path) == before
