@@ -5,11 +5,14 @@ and the passes are imported inside the commands that need them, and torch or
 tensorflow only by the frontends that lower their models.
 
 Every error a user can cause is an :class:`ncc.errors.NccError` and is shown as
-one sentence with exit code 2; outputs are written all-or-nothing.
+one sentence with exit code 2; outputs are written all-or-nothing. Ctrl-C (exit
+130) and SIGTERM (exit 143) remove the temporary files as a failure does.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -21,8 +24,15 @@ from ncc.errors import NccError
 _IN = click.Path(path_type=Path, dir_okay=True, exists=False)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that outputs are cleaned up as on Ctrl-C."""
+
+
+_EXIT_SIGINT, _EXIT_SIGTERM = 128 + 2, 128 + 15
+
+
 class _Group(click.Group):
-    """Turns NccError (and unwritable-output OSErrors) into one line and exit code 2."""
+    """Turns NccError into one line and exit code 2; interrupts into their exit codes."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -30,9 +40,10 @@ class _Group(click.Group):
         except NccError as err:
             click.echo(f"ncc: error: {err}", err=True)
             sys.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("ncc: interrupted; no output written.", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as err:
+            terminated = isinstance(err, _Terminated)
+            click.echo(f"ncc: {'terminated' if terminated else 'interrupted'}; no output written.", err=True)
+            sys.exit(_EXIT_SIGTERM if terminated else _EXIT_SIGINT)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -333,8 +344,7 @@ def compile(
     **opts,
 ) -> None:
     """Compile INPUT (.onnx or .ncc) through a pipeline into OUTPUT (.onnx or .ncc)."""
-    import os
-
+    from ncc.files import deferred_commit
     from ncc.passes.base import PassContext
     from ncc.tools.modelio import (
         FileUse,
@@ -369,20 +379,21 @@ def compile(
     layers = ctx.data.get("woq_layers")
     if layer_report is not None and not layers:
         raise NccError("--layer-report needs a weight-only pipeline (w4, w8, woq-*).")
-    written = save_model(model, output, external_data=external_data, value_info=value_info or not int8)
-    if layer_report is not None:
-        from ncc.tools.report import write_layer_report
-
-        write_layer_report(layer_report, layers)
     check = None
-    if (
-        not no_check
-        and output.suffix == ".onnx"
-        and any("ncc.quant" in n.metadata_props for n in model.graph)
-    ):
-        from ncc.backends.onnx.check import check_on_onnxruntime
+    with deferred_commit() as staged:  # the outputs are renamed into place once the check passed
+        written = save_model(model, output, external_data=external_data, value_info=value_info or not int8)
+        if layer_report is not None:
+            from ncc.tools.report import write_layer_report
 
-        check = check_on_onnxruntime(output, model)
+            write_layer_report(layer_report, layers)
+        if (
+            not no_check
+            and output.suffix == ".onnx"
+            and any("ncc.quant" in n.metadata_props for n in model.graph)
+        ):
+            from ncc.backends.onnx.check import check_on_onnxruntime
+
+            check = check_on_onnxruntime(staged(output), model, shown=output)
     if run is not None:
         spec = ",".join(r.spec for r in run.records)
         click.echo(
@@ -508,7 +519,12 @@ _add_bench()
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     cli(prog_name="ncc")
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
 
 
 if __name__ == "__main__":

@@ -150,12 +150,11 @@ def save_model(
         return [path] + ([data] if data else [])
     from ncc.ir.printer import print_model
 
-    if not full:
-        with atomic_outputs(path) as (tmp,):
-            tmp.write_text(print_model(model), encoding="utf-8")
-        return [path]
     data_path = _sidecar(path)
-    with atomic_outputs(path, data_path) as (tmp, tmp_data):
-        # The sidecar is referenced by its final file name, which tmp_data shares.
-        tmp.write_text(print_model(model, full=True, data_file=tmp_data), encoding="utf-8")
-    return [path] + ([data_path] if data_path.exists() else [])
+    targets = (path, data_path) if full else (path,)
+    with atomic_outputs(*targets) as temps:
+        # The sidecar is referenced by its final file name, which its temporary shares.
+        text = print_model(model, full=full, data_file=temps[1] if full else None)
+        temps[0].write_text(text, encoding="utf-8")
+        written = [path] + ([data_path] if full and temps[1].exists() else [])
+    return written

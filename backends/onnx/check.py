@@ -81,8 +81,11 @@ class RuntimeCheck:
         return "\n".join(lines)
 
 
-def check_on_onnxruntime(path: str | Path, model: ir.Model) -> RuntimeCheck:
-    """Load ``path`` (the emitted file of ``model``) in onnxruntime and classify ``model``'s quantized nodes."""
+def check_on_onnxruntime(
+    path: str | Path, model: ir.Model, *, shown: str | Path | None = None
+) -> RuntimeCheck:
+    """Load ``path`` (the emitted file of ``model``) in onnxruntime and classify ``model``'s quantized nodes;
+    ``shown`` names the file in messages (the final name, when ``path`` is its temporary)."""
     import onnx
     import onnxruntime as ort
 
@@ -100,9 +103,8 @@ def check_on_onnxruntime(path: str | Path, model: ir.Model) -> RuntimeCheck:
         try:
             ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # the artefact does not load: that is the finding
-            raise NccError(
-                f"onnxruntime cannot load the emitted model {path}: {str(err).splitlines()[0]}"
-            ) from None
+            reason = str(err).splitlines()[0].replace(str(path), str(shown or path))
+            raise NccError(f"onnxruntime cannot load the emitted model {shown or path}: {reason}") from None
         optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
     by_name = {n.name: n for n in optimized.graph.node}
     check = RuntimeCheck(runtime=f"onnxruntime {ort.__version__} CPUExecutionProvider")

@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "digits_cnn.onnx"
+CALIB = REPO / "examples" / "digits_calib.npz"
 CLI = [sys.executable, "-m", "ncc.tools.cli"]
 
 
@@ -249,3 +252,140 @@ def test_outputs_never_replace_inputs(tmp_path, case):
     before = snapshot(tmp_path)
     assert_refused(ncc(*args), *fragments, "choose another")
     assert snapshot(tmp_path) == before
+
+
+# -- 7. the onnxruntime check comes before the rename; SIGTERM cleans up like Ctrl-C ---------------
+
+MARK_PASS = """
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ncc.passes import Pass, PassResult
+
+
+@dataclass(frozen=True)
+class MarkQuantized(Pass):
+    '''Mark every node as int8-quantized, so that the compile checks the result in onnxruntime.'''
+
+    name: ClassVar[str] = "mark-quantized"
+
+    def run(self, model, ctx):
+        for node in model.graph:
+            node.metadata_props["ncc.quant"] = "int8"
+        return PassResult(modified=True)
+"""
+
+SLOW_CHECK = """
+import time
+import ncc.backends.onnx.check as check
+
+_real = check.check_on_onnxruntime
+
+
+def _slow(path, model, **kw):
+    open({marker!r}, "w").close()
+    time.sleep(120)
+    return _real(path, model, **kw)
+
+
+check.check_on_onnxruntime = _slow
+"""
+
+SLOW_CALIB = """
+import time
+import numpy as np
+
+
+def data():
+    open({marker!r}, "w").close()
+    time.sleep(120)
+    yield {{"image": np.load({calib!r})["image"][:4]}}
+"""
+
+
+def test_failed_check_leaves_no_output(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Mystery", ["x"], ["y"], name="m", domain="com.example")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), tmp_path / "mystery.onnx")
+    (tmp_path / "mark.py").write_text(MARK_PASS)
+    before = snapshot(tmp_path)
+    proc = ncc(
+        "compile",
+        "mystery.onnx",
+        "--plugin",
+        "mark.py",
+        "--passes",
+        "mark-quantized",
+        "-o",
+        "o.onnx",
+        cwd=tmp_path,
+    )
+    assert_refused(proc, "onnxruntime cannot load the emitted model o.onnx", "com.example:Mystery")
+    assert ".ncc-tmp-" not in proc.stderr
+    assert snapshot(tmp_path) == before
+
+
+def _stop_midway(tmp: Path, args: list, marker: Path, signum: int) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [*CLI, *map(str, args)],
+        cwd=tmp,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a runner started in the background ignores SIGINT, and Python keeps an inherited SIG_IGN
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"ncc never reached the slow step: {proc.communicate()[1]}")
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc, stderr
+
+
+@pytest.mark.parametrize(
+    ("where", "signum", "code", "word"),
+    [
+        ("check", signal.SIGTERM, 143, "terminated"),
+        ("calibration", signal.SIGTERM, 143, "terminated"),
+        ("check", signal.SIGINT, 130, "interrupted"),
+    ],
+)
+def test_signal_midway_leaves_nothing(tmp_path, where, signum, code, word):
+    marker = tmp_path / "reached"
+    (tmp_path / "in").mkdir()
+    mlp(tmp_path / "in", data=None)
+    if where == "check":
+        (tmp_path / "slow.py").write_text(MARK_PASS + SLOW_CHECK.format(marker=str(marker)))
+        args = [
+            "compile",
+            "in/model.onnx",
+            "--plugin",
+            "slow.py",
+            "--passes",
+            "mark-quantized",
+            "-o",
+            "o.onnx",
+        ]
+    else:
+        (tmp_path / "slow.py").write_text(SLOW_CALIB.format(marker=str(marker), calib=str(CALIB)))
+        args = ["compile", EXAMPLE, "--pass", "int8", "--calib", "slow.py:data", "-o", "o.onnx"]
+        args += ["--cache-dir", "cache"]
+    before = snapshot(tmp_path)
+    proc, stderr = _stop_midway(tmp_path, args, marker, signum)
+    assert proc.returncode == code, stderr
+    assert f"ncc: {word}; no output written." in stderr and "Traceback" not in stderr, stderr
+    marker.unlink()
+    after = {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("__pycache__")}
+    assert after == before  # no o.onnx, no .ncc-tmp-* folder, no cache entry half written
