@@ -36,6 +36,11 @@ def inside_folder(folder: str | os.PathLike, name: str) -> Path | None:
     return resolved if resolved.is_relative_to(root) else None
 
 
+def cannot_write(target: Path, err: OSError) -> NccError:
+    """The user-facing error for an OSError (ENOSPC, EROFS, EIO, ...) met while writing ``target``."""
+    return NccError(f"cannot write {target}: {err.strerror or err}.")
+
+
 def check_writable(path: Path) -> None:
     """Raise an NccError when ``path``'s folder does not exist or cannot be written."""
     folder = path.parent if str(path.parent) else Path(".")
@@ -50,7 +55,7 @@ def check_writable(path: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise NccError(f"cannot write {path}: {err.strerror or err}.") from None
+        raise cannot_write(path, err) from None
 
 
 class _Commit:
@@ -112,7 +117,7 @@ def atomic_outputs(*targets: Path) -> Iterator[list[Path]]:
     try:
         workdir = Path(tempfile.mkdtemp(prefix=".ncc-tmp-", dir=targets[0].parent or "."))
     except OSError as err:
-        raise NccError(f"cannot write {targets[0]}: {err.strerror or err}.") from None
+        raise cannot_write(targets[0], err) from None
     temps = [workdir / t.name for t in targets]
     handed_over = False
     try:
@@ -133,7 +138,7 @@ def _rename(temps: list[Path], targets: tuple[Path, ...]) -> None:
             try:
                 os.replace(temp, target)
             except OSError as err:
-                raise NccError(f"cannot write {target}: {err.strerror or err}.") from None
+                raise cannot_write(target, err) from None
 
 
 def _remove(workdir: Path) -> None:

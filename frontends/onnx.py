@@ -35,6 +35,10 @@ def load_onnx(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     if not os.access(path, os.R_OK):
         raise NccError(f"{path}: cannot be read (permission denied).")
     try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # onnx's checker (C++) takes only UTF-8 paths
+        raise NccError(f"{path!s}: the path is not UTF-8, which onnx needs; rename it.") from None
+    try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
         raise NccError(f"{path}: not a readable ONNX model ({_first_line(err)}).") from None

@@ -19,12 +19,13 @@ import threading
 from pathlib import Path
 
 import lark
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError, ParseError
 from ncc.files import inside_folder
 from ncc.ir import ids
-from ncc.ir.printer import ATTR_KINDS_BY_NAME, DTYPES_BY_NAME
+from ncc.ir.printer import ATTR_KINDS_BY_NAME, DTYPE_NAMES, DTYPES_BY_NAME
 from ncc.ir.tensors import CHUNK, HASH_KEY, ElidedTensor
 from onnx_ir import _type_casting
 
@@ -33,6 +34,7 @@ _GRAMMAR = Path(__file__).with_name("ncc.lark")
 USE_FAST_PATH = True
 #: The shortest sha256 prefix an ``external<...>`` may give (the printer writes all 64 hex digits).
 MIN_DIGITS = 16
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class _Error(Exception):
@@ -108,6 +110,22 @@ class _Scope:
 
 def _float(tok) -> float:
     return float(tok)
+
+
+def _int64(tok) -> int:
+    """An INT token's value; ONNX stores integers (attributes, dims, offsets, versions) in 64 bits."""
+    value = int(tok)
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise _Error(f"integer {tok} does not fit in 64 bits", tok)
+    return value
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Builder(lark.Transformer):
@@ -274,7 +292,7 @@ class _Builder(lark.Transformer):
         if kind == "int":
             if not isinstance(tok, lark.Token) or tok.type != "INT":
                 raise _Error(f"'{_name(key)}' must be an integer", key)
-            return int(tok)
+            return _int64(tok)
         if kind == "str":
             if not isinstance(tok, lark.Token) or tok.type != "STRING":
                 raise _Error(f"'{_name(key)}' must be a string", key)
@@ -350,7 +368,7 @@ class _Builder(lark.Transformer):
         for tok in c:
             t = tok.type
             if t == "INT":
-                dims.append(int(tok))
+                dims.append(_int64(tok))
             elif t == "QMARK":
                 dims.append(ir.SymbolicDim(None))
             else:
@@ -432,7 +450,9 @@ class _Builder(lark.Transformer):
                 )
             if not path.is_file():
                 raise _Error(f"sidecar data file '{location}' not found in {base}", file_tok)
-            offset, length = int(off_tok), int(len_tok)
+            if not _is_utf8(location):
+                raise _Error(f"sidecar data file name '{location}' is not UTF-8, which ONNX needs", file_tok)
+            offset, length = _int64(off_tok), _int64(len_tok)
             expected = _nbytes(dtype, count)
             if expected is not None and length != expected:
                 raise _Error(
@@ -505,7 +525,13 @@ class _Builder(lark.Transformer):
                 elif it.type != "INT":
                     raise _Error(f"expected an integer for {dtype.name} data but found {it}", it)
                 else:
-                    vals.append(int(it))
+                    value = int(it)
+                    info = ml_dtypes.iinfo(np_dtype)  # numpy's iinfo knows no int4/int2
+                    if not info.min <= value <= info.max:
+                        raise _Error(
+                            f"{it} does not fit in {DTYPE_NAMES[dtype]} ({info.min}..{info.max})", it
+                        )
+                    vals.append(value)
         try:
             arr = np.array(vals, dtype=np_dtype).reshape(dims)
         except (OverflowError, ValueError) as err:
@@ -544,7 +570,7 @@ class _Builder(lark.Transformer):
         if isinstance(v, lark.Token):
             t = v.type
             if t == "INT":
-                return ir.Attr(name, A.INT, int(v))
+                return ir.Attr(name, A.INT, _int64(v))
             if t == "FLOAT":
                 return ir.Attr(name, A.FLOAT, float(v))
             if t == "STRING":
@@ -579,7 +605,7 @@ class _Builder(lark.Transformer):
             else:
                 kinds.add("tensor")
         if kinds <= {"INT"}:
-            return ir.Attr(name, A.INTS, [int(x) for x in items])
+            return ir.Attr(name, A.INTS, [_int64(x) for x in items])
         if kinds <= {"INT", "FLOAT"}:
             return ir.Attr(name, A.FLOATS, [float(x) for x in items])
         if kinds == {"STRING"}:
@@ -842,15 +868,16 @@ def _hash_range(path: Path, offset: int, length: int) -> str | None:
 # 30 us per token in pure Python, so before it runs, runs of lines that match
 # the regular expression below exactly (the printer's own spacing, no quoted
 # names with escapes, no overload/version/meta/fused, only numbers, number
-# lists and plain strings as attributes) are replaced by one FAST_NODES token
+# lists and plain strings as attributes, integers of at most 18 digits so that
+# they always fit in 64 bits) are replaced by one FAST_NODES token
 # (line count kept, so positions stay right); its callback builds those nodes
 # from the saved matches, in order, through the same scope logic.
 
 _B = r'(?:[A-Za-z0-9_.]+|"[^"\\\n]*")'
 _ID = r"[A-Za-z_][A-Za-z0-9_.]*"
-_NUM = r"[+-]?(?:[0-9]+\.[0-9]*(?:e[+-]?[0-9]+)?|[0-9]+e[+-]?[0-9]+|inf|nan|[0-9]+)"
+_NUM = r"[+-]?(?:[0-9]+\.[0-9]*(?:e[+-]?[0-9]+)?|[0-9]+e[+-]?[0-9]+|inf|nan|[0-9]{1,18})"
 _AVAL = rf'(?:{_NUM}|\[{_NUM}(?:, {_NUM})*\]|"[^"\\\n]*")'
-_TYPE = rf"(?:\?|[a-z][a-z0-9]*)(?:\[(?:(?:[0-9]+|{_ID}|\?)(?:,(?:[0-9]+|{_ID}|\?))*)?\])?"
+_TYPE = rf"(?:\?|[a-z][a-z0-9]*)(?:\[(?:(?:[0-9]{{1,18}}|{_ID}|\?)(?:,(?:[0-9]{{1,18}}|{_ID}|\?))*)?\])?"
 _FAST_NODE = re.compile(
     rf"[ \t]*(?:(?P<outs>(?:%{_B}|none)(?:, (?:%{_B}|none))*) = )?"
     rf"(?:(?P<dom>{_ID})::)?(?P<op>{_ID})"

@@ -6,7 +6,9 @@ tensorflow only by the frontends that lower their models.
 
 Every error a user can cause is an :class:`ncc.errors.NccError` and is shown as
 one sentence with exit code 2; outputs are written all-or-nothing. Ctrl-C (exit
-130) and SIGTERM (exit 143) remove the temporary files as a failure does.
+130) and SIGTERM (exit 143) remove the temporary files as a failure does; a
+closed or full standard output is an error, a pipe closed by its reader (``|
+head``) ends the command quietly (exit 141, as if SIGPIPE had ended it).
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that outputs are cleaned up as on Ctrl-C."""
 
 
-_EXIT_SIGINT, _EXIT_SIGTERM = 128 + 2, 128 + 15
+class _ClosedPipe(Exception):
+    """Standard output is a pipe its reader closed (``ncc passes | head -1``)."""
+
+
+_EXIT_SIGPIPE, _EXIT_SIGINT, _EXIT_SIGTERM = 128 + 13, 128 + 2, 128 + 15
 
 
 class _Group(click.Group):
-    """Turns NccError into one line and exit code 2; interrupts into their exit codes."""
+    """Turns NccError into one line and exit code 2; interrupts and closed pipes into their exit codes."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -40,10 +46,34 @@ class _Group(click.Group):
         except NccError as err:
             click.echo(f"ncc: error: {err}", err=True)
             sys.exit(err.exit_code)
+        except _ClosedPipe:
+            sys.exit(_EXIT_SIGPIPE)
         except KeyboardInterrupt as err:
             terminated = isinstance(err, _Terminated)
             click.echo(f"ncc: {'terminated' if terminated else 'interrupted'}; no output written.", err=True)
             sys.exit(_EXIT_SIGTERM if terminated else _EXIT_SIGINT)
+
+
+def _out(text: str, nl: bool = True) -> None:
+    """Write ``text`` to standard output, now (flushed), so that a failure is reported where it happens."""
+    if sys.stdout is None:
+        raise NccError("cannot write to standard output: it is closed.")
+    try:
+        click.echo(text, nl=nl)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        raise _ClosedPipe from None
+    except OSError as err:
+        _discard_stdout()
+        raise NccError(f"cannot write to standard output: {err.strerror or err}.") from None
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null: what stdout still buffers is flushed there at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -361,11 +391,11 @@ def compile(
     reads = [
         *inputs,
         *calibration_files(opts.get("calib")),
-        *(FileUse("a --plugin file", p) for p in opts["plugins"]),
+        *(FileUse("a --plugin file", p, model=False) for p in opts["plugins"]),
     ]
     writes = output_files(output, external_data=external_data)
     if layer_report is not None:
-        writes.append(FileUse("the --layer-report file", layer_report))
+        writes.append(FileUse("the --layer-report file", layer_report, model=False))
     check_distinct(reads, writes)
     model = load_model(input)
     size_before = files_size([use.path for use in inputs])
@@ -444,9 +474,9 @@ def opt(input: Path, output: Path | None, full: bool, **opts) -> None:
     """Run passes on an .ncc (or .onnx) file and print the resulting IR text."""
     from ncc.tools.modelio import FileUse, check_distinct, input_files, load_model, output_files
 
-    if output is not None:
-        plugins = [FileUse("a --plugin file", p) for p in opts["plugins"]]
-        check_distinct(input_files(input) + plugins, output_files(output, full=full))
+    plugins = [FileUse("a --plugin file", p, model=False) for p in opts["plugins"]]
+    inputs = input_files(input) if output else [FileUse("the input", input)]
+    check_distinct(inputs + plugins, output_files(output, full=full) if output else [])
     model = load_model(input)
     _run_pipeline(model, opts, source=str(input), default=None)
     _emit_text(model, output, full)
@@ -464,9 +494,11 @@ def opt(input: Path, output: Path | None, full: bool, **opts) -> None:
 )
 def dump(input: Path, output: Path | None, full: bool) -> None:
     """Print the IR of INPUT (.onnx or .ncc) as ncc text."""
-    from ncc.tools.modelio import check_distinct, input_files, load_model, output_files
+    from ncc.tools.modelio import FileUse, check_distinct, input_files, load_model, output_files
 
-    if output is not None:
+    if output is None:  # nothing is written: only the input's name is checked
+        check_distinct([FileUse("the input", input)])
+    else:
         check_distinct(input_files(input), output_files(output, full=full))
     _emit_text(load_model(input), output, full)
 
@@ -476,7 +508,7 @@ def _emit_text(model, output: Path | None, full: bool) -> None:
     from ncc.tools.modelio import save_model
 
     if output is None:
-        click.echo(print_model(model, full=full), nl=False)
+        _out(print_model(model, full=full), nl=False)
     else:
         save_model(model, output, full=full)
 
@@ -493,14 +525,14 @@ def list_passes(plugins: tuple[Path, ...]) -> None:
 
     for plugin in plugins:
         registry.load_plugin(plugin)
-    click.echo("Passes:")
+    lines = ["Passes:"]
     for cls in registry.all_passes().values():
         first, *rest = describe_pass(cls).splitlines()
         origin = "" if cls.origin == "builtin" else f"  [plugin: {cls.origin}]"
-        click.echo(textwrap.indent("\n".join([first + origin, *rest]), "  "))
-    click.echo("\nPipelines:")
-    for name, spec in sorted(PIPELINES.items()):
-        click.echo(f"  {name:<22} {spec}")
+        lines.append(textwrap.indent("\n".join([first + origin, *rest]), "  "))
+    lines.append("\nPipelines:")
+    lines += [f"  {name:<22} {spec}" for name, spec in sorted(PIPELINES.items())]
+    _out("\n".join(lines))
 
 
 def _count_nodes(model) -> int:
@@ -520,11 +552,39 @@ _add_bench()
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
-    cli(prog_name="ncc")
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is None:  # started with the descriptor closed (`>&-`): Python leaves it
+            _hold_closed(fd)  # so that no file ncc opens becomes descriptor 1 or 2
+    try:
+        cli(prog_name="ncc")
+    finally:
+        _flush_stdout()
 
 
 def _on_sigterm(signum, frame) -> None:
     raise _Terminated()
+
+
+def _hold_closed(fd: int) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    if devnull != fd:
+        os.dup2(devnull, fd)
+        os.close(devnull)
+
+
+def _flush_stdout() -> None:
+    """What a command (``bench``) left buffered on stdout, written at exit: failures as in :func:`_out`."""
+    if sys.stdout is None:
+        return
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        raise SystemExit(_EXIT_SIGPIPE) from None
+    except OSError as err:
+        _discard_stdout()
+        click.echo(f"ncc: error: cannot write to standard output: {err.strerror or err}.", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

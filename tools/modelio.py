@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import onnx_ir as ir
 from ncc.errors import NccError
-from ncc.files import atomic_outputs, check_writable
+from ncc.files import atomic_outputs, cannot_write, check_writable
 
 FORMATS = (".onnx", ".ncc")
 
@@ -47,6 +47,8 @@ class FileUse(NamedTuple):
 
     role: str
     path: Path
+    #: A model or weight file: onnx and onnxruntime take only UTF-8 names for those.
+    model: bool = True
     #: An output written only in some cases (a data file for weights over 2 GB).
     optional: bool = False
 
@@ -98,14 +100,17 @@ def calibration_files(spec: str | None) -> list[FileUse]:
     else:
         module = spec.rpartition(":")[0]
         files = [Path(module)] if module.endswith(".py") else []
-    return [FileUse("the calibration data", p) for p in files]
+    return [FileUse("the calibration data", p, model=False) for p in files]
 
 
 def check_distinct(reads: Iterable[FileUse], writes: Iterable[FileUse] = ()) -> None:
     """Refuse, before any work, a command that would write over a file it reads, or write two of its
     outputs to one file. Paths are compared resolved (relative paths, symlinks) and, where both exist,
-    as files (hard links)."""
+    as files (hard links). Model and weight files must have UTF-8 names (onnx takes no other)."""
     reads, writes = list(reads), list(writes)
+    for use in reads + writes:
+        if use.model:
+            _require_utf8(use.path)
     for write in writes:
         if not write.optional:
             check_writable(write.path)
@@ -125,6 +130,17 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except (OSError, RuntimeError):  # unreadable or a symlink loop: not provably the same file
         return False
+
+
+def _require_utf8(path: Path) -> None:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+        raise NccError(
+            f"cannot use {shown}: its name is not UTF-8, and onnx takes only UTF-8 names for models and "
+            "their data files; rename it."
+        ) from None
 
 
 def _sidecar(path: Path) -> Path:
@@ -153,8 +169,11 @@ def save_model(
     data_path = _sidecar(path)
     targets = (path, data_path) if full else (path,)
     with atomic_outputs(*targets) as temps:
-        # The sidecar is referenced by its final file name, which its temporary shares.
-        text = print_model(model, full=full, data_file=temps[1] if full else None)
-        temps[0].write_text(text, encoding="utf-8")
+        try:
+            # The sidecar is referenced by its final file name, which its temporary shares.
+            text = print_model(model, full=full, data_file=temps[1] if full else None)
+            temps[0].write_text(text, encoding="utf-8")
+        except OSError as err:
+            raise cannot_write(path, err) from None
         written = [path] + ([data_path] if full and temps[1].exists() else [])
     return written

@@ -75,9 +75,12 @@ def format_report(
 
 def write_layer_report(path: Path, layers) -> None:
     """The weight-only per-layer table as tab-separated text (header first), written atomically."""
-    from ncc.files import atomic_outputs
+    from ncc.files import atomic_outputs, cannot_write
 
     columns = layers[0].COLUMNS
     text = "\t".join(columns) + "\n" + "".join("\t".join(layer.row()) + "\n" for layer in layers)
     with atomic_outputs(path) as (tmp,):
-        Path(tmp).write_text(text)
+        try:
+            Path(tmp).write_text(text)
+        except OSError as err:
+            raise cannot_write(path, err) from None

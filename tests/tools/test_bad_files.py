@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -108,6 +109,18 @@ def full_dump(folder: Path) -> tuple[Path, str]:
     proc = ncc("dump", "--full", src, "-o", text)
     assert proc.returncode == 0, proc.stderr
     return text, text.read_text()
+
+
+def graph_text(*body: str, opsets: str = '"" = 17', header: str = "ir_version = 8") -> str:
+    lines = "\n".join(f"  {line}" for line in body)
+    return (
+        f"// ncc.ir 1\nmodel {{{header}, opset_import = {{{opsets}}}}}\n"
+        f"graph @g(%x: f32[2,3]) -> (%y: f32[3,2]) {{\n{lines}\n  return %y\n}}\n"
+    )
+
+
+TRANSPOSE = '%y = Transpose(%x) {perm = [1, 0]} : f32[3,2]  loc("t" #0)'
+PAST_INT64 = "9223372036854775808"  # 2**63
 
 
 # -- 1. a text file's sidecars stay in its folder; the sha256 check means it ---------------------
@@ -389,3 +402,167 @@ def test_signal_midway_leaves_nothing(tmp_path, where, signum, code, word):
     marker.unlink()
     after = {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("__pycache__")}
     assert after == before  # no o.onnx, no .ncc-tmp-* folder, no cache entry half written
+
+
+# -- 9. the environment: cache, disk, stdout, file names, integers ---------------------------------
+
+
+@pytest.mark.parametrize("where", ["NCC_CACHE", "HOME"])
+def test_unwritable_calibration_cache_is_a_warning(tmp_path, where):
+    # /proc takes no new folders, even from root
+    env = {"NCC_CACHE": "/proc/ncc-cache"} if where == "NCC_CACHE" else {"HOME": "/proc/ncc-home"}
+    environ = {k: v for k, v in os.environ.items() if where == "NCC_CACHE" or k != "NCC_CACHE"}
+    proc = subprocess.run(
+        [*CLI, "compile", EXAMPLE, "--pass", "int8", "--calib", CALIB, "-o", tmp_path / "q.onnx"],
+        capture_output=True,
+        text=True,
+        env={**environ, **env},
+    )
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("ncc: warning: cannot write")]
+    assert len(warnings) == 1 and "calibration cache" in warnings[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    onnx.checker.check_model(onnx.load(tmp_path / "q.onnx"))
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 16 KB tmpfs (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", mount], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", mount], check=True)
+
+
+def test_full_disk_while_writing_the_sidecar(tiny_disk):
+    proc = ncc("dump", "--full", EXAMPLE, "-o", tiny_disk / "d.ncc")
+    assert_refused(proc, f"cannot write {tiny_disk / 'd.ncc'}", "No space left on device")
+    assert list(tiny_disk.iterdir()) == []
+
+
+def test_full_disk_while_writing_the_sidecar_in_process(tmp_path, monkeypatch):
+    """The same without a mount: the sidecar's file is /dev/full, whose writes fail with ENOSPC."""
+    from click.testing import CliRunner
+    from ncc.ir import printer
+    from ncc.tools.cli import cli
+
+    real_init = printer._Sidecar.__init__
+
+    def on_full_disk(self, path):
+        real_init(self, path)
+        self.file.close()
+        self.file = open("/dev/full", "wb", buffering=0)  # noqa: SIM115 - closed by _Sidecar.close
+
+    monkeypatch.setattr(printer._Sidecar, "__init__", on_full_disk)
+    result = CliRunner().invoke(cli, ["dump", "--full", str(EXAMPLE), "-o", str(tmp_path / "d.ncc")])
+    assert result.exit_code == 2, result.output
+    assert "ncc: error: cannot write" in result.output and "No space left on device" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stdout_full():
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([*CLI, "passes"], stdout=full, stderr=subprocess.PIPE, text=True)
+    assert_refused(proc, "cannot write to standard output: No space left on device")
+
+
+def test_stdout_closed(tmp_path):
+    command = " ".join(shlex.quote(str(a)) for a in [*CLI, "dump", EXAMPLE]) + " >&-"
+    proc = subprocess.run(command, shell=True, capture_output=True, text=True)
+    assert_refused(proc, "cannot write to standard output: it is closed")
+
+
+@pytest.mark.parametrize("args", [["passes"], ["dump", EXAMPLE]])
+def test_stdout_pipe_closed_by_its_reader_ends_quietly(args):
+    read, write = os.pipe()
+    os.close(read)  # like `| head -1` after its line
+    proc = subprocess.Popen([*CLI, *map(str, args)], stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and stderr == "", stderr
+
+
+def _non_utf8_case(tmp: Path, case: str) -> list:
+    src = mlp(tmp / "w", data=None)
+    bad = os.fsencode(tmp / "w") + b"/m\xff"
+    if case == "input":
+        os.link(src, bad + b".onnx")
+        return ["dump", bad + b".onnx"]
+    if case == "output":
+        return ["compile", src, "-o", bad + b".onnx"]
+    if case == "--external-data":
+        return ["compile", src, "-o", tmp / "w" / "o.onnx", "--external-data", b"d\xff.bin"]
+    if case == "dump --full sidecar":
+        return ["dump", "--full", src, "-o", bad + b".ncc"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["input", "output", "--external-data", "dump --full sidecar"])
+def test_non_utf8_file_names(tmp_path, case):
+    args = _non_utf8_case(tmp_path, case)
+    before = snapshot(tmp_path)
+    assert_refused(ncc(*args), r"\xff", "not UTF-8")
+    assert snapshot(tmp_path) == before
+
+
+def test_utf8_names_beyond_ascii_work(tmp_path):
+    src = mlp(tmp_path / "é", name="modèle.onnx", data="poids€.bin")
+    out = tmp_path / "é" / "sortie.ncc"
+    assert ncc("dump", "--full", src, "-o", out).returncode == 0
+    proc = ncc("compile", out, "-o", tmp_path / "é" / "retour.onnx")
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("line", "token", "fragment"),
+    [
+        (
+            '%y = Transpose(%x) {perm = [1, 0], k = 99999999999999999999} : f32[3,2]  loc("t" #0)',
+            "9999",
+            "64 bits",
+        ),
+        (f'%y = Transpose(%x) {{perm = [1, {PAST_INT64}]}} : f32[3,2]  loc("t" #0)', PAST_INT64, "64 bits"),
+        (
+            f'%y = Transpose(%x) {{perm = [1, -{PAST_INT64}1]}} : f32[3,2]  loc("t" #0) meta {{"a" = "b"}}',
+            f"-{PAST_INT64}",
+            "64 bits",
+        ),
+        (f'%y = Transpose(%x) : f32[3,{PAST_INT64}]  loc("t" #0)', PAST_INT64, "64 bits"),
+        (f"const @k : i64[1] = dense<[{PAST_INT64}]>", PAST_INT64, "does not fit in i64"),
+        ("const @k : i8[2] = dense<[1, 300]>", "300", "does not fit in i8"),
+        (
+            f'%c = Constant() {{value = i64[1] dense<[-{PAST_INT64}1]>}} : i64[1]  loc("c" #1)',
+            f"-{PAST_INT64}1",
+            "does not fit in i64",
+        ),
+        # already a ParseError with file:line:col
+        ("const @k : i64[1] = dense<[1.5]>", "1.5", "expected an integer"),
+    ],
+)
+def test_integers_past_their_type_in_text(tmp_path, line, token, fragment):
+    path = tmp_path / "big.ncc"
+    body = [line] if line.startswith("%y =") else [line, TRANSPOSE]
+    path.write_text(graph_text(*body))
+    before = snapshot(tmp_path)
+    proc = ncc("compile", path, "-o", tmp_path / "o.onnx")
+    column = 2 + line.index(token) + 1  # two spaces of indent
+    assert_refused(proc, f"{path}:4:{column}: ", fragment, "^")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("header", "opsets", "where"),
+    [
+        (f"ir_version = {PAST_INT64}", '"" = 17', "2:21"),
+        ("ir_version = 8", f'"" = {PAST_INT64}', "2:45"),
+    ],
+)
+def test_integers_past_int64_in_the_header(tmp_path, header, opsets, where):
+    path = tmp_path / "big.ncc"
+    path.write_text(graph_text(TRANSPOSE, header=header, opsets=opsets))
+    assert_refused(ncc("compile", path, "-o", tmp_path / "o.onnx"), f"{path}:{where}: ", "64 bits")
+    assert not (tmp_path / "o.onnx").exists()
