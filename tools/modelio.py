@@ -38,8 +38,35 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         from ncc.ir.parser import parse_file
 
         model = parse_file(path)
+    refuse_unknown_opsets(model, path)
     verify(model)
     return model
+
+
+def refuse_unknown_opsets(model: ir.Model, source: str | os.PathLike) -> None:
+    """Refuse opset versions newer than the installed onnx knows: no runtime could load the result."""
+    import onnx
+
+    known = _known_opsets()
+    for opsets in [model.opset_imports, *(f.opset_imports for f in model.functions.values())]:
+        for domain, version in opsets.items():
+            highest = known.get("" if domain == "ai.onnx" else domain)
+            if highest is not None and version > highest:
+                raise NccError(
+                    f'{source}: opset_import {{"{domain}" = {version}}} is newer than the installed onnx '
+                    f'{onnx.__version__} knows (its highest version of domain "{domain}" is {highest}).'
+                )
+
+
+def _known_opsets() -> dict[str, int]:
+    import onnx.defs
+
+    known = {"": onnx.defs.onnx_opset_version()}
+    try:  # the other standard domains (ai.onnx.ml, ...); custom domains are not onnx's to judge
+        known.update({d: hi for d, (_, hi) in onnx.defs.C.schema_version_map().items() if d})
+    except AttributeError:
+        pass
+    return known
 
 
 class FileUse(NamedTuple):
