@@ -21,6 +21,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from ncc.errors import NccError
+from ncc.files import inside_folder
 from ncc.ir import ids
 
 
@@ -34,6 +35,10 @@ def load_onnx(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     if not os.access(path, os.R_OK):
         raise NccError(f"{path}: cannot be read (permission denied).")
     try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # onnx's checker (C++) takes only UTF-8 paths
+        raise NccError(f"{path!s}: the path is not UTF-8, which onnx needs; rename it.") from None
+    try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
         raise NccError(f"{path}: not a readable ONNX model ({_first_line(err)}).") from None
@@ -43,7 +48,7 @@ def load_onnx(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
         )
     _refuse_escaping_external_data(proto, path.parent)
     if check:
-        _check(str(path), str(path))  # by path, so external data is checked beside the model
+        _check(str(path), str(path), proto)  # by path, so external data is checked beside the model
     return from_proto(proto, base_dir=path.parent, check=False, source=str(path))
 
 
@@ -72,11 +77,73 @@ def from_proto(
     return model
 
 
-def _check(model: onnx.ModelProto | str, source: str) -> None:
+def _check(model: onnx.ModelProto | str, source: str, proto: onnx.ModelProto | None = None) -> None:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
-        raise NccError(f"{source}: fails the ONNX checker: {_first_line(err)}") from None
+        if proto is None and isinstance(model, onnx.ModelProto):
+            proto = model
+        problem = _dataflow_problem(proto.graph) if proto is not None else None
+        if problem:
+            raise NccError(f"{source}: {problem}.") from None
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()).rstrip(".")
+        raise NccError(f"{source}: fails the ONNX checker: {text}.") from None
+
+
+def _dataflow_problem(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()) -> str | None:
+    """What the checker's "must be topologically sorted" means for ``graph`` (or a subgraph): a node
+    reading a value nothing defines, or a cycle; ``None`` when it is neither (or something else)."""
+    producer = {out: node for node in graph.node for out in node.output if out}
+    known = outer | {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    known |= {s.values.name for s in graph.sparse_initializer}
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in known and name not in producer:
+                return f"node {_node_label(node)} reads value {name!r}, which nothing defines"
+    cycle = _find_cycle(graph.node, producer, known)
+    if cycle:
+        path = " -> ".join(_node_label(n) for n in [*cycle, cycle[0]])
+        return f"the graph has a cycle through node {_node_label(cycle[0])} ({path})"
+    inner = known | set(producer)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                if problem := _dataflow_problem(sub, frozenset(inner)):
+                    return problem
+    return None
+
+
+def _find_cycle(nodes, producer: dict, known: set[str]) -> list | None:
+    """The nodes of one cycle in data-flow order (each feeds the next, the last the first), or ``None``."""
+    state: dict[int, int] = {}  # id(node) -> 1 on the current path, 2 done
+    for start in nodes:
+        if id(start) in state:
+            continue
+        path, stack = [], [(start, iter(start.input))]
+        state[id(start)] = 1
+        path.append(start)
+        while stack:
+            node, inputs = stack[-1]
+            for name in inputs:
+                src = producer.get(name) if name not in known else None
+                if src is None:
+                    continue
+                if state.get(id(src)) == 1:  # the path runs from consumers to producers
+                    return path[path.index(src) :][::-1]
+                if id(src) not in state:
+                    state[id(src)] = 1
+                    path.append(src)
+                    stack.append((src, iter(src.input)))
+                    break
+            else:
+                state[id(node)] = 2
+                path.pop()
+                stack.pop()
+    return None
+
+
+def _node_label(node: onnx.NodeProto) -> str:
+    return repr(node.name) if node.name else f"{node.op_type} (unnamed, writing {list(node.output)})"
 
 
 _INFER_INLINE_BYTES = 1024
@@ -166,12 +233,11 @@ def _bitwidth(data_type: int) -> int:
 
 
 def _refuse_escaping_external_data(proto: onnx.ModelProto, folder: Path) -> None:
-    root = folder.resolve()
     sizes: dict[Path, int] = {}
     for tensor in external_tensors(proto):
         where = location(tensor)
-        resolved = (root / where).resolve()
-        if os.path.isabs(where) or not resolved.is_relative_to(root):
+        resolved = inside_folder(folder, where)
+        if resolved is None:
             raise NccError(
                 f"initializer {tensor.name!r} points at external data {where!r} outside the model's "
                 f"folder {folder}; refusing to read it."

@@ -19,17 +19,22 @@ import threading
 from pathlib import Path
 
 import lark
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError, ParseError
+from ncc.files import inside_folder
 from ncc.ir import ids
-from ncc.ir.printer import ATTR_KINDS_BY_NAME, DTYPES_BY_NAME
+from ncc.ir.printer import ATTR_KINDS_BY_NAME, DTYPE_NAMES, DTYPES_BY_NAME
 from ncc.ir.tensors import CHUNK, HASH_KEY, ElidedTensor
 from onnx_ir import _type_casting
 
 _GRAMMAR = Path(__file__).with_name("ncc.lark")
 #: Parse simple node lines with a regular expression instead of lark (tests turn it off to compare).
 USE_FAST_PATH = True
+#: The shortest sha256 prefix an ``external<...>`` may give (the printer writes all 64 hex digits).
+MIN_DIGITS = 16
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 class _Error(Exception):
@@ -105,6 +110,22 @@ class _Scope:
 
 def _float(tok) -> float:
     return float(tok)
+
+
+def _int64(tok) -> int:
+    """An INT token's value; ONNX stores integers (attributes, dims, offsets, versions) in 64 bits."""
+    value = int(tok)
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise _Error(f"integer {tok} does not fit in 64 bits", tok)
+    return value
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Builder(lark.Transformer):
@@ -271,7 +292,7 @@ class _Builder(lark.Transformer):
         if kind == "int":
             if not isinstance(tok, lark.Token) or tok.type != "INT":
                 raise _Error(f"'{_name(key)}' must be an integer", key)
-            return int(tok)
+            return _int64(tok)
         if kind == "str":
             if not isinstance(tok, lark.Token) or tok.type != "STRING":
                 raise _Error(f"'{_name(key)}' must be a string", key)
@@ -347,7 +368,7 @@ class _Builder(lark.Transformer):
         for tok in c:
             t = tok.type
             if t == "INT":
-                dims.append(int(tok))
+                dims.append(_int64(tok))
             elif t == "QMARK":
                 dims.append(ir.SymbolicDim(None))
             else:
@@ -420,25 +441,44 @@ class _Builder(lark.Transformer):
             file_tok, off_tok, len_tok, hash_tok = data[1]
             location = _unquote(file_tok)
             base = self.base_dir if self.base_dir is not None else Path(".")
-            path = base / location
-            if os.path.isabs(location) or not path.is_file():
+            path = inside_folder(base, location)
+            if path is None:
+                raise _Error(
+                    f"sidecar data file '{location}' lies outside {base}{os.sep}, the text file's folder; "
+                    "refusing to read it",
+                    file_tok,
+                )
+            if not path.is_file():
                 raise _Error(f"sidecar data file '{location}' not found in {base}", file_tok)
-            offset, length = int(off_tok), int(len_tok)
+            if not _is_utf8(location):
+                raise _Error(f"sidecar data file name '{location}' is not UTF-8, which ONNX needs", file_tok)
+            offset, length = _int64(off_tok), _int64(len_tok)
             expected = _nbytes(dtype, count)
             if expected is not None and length != expected:
                 raise _Error(
                     f"expected {expected} bytes of {dtype.name} data but length is {length}", len_tok
                 )
-            digest = _hash_range(path, offset, length)
+            want = hash_tok[len("sha256:") :]
+            if len(want) < MIN_DIGITS:
+                raise _Error(
+                    f"sha256 prefix '{want}' is too short: give at least {MIN_DIGITS} hex digits (--full "
+                    "dumps carry all 64)",
+                    hash_tok,
+                )
+            try:
+                digest = _hash_range(path, offset, length)
+            except OSError as err:
+                raise _Error(
+                    f"cannot read sidecar data file '{location}': {err.strerror or err}", file_tok
+                ) from None
             if digest is None:
                 raise _Error(
                     f"sidecar data file '{location}' is shorter than offset {offset} + length {length}",
                     file_tok,
                 )
-            want = hash_tok[len("sha256:") :]
             if not digest.startswith(want):
                 raise _Error(
-                    f"sha256 of {location}[{offset}:{offset + length}] is {digest[: len(want)]}, not {want} "
+                    f"sha256 of {location}[{offset}:{offset + length}] does not match "
                     "(the data file does not belong to this dump)",
                     hash_tok,
                 )
@@ -485,7 +525,13 @@ class _Builder(lark.Transformer):
                 elif it.type != "INT":
                     raise _Error(f"expected an integer for {dtype.name} data but found {it}", it)
                 else:
-                    vals.append(int(it))
+                    value = int(it)
+                    info = ml_dtypes.iinfo(np_dtype)  # numpy's iinfo knows no int4/int2
+                    if not info.min <= value <= info.max:
+                        raise _Error(
+                            f"{it} does not fit in {DTYPE_NAMES[dtype]} ({info.min}..{info.max})", it
+                        )
+                    vals.append(value)
         try:
             arr = np.array(vals, dtype=np_dtype).reshape(dims)
         except (OverflowError, ValueError) as err:
@@ -524,7 +570,7 @@ class _Builder(lark.Transformer):
         if isinstance(v, lark.Token):
             t = v.type
             if t == "INT":
-                return ir.Attr(name, A.INT, int(v))
+                return ir.Attr(name, A.INT, _int64(v))
             if t == "FLOAT":
                 return ir.Attr(name, A.FLOAT, float(v))
             if t == "STRING":
@@ -559,7 +605,7 @@ class _Builder(lark.Transformer):
             else:
                 kinds.add("tensor")
         if kinds <= {"INT"}:
-            return ir.Attr(name, A.INTS, [int(x) for x in items])
+            return ir.Attr(name, A.INTS, [_int64(x) for x in items])
         if kinds <= {"INT", "FLOAT"}:
             return ir.Attr(name, A.FLOATS, [float(x) for x in items])
         if kinds == {"STRING"}:
@@ -822,15 +868,16 @@ def _hash_range(path: Path, offset: int, length: int) -> str | None:
 # 30 us per token in pure Python, so before it runs, runs of lines that match
 # the regular expression below exactly (the printer's own spacing, no quoted
 # names with escapes, no overload/version/meta/fused, only numbers, number
-# lists and plain strings as attributes) are replaced by one FAST_NODES token
+# lists and plain strings as attributes, integers of at most 18 digits so that
+# they always fit in 64 bits) are replaced by one FAST_NODES token
 # (line count kept, so positions stay right); its callback builds those nodes
 # from the saved matches, in order, through the same scope logic.
 
 _B = r'(?:[A-Za-z0-9_.]+|"[^"\\\n]*")'
 _ID = r"[A-Za-z_][A-Za-z0-9_.]*"
-_NUM = r"[+-]?(?:[0-9]+\.[0-9]*(?:e[+-]?[0-9]+)?|[0-9]+e[+-]?[0-9]+|inf|nan|[0-9]+)"
+_NUM = r"[+-]?(?:[0-9]+\.[0-9]*(?:e[+-]?[0-9]+)?|[0-9]+e[+-]?[0-9]+|inf|nan|[0-9]{1,18})"
 _AVAL = rf'(?:{_NUM}|\[{_NUM}(?:, {_NUM})*\]|"[^"\\\n]*")'
-_TYPE = rf"(?:\?|[a-z][a-z0-9]*)(?:\[(?:(?:[0-9]+|{_ID}|\?)(?:,(?:[0-9]+|{_ID}|\?))*)?\])?"
+_TYPE = rf"(?:\?|[a-z][a-z0-9]*)(?:\[(?:(?:[0-9]{{1,18}}|{_ID}|\?)(?:,(?:[0-9]{{1,18}}|{_ID}|\?))*)?\])?"
 _FAST_NODE = re.compile(
     rf"[ \t]*(?:(?P<outs>(?:%{_B}|none)(?:, (?:%{_B}|none))*) = )?"
     rf"(?:(?P<dom>{_ID})::)?(?P<op>{_ID})"
@@ -1049,3 +1096,15 @@ def parse_file(path: str | os.PathLike) -> ir.Model:
     except UnicodeDecodeError:
         raise NccError(f"{path}: not a text file (not UTF-8).") from None
     return parse(text, filename=str(path), base_dir=path.parent)
+
+
+_EXTERNAL_FILE = re.compile(r'\bexternal\s*<\s*("(?:[^"\\\n]|\\.)*")')
+
+
+def sidecar_files(path: str | os.PathLike) -> list[Path]:
+    """The sidecar data files the ``.ncc`` file at ``path`` names in ``external<...>``, each once
+    (beside it, as parsing reads them); found by a scan of the text, without parsing it."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    names = dict.fromkeys(_unquote(_tok(m.group(1), "STRING", 0, 0)) for m in _EXTERNAL_FILE.finditer(text))
+    return [path.parent / name for name in names]

@@ -61,7 +61,9 @@ Format
   sha256 of the raw little-endian bytes), and in ``full`` mode either
   ``b64<"...">`` (raw bytes inline) or, with a sidecar data file,
   ``external<"model.ncc.data", offset=0, length=4096, sha256:H>`` (offsets
-  64-byte aligned, in order of first appearance).
+  64-byte aligned, in order of first appearance; H the whole sha256, which the
+  parser checks; hand-written text may give a prefix of at least 16 digits).
+  The sidecar must lie inside the text file's folder.
 * Numbers: floats in the shortest form that round-trips in their own dtype
   (``0.02`` for f32, never ``0.019999999552965164``), ``nan``, ``inf``,
   ``-inf``, ``-0.0``; complex numbers as ``(re, im)``; booleans ``true``/``false``.
@@ -318,7 +320,7 @@ class _Sidecar:
                 tensor.meta["ncc.sha256"] = cached
             except AttributeError:
                 pass
-        result = (start, self.offset - start, cached[:16])
+        result = (start, self.offset - start, cached)  # all 64 digits: the reader checks them
         self.placed[key] = result
         return result
 

@@ -5,11 +5,16 @@ and the passes are imported inside the commands that need them, and torch or
 tensorflow only by the frontends that lower their models.
 
 Every error a user can cause is an :class:`ncc.errors.NccError` and is shown as
-one sentence with exit code 2; outputs are written all-or-nothing.
+one sentence with exit code 2; outputs are written all-or-nothing. Ctrl-C (exit
+130) and SIGTERM (exit 143) remove the temporary files as a failure does; a
+closed or full standard output is an error, a pipe closed by its reader (``|
+head``) ends the command quietly (exit 141, as if SIGPIPE had ended it).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -21,8 +26,19 @@ from ncc.errors import NccError
 _IN = click.Path(path_type=Path, dir_okay=True, exists=False)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that outputs are cleaned up as on Ctrl-C."""
+
+
+class _ClosedPipe(Exception):
+    """Standard output is a pipe its reader closed (``ncc passes | head -1``)."""
+
+
+_EXIT_SIGPIPE, _EXIT_SIGINT, _EXIT_SIGTERM = 128 + 13, 128 + 2, 128 + 15
+
+
 class _Group(click.Group):
-    """Turns NccError (and unwritable-output OSErrors) into one line and exit code 2."""
+    """Turns NccError into one line and exit code 2; interrupts and closed pipes into their exit codes."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -30,9 +46,34 @@ class _Group(click.Group):
         except NccError as err:
             click.echo(f"ncc: error: {err}", err=True)
             sys.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("ncc: interrupted; no output written.", err=True)
-            sys.exit(130)
+        except _ClosedPipe:
+            sys.exit(_EXIT_SIGPIPE)
+        except KeyboardInterrupt as err:
+            terminated = isinstance(err, _Terminated)
+            click.echo(f"ncc: {'terminated' if terminated else 'interrupted'}; no output written.", err=True)
+            sys.exit(_EXIT_SIGTERM if terminated else _EXIT_SIGINT)
+
+
+def _out(text: str, nl: bool = True) -> None:
+    """Write ``text`` to standard output, now (flushed), so that a failure is reported where it happens."""
+    if sys.stdout is None:
+        raise NccError("cannot write to standard output: it is closed.")
+    try:
+        click.echo(text, nl=nl)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        raise _ClosedPipe from None
+    except OSError as err:
+        _discard_stdout()
+        raise NccError(f"cannot write to standard output: {err.strerror or err}.") from None
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null: what stdout still buffers is flushed there at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -336,22 +377,34 @@ def compile(
     **opts,
 ) -> None:
     """Compile INPUT (.onnx or .ncc) through a pipeline into OUTPUT (.onnx or .ncc)."""
-    import os
-
+    from ncc.files import deferred_commit
     from ncc.passes.base import PassContext
-    from ncc.tools.modelio import check_distinct, load_model, save_model
-    from ncc.tools.report import files_size, format_report, input_files, quantization_summary
+    from ncc.tools.modelio import (
+        FileUse,
+        calibration_files,
+        check_distinct,
+        input_files,
+        load_model,
+        output_files,
+        save_model,
+    )
+    from ncc.tools.report import files_size, format_report, quantization_summary
 
-    check_distinct(input, output, external_data)
+    inputs = input_files(input)
+    reads = [
+        *inputs,
+        *calibration_files(opts.get("calib")),
+        *(FileUse("a --plugin file", p, model=False) for p in opts["plugins"]),
+    ]
+    writes = output_files(output, external_data=external_data)
+    if layer_report is not None:
+        writes.append(FileUse("the --layer-report file", layer_report, model=False))
+    check_distinct(reads, writes)
     model = load_model(input)
-    size_before = files_size(input_files(input))
+    size_before = files_size([use.path for use in inputs])
     cache = cache_dir or Path(os.environ.get("NCC_CACHE", Path.home() / ".cache" / "ncc"))
     ctx = PassContext(source=str(input), cache_dir=str(cache))
     ctx.data["progress"] = sys.stderr.isatty()
-    if layer_report is not None:
-        from ncc.files import check_writable
-
-        check_writable(layer_report)
     run = _run_pipeline(model, {**opts, "fmt": fmt}, source=str(input), default=None, ctx=ctx)
     quantization = quantization_summary(model)
     int8 = any(n.metadata_props.get("ncc.quant", "").startswith("int8") for n in model.graph)
@@ -359,20 +412,21 @@ def compile(
     layers = ctx.data.get("woq_layers")
     if layer_report is not None and not layers:
         raise NccError("--layer-report needs a weight-only pipeline (w4, w8, woq-*).")
-    written = save_model(model, output, external_data=external_data, value_info=value_info or not int8)
-    if layer_report is not None:
-        from ncc.tools.report import write_layer_report
-
-        write_layer_report(layer_report, layers)
     check = None
-    if (
-        not no_check
-        and output.suffix == ".onnx"
-        and any("ncc.quant" in n.metadata_props for n in model.graph)
-    ):
-        from ncc.backends.onnx.check import check_on_onnxruntime
+    with deferred_commit() as staged:  # the outputs are renamed into place once the check passed
+        written = save_model(model, output, external_data=external_data, value_info=value_info or not int8)
+        if layer_report is not None:
+            from ncc.tools.report import write_layer_report
 
-        check = check_on_onnxruntime(output, model)
+            write_layer_report(layer_report, layers)
+        if (
+            not no_check
+            and output.suffix == ".onnx"
+            and any("ncc.quant" in n.metadata_props for n in model.graph)
+        ):
+            from ncc.backends.onnx.check import check_on_onnxruntime
+
+            check = check_on_onnxruntime(staged(output), model, shown=output)
     if run is not None:
         spec = ",".join(r.spec for r in run.records)
         click.echo(
@@ -411,10 +465,11 @@ def _check_format(model, fmt: str | None) -> None:
 @_pipeline_options
 def opt(input: Path, output: Path | None, full: bool, **opts) -> None:
     """Run passes on an .ncc (or .onnx) file and print the resulting IR text."""
-    from ncc.tools.modelio import check_distinct, load_model
+    from ncc.tools.modelio import FileUse, check_distinct, input_files, load_model, output_files
 
-    if output is not None:
-        check_distinct(input, output)
+    plugins = [FileUse("a --plugin file", p, model=False) for p in opts["plugins"]]
+    inputs = input_files(input) if output else [FileUse("the input", input)]
+    check_distinct(inputs + plugins, output_files(output, full=full) if output else [])
     model = load_model(input)
     _run_pipeline(model, opts, source=str(input), default=None)
     _emit_text(model, output, full)
@@ -432,10 +487,12 @@ def opt(input: Path, output: Path | None, full: bool, **opts) -> None:
 )
 def dump(input: Path, output: Path | None, full: bool) -> None:
     """Print the IR of INPUT (.onnx or .ncc) as ncc text."""
-    from ncc.tools.modelio import check_distinct, load_model
+    from ncc.tools.modelio import FileUse, check_distinct, input_files, load_model, output_files
 
-    if output is not None:
-        check_distinct(input, output)
+    if output is None:  # nothing is written: only the input's name is checked
+        check_distinct([FileUse("the input", input)])
+    else:
+        check_distinct(input_files(input), output_files(output, full=full))
     _emit_text(load_model(input), output, full)
 
 
@@ -444,7 +501,7 @@ def _emit_text(model, output: Path | None, full: bool) -> None:
     from ncc.tools.modelio import save_model
 
     if output is None:
-        click.echo(print_model(model, full=full), nl=False)
+        _out(print_model(model, full=full), nl=False)
     else:
         save_model(model, output, full=full)
 
@@ -461,14 +518,14 @@ def list_passes(plugins: tuple[Path, ...]) -> None:
 
     for plugin in plugins:
         registry.load_plugin(plugin)
-    click.echo("Passes:")
+    lines = ["Passes:"]
     for cls in registry.all_passes().values():
         first, *rest = describe_pass(cls).splitlines()
         origin = "" if cls.origin == "builtin" else f"  [plugin: {cls.origin}]"
-        click.echo(textwrap.indent("\n".join([first + origin, *rest]), "  "))
-    click.echo("\nPipelines:")
-    for name, spec in sorted(PIPELINES.items()):
-        click.echo(f"  {name:<22} {spec}")
+        lines.append(textwrap.indent("\n".join([first + origin, *rest]), "  "))
+    lines.append("\nPipelines:")
+    lines += [f"  {name:<22} {spec}" for name, spec in sorted(PIPELINES.items())]
+    _out("\n".join(lines))
 
 
 def _add_bench() -> None:
@@ -481,12 +538,45 @@ _add_bench()
 
 
 def main() -> None:
-    """The ``ncc`` command: sympy, which onnx-ir imports and ncc never uses, loads only if something
-    uses it (:mod:`ncc._imports`)."""
+    """The ``ncc`` command: sympy (imported by onnx-ir, unused by ncc) loads only if something uses it
+    (:mod:`ncc._imports`); SIGTERM cleans up like Ctrl-C; a closed or full stdout is one sentence."""
     from ncc._imports import defer_sympy
 
     defer_sympy()
-    cli(prog_name="ncc")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is None:  # started with the descriptor closed (`>&-`): Python leaves it
+            _hold_closed(fd)  # so that no file ncc opens becomes descriptor 1 or 2
+    try:
+        cli(prog_name="ncc")
+    finally:
+        _flush_stdout()
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _hold_closed(fd: int) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    if devnull != fd:
+        os.dup2(devnull, fd)
+        os.close(devnull)
+
+
+def _flush_stdout() -> None:
+    """What a command (``bench``) left buffered on stdout, written at exit: failures as in :func:`_out`."""
+    if sys.stdout is None:
+        return
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        raise SystemExit(_EXIT_SIGPIPE) from None
+    except OSError as err:
+        _discard_stdout()
+        click.echo(f"ncc: error: cannot write to standard output: {err.strerror or err}.", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
-"""Read and write models by file extension: ``.onnx`` (ONNX) or ``.ncc`` (ncc text)."""
+"""Read and write models by file extension: ``.onnx`` (ONNX) or ``.ncc`` (ncc text).
+
+:func:`check_distinct` is the one check that a command's outputs replace none of the files it
+reads; :func:`input_files` and :func:`output_files` list those files for a model path.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import onnx_ir as ir
 from ncc.errors import NccError
-from ncc.files import atomic_outputs, check_writable
+from ncc.files import atomic_outputs, cannot_write, check_writable
 
 FORMATS = (".onnx", ".ncc")
 
@@ -32,37 +38,140 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         from ncc.ir.parser import parse_file
 
         model = parse_file(path)
+    refuse_unknown_opsets(model, path)
     verify(model)
     return model
 
 
-def check_distinct(inp: Path, out: Path, external_data: str | None = None) -> None:
-    """Refuse to write over the input (or, when ``external_data`` names the output's data file, the
-    input's external data) before any work is done. A data file written only because the output
-    passes 2 GB is checked when it is saved."""
-    model_format(out)
-    check_writable(out)
-    if out.resolve() == inp.resolve() or (out.exists() and os.path.samefile(out, inp)):
-        raise NccError(f"output {out} is the input file; choose another output path.")
-    if not external_data:
-        return
-    data = out.parent / external_data
-    if data.is_file() and any(f.is_file() and os.path.samefile(f, data) for f in _input_data_files(inp)):
-        raise NccError(
-            f"output data file {data} holds the input's weights; choose another output or data file name."
-        )
+def refuse_unknown_opsets(model: ir.Model, source: str | os.PathLike) -> None:
+    """Refuse opset versions newer than the installed onnx knows: no runtime could load the result."""
+    import onnx
+
+    known = _known_opsets()
+    for opsets in [model.opset_imports, *(f.opset_imports for f in model.functions.values())]:
+        for domain, version in opsets.items():
+            highest = known.get("" if domain == "ai.onnx" else domain)
+            if highest is not None and version > highest:
+                raise NccError(
+                    f'{source}: opset_import {{"{domain}" = {version}}} is newer than the installed onnx '
+                    f'{onnx.__version__} knows (its highest version of domain "{domain}" is {highest}).'
+                )
 
 
-def _input_data_files(inp: Path) -> list[Path]:
-    """The files the input model's weights are read from (none when it cannot be read; loading says why)."""
-    if inp.suffix.lower() == ".ncc":
-        return [inp.with_name(inp.name + ".data")]
-    from ncc.frontends.onnx import external_data_files
+def _known_opsets() -> dict[str, int]:
+    import onnx.defs
 
+    known = {"": onnx.defs.onnx_opset_version()}
+    try:  # the other standard domains (ai.onnx.ml, ...); custom domains are not onnx's to judge
+        known.update({d: hi for d, (_, hi) in onnx.defs.C.schema_version_map().items() if d})
+    except AttributeError:
+        pass
+    return known
+
+
+class FileUse(NamedTuple):
+    """A file a command reads or writes, and what it is to the command (for messages)."""
+
+    role: str
+    path: Path
+    #: A model or weight file: onnx and onnxruntime take only UTF-8 names for those.
+    model: bool = True
+    #: An output written only in some cases (a data file for weights over 2 GB).
+    optional: bool = False
+
+
+def input_files(path: Path) -> list[FileUse]:
+    """The input model and the external data or sidecar files it names (only the model when the file
+    cannot be read: loading it says why)."""
+    uses = [FileUse("the input", path)]
     try:
-        return external_data_files(inp)
-    except Exception:  # not a readable model: load_model reports it in one sentence
+        if path.suffix.lower() == ".ncc":
+            from ncc.ir.parser import sidecar_files
+
+            uses += [FileUse("the input's sidecar data file", p) for p in sidecar_files(path)]
+        elif path.is_file():
+            from ncc.frontends.onnx import external_data_files
+
+            uses += [FileUse("the input's external data file", p) for p in external_data_files(path)]
+    except Exception:  # noqa: BLE001 - not a readable model: load_model reports it in one sentence
+        pass
+    return uses
+
+
+def output_files(path: Path, *, external_data: str | None = None, full: bool = True) -> list[FileUse]:
+    """Every file saving a model to ``path`` may write: the model, and its external data file (for an
+    ``.onnx`` without ``external_data``, the one written when the weights pass 2 GB) or its ``.data``
+    sidecar (``.ncc`` with ``full``)."""
+    uses = [FileUse("the output", path)]
+    if model_format(path) == ".onnx":
+        if external_data:
+            uses.append(FileUse("the output's external data file", path.parent / external_data))
+        else:
+            uses.append(
+                FileUse("the output's external data file (written above 2 GB)", _sidecar(path), optional=True)
+            )
+    elif full:
+        uses.append(FileUse("the output's sidecar data file", _sidecar(path)))
+    return uses
+
+
+def calibration_files(spec: str | None) -> list[FileUse]:
+    """The files ``--calib SPEC`` reads: a ``.npz``, the ``.npz`` files of a folder, a ``module.py``."""
+    if not spec:
         return []
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".npz")
+    elif path.exists() or ":" not in spec:
+        files = [path]
+    else:
+        module = spec.rpartition(":")[0]
+        files = [Path(module)] if module.endswith(".py") else []
+    return [FileUse("the calibration data", p, model=False) for p in files]
+
+
+def check_distinct(reads: Iterable[FileUse], writes: Iterable[FileUse] = ()) -> None:
+    """Refuse, before any work, a command that would write over a file it reads, or write two of its
+    outputs to one file. Paths are compared resolved (relative paths, symlinks) and, where both exist,
+    as files (hard links). Model and weight files must have UTF-8 names (onnx takes no other)."""
+    reads, writes = list(reads), list(writes)
+    for use in reads + writes:
+        if use.model:
+            _require_utf8(use.path)
+    for write in writes:
+        if not write.optional:
+            check_writable(write.path)
+    for i, write in enumerate(writes):
+        for other in [*reads, *writes[:i]]:
+            if _same_file(write.path, other.path):
+                same = "" if str(write.path) == str(other.path) else f" ({other.path})"
+                raise NccError(
+                    f"{write.role} {write.path} is {other.role}{same}; choose another output name."
+                )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except (OSError, RuntimeError):  # unreadable or a symlink loop: not provably the same file
+        return False
+
+
+def _require_utf8(path: Path) -> None:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+        raise NccError(
+            f"cannot use {shown}: its name is not UTF-8, and onnx takes only UTF-8 names for models and "
+            "their data files; rename it."
+        ) from None
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".data")
 
 
 def save_model(
@@ -84,12 +193,14 @@ def save_model(
         return [path] + ([data] if data else [])
     from ncc.ir.printer import print_model
 
-    if not full:
-        with atomic_outputs(path) as (tmp,):
-            tmp.write_text(print_model(model), encoding="utf-8")
-        return [path]
-    data_path = path.with_name(path.name + ".data")
-    with atomic_outputs(path, data_path) as (tmp, tmp_data):
-        # The sidecar is referenced by its final file name, which tmp_data shares.
-        tmp.write_text(print_model(model, full=True, data_file=tmp_data), encoding="utf-8")
-    return [path] + ([data_path] if data_path.exists() else [])
+    data_path = _sidecar(path)
+    targets = (path, data_path) if full else (path,)
+    with atomic_outputs(*targets) as temps:
+        try:
+            # The sidecar is referenced by its final file name, which its temporary shares.
+            text = print_model(model, full=full, data_file=temps[1] if full else None)
+            temps[0].write_text(text, encoding="utf-8")
+        except OSError as err:
+            raise cannot_write(path, err) from None
+        written = [path] + ([data_path] if full and temps[1].exists() else [])
+    return written

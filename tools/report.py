@@ -12,16 +12,6 @@ def files_size(paths: list[Path]) -> int:
     return sum(p.stat().st_size for p in paths if p.exists())
 
 
-def input_files(path: Path) -> list[Path]:
-    """The model file and the external data files it references."""
-    if path.suffix != ".onnx":
-        data = path.with_name(path.name + ".data")
-        return [path, data] if data.exists() else [path]
-    from ncc.frontends.onnx import external_data_files
-
-    return [path, *external_data_files(path)]
-
-
 def quantization_summary(model: ir.Model) -> list[str]:
     quantized, skipped = Counter(), Counter()
     for node in model.graph:
@@ -87,9 +77,12 @@ def format_report(
 
 def write_layer_report(path: Path, layers) -> None:
     """The weight-only per-layer table as tab-separated text (header first), written atomically."""
-    from ncc.files import atomic_outputs
+    from ncc.files import atomic_outputs, cannot_write
 
     columns = layers[0].COLUMNS
     text = "\t".join(columns) + "\n" + "".join("\t".join(layer.row()) + "\n" for layer in layers)
     with atomic_outputs(path) as (tmp,):
-        Path(tmp).write_text(text)
+        try:
+            Path(tmp).write_text(text)
+        except OSError as err:
+            raise cannot_write(path, err) from None

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx_ir as ir
+from ncc.errors import NccError
 from ncc.ir.ops import DATA_MOVEMENT as _MOVEMENT
 
 INTEGER_KERNELS = frozenset(
@@ -81,8 +82,11 @@ class RuntimeCheck:
         return "\n".join(lines)
 
 
-def check_on_onnxruntime(path: str | Path, model: ir.Model) -> RuntimeCheck:
-    """Load ``path`` (the emitted file of ``model``) in onnxruntime and classify ``model``'s quantized nodes."""
+def check_on_onnxruntime(
+    path: str | Path, model: ir.Model, *, shown: str | Path | None = None
+) -> RuntimeCheck:
+    """Load ``path`` (the emitted file of ``model``) in onnxruntime and classify ``model``'s quantized nodes;
+    ``shown`` names the file in messages (the final name, when ``path`` is its temporary)."""
     import onnx
     import onnxruntime as ort
     from ncc.runtime import open_session, session_options
@@ -96,9 +100,11 @@ def check_on_onnxruntime(path: str | Path, model: ir.Model) -> RuntimeCheck:
     with tempfile.TemporaryDirectory(prefix="ncc-check-") as tmp:
         optimized_path = Path(tmp) / "optimized.onnx"
         options = session_options(optimization="extended", optimized_model=optimized_path)
-        open_session(
-            path, options=options, what=f"the emitted model {path}"
-        )  # a failure to load is the finding
+        # a failure to load is the finding; it names the file the user will get, not the temporary one
+        try:
+            open_session(path, options=options, what=f"the emitted model {shown or path}")
+        except NccError as err:
+            raise NccError(str(err).replace(str(path), str(shown or path))) from None
         optimized = onnx.load(str(optimized_path), load_external_data=False)
     by_name = {n.name: n for n in optimized.graph.node}
     check = RuntimeCheck(runtime=f"onnxruntime {ort.__version__} CPUExecutionProvider")

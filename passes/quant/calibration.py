@@ -196,7 +196,14 @@ def collect_statistics(
         minmax_only,
     )
     if cache_file is not None:
-        save_stats(cache_file, stats)
+        try:
+            save_stats(cache_file, stats)
+        except OSError as err:  # a read-only or full cache folder costs the cache, not the compile
+            print(
+                f"ncc: warning: cannot write the calibration cache in {cache_file.parent}: "
+                f"{err.strerror or err}; continuing without it.",
+                file=sys.stderr,
+            )
     return stats
 
 

@@ -64,11 +64,10 @@ class CorrectBias(Pass):
                 break
             shift_names = _mean_differences(probe, pairs)
             results = fallback.run(probe, feeds, shift_names)
-            weights = np.array([next(iter(f.values())).shape[0] for f in feeds], np.float64)
             total = 0.0
             for (_, (q_value, scale), _, _), name in zip(pairs, shift_names):
-                # per batch, the channel means of (float twin - quantized); batches weighted by samples
-                delta = np.average(np.stack(results[name]).astype(np.float64), axis=0, weights=weights)
+                # per sample, the channel means of (float twin - quantized): their mean over the samples
+                delta = np.concatenate(results[name]).astype(np.float64).mean(axis=0)
                 q = q_value.const_value.numpy().astype(np.int64)
                 step = np.rint(delta / scale).astype(np.int64)
                 q_value.const_value = ir.tensor(np.clip(q + step, -(2**31), 2**31 - 1).astype(np.int32))
@@ -129,9 +128,9 @@ def _probe(model: ir.Model):
 
 
 def _mean_differences(probe: ir.Model, pairs) -> list[str]:
-    """Append to ``probe``, per pair, ``ReduceMean(twin - quantized)`` over every axis but the channel axis;
-    returns the names of those per-channel means. onnxruntime then hands back one short vector per layer
-    instead of two whole activations (copying those out was most of the pass's time)."""
+    """Append to ``probe``, per pair, ``twin - quantized`` averaged over the spatial axes (``[N, C]``);
+    returns those values' names. onnxruntime then hands back one row per sample and layer instead of two
+    whole activations per layer; the batch axis stays, so a model with a fixed batch runs in slices."""
     from ncc.ir.ops import onnx_opset
     from ncc.ir.rewrite import Rewriter
 
@@ -140,15 +139,14 @@ def _mean_differences(probe: ir.Model, pairs) -> list[str]:
     axes_as_input = onnx_opset(probe) >= 18
     names = []
     for node, _, local, observed in pairs:
-        rank = (
-            len(values[local].shape)
-            if values[local].shape is not None
-            else (4 if node.op_type == "Conv" else 2)
-        )
-        channel = 1 if node.op_type == "Conv" else rank - 1
-        axes = [a for a in range(rank) if a != channel]
         diff = rewriter.create("Sub", [values[local], values[observed]], name=f"{local}__shift_diff")
-        base = f"{local}__shift"
+        diff.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        shape = values[local].shape
+        rank = len(shape) if shape is not None else (4 if node.op_type == "Conv" else 2)
+        if node.op_type != "Conv" or rank <= 2:  # Gemm: [N, C] already
+            names.append(diff.outputs[0].name)
+            continue
+        axes, base = list(range(2, rank)), f"{local}__shift"
         if axes_as_input:
             axes_value = rewriter.constant(np.array(axes, np.int64), f"{base}_axes")
             mean = rewriter.create("ReduceMean", [diff.outputs[0], axes_value], {"keepdims": 0}, name=base)
