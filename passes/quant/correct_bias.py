@@ -37,8 +37,8 @@ class CorrectBias(Pass):
     """Add the measured mean output error of each quantized Conv/Gemm to its int32 bias."""
 
     name: ClassVar[str] = "correct-bias"
-    samples: int = option(16, "calibration samples the correction is measured on")
-    rounds: int = option(1, "measure-and-correct rounds")
+    samples: int = option(16, "calibration samples the correction is measured on", min=1)
+    rounds: int = option(1, "measure-and-correct rounds", min=1)
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         from ncc.passes.quant import fallback

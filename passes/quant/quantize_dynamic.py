@@ -74,7 +74,6 @@ tables never meet an integer kernel and are always full-range s8.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -82,7 +81,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
-from ncc.passes.base import Pass, PassContext, PassResult, option
+from ncc.passes.base import Pass, PassContext, PassResult, option, regex
 from ncc.passes.cleanup.fold_constants import constant_tensor
 from ncc.passes.quant.pairs import fit_pairs, k_pair_magnitude
 from ncc.passes.quant.plan import matches, refuse_quantized, unmatched_warnings
@@ -645,7 +644,9 @@ class QuantizeDynamic(Pass):
     weight_symmetric: bool = option(True, "symmetric weights (zero point 0)")
     weight_dtype: Literal["s8", "u8"] = option("s8", "weight integer type: s8, or u8 (zero point 128)")
     reduce_range: bool = option(False, "7-bit weights (s8 within ±63, u8 within 64±63) on any target")
-    exclude: tuple[str, ...] = option((), "node names or regexes (searched in the name) to keep in float")
+    exclude: tuple[str, ...] = option(
+        (), "node names or regexes (searched in the name) to keep in float", check=regex
+    )
     form: Literal["standard", "fused"] = option(
         "standard",
         "standard: DynamicQuantizeLinear + MatMulInteger; fused: com.microsoft DynamicQuantizeMatMul",
@@ -654,6 +655,7 @@ class QuantizeDynamic(Pass):
     target: str = option(DEFAULT_TARGET, "target profile (host: this CPU's)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         unknown = [op for op in self.op_types if op not in SUPPORTED_OPS]
         if unknown:
             raise ValueError(
@@ -663,11 +665,6 @@ class QuantizeDynamic(Pass):
             get_target(self.target)
         except NccError as err:
             raise ValueError(str(err).rstrip(".")) from None
-        for pattern in self.exclude:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"exclude pattern {pattern!r} is not a valid regex ({err})") from None
 
     @property
     def active_ops(self) -> tuple[str, ...]:
