@@ -254,14 +254,19 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
 
     for plugin in opts["plugins"]:
         registry.load_plugin(plugin)
-    if opts["pass_name"] and opts["spec"]:
+    if opts["pass_name"] is not None and opts["spec"] is not None:
         raise NccError("give either --pass or --passes, not both.")
-    spec = opts["spec"] or opts["pass_name"] or default
+    flag, spec = ("--passes", opts["spec"]) if opts["spec"] is not None else ("--pass", opts["pass_name"])
+    spec = default if spec is None else spec
     if spec is None:
         return None
-    passes = _apply_format(
-        _apply_flags(_choose_algo(parse_pipeline(spec), opts.get("algo")), opts), opts.get("fmt")
-    )
+    samples = opts.get("calib_samples")
+    if samples is not None and samples < 1:
+        raise NccError(f"--calib-samples must be at least 1, got {samples}.")
+    passes = parse_pipeline(spec)
+    if not passes:
+        raise NccError(f"the pipeline is empty: {flag} {spec!r} names no pass.")
+    passes = _apply_format(_apply_flags(_choose_algo(passes, opts.get("algo")), opts), opts.get("fmt"))
     ctx = ctx or PassContext(source=source)
     if opts.get("calib"):
         if not any(getattr(p, "uses_calibration", False) for p in passes):
