@@ -22,6 +22,8 @@ from ncc.errors import NccError
 from ncc.ir.spill import SpillFile
 from ncc.passes.base import Pass, PassContext, PassResult, option, regex
 from ncc.passes.opset import raise_opset
+from ncc.passes.quant.calib_data import validate
+from ncc.passes.quant.calibration import model_inputs
 from ncc.passes.rewrite import Rewriter
 from ncc.passes.woq.activations import InputStats, accumulator_bytes, collect, merged
 from ncc.passes.woq.embeddings import embedding_gathers, quantize_embedding
@@ -154,6 +156,7 @@ class WeightOnlyPass(Pass):
                 raise NccError(f"pass '{self.name}' needs calibration data; give it with --calib DATA.")
             if self.samples:
                 data.max_samples = self.samples
+            validate(data, model_inputs(model))  # names, dtypes and shapes, before any run
         blockers = raise_opset(model, BLOCKED_DQ_OPSET)
         if blockers:
             raise NccError(
