@@ -179,6 +179,21 @@ def graph_unique(graph: ir.Graph, base: str) -> str:
     return name
 
 
+def names_taken(graph: ir.Graph) -> set[str]:
+    """Every value and node name of ``graph``'s own nodes: what a name a pass makes up must not repeat."""
+    return _names_in(graph) | {node.name for node in graph if node.name}
+
+
+def fresh(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first not in ``taken`` (which it is added to)."""
+    name, n = base, 0
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    taken.add(name)
+    return name
+
+
 def _names_in(graph: ir.Graph) -> set[str]:
     names = {v.name for v in graph.inputs} | set(graph.initializers)
     for node in graph:

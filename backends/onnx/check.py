@@ -58,6 +58,8 @@ class RuntimeCheck:
     #: Quantized ncc nodes onnxruntime runs in float, with the reason we can tell.
     float_: dict[str, str] = field(default_factory=dict)
     kernels: Counter = field(default_factory=Counter)
+    #: Quantized nodes whose name is empty or repeated: matched by name, so not checked.
+    unnamed: int = 0
 
     @property
     def total(self) -> int:
@@ -78,6 +80,8 @@ class RuntimeCheck:
             lines.append(f"  runs in float: {name}: {why}")
         if len(self.float_) > 20:
             lines.append(f"  ... and {len(self.float_) - 20} more")
+        if self.unnamed:
+            lines.append(f"  not checked: {self.unnamed} quantized nodes without a unique name")
         return "\n".join(lines)
 
 
@@ -86,12 +90,14 @@ def check_on_onnxruntime(path: str | Path, model: ir.Model) -> RuntimeCheck:
     import onnx
     import onnxruntime as ort
 
-    quantized = {
-        n.name: n.op_type
+    marked = [
+        n
         for n in model.graph
         if n.metadata_props.get("ncc.quant", "").startswith(("int8", "w4", "w8"))
         and n.op_type not in _MOVEMENT
-    }
+    ]
+    names = Counter(n.name for n in model.graph)
+    quantized = {n.name: n.op_type for n in marked if n.name and names[n.name] == 1}
     with tempfile.TemporaryDirectory(prefix="ncc-check-") as tmp:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -105,7 +111,9 @@ def check_on_onnxruntime(path: str | Path, model: ir.Model) -> RuntimeCheck:
             ) from None
         optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
     by_name = {n.name: n for n in optimized.graph.node}
-    check = RuntimeCheck(runtime=f"onnxruntime {ort.__version__} CPUExecutionProvider")
+    check = RuntimeCheck(
+        runtime=f"onnxruntime {ort.__version__} CPUExecutionProvider", unnamed=len(marked) - len(quantized)
+    )
     for name, op in quantized.items():
         node = by_name.get(name) or next(
             (n for n in optimized.graph.node if name and n.name.startswith(name)), None

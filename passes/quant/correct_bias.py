@@ -75,10 +75,12 @@ def _probe(model: ir.Model, float_model: ir.Model):
     """A copy of ``model`` where every quantized Conv/Gemm also runs in float on the same (dequantized)
     input, with its float weights: the difference of the two is that layer's own error."""
     from ncc.ir.ids import ID_KEY
+    from ncc.passes.rewrite import fresh, names_taken
 
     originals = {n.metadata_props.get(ID_KEY): n for n in float_model.graph}
     biases = {n.metadata_props.get(ID_KEY): b for n in model.graph if (b := _int32_bias(n)) is not None}
     probe = model.clone()
+    taken = names_taken(probe.graph)  # the input's node names may be empty or repeated: twins' must not
     pairs = []
     for node in list(probe.graph):
         key = node.metadata_props.get(ID_KEY)
@@ -90,7 +92,7 @@ def _probe(model: ir.Model, float_model: ir.Model):
             continue
         consts = []
         for value in (weight, bias):
-            copy = ir.Value(name=f"{value.name}__probe_{key}", const_value=value.const_value)
+            copy = ir.Value(name=fresh(f"{value.name}__probe_{key}", taken), const_value=value.const_value)
             probe.graph.register_initializer(copy)
             consts.append(copy)
         twin = ir.Node(
@@ -98,9 +100,9 @@ def _probe(model: ir.Model, float_model: ir.Model):
             node.op_type,
             [node.inputs[0], *consts],
             list(node.attributes.values()),
-            name=f"{node.name}__float",
+            name=fresh(f"{node.name or node.op_type}__float", taken),
         )
-        twin.outputs[0].name = f"{node.outputs[0].name}__float"
+        twin.outputs[0].name = fresh(f"{node.outputs[0].name}__float", taken)
         probe.graph.insert_after(node, twin)
         local, observed = twin.outputs[0], _observed(node)
         act = observed.producer()
@@ -110,9 +112,9 @@ def _probe(model: ir.Model, float_model: ir.Model):
                 act.op_type,
                 [local, *act.inputs[1:]],
                 list(act.attributes.values()),
-                name=f"{act.name}__float",
+                name=fresh(f"{act.name or act.op_type}__float", taken),
             )
-            act_twin.outputs[0].name = f"{observed.name}__float"
+            act_twin.outputs[0].name = fresh(f"{observed.name}__float", taken)
             probe.graph.insert_after(act, act_twin)
             local = act_twin.outputs[0]
         pairs.append((node, biases[key], local.name, observed.name))
