@@ -342,7 +342,13 @@ def compile(
 
     from ncc.passes.base import PassContext
     from ncc.tools.modelio import check_distinct, load_model, save_model
-    from ncc.tools.report import files_size, format_report, input_files, quantization_summary
+    from ncc.tools.report import (
+        files_size,
+        format_report,
+        input_files,
+        quantization_summary,
+        written_fidelity,
+    )
 
     check_distinct(input, output, external_data)
     model = load_model(input)
@@ -358,6 +364,7 @@ def compile(
     quantization = quantization_summary(model)
     int8 = any(n.metadata_props.get("ncc.quant", "").startswith("int8") for n in model.graph)
     legal = _legalize(model, fmt, opts.get("target"))
+    fidelity = written_fidelity(model, ctx) if run is not None else None
     layers = ctx.data.get("woq_layers")
     if layer_report is not None and not layers:
         raise NccError("--layer-report needs a weight-only pipeline (w4, w8, woq-*).")
@@ -386,6 +393,7 @@ def compile(
                 size_before=size_before,
                 size_after=files_size(written),
                 check=check,
+                fidelity=fidelity,
             ),
             err=True,
         )

@@ -59,8 +59,43 @@ def _reported(pass_name: str, note: str) -> bool:
     )
 
 
+def written_fidelity(model: ir.Model, ctx) -> str | None:
+    """The output cosine of ``model`` as it is written against the float model ``insert-qdq`` kept, on
+    the calibration samples min-cosine used (or the first 8): passes after ``insert-qdq``
+    (``correct-bias``) change the model its own figure was measured on. None when no pass kept a float
+    model."""
+    float_model, data = ctx.data.get("float_model"), ctx.data.get("calibration_data")
+    if float_model is None or data is None:
+        return None
+    from ncc.passes.quant import fallback
+
+    outputs = [v.name for v in model.graph.outputs]
+    kept = ctx.data.get("float_reference")
+    if kept is not None and set(outputs) <= set(kept.outputs):
+        feeds, reference = kept.feeds, kept.outputs
+    else:
+        feeds = fallback.samples(data, 8)
+        reference = fallback.run(float_model, feeds, outputs)
+    score = fallback.fidelity(
+        reference, fallback.run(model, feeds, outputs), outputs, fallback.token_masks(feeds)
+    )
+    count = sum(next(iter(feed.values())).shape[0] for feed in feeds)
+    return (
+        f"fidelity: output cosine {score:.5f} on {count} calibration samples "
+        "(the written model against the float)"
+    )
+
+
 def format_report(
-    *, spec: str, quantization: list[str], run, ctx, size_before: int, size_after: int, check=None
+    *,
+    spec: str,
+    quantization: list[str],
+    run,
+    ctx,
+    size_before: int,
+    size_after: int,
+    check=None,
+    fidelity: str | None = None,
 ) -> str:
     lines = [f"pipeline: {spec}"]
     calibration = ctx.data.get("calibration")
@@ -72,6 +107,8 @@ def format_report(
         lines.append(f"calibration: {how} on {data.spec if data else '?'}")
     lines += quantization
     lines += [note for r in run.records for note in r.notes if _reported(r.name, note)]
+    if fidelity:
+        lines.append(fidelity)
     ratio = size_before / size_after if size_after else float("nan")
     lines.append(f"size: {size_before / 1e6:.2f} MB -> {size_after / 1e6:.2f} MB ({ratio:.2f}x smaller)")
     slowest = sorted(run.records, key=lambda r: -r.seconds)[:5]
