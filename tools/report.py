@@ -50,12 +50,12 @@ def _short(reason: str) -> str:
 
 
 def _reported(pass_name: str, note: str) -> bool:
-    """Pass notes the report repeats: the weight-only passes', min-cosine's fallback steps, and warnings."""
+    """Pass notes the report repeats: the weight-only passes', min-cosine's fallback steps, opset changes
+    and warnings."""
     return (
         pass_name.startswith("woq-")
         or pass_name == "pack-int4"
-        or note.startswith("fallback:")
-        or note.startswith("warning:")
+        or note.startswith(("fallback:", "warning:", "opset:"))
     )
 
 

@@ -32,6 +32,7 @@ tensor produced by a float node keep reading the float value.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -91,6 +92,11 @@ class InsertQDQ(Pass):
         calibration = ctx.data.get("calibration")
         if calibration is None:
             raise NccError("pass 'insert-qdq' needs activation statistics; run 'calibrate' before it.")
+        per_channel, opset_notes = plan.qdq_opset(model, self.weights == "per-channel")
+        if self.weights == "per-channel" and not per_channel:  # the opset stays below 13: run per tensor
+            result = dataclasses.replace(self, weights="per-tensor").run(model, ctx)
+            result.notes[:0] = opset_notes
+            return result
         target = get_target(self.target)
         op_types = set(self.op_types or (set(target.static_ops) & set(plan.ROLES)))
         islands = set() if self.op_types else set(target.island_ops)
@@ -100,7 +106,7 @@ class InsertQDQ(Pass):
             result = _Quantizer(self, model, calibration, target, op_types, islands).run()
         else:
             result = self._run_with_fallback(model, ctx, calibration, target, op_types, islands)
-        result.notes[:0] = warnings
+        result.notes[:0] = opset_notes + warnings
         return result
 
     def _run_with_fallback(self, model, ctx, calibration, target, op_types, islands) -> PassResult:
