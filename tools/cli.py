@@ -381,7 +381,12 @@ def compile(
     ):
         from ncc.backends.onnx.check import check_on_onnxruntime
 
-        check = check_on_onnxruntime(output, model)
+        try:
+            check = check_on_onnxruntime(output, model)
+        except NccError:  # onnxruntime cannot load what was written: leave no output behind
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
     if run is not None:
         spec = ",".join(r.spec for r in run.records)
         click.echo(

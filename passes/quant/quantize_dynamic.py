@@ -332,7 +332,8 @@ class _Base(Pattern):
         out: ir.Value,
         absorbed: list[ir.Node],
     ) -> None:
-        st, name = self.state, node.name or self.op
+        # an unnamed node is named after its output (unique), so the nodes it becomes are too
+        st, name = self.state, node.name or node.outputs[0].name or self.op
         w_q, w_s, w_zp = w
         if st.pass_.form == "fused":
             st.uses_ms = True
@@ -477,7 +478,7 @@ class GatherPattern(_Base):
             return st.skip(node, f"table has rank {len(tensor.shape)}, not 2")
         if node.attributes.get_int("axis", 0) != 0:
             return st.skip(node, "Gather axis is not 0")
-        out, name = node.outputs[0], node.name or "Gather"
+        out, name = node.outputs[0], node.name or node.outputs[0].name or "Gather"
         per_row = st.pass_.per_channel
         # no integer kernel reads the table: always s8 (8 bits), symmetric unless asked otherwise
         table_quant = WeightQuant("s8", st.wq.symmetric, False)
@@ -569,7 +570,7 @@ class ConvPattern(_Base):
             if bt is None:
                 return st.skip(node, "bias is not a constant")
             bias_array = bt.numpy().astype(np.float32)
-        out, name = node.outputs[0], node.name or "Conv"
+        out, name = node.outputs[0], node.name or node.outputs[0].name or "Conv"
         rank = len(tensor.shape)
         m = int(tensor.shape[0])
         per_channel = st.pass_.per_channel
