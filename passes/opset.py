@@ -1,18 +1,29 @@
 """Raising a model's default opset without changing what any node means.
 
-A pass that needs a newer standard op (LayerNormalization at 17, blocked int4
-DequantizeLinear at 21) raises the model's ``ai.onnx`` import, but only when
-every standard node keeps its meaning at the new version. For each node, every
-schema version between the model's opset and the target is checked against a
-table of changes known to keep existing nodes' meaning (new types, new
-attributes or inputs whose defaults are the old behaviour). One change is
-adapted instead: at opset 18 the Reduce ops (except ReduceSum, moved at 13)
-take ``axes`` as an input rather than an attribute, so the attribute becomes a
-constant input. Anything else (RoiAlign 16, DFT 20, GridSample 20,
-GroupNormalization 21, ...) blocks the upgrade and is named.
+A pass that needs a newer standard op (QuantizeLinear at 10, per-channel
+DequantizeLinear at 13, LayerNormalization at 17, blocked int4 DequantizeLinear
+at 21) raises the model's ``ai.onnx`` import, but only when every standard node
+keeps its meaning at the new version. For each node, every schema version
+between the model's opset and the target is checked against a table of changes
+known to keep existing nodes' meaning (new types, new attributes or inputs
+whose defaults are the old behaviour; from 8 to 13 the changes onnx's own
+version converter registers as compatible). Two kinds of change are adapted or
+checked node by node instead:
+
+- an attribute that became an input (``axes`` of ReduceSum, Squeeze and
+  Unsqueeze and ``split`` of Split at 13, ``axes`` of the other Reduce ops at
+  18) becomes a constant input;
+- Softmax, LogSoftmax and Hardmax work on one axis from 13 on, where they
+  flattened the input into 2-D at ``axis`` before: the same only when ``axis``
+  is the last axis, so another axis blocks the upgrade.
+
+Anything else (Slice and Upsample 10, Clip and Pad 11, Dropout 12, RoiAlign 16,
+DFT 20, GridSample 20, GroupNormalization 21, ...) blocks the upgrade and is named.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -22,6 +33,141 @@ from ncc.ir.rewrite import Rewriter
 
 #: since_version -> op types whose change at that version keeps existing nodes' meaning.
 _SAFE: dict[int, frozenset[str]] = {
+    8: frozenset({"Max", "Min", "Mean", "Sum", "MaxPool"}),
+    9: frozenset({"Flatten", "Constant", "MatMul", "Gemm", "PRelu", "Greater", "Less", "Cast"}),
+    10: frozenset({"AveragePool", "MaxPool", "Dropout"}),
+    11: frozenset(
+        {
+            "ArgMax",
+            "ArgMin",
+            "AveragePool",
+            "Concat",
+            "Constant",
+            "Compress",
+            "Conv",
+            "ConvTranspose",
+            "DepthToSpace",
+            "Equal",
+            "Flatten",
+            "Gather",
+            "Gemm",
+            "Hardmax",
+            "If",
+            "LogSoftmax",
+            "Loop",
+            "LpPool",
+            "MaxPool",
+            "MaxUnpool",
+            "NonMaxSuppression",
+            "OneHot",
+            "ReduceL1",
+            "ReduceL2",
+            "ReduceLogSum",
+            "ReduceLogSumExp",
+            "ReduceMax",
+            "ReduceMean",
+            "ReduceMin",
+            "ReduceProd",
+            "ReduceSum",
+            "ReduceSumSquare",
+            "Scan",
+            "Slice",
+            "Softmax",
+            "Split",
+            "Squeeze",
+            "TopK",
+            "Unsqueeze",
+        }
+    ),
+    12: frozenset(
+        {
+            "ArgMax",
+            "ArgMin",
+            "Clip",
+            "Constant",
+            "GatherND",
+            "Max",
+            "MaxPool",
+            "Min",
+            "Pow",
+            "ReduceMax",
+            "ReduceMin",
+        }
+    ),
+    13: frozenset(
+        {
+            "Abs",
+            "Add",
+            "ArgMax",
+            "ArgMin",
+            "Cast",
+            "Ceil",
+            "Clip",
+            "Concat",
+            "Constant",
+            "DepthToSpace",
+            "DequantizeLinear",
+            "Div",
+            "Dropout",
+            "Equal",
+            "Erf",
+            "Exp",
+            "Expand",
+            "Flatten",
+            "Floor",
+            "Gather",
+            "GatherElements",
+            "GatherND",
+            "Gemm",
+            "Greater",
+            "Identity",
+            "If",
+            "IsNaN",
+            "Less",
+            "Log",
+            "Loop",
+            "LRN",
+            "MatMul",
+            "Max",
+            "Mean",
+            "MeanVarianceNormalization",
+            "Min",
+            "Mod",
+            "Mul",
+            "Neg",
+            "NonZero",
+            "Pad",
+            "Pow",
+            "QuantizeLinear",
+            "Reciprocal",
+            "ReduceL1",
+            "ReduceL2",
+            "ReduceLogSum",
+            "ReduceLogSumExp",
+            "ReduceMax",
+            "ReduceMean",
+            "ReduceMin",
+            "ReduceProd",
+            "ReduceSumSquare",
+            "Relu",
+            "Reshape",
+            "Resize",
+            "ScatterElements",
+            "ScatterND",
+            "Shape",
+            "Sigmoid",
+            "Sign",
+            "Size",
+            "Slice",
+            "SpaceToDepth",
+            "Sqrt",
+            "Sub",
+            "Sum",
+            "Tanh",
+            "Tile",
+            "Transpose",
+        }
+    ),
     14: frozenset(
         {
             "Add",
@@ -112,20 +258,40 @@ _SAFE: dict[int, frozenset[str]] = {
     ),
 }
 
-#: Reduce ops whose ``axes`` attribute became an input at opset 18.
-_AXES_TO_INPUT_18 = frozenset(
-    {
-        "ReduceL1",
-        "ReduceL2",
-        "ReduceLogSum",
-        "ReduceLogSumExp",
-        "ReduceMax",
-        "ReduceMean",
-        "ReduceMin",
-        "ReduceProd",
-        "ReduceSumSquare",
-    }
-)
+#: since_version -> {op type: the attribute that became its input 1 at that version}.
+_ATTRIBUTE_TO_INPUT: dict[int, dict[str, str]] = {
+    13: {"ReduceSum": "axes", "Squeeze": "axes", "Unsqueeze": "axes", "Split": "split"},
+    18: {
+        op: "axes"
+        for op in (
+            "ReduceL1",
+            "ReduceL2",
+            "ReduceLogSum",
+            "ReduceLogSumExp",
+            "ReduceMax",
+            "ReduceMean",
+            "ReduceMin",
+            "ReduceProd",
+            "ReduceSumSquare",
+        )
+    },
+}
+
+
+def _on_last_axis(node: ir.Node) -> bool:
+    """Whether a Softmax-like node (``axis`` default 1 before opset 13) works on its input's last axis."""
+    x = node.inputs[0] if node.inputs else None
+    axis = node.attributes.get_int("axis", 1)
+    if axis == -1:
+        return True
+    rank = len(x.shape) if x is not None and x.shape is not None else None
+    return rank is not None and axis % rank == rank - 1
+
+
+#: since_version -> {op type: whether a node keeps its meaning across that version's change}.
+_SAFE_IF: dict[int, dict[str, Callable[[ir.Node], bool]]] = {
+    13: {"Softmax": _on_last_axis, "LogSoftmax": _on_last_axis, "Hardmax": _on_last_axis},
+}
 
 
 def _changes(op_type: str, current: int, target: int) -> list[int] | None:
@@ -146,21 +312,22 @@ def upgrade_blockers(model: ir.Model, target: int) -> list[str]:
     """Standard op types in ``model`` whose meaning may change when its default opset is raised to ``target``."""
     current = onnx_opset(model)
     blockers: set[str] = set()
-    seen: set[str] = set()
+    changes: dict[str, list[int] | None] = {}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if not is_onnx_domain(node) or node.op_type in seen:
+        if not is_onnx_domain(node) or node.op_type in blockers:
             continue
-        seen.add(node.op_type)
-        changes = _changes(node.op_type, current, target)
-        if changes is None:
+        if node.op_type not in changes:
+            changes[node.op_type] = _changes(node.op_type, current, target)
+        versions = changes[node.op_type]
+        if versions is None:
             blockers.add(node.op_type)
             continue
-        for version in changes:
-            if node.op_type in _SAFE.get(version, ()):
+        for version in versions:
+            if node.op_type in _SAFE.get(version, ()) or node.op_type in _ATTRIBUTE_TO_INPUT.get(version, {}):
                 continue
-            if version == 18 and node.op_type in _AXES_TO_INPUT_18:
-                continue
-            blockers.add(node.op_type)
+            condition = _SAFE_IF.get(version, {}).get(node.op_type)
+            if condition is None or not condition(node):
+                blockers.add(node.op_type)
     return sorted(blockers)
 
 
@@ -175,11 +342,16 @@ def raise_opset(model: ir.Model, target: int) -> list[str]:
     blockers = upgrade_blockers(model, target)
     if blockers:
         return blockers
-    if current < 18 <= target:
+    for version, moved in _ATTRIBUTE_TO_INPUT.items():
+        if not current < version <= target:
+            continue
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            if is_onnx_domain(node) and node.op_type in _AXES_TO_INPUT_18 and "axes" in node.attributes:
-                axes = np.asarray(node.attributes.pop("axes").as_ints(), np.int64)
-                value = Rewriter(model, node.graph).constant(axes, f"{node.name or node.op_type}_axes")
+            attribute = moved.get(node.op_type) if is_onnx_domain(node) else None
+            if attribute is not None and attribute in node.attributes:
+                array = np.asarray(node.attributes.pop(attribute).as_ints(), np.int64)
+                value = Rewriter(model, node.graph).constant(
+                    array, f"{node.name or node.op_type}_{attribute}"
+                )
                 _set_input(node, 1, value)
     set_onnx_opset(model, target)
     model.ir_version = max(model.ir_version or 0, _IR_FOR_OPSET.get(target, 10))
@@ -187,7 +359,7 @@ def raise_opset(model: ir.Model, target: int) -> list[str]:
 
 
 #: The IR version released with each opset (a model must declare at least this to use it).
-_IR_FOR_OPSET = {17: 8, 18: 8, 19: 9, 20: 9, 21: 10, 22: 10}
+_IR_FOR_OPSET = {10: 5, 11: 6, 12: 7, 13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10, 22: 10}
 
 
 def _set_input(node: ir.Node, index: int, value: ir.Value) -> None:

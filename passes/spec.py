@@ -449,14 +449,16 @@ def _format_scalar(value: Any) -> str:
 
 
 def describe_pass(cls: type[Pass]) -> str:
-    """``name  doc`` and one indented line per option (``key: type = default  doc``), for ``ncc passes``."""
+    """``name  doc`` and one indented line per option (``key: type [bounds] = default  doc``), for
+    ``ncc passes``."""
     lines = [f"{cls.name}  {cls.doc()}".rstrip()]
     hints = _hints(cls)
     for f in cls.options():
         default = "" if f.default is dataclasses.MISSING else f" = {format_value(f.default)}"
         doc = f.metadata.get("doc", "")
         annotation = hints.get(f.name, f.type)
-        lines.append(f"    {option_key(f.name)}: {type_name(annotation)}{default}  {doc}".rstrip())
+        bounds = f" {f.metadata['bounds'].notation()}" if "bounds" in f.metadata else ""
+        lines.append(f"    {option_key(f.name)}: {type_name(annotation)}{bounds}{default}  {doc}".rstrip())
     return "\n".join(lines)
 
 

@@ -299,10 +299,16 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
 
     for plugin in opts["plugins"]:
         registry.load_plugin(plugin)
-    if opts["pass_name"] and opts["spec"]:
+    if opts["pass_name"] is not None and opts["spec"] is not None:
         raise NccError("give either --pass or --passes, not both.")
-    spec = opts["spec"] or opts["pass_name"] or default
+    flag, spec = ("--passes", opts["spec"]) if opts["spec"] is not None else ("--pass", opts["pass_name"])
+    spec = default if spec is None else spec
+    samples = opts.get("calib_samples")
+    if samples is not None and samples < 1:
+        raise NccError(f"--calib-samples must be at least 1, got {samples}.")
     passes = parse_pipeline(spec) if spec is not None else []
+    if spec is not None and not passes:
+        raise NccError(f"the pipeline is empty: {flag} {spec!r} names no pass.")
     passes = _apply_flags(_apply_format(_choose_algo(passes, opts.get("algo")), opts.get("fmt")), opts)
     if not passes:
         return None
@@ -388,7 +394,7 @@ def compile(
         output_files,
         save_model,
     )
-    from ncc.tools.report import files_size, format_report, quantization_summary
+    from ncc.tools.report import files_size, format_report, quantization_summary, written_fidelity
 
     inputs = input_files(input)
     reads = [
@@ -405,10 +411,12 @@ def compile(
     cache = cache_dir or Path(os.environ.get("NCC_CACHE", Path.home() / ".cache" / "ncc"))
     ctx = PassContext(source=str(input), cache_dir=str(cache))
     ctx.data["progress"] = sys.stderr.isatty()
+    float_model = model.clone() if opts.get("calib") else None  # what the report's fidelity compares with
     run = _run_pipeline(model, {**opts, "fmt": fmt}, source=str(input), default=None, ctx=ctx)
     quantization = quantization_summary(model)
     int8 = any(n.metadata_props.get("ncc.quant", "").startswith("int8") for n in model.graph)
     _check_format(model, fmt)
+    fidelity = written_fidelity(model, float_model, run, ctx) if run is not None else None
     layers = ctx.data.get("woq_layers")
     if layer_report is not None and not layers:
         raise NccError("--layer-report needs a weight-only pipeline (w4, w8, woq-*).")
@@ -438,6 +446,7 @@ def compile(
                 size_before=size_before,
                 size_after=files_size(written),
                 check=check,
+                fidelity=fidelity,
             ),
             err=True,
         )

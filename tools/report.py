@@ -40,18 +40,52 @@ def _short(reason: str) -> str:
 
 
 def _reported(pass_name: str, note: str) -> bool:
-    """Pass notes the report repeats: the weight-only and lowering passes', min-cosine's fallback steps, and
-    warnings."""
+    """Pass notes the report repeats: the weight-only and lowering passes', min-cosine's fallback steps,
+    opset changes and warnings."""
     return (
         pass_name.startswith("woq-")
         or pass_name in ("pack-int4", "legalize-qoperator")
-        or note.startswith("fallback:")
-        or note.startswith("warning:")
+        or note.startswith(("fallback:", "warning:", "opset:"))
+    )
+
+
+def written_fidelity(model: ir.Model, float_model: ir.Model | None, run, ctx) -> str | None:
+    """The output cosine of ``model`` as it is written against ``float_model`` (the input, before the
+    pipeline), on the calibration samples min-cosine used (or the first 8): passes after ``insert-qdq``
+    (``correct-bias``) change the model its own figure was measured on. None unless the pipeline ran
+    ``insert-qdq`` with calibration data."""
+    data = ctx.data.get("calibration_data")
+    if float_model is None or data is None or not any(r.name == "insert-qdq" for r in run.records):
+        return None
+    from ncc.passes.quant import fallback
+
+    outputs = [v.name for v in model.graph.outputs]
+    kept = ctx.data.get("float_reference")
+    if kept is not None and set(outputs) <= set(kept.outputs):
+        feeds, reference = kept.feeds, kept.outputs
+    else:
+        feeds = fallback.samples(data, 8)
+        reference = fallback.run(float_model, feeds, outputs)
+    score = fallback.fidelity(
+        reference, fallback.run(model, feeds, outputs), outputs, fallback.token_masks(feeds)
+    )
+    count = sum(next(iter(feed.values())).shape[0] for feed in feeds)
+    return (
+        f"fidelity: output cosine {score:.5f} on {count} calibration samples "
+        "(the written model against the float)"
     )
 
 
 def format_report(
-    *, spec: str, quantization: list[str], run, ctx, size_before: int, size_after: int, check=None
+    *,
+    spec: str,
+    quantization: list[str],
+    run,
+    ctx,
+    size_before: int,
+    size_after: int,
+    check=None,
+    fidelity: str | None = None,
 ) -> str:
     lines = [f"pipeline: {spec}"]
     calibrated = [r for r in run.records if r.name == "calibrate"]
@@ -64,6 +98,8 @@ def format_report(
         lines.append(f"calibration: {how} on {data.spec if data else '?'}")
     lines += quantization
     lines += [note for r in run.records for note in r.notes if _reported(r.name, note)]
+    if fidelity:
+        lines.append(fidelity)
     ratio = size_before / size_after if size_after else float("nan")
     lines.append(f"size: {size_before / 1e6:.2f} MB -> {size_after / 1e6:.2f} MB ({ratio:.2f}x smaller)")
     slowest = sorted(run.records, key=lambda r: -r.seconds)[:5]

@@ -59,6 +59,8 @@ class RuntimeCheck:
     #: Quantized ncc nodes onnxruntime runs in float, with the reason we can tell.
     float_: dict[str, str] = field(default_factory=dict)
     kernels: Counter = field(default_factory=Counter)
+    #: Quantized nodes whose name is empty or repeated: matched by name, so not checked.
+    unnamed: int = 0
 
     @property
     def total(self) -> int:
@@ -79,6 +81,8 @@ class RuntimeCheck:
             lines.append(f"  runs in float: {name}: {why}")
         if len(self.float_) > 20:
             lines.append(f"  ... and {len(self.float_) - 20} more")
+        if self.unnamed:
+            lines.append(f"  not checked: {self.unnamed} quantized nodes without a unique name")
         return "\n".join(lines)
 
 
@@ -91,12 +95,14 @@ def check_on_onnxruntime(
     import onnxruntime as ort
     from ncc.runtime import open_session, session_options
 
-    quantized = {
-        n.name: n.op_type
+    marked = [
+        n
         for n in model.graph
         if n.metadata_props.get("ncc.quant", "").startswith(("int8", "w4", "w8"))
         and n.op_type not in _MOVEMENT
-    }
+    ]
+    names = Counter(n.name for n in model.graph)
+    quantized = {n.name: n.op_type for n in marked if n.name and names[n.name] == 1}
     with tempfile.TemporaryDirectory(prefix="ncc-check-") as tmp:
         optimized_path = Path(tmp) / "optimized.onnx"
         options = session_options(optimization="extended", optimized_model=optimized_path)
@@ -107,7 +113,9 @@ def check_on_onnxruntime(
             raise NccError(str(err).replace(str(path), str(shown or path))) from None
         optimized = onnx.load(str(optimized_path), load_external_data=False)
     by_name = {n.name: n for n in optimized.graph.node}
-    check = RuntimeCheck(runtime=f"onnxruntime {ort.__version__} CPUExecutionProvider")
+    check = RuntimeCheck(
+        runtime=f"onnxruntime {ort.__version__} CPUExecutionProvider", unnamed=len(marked) - len(quantized)
+    )
     for name, op in quantized.items():
         node = by_name.get(name) or next(
             (n for n in optimized.graph.node if name and n.name.startswith(name)), None

@@ -46,7 +46,9 @@ class CommonSubexpressionElimination(Pass):
 
     name: ClassVar[str] = "cse"
 
-    max_constant_bytes: int = option(1 << 20, "largest constant (bytes) read to compare with another one")
+    max_constant_bytes: int = option(
+        1 << 20, "largest constant (bytes) read to compare with another one", min=0
+    )
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         stats = {"nodes merged": 0, "constants merged": 0}

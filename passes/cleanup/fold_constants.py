@@ -52,7 +52,7 @@ class FoldConstants(Pass):
 
     name: ClassVar[str] = "fold-constants"
 
-    size_limit: int = option(1 << 20, "largest tensor (elements) read or materialized by folding")
+    size_limit: int = option(1 << 20, "largest tensor (elements) read or materialized by folding", min=0)
     fold_shapes: bool = option(True, "fold Shape(x) when x has a fully static shape")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:

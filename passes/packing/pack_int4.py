@@ -140,12 +140,13 @@ class PackInt4(Pass):
         "matmulnbits: com.microsoft::MatMulNBits; qdq: keep standard blocked DequantizeLinear + MatMul",
     )
     accuracy_level: int = option(
-        0, "MatMulNBits compute type: 0 unset (float), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations per block"
+        0,
+        "MatMulNBits compute type: 0 unset (float), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations per block",
+        min=0,
+        max=4,
     )
 
     def requires(self, model: ir.Model) -> None:
-        if not 0 <= self.accuracy_level <= 4:
-            raise NccError(f"pack-int4: accuracy-level must be 0..4, not {self.accuracy_level}.")
         if self.accuracy_level and self.format == "qdq":
             raise NccError(
                 "accuracy-level applies to --format matmulnbits; with qdq onnxruntime takes it from its "

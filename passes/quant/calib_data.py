@@ -85,7 +85,7 @@ class CalibrationData:
                     n = remaining
                 remaining -= n
             if self._expected is not None:
-                _check_piece(piece, self._expected, self.spec)
+                _check_piece(piece, self._expected, self.spec, first=seen)
             seen += n
             yield piece
         if seen == 0:
@@ -386,8 +386,9 @@ def _format_shape(shape: Sequence[Dim] | None) -> str:
 
 
 def _check_piece(
-    piece: Mapping[str, np.ndarray], expected: Mapping[str, tuple[np.dtype, Any]], spec: str
+    piece: Mapping[str, np.ndarray], expected: Mapping[str, tuple[np.dtype, Any]], spec: str, first: int = 0
 ) -> None:
+    """Check one piece (samples ``first`` onwards) against the model's inputs."""
     names, want = sorted(piece), sorted(expected)
     if names != want:
         missing = [n for n in want if n not in piece]
@@ -408,6 +409,12 @@ def _check_piece(
             raise NccError(
                 f"calibration input {name!r} in {spec} is {array.dtype} but the model expects {dtype}; "
                 f"cast it with .astype(np.{dtype.name})."
+            )
+        if array.size and np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).any():
+            last = first + (array.shape[0] if array.ndim else 1) - 1
+            raise NccError(
+                f"calibration input {name!r} in {spec} is all NaN or infinite (samples {first} to {last}): "
+                "there is nothing to calibrate on."
             )
         if shape is None:
             continue

@@ -65,15 +65,17 @@ class Calibrate(Pass):
     method: Method = option(
         "mse", "range method: mse (least squared error), minmax, percentile or entropy (KL)"
     )
-    percentile: float = option(99.999, "two-sided percentile kept by method=percentile")
-    samples: int = option(0, "use at most this many calibration samples (0: all)")
-    batch_size: int = option(8, "samples per onnxruntime run")
+    percentile: float = option(99.999, "two-sided percentile kept by method=percentile", gt=0, max=100)
+    samples: int = option(0, "use at most this many calibration samples (0: all)", min=0)
+    batch_size: int = option(8, "samples per onnxruntime run", min=1)
     target: str = option(DEFAULT_TARGET, "target profile")
     scheme: Literal["asym", "sym"] = option(
         "asym", "activation scheme the ranges are chosen for (as insert-qdq's)"
     )
     reduce_range: bool = option(False, "choose ranges for 7-bit activations (as insert-qdq's reduce-range)")
-    reference_samples: int = option(8, "keep the graph outputs on this many samples for min-cosine (0: none)")
+    reference_samples: int = option(
+        8, "keep the graph outputs on this many samples for min-cosine (0: none)", min=0
+    )
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         from ncc.passes.quant.calibration import (

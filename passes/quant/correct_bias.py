@@ -40,8 +40,8 @@ class CorrectBias(Pass):
     """Add the measured mean output error of each quantized Conv/Gemm to its int32 bias."""
 
     name: ClassVar[str] = "correct-bias"
-    samples: int = option(16, "calibration samples the correction is measured on")
-    rounds: int = option(1, "measure-and-correct rounds")
+    samples: int = option(16, "calibration samples the correction is measured on", min=1)
+    rounds: int = option(1, "measure-and-correct rounds", min=1)
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         from ncc.passes.quant import fallback
@@ -89,6 +89,7 @@ def _probe(model: ir.Model):
     probe = model.clone()
     names = {v.name for v in probe.graph.inputs} | set(probe.graph.initializers)
     names |= {o.name for n in probe.graph for o in n.outputs if o.name}
+    names |= {n.name for n in probe.graph if n.name}  # node names too: the input's may be empty
     pairs = []
     for node in list(probe.graph):
         key = node.metadata_props.get(ID_KEY)

@@ -120,10 +120,21 @@ def _rel_error(ref: list[np.ndarray], got: list[np.ndarray], masks: list[np.ndar
 
 
 def candidates(quantized: ir.Model) -> list[ir.Node]:
-    """The quantized compute nodes of ``quantized``: what min-cosine may return to float."""
+    """The quantized compute nodes of ``quantized``: what min-cosine may return to float. A fallback names
+    its node (``kept_float``), so nodes whose name is empty or repeated are never candidates."""
+    from collections import Counter
+
     from ncc.passes.quant.plan import ROLES
 
-    return [n for n in quantized.graph if n.metadata_props.get("ncc.quant") == "int8" and n.op_type in ROLES]
+    names = Counter(n.name for n in quantized.graph)
+    return [
+        n
+        for n in quantized.graph
+        if n.metadata_props.get("ncc.quant") == "int8"
+        and n.op_type in ROLES
+        and n.name
+        and names[n.name] == 1
+    ]
 
 
 def edges(quantized: ir.Model) -> list[str]:

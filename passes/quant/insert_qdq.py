@@ -32,6 +32,7 @@ tensor produced by a float node keep reading the float value.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -40,7 +41,7 @@ import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.ir import ids
-from ncc.passes.base import Pass, PassContext, PassResult, option
+from ncc.passes.base import Pass, PassContext, PassResult, option, regex
 from ncc.passes.quant import pairs, plan
 from ncc.passes.quant.observers import quant_params
 from ncc.passes.quant.ranges import CalibratedRanges, clear_ranges
@@ -65,24 +66,28 @@ class InsertQDQ(Pass):
     reduce_range: bool = option(False, "use 7 bits (costs accuracy; only for old CPUs without VNNI)")
     op_types: tuple[str, ...] = option((), "op types to quantize (empty: the target profile's)")
     include: tuple[str, ...] = option(
-        (), "only quantize nodes whose name matches one of these (regex, searched)"
+        (), "only quantize nodes whose name matches one of these (regex, searched)", check=regex
     )
     exclude: tuple[str, ...] = option(
-        (), "keep nodes whose name matches one of these (regex, searched) in float"
+        (), "keep nodes whose name matches one of these (regex, searched) in float", check=regex
     )
     target: str = option(DEFAULT_TARGET, "target profile")
     quantize_graph_outputs: bool = option(
         False, "quantize tensors that are graph outputs too (they stay float)"
     )
     min_cosine: float = option(
-        0.0, "keep the most sensitive nodes in float until outputs reach this cosine (0: off)"
+        0.0, "keep the most sensitive nodes in float until outputs reach this cosine (0: off)", min=0, max=1
     )
-    max_float: float = option(0.1, "largest fraction of quantized compute nodes min-cosine may keep in float")
-    fallback_samples: int = option(8, "calibration samples min-cosine measures on")
+    max_float: float = option(
+        0.1, "largest fraction of quantized compute nodes min-cosine may keep in float", min=0, max=1
+    )
+    fallback_samples: int = option(8, "calibration samples min-cosine measures on", min=1)
     min_gain: float = option(
-        0.05, "a node min-cosine keeps in float must close this fraction of the gap to 1"
+        0.05, "a node min-cosine keeps in float must close this fraction of the gap to 1", min=0, max=1
     )
-    patience: int = option(2, "min-cosine stops after this many fallbacks in a row that gained too little")
+    patience: int = option(
+        2, "min-cosine stops after this many fallbacks in a row that gained too little", min=1
+    )
 
     def requires(self, model: ir.Model) -> None:
         plan.refuse_quantized(model)
@@ -94,6 +99,11 @@ class InsertQDQ(Pass):
         if calibration is None:
             raise NccError("pass 'insert-qdq' needs calibrated ranges; run 'calibrate' before it.")
         calibration.check_options(self.name, levels=128 if self.reduce_range else 256, scheme=self.scheme)
+        per_channel, opset_notes = plan.qdq_opset(model, self.weights == "per-channel")
+        if self.weights == "per-channel" and not per_channel:  # the opset stays below 13: run per tensor
+            result = dataclasses.replace(self, weights="per-tensor").run(model, ctx)
+            result.notes[:0] = opset_notes
+            return result
         target = get_target(self.target)
         op_types = set(self.op_types or (set(target.static_ops) & set(plan.ROLES)))
         islands = set() if self.op_types else set(target.island_ops)
@@ -103,7 +113,7 @@ class InsertQDQ(Pass):
         else:
             result = self._run_with_fallback(model, ctx, calibration, target, op_types, islands)
         clear_ranges(model.graph)  # the ranges are Q/DQ scales now
-        result.notes[:0] = warnings
+        result.notes[:0] = opset_notes + warnings
         return result
 
     def _run_with_fallback(self, model, ctx, calibration, target, op_types, islands) -> PassResult:

@@ -91,6 +91,46 @@ def refuse_quantized(model: ir.Model) -> None:
             raise NccError(f"model is already quantized (found {label}); start from the float model.")
 
 
+QDQ_OPSET = 10
+"""QuantizeLinear and DequantizeLinear exist from this opset on (one scale per tensor)."""
+PER_CHANNEL_OPSET = 13
+"""DequantizeLinear takes ``axis`` (one scale per channel) from this opset on."""
+
+
+def qdq_opset(model: ir.Model, per_channel: bool) -> tuple[bool, list[str]]:
+    """Raise ``model``'s opset to what its Q/DQ pairs need, when every node keeps its meaning there
+    (:mod:`ncc.passes.opset`): 13 for per-channel weights, else 10. Returns whether weights can be
+    per channel and lines for the report; when only opset 10 can be reached, weights go per tensor
+    (with a warning). A model that cannot reach opset 10 is an error."""
+    from ncc.ir.ops import onnx_opset
+    from ncc.passes.opset import raise_opset
+
+    current = onnx_opset(model)
+    notes: list[str] = []
+    blockers: dict[int, list[str]] = {}
+    for target in (PER_CHANNEL_OPSET, QDQ_OPSET) if per_channel else (QDQ_OPSET,):
+        if current >= target:
+            break
+        blockers[target] = raise_opset(model, target)
+        if not blockers[target]:
+            notes.append(f"opset: raised from {current} to {target} for Q/DQ; every node keeps its meaning")
+            break
+    else:
+        raise NccError(
+            f"INT8 needs QuantizeLinear (opset {QDQ_OPSET}), and this model's opset {current} cannot be raised "
+            f"safely because of {', '.join(blockers[QDQ_OPSET])}; export the model at opset "
+            f"{PER_CHANNEL_OPSET} or later."
+        )
+    if per_channel and onnx_opset(model) < PER_CHANNEL_OPSET:
+        notes.append(
+            f"warning: weights quantized per tensor: per-channel DequantizeLinear needs opset "
+            f"{PER_CHANNEL_OPSET}, and this model's opset {current} cannot be raised safely because of "
+            f"{', '.join(blockers[PER_CHANNEL_OPSET])}"
+        )
+        return False, notes
+    return per_channel, notes
+
+
 def matches(node: ir.Node, patterns: Sequence[str]) -> str | None:
     """The first pattern naming ``node``, else None: its exact name, or a regex found anywhere in the name
     (``re.search``, as grep and ``quantize-dynamic`` and the weight-only passes do; anchor with ``^``/``$``)."""

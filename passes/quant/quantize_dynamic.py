@@ -74,7 +74,6 @@ tables never meet an integer kernel and are always full-range s8.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -84,7 +83,7 @@ import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.ir.ops import ensure_opset, is_onnx_domain, onnx_opset
 from ncc.ir.rewrite import MatchResult, Pattern, Rewriter, apply_patterns, constant_tensor
-from ncc.passes.base import Pass, PassContext, PassResult, option
+from ncc.passes.base import Pass, PassContext, PassResult, option, regex
 from ncc.passes.quant.pairs import fit_pairs, k_pair_magnitude
 from ncc.passes.quant.plan import matches, refuse_quantized, unmatched_warnings
 from ncc.targets import DEFAULT_TARGET, get_target
@@ -327,7 +326,8 @@ class _Base(Pattern):
         out: ir.Value,
         absorbed: list[ir.Node],
     ) -> None:
-        st, name = self.state, node.name or self.op
+        # an unnamed node is named after its output (unique), so the nodes it becomes are too
+        st, name = self.state, node.name or node.outputs[0].name or self.op
         w_q, w_s, w_zp = w
         if st.pass_.form == "fused":
             st.uses_ms = True
@@ -472,7 +472,7 @@ class GatherPattern(_Base):
             return st.skip(node, f"table has rank {len(tensor.shape)}, not 2")
         if node.attributes.get_int("axis", 0) != 0:
             return st.skip(node, "Gather axis is not 0")
-        out, name = node.outputs[0], node.name or "Gather"
+        out, name = node.outputs[0], node.name or node.outputs[0].name or "Gather"
         per_row = st.pass_.per_channel
         # no integer kernel reads the table: always s8 (8 bits), symmetric unless asked otherwise
         table_quant = WeightQuant("s8", st.wq.symmetric, False)
@@ -564,7 +564,7 @@ class ConvPattern(_Base):
             if bt is None:
                 return st.skip(node, "bias is not a constant")
             bias_array = bt.numpy().astype(np.float32)
-        out, name = node.outputs[0], node.name or "Conv"
+        out, name = node.outputs[0], node.name or node.outputs[0].name or "Conv"
         rank = len(tensor.shape)
         m = int(tensor.shape[0])
         per_channel = st.pass_.per_channel
@@ -639,7 +639,9 @@ class QuantizeDynamic(Pass):
     weight_symmetric: bool = option(True, "symmetric weights (zero point 0)")
     weight_dtype: Literal["s8", "u8"] = option("s8", "weight integer type: s8, or u8 (zero point 128)")
     reduce_range: bool = option(False, "7-bit weights (s8 within ±63, u8 within 64±63) on any target")
-    exclude: tuple[str, ...] = option((), "node names or regexes (searched in the name) to keep in float")
+    exclude: tuple[str, ...] = option(
+        (), "node names or regexes (searched in the name) to keep in float", check=regex
+    )
     form: Literal["standard", "fused"] = option(
         "standard",
         "standard: DynamicQuantizeLinear + MatMulInteger; fused: com.microsoft DynamicQuantizeMatMul",
@@ -648,6 +650,7 @@ class QuantizeDynamic(Pass):
     target: str = option(DEFAULT_TARGET, "target profile (host: this CPU's)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         unknown = [op for op in self.op_types if op not in SUPPORTED_OPS]
         if unknown:
             raise ValueError(
@@ -657,11 +660,6 @@ class QuantizeDynamic(Pass):
             get_target(self.target)
         except NccError as err:
             raise ValueError(str(err).rstrip(".")) from None
-        for pattern in self.exclude:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"exclude pattern {pattern!r} is not a valid regex ({err})") from None
 
     @property
     def active_ops(self) -> tuple[str, ...]:

@@ -53,7 +53,10 @@ class SmoothQuant(Pass):
 
     name: ClassVar[str] = "smooth-quant"
     alpha: float = option(
-        0.5, "migration strength: 0 leaves the activations alone, 1 moves all their range into the weights"
+        0.5,
+        "migration strength: 0 leaves the activations alone, 1 moves all their range into the weights",
+        min=0,
+        max=1,
     )
     insert_mul: bool = option(
         False,
@@ -61,8 +64,6 @@ class SmoothQuant(Pass):
     )
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise NccError(f"smooth-quant's alpha must be between 0 and 1, not {self.alpha}.")
         calibration = CalibratedRanges.read(model.graph)
         if calibration is None:
             raise NccError("pass 'smooth-quant' needs calibrated ranges; run 'calibrate' before it.")

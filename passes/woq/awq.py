@@ -30,7 +30,7 @@ class WoqAwq(CalibratedWeightOnlyPass):
     name: ClassVar[str] = "woq-awq"
     algo: ClassVar[str] = "awq"
 
-    grid: int = option(20, "exponents a = 0, 1/grid, ... tried for s = mean|x|^a")
+    grid: int = option(20, "exponents a = 0, 1/grid, ... tried for s = mean|x|^a", min=1)
     clip: bool = option(True, "search a clipping ratio per group after scaling")
 
     def quantize_group(self, rewriter, group, stats, spec):

@@ -11,7 +11,6 @@ before the next is read.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,8 +21,10 @@ import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.ir.rewrite import Rewriter
 from ncc.ir.spill import SpillFile
-from ncc.passes.base import Pass, PassContext, PassResult, option
+from ncc.passes.base import Pass, PassContext, PassResult, option, regex
 from ncc.passes.opset import raise_opset
+from ncc.passes.quant.calib_data import validate
+from ncc.passes.quant.calibration import model_inputs
 from ncc.passes.woq.activations import InputStats, accumulator_bytes, collect, merged
 from ncc.passes.woq.embeddings import embedding_gathers, quantize_embedding
 from ncc.passes.woq.kernels import GroupSpec, QuantizedWeight, reconstruction_errors
@@ -77,6 +78,14 @@ class LayerReport:
         ]
 
 
+def _four_or_eight(bits: int) -> str | None:
+    return None if bits in (4, 8) else f"must be 4 or 8, got {bits}"
+
+
+def _not_one(group_size: int) -> str | None:
+    return "must be 0 (one scale per output channel) or at least 2, got 1" if group_size == 1 else None
+
+
 @dataclass(frozen=True)
 class WeightOnlyPass(Pass):
     """Base of woq-rtn, woq-gptq and woq-awq (not registered itself)."""
@@ -85,19 +94,22 @@ class WeightOnlyPass(Pass):
     #: Needs ``ctx.data["calibration_data"]`` (the CLI's ``--calib``).
     uses_calibration: ClassVar[bool] = False
 
-    bits: int = option(4, "bits per weight: 4 or 8")
+    bits: int = option(4, "bits per weight: 4 or 8", check=_four_or_eight)
     group_size: int = option(
-        128, "input channels sharing one scale along K (0: one scale per output channel)"
+        128,
+        "input channels sharing one scale along K (0: one scale per output channel)",
+        min=0,
+        check=_not_one,
     )
     scheme: Literal["asym", "sym"] = option(
         "asym", "asym: unsigned codes and an integer zero point per group; sym: signed codes, no zero point"
     )
     partial_groups: bool = option(False, "allow a shorter last group when group-size does not divide K")
     include: tuple[str, ...] = option(
-        (), "only MatMuls whose node or weight name matches one of these regexes"
+        (), "only MatMuls whose node or weight name matches one of these regexes", check=regex
     )
     exclude: tuple[str, ...] = option(
-        (), "keep MatMuls whose node or weight name matches one of these in float"
+        (), "keep MatMuls whose node or weight name matches one of these in float", check=regex
     )
     embeddings: bool = option(
         False,
@@ -117,19 +129,6 @@ class WeightOnlyPass(Pass):
         raise NotImplementedError
 
     # -- the contract ------------------------------------------------------------------------------
-    def requires(self, model: ir.Model) -> None:
-        if self.bits not in (4, 8):
-            raise NccError(f"{self.name}: bits must be 4 or 8, not {self.bits}.")
-        if self.group_size < 0 or (self.group_size and self.group_size < 2):
-            raise NccError(
-                f"{self.name}: group-size must be 0 (per channel) or at least 2, not {self.group_size}."
-            )
-        for pattern in (*self.include, *self.exclude):
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise NccError(f"{self.name}: {pattern!r} is not a regular expression ({err}).") from None
-
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         spec = GroupSpec(self.bits, self.group_size, self.scheme == "sym")
         graph = model.graph
@@ -157,6 +156,7 @@ class WeightOnlyPass(Pass):
                 raise NccError(f"pass '{self.name}' needs calibration data; give it with --calib DATA.")
             if self.samples:
                 data.max_samples = self.samples
+            validate(data, model_inputs(model))  # names, dtypes and shapes, before any run
         blockers = raise_opset(model, BLOCKED_DQ_OPSET)
         if blockers:
             raise NccError(
@@ -299,9 +299,10 @@ class CalibratedWeightOnlyPass(WeightOnlyPass):
 
     uses_calibration: ClassVar[bool] = True
 
-    samples: int = option(0, "use at most this many calibration samples (0: all)")
-    batch_size: int = option(4, "samples per onnxruntime run")
+    samples: int = option(0, "use at most this many calibration samples (0: all)", min=0)
+    batch_size: int = option(4, "samples per onnxruntime run", min=1)
     calib_memory_mb: int = option(
         512,
         "memory for the per-input statistics (x^T x) per calibration run; more layers per run when larger",
+        min=1,
     )

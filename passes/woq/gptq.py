@@ -19,8 +19,8 @@ class WoqGptq(CalibratedWeightOnlyPass):
     name: ClassVar[str] = "woq-gptq"
     algo: ClassVar[str] = "gptq"
 
-    damp: float = option(0.01, "fraction of the mean Hessian diagonal added to it")
-    block: int = option(128, "columns updated together (lazy batch updates)")
+    damp: float = option(0.01, "fraction of the mean Hessian diagonal added to it", min=0)
+    block: int = option(128, "columns updated together (lazy batch updates)", min=1)
     act_order: bool = option(
         True,
         "quantize columns by decreasing Hessian diagonal, group parameters from the "

@@ -75,3 +75,46 @@ def test_type_only_changes_do_not_block():
 def test_already_at_target_is_left_alone():
     model = _model([h.make_node("Relu", ["x"], ["y"])], opset=21)
     assert raise_opset(model, 17) == [] and onnx_opset(model) == 21
+
+
+def test_attributes_that_became_inputs_at_13_are_moved_and_outputs_are_unchanged():
+    nodes = [
+        h.make_node("Split", ["x"], ["s0", "s1"], axis=2, split=[3, 5]),
+        h.make_node("Unsqueeze", ["s0"], ["u"], axes=[0]),
+        h.make_node("Squeeze", ["u"], ["q"], axes=[0]),
+        h.make_node("Concat", ["q", "s1"], ["c"], axis=2),
+        h.make_node("ReduceSum", ["c"], ["y"], axes=[1], keepdims=1),
+    ]
+    model = _model(nodes, opset=11, y_shape=[2, 1, 8])
+    x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
+    before = run_ort(model, {"x": x})["y"]
+    assert raise_opset(model, 13) == []
+    assert onnx_opset(model) == 13 and model.ir_version >= 7
+    moved = {n.op_type: n for n in model.graph if n.op_type in ("Split", "Unsqueeze", "Squeeze", "ReduceSum")}
+    assert all(len(n.inputs) == 2 and not ({"axes", "split"} & set(n.attributes)) for n in moved.values())
+    assert moved["Split"].inputs[1].const_value.numpy().tolist() == [3, 5]
+    assert moved["ReduceSum"].inputs[1].const_value.numpy().tolist() == [1]
+    onnx.checker.check_model(ir.serde.serialize_model(model))
+    np.testing.assert_array_equal(run_ort(model, {"x": x})["y"], before)
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax", "Hardmax"])
+@pytest.mark.parametrize("axis, keeps_meaning", [(2, True), (-1, True), (1, False), (0, False)])
+def test_softmax_before_13_keeps_its_meaning_only_on_the_last_axis(op, axis, keeps_meaning):
+    model = _model([h.make_node(op, ["x"], ["y"], axis=axis)], opset=11, y_shape=[2, 3, 8])
+    x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
+    before = run_ort(model, {"x": x})["y"]
+    assert raise_opset(model, 13) == ([] if keeps_meaning else [op])
+    assert onnx_opset(model) == (13 if keeps_meaning else 11)
+    np.testing.assert_allclose(run_ort(model, {"x": x})["y"], before, rtol=1e-6, atol=1e-7)
+
+
+def test_opset_9_raises_to_13_through_compatible_changes_and_names_what_blocks():
+    conv = h.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[1])
+    nodes = [conv, h.make_node("Relu", ["c"], ["r"]), h.make_node("Flatten", ["r"], ["y"], axis=1)]
+    w = nh.from_array(np.random.default_rng(1).standard_normal((4, 3, 1)).astype(np.float32), "w")
+    model = _model(nodes, [w], opset=9, y_shape=[2, 32])
+    assert upgrade_blockers(model, 13) == []
+    slicing = _model([h.make_node("Slice", ["x"], ["y"], starts=[0], ends=[1], axes=[0])], opset=9)
+    clipping = _model([h.make_node("Clip", ["x"], ["y"], min=0.0, max=6.0)], opset=9)
+    assert raise_opset(slicing, 13) == ["Slice"] and raise_opset(clipping, 13) == ["Clip"]

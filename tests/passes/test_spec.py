@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 import pytest
 from ncc.errors import PassSpecError
 from ncc.passes import Pass, PassResult, option
+from ncc.passes.base import regex
 from ncc.passes.pipelines import PIPELINES
 from ncc.passes.registry import all_passes
 from ncc.passes.spec import describe_pass, format_pass, format_pipeline, parse_pipeline
@@ -281,3 +282,51 @@ def test_post_init_validation_becomes_spec_error():
 
     message = "invalid options for pass 'test-spec-checked': bits must be 4 or 8, not 3"
     assert spec_error("test-spec-checked{bits=3}") == message
+
+
+@dataclass(frozen=True)
+class RangedProbe(Pass):
+    """A pass whose options carry their valid values."""
+
+    name: ClassVar[str] = "test-spec-ranged"
+
+    samples: int = option(8, "samples", min=1)
+    fraction: float = option(0.5, "a fraction", min=0, max=1)
+    percent: float = option(99.0, "a percentile", gt=0, max=100)
+    patterns: tuple[str, ...] = option((), "regexes", check=regex)
+    limit: int | None = option(None, "optional limit", min=0)
+
+    def run(self, model, ctx):
+        return PassResult(modified=False)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("{samples=0}", "test-spec-ranged: samples must be at least 1, got 0."),
+        ("{fraction=5}", "test-spec-ranged: fraction must be in [0, 1], got 5.0."),
+        ("{fraction=-0.1}", "test-spec-ranged: fraction must be in [0, 1], got -0.1."),
+        ("{percent=0}", "test-spec-ranged: percent must be in (0, 100], got 0.0."),
+        ("{fraction=nan}", "test-spec-ranged: fraction must be a finite number, got nan."),
+        ("{percent=inf}", "test-spec-ranged: percent must be a finite number, got inf."),
+        ("{patterns=a,'('}", "test-spec-ranged: patterns has '(', which is not a regular expression"),
+        ("{limit=-1}", "test-spec-ranged: limit must be at least 0, got -1."),
+    ],
+)
+def test_option_ranges_are_checked_when_a_pass_is_built(spec, message):
+    assert spec_error(f"test-spec-ranged{spec}").startswith(message)
+
+
+def test_option_ranges_hold_for_python_construction_and_replace_and_take_their_bounds():
+    import dataclasses
+
+    p = RangedProbe(samples=1, fraction=0.0, percent=100.0, patterns=("^a$",), limit=None)
+    assert (p.samples, p.fraction, p.percent, p.limit) == (1, 0.0, 100.0, None)
+    with pytest.raises(PassSpecError, match=r"samples must be at least 1, got 0\."):
+        RangedProbe(samples=0)
+    with pytest.raises(PassSpecError, match=r"fraction must be in \[0, 1\], got 1\.5\."):
+        dataclasses.replace(p, fraction=1.5)
+    text = describe_pass(RangedProbe)
+    assert "    samples: int >= 1 = 8  samples" in text
+    assert "    fraction: float in [0, 1] = 0.5  a fraction" in text
+    assert "    percent: float in (0, 100] = 99.0  a percentile" in text
