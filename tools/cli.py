@@ -1,8 +1,7 @@
 """The ``ncc`` command line.
 
-Start-up is kept cheap: only click is imported at module level; onnx, onnx-ir
-and the passes are imported inside the commands that need them, and torch or
-tensorflow only by the frontends that lower their models.
+Start-up is kept cheap: only click is imported at module level; onnx, onnx-ir,
+onnxruntime and the passes are imported inside the commands that need them.
 
 Every error a user can cause is an :class:`ncc.errors.NccError` and is shown as
 one sentence with exit code 2; outputs are written all-or-nothing. Ctrl-C (exit
@@ -361,8 +360,8 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
     "--value-info",
     is_flag=True,
     help="Keep intermediate values' shapes in an INT8 .onnx output (left out by default: with them "
-    "onnxruntime fuses Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel made "
-    "all-MiniLM-L6-v2's INT8 9%% slower at batch 8).",
+    "onnxruntime fuses Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel is slower "
+    "than the two ops it replaces in INT8 transformers).",
 )
 @click.option(
     "--cache-dir",
