@@ -108,6 +108,7 @@ class InsertQDQ(Pass):
         return result
 
     def _run_with_fallback(self, model, ctx, calibration, target, op_types, islands) -> PassResult:
+        from ncc.metrics import token_masks, worst_output_cosine
         from ncc.passes.quant import fallback
 
         data = ctx.data.get("calibration_data")
@@ -121,7 +122,7 @@ class InsertQDQ(Pass):
         else:
             feeds = fallback.samples(data, self.fallback_samples)
             reference = fallback.run(float_model, feeds, outputs)
-        masks = fallback.token_masks(feeds)
+        masks = token_masks(feeds)
 
         weight_codes: dict = {}
 
@@ -140,7 +141,7 @@ class InsertQDQ(Pass):
             return (
                 candidate,
                 result,
-                fallback.fidelity(reference, fallback.run(candidate, feeds, outputs), outputs, masks),
+                worst_output_cosine(reference, fallback.run(candidate, feeds, outputs), outputs, masks),
             )
 
         best, result, score = attempt(())

@@ -556,16 +556,16 @@ def test_data_from_a_python_function(models, tmp_path):
     )
 
 
-def test_fidelity_leaves_padded_positions_out():
-    from ncc.tools.bench import fidelity
+def test_output_metrics_leave_padded_positions_out():
+    from ncc.tools.bench import output_metrics
 
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(2, 5, 3))
     mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
     got = ref.copy()
     got[mask == 0] = -got[mask == 0] * 7  # padded tokens: garbage nothing reads
-    masked = fidelity(ref, got, mask)
+    masked = output_metrics(ref, got, mask)
     assert masked["cosine"] == pytest.approx(1.0) and masked["top1_agreement"] == 1.0
     assert masked["sqnr_db"] == math.inf
-    whole = fidelity(ref, got)
+    whole = output_metrics(ref, got)
     assert whole["cosine"] < 0.5 and whole["top1_agreement"] < 1.0
