@@ -456,28 +456,13 @@ class _Quantizer:
         self, w: ir.Value, axis: int | None, node: ir.Node, floor: np.ndarray | float
     ) -> tuple[np.ndarray, np.ndarray]:
         """Symmetric int8 codes of ``w`` (per channel along ``axis``) and their float32 scales."""
-        array = constant_array(w).astype(np.float32)
+        array = constant_array(w)
         qmax = 63 if self.o.reduce_range else 127
         paired = self.target.pairwise_int16 and qmax > 63
         if paired and node.op_type not in pairs.PAIRED_OPS:  # its K order is not known: ±63 is always safe
             qmax, paired = 63, False
-        # with pairs: a scale that also keeps every int16 pair of the kernel within range
-        magnitude = pairs.pair_magnitude(node.op_type, array, node.attributes) if paired else np.abs(array)
-        if axis is None:
-            absmax = np.array(magnitude.max(initial=0.0), np.float32)
-        else:
-            reduce = tuple(d for d in range(array.ndim) if d != axis)
-            absmax = magnitude.max(axis=reduce, initial=0.0).astype(np.float32)
-        scales = np.where(absmax > 0, absmax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
-        scales = np.maximum(scales, np.asarray(floor, np.float32)).astype(np.float32)
-        shape = [1] * array.ndim
-        if axis is not None:
-            shape[axis] = -1
-        exact = array / scales.reshape(shape)
-        q = np.clip(np.rint(exact), -qmax, qmax).astype(np.int8)
-        if paired:
-            q = pairs.weight_pairs_safe(node.op_type, q, exact, node.attributes)
-        return q, scales
+        layout = pairs.node_pairs(node.op_type, array.ndim, node.attributes) if paired else None
+        return pairs.symmetric_int8(array, axis, qmax=qmax, floor=floor, pairs=layout)
 
     def _quantize_bias(self, node: ir.Node, role: plan.Role, w_scales: np.ndarray) -> None:
         bias = node.inputs[role.bias]
