@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import ncc.runtime  # noqa: F401  (registers onnxruntime's com.microsoft schemas with the verifier)
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -12,7 +13,7 @@ from ncc.errors import VerificationError
 from ncc.frontends.onnx import from_proto
 from ncc.ir import ids
 from ncc.ir.builder import GraphBuilder
-from ncc.ir.verifier import diagnose, format_diagnostics, verify
+from ncc.ir.verifier import diagnose, format_diagnostics, register_schemas, verify
 from onnx import TensorProto, helper
 
 
@@ -130,6 +131,27 @@ def test_contrib_op_checked_for_arity_only():
     assert problem.message == (
         "com.microsoft::QuickGelu node 'quickgelu0' (id 0) has 2 inputs; com.microsoft::QuickGelu-1 takes exactly 1."
     )
+
+
+def test_registered_schemas_check_a_domain_for_arity(monkeypatch):
+    from ncc.ir import verifier
+
+    class Schema:  # what the verifier reads of an OpSchema
+        domain, name, since_version, inputs = "test.ops", "Twice", 1, []
+        min_input = max_input = min_output = max_output = 1
+
+    b = GraphBuilder("g", opset=17, opsets={"test.ops": 1})
+    x = b.input("x", "f32", [3])
+    b.output(b.op("Twice", [x, x], domain="test.ops"), "f32", [3])
+    model = b.build(infer=False)
+    assert diagnose(model) == []  # no schemas for the domain: structure only
+    monkeypatch.setattr(verifier, "_SCHEMA_PROVIDERS", dict(verifier._SCHEMA_PROVIDERS))
+    register_schemas({"test.ops"}, lambda: [Schema()])
+    try:
+        assert only(model, "inputs").message.endswith("has 2 inputs; test.ops::Twice-1 takes exactly 1.")
+    finally:
+        verifier._contrib_schemas.cache_clear()
+        verifier.op_info.cache_clear()
 
 
 def test_custom_domain_op_passes_through_untyped():
