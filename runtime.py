@@ -15,7 +15,9 @@ Calibration, the min-cosine fallback, bias correction, the check of an emitted a
   what was loaded or run, never a traceback.
 
 onnx-ir stops at the graph (it has no runtime helper), so this layer is ncc's own. The IR package
-does not import it: running a model is a tool's or a pass's business, not the IR's.
+does not import it: running a model is a tool's or a pass's business, not the IR's. What the IR needs
+of onnxruntime, the ``com.microsoft`` op schemas its verifier checks contrib ops against, this module
+registers with :func:`ncc.ir.verifier.register_schemas` when it is imported.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.ir import verifier
 
 __all__ = ["Session", "open_session", "run", "session_options", "HANDOFF_BYTES", "detach_weights"]
 
@@ -55,6 +58,19 @@ _HANDOFF_TYPES = frozenset(
 )
 
 Optimization = Literal["all", "extended", "basic", "none"]
+
+#: Domains of onnxruntime's contrib ops, whose schemas the verifier checks them against.
+CONTRIB_DOMAINS = frozenset({"com.microsoft"})
+
+
+def contrib_schemas() -> list:
+    """onnxruntime's op schemas (every domain; the verifier keeps those of ``CONTRIB_DOMAINS``)."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+
+    return get_all_operator_schema()
+
+
+verifier.register_schemas(CONTRIB_DOMAINS, contrib_schemas)
 
 
 def session_options(

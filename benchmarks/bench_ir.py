@@ -91,6 +91,7 @@ def _lap(start: float) -> float:
 
 
 def stage_times(path: Path, repeat: int) -> dict[str, float]:
+    import ncc.runtime  # noqa: F401  (contrib ops checked against onnxruntime's schemas, as the CLI does)
     from ncc.backends.onnx import save_onnx
     from ncc.frontends.onnx import load_onnx
     from ncc.ir.parser import parse

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from ncc.metrics import sample_cosines, top1_agreement
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO / "tests") not in sys.path:
@@ -229,12 +230,7 @@ def minilm_task() -> Task:
 
     def evaluate(path: Path) -> dict:
         emb = ref["test"] if Path(path) == model else embed(path, test)
-        cosine = float(
-            np.mean(
-                np.sum(emb.astype(np.float64) * ref["test"], axis=1)
-                / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref["test"], axis=1))
-            )
-        )
+        cosine = float(np.mean(sample_cosines(ref["test"], emb)))
         accuracy = float(head.score(emb, y_test))
         return {"metric": accuracy, "cosine": cosine, "accuracy": accuracy, "fp32_accuracy": fp32_accuracy}
 
@@ -269,11 +265,10 @@ def efficientnet_task() -> Task:
     ref = _cached_output(
         "efficientnet-fp32-logits", model, lambda: {"logits": run_batched(model, images, 16)}, data=eval_path
     )
-    ref_top1 = ref["logits"].argmax(-1)
 
     def evaluate(path: Path) -> dict:
         logits = ref["logits"] if Path(path) == model else run_batched(path, images, 16)
-        agreement = float(np.mean(logits.argmax(-1) == ref_top1))
+        agreement = top1_agreement(ref["logits"], logits)
         return {"metric": agreement, "top1_agreement": agreement}
 
     return Task(

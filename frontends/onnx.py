@@ -5,9 +5,9 @@ and never read here, so loading costs the same for 4 GB of weights as for 4 KB.
 External data whose location leaves the model's folder is refused, and so is a
 tensor whose bytes reach past the end of its file (checked by size, up front,
 rather than when a pass first reads the tensor). The model must pass the ONNX
-checker; missing value types are filled by ONNX shape inference (on the proto
-without weights, so it is cheap), and every node gets a stable id
-(:mod:`ncc.ir.ids`).
+checker; missing value types are filled by ONNX shape inference
+(:mod:`ncc.ir.inference`, on the model without its large weights, so it is
+cheap), and every node gets a stable id (:mod:`ncc.ir.ids`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from ncc.errors import NccError
 from ncc.files import inside_folder
 from ncc.ir import ids
+from ncc.ir.inference import InferenceFailed, infer_types
 
 
 def load_onnx(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
@@ -62,17 +63,17 @@ def from_proto(
     """Convert a ModelProto (weights inline or external under ``base_dir``) to the IR."""
     if check:
         _check(proto, source)
-    if _has_untyped_values(proto.graph):
-        try:
-            _infer_types(proto)
-        except onnx.shape_inference.InferenceError as err:
-            raise NccError(f"{source}: ONNX shape inference failed: {_first_line(err)}") from None
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as err:  # onnx-ir raises plain exceptions on malformed graphs
         raise NccError(f"{source}: cannot be read into the IR: {_first_line(err)}") from None
     if base_dir is not None:
         ir.external_data.set_base_dir(model.graph, base_dir)
+    if _has_untyped_values(model):
+        try:
+            infer_types(model)  # on the model without its large weights: cheap
+        except InferenceFailed as err:
+            raise NccError(f"{source}: ONNX shape inference failed: {err}") from None
     ids.assign_ids(model)
     return model
 
@@ -146,53 +147,13 @@ def _node_label(node: onnx.NodeProto) -> str:
     return repr(node.name) if node.name else f"{node.op_type} (unnamed, writing {list(node.output)})"
 
 
-_INFER_INLINE_BYTES = 1024
-"""Initializers up to this size go to shape inference with their data (data propagation reads shape
-tensors such as a Reshape target); larger ones as typed inputs, so no weights are copied."""
-
-
-def _infer_types(proto: onnx.ModelProto) -> None:
-    """Fill ``proto``'s value types with ONNX shape inference, run on a copy without the large weights
-    (serializing MiniLM's 90 MB for onnx's C++ and back cost 0.5 s of every load)."""
-    light = onnx.ModelProto()
-    for field, value in proto.ListFields():
-        if field.name == "graph":
-            continue
-        if hasattr(value, "extend"):  # a repeated field
-            getattr(light, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(light, field.name).CopyFrom(value)
-        else:
-            setattr(light, field.name, value)
-    graph, light_graph = proto.graph, light.graph
-    light_graph.name = graph.name
-    for name in ("node", "input", "output", "value_info", "sparse_initializer"):
-        getattr(light_graph, name).extend(getattr(graph, name))
-    declared = {v.name for v in graph.input}
-    for tensor in graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.ByteSize() <= _INFER_INLINE_BYTES:
-            light_graph.initializer.append(tensor)
-        elif tensor.name not in declared:
-            light_graph.input.append(
-                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
-            )
-    inferred = onnx.shape_inference.infer_shapes(light, data_prop=True).graph
-    for name in ("node", "output", "value_info"):  # nodes: their subgraphs' inferred types
-        del getattr(graph, name)[:]
-        getattr(graph, name).extend(getattr(inferred, name))
-
-
-def _has_untyped_values(graph: onnx.GraphProto) -> bool:
-    """True when a node output of ``graph`` or of any subgraph in it lacks a declared type."""
-    typed = {v.name for v in graph.value_info} | {v.name for v in graph.output}
-    for node in graph.node:
-        if any(o and o not in typed for o in node.output):
-            return True
-        for attr in node.attribute:
-            subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            if any(_has_untyped_values(g) for g in subgraphs):
-                return True
-    return False
+def _has_untyped_values(model: ir.Model) -> bool:
+    """True when a node output of the main graph or of any subgraph lacks a declared type."""
+    return any(
+        v.name and v.type is None
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        for v in node.outputs
+    )
 
 
 def _extent(tensor: onnx.TensorProto) -> tuple[int, int]:

@@ -17,9 +17,9 @@ _EXPORTS = {
     "format_diagnostics": "ncc.ir.verifier",
     # builder
     "GraphBuilder": "ncc.ir.builder",
-    "run": "ncc.ir.builder",
-    "infer_types": "ncc.ir.builder",
     "dtype": "ncc.ir.builder",
+    # shape inference
+    "infer_types": "ncc.ir.inference",
     # analyses
     "to_networkx": "ncc.ir.analysis",
     "topological_order": "ncc.ir.analysis",

@@ -223,7 +223,12 @@ class GraphBuilder:
             functions=self.functions,
         )
         if infer:
-            infer_types(model)
+            from ncc.ir.inference import InferenceFailed, infer_types
+
+            try:
+                infer_types(model, strict=True)
+            except InferenceFailed as err:
+                raise NccError(f"ONNX shape inference failed on graph {model.graph.name!r}: {err}") from None
         ids.assign_ids(model)
         if verify:
             from ncc.ir.verifier import verify as _verify
@@ -267,27 +272,3 @@ def _ir_version_for(opset: int) -> int:
         if ai_onnx >= opset:
             return ir_version
     raise NccError(f"opset {opset} is newer than this onnx package knows.")
-
-
-def infer_types(model: ir.Model) -> None:
-    """Fill missing value types and shapes from ONNX shape inference (strict: errors are raised)."""
-    import onnx
-    import onnx.shape_inference
-
-    proto = ir.serde.serialize_model(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise NccError(f"ONNX shape inference failed on graph {model.graph.name!r}: {first}") from None
-    inferred_model = ir.serde.deserialize_model(inferred)
-    for graph, inferred_graph in zip(model.graphs(), inferred_model.graphs()):
-        found = ir.convenience.create_value_mapping(inferred_graph)
-        for name, v in ir.convenience.create_value_mapping(graph).items():
-            other = found.get(name)
-            if other is None:
-                continue
-            if v.type is None and other.type is not None:
-                v.type = other.type
-            if v.shape is None and other.shape is not None:
-                v.shape = other.shape

@@ -21,7 +21,7 @@ a rewriter.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -134,7 +134,8 @@ class Rewriter:
     """All graph mutation a pattern does goes through here.
 
     New nodes are stamped with fresh ids (recording the ids they absorb) and
-    inserted before the current root; values are replaced through onnx-ir's
+    inserted at the insertion point: before the current root, or after a node
+    a pass names; values are replaced through onnx-ir's
     mutators so use lists never drift. A value is replaced in one of two ways:
     :meth:`replace_value` when the new value was built to take the old one's
     place (it takes over the old name), :meth:`replace_all_uses` when an
@@ -146,10 +147,14 @@ class Rewriter:
         self.model = model
         self.graph = graph
         self._anchor: ir.Node | None = None
+        self._after = False
         self._taken: set[str] | None = None
 
-    def set_insertion_point(self, node: ir.Node) -> None:
+    def set_insertion_point(self, node: ir.Node | None, *, after: bool = False) -> None:
+        """New nodes go before ``node``, or with ``after`` after it (each after the one created before it,
+        so they stay in creation order); at the end of the graph when ``node`` is None."""
         self._anchor = node
+        self._after = after
 
     # -- building ---------------------------------------------------------------------------------
     def create(
@@ -164,7 +169,7 @@ class Rewriter:
         absorbed: Iterable[ir.Node] = (),
         output_names: Sequence[str] | None = None,
     ) -> ir.Node:
-        """Build a node, stamp its id, insert it before the root and return it."""
+        """Build a node, stamp its id, insert it at the insertion point (before the root) and return it."""
         attrs = _to_attrs(attributes)
         node = ir.Node(domain, op_type, inputs, attrs, num_outputs=num_outputs, name=name)
         ids.stamp(self.model, node, absorbed)
@@ -177,6 +182,9 @@ class Rewriter:
                 out.name = self.fresh_name(f"{name or op_type}_out{i}")
         if self._anchor is None:
             self.graph.append(node)
+        elif self._after:
+            self.graph.insert_after(self._anchor, node)
+            self._anchor = node
         else:
             self.graph.insert_before(self._anchor, node)
         return node
@@ -190,7 +198,7 @@ class Rewriter:
         return value
 
     def fresh_name(self, base: str) -> str:
-        """A value name that no graph of the model uses yet, reserved for the caller: ``base``, else
+        """A value or node name that no graph of the model uses yet, reserved for the caller: ``base``, else
         ``base_1``, ``base_2``, ... (``value`` when ``base`` is empty). Deterministic."""
         if self._taken is None:
             self._taken = _names_in_scope(self.model, self.graph)
@@ -221,13 +229,15 @@ class Rewriter:
             old.name = None
             new.name = name
 
-    def replace_all_uses(self, old: ir.Value, new: ir.Value) -> None:
+    def replace_all_uses(
+        self, old: ir.Value, new: ir.Value, *, keep: Sequence[ir.Node] = (), renamed: str = "replaced"
+    ) -> None:
         """Point every use of ``old`` (graph outputs and subgraphs included) at ``new``, an existing value
-        that keeps its name.
+        that keeps its name; the nodes in ``keep`` (those computing ``new`` from ``old``) go on reading ``old``.
 
-        Where ``old`` is a graph output its name is the model's interface: ``new`` takes it over, or,
-        when ``new`` already has such a role of its own (graph input or output, initializer), an
-        ``Identity`` of ``new`` does (named after ``old``'s producer and absorbing it).
+        Where ``old`` is a graph output its name is the model's interface: ``new`` takes it over (``old``
+        becomes ``<name>_<renamed>``), or, when ``new`` already has such a role of its own (graph input or
+        output, initializer), an ``Identity`` of ``new`` does (named after ``old``'s producer and absorbing it).
         """
         if old.is_graph_output():
             if _is_interface(new):
@@ -242,8 +252,14 @@ class Rewriter:
                 )
                 new = ident.outputs[0]
                 new.type, new.shape = old.type, old.shape
-            self._retarget_outputs(old, new)
-        ir.convenience.replace_all_uses_with(old, new)
+            self._retarget_outputs(old, new, renamed)
+        self.replace_uses_if(old, new, lambda reader: not any(reader is n for n in keep))
+
+    def replace_uses_if(self, old: ir.Value, new: ir.Value, predicate: Callable[[ir.Node], bool]) -> None:
+        """Point the uses of ``old`` by the nodes ``predicate`` accepts at ``new`` (graph outputs stay)."""
+        for use in old.uses():
+            if predicate(use.node):
+                use.node.replace_input_with(use.idx, new)
 
     def replace_op(self, node: ir.Node, new_values: Sequence[ir.Value]) -> None:
         """Replace every output of ``node`` by ``new_values`` (with :meth:`replace_all_uses`) and erase it."""
@@ -253,10 +269,10 @@ class Rewriter:
             self.replace_all_uses(old, new)
         self.erase(node)
 
-    def _retarget_outputs(self, old: ir.Value, new: ir.Value) -> None:
+    def _retarget_outputs(self, old: ir.Value, new: ir.Value, renamed: str) -> None:
         # Keep the public output name: swap names so consumers of the model see no change.
         name = old.name
-        old.name = self.fresh_name(f"{name}_replaced")
+        old.name = self.fresh_name(f"{name}_{renamed}")
         new.name = name
         for i, out in enumerate(self.graph.outputs):
             if out is old:
@@ -309,8 +325,10 @@ class Rewriter:
 
 
 def _names_in_scope(model: ir.Model, graph: ir.Graph) -> set[str]:
-    """Every value name of the model's graphs (main graph and subgraphs: one naming scope in ONNX), and of
-    ``graph`` and its subgraphs when it is a function body."""
+    """Every value and node name of the model's graphs (main graph and subgraphs: one naming scope in
+    ONNX), and of ``graph`` and its subgraphs when it is a function body. Node names are in the pool too,
+    so a fresh name is safe for a node as well (onnxruntime refuses repeated node names in some kernels'
+    fusions), whatever names the input model has or lacks."""
     graphs = list(model.graphs())
     if not any(g is graph for g in graphs):
         graphs += [graph, *graph.subgraphs()]
@@ -320,6 +338,8 @@ def _names_in_scope(model: ir.Model, graph: ir.Graph) -> set[str]:
         names.update(name for name in g.initializers if name)
         for node in g:
             names.update(o.name for o in node.outputs if o.name)
+            if node.name:
+                names.add(node.name)
     return names
 
 

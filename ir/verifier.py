@@ -24,8 +24,9 @@ recursively, and function bodies):
 =================  ==========================================================
 
 Per-op rules (:data:`OP_RULES`, from the ONNX schema of the op at the model's
-opset for its domain; ``com.microsoft`` schemas come from onnxruntime and are
-checked for arity only; ops of other domains and model-local functions pass):
+opset for its domain; ops of a domain whose schemas were registered with
+:func:`register_schemas` are checked for arity only; ops of other domains and
+model-local functions pass):
 
 =================  ==========================================================
 ``domain``         the node's domain is imported (or is a model-local
@@ -42,11 +43,16 @@ checked for arity only; ops of other domains and model-local functions pass):
 :func:`diagnose` returns every problem; :func:`verify` raises
 :class:`~ncc.errors.VerificationError` naming the first and showing up to ten
 more, each node printed between its neighbours.
+
+The IR does not import onnxruntime, which knows the ``com.microsoft`` schemas:
+:mod:`ncc.runtime` registers them here when it is imported (the pass manager
+and the ``ncc`` commands import it). Without a registered provider, contrib ops
+are checked for nothing but structure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -56,14 +62,23 @@ from ncc.errors import VerificationError
 from ncc.ir.ids import ID_KEY
 from ncc.ir.ops import is_onnx_domain
 
-__all__ = ["Diagnostic", "diagnose", "verify", "format_diagnostics", "describe", "op_info", "OP_RULES"]
+__all__ = [
+    "Diagnostic",
+    "diagnose",
+    "verify",
+    "format_diagnostics",
+    "describe",
+    "op_info",
+    "register_schemas",
+    "OP_RULES",
+]
 
 GraphLike = ir.Graph | ir.Function
 
 #: Domains whose ops are fully checked against ``onnx.defs``.
 STANDARD_DOMAINS = frozenset({"", "ai.onnx.ml", "ai.onnx.preview.training"})
-#: Domains checked for arity only, with schemas from onnxruntime.
-CONTRIB_DOMAINS = frozenset({"com.microsoft"})
+#: Domains checked for arity only -> the function that returns their schemas (see :func:`register_schemas`).
+_SCHEMA_PROVIDERS: dict[str, Callable[[], Iterable]] = {}
 #: Further problems shown after the first one in a VerificationError.
 MAX_SHOWN = 10
 
@@ -83,7 +98,9 @@ class Diagnostic:
 
 
 def verify(model: ir.Model) -> None:
-    """Raise :class:`VerificationError` if ``model`` breaks any rule."""
+    """Raise :class:`VerificationError` if ``model`` breaks any rule. Ops of a domain ONNX does not define
+    are checked against the schemas registered for it (:func:`register_schemas`), else for nothing but
+    structure: import :mod:`ncc.runtime` to have ``com.microsoft`` ops checked."""
     problems = diagnose(model)
     if problems:
         raise VerificationError(format_diagnostics(problems))
@@ -180,7 +197,7 @@ def op_info(domain: str, op_type: str, version: int) -> OpInfo | str | None:
             return _missing_op(domain, op_type, version)
         attributes = {a.name: (int(a.type), a.type.name, a.required) for a in schema.attributes.values()}
         return _info(f"{op_type}-{schema.since_version}", schema, attributes)
-    if domain in CONTRIB_DOMAINS:
+    if domain in _SCHEMA_PROVIDERS:
         candidates = [s for s in _contrib_schemas().get((domain, op_type), []) if s.since_version <= version]
         if candidates:
             return _info(f"{domain}::{op_type}-{candidates[-1].since_version}", candidates[-1], None)
@@ -214,16 +231,23 @@ def _missing_op(domain: str, op_type: str, version: int) -> str:
     )
 
 
+def register_schemas(domains: Iterable[str], provider: Callable[[], Iterable]) -> None:
+    """Check ops of ``domains`` for arity against the schemas ``provider()`` returns, called on first need
+    (objects like ``onnx.defs.OpSchema``: ``domain``, ``name``, ``since_version``, ``inputs``, ``min_input``,
+    ``max_input``, ``min_output``, ``max_output``; schemas of other domains are ignored)."""
+    for domain in domains:
+        _SCHEMA_PROVIDERS[domain] = provider
+    _contrib_schemas.cache_clear()
+    op_info.cache_clear()
+
+
 @cache
 def _contrib_schemas() -> dict[tuple[str, str], list]:
-    try:
-        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
-    except ImportError:  # pragma: no cover - onnxruntime is a dependency
-        return {}
     table: dict[tuple[str, str], list] = {}
-    for schema in get_all_operator_schema():
-        if schema.domain in CONTRIB_DOMAINS:
-            table.setdefault((schema.domain, schema.name), []).append(schema)
+    for provider in dict.fromkeys(_SCHEMA_PROVIDERS.values()):
+        for schema in provider():
+            if _SCHEMA_PROVIDERS.get(schema.domain) is provider:
+                table.setdefault((schema.domain, schema.name), []).append(schema)
     for schemas in table.values():
         schemas.sort(key=lambda s: s.since_version)
     return table

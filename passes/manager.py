@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import ncc.runtime  # noqa: F401  (registers onnxruntime's contrib op schemas with the verifier)
 import onnx_ir as ir
 from ncc.errors import NccError, PassSpecError, VerificationError
 from ncc.passes.base import Pass, PassContext, PassResult

@@ -35,6 +35,17 @@ print("ok")
 """
 
 
+IR_WITHOUT_ONNXRUNTIME = """
+import importlib, pkgutil, sys
+import ncc.ir, ncc.ir.verifier, ncc.ir.parser, ncc.ir.printer, ncc.ir.rewrite
+assert "onnxruntime" not in sys.modules
+for module in pkgutil.iter_modules(ncc.ir.__path__):
+    importlib.import_module(f"ncc.ir.{module.name}")
+assert "onnxruntime" not in sys.modules, "a module of ncc.ir imports onnxruntime"
+print("ok")
+"""
+
+
 def _run(script: str) -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -47,3 +58,7 @@ def test_the_command_loads_sympy_on_first_use():
 
 def test_importing_ncc_leaves_sys_modules_alone():
     _run(LIBRARY)
+
+
+def test_the_ir_does_not_import_onnxruntime():
+    _run(IR_WITHOUT_ONNXRUNTIME)

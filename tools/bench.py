@@ -4,16 +4,11 @@ One row per model pair::
 
     | model | FP32 quality | INT8 quality | ratio | FP32 samples/s | INT8 samples/s | speed-up | FP32 MB | INT8 MB | threads | batch |
 
-Quality is output fidelity by default: for each model output, over the samples
-(axis 0, each sample flattened),
-
-    cosine     = mean_i  <r_i, q_i> / (|r_i| |q_i|)
-    top-1      = mean    argmax(r, -1) == argmax(q, -1)        (outputs of rank >= 2 whose last axis > 1)
-    SQNR (dB)  = 10 log10( |r|^2 / |r - q|^2 )                  (over the whole output)
-
-with ``r`` the float model's output and ``q`` the quantized model's; the headline
-quality is the cosine of the first output (the float model scores 1 against
-itself). ``--metric accuracy:LABELS.npy`` scores both models' top-1 accuracy on
+Quality is output fidelity by default: for each model output, the mean per-sample
+cosine, the top-1 agreement (outputs of rank >= 2 whose last axis > 1) and the SQNR
+of the quantized model's output against the float model's, as :mod:`ncc.metrics`
+defines them; the headline quality is the cosine of the first output (the float
+model scores 1 against itself). ``--metric accuracy:LABELS.npy`` scores both models' top-1 accuracy on
 their first output against the labels instead.
 
 Throughput runs both models in onnxruntime (CPU EP, ``ORT_ENABLE_ALL``,
@@ -380,41 +375,26 @@ def _run_all(session, feeds: dict, n: int, chunk: int, synthetic: bool) -> dict:
     }
 
 
-def fidelity(ref, got, mask=None) -> dict:
-    """Cosine (mean over samples on axis 0, each flattened), top-1 agreement, SQNR in dB of ``got`` vs ``ref``.
+def output_metrics(ref, got, mask=None) -> dict:
+    """Cosine (mean over samples), top-1 agreement and SQNR in dB of ``got`` vs ``ref`` (:mod:`ncc.metrics`).
 
     ``mask`` (``[samples, seq]``, a transformer's ``attention_mask``) leaves padded positions out of all
-    three when the outputs start with those dimensions: nothing reads a padded token's output.
+    three when the outputs start with those dimensions and have more: nothing reads a padded token's output.
     """
     import numpy as np
+    from ncc.metrics import sample_cosines, sqnr_db, top1_agreement, unpadded
 
     ref = np.asarray(ref, dtype=np.float64)
     got = np.asarray(got, dtype=np.float64)
     if ref.shape != got.shape:
         raise NccError(f"the models' outputs differ in shape: {list(ref.shape)} vs {list(got.shape)}.")
-    from ncc.passes.quant.fallback import position_mask
-
-    keep = position_mask(ref, mask) if ref.ndim > 2 else None
-    if keep is not None:
-        ref, got = ref * keep, got * keep
-    r = ref.reshape(ref.shape[0], -1) if ref.ndim else ref.reshape(1, 1)
-    g = got.reshape(r.shape)
-    nr, ng = np.linalg.norm(r, axis=1), np.linalg.norm(g, axis=1)
-    dot = np.sum(r * g, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cos = np.where((nr == 0) & (ng == 0), 1.0, np.where((nr == 0) | (ng == 0), 0.0, dot / (nr * ng)))
-    top1 = None
-    if ref.ndim >= 2 and ref.shape[-1] > 1:
-        same = np.argmax(ref, axis=-1) == np.argmax(got, axis=-1)
-        top1 = float(np.mean(same if keep is None else same[keep.reshape(keep.shape[:2])]))
-    signal, noise = float(np.sum(ref * ref)), float(np.sum((ref - got) ** 2))
-    if noise == 0.0:
-        sqnr = math.inf
-    elif signal == 0.0:
-        sqnr = -math.inf
-    else:
-        sqnr = 10.0 * math.log10(signal / noise)
-    return {"cosine": float(np.mean(cos)), "top1_agreement": top1, "sqnr_db": sqnr}
+    if ref.ndim > 2:
+        ref, got = unpadded(ref, mask), unpadded(got, mask)
+    return {
+        "cosine": float(np.mean(sample_cosines(ref, got))),
+        "top1_agreement": top1_agreement(ref, got, mask),
+        "sqnr_db": sqnr_db(ref, got),
+    }
 
 
 def _predictions(out, output_name: str):
@@ -590,11 +570,11 @@ def benchmark(
     out_fp = _run_all(sess_fp, feeds, n, chunk, synthetic)
     out_q = _run_all(sess_q, feeds, n, chunk, synthetic)
 
-    from ncc.passes.quant.fallback import MASK_INPUT
+    from ncc.metrics import MASK_INPUT
 
     mask = feeds.get(MASK_INPUT)
     mask = mask[:n] if mask is not None else None
-    details = {name: fidelity(out_fp[name], out_q[name], mask) for name in fp.outputs}
+    details = {name: output_metrics(out_fp[name], out_q[name], mask) for name in fp.outputs}
     first = fp.outputs[0]
     if kind == "fidelity":
         quality = {"name": "cosine", "output": first, "fp32": 1.0, "int8": details[first]["cosine"]}

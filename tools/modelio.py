@@ -26,7 +26,9 @@ def model_format(path: Path) -> str:
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
-    """Load a model and verify it (a cycle or an undefined value is an error here, not later)."""
+    """Load a model and verify it (a cycle or an undefined value is an error here, not later; contrib ops
+    against onnxruntime's schemas, which importing :mod:`ncc.runtime` registers)."""
+    import ncc.runtime  # noqa: F401
     from ncc.ir.verifier import verify
 
     path = Path(path)

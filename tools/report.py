@@ -57,6 +57,7 @@ def written_fidelity(model: ir.Model, float_model: ir.Model | None, run, ctx) ->
     data = ctx.data.get("calibration_data")
     if float_model is None or data is None or not any(r.name == "insert-qdq" for r in run.records):
         return None
+    from ncc.metrics import token_masks, worst_output_cosine
     from ncc.passes.quant import fallback
 
     outputs = [v.name for v in model.graph.outputs]
@@ -66,9 +67,7 @@ def written_fidelity(model: ir.Model, float_model: ir.Model | None, run, ctx) ->
     else:
         feeds = fallback.samples(data, 8)
         reference = fallback.run(float_model, feeds, outputs)
-    score = fallback.fidelity(
-        reference, fallback.run(model, feeds, outputs), outputs, fallback.token_masks(feeds)
-    )
+    score = worst_output_cosine(reference, fallback.run(model, feeds, outputs), outputs, token_masks(feeds))
     count = sum(next(iter(feed.values())).shape[0] for feed in feeds)
     return (
         f"fidelity: output cosine {score:.5f} on {count} calibration samples "

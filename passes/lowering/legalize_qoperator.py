@@ -58,6 +58,7 @@ DQ/op/Q nodes it absorbed and keeps the float op's name.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -762,19 +763,32 @@ def _unary(op: str, keep: tuple[str, ...] = ()):
     return handler
 
 
+def _operands(
+    node: ir.Node, labelled: Sequence[tuple[ir.Value | None, str]]
+) -> tuple[list[tuple[ir.Value, _QParams]], _Output] | str:
+    """The 8-bit value and parameters of each ``(input, label)`` and the node's quantized output, or why the
+    node cannot run on them: an input that is not a per-tensor 8-bit DequantizeLinear, an output that is not
+    quantized, or u8 mixed with s8."""
+    found = []
+    for value, label in labelled:
+        x = _activation(value, label)
+        if isinstance(x, str):
+            return x
+        found.append(x)
+    out = _output(node)
+    if not out.quantized:
+        return out.reason or "its output is not quantized"
+    if any(x[1].dtype != out.params.dtype for x in found):
+        return "inputs and output mix u8 and s8"
+    return found, out
+
+
 def _binary(op: str):
     def handler(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
-        a = _activation(node.inputs[0], "input A")
-        if isinstance(a, str):
-            return a
-        b = _activation(node.inputs[1], "input B")
-        if isinstance(b, str):
-            return b
-        out = _output(node)
-        if not out.quantized:
-            return out.reason or "its output is not quantized"
-        if not a[1].dtype == b[1].dtype == out.params.dtype:
-            return "inputs and output mix u8 and s8"
+        operands = _operands(node, [(node.inputs[0], "input A"), (node.inputs[1], "input B")])
+        if isinstance(operands, str):
+            return operands
+        (a, b), out = operands
         inputs = [
             a[0],
             *_scale_zp(rw, a[1], "a"),
@@ -790,17 +804,10 @@ def _binary(op: str):
 
 
 def _concat(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
-    found = []
-    for i, value in enumerate(node.inputs):
-        x = _activation(value, f"input {i}")
-        if isinstance(x, str):
-            return x
-        found.append(x)
-    out = _output(node)
-    if not out.quantized:
-        return out.reason or "its output is not quantized"
-    if any(x[1].dtype != out.params.dtype for x in found):
-        return "inputs and output mix u8 and s8"
+    operands = _operands(node, [(value, f"input {i}") for i, value in enumerate(node.inputs)])
+    if isinstance(operands, str):
+        return operands
+    found, out = operands
     inputs = _scale_zp(rw, out.params, "y")
     for i, (x_q, params) in enumerate(found):
         inputs += [x_q, *_scale_zp(rw, params, f"x{i}")]
@@ -820,17 +827,10 @@ def _where(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
     cond = node.inputs[0]
     if cond is not None and (p := cond.producer()) is not None and p.op_type == "DequantizeLinear":
         return "the condition is dequantized"
-    x = _activation(node.inputs[1], "input X")
-    if isinstance(x, str):
-        return x
-    y = _activation(node.inputs[2], "input Y")
-    if isinstance(y, str):
-        return y
-    out = _output(node)
-    if not out.quantized:
-        return out.reason or "its output is not quantized"
-    if not x[1].dtype == y[1].dtype == out.params.dtype:
-        return "inputs and output mix u8 and s8"
+    operands = _operands(node, [(node.inputs[1], "input X"), (node.inputs[2], "input Y")])
+    if isinstance(operands, str):
+        return operands
+    (x, y), out = operands
     inputs = [
         cond,
         x[0],

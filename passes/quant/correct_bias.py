@@ -31,6 +31,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.ir.rewrite import Rewriter
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.quant.insert_qdq import FLOAT_BIAS, FLOAT_WEIGHT
 
@@ -87,9 +88,7 @@ def _probe(model: ir.Model):
     from ncc.ir.ids import ID_KEY
 
     probe = model.clone()
-    names = {v.name for v in probe.graph.inputs} | set(probe.graph.initializers)
-    names |= {o.name for n in probe.graph for o in n.outputs if o.name}
-    names |= {n.name for n in probe.graph if n.name}  # node names too: the input's may be empty
+    rw = Rewriter(probe, probe.graph)
     pairs = []
     for node in list(probe.graph):
         key = node.metadata_props.get(ID_KEY)
@@ -100,28 +99,11 @@ def _probe(model: ir.Model):
             continue
         if weight.const_value is None or float_bias.const_value is None:
             continue
-        twin = ir.Node(
-            "",
-            node.op_type,
-            [node.inputs[0], weight, float_bias],
-            list(node.attributes.values()),
-            name=_fresh(names, f"{node.name or node.op_type}__float"),
-        )
-        twin.outputs[0].name = _fresh(names, f"{node.outputs[0].name}__float")
-        probe.graph.insert_after(node, twin)
-        local, observed = twin.outputs[0], _observed(node)
+        local = _float_twin(rw, node, [node.inputs[0], weight, float_bias])
+        observed = _observed(node)
         act = observed.producer()
         if act is not node:  # measure after the fused activation, on both sides
-            act_twin = ir.Node(
-                "",
-                act.op_type,
-                [local, *act.inputs[1:]],
-                list(act.attributes.values()),
-                name=_fresh(names, f"{act.name or act.op_type}__float"),
-            )
-            act_twin.outputs[0].name = _fresh(names, f"{observed.name}__float")
-            probe.graph.insert_after(act, act_twin)
-            local = act_twin.outputs[0]
+            local = _float_twin(rw, act, [local, *act.inputs[1:]])
         pairs.append((key, local.name, observed.name))
     # pairs refer to the probe's nodes; the caller corrects the model's own bias tensors
     by_id = {n.metadata_props.get(ID_KEY): n for n in model.graph}
@@ -158,14 +140,19 @@ def _mean_differences(probe: ir.Model, pairs) -> list[str]:
     return names
 
 
-def _fresh(taken: set[str], base: str) -> str:
-    """``base``, or ``base_N`` if taken: names unique whatever the model's own names are."""
-    name, n = base, 0
-    while name in taken:
-        n += 1
-        name = f"{base}_{n}"
-    taken.add(name)
-    return name
+def _float_twin(rw: Rewriter, node: ir.Node, inputs: list[ir.Value]) -> ir.Value:
+    """A copy of ``node`` reading ``inputs``, right after it; node and output named ``<name>__float`` (made
+    unique whatever the model's own names are)."""
+    rw.set_insertion_point(node, after=True)
+    twin = rw.create(
+        node.op_type,
+        inputs,
+        list(node.attributes.values()),
+        domain=node.domain,
+        name=rw.fresh_name(f"{node.name or node.op_type}__float"),
+        output_names=[rw.fresh_name(f"{node.outputs[0].name}__float")],
+    )
+    return twin.outputs[0]
 
 
 def _forget_float_weights(model: ir.Model) -> None:

@@ -13,8 +13,8 @@ buy fidelity, up to ``max-float`` of the quantized compute nodes:
 
 Transformers pad their inputs: where the model takes an ``attention_mask``
 input, positions it masks out (its zeros) are left out of every comparison
-— a padded token's output is never read, and on short sentences the padding
-would otherwise decide the score.
+(:func:`ncc.metrics.worst_output_cosine`,
+:func:`ncc.metrics.relative_l2_error`).
 
 The layers at the model's edges — those reading a graph input (a CNN's stem
 sees the raw image) and those producing a graph output — are always tried,
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from ncc.metrics import relative_l2_error, token_masks
 from ncc.passes.quant.calib_data import CalibrationData
 from ncc.runtime import open_session
 
@@ -54,69 +55,6 @@ def run(model: ir.Model, feeds: list[dict], outputs: list[str] = ()) -> dict[str
         for name, array in session.run(feed, where=f"calibration batch {index}").items():
             results[name].append(array)
     return results
-
-
-MASK_INPUT = "attention_mask"
-"""The input whose zeros mark padded positions (the Hugging Face convention)."""
-
-
-def token_masks(feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray | None]:
-    """Per batch of ``feeds``, its ``attention_mask`` as booleans ``[batch, seq]``, or None."""
-    masks = []
-    for feed in feeds:
-        mask = feed.get(MASK_INPUT)
-        masks.append(np.asarray(mask) != 0 if mask is not None and np.ndim(mask) == 2 else None)
-    return masks
-
-
-def position_mask(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
-    """``mask`` (``[batch, seq]``, nonzero at real positions) as booleans shaped to broadcast over
-    ``array`` when ``array`` starts with those dimensions; else None."""
-    if mask is None or np.ndim(mask) != 2 or np.shape(array)[:2] != np.shape(mask):
-        return None
-    keep = np.asarray(mask) != 0
-    return keep.reshape(keep.shape + (1,) * (np.ndim(array) - 2))
-
-
-def _unpadded(arrays: list[np.ndarray], masks: list[np.ndarray | None] | None) -> list[np.ndarray]:
-    """``arrays`` (one per batch) in float64 with their batch's padded positions zeroed (see
-    :func:`position_mask`)."""
-    out = []
-    for i, a in enumerate(arrays):
-        a = a.astype(np.float64)
-        keep = position_mask(a, masks[i] if masks is not None and i < len(masks) else None)
-        out.append(a if keep is None else a * keep)
-    return out
-
-
-def fidelity(
-    reference: dict, candidate: dict, outputs: list[str], masks: list[np.ndarray | None] | None = None
-) -> float:
-    """Smallest, over graph outputs, mean per-sample cosine similarity (padded positions left out)."""
-    worst = 1.0
-    for name in outputs:
-        ref = np.concatenate([a.reshape(a.shape[0], -1) for a in _unpadded(reference[name], masks)])
-        got = np.concatenate([a.reshape(a.shape[0], -1) for a in _unpadded(candidate[name], masks)])
-        denom = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
-        cos = np.where(denom > 0, (ref * got).sum(1) / np.maximum(denom, 1e-30), 1.0)
-        worst = min(worst, float(cos.mean()))
-    return worst
-
-
-def _rel_error(ref: list[np.ndarray], got: list[np.ndarray], masks: list[np.ndarray | None]) -> float:
-    """Relative L2 error of ``got`` against ``ref`` over the unpadded positions (in the arrays' own
-    precision: it only ranks nodes)."""
-    num = den = 0.0
-    for i, (r, g) in enumerate(zip(ref, got)):
-        diff = np.subtract(r, g, dtype=np.result_type(r, np.float32))
-        keep = position_mask(r, masks[i] if masks is not None and i < len(masks) else None)
-        if keep is not None:
-            diff *= keep
-            r = r * keep
-        flat_r, flat_d = r.reshape(-1), diff.reshape(-1)
-        num += float(np.dot(flat_d, flat_d))
-        den += float(np.dot(flat_r, flat_r))
-    return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
 def candidates(quantized: ir.Model) -> list[ir.Node]:
@@ -161,7 +99,7 @@ def rank(float_model: ir.Model, quantized: ir.Model, feeds: list[dict]) -> list[
     masks = token_masks(feeds)
     ref = run(float_model, feeds, names)
     got = run(quantized, feeds, [n for n in names if n in in_quantized])
-    errors = {n: _rel_error(ref[n], got[n], masks) for n in names if n in ref and n in got}
+    errors = {n: relative_l2_error(ref[n], got[n], masks) for n in names if n in ref and n in got}
     del ref, got
     scores = []
     for node in nodes:

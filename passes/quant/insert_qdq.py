@@ -40,7 +40,8 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
-from ncc.ir import ids
+from ncc.ir.ops import is_onnx_domain
+from ncc.ir.rewrite import Rewriter, constant_array, constant_tensor, is_constant
 from ncc.passes.base import Pass, PassContext, PassResult, option, regex
 from ncc.passes.quant import pairs, plan
 from ncc.passes.quant.observers import quant_params
@@ -117,6 +118,7 @@ class InsertQDQ(Pass):
         return result
 
     def _run_with_fallback(self, model, ctx, calibration, target, op_types, islands) -> PassResult:
+        from ncc.metrics import token_masks, worst_output_cosine
         from ncc.passes.quant import fallback
 
         data = ctx.data.get("calibration_data")
@@ -130,7 +132,7 @@ class InsertQDQ(Pass):
         else:
             feeds = fallback.samples(data, self.fallback_samples)
             reference = fallback.run(float_model, feeds, outputs)
-        masks = fallback.token_masks(feeds)
+        masks = token_masks(feeds)
 
         weight_codes: dict = {}
 
@@ -149,7 +151,7 @@ class InsertQDQ(Pass):
             return (
                 candidate,
                 result,
-                fallback.fidelity(reference, fallback.run(candidate, feeds, outputs), outputs, masks),
+                worst_output_cosine(reference, fallback.run(candidate, feeds, outputs), outputs, masks),
             )
 
         best, result, score = attempt(())
@@ -245,15 +247,14 @@ class _Quantizer:
         self.weights: dict[tuple[str, int], tuple[ir.Value, np.ndarray]] = {}  # (name, axis) -> (dq, scales)
         self.counts: Counter = Counter()
         self.skips: Counter = Counter()
-        self.names = {v.name for v in self.graph.inputs} | set(self.graph.initializers)
-        self.names |= {o.name for n in self.graph for o in n.outputs}
+        self.rw = Rewriter(model, model.graph)
 
     # -- 1. which nodes ------------------------------------------------------------------------
     def run(self) -> PassResult:
         quantized: list[ir.Node] = []
         integer_out: set[str] = set()  # tensors that will come out of integer kernels
         for node in list(self.graph):
-            if node.domain != "":
+            if not is_onnx_domain(node):
                 continue
             if node.op_type in self.target.passthrough_ops and node.inputs and node.inputs[0] is not None:
                 if node.inputs[0].name in integer_out:
@@ -317,13 +318,13 @@ class _Quantizer:
         role = plan.ROLES[node.op_type]
         if role.weight is not None:
             w = node.inputs[role.weight] if role.weight < len(node.inputs) else None
-            if w is None or w.const_value is None:
+            if not is_constant(w):
                 return "weight is not a constant"
         tensors = [node.inputs[i] for i in self._activation_inputs(node)]
         if self._output_quantized(node):
             tensors.append(self._output(node))
         for value in tensors:
-            if value.const_value is not None:
+            if is_constant(value):
                 continue
             stats = self.cal.tensors.get(value.name)
             if stats is None:
@@ -349,7 +350,7 @@ class _Quantizer:
 
     def _plan_passthrough(self, quantized_ids: set[int]) -> None:
         for node in self.graph:
-            if node.domain != "" or node.op_type not in self.target.passthrough_ops or not node.inputs:
+            if not is_onnx_domain(node) or node.op_type not in self.target.passthrough_ops or not node.inputs:
                 continue
             src, out = node.inputs[0], node.outputs[0]
             if src is None or src.name not in self.need or out.name not in self.cal.tensors:
@@ -388,8 +389,8 @@ class _Quantizer:
                 self.params[m] = params
 
     def _range(self, value: ir.Value, symmetric: bool) -> tuple[float, float]:
-        if value.const_value is not None:
-            array = value.const_value.numpy()
+        if is_constant(value):
+            array = constant_array(value)
             return float(array.min(initial=0.0)), float(array.max(initial=0.0))
         producer = value.producer()
         lo, hi = self.cal.tensors[value.name].lo, self.cal.tensors[value.name].hi
@@ -402,11 +403,11 @@ class _Quantizer:
         role = plan.ROLES[node.op_type]
         weight_inputs = [role.weight] if role.weight is not None else []
         if node.op_type == "MatMul":
-            weight_inputs = [i for i in (0, 1) if node.inputs[i].const_value is not None]
+            weight_inputs = [i for i in (0, 1) if is_constant(node.inputs[i])]
         weight_scales = None
         for i in weight_inputs:
             w = node.inputs[i]
-            rank = len(w.const_value.shape)
+            rank = len(constant_tensor(w).shape)
             axis = plan.weight_axis(node, i, rank) if self.o.weights == "per-channel" and rank > 1 else None
             dq, scales = self._weight_dq(w, axis, node, self._bias_floor(node, role, axis))
             node.replace_input_with(i, dq)
@@ -430,9 +431,9 @@ class _Quantizer:
         if role.bias is None or role.bias >= len(node.inputs) or node.inputs[role.bias] is None:
             return 0.0
         bias, x = node.inputs[role.bias], node.inputs[role.activations[0]]
-        if bias.const_value is None or x.name not in self.params:
+        if not is_constant(bias) or x.name not in self.params:
             return 0.0
-        b = np.abs(bias.const_value.numpy().astype(np.float32))
+        b = np.abs(constant_array(bias).astype(np.float32))
         floor = b / (np.float32(self.params[x.name][0]) * np.float32(2**30))
         return floor if axis is not None and floor.ndim == 1 else float(floor.max(initial=0.0))
 
@@ -453,12 +454,11 @@ class _Quantizer:
         if code_key not in self.weight_codes:
             self.weight_codes[code_key] = self._weight_codes(w, axis, node, floor)
         q, scales = self.weight_codes[code_key]
-        wq = self._constant(f"{w.name}_quantized", q)
-        ws = self._constant(f"{w.name}_scale", scales)
-        wz = self._constant(f"{w.name}_zero_point", np.zeros(scales.shape, np.int8))
-        attrs = {"axis": axis} if axis is not None else {}
-        dq = self._node("DequantizeLinear", [wq, ws, wz], attrs, f"{w.name}_dequantized", before=node)
-        dq.type, dq.shape = w.type, w.shape
+        wq = self.rw.constant(q, f"{w.name}_quantized")
+        ws = self.rw.constant(scales, f"{w.name}_scale")
+        wz = self.rw.constant(np.zeros(scales.shape, np.int8), f"{w.name}_zero_point")
+        self.rw.set_insertion_point(node)
+        dq = self._dequantize([wq, ws, wz], {"axis": axis} if axis is not None else {}, w)
         self.weights[key] = (dq, scales)
         return dq, scales
 
@@ -466,130 +466,89 @@ class _Quantizer:
         self, w: ir.Value, axis: int | None, node: ir.Node, floor: np.ndarray | float
     ) -> tuple[np.ndarray, np.ndarray]:
         """Symmetric int8 codes of ``w`` (per channel along ``axis``) and their float32 scales."""
-        array = w.const_value.numpy().astype(np.float32)
+        array = constant_array(w)
         qmax = 63 if self.o.reduce_range else 127
         paired = self.target.pairwise_int16 and qmax > 63
         if paired and node.op_type not in pairs.PAIRED_OPS:  # its K order is not known: ±63 is always safe
             qmax, paired = 63, False
-        # with pairs: a scale that also keeps every int16 pair of the kernel within range
-        magnitude = pairs.pair_magnitude(node.op_type, array, node.attributes) if paired else np.abs(array)
-        if axis is None:
-            absmax = np.array(magnitude.max(initial=0.0), np.float32)
-        else:
-            reduce = tuple(d for d in range(array.ndim) if d != axis)
-            absmax = magnitude.max(axis=reduce, initial=0.0).astype(np.float32)
-        scales = np.where(absmax > 0, absmax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
-        scales = np.maximum(scales, np.asarray(floor, np.float32)).astype(np.float32)
-        shape = [1] * array.ndim
-        if axis is not None:
-            shape[axis] = -1
-        exact = array / scales.reshape(shape)
-        q = np.clip(np.rint(exact), -qmax, qmax).astype(np.int8)
-        if paired:
-            q = pairs.weight_pairs_safe(node.op_type, q, exact, node.attributes)
-        return q, scales
+        layout = pairs.node_pairs(node.op_type, array.ndim, node.attributes) if paired else None
+        return pairs.symmetric_int8(array, axis, qmax=qmax, floor=floor, pairs=layout)
 
     def _quantize_bias(self, node: ir.Node, role: plan.Role, w_scales: np.ndarray) -> None:
         bias = node.inputs[role.bias]
         x = node.inputs[role.activations[0]]
-        if bias.const_value is None or x.name not in self.params or len(bias.const_value.shape) != 1:
+        tensor = constant_tensor(bias)
+        if tensor is None or x.name not in self.params or len(tensor.shape) != 1:
             return
         if node.op_type == "Gemm" and node.attributes.get_float("beta", 1.0) != 1.0:
             return
         scale = (np.float32(self.params[x.name][0]) * w_scales).astype(np.float32)
-        array = bias.const_value.numpy().astype(np.float32)
+        array = tensor.numpy().astype(np.float32)
         if scale.size not in (1, array.size):
             return
         q = np.clip(np.rint(array / scale), -(2**31), 2**31 - 1).astype(np.int32)
-        bq = self._constant(f"{bias.name}_quantized", q)
-        bs = self._constant(
-            f"{bias.name}_scale",
-            np.broadcast_to(scale, array.shape).copy() if scale.size > 1 else scale.reshape(()),
-        )
-        bz = self._constant(f"{bias.name}_zero_point", np.zeros(np.shape(bs.const_value.numpy()), np.int32))
-        attrs = {"axis": 0} if scale.size > 1 else {}
-        dq = self._node("DequantizeLinear", [bq, bs, bz], attrs, f"{bias.name}_dequantized", before=node)
-        dq.type, dq.shape = bias.type, bias.shape
+        bs_array = np.broadcast_to(scale, array.shape).copy() if scale.size > 1 else scale.reshape(())
+        bq = self.rw.constant(q, f"{bias.name}_quantized")
+        bs = self.rw.constant(bs_array, f"{bias.name}_scale")
+        bz = self.rw.constant(np.zeros(bs_array.shape, np.int32), f"{bias.name}_zero_point")
+        self.rw.set_insertion_point(node)
+        dq = self._dequantize([bq, bs, bz], {"axis": 0} if scale.size > 1 else {}, bias)
         node.replace_input_with(role.bias, dq)
         node.metadata_props[FLOAT_BIAS] = bias.name
 
     # -- rewrite ---------------------------------------------------------------------------------
     def _insert_pairs(self) -> None:
+        rw = self.rw
         for name, value in self.need.items():
-            if value.const_value is not None:
+            if is_constant(value):
                 self._quantize_constant_input(value)
                 continue
             scale, zp = self.params[name]
-            s = self._constant(f"{name}_scale", np.array(scale, np.float32))
-            z = self._constant(f"{name}_zero_point", np.array(zp, self.qnp))
-            q_node = self._make("QuantizeLinear", [value, s, z], {}, f"{name}_quantized")
-            q = q_node.outputs[0]
-            q.type, q.shape = ir.TensorType(self.qtype), value.shape
-            dq_node = self._make("DequantizeLinear", [q, s, z], {}, f"{name}_dequantized")
-            dq = dq_node.outputs[0]
-            dq.type, dq.shape = value.type, value.shape
+            s = rw.constant(np.array(scale, np.float32), f"{name}_scale")
+            z = rw.constant(np.array(zp, self.qnp), f"{name}_zero_point")
             producer = value.producer()
             if producer is not None:
-                self.graph.insert_after(producer, [q_node, dq_node])
+                rw.set_insertion_point(producer, after=True)
             else:
-                self.graph.insert_before(next(iter(self.graph)), [q_node, dq_node])
-            all_users = name in self.quantized_producer
-            for use in list(value.uses()):
-                if use.node is q_node:
-                    continue
-                if all_users or use.node.metadata_props.get("ncc.quant") == "int8":
-                    use.node.replace_input_with(use.idx, dq)
-            if all_users and value.is_graph_output():
-                self._keep_output_name(value, dq)
+                rw.set_insertion_point(next(iter(self.graph)))
+            q = self._create("QuantizeLinear", [value, s, z], {}, f"{name}_quantized")
+            q.type, q.shape = ir.TensorType(self.qtype), value.shape
+            dq = self._dequantize([q, s, z], {}, value)
+            if name in self.quantized_producer:  # every reader takes the dequantized value, outputs too
+                rw.replace_all_uses(value, dq, keep=[q.producer()], renamed="float")
+            else:
+                rw.replace_uses_if(value, dq, _quantized)
 
     def _quantize_constant_input(self, value: ir.Value) -> None:
         """A constant operand of Add/Mul/MatMul-with-two-activations: stored quantized per tensor."""
         scale, zp = self.params[value.name]
-        array = value.const_value.numpy().astype(np.float32)
+        array = constant_array(value).astype(np.float32)
         info = np.iinfo(self.qnp)
         q = np.clip(np.rint(array / scale) + zp, info.min, info.max).astype(self.qnp)
-        users = [u for u in value.uses() if u.node.metadata_props.get("ncc.quant") == "int8"]
+        users = [u.node for u in value.uses() if _quantized(u.node)]
         if not users:
             return
-        wq = self._constant(f"{value.name}_quantized", q)
-        s = self._constant(f"{value.name}_scale", np.array(scale, np.float32))
-        z = self._constant(f"{value.name}_zero_point", np.array(zp, self.qnp))
-        dq = self._node("DequantizeLinear", [wq, s, z], {}, f"{value.name}_dequantized", before=users[0].node)
-        dq.type, dq.shape = value.type, value.shape
-        for use in users:
-            use.node.replace_input_with(use.idx, dq)
+        wq = self.rw.constant(q, f"{value.name}_quantized")
+        s = self.rw.constant(np.array(scale, np.float32), f"{value.name}_scale")
+        z = self.rw.constant(np.array(zp, self.qnp), f"{value.name}_zero_point")
+        self.rw.set_insertion_point(users[0])
+        dq = self._dequantize([wq, s, z], {}, value)
+        self.rw.replace_uses_if(value, dq, _quantized)
 
-    def _keep_output_name(self, old: ir.Value, new: ir.Value) -> None:
-        name = old.name
-        old.name = self._fresh(f"{name}_float")
-        new.name = name
-        for i, out in enumerate(self.graph.outputs):
-            if out is old:
-                self.graph.outputs[i] = new
+    def _dequantize(self, inputs: list[ir.Value], attrs: dict, like: ir.Value) -> ir.Value:
+        """``DequantizeLinear(inputs)`` at the insertion point, named and typed after the float ``like``."""
+        dq = self._create("DequantizeLinear", inputs, attrs, f"{like.name}_dequantized")
+        dq.type, dq.shape = like.type, like.shape
+        return dq
 
-    def _fresh(self, base: str) -> str:
-        name, n = base, 0
-        while name in self.names:
-            n += 1
-            name = f"{base}_{n}"
-        self.names.add(name)
-        return name
-
-    def _constant(self, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=self._fresh(name), const_value=ir.tensor(array))
-        value.type = ir.TensorType(value.const_value.dtype)
-        value.shape = ir.Shape(array.shape)
-        self.graph.register_initializer(value)
-        return value
-
-    def _make(self, op: str, inputs, attrs: dict, out_name: str) -> ir.Node:
-        attributes = [ir.convenience.convert_attribute(k, v) for k, v in attrs.items()]
-        node = ir.Node("", op, inputs, attributes, name=self._fresh(f"{out_name}_node"))
-        ids.stamp(self.model, node)
-        node.outputs[0].name = self._fresh(out_name)
-        return node
-
-    def _node(self, op: str, inputs, attrs: dict, out_name: str, *, before: ir.Node) -> ir.Value:
-        node = self._make(op, inputs, attrs, out_name)
-        self.graph.insert_before(before, node)
+    def _create(self, op: str, inputs: list[ir.Value], attrs: dict, out_name: str) -> ir.Value:
+        """A node at the insertion point with one output ``out_name``; the node is named ``<out_name>_node``."""
+        rw = self.rw
+        node = rw.create(
+            op, inputs, attrs, name=rw.fresh_name(f"{out_name}_node"), output_names=[rw.fresh_name(out_name)]
+        )
         return node.outputs[0]
+
+
+def _quantized(node: ir.Node) -> bool:
+    return node.metadata_props.get("ncc.quant") == "int8"

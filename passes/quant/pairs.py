@@ -19,11 +19,22 @@ every product pair fits. Measured with onnxruntime 1.32 on this AVX2 CPU
 
 So instead of limiting every weight to ±63 (6 magnitude bits), each
 channel's scale is the smallest that keeps both every weight within ±127 and
-every pair's same-sign sum within :data:`PAIR_LIMIT`
-(:func:`pair_magnitude`): between ``absmax / 127`` and ``absmax / 64``, never
-coarser than ±63 and as fine as ±127 where no two large weights of one sign
-meet in a pair. Rounding can still push a pair one step past the limit;
-:func:`fit_pairs` moves such pairs to the nearest point on it.
+every pair's same-sign sum within :data:`PAIR_LIMIT` (``magnitude`` of
+:class:`KPairs` and :class:`ConvPairs`): between ``absmax / 127`` and
+``absmax / 64``, never coarser than ±63 and as fine as ±127 where no two large
+weights of one sign meet in a pair. Rounding can still push a pair one step
+past the limit; :func:`fit_pairs` moves such pairs to the nearest point on it.
+
+:func:`symmetric_int8` is how both insert-qdq and quantize-dynamic store a
+weight as symmetric int8 (per channel or per tensor), pair-safe when given the
+weight's pairs::
+
+    s[c] = max(max_{w in channel c} m(w) / qmax, floor)     q = clip(round(w / s[c]), -qmax, qmax)
+
+with ``m(w) = |w|``, or the pair magnitude above; ``qmax`` 127 (63 for 7 bits).
+Weight-only quantization (:mod:`ncc.passes.woq.kernels`) is another algorithm,
+not this one: its symmetric grid puts the largest magnitude on ``-2^(b-1)`` and
+rounds ties away from zero, as onnxruntime's MatMulNBits quantizer does.
 
 (Moving every offending pair of a ±127 grid instead, with the scale left at
 ``absmax / 127``, made all-MiniLM-L6-v2's weight error 6x *larger* than ±63:
@@ -31,6 +42,8 @@ meet in a pair. Rounding can still push a pair one step past the limit;
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -64,22 +77,93 @@ def fit_pairs(q: np.ndarray, exact: np.ndarray, axis: int = 0) -> np.ndarray:
     return np.moveaxis(out, 0, axis).astype(np.asarray(q).dtype)
 
 
-def pair_magnitude(op_type: str, w: np.ndarray, attributes) -> np.ndarray:
-    """For each weight of a ``op_type`` node, the larger of ``|w|`` and its pair's same-sign magnitude sum
-    scaled by ``127 / PAIR_LIMIT``: a scale covering it on a ±127 grid keeps every pair within the limit
-    (up to rounding). Shape of ``w``; just ``|w|`` where the op's kernel does not pair."""
-    w = np.asarray(w)
-    w = w if w.dtype in (np.float32, np.float64) else w.astype(np.float64)
-    if op_type == "Conv":
-        if w.ndim < 3 or _depthwise(w.shape, attributes.get_int("group", 1)):
+def symmetric_int8(
+    w: np.ndarray,
+    axis: int | None,
+    *,
+    qmax: int = 127,
+    floor: np.ndarray | float = 0.0,
+    pairs: KPairs | ConvPairs | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes of ``w`` within ``±qmax`` and their float32 scales: one per slice along ``axis``
+    (per channel), or one for all of ``w`` when ``axis`` is None. No scale is below ``floor`` (a scalar or
+    one per channel); an all-zero channel gets scale 1. ``pairs``: where the kernel pairs ``w``'s products
+    in int16 (a full-range grid is then kept pair-safe)."""
+    array = np.asarray(w, dtype=np.float32)
+    magnitude = pairs.magnitude(array) if pairs is not None else np.abs(array)
+    if axis is None:
+        absmax = np.array(magnitude.max(initial=0.0), np.float32)
+    else:
+        reduce = tuple(d for d in range(array.ndim) if d != axis)
+        absmax = magnitude.max(axis=reduce, initial=0.0).astype(np.float32)
+    scales = np.where(absmax > 0, absmax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
+    scales = np.maximum(scales, np.asarray(floor, np.float32)).astype(np.float32)
+    shape = [1] * array.ndim
+    if axis is not None:
+        shape[axis] = -1
+    exact = array / scales.reshape(shape)
+    q = np.clip(np.rint(exact), -qmax, qmax).astype(np.int8)
+    if pairs is not None:
+        q = pairs.fit(q, exact)
+    return q, scales
+
+
+@dataclass(frozen=True)
+class KPairs:
+    """The int16 pairs of a GEMM weight: ``(2i, 2i + 1)`` along its reduction axis ``k_axis``."""
+
+    k_axis: int
+
+    def magnitude(self, w: np.ndarray) -> np.ndarray:
+        """Each weight's ``|w|``, or its pair's same-sign magnitude sum times ``127 / PAIR_LIMIT`` when that
+        is larger: a scale covering it on a ±127 grid keeps every pair within the limit (up to rounding)."""
+        return k_pair_magnitude(w, self.k_axis)
+
+    def fit(self, q: np.ndarray, exact: np.ndarray) -> np.ndarray:
+        """``q`` with its overflowing pairs moved onto the limit (:func:`fit_pairs`)."""
+        return fit_pairs(q, exact, self.k_axis)
+
+
+@dataclass(frozen=True)
+class ConvPairs:
+    """The int16 pairs of a Conv weight ``[M, C/group, kh, ...]``: K runs over ``(kh, ..., c)``, channel
+    fastest; depthwise filters (one input and one output channel per group) are never paired."""
+
+    group: int = 1
+
+    def magnitude(self, w: np.ndarray) -> np.ndarray:
+        """As :meth:`KPairs.magnitude`, in the K order of the GEMM the Conv runs on."""
+        w = np.asarray(w)
+        w = w if w.dtype in (np.float32, np.float64) else w.astype(np.float64)
+        if w.ndim < 3 or _depthwise(w.shape, self.group):
             return np.abs(w)
         k_major, restore = _conv_k_major(w)
         return restore(pair_sums(k_major))
-    return k_pair_magnitude(w, _k_axis(op_type, w.ndim, attributes))
+
+    def fit(self, q: np.ndarray, exact: np.ndarray) -> np.ndarray:
+        """:func:`fit_pairs` in the Conv's K order; depthwise filters are returned unchanged: their kernel
+        accumulates in int32."""
+        q = np.asarray(q)
+        if q.ndim < 3 or _depthwise(q.shape, self.group):
+            return q
+        k_major, restore = _conv_k_major(q)
+        return restore(fit_pairs(k_major, _conv_k_major(exact)[0], 0))
+
+
+PAIRED_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+"""Ops whose weights' K order in onnxruntime's GEMM is known (measured); others keep weights within ±63."""
+
+
+def node_pairs(op_type: str, ndim: int, attributes) -> KPairs | ConvPairs:
+    """Where the kernel of a ``op_type`` node (one of :data:`PAIRED_OPS`, with ``attributes``) pairs the
+    products of its rank-``ndim`` weight."""
+    if op_type == "Conv":
+        return ConvPairs(attributes.get_int("group", 1))
+    return KPairs(_k_axis(op_type, ndim, attributes))
 
 
 def k_pair_magnitude(w: np.ndarray, k_axis: int) -> np.ndarray:
-    """:func:`pair_magnitude` of a GEMM weight (float) whose reduction dimension is ``k_axis``."""
+    """:meth:`KPairs.magnitude` of a GEMM weight (float) whose reduction dimension is ``k_axis``."""
     return np.moveaxis(pair_sums(np.moveaxis(w, k_axis, 0)), 0, k_axis)
 
 
@@ -102,29 +186,6 @@ def _k_axis(op_type: str, ndim: int, attributes) -> int:
     if op_type == "Gemm":
         return 1 if attributes.get_int("transB", 0) else 0
     raise ValueError(f"the K order of {op_type}'s weights is not known")
-
-
-PAIRED_OPS = frozenset({"MatMul", "Gemm", "Conv"})
-"""Ops whose weights' K order in onnxruntime's GEMM is known (measured); others keep weights within ±63."""
-
-
-def weight_pairs_safe(op_type: str, q: np.ndarray, exact: np.ndarray, attributes) -> np.ndarray:
-    """``q``, the weight of a ``op_type`` node (one of :data:`PAIRED_OPS`, with ``attributes``), made safe
-    for the GEMM onnxruntime runs it on."""
-    if op_type == "Conv":
-        return conv_pairs_safe(q, exact, attributes.get_int("group", 1))
-    return fit_pairs(q, exact, _k_axis(op_type, q.ndim, attributes))
-
-
-def conv_pairs_safe(q: np.ndarray, exact: np.ndarray, group: int) -> np.ndarray:
-    """:func:`fit_pairs` for a Conv weight ``[M, C/group, kh, ...]``: K runs over ``(kh, ..., c)``, channel
-    fastest. Depthwise filters (one input and one output channel per group) are returned unchanged:
-    their kernel accumulates in int32."""
-    q = np.asarray(q)
-    if q.ndim < 3 or _depthwise(q.shape, group):
-        return q
-    k_major, restore = _conv_k_major(q)
-    return restore(fit_pairs(k_major, _conv_k_major(exact)[0], 0))
 
 
 def _conv_k_major(w: np.ndarray):

@@ -84,7 +84,7 @@ from ncc.errors import NccError
 from ncc.ir.ops import ensure_opset, is_onnx_domain, onnx_opset
 from ncc.ir.rewrite import MatchResult, Pattern, Rewriter, apply_patterns, constant_tensor
 from ncc.passes.base import Pass, PassContext, PassResult, option, regex
-from ncc.passes.quant.pairs import fit_pairs, k_pair_magnitude
+from ncc.passes.quant.pairs import KPairs, fit_pairs, symmetric_int8
 from ncc.passes.quant.plan import matches, refuse_quantized, unmatched_warnings
 from ncc.targets import DEFAULT_TARGET, get_target
 
@@ -145,17 +145,20 @@ class WeightQuant:
         k_axis: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(w_q, scale, zero_point)``; per-tensor (scalars) when ``axis`` is None, else 1-D along ``axis``.
-        ``k_axis``: the GEMM reduction axis of ``w`` (its int16 pairs are kept safe when ``paired``)."""
+        ``k_axis``: the GEMM reduction axis of ``w`` (its int16 pairs are kept safe when ``paired``).
+        Symmetric s8 is :func:`ncc.passes.quant.pairs.symmetric_int8`, as insert-qdq stores weights."""
         w = np.asarray(w, dtype=np.float32)
         paired = self.paired and self.dtype == "s8" and not self.reduce_range and k_axis is not None
+        if self.dtype == "s8" and self.symmetric:
+            tiny = np.finfo(np.float32).tiny  # the smallest scale quant_params gives
+            pairs = KPairs(k_axis) if paired else None
+            q, scale = symmetric_int8(w, axis, qmax=self.qrange[1], floor=tiny, pairs=pairs)
+            return q, scale, np.zeros(scale.shape, np.int8)
         if axis is None:
             lo, hi = np.asarray(w.min() if w.size else 0.0), np.asarray(w.max() if w.size else 0.0)
         else:
             reduce = tuple(i for i in range(w.ndim) if i != axis)
             lo, hi = w.min(axis=reduce), w.max(axis=reduce)
-        if paired and self.symmetric and w.size:  # a scale that also keeps every int16 pair within range
-            pairs = k_pair_magnitude(w, k_axis)
-            hi = np.maximum(hi, pairs.max() if axis is None else pairs.max(axis=reduce)).astype(np.float32)
         scale, zp = self.params(lo, hi)
         qmin, qmax = self.qrange
         if self.symmetric:  # keep the grid symmetric: -127..127 around the zero point

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import ncc.runtime  # noqa: F401  (registers onnxruntime's com.microsoft schemas with the verifier)
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -12,7 +13,7 @@ from ncc.errors import VerificationError
 from ncc.frontends.onnx import from_proto
 from ncc.ir import ids
 from ncc.ir.builder import GraphBuilder
-from ncc.ir.verifier import diagnose, format_diagnostics, verify
+from ncc.ir.verifier import diagnose, format_diagnostics, register_schemas, verify
 from onnx import TensorProto, helper
 
 
@@ -130,6 +131,27 @@ def test_contrib_op_checked_for_arity_only():
     assert problem.message == (
         "com.microsoft::QuickGelu node 'quickgelu0' (id 0) has 2 inputs; com.microsoft::QuickGelu-1 takes exactly 1."
     )
+
+
+def test_registered_schemas_check_a_domain_for_arity(monkeypatch):
+    from ncc.ir import verifier
+
+    class Schema:  # what the verifier reads of an OpSchema
+        domain, name, since_version, inputs = "test.ops", "Twice", 1, []
+        min_input = max_input = min_output = max_output = 1
+
+    b = GraphBuilder("g", opset=17, opsets={"test.ops": 1})
+    x = b.input("x", "f32", [3])
+    b.output(b.op("Twice", [x, x], domain="test.ops"), "f32", [3])
+    model = b.build(infer=False)
+    assert diagnose(model) == []  # no schemas for the domain: structure only
+    monkeypatch.setattr(verifier, "_SCHEMA_PROVIDERS", dict(verifier._SCHEMA_PROVIDERS))
+    register_schemas({"test.ops"}, lambda: [Schema()])
+    try:
+        assert only(model, "inputs").message.endswith("has 2 inputs; test.ops::Twice-1 takes exactly 1.")
+    finally:
+        verifier._contrib_schemas.cache_clear()
+        verifier.op_info.cache_clear()
 
 
 def test_custom_domain_op_passes_through_untyped():
@@ -328,25 +350,36 @@ def test_trailing_empty_outputs_are_absent():
     verify(b.build())
 
 
-def test_missing_required_attribute():
+def one_op(op_type: str, **attributes) -> ir.Model:
+    """``x: f32[3] -> op_type -> output: f32[3]``, neither inferred nor verified."""
     b = GraphBuilder("g", opset=17)
     x = b.input("x", "f32", [3])
-    b.output(b.op("Cast", [x]), "f16", [3])
-    model = b.build(infer=False, verify=False)
-    assert (
-        only(model, "attribute").message
-        == "Cast node 'cast0' (id 0) lacks required attribute 'to' of Cast-13."
-    )
+    b.output(b.op(op_type, [x], **attributes), "f32", [3])
+    return b.build(infer=False, verify=False)
 
 
-def test_unknown_attribute():
-    b = GraphBuilder("g", opset=17)
-    x = b.input("x", "f32", [3])
-    b.output(b.op("Relu", [x], alpha=0.1), "f32", [3])
-    model = b.build(infer=False, verify=False)
-    assert only(model, "attribute").message == (
-        "Relu node 'relu0' (id 0) has attribute 'alpha', unknown to Relu-14 (valid: none)."
-    )
+@pytest.mark.parametrize(
+    "op_type,attributes,rule,message",
+    [
+        ("Cast", {}, "attribute", "Cast node 'cast0' (id 0) lacks required attribute 'to' of Cast-13."),
+        (
+            "Relu",
+            {"alpha": 0.1},
+            "attribute",
+            "Relu node 'relu0' (id 0) has attribute 'alpha', unknown to Relu-14 (valid: none).",
+        ),
+        (
+            "Gelu",
+            {},
+            "op",
+            "Gelu node 'gelu0' (id 0) needs opset 20 or later of the default domain, but the model imports opset 17.",
+        ),
+        ("Relux", {}, "op", "Relux node 'relux0' (id 0) is not an operator of the default ONNX domain."),
+    ],
+    ids=["missing-required-attribute", "unknown-attribute", "op-newer-than-the-opset", "unknown-standard-op"],
+)
+def test_one_op_rule(op_type, attributes, rule, message):
+    assert only(one_op(op_type, **attributes), rule).message == message
 
 
 def test_attribute_of_the_wrong_type():
@@ -360,32 +393,8 @@ def test_attribute_of_the_wrong_type():
     )
 
 
-def test_op_newer_than_the_imported_opset():
-    b = GraphBuilder("g", opset=17)
-    x = b.input("x", "f32", [3])
-    b.output(b.op("Gelu", [x]), "f32", [3])
-    model = b.build(infer=False, verify=False)
-    assert only(model, "op").message == (
-        "Gelu node 'gelu0' (id 0) needs opset 20 or later of the default domain, but the model imports opset 17."
-    )
-
-
-def test_unknown_standard_op():
-    b = GraphBuilder("g", opset=17)
-    x = b.input("x", "f32", [3])
-    b.output(b.op("Relux", [x]), "f32", [3])
-    model = b.build(infer=False, verify=False)
-    assert (
-        only(model, "op").message
-        == "Relux node 'relux0' (id 0) is not an operator of the default ONNX domain."
-    )
-
-
 def test_domain_not_imported():
-    b = GraphBuilder("g", opset=17)
-    x = b.input("x", "f32", [3])
-    b.output(b.op("Foo", [x], domain="my.ops"), "f32", [3])
-    model = b.build(infer=False)
+    model = one_op("Foo", domain="my.ops")
     del model.opset_imports["my.ops"]
     assert only(model, "domain").message == (
         "my.ops::Foo node 'foo0' (id 0) is in domain 'my.ops', which the model does not import (imported: '')."

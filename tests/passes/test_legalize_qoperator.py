@@ -236,6 +236,24 @@ def op_types(model) -> list[str]:
     return [n.op_type for n in model.graph]
 
 
+def lowered(define, inputs: dict[str, list], outputs: dict[str, list], expected: str, **options):
+    """Quantize ``define``'s model (see :func:`quantized_model`), convert it and check that it lowered to
+    ``expected``, its op types in graph order separated by spaces; (QDQ proto, QDQ Net, model, QOperator
+    proto, report)."""
+    _, qdq, net = quantized_model(define, inputs, outputs, **options)
+    model, proto, report = convert(qdq)
+    assert op_types(model) == expected.split()
+    return qdq, net, model, proto, report
+
+
+def float_output_step(qdq: onnx.ModelProto, net: Net, activation: str, weight: str) -> float:
+    """The quantization step of a float output computed by an integer kernel: one step of its quantized
+    input ``activation`` times the largest column sum of the dequantized ``weight``."""
+    inits = {t.name: t for t in qdq.graph.initializer}
+    w = onp.to_array(inits[f"{weight}_quantized"]).astype(np.float32) * onp.to_array(inits[f"{weight}_scale"])
+    return float(net.act_params(activation)[0] * np.abs(w).sum(axis=0).max())
+
+
 def node_id_by_name(proto: onnx.ModelProto) -> dict[str, int]:
     model = from_proto(proto)
     return {n.name: ids.node_id(n) for n in model.graph}
@@ -360,22 +378,13 @@ def misc(net: Net) -> None:
 
 
 def test_cnn_converts_every_group_and_matches_the_qdq_reference():
-    _, qdq, net = quantized_model(cnn, CNN_INPUTS, {"out": [2, 10]})
-    model, proto, report = convert(qdq)
-    assert op_types(model) == [
-        "QuantizeLinear",
-        "QLinearConv",
-        "MaxPool",
-        "QLinearConv",
-        "QLinearAdd",
-        "QLinearConv",
-        "QLinearConcat",
-        "QLinearGlobalAveragePool",
-        "Flatten",
-        "QGemm",
-        "DequantizeLinear",
-        "Identity",
-    ]
+    qdq, net, model, proto, report = lowered(
+        cnn,
+        CNN_INPUTS,
+        {"out": [2, 10]},
+        "QuantizeLinear QLinearConv MaxPool QLinearConv QLinearAdd QLinearConv QLinearConcat "
+        "QLinearGlobalAveragePool Flatten QGemm DequantizeLinear Identity",
+    )
     assert dict(report.emitted) == {
         "QLinearConv": 3,
         "com.microsoft::QGemm": 1,
@@ -423,36 +432,16 @@ def test_cnn_with_full_8bit_weights_is_bit_exact_with_onnxruntimes_own_qdq_fusio
 
 @pytest.mark.parametrize("quantized_output", [False, True], ids=["float-output", "quantized-output"])
 def test_mlp_matmul_add(quantized_output):
-    _, qdq, net = quantized_model(mlp(quantized_output), MLP_INPUTS, {"out": [4, 8]})
-    model, proto, report = convert(qdq)
+    second = "QLinearMatMul DequantizeLinear Identity" if quantized_output else "MatMulIntegerToFloat"
+    expected = f"QuantizeLinear MatMulIntegerToFloat Relu QuantizeLinear {second}"
+    qdq, net, model, proto, report = lowered(mlp(quantized_output), MLP_INPUTS, {"out": [4, 8]}, expected)
     if quantized_output:
-        assert op_types(model) == [
-            "QuantizeLinear",
-            "MatMulIntegerToFloat",
-            "Relu",
-            "QuantizeLinear",
-            "QLinearMatMul",
-            "DequantizeLinear",
-            "Identity",
-        ]
         step = float(net.act_params("fc2")[0])
     else:
-        assert op_types(model) == [
-            "QuantizeLinear",
-            "MatMulIntegerToFloat",
-            "Relu",
-            "QuantizeLinear",
-            "MatMulIntegerToFloat",
-        ]
         (last,) = [n for n in model.graph if n.name == "fc2"]
         assert len(last.inputs) == 7 and last.inputs[6].name == "b2"  # the bias Add was folded
         assert last.outputs[0].name == "out"
-        # float output: one step of the quantized input times the largest weight column sum
-        w2 = onp.to_array(next(t for t in qdq.graph.initializer if t.name == "w2_quantized")).astype(
-            np.float32
-        )
-        w2 *= onp.to_array(next(t for t in qdq.graph.initializer if t.name == "w2_scale"))
-        step = float(net.act_params("relu1")[0] * np.abs(w2).sum(axis=0).max())
+        step = float_output_step(qdq, net, "relu1", "w2")
     first = next(n for n in model.graph if n.name == "fc1")
     assert first.inputs[6].name == "b1" and first.domain == "com.microsoft"
     worst = worst_steps(qdq, proto, MLP_INPUTS, {"out": step})
@@ -474,63 +463,33 @@ def test_mlp_matmul_add(quantized_output):
 
 
 def test_attention_block():
-    _, qdq, net = quantized_model(attention, ATTN_INPUTS, {"out": [2, 6, 16]})
-    model, proto, report = convert(qdq)
-    assert op_types(model) == [
-        "QuantizeLinear",
-        "QLinearMatMul",
-        "QLinearMatMul",
-        "Transpose",
-        "QLinearMatMul",
-        "QLinearMatMul",
-        "QLinearSoftmax",
-        "QLinearMatMul",
-        "QLinearSigmoid",
-        "QLinearMul",
-        "MatMulIntegerToFloat",
-    ]
+    qdq, net, model, proto, report = lowered(
+        attention,
+        ATTN_INPUTS,
+        {"out": [2, 6, 16]},
+        "QuantizeLinear QLinearMatMul QLinearMatMul Transpose QLinearMatMul QLinearMatMul QLinearSoftmax "
+        "QLinearMatMul QLinearSigmoid QLinearMul MatMulIntegerToFloat",
+    )
     softmax = next(n for n in model.graph if n.op_type == "QLinearSoftmax")
     assert softmax.attributes["opset"].value == OPSET and softmax.attributes["axis"].value == -1
     assert report.kept == []
-    w = onp.to_array(next(t for t in qdq.graph.initializer if t.name == "wo_quantized")).astype(np.float32)
-    w *= onp.to_array(next(t for t in qdq.graph.initializer if t.name == "wo_scale"))
-    step = float(net.act_params("gated")[0] * np.abs(w).sum(axis=0).max())
-    worst = worst_steps(qdq, proto, ATTN_INPUTS, {"out": step})
+    worst = worst_steps(qdq, proto, ATTN_INPUTS, {"out": float_output_step(qdq, net, "gated", "wo")})
     assert worst["out"] <= 1.0 + 1e-4, worst
 
 
 def test_pooling_activations_and_passthrough_ops():
-    _, qdq, net = quantized_model(misc, MISC_INPUTS, {"out": [1, 5]})
-    model, proto, report = convert(qdq)
-    assert op_types(model) == [
-        "QuantizeLinear",
-        "QLinearConv",
-        "QLinearLeakyRelu",
-        "QLinearAveragePool",
-        "Pad",
-        "Resize",
-        "MaxPool",
-        "QLinearSigmoid",
-        "Transpose",
-        "Reshape",
-        "QGemm",
-    ]
+    qdq, net, model, proto, report = lowered(
+        misc,
+        MISC_INPUTS,
+        {"out": [1, 5]},
+        "QuantizeLinear QLinearConv QLinearLeakyRelu QLinearAveragePool Pad Resize MaxPool QLinearSigmoid "
+        "Transpose Reshape QGemm",
+    )
     (pad,) = [n for n in model.graph if n.op_type == "Pad"]
     assert pad.inputs[2].const_value.numpy() == net.act_params("avg0")[1]  # pads with the zero point
     gemm = model.graph.outputs[0].producer()
     assert gemm.op_type == "QGemm" and len(gemm.inputs) == 7  # no y_scale: float output
-    step = float(
-        net.act_params("flat0")[0]
-        * np.abs(
-            onp.to_array(next(t for t in qdq.graph.initializer if t.name == "wf_quantized")).astype(
-                np.float32
-            )
-            * onp.to_array(next(t for t in qdq.graph.initializer if t.name == "wf_scale"))
-        )
-        .sum(axis=0)
-        .max()
-    )
-    worst = worst_steps(qdq, proto, MISC_INPUTS, {"out": step})
+    worst = worst_steps(qdq, proto, MISC_INPUTS, {"out": float_output_step(qdq, net, "flat0", "wf")})
     assert worst["out"] <= 1.0 + 1e-4, worst
 
 
@@ -591,15 +550,12 @@ def test_requantize_round_trip_between_integer_ops_is_removed():
         net.op("Sigmoid", [cq], name="sig0")
         net.op("Identity", [net.q("sig0")], name="out")
 
-    _, qdq, net = quantized_model(define, {"x": [1, 2, 4, 4]}, {"out": [1, 4, 4, 4]})
-    model, proto, report = convert(qdq)
-    assert op_types(model) == [
-        "QuantizeLinear",
-        "QLinearConv",
-        "QLinearSigmoid",
-        "DequantizeLinear",
-        "Identity",
-    ]
+    qdq, net, model, proto, report = lowered(
+        define,
+        {"x": [1, 2, 4, 4]},
+        {"out": [1, 4, 4, 4]},
+        "QuantizeLinear QLinearConv QLinearSigmoid DequantizeLinear Identity",
+    )
     assert report.requantize_removed == 1
     assert (
         worst_steps(qdq, proto, {"x": [1, 2, 4, 4]}, {"out": float(net.act_params("sig0")[0])})["out"] <= 1.0

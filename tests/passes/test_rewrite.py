@@ -228,6 +228,43 @@ def test_an_interface_value_standing_in_for_an_output_goes_through_identity():
     assert x.name == "x"
 
 
+def test_nodes_inserted_after_a_node_keep_their_order_and_kept_readers_keep_the_old_value():
+    model = chain("Relu", "Neg")
+    x = np.random.default_rng(2).standard_normal((2, 3)).astype(np.float32)
+    (expected,) = run(model, [x])
+    relu, neg = model.graph
+    y = relu.outputs[0]
+    rewriter = Rewriter(model, model.graph)
+    rewriter.set_insertion_point(relu, after=True)
+    first = rewriter.create("Identity", [y])
+    second = rewriter.create("Identity", first.outputs)
+    for node in (first, second):
+        node.outputs[0].type, node.outputs[0].shape = y.type, y.shape
+    rewriter.replace_all_uses(y, second.outputs[0], keep=[first])
+    verify(model)
+    assert list(model.graph) == [relu, first, second, neg]
+    assert first.inputs[0] is y and neg.inputs[0] is second.outputs[0]
+    np.testing.assert_array_equal(run(model, [x])[0], expected)
+
+
+def test_a_kept_output_is_renamed_as_asked_and_uses_are_replaced_selectively():
+    model = chain("Relu", "Neg")
+    relu, neg = model.graph
+    y = relu.outputs[0]
+    model.graph.outputs.append(y)
+    name = y.name
+    rewriter = Rewriter(model, model.graph)
+    rewriter.set_insertion_point(neg)
+    copy = rewriter.create("Identity", [y])
+    copy.outputs[0].type, copy.outputs[0].shape = y.type, y.shape
+    rewriter.replace_uses_if(y, copy.outputs[0], lambda reader: reader is neg)
+    assert neg.inputs[0] is copy.outputs[0] and copy.inputs[0] is y and model.graph.outputs[1] is y
+    rewriter.replace_all_uses(y, copy.outputs[0], keep=[copy], renamed="float")
+    verify(model)
+    assert model.graph.outputs[1] is copy.outputs[0] and copy.outputs[0].name == name
+    assert y.name == f"{name}_float" and copy.inputs[0] is y
+
+
 def test_erase_all_removes_consumers_first_and_unread_constant_nodes():
     b = GraphBuilder("g", opset=17)
     x = b.input("x", "f32", [2])

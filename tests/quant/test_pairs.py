@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from ncc.passes.quant.pairs import PAIR_LIMIT, fit_pairs, pair_magnitude, weight_pairs_safe
+from ncc.passes.quant.pairs import PAIR_LIMIT, ConvPairs, fit_pairs, node_pairs, symmetric_int8
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -37,14 +37,8 @@ def _heavy_tailed(rng, shape):
 
 
 def _paired_int8(op_type, w, attrs, channel_axis):
-    """Per-channel s8 weights the way insert-qdq makes them on a pairing target."""
-    magnitude = np.maximum(np.abs(w), pair_magnitude(op_type, w, attrs))
-    reduce = tuple(d for d in range(w.ndim) if d != channel_axis)
-    shape = [1] * w.ndim
-    shape[channel_axis] = -1
-    scale = (magnitude.max(axis=reduce) / 127).reshape(shape)
-    exact = w / scale
-    return weight_pairs_safe(op_type, np.clip(np.rint(exact), -127, 127).astype(np.int8), exact, attrs)
+    """Per-channel s8 weights as insert-qdq and quantize-dynamic make them on a pairing target."""
+    return symmetric_int8(w, channel_axis, pairs=node_pairs(op_type, w.ndim, attrs))[0]
 
 
 def _extremes(rng, shape):
@@ -146,7 +140,7 @@ def test_qlinearconv_pairs_are_the_k_pairs_assumed(c, group, m):
             ka, kb = _k_index(*p, cg), _k_index(*q, cg)
             if min(ka, kb) % 2 == 0 and abs(ka - kb) == 1 and not (cg == 1 and m == group > 1):
                 assumed.add((p, q))
-            safe = weight_pairs_safe("Conv", w, w.astype(np.float64), _Attrs(group=group))
+            safe = ConvPairs(group).fit(w, w.astype(np.float64))
             assert np.array_equal(safe, w) == ((p, q) not in assumed)  # the assumed pairs are the ones fixed
     assert overflowing <= assumed
     if overflowing:  # a pairing CPU: every assumed pair does overflow

@@ -164,6 +164,14 @@ def _cli(*args):
     return CliRunner().invoke(cli, ["bench", *map(str, args)])
 
 
+def _bench_ok(float_path, quant_path, *args, data=None, warmup=1, runs=2):
+    """``ncc bench`` on one thread with ``warmup`` and ``runs`` (on ``data`` when given), which succeeds."""
+    data_args = ("--data", data) if data is not None else ()
+    run = _cli(float_path, quant_path, *data_args, "--threads", 1, "--warmup", warmup, "--runs", runs, *args)
+    assert run.exit_code == 0, run.output
+    return run
+
+
 # -- quality ----------------------------------------------------------------------------------------
 
 
@@ -338,8 +346,7 @@ def test_synthetic_float_inputs_and_note(models):
     assert result["synthetic"] and result["batch"] == 1
     # standard normal inputs fall far outside the [0, 1] range the input QuantizeLinear was calibrated for
     assert 0.0 < result["fidelity"]["logits"]["cosine"] < 0.9
-    run = _cli(models["float"], models["quant"], "--threads", 1, "--warmup", 1, "--runs", 2)
-    assert run.exit_code == 0, run.output
+    run = _bench_ok(models["float"], models["quant"])
     assert "measured on synthetic inputs" in run.output
 
 
@@ -347,21 +354,7 @@ def test_synthetic_float_inputs_and_note(models):
 
 
 def test_cli_table_row(models):
-    run = _cli(
-        models["float"],
-        models["quant"],
-        "--data",
-        models["data"],
-        "--batch",
-        8,
-        "--threads",
-        1,
-        "--warmup",
-        1,
-        "--runs",
-        3,
-    )
-    assert run.exit_code == 0, run.output
+    run = _bench_ok(models["float"], models["quant"], "--batch", 8, data=models["data"], runs=3)
     lines = run.output.splitlines()
     header = "| model | FP32 quality | INT8 quality | ratio | FP32 samples/s | INT8 samples/s | speed-up | FP32 MB | INT8 MB | threads | batch |"
     assert header in lines and "synthetic" not in run.output
@@ -377,22 +370,8 @@ def test_cli_table_row(models):
 
 
 def test_cli_json(models):
-    run = _cli(
-        models["float"],
-        models["quant"],
-        "--data",
-        models["data"],
-        "--metric",
-        f"accuracy:{models['labels']}",
-        "--threads",
-        1,
-        "--warmup",
-        1,
-        "--runs",
-        2,
-        "--json",
-    )
-    assert run.exit_code == 0, run.output
+    metric = f"accuracy:{models['labels']}"
+    run = _bench_ok(models["float"], models["quant"], "--metric", metric, "--json", data=models["data"])
     result = json.loads(run.output)
     for key in (
         "model",
@@ -412,20 +391,7 @@ def test_cli_json(models):
 
 
 def test_cli_json_is_strict_for_exact_models(models):
-    run = _cli(
-        models["float"],
-        models["float"],
-        "--data",
-        models["data"],
-        "--threads",
-        1,
-        "--warmup",
-        0,
-        "--runs",
-        1,
-        "--json",
-    )
-    assert run.exit_code == 0, run.output
+    run = _bench_ok(models["float"], models["float"], "--json", data=models["data"], warmup=0, runs=1)
     result = json.loads(run.output, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert result["fidelity"]["logits"]["sqnr_db"] is None  # infinite SQNR
 
@@ -556,16 +522,16 @@ def test_data_from_a_python_function(models, tmp_path):
     )
 
 
-def test_fidelity_leaves_padded_positions_out():
-    from ncc.tools.bench import fidelity
+def test_output_metrics_leave_padded_positions_out():
+    from ncc.tools.bench import output_metrics
 
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(2, 5, 3))
     mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
     got = ref.copy()
     got[mask == 0] = -got[mask == 0] * 7  # padded tokens: garbage nothing reads
-    masked = fidelity(ref, got, mask)
+    masked = output_metrics(ref, got, mask)
     assert masked["cosine"] == pytest.approx(1.0) and masked["top1_agreement"] == 1.0
     assert masked["sqnr_db"] == math.inf
-    whole = fidelity(ref, got)
+    whole = output_metrics(ref, got)
     assert whole["cosine"] < 0.5 and whole["top1_agreement"] < 1.0
