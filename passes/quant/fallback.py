@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from ncc.ir.ids import ID_KEY
 from ncc.metrics import relative_l2_error, token_masks
 from ncc.passes.quant.calib_data import CalibrationData
 from ncc.runtime import open_session
@@ -58,35 +59,39 @@ def run(model: ir.Model, feeds: list[dict], outputs: list[str] = ()) -> dict[str
 
 
 def candidates(quantized: ir.Model) -> list[ir.Node]:
-    """The quantized compute nodes of ``quantized``: what min-cosine may return to float. A fallback names
-    its node (``kept_float``), so nodes whose name is empty or repeated are never candidates."""
-    from collections import Counter
-
+    """The quantized compute nodes of ``quantized``: what min-cosine may return to float, by node id
+    (:mod:`ncc.ir.ids`; names may be empty or repeated, ids are neither)."""
     from ncc.passes.quant.plan import ROLES
 
-    names = Counter(n.name for n in quantized.graph)
     return [
         n
         for n in quantized.graph
-        if n.metadata_props.get("ncc.quant") == "int8"
-        and n.op_type in ROLES
-        and n.name
-        and names[n.name] == 1
+        if n.metadata_props.get("ncc.quant") == "int8" and n.op_type in ROLES and node_key(n) is not None
     ]
 
 
+def node_key(node: ir.Node) -> str | None:
+    """How min-cosine names a node: its stable id."""
+    return node.metadata_props.get(ID_KEY)
+
+
+def labels(model: ir.Model) -> dict[str, str]:
+    """Node id -> how the report names the node: its name, or ``#id`` when it has none."""
+    return {key: node.name or f"#{key}" for node in model.graph if (key := node_key(node)) is not None}
+
+
 def edges(quantized: ir.Model) -> list[str]:
-    """Names of the candidates at the model's edges, tried before any ranking: those reading a graph
+    """Ids of the candidates at the model's edges, tried before any ranking: those reading a graph
     input (a CNN's stem sees the raw image), then those producing a graph output."""
     nodes = candidates(quantized)
     inputs = _graph_inputs(quantized)
-    first = [n.name for n in nodes if any(v is not None and _float_name(v) in inputs for v in n.inputs)]
-    first += [n.name for n in nodes if n.outputs[0].is_graph_output()]
+    first = [node_key(n) for n in nodes if any(v is not None and _float_name(v) in inputs for v in n.inputs)]
+    first += [node_key(n) for n in nodes if n.outputs[0].is_graph_output()]
     return list(dict.fromkeys(first))
 
 
 def rank(float_model: ir.Model, quantized: ir.Model, feeds: list[dict]) -> list[str]:
-    """Quantized compute nodes of ``quantized``, most sensitive first (see the module docstring)."""
+    """Ids of the quantized compute nodes of ``quantized``, most sensitive first (see the module docstring)."""
     nodes = candidates(quantized)
     wanted: dict[str, None] = {}
     for node in nodes:
@@ -110,8 +115,8 @@ def rank(float_model: ir.Model, quantized: ir.Model, feeds: list[dict]) -> list[
             (errors.get(_float_name(v), 0.0) for v in node.inputs if v is not None and v.const_value is None),
             default=0.0,
         )
-        scores.append((errors[out] - err_in, node.name))
-    return [name for _, name in sorted(scores, key=lambda s: -s[0])]
+        scores.append((errors[out] - err_in, node_key(node)))
+    return [key for _, key in sorted(scores, key=lambda s: -s[0])]
 
 
 def _graph_inputs(model: ir.Model) -> set[str]:

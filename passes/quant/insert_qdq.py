@@ -40,6 +40,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.ir import ids
 from ncc.ir.ops import is_onnx_domain
 from ncc.ir.rewrite import Rewriter, constant_array, constant_tensor, is_constant
 from ncc.passes.base import Pass, PassContext, PassResult, option, regex
@@ -158,12 +159,14 @@ class InsertQDQ(Pass):
         history = [f"fallback: all quantized: output cosine {score:.5f} (target {self.min_cosine})"]
         first = fallback.edges(best)
         budget = int(self.max_float * len(fallback.candidates(best)))
-        kept: tuple[str, ...] = ()  # node names min-cosine keeps in float
+        kept: tuple[str, ...] = ()  # ids of the nodes min-cosine keeps in float
+        names = fallback.labels(float_model)
         misses = 0
 
-        def try_float(name: str) -> None:
+        def try_float(key: str) -> None:
             nonlocal best, result, score, kept, misses
-            kept += (name,)
+            kept += (key,)
+            name = names.get(key, f"#{key}")
             candidate, cand_result, cand_score = attempt(kept)
             # a float node costs speed: keep it only if it buys a real share of what is missing
             if cand_score - score >= self.min_gain * (1.0 - score):
@@ -178,8 +181,8 @@ class InsertQDQ(Pass):
         # The edges (a stem seeing the raw input, a head producing the output) are tried even when the
         # target is met: one layer each, and they often carry a large share of the error. The rest,
         # ranked by measured sensitivity, only while the outputs are below the target.
-        for name in first[:budget]:
-            try_float(name)
+        for key in first[:budget]:
+            try_float(key)
 
         def stopped() -> str:
             return (
@@ -190,12 +193,12 @@ class InsertQDQ(Pass):
         if score < self.min_cosine and misses >= self.patience:
             history.append(stopped())
         elif score < self.min_cosine and len(kept) < budget:
-            for name in fallback.rank(float_model, best, feeds):
+            for key in fallback.rank(float_model, best, feeds):
                 if len(kept) >= budget:
                     break
-                if name in first:
+                if key in first:
                     continue
-                try_float(name)
+                try_float(key)
                 if score >= self.min_cosine:
                     break
                 if misses >= self.patience:
@@ -233,7 +236,7 @@ class _Quantizer:
             calibration,
             target,
         )
-        self.kept_float = kept_float  # node names min-cosine keeps in float (exact names, not patterns)
+        self.kept_float = kept_float  # ids of the nodes min-cosine keeps in float
         #: (weight, axis, op, floor) -> (int8 codes, scales): shared by min-cosine's attempts, which
         #: quantize copies of one float model with one calibration
         self.weight_codes = {} if weight_codes is None else weight_codes
@@ -313,7 +316,7 @@ class _Quantizer:
             return "not matched by include"
         if pattern := plan.matches(node, self.o.exclude):
             return f"excluded by {pattern!r}"
-        if node.name in self.kept_float:
+        if node.metadata_props.get(ids.ID_KEY) in self.kept_float:
             return "excluded by min-cosine"
         role = plan.ROLES[node.op_type]
         if role.weight is not None:
