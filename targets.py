@@ -2,8 +2,8 @@
 
 Passes read a profile to decide what to quantize and how; backends read it to
 decide what to emit. Both import this module; it imports neither (op families
-come from :mod:`ncc.ir.ops`). Numbers behind each choice are in FIELD-NOTES.md
-(measured with onnxruntime 1.32).
+come from :mod:`ncc.ir.ops`). The measurements behind each choice are in
+``benchmarks/RESULTS.md`` and the shared field notes.
 """
 
 from __future__ import annotations

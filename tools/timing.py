@@ -3,11 +3,10 @@
 Every throughput number in ncc (``ncc bench``, ``benchmarks/``) comes from :func:`time_blocks`.
 
 Why blocks. After a run, onnxruntime's idle intra-op workers spin before they sleep (the default
-``session.intra_op.allow_spinning = 1``): measured on this project's 2-core machine, a
-2-thread session keeps one core busy for about 40 ms after its run returns. Timing sessions
-run by run (A, B, A, B, ...) therefore times each run against the previous session's spinning
-worker. On EfficientNet-Lite0 at batch 1 (7-10 ms a run) that bias moved the same INT8 model
-between 1.02x and 1.66x by its position in the loop, against 1.5x timed alone. So:
+``session.intra_op.allow_spinning = 1``): a 2-thread session keeps a core busy for tens of
+milliseconds after its run returns. Timing sessions run by run (A, B, A, B, ...) therefore
+times each run against the previous session's spinning worker, a bias that depends on a
+model's position in the loop (``benchmarks/RESULTS.md`` has the measurements). So:
 
 - each round runs the sessions one after another (the order reversed every other round), each
   as a *block*: untimed runs for at least ``settle_s`` (the previous session's workers go idle
@@ -17,8 +16,8 @@ between 1.02x and 1.66x by its position in the loop, against 1.5x timed alone. S
   the same round, so drift of a shared machine between rounds cancels; its quartiles say how
   much to trust it.
 
-Spinning stays on: it is what a user running one model gets (turning it off made FP32 batch-1
-latency about 25% worse here).
+Spinning stays on: it is what a user running one model gets (and turning it off made FP32
+batch-1 latency worse).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-SETTLE_S = 0.1  # untimed running at the start of each block: > the ~40 ms idle spin measured above
+SETTLE_S = 0.1  # untimed running at the start of each block: longer than the idle spin
 MAX_BLOCK_RUNS = 2000
 MIN_BLOCK_S = 0.25  # a fast model's block runs at least this long
 

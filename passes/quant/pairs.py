@@ -5,7 +5,7 @@ multiplies a u8 activation by an s8 weight and adds each product to its
 neighbour's in *saturating* int16, pairing the reduction dimension K as
 ``(0, 1), (2, 3), ...``. With activations up to 255 a pair overflows when its
 weights' same-sign parts add up past 128 (``255 * 129 > 32767``); below that
-every product pair fits. Measured with onnxruntime 1.32 on this AVX2 CPU
+every product pair fits. Established with onnxruntime 1.32 on an AVX2 CPU
 (``tests/quant/test_pairs.py`` checks it on every machine):
 
 - ``MatMulInteger`` and ``MatMulIntegerToFloat``: K pairs of a ``[K, N]``

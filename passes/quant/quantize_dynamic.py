@@ -32,11 +32,9 @@ on the new compute node, or left float with ``ncc.quant.skip = "<reason>"``):
     bias)`` per MatMul — onnxruntime's one-kernel path, each one quantizing
     ``A`` itself. Per-column ``w_s``/``w_zp`` work in onnxruntime 1.32.
 
-  Measured (onnxruntime 1.32, 2 threads, AVX2 CPU shared with other jobs):
-  on one ``[8,128,384] x [384,1536]`` MatMul the two forms tie (same kernel
-  after fusion, ~1.6-1.9x FP32); on all-MiniLM-L6-v2 the standard form was as
-  fast or faster in every run (sharing one activation quantization across
-  Q/K/V), so it is the default.
+  After fusion both forms run the same kernel; the standard form shares one
+  activation quantization across Q/K/V, so on transformers it is as fast or
+  faster, and it is the default (numbers in ``benchmarks/RESULTS.md``).
 
 - ``Gemm(A, B, C)`` with a constant ``B``: as MatMul; ``transB = 1`` is
   handled by transposing the constant here, ``alpha`` is folded into the
@@ -65,9 +63,8 @@ full-range s8 weights can give results off by many steps there (the tests model
 this exactly). On such a target (``x86-avx2``, which the default ``target=host``
 picks there) each column's scale keeps every K pair's same-sign sum within 128
 (:mod:`ncc.passes.quant.pairs`): exact, and as fine as ±127 wherever two large
-weights of one sign do not meet in a pair. Measured on all-MiniLM-L6-v2
-(onnxruntime 1.32, AVX2 without VNNI): embedding cosine 0.9911 with such weights,
-0.9900 within ±63 (what this target used before). ``reduce_range`` (±63) and
+weights of one sign do not meet in a pair (on all-MiniLM-L6-v2 it keeps more
+of the embedding than ±63: ``benchmarks/RESULTS.md``). ``reduce_range`` (±63) and
 u8 weights (the u8 x u8 kernel, 10-30% slower) are exact on every CPU. Gather
 tables never meet an integer kernel and are always full-range s8.
 """

@@ -16,11 +16,10 @@ into its scale and bias, so it costs nothing at run time; a reader that is not
 such a MatMul (the residual Add) gets ``X`` back through one ``Mul`` by ``s``
 and a shape-only reader keeps reading the rescaled tensor. Elsewhere (a GELU
 output feeding the FFN's second MatMul) ``insert-mul`` puts a float ``Mul`` by
-``1/s`` between the activation and its MatMuls. It is off by default: on
-all-MiniLM-L6-v2 it lowers the embedding cosine from 0.9931 to 0.9817, because
-the GELU output's few huge channels, moved into the weights' rows, then decide
-every column's weight scale (6-bit magnitudes on AVX2). The LayerNorm fold
-alone raises it from 0.9897 to 0.9931.
+``1/s`` between the activation and its MatMuls. It is off by default: the
+GELU output's few huge channels, moved into the weights' rows, then decide
+every column's weight scale, and on all-MiniLM-L6-v2 that costs more than the
+activations gain; the LayerNorm fold alone helps (``benchmarks/RESULTS.md``).
 
 Runs after ``calibrate``, which records per-channel ranges of exactly these
 tensors (:func:`~ncc.passes.quant.plan.smoothable`) on the graph, and before
