@@ -15,7 +15,7 @@ PIPELINES: dict[str, str] = {
     ),
     "int8": (
         "shape-inference,fold-constants,eliminate-identity,fuse-conv-bn,fuse-pad-conv,fuse-gelu,fuse-layer-norm,"
-        "fuse-matmul-scale,cse,dce,toposort,fuse-activation,calibrate,smooth-quant,insert-qdq{min-cosine=0.995},"
+        "fuse-matmul-scale,cse,dce,toposort,fuse-activation,calibrate,smooth-quant,insert-qdq{min-cosine=0.995},round-weights,"
         "correct-bias,dce"
     ),
     "int8-dynamic": "shape-inference,fold-constants,eliminate-identity,fuse-matmul-add,cse,dce,quantize-dynamic,dce,toposort",

