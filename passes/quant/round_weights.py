@@ -71,9 +71,12 @@ class RoundWeights(Pass):
         data = ctx.data.get("calibration_data")
         if data is None:
             raise NccError("pass 'round-weights' needs calibration data (--calib).")
-        if any(n.metadata_props.get("ncc.quant") == "int8" for n in model.graph) and not any(
-            FLOAT_WEIGHT in n.metadata_props for n in model.graph
-        ):
+        quantized = [
+            n
+            for n in model.graph
+            if n.metadata_props.get("ncc.quant") == "int8" and n.op_type in ("Conv", "Gemm")
+        ]
+        if quantized and not any(FLOAT_WEIGHT in n.metadata_props for n in quantized):
             raise NccError(
                 "pass 'round-weights' needs the float weights insert-qdq keeps beside the quantized ones; "
                 "run it after insert-qdq, before correct-bias and dce."
