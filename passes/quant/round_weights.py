@@ -39,6 +39,7 @@ or 25 weights each, where nearest rounding costs most): 25.7 dB. On x86-vnni,
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -89,11 +90,15 @@ class RoundWeights(Pass):
         names = list(dict.fromkeys(layer.node.inputs[0].name for layer in layers))
         session = open_session(model, outputs=names)
         moments = [_Moments() for _ in layers]
-        for feed in fallback.samples(data, self.samples):
-            for i in range(next(iter(feed.values())).shape[0]):  # one sample at a time: patches are large
-                results = session.run({k: v[i : i + 1] for k, v in feed.items()}, names)
-                for layer, m in zip(layers, moments):
-                    m.add(layer.patches(results[layer.node.inputs[0].name]))
+        for feed in fallback.samples(data, self.samples):  # batches of up to 8 samples
+            results = session.run(feed, names)
+            for layer, m in zip(layers, moments):
+                x = results[layer.node.inputs[0].name]
+                if layer.depthwise:
+                    m.add_views(layer.kernel_views(x))
+                else:
+                    m.add(layer.patches(x))
+            del results
         del session
         changed = total = 0
         before = after = 0.0
@@ -125,6 +130,18 @@ class _Moments:
         self.sum = self.sum + columns.sum(axis=2).astype(np.float64)
         self.outer = self.outer + np.matmul(columns, columns.transpose(0, 2, 1)).astype(np.float64)
 
+    def add_views(self, views: list[np.ndarray]) -> None:
+        """The same sums for a depthwise Conv from its K kernel-position views ``[N, C, *out]`` of the input:
+        stacked per sample (one contiguous copy, K times the activation) and multiplied per sample and
+        channel, instead of reordering every position into ``[C, K, P]`` first."""
+        stacked = np.stack(views, axis=2)  # [N, C, K, *out]
+        n, c, k = stacked.shape[:3]
+        stacked = stacked.reshape(n, c, k, -1)
+        self.count += n * stacked.shape[3]
+        self.sum = self.sum + stacked.sum(axis=(0, 3)).astype(np.float64)
+        products = np.matmul(stacked, stacked.transpose(0, 1, 3, 2))  # [N, C, K, K]
+        self.outer = self.outer + products.sum(axis=0, dtype=np.float64)
+
     def covariance(self, damping: float) -> np.ndarray:  # [G, K, K]
         n = max(self.count, 1)
         mean = self.sum / n
@@ -146,6 +163,28 @@ class _Layer:
     depthwise: bool  # each output channel reads its own input channel (else all read one input)
     partner: np.ndarray | None  # [K]: the column each column is int16-paired with (-1: none); None: unpaired
 
+    def kernel_views(self, x: np.ndarray) -> list[np.ndarray]:
+        """For a depthwise Conv: per kernel position (in the weight's order), the strided view of the padded
+        input ``x`` that position multiplies, ``[N, C, *out]`` (no copy)."""
+        node = self.node
+        x = x.astype(np.float32, copy=False)
+        kernel = [int(d) for d in self.value.const_value.shape[2:]]
+        rank = len(kernel)
+        pads = list(node.attributes.get_ints("pads", [0] * (2 * rank)))
+        strides = list(node.attributes.get_ints("strides", [1] * rank))
+        dilations = list(node.attributes.get_ints("dilations", [1] * rank))
+        xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + rank]) for i in range(rank)])
+        out = [(xp.shape[2 + a] - (kernel[a] - 1) * dilations[a] - 1) // strides[a] + 1 for a in range(rank)]
+        views = []
+        for offsets in itertools.product(*(range(k) for k in kernel)):
+            index = tuple(
+                slice(o * d, o * d + s * (n - 1) + 1, s)
+                for o, d, s, n in zip(offsets, dilations, strides, out)
+            )
+            views.append(xp[(slice(None), slice(None), *index)])
+        step = _position_step(out)
+        return [v[(slice(None), slice(None), *(slice(None, None, step) for _ in out))] for v in views]
+
     def patches(self, x: np.ndarray) -> np.ndarray:
         """What the rows of the weight multiply, one column per output position of one sample ``x``:
         ``[C, K, P]`` for a depthwise Conv (each channel its own), ``[1, K, P]`` else."""
@@ -165,6 +204,8 @@ class _Layer:
             and all(s == 1 for s in strides)
             and not self.depthwise
         ):
+            step = _position_step(x.shape[2:])
+            x = x[(slice(None), slice(None), *(slice(None, None, step) for _ in x.shape[2:]))]
             return np.moveaxis(x, 1, 0).reshape(1, c, -1)  # pointwise: the channel vectors
         xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + rank]) for i in range(rank)])
         span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
@@ -175,6 +216,20 @@ class _Layer:
         view = np.moveaxis(view, [1, *range(2 + rank, 2 + 2 * rank)], range(1 + rank))
         k = int(np.prod(kernel))
         return view.reshape(c, k, -1) if self.depthwise else view.reshape(1, c * k, -1)
+
+
+POSITIONS = 256
+"""Output positions per sample the statistics sample at most, on a regular grid: a 112x112 feature map
+has 12,544, far more than a K x K covariance needs, and copying them all out was most of the pass's
+time."""
+
+
+def _position_step(spatial) -> int:
+    """The grid step (the same along every spatial axis) that keeps at most ``POSITIONS`` positions."""
+    step = 1
+    while int(np.prod([-(-n // step) for n in spatial])) > POSITIONS:
+        step += 1
+    return step
 
 
 def _layer(node: ir.Node, floats, paired: bool) -> _Layer | None:
