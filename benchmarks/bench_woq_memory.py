@@ -183,7 +183,6 @@ def check_w4(model_path: Path, batch: int = 2) -> tuple[float, float, float]:
     numpy with RTN-dequantized weights vs numpy float, onnxruntime vs numpy RTN). Float weights are read
     one layer at a time from the data file."""
     import numpy as np
-    import onnxruntime as ort
 
     x = np.random.default_rng(7).standard_normal((batch, HIDDEN), dtype=np.float32)
     where = {name: (shape, offset) for name, shape, _seed, offset, _length in layout()}
@@ -211,11 +210,9 @@ def check_w4(model_path: Path, batch: int = 2) -> tuple[float, float, float]:
         h_float = h_float + u_float @ down
         h_rtn = h_rtn + u_rtn @ rtn_dequantized(down)
         del down
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"x": x})
-    del session
+    from ncc.runtime import run
+
+    (got,) = run(model_path, {"x": x})
     got = got.astype(np.float64)
     return rel(got, h_float), rel(h_rtn, h_float), rel(got, h_rtn)
 

@@ -34,15 +34,13 @@ def profile(
 ) -> dict[str, float]:
     """Milliseconds per run by op type (onnxruntime's kernel time); a node whose name matches one of
     ``groups`` (label, pattern; the first match wins) counts under ``label @ op type`` instead."""
-    import onnxruntime as ort
+    from ncc.runtime import open_session, session_options
 
-    options = ort.SessionOptions()
+    options = session_options(threads=threads, sequential=True)
     options.enable_profiling = True
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
     with tempfile.TemporaryDirectory(prefix="ncc-op-profile-") as tmp:
         options.profile_file_prefix = os.path.join(tmp, "profile")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = open_session(path, options=options).ort
         inputs = {i.name: feeds[i.name] for i in session.get_inputs()}
         warmup = 5
         for _ in range(warmup + runs):
