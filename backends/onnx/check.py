@@ -61,6 +61,8 @@ class RuntimeCheck:
     kernels: Counter = field(default_factory=Counter)
     #: Quantized nodes whose name is empty or repeated: matched by name, so not checked.
     unnamed: int = 0
+    #: Conv/Gemm nodes ncc left in float that onnxruntime nevertheless runs as integer kernels.
+    requantized: dict[str, str] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -83,6 +85,8 @@ class RuntimeCheck:
             lines.append(f"  ... and {len(self.float_) - 20} more")
         if self.unnamed:
             lines.append(f"  not checked: {self.unnamed} quantized nodes without a unique name")
+        for name, kernel in sorted(self.requantized.items()):
+            lines.append(f"  runs quantized although ncc kept it in float: {name} ({kernel})")
         return "\n".join(lines)
 
 
@@ -127,6 +131,14 @@ def check_on_onnxruntime(
             check.kernels[node.op_type] += 1
         else:
             check.float_[name] = f"{op} stays {node.op_type} in float ({_why(node, optimized)})"
+    for node in model.graph:  # what ncc keeps in float must stay float (see insert-qdq's per-axis DQ)
+        if (
+            node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+            and "ncc.quant" not in node.metadata_props
+        ):
+            got = by_name.get(node.name) if node.name and names[node.name] == 1 else None
+            if got is not None and got.op_type in INTEGER_KERNELS:
+                check.requantized[node.name] = got.op_type
     return check
 
 

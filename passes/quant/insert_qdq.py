@@ -41,7 +41,7 @@ import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.ir import ids
-from ncc.ir.ops import is_onnx_domain
+from ncc.ir.ops import is_onnx_domain, onnx_opset
 from ncc.ir.rewrite import Rewriter, constant_array, constant_tensor, is_constant
 from ncc.passes.base import Pass, PassContext, PassResult, option, regex
 from ncc.passes.quant import pairs, plan
@@ -519,8 +519,40 @@ class _Quantizer:
             dq = self._dequantize([q, s, z], {}, value)
             if name in self.quantized_producer:  # every reader takes the dequantized value, outputs too
                 rw.replace_all_uses(value, dq, keep=[q.producer()], renamed="float")
+                self._keep_readers_float(dq, q, scale, zp)
             else:
                 rw.replace_uses_if(value, dq, _quantized)
+
+    def _keep_readers_float(self, dq: ir.Value, q: ir.Value, scale, zp) -> None:
+        """Float Conv/Gemm readers of ``dq`` read it through their own per-axis DequantizeLinear.
+
+        onnxruntime's WeightBiasQuantization gives any float Conv, ConvTranspose or Gemm whose input 0
+        comes from a per-tensor DequantizeLinear per-tensor int8 weights, so a layer ncc keeps in float
+        (``--exclude``, min-cosine) would run quantized after all. A per-axis DequantizeLinear (the same
+        scale repeated along the channel axis: the same values) is not per-tensor, so the layer stays
+        float. Needs opset 13 (per-axis DequantizeLinear) and a known channel count."""
+        readers = [
+            (node, index)
+            for node, index in dq.uses()
+            if index == 0
+            and node.op_type in ("Conv", "ConvTranspose", "Gemm")
+            and is_onnx_domain(node)
+            and not _quantized(node)
+            and not (node.op_type == "Gemm" and node.attributes.get_int("transA", 0))
+        ]
+        shape = dq.shape
+        if not readers or shape is None or len(shape) < 2 or not isinstance(shape[1], int):
+            return
+        if onnx_opset(self.model) < 13:
+            return
+        channels = shape[1]
+        s = self.rw.constant(np.full(channels, scale, np.float32), f"{dq.name}_channel_scale")
+        z = self.rw.constant(np.full(channels, zp, self.qnp), f"{dq.name}_channel_zero_point")
+        self.rw.set_insertion_point(dq.producer(), after=True)
+        float_dq = self._create("DequantizeLinear", [q, s, z], {"axis": 1}, f"{dq.name}_float")
+        float_dq.type, float_dq.shape = dq.type, dq.shape
+        for node, index in readers:
+            node.replace_input_with(index, float_dq)
 
     def _quantize_constant_input(self, value: ir.Value) -> None:
         """A constant operand of Add/Mul/MatMul-with-two-activations: stored quantized per tensor."""

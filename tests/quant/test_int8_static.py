@@ -519,3 +519,36 @@ def test_min_cosine_stops_when_fallbacks_gain_too_little():
     assert kept == []
     assert sum("stays quantized" in note for note in notes) == 2
     assert any(note.startswith("fallback: stopped after 2 fallbacks in a row") for note in notes)
+
+
+def test_layers_kept_in_float_stay_float_in_onnxruntime(tmp_path):
+    """onnxruntime's WeightBiasQuantization gives a float Conv reading a per-tensor DequantizeLinear int8
+    weights; insert-qdq feeds such a layer through a per-axis DequantizeLinear, so --exclude (and
+    min-cosine) really keep it float, and the report would name it if onnxruntime quantized it anyway."""
+    out = tmp_path / "excluded.onnx"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ncc.tools.cli",
+            "compile",
+            str(MODEL),
+            "--pass",
+            "int8",
+            "--calib",
+            str(CALIB),
+        ]
+        + ["--exclude", "features.3/", "--cache-dir", str(tmp_path / "cache"), "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "kept float: Conv x1: excluded by 'features.3/'" in proc.stderr
+    assert "runs quantized although ncc kept it in float" not in proc.stderr
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    kernels = {n.name: n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
+    assert kernels["/features/features.3/Conv"] == "Conv"
+    assert kernels["/features/features.0/Conv"] == "QLinearConv"
