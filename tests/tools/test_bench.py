@@ -505,7 +505,6 @@ def test_help_does_not_import_numpy_or_onnx():
 
 
 def test_data_from_a_python_function(models, tmp_path):
-    pytest.importorskip("ncc.passes.quant.calib_data")
     np.save(tmp_path / "x.npy", models["x"][:30])
     source = tmp_path / "feeds.py"
     source.write_text(
