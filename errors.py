@@ -30,3 +30,10 @@ class VerificationError(NccError):
 
 class PassSpecError(NccError):
     """A pass pipeline spec names an unknown pass or option, or has a malformed value."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message without its closing period (the type's name when the
+    message is empty): how a library's error is quoted inside one of ncc's sentences."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0].rstrip(".")

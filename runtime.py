@@ -22,7 +22,6 @@ registers with :func:`ncc.ir.verifier.register_schemas` when it is imported.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.errors import first_line as base_first_line
 from ncc.ir import verifier
 
 __all__ = ["Session", "open_session", "run", "session_options", "HANDOFF_BYTES", "detach_weights"]
@@ -248,17 +248,11 @@ def detach_weights(model: ir.Model, *, memory_mapped: bool) -> list[tuple[str, n
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of an exception's message, without onnxruntime's bracketed prefixes."""
-    text = " ".join(str(err).split()) if "\n" not in str(err).strip() else str(err).strip().splitlines()[0]
-    text = text.strip().rstrip(".")
+    """:func:`ncc.errors.first_line` without onnxruntime's bracketed prefix (``[ONNXRuntimeError]``)."""
+    text = base_first_line(err)
     while text.startswith("[") and "]" in text:
         text = text[text.index("]") + 1 :].strip(" :")
     return text or type(err).__name__
-
-
-def default_threads() -> int:
-    """Intra-op threads for ncc's own runs (calibration, fallback): at most 4."""
-    return min(4, os.cpu_count() or 1)
 
 
 def _exposed(model: ir.Model, outputs: Sequence[str], prune: bool) -> ir.Model:

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
-from ncc.errors import NccError
+from ncc.errors import NccError, first_line
 from ncc.files import inside_folder
 from ncc.ir import ids
 from ncc.ir.inference import InferenceFailed, infer_types
@@ -42,7 +42,7 @@ def load_onnx(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
-        raise NccError(f"{path}: not a readable ONNX model ({_first_line(err)}).") from None
+        raise NccError(f"{path}: not a readable ONNX model ({first_line(err)}).") from None
     if not proto.HasField("graph"):
         raise NccError(
             f"{path}: not an ONNX model (no graph found; the file may be truncated or of another kind)."
@@ -66,7 +66,7 @@ def from_proto(
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as err:  # onnx-ir raises plain exceptions on malformed graphs
-        raise NccError(f"{source}: cannot be read into the IR: {_first_line(err)}") from None
+        raise NccError(f"{source}: cannot be read into the IR: {first_line(err)}") from None
     if base_dir is not None:
         ir.external_data.set_base_dir(model.graph, base_dir)
     if _has_untyped_values(model):
@@ -265,8 +265,3 @@ def external_data_files(path: Path, proto: onnx.ModelProto | None = None) -> lis
     proto = proto if proto is not None else onnx.load(str(path), load_external_data=False)
     names = dict.fromkeys(loc for t in external_tensors(proto) if (loc := location(t)))
     return [path.parent / name for name in names]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0].rstrip(".")

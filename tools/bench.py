@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from ncc.errors import NccError
+from ncc.errors import NccError, first_line
 from ncc.tools.timing import MIN_BLOCK_S, SETTLE_S, time_blocks
 
 DEFAULT_WARMUP = 5
@@ -155,11 +155,6 @@ def _session(info: _ModelInfo, threads: int):
     return open_session(info.path, options=session_options(threads))
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 # -- data -------------------------------------------------------------------------------------------
 
 
@@ -179,7 +174,7 @@ def _load_data(spec) -> dict:
             with np.load(path, allow_pickle=False) as npz:
                 return {key: npz[key] for key in npz.files}
         except Exception as err:
-            raise NccError(f"data {path} is not a readable .npz file ({_first_line(err)}).") from None
+            raise NccError(f"data {path} is not a readable .npz file ({first_line(err)}).") from None
     try:
         from ncc.passes.quant.calib_data import load_calibration_data
     except ImportError:
@@ -219,7 +214,7 @@ def _as_arrays(data, what: str) -> dict:
             arrays[key] = np.concatenate(chunks, axis=0) if chunks[0].ndim else np.stack(chunks)
         except ValueError as err:
             raise NccError(
-                f"data {what}: the arrays for input {key!r} do not stack ({_first_line(err)})."
+                f"data {what}: the arrays for input {key!r} do not stack ({first_line(err)})."
             ) from None
     return arrays
 
@@ -440,7 +435,7 @@ def _load_labels(path: Path):
     try:
         labels = np.load(path, allow_pickle=False)
     except Exception as err:
-        raise NccError(f"labels {path} is not a readable .npy file ({_first_line(err)}).") from None
+        raise NccError(f"labels {path} is not a readable .npy file ({first_line(err)}).") from None
     if not isinstance(labels, np.ndarray):  # an .npz
         with labels as npz:
             if len(npz.files) != 1:
@@ -600,7 +595,7 @@ def benchmark(
             settle_s=settle_s,
         )
     except Exception as err:
-        raise NccError(f"onnxruntime failed to run a batch of {batch}: {_first_line(err)}") from None
+        raise NccError(f"onnxruntime failed to run a batch of {batch}: {first_line(err)}") from None
     perf_fp, perf_q = _latency_stats(timing, 0, batch), _latency_stats(timing, 1, batch)
     speedup = timing.ratio(1, 0)
 

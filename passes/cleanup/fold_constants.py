@@ -38,6 +38,7 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
+from ncc.errors import first_line
 from ncc.ir.ops import NONDETERMINISTIC, is_onnx_domain
 from ncc.ir.rewrite import Rewriter, constant_tensor, is_constant
 from ncc.passes.base import Pass, PassContext, PassResult, option
@@ -113,7 +114,7 @@ class FoldConstants(Pass):
             results = _evaluate(node, arrays, opsets, rewriter.model.ir_version)
         except Exception as err:  # the reference evaluator raises anything; folding is optional
             notes.append(
-                f"could not evaluate {node.op_type} {node.name or _out_name(node)}: {_first_line(err)}"
+                f"could not evaluate {node.op_type} {node.name or _out_name(node)}: {first_line(err)}"
             )
             return None
         if results is None:
@@ -317,8 +318,3 @@ def _size(shape) -> int:
 
 def _out_name(node: ir.Node) -> str:
     return node.outputs[0].name if node.outputs else ""
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]

@@ -526,21 +526,19 @@ def test_layers_kept_in_float_stay_float_in_onnxruntime(tmp_path):
     weights; insert-qdq feeds such a layer through a per-axis DequantizeLinear, so --exclude (and
     min-cosine) really keep it float, and the report would name it if onnxruntime quantized it anyway."""
     out = tmp_path / "excluded.onnx"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ncc.tools.cli",
-            "compile",
-            str(MODEL),
-            "--pass",
-            "int8",
-            "--calib",
-            str(CALIB),
-        ]
-        + ["--exclude", "features.3/", "--cache-dir", str(tmp_path / "cache"), "-o", str(out)],
-        capture_output=True,
-        text=True,
+    proc = ncc(
+        "compile",
+        MODEL,
+        "--pass",
+        "int8",
+        "--calib",
+        CALIB,
+        "--exclude",
+        "features.3/",
+        "--cache-dir",
+        tmp_path / "cache",
+        "-o",
+        out,
     )
     assert proc.returncode == 0, proc.stderr
     assert "kept float: Conv x1: excluded by 'features.3/'" in proc.stderr
