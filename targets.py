@@ -43,6 +43,23 @@ class TargetProfile:
     pairwise_int16: bool = False
 
 
+#: Ops x86 runs as integer kernels only next to other integer kernels (a Q/DQ round trip around an
+#: island costs more than it saves).
+_X86_ISLANDS = frozenset(
+    {
+        "Add",
+        "Mul",
+        "Concat",
+        "GlobalAveragePool",
+        "AveragePool",
+        "Sigmoid",
+        "LeakyRelu",
+        "Softmax",
+        "Resize",
+        "Where",
+    }
+)
+
 X86_VNNI = TargetProfile(
     name="x86-vnni",
     description="x86-64 CPU with AVX512-VNNI, onnxruntime CPU execution provider",
@@ -50,38 +67,8 @@ X86_VNNI = TargetProfile(
     activation_symmetric=False,
     weight_dtype="s8",
     weight_per_channel=True,
-    static_ops=frozenset(
-        {
-            "Conv",
-            "ConvTranspose",
-            "MatMul",
-            "Gemm",
-            "Add",
-            "Mul",
-            "Concat",
-            "GlobalAveragePool",
-            "AveragePool",
-            "Sigmoid",
-            "LeakyRelu",
-            "Softmax",
-            "Resize",
-            "Where",
-        }
-    ),
-    island_ops=frozenset(
-        {
-            "Add",
-            "Mul",
-            "Concat",
-            "GlobalAveragePool",
-            "AveragePool",
-            "Sigmoid",
-            "LeakyRelu",
-            "Softmax",
-            "Resize",
-            "Where",
-        }
-    ),
+    static_ops=frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"}) | _X86_ISLANDS,
+    island_ops=_X86_ISLANDS,
     passthrough_ops=PASSTHROUGH,
     dynamic_ops=frozenset({"MatMul", "Gemm", "Gather"}),  # ConvInteger is 7-20x slower on CPU
     float_output_ops=frozenset({"MatMul"}),  # DQ -> MatMul runs as MatMulIntegerToFloat
