@@ -14,8 +14,12 @@ difference per output channel
 to the int32 bias, re-rounded on the bias's own scale. Each layer is
 corrected for its own error only (its input is the quantized model's), so
 all layers are corrected at once without double counting. The difference is measured
-after a fused Relu/Clip when there is one: what the activation clips away
-does not matter downstream. ``rounds`` > 1 measures
+after a fused Relu/Clip when there is one (what the activation clips away
+does not matter downstream), and after the requantization the next layer
+reads, applied to the twin too (the same QuantizeLinear -> DequantizeLinear):
+the quantized model has no float tensor between a kernel and its
+QuantizeLinear, and a probe reading one makes onnxruntime run every layer in
+float, several times slower than the model itself. ``rounds`` > 1 measures
 again on the corrected model.
 Needs ``insert-qdq`` right before it (the float weights it replaced stay in the
 graph, linked from each quantized node by ``ncc.quant.float_weight`` and
@@ -82,9 +86,13 @@ class CorrectBias(Pass):
         return PassResult(modified=count > 0, stats={"biases corrected": count}, notes=notes)
 
 
-def _probe(model: ir.Model):
+def _probe(model: ir.Model, *, requantized: bool = True):
     """A copy of ``model`` where every quantized Conv/Gemm also runs in float on the same (dequantized)
-    input, with the float weights insert-qdq kept: the difference of the two is that layer's own error."""
+    input, with the float weights insert-qdq kept: the difference of the two is that layer's own error.
+
+    With ``requantized`` (the pass's way) both sides are compared after the requantization the next layer
+    reads, where the model has one; else right after the layer (and its fused activation), where
+    onnxruntime then runs every layer of the probe in float."""
     from ncc.ir.ids import ID_KEY
 
     probe = model.clone()
@@ -99,11 +107,18 @@ def _probe(model: ir.Model):
             continue
         if weight.const_value is None or float_bias.const_value is None:
             continue
-        local = _float_twin(rw, node, [node.inputs[0], weight, float_bias])
+        after = _requantized(_observed(node)) if requantized else None
+        x = node.inputs[0] if after is None else _per_axis(rw, node.inputs[0])
+        local = _float_twin(rw, node, [x, weight, float_bias])
         observed = _observed(node)
         act = observed.producer()
         if act is not node:  # measure after the fused activation, on both sides
             local = _float_twin(rw, act, [local, *act.inputs[1:]])
+        if after is not None:  # compare what the next layer reads, on both sides
+            q, dq = after.producer().inputs[0].producer(), after.producer()
+            local = _float_twin(rw, q, [local, *q.inputs[1:]])
+            local = _float_twin(rw, dq, [local, *dq.inputs[1:]])
+            observed = after
         pairs.append((key, local.name, observed.name))
     # pairs refer to the probe's nodes; the caller corrects the model's own bias tensors
     by_id = {n.metadata_props.get(ID_KEY): n for n in model.graph}
@@ -168,6 +183,52 @@ def _observed(node: ir.Node) -> ir.Value:
 
     act = fused_activation(node)
     return (act or node).outputs[0]
+
+
+def _per_axis(rw: Rewriter, value: ir.Value) -> ir.Value:
+    """``value`` read through a per-axis copy of the per-tensor DequantizeLinear producing it (the same scale
+    and zero point per channel: the same values). onnxruntime's WeightBiasQuantization would otherwise run a
+    float twin between that DequantizeLinear and a QuantizeLinear as an integer kernel with weights it
+    quantizes itself, and the probe would measure onnxruntime's rounding instead of the float layer."""
+    dq = value.producer()
+    shape = value.shape
+    if (
+        dq is None
+        or dq.op_type != "DequantizeLinear"
+        or shape is None
+        or len(shape) < 2
+        or not isinstance(shape[1], int)
+        or any(v is None or v.const_value is None or v.const_value.size != 1 for v in dq.inputs[1:])
+    ):
+        return value
+    channels = shape[1]
+    scale, zero = (v.const_value.numpy().reshape(()) for v in dq.inputs[1:])
+    s = rw.constant(np.full(channels, scale, scale.dtype), f"{value.name}_channel_scale")
+    z = rw.constant(np.full(channels, zero, zero.dtype), f"{value.name}_channel_zero_point")
+    rw.set_insertion_point(dq, after=True)
+    per_axis = rw.create(
+        "DequantizeLinear",
+        [dq.inputs[0], s, z],
+        {"axis": 1},
+        name=rw.fresh_name(f"{dq.name or 'DequantizeLinear'}__per_axis"),
+        output_names=[rw.fresh_name(f"{value.name}__per_axis")],
+    ).outputs[0]
+    per_axis.type, per_axis.shape = value.type, value.shape
+    return per_axis
+
+
+def _requantized(value: ir.Value) -> ir.Value | None:
+    """The output of the DequantizeLinear behind the QuantizeLinear reading ``value``, if the quantized model
+    requantizes it. The probe reads that rather than ``value`` itself: a float tensor between a kernel and
+    its QuantizeLinear exists only in the probe, and a second reader of it would stop onnxruntime from
+    running the layer as an integer kernel (every layer of the probe would then run in float)."""
+    uses = value.uses()
+    if len(uses) != 1 or uses[0].node.op_type != "QuantizeLinear" or uses[0].idx != 0:
+        return None
+    readers = [u.node for u in uses[0].node.outputs[0].uses()]
+    if not readers or readers[0].op_type != "DequantizeLinear":
+        return None
+    return readers[0].outputs[0]
 
 
 def _int32_bias(node: ir.Node) -> tuple[ir.Value, np.ndarray] | None:

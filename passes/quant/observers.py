@@ -136,23 +136,21 @@ class TensorStats:
         x = np.asarray(array)
         if not np.issubdtype(x.dtype, np.floating):
             x = x.astype(np.float64)
-        if self.axis is not None:
-            self._update_channels(x)
+        # the batch's extremes: from its channel extremes when they are clean (two fewer passes over x)
+        extremes = self._update_channels(x) if self.axis is not None else None
         flat = x.reshape(-1)
         if flat.size == 0:
             return
-        lo, hi = float(flat.min()), float(flat.max())
+        lo, hi = extremes if extremes is not None else (float(flat.min()), float(flat.max()))
         if not (abs(lo) < SENTINEL and abs(hi) < SENTINEL):  # NaN or sentinels present: filter (slow path)
-            mag = np.abs(flat)
-            nan = np.isnan(flat)
-            n_nan = int(np.count_nonzero(nan))
-            keep = mag < SENTINEL  # False for NaN and sentinels
+            keep = np.abs(flat) < SENTINEL  # False for NaN and sentinels
             n_keep = int(np.count_nonzero(keep))
+            n_nan = int(np.count_nonzero(np.isnan(flat))) if math.isnan(lo) or math.isnan(hi) else 0
             self.nan_count += n_nan
             self.sentinel_count += flat.size - n_keep - n_nan
-            flat = flat[keep]
-            if flat.size == 0:
+            if n_keep == 0:
                 return
+            flat = flat[keep]
             lo, hi = float(flat.min()), float(flat.max())
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         if not self.histogram:
@@ -175,7 +173,9 @@ class TensorStats:
         np.clip(cells, 0, self.bins - 1, out=cells)
         self.hist += np.bincount(cells, minlength=self.bins)
 
-    def _update_channels(self, x: np.ndarray) -> None:
+    def _update_channels(self, x: np.ndarray) -> tuple[float, float] | None:
+        """Fold the batch's per-channel extremes in; returns the batch's overall (min, max) when every
+        channel's are finite and below the sentinel magnitude, else None (the caller filters)."""
         axis = self.axis % x.ndim
         if axis == x.ndim - 1:  # channels last (a transformer's hidden size): a view, no copy
             rows, over = x.reshape(-1, x.shape[-1]), 0
@@ -183,13 +183,14 @@ class TensorStats:
             rows, over = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1), 1
         cmin = rows.min(axis=over, initial=np.inf).astype(np.float64)
         cmax = rows.max(axis=over, initial=-np.inf).astype(np.float64)
-        if not (np.all(np.abs(cmin) < SENTINEL) and np.all(np.abs(cmax) < SENTINEL)):  # NaN, inf or sentinels
-            # filter them out (slow path); a channel left with no value keeps +inf / -inf
+        clean = bool(np.all(np.abs(cmin) < SENTINEL) and np.all(np.abs(cmax) < SENTINEL))
+        if not clean:  # NaN, inf or sentinels: filter them out (slow path); a channel left with no value
+            # keeps +inf / -inf
             bad = ~(np.abs(rows) < SENTINEL)
             cmin = np.where(bad, np.inf, rows).min(axis=over, initial=np.inf).astype(np.float64)
             cmax = np.where(bad, -np.inf, rows).max(axis=over, initial=-np.inf).astype(np.float64)
         if self.channel_min is None:
-            self.channel_min, self.channel_max = cmin, cmax
+            self.channel_min, self.channel_max = cmin.copy(), cmax.copy()
         elif self.channel_min.shape != cmin.shape:
             raise ValueError(
                 f"channel count changed along axis {self.axis}: {self.channel_min.shape[0]} -> {cmin.shape[0]}"
@@ -197,6 +198,7 @@ class TensorStats:
         else:
             np.minimum(self.channel_min, cmin, out=self.channel_min)
             np.maximum(self.channel_max, cmax, out=self.channel_max)
+        return (float(cmin.min()), float(cmax.max())) if clean and cmin.size else None
 
     def _cover(self, lo: float, hi: float) -> None:
         """Grow the histogram (exactly, by an integer factor) until it covers ``[lo, hi]``; ``lo <= 0 <= hi``."""

@@ -34,12 +34,13 @@ agreement with FP32): x86-vnni 23.7 -> 27.2 dB, 0.950 -> 0.967; x86-avx2
 calibration set 22.2 -> 23.6 and 21.9 -> 23.4 dB. Depthwise filters alone (9
 or 25 weights each, where nearest rounding costs most): 25.7 dB. On x86-vnni,
 ``damping`` 0 to 0.5 with 16 or 64 samples measured 27.0-27.6 dB (0.75: 26.4,
-0.9: 25.7); the pass takes 3-4 s of the model's compile.
+0.9: 25.7).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -89,13 +90,14 @@ class RoundWeights(Pass):
             return PassResult(modified=False)
         names = list(dict.fromkeys(layer.node.inputs[0].name for layer in layers))
         session = open_session(model, outputs=names)
-        moments = [_Moments() for _ in layers]
+        moments = [_Moments(*layer.moment_shape) for layer in layers]
         for feed in fallback.samples(data, self.samples):  # batches of up to 8 samples
             results = session.run(feed, names)
             for layer, m in zip(layers, moments):
                 x = results[layer.node.inputs[0].name]
                 if layer.depthwise:
-                    m.add_views(layer.kernel_views(x))
+                    for start, columns in layer.depthwise_patches(x):
+                        m.add(columns, start)
                 else:
                     m.add(layer.patches(x))
             del results
@@ -118,29 +120,21 @@ class RoundWeights(Pass):
 
 
 class _Moments:
-    """Running sums of the patch vectors and of their outer products, per channel (float64)."""
+    """Running sums of the patch vectors and of their outer products, per channel group (float64)."""
 
-    def __init__(self) -> None:
+    def __init__(self, groups: int, k: int) -> None:
         self.count = 0
-        self.sum: np.ndarray | float = 0.0
-        self.outer: np.ndarray | float = 0.0
+        self.sum = np.zeros((groups, k))
+        self.outer = np.zeros((groups, k, k))
 
-    def add(self, columns: np.ndarray) -> None:  # [G, K, P]: G = C for depthwise, 1 for a shared input
-        self.count += columns.shape[2]
-        self.sum = self.sum + columns.sum(axis=2).astype(np.float64)
-        self.outer = self.outer + np.matmul(columns, columns.transpose(0, 2, 1)).astype(np.float64)
-
-    def add_views(self, views: list[np.ndarray]) -> None:
-        """The same sums for a depthwise Conv from its K kernel-position views ``[N, C, *out]`` of the input:
-        stacked per sample (one contiguous copy, K times the activation) and multiplied per sample and
-        channel, instead of reordering every position into ``[C, K, P]`` first."""
-        stacked = np.stack(views, axis=2)  # [N, C, K, *out]
-        n, c, k = stacked.shape[:3]
-        stacked = stacked.reshape(n, c, k, -1)
-        self.count += n * stacked.shape[3]
-        self.sum = self.sum + stacked.sum(axis=(0, 3)).astype(np.float64)
-        products = np.matmul(stacked, stacked.transpose(0, 1, 3, 2))  # [N, C, K, K]
-        self.outer = self.outer + products.sum(axis=0, dtype=np.float64)
+    def add(self, columns: np.ndarray, start: int = 0) -> None:
+        """Fold in ``columns`` ``[G, K, P]`` (P patches of groups ``start .. start + G``); a batch counts once,
+        at the chunk starting at group 0."""
+        if start == 0:
+            self.count += columns.shape[2]
+        end = start + columns.shape[0]
+        self.sum[start:end] += columns.sum(axis=2)
+        self.outer[start:end] += np.matmul(columns, columns.transpose(0, 2, 1))
 
     def covariance(self, damping: float) -> np.ndarray:  # [G, K, K]
         n = max(self.count, 1)
@@ -163,9 +157,20 @@ class _Layer:
     depthwise: bool  # each output channel reads its own input channel (else all read one input)
     partner: np.ndarray | None  # [K]: the column each column is int16-paired with (-1: none); None: unpaired
 
-    def kernel_views(self, x: np.ndarray) -> list[np.ndarray]:
-        """For a depthwise Conv: per kernel position (in the weight's order), the strided view of the padded
-        input ``x`` that position multiplies, ``[N, C, *out]`` (no copy)."""
+    @property
+    def moment_shape(self) -> tuple[int, int]:
+        """(groups, K) of the layer's moments: one group per channel for a depthwise Conv, else one."""
+        return (self.codes.shape[0] if self.depthwise else 1), self.codes.shape[1]
+
+    def depthwise_patches(self, x: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """For a depthwise Conv, in chunks of channels: ``(first channel, [c, K, N * P])``, what each channel's
+        K weights multiply at P output positions of each sample (a regular grid of at most
+        :data:`POSITIONS`), zero where the window reads padding.
+
+        Each chunk is copied out of the input once per kernel position, from a strided view of the positions
+        that read inside it (the others stay zero): a few megabytes at a time, where padding the input or
+        copying a whole layer's patches at once (tens of megabytes) spent more time in fresh memory than
+        in the copy."""
         node = self.node
         x = x.astype(np.float32, copy=False)
         kernel = [int(d) for d in self.value.const_value.shape[2:]]
@@ -173,21 +178,36 @@ class _Layer:
         pads = list(node.attributes.get_ints("pads", [0] * (2 * rank)))
         strides = list(node.attributes.get_ints("strides", [1] * rank))
         dilations = list(node.attributes.get_ints("dilations", [1] * rank))
-        xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + rank]) for i in range(rank)])
-        out = [(xp.shape[2 + a] - (kernel[a] - 1) * dilations[a] - 1) // strides[a] + 1 for a in range(rank)]
-        views = []
-        for offsets in itertools.product(*(range(k) for k in kernel)):
-            index = tuple(
-                slice(o * d, o * d + s * (n - 1) + 1, s)
-                for o, d, s, n in zip(offsets, dilations, strides, out)
-            )
-            views.append(xp[(slice(None), slice(None), *index)])
+        n, channels, size = x.shape[0], x.shape[1], x.shape[2:]
+        out = [
+            (size[a] + pads[a] + pads[a + rank] - (kernel[a] - 1) * dilations[a] - 1) // strides[a] + 1
+            for a in range(rank)
+        ]
         step = _position_step(out)
-        return [v[(slice(None), slice(None), *(slice(None, None, step) for _ in out))] for v in views]
+        sampled = [-(-o // step) for o in out]
+        k, p = int(np.prod(kernel)), int(np.prod(sampled))
+        chunk = max(1, CHUNK_VALUES // (k * n * p))
+        for start in range(0, channels, chunk):
+            part = x[:, start : start + chunk].swapaxes(0, 1)  # [c, N, *size]
+            c = part.shape[0]
+            columns = np.zeros((c, k, n, *sampled), np.float32)
+            for index, offsets in enumerate(itertools.product(*(range(kk) for kk in kernel))):
+                target, source = [], []
+                for a, o in enumerate(offsets):
+                    first, stride = o * dilations[a] - pads[a], strides[a] * step  # input coordinate of i
+                    lo = max(0, -(first // stride))  # first i with first + stride * i >= 0
+                    hi = min(sampled[a], (size[a] - 1 - first) // stride + 1)
+                    target.append(slice(lo, max(lo, hi)))
+                    source.append(slice(first + stride * lo, first + stride * (hi - 1) + 1, stride))
+                if all(t.stop > t.start for t in target):  # else the window reads only padding: zeros
+                    columns[(slice(None), index, slice(None), *target)] = part[
+                        (slice(None), slice(None), *source)
+                    ]
+            yield start, columns.reshape(c, k, n * p)
 
     def patches(self, x: np.ndarray) -> np.ndarray:
-        """What the rows of the weight multiply, one column per output position of one sample ``x``:
-        ``[C, K, P]`` for a depthwise Conv (each channel its own), ``[1, K, P]`` else."""
+        """What the rows of the weight multiply, one column per output position of the samples ``x``:
+        ``[1, K, P]`` (every output channel reads the same input; depthwise: :meth:`depthwise_patches`)."""
         node = self.node
         x = x.astype(np.float32, copy=False)
         if node.op_type == "Gemm":
@@ -198,12 +218,7 @@ class _Layer:
         strides = list(node.attributes.get_ints("strides", [1] * rank))
         dilations = list(node.attributes.get_ints("dilations", [1] * rank))
         c = x.shape[1]
-        if (
-            all(k == 1 for k in kernel)
-            and not any(pads)
-            and all(s == 1 for s in strides)
-            and not self.depthwise
-        ):
+        if all(k == 1 for k in kernel) and not any(pads) and all(s == 1 for s in strides):
             step = _position_step(x.shape[2:])
             x = x[(slice(None), slice(None), *(slice(None, None, step) for _ in x.shape[2:]))]
             return np.moveaxis(x, 1, 0).reshape(1, c, -1)  # pointwise: the channel vectors
@@ -214,9 +229,11 @@ class _Layer:
         view = view[(Ellipsis, *(slice(None, None, d) for d in dilations))]  # [N, C, *out, *kernel]
         # -> [C, *kernel, N, *out]: K in the weight's (c, *kernel) order, positions last
         view = np.moveaxis(view, [1, *range(2 + rank, 2 + 2 * rank)], range(1 + rank))
-        k = int(np.prod(kernel))
-        return view.reshape(c, k, -1) if self.depthwise else view.reshape(1, c * k, -1)
+        return view.reshape(1, c * int(np.prod(kernel)), -1)
 
+
+CHUNK_VALUES = 1 << 21
+"""Patch values a depthwise layer's chunk of channels holds at most (8 MB of float32)."""
 
 POSITIONS = 256
 """Output positions per sample the statistics sample at most, on a regular grid: a 112x112 feature map

@@ -58,13 +58,18 @@ def test_patches_are_what_the_conv_multiplies(cin, cout, group, k, stride, pad, 
     layer = rw._Layer(
         node=next(iter(model.graph)),
         value=model.graph.initializers["w"],
-        codes=None,
+        codes=np.zeros((cout, w[0].size)),
         exact=None,
         restore=None,
         depthwise=group > 1,
         partner=None,
     )
-    patches = layer.patches(x)
+    if group > 1:
+        chunks = list(layer.depthwise_patches(x))
+        patches = np.concatenate([columns for _, columns in chunks])
+        assert [start for start, _ in chunks] == [0]
+    else:
+        patches = layer.patches(x)
     rows = w.reshape(cout, -1)
     got = np.einsum("ck,ckp->cp", rows, patches) if group > 1 else rows @ patches[0]
     np.testing.assert_allclose(got, y.reshape(cout, -1), atol=1e-4)
@@ -140,7 +145,7 @@ def test_pass_lowers_each_layers_output_error_on_the_digits_cnn():
         ctx.data["calibration_data"] = load_calibration_data(str(CALIB))
         ctx.data["progress"] = False
         report = PassManager(spec).run(model, ctx)
-        probe, pairs = correct_bias._probe(model)
+        probe, pairs = correct_bias._probe(model, requantized=False)
         feeds = fallback.samples(ctx.data["calibration_data"], 64)
         results = fallback.run(probe, feeds, [n for p in pairs for n in p[2:]])
         errors = {}
