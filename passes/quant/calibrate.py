@@ -2,7 +2,9 @@
 
 Runs the float model in onnxruntime on the calibration data (``--calib``,
 handed over in ``ctx.data["calibration_data"]``), observing every activation
-a quantization pass may need (:func:`ncc.passes.quant.plan.observed_values`),
+``insert-qdq`` may need, for the op types it quantizes (``op-types``, as
+insert-qdq's; the CLI's ``--op-types`` sets both) and no other
+(:func:`ncc.passes.quant.plan.observed_values`),
 and writes each one's range onto the graph (:mod:`ncc.passes.quant.ranges`),
 where ``smooth-quant`` and ``insert-qdq`` read it and every dump shows it.
 Statistics are histograms, cached by model and data, so the range method (mse,
@@ -73,9 +75,18 @@ class Calibrate(Pass):
         "asym", "activation scheme the ranges are chosen for (as insert-qdq's)"
     )
     reduce_range: bool = option(False, "choose ranges for 7-bit activations (as insert-qdq's reduce-range)")
+    op_types: tuple[str, ...] = option(
+        (), "op types insert-qdq quantizes (as its op-types; empty: the target profile's)"
+    )
     reference_samples: int = option(
         8, "keep the graph outputs on this many samples for min-cosine (0: none)", min=0
     )
+
+    def requires(self, model: ir.Model) -> None:
+        if self.op_types:
+            from ncc.passes.quant.plan import ROLES, check_op_types
+
+            check_op_types(self.op_types, ROLES)
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         from ncc.passes.quant.calibration import (
@@ -91,7 +102,7 @@ class Calibrate(Pass):
             raise NccError("pass 'calibrate' needs calibration data; give it with --calib DATA.")
         if self.samples:
             data.max_samples = self.samples
-        values = observed_values(model.graph, get_target(self.target))
+        values = observed_values(model.graph, get_target(self.target), self.op_types)
         if not values:
             raise NccError("nothing to calibrate: the model has no quantizable operators.")
         # per-channel ranges where smooth-quant may migrate outliers into the weights
@@ -124,6 +135,8 @@ class Calibrate(Pass):
             levels,
             self.scheme,
             percentile=self.percentile if self.method == "percentile" else None,
+            op_types=self.op_types,
+            target=self.target,
         )
         for name in sorted(stats):
             tensor = stats[name]

@@ -91,12 +91,16 @@ def _probe(model: ir.Model, *, requantized: bool = True):
     input, with the float weights insert-qdq kept: the difference of the two is that layer's own error.
 
     With ``requantized`` (the pass's way) both sides are compared after the requantization the next layer
-    reads, where the model has one; else right after the layer (and its fused activation), where
-    onnxruntime then runs every layer of the probe in float."""
+    reads, where the model has one (and opset 13); else right after the layer (and its fused
+    activation), where onnxruntime then runs every layer of the probe in float."""
     from ncc.ir.ids import ID_KEY
+    from ncc.ir.ops import onnx_opset
 
     probe = model.clone()
     rw = Rewriter(probe, probe.graph)
+    # the twin's per-axis DequantizeLinear (see _per_axis) needs opset 13; below it, compare before the
+    # requantization
+    per_axis = requantized and onnx_opset(model) >= 13
     pairs = []
     for node in list(probe.graph):
         key = node.metadata_props.get(ID_KEY)
@@ -107,7 +111,7 @@ def _probe(model: ir.Model, *, requantized: bool = True):
             continue
         if weight.const_value is None or float_bias.const_value is None:
             continue
-        after = _requantized(_observed(node)) if requantized else None
+        after = _requantized(_observed(node)) if per_axis else None
         x = node.inputs[0] if after is None else _per_axis(rw, node.inputs[0])
         local = _float_twin(rw, node, [x, weight, float_bias])
         observed = _observed(node)

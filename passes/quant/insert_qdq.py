@@ -100,7 +100,13 @@ class InsertQDQ(Pass):
         calibration = CalibratedRanges.read(model.graph)
         if calibration is None:
             raise NccError("pass 'insert-qdq' needs calibrated ranges; run 'calibrate' before it.")
-        calibration.check_options(self.name, levels=128 if self.reduce_range else 256, scheme=self.scheme)
+        calibration.check_options(
+            self.name,
+            levels=128 if self.reduce_range else 256,
+            scheme=self.scheme,
+            op_types=self.op_types,
+            target=self.target,
+        )
         per_channel, opset_notes = plan.qdq_opset(model, self.weights == "per-channel")
         if self.weights == "per-channel" and not per_channel:  # the opset stays below 13: run per tensor
             result = dataclasses.replace(self, weights="per-tensor").run(model, ctx)
@@ -264,10 +270,13 @@ class _Quantizer:
                     integer_out.update(o.name for o in node.outputs)
             if node.op_type not in self.op_types:
                 continue
-            reason = self._reason_to_skip(node)
+            # the user's reasons first, then the plan's (an island op next to no integer kernel is never
+            # observed by calibrate, so this comes before any reason found in the statistics)
+            reason = self._chosen_float(node)
             if not reason and node.op_type in self.islands:
                 if not any(node.inputs[i].name in integer_out for i in self._activation_inputs(node)):
                     reason = "no input comes from an integer kernel (a Q/DQ round trip would cost time and accuracy)"
+            reason = reason or self._reason_to_skip(node)
             if reason:
                 node.metadata_props["ncc.quant.skip"] = reason
                 self.skips[f"{node.op_type}: {reason.split(':')[0]}"] += 1
@@ -309,7 +318,8 @@ class _Quantizer:
             return False
         return self.o.quantize_graph_outputs or not self._output(node).is_graph_output()
 
-    def _reason_to_skip(self, node: ir.Node) -> str | None:
+    def _chosen_float(self, node: ir.Node) -> str | None:
+        """Why a pass before, the user or min-cosine keeps ``node`` in float, if one does."""
         if reason := node.metadata_props.get(plan.KEEP_FLOAT):
             return reason
         if self.o.include and not plan.matches(node, self.o.include):
@@ -318,6 +328,10 @@ class _Quantizer:
             return f"excluded by {pattern!r}"
         if node.metadata_props.get(ids.ID_KEY) in self.kept_float:
             return "excluded by min-cosine"
+        return None
+
+    def _reason_to_skip(self, node: ir.Node) -> str | None:
+        """Why ``node`` cannot run quantized: a weight that is not constant, or what its statistics say."""
         role = plan.ROLES[node.op_type]
         if role.weight is not None:
             w = node.inputs[role.weight] if role.weight < len(node.inputs) else None

@@ -178,16 +178,49 @@ def fused_activation(node: ir.Node) -> ir.Node | None:
     return None
 
 
-def observed_values(graph: ir.Graph, target: TargetProfile) -> list[str]:
-    """Every float activation an INT8 pipeline may need a range for, in graph order."""
-    interesting = set(ROLES) | set(target.passthrough_ops) | ACTIVATIONS
+def observed_values(graph: ir.Graph, target: TargetProfile, op_types: Iterable[str] = ()) -> list[str]:
+    """The float activations ``insert-qdq`` may need a range for, in graph order: the activation inputs and
+    outputs (before and after a fused Relu/Clip) of every node it could quantize, of ``op_types`` (else the
+    target profile's), and what pass-through ops move them into.
+
+    An island op (quantized only next to an integer kernel) counts only where an input can come from one.
+    That is insert-qdq's own rule run with every candidate quantized: an upper bound on any of its runs,
+    since exclusions, skipped nodes and min-cosine's fallbacks only remove integer kernels. A
+    transformer's residual Adds after float-output MatMuls are then not observed at all."""
+    ops = set(op_types) or (set(target.static_ops) & set(ROLES))
+    islands = set() if op_types else set(target.island_ops)
+    moves = set(target.passthrough_ops)
+    integer_out: set[str] = set()
     names: dict[str, None] = {}
+
+    def add(value: ir.Value | None) -> None:
+        if value is not None and value.name and value.const_value is None:
+            names[value.name] = None
+
     for node in graph:
-        if not is_onnx_domain(node) or node.op_type not in interesting:
+        if not is_onnx_domain(node):
             continue
-        for value in (*node.inputs, *node.outputs):
-            if value is not None and value.name and value.const_value is None:
-                names[value.name] = None
+        if node.op_type in moves and node.inputs and node.inputs[0] is not None:
+            if node.inputs[0].name in integer_out:
+                integer_out.update(o.name for o in node.outputs if o.name)
+        if node.op_type not in ops or node.op_type not in ROLES:
+            continue
+        role = ROLES[node.op_type]
+        indices = range(len(node.inputs)) if role.shared else role.activations
+        inputs = [node.inputs[i] for i in indices if i < len(node.inputs) and node.inputs[i] is not None]
+        if node.op_type in islands and not any(v.name in integer_out for v in inputs):
+            continue
+        act = fused_activation(node)
+        output = (act or node).outputs[0]
+        for value in (*inputs, node.outputs[0], output):
+            add(value)
+        if node.op_type not in target.float_output_ops and output.name:
+            integer_out.add(output.name)
+    for node in graph:  # what pass-through ops make of an observed value (insert-qdq may quantize it too)
+        if is_onnx_domain(node) and node.op_type in moves and node.inputs and node.inputs[0] is not None:
+            if node.inputs[0].name in names:
+                for value in node.outputs:
+                    add(value)
     return list(names)
 
 

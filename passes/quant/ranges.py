@@ -11,9 +11,10 @@ insert-qdq``) and a golden test can state a pass's input ranges in text:
         "ncc.calib/mask_add" = "range=-3.4028235e+38,0 sentinels=4096",
         "ncc.calib/ln_out" = "range=-8,28 channel_min=-1,-2.5,... channel_max=2,28,..."}}
 
-- ``ncc.calib`` says how the ranges were chosen: the range method (and percentile), and the levels and
-  scheme they were chosen for (the mse and entropy methods depend on both), which ``insert-qdq`` checks
-  against its own options.
+- ``ncc.calib`` says how the ranges were chosen: the range method (and percentile), the levels and
+  scheme they were chosen for (the mse and entropy methods depend on both), and the op types and target
+  the observed tensors were chosen for when not the defaults, which ``insert-qdq`` checks against its
+  own options.
 - ``ncc.calib/NAME`` is one observed float tensor: its range by that method, the number of masking
   sentinels it carried (|x| >= 1e30: an attention mask filled with float32's minimum; such a tensor is
   never quantized), and for the activations ``smooth-quant`` may rescale, the per-channel min and max
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.targets import DEFAULT_TARGET
 
 HEADER = "ncc.calib"
 PREFIX = "ncc.calib/"
@@ -94,23 +96,44 @@ class CalibratedRanges:
     levels: int
     scheme: str
     percentile: float | None = None
+    #: The op types (and target profile) the observed values were chosen for: ``()`` and ``"host"`` are
+    #: the defaults, left out of the header.
+    op_types: tuple[str, ...] = ()
+    target: str = DEFAULT_TARGET
     tensors: dict[str, TensorRange] = field(default_factory=dict)
 
     def header(self) -> str:
         text = f"method={self.method} levels={self.levels} scheme={self.scheme}"
-        return text + (f" percentile={_num(self.percentile)}" if self.percentile is not None else "")
+        text += f" percentile={_num(self.percentile)}" if self.percentile is not None else ""
+        text += f" op-types={','.join(self.op_types)}" if self.op_types else ""
+        return text + (f" target={self.target}" if self.target != DEFAULT_TARGET else "")
 
     def describe(self) -> str:
         """The method as the compile report names it."""
         return self.method + (f" (p={_num(self.percentile)})" if self.percentile is not None else "")
 
-    def check_options(self, pass_name: str, *, levels: int, scheme: str) -> None:
-        """Refuse to quantize with ranges chosen for other levels or another scheme."""
+    def check_options(
+        self,
+        pass_name: str,
+        *,
+        levels: int,
+        scheme: str,
+        op_types: tuple[str, ...] = (),
+        target: str = DEFAULT_TARGET,
+    ) -> None:
+        """Refuse to quantize with ranges chosen for other levels or another scheme, or observed for other
+        op types or another target (``calibrate`` observes only what those let insert-qdq quantize)."""
         if (levels, scheme) != (self.levels, self.scheme):
             raise NccError(
                 f"{pass_name} quantizes to {levels} levels, scheme {scheme}, but the ranges were calibrated "
                 f"for {self.levels} levels, scheme {self.scheme}: give calibrate the same reduce-range and "
                 "scheme options."
+            )
+        if (sorted(op_types), target) != (sorted(self.op_types), self.target):
+            mine, theirs = _selection(op_types, target), _selection(self.op_types, self.target)
+            raise NccError(
+                f"{pass_name} quantizes {mine}, but the ranges were observed for {theirs}: give calibrate "
+                "the same op-types and target options."
             )
 
     # -- on the graph --------------------------------------------------------------------------------
@@ -132,16 +155,23 @@ class CalibratedRanges:
                 levels=int(fields["levels"]),
                 scheme=fields["scheme"],
                 percentile=float(fields["percentile"]) if "percentile" in fields else None,
+                op_types=tuple(t for t in fields.get("op-types", "").split(",") if t),
+                target=fields.get("target", DEFAULT_TARGET),
             )
         except (KeyError, ValueError):
             raise NccError(
-                f"graph metadata {HEADER!r} must read 'method=M levels=N scheme=S', got {header!r}."
+                f"graph metadata {HEADER!r} must read 'method=M levels=N scheme=S [percentile=P] "
+                f"[op-types=A,B] [target=T]', got {header!r}."
             ) from None
         for key, text in graph.metadata_props.items():
             if key.startswith(PREFIX):
                 name = key[len(PREFIX) :]
                 ranges.tensors[name] = TensorRange.parse(text, f"graph metadata {key!r}")
         return ranges
+
+
+def _selection(op_types: tuple[str, ...], target: str) -> str:
+    return f"op types {','.join(op_types) if op_types else 'of the target profile'}, target {target}"
 
 
 def clear_ranges(graph: ir.Graph) -> None:

@@ -48,6 +48,22 @@ def test_ranges_chosen_for_another_scheme_are_refused(tmp_path):
     assert "calibrated for 256 levels, scheme asym" in proc.stderr
 
 
+def test_ranges_observed_for_other_op_types_are_refused(tmp_path):
+    # calibrate observes only what insert-qdq may quantize for its op types; quantizing other op types
+    # with those ranges would keep them float for want of statistics, so it is refused instead
+    after = tmp_path / "after-calibrate.ncc"
+    assert ncc("opt", EXAMPLE, "--passes", PREFIX, "--calib", CALIB, "--full", "-o", after).returncode == 0
+    proc = ncc("opt", after, "--passes", "insert-qdq{op-types=Conv,Add}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "observed for op types of the target profile" in proc.stderr
+    assert "give calibrate the same op-types and target options" in proc.stderr
+    # the CLI's --op-types sets both, so the pipeline agrees with itself
+    out = tmp_path / "conv.onnx"
+    proc = ncc("compile", EXAMPLE, "--pass", "int8", "--calib", CALIB, "--op-types", "Conv", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "quantized (int8): Conv" in proc.stderr
+
+
 def test_insert_qdq_without_calibrated_ranges_says_what_to_run(tmp_path):
     proc = ncc("opt", EXAMPLE, "--passes", "insert-qdq")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
