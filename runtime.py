@@ -79,10 +79,12 @@ def session_options(
     optimization: Optimization = "all",
     optimized_model: str | Path | None = None,
     sequential: bool = False,
+    spinning: bool = True,
 ):
     """onnxruntime ``SessionOptions``: ``threads`` intra-op threads (default: onnxruntime's own),
     ``optimization`` level, ``optimized_model`` (where onnxruntime writes the graph it will run),
-    ``sequential``: one inter-op thread and sequential execution, as every timing in ncc runs."""
+    ``sequential``: one inter-op thread and sequential execution, as every timing in ncc runs;
+    ``spinning=False``: idle intra-op workers sleep at once instead of spinning for the next run."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -97,6 +99,8 @@ def session_options(
     }[optimization]
     if optimized_model is not None:
         options.optimized_model_filepath = str(optimized_model)
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if sequential:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -165,10 +169,14 @@ def open_session(
     For a model in memory, ``outputs`` (values of its main graph) are exposed as extra graph outputs,
     or, with ``prune``, as its only outputs, with every node they do not depend on removed (onnxruntime
     runs every node whatever is fetched). The model itself is not changed.
+
+    Without ``options``, the session's idle workers do not spin: the passes that open sessions work on
+    the results in Python between runs (or while the next one runs), and spinning workers would take
+    the CPU from that work. Timings pass their own options.
     """
     import onnxruntime as ort
 
-    options = options if options is not None else session_options()
+    options = options if options is not None else session_options(spinning=False)
     keep_alive = None
     if isinstance(model, (str, Path)):
         what = what or str(model)

@@ -94,20 +94,13 @@ class RoundWeights(Pass):
         for feed in fallback.samples(data, self.samples):  # batches of up to 8 samples
             results = session.run(feed, names)
             for layer, m in zip(layers, moments):
-                x = results[layer.node.inputs[0].name]
-                if layer.depthwise:
-                    for start, columns in layer.depthwise_patches(x):
-                        m.add(columns, start)
-                else:
-                    m.add(layer.patches(x))
+                m.fold(layer, results[layer.node.inputs[0].name])
             del results
         del session
+        rounded = [_round_layer(layer, m, self.damping, self.sweeps) for layer, m in zip(layers, moments)]
         changed = total = 0
         before = after = 0.0
-        for layer, m in zip(layers, moments):
-            q, e0, e1 = _round(
-                layer.exact, layer.codes, m.covariance(self.damping), self.sweeps, layer.partner
-            )
+        for layer, (q, e0, e1) in zip(layers, rounded):
             changed += int(np.count_nonzero(q != layer.codes))
             total += q.size
             before, after = before + e0, after + e1
@@ -126,6 +119,16 @@ class _Moments:
         self.count = 0
         self.sum = np.zeros((groups, k))
         self.outer = np.zeros((groups, k, k))
+        #: the patches themselves (``[P, K]`` each) while a shared group has at most K / 8: see ``patches``
+        self.kept: list[np.ndarray] | None = [] if groups == 1 else None
+
+    def fold(self, layer: _Layer, x: np.ndarray) -> None:
+        """Fold in what ``layer`` multiplies in the batch ``x`` (its input)."""
+        if layer.depthwise:
+            for start, columns in layer.depthwise_patches(x):
+                self.add(columns, start)
+        else:
+            self.add(layer.patches(x))
 
     def add(self, columns: np.ndarray, start: int = 0) -> None:
         """Fold in ``columns`` ``[G, K, P]`` (P patches of groups ``start .. start + G``); a batch counts once,
@@ -135,6 +138,16 @@ class _Moments:
         end = start + columns.shape[0]
         self.sum[start:end] += columns.sum(axis=2)
         self.outer[start:end] += np.matmul(columns, columns.transpose(0, 2, 1))
+        if self.kept is not None:
+            self.kept = self.kept + [columns[0].T] if self.count <= self.sum.shape[1] // 8 else None
+
+    def patches(self) -> np.ndarray | None:
+        """All patches ``[n, K]`` (float64) when there are at most K / 8 of them (a Gemm after a global pool
+        sees one per sample): the covariance then has rank below n, and rounding works with the patches
+        (:func:`_round_low_rank`, O(n) per weight visited) instead of a K x K matrix. Else None."""
+        if not self.kept:
+            return None
+        return np.concatenate(self.kept).astype(np.float64)
 
     def covariance(self, damping: float) -> np.ndarray:  # [G, K, K]
         n = max(self.count, 1)
@@ -239,6 +252,15 @@ POSITIONS = 256
 """Output positions per sample the statistics sample at most, on a regular grid: a 112x112 feature map
 has 12,544, far more than a K x K covariance needs, and copying them all out was most of the pass's
 time."""
+
+
+def _round_layer(
+    layer: _Layer, moments: _Moments, damping: float, sweeps: int
+) -> tuple[np.ndarray, float, float]:
+    patches = moments.patches()
+    if patches is not None:
+        return _round_low_rank(layer.exact, layer.codes, patches, damping, sweeps, layer.partner)
+    return _round(layer.exact, layer.codes, moments.covariance(damping), sweeps, layer.partner)
 
 
 def _position_step(spatial) -> int:
@@ -365,15 +387,10 @@ def _round(
             change = np.zeros((q.shape[0], cols.stop - b0)) if shared else None
             for k in range(b0, cols.stop):
                 j = k - b0 if shared else k
-                other = np.where(q[:, k] == lo[:, k], lo[:, k] + 1, lo[:, k]).astype(np.int64)
-                step = other - q[:, k]
+                step, allowed = _flips(q, lo, movable, k, partner)
                 # change of d' C d when d_k moves by step (+-1): 2 step (C d)_k + C_kk
                 gain = 2 * step * local[:, j] + diag[:, k]
-                ok = movable[:, k] & (np.abs(other) <= QMAX) & (gain < -1e-12 * diag[:, k])
-                if partner is not None and partner[k] >= 0:
-                    u = q[:, partner[k]]
-                    ok &= ~((other * u > 0) & (np.abs(other) + np.abs(u) > PAIR_LIMIT))
-                rows = np.flatnonzero(ok)
+                rows = np.flatnonzero(allowed & (gain < -1e-12 * diag[:, k]))
                 if rows.size == 0:
                     continue
                 s = step[rows].astype(np.float64)
@@ -390,3 +407,63 @@ def _round(
         if not moved:
             break
     return q, start, float(np.sum(d * hd))
+
+
+def _flips(
+    q: np.ndarray, lo: np.ndarray, movable: np.ndarray, k: int, partner: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """For column ``k``: each row's step to its other grid neighbour (+-1), and where that flip is allowed
+    (the code is on one of its two nearest grid points, stays within +-QMAX, and keeps an int16 pair
+    within ``PAIR_LIMIT``)."""
+    other = np.where(q[:, k] == lo[:, k], lo[:, k] + 1, lo[:, k]).astype(np.int64)
+    allowed = movable[:, k] & (np.abs(other) <= QMAX)
+    if partner is not None and partner[k] >= 0:
+        u = q[:, partner[k]]
+        allowed &= ~((other * u > 0) & (np.abs(other) + np.abs(u) > PAIR_LIMIT))
+    return other - q[:, k], allowed
+
+
+def _round_low_rank(
+    exact: np.ndarray,
+    codes: np.ndarray,
+    patches: np.ndarray,
+    damping: float,
+    sweeps: int,
+    partner: np.ndarray | None = None,
+) -> tuple[np.ndarray, float, float]:
+    """:func:`_round` for a covariance shared by every row and given by its ``n < K`` patches ``[n, K]``.
+
+    With ``X`` the centred patches, ``S = X' X / n`` and ``C = (1 - damping) S + damping diag(S)``, so
+    ``C d = (1 - damping) X' (X d) / n + damping diag(S) d``: each row keeps ``r = X d`` (n numbers), and a
+    column costs ``O(n)`` per row instead of ``O(K)``; no K x K matrix is formed. The same objective, the
+    same visiting order and the same flips as :func:`_round` on that covariance."""
+    q = codes.astype(np.int64).copy()
+    lo = np.floor(exact)
+    d = q - exact
+    n = max(patches.shape[0], 1)
+    x = patches - patches.mean(axis=0)
+    diag = np.einsum("nk,nk->k", x, x) / n
+    keep = 1.0 - damping
+    r = d @ x.T  # [rows, n]
+
+    def objective() -> float:
+        return float(keep * np.sum(r * r) / n + damping * np.sum(d * d * diag))
+
+    start = objective()
+    movable = (q == lo) | (q == lo + 1)
+    for _ in range(max(0, sweeps)):
+        moved = 0
+        for k in range(q.shape[1]):
+            step, allowed = _flips(q, lo, movable, k, partner)
+            cd = keep * (r @ x[:, k]) / n + (1.0 - keep) * diag[k] * d[:, k]  # (C d)_k
+            rows = np.flatnonzero(allowed & (2 * step * cd + diag[k] < -1e-12 * diag[k]))
+            if rows.size == 0:
+                continue
+            s = step[rows].astype(np.float64)
+            q[rows, k] += step[rows]
+            d[rows, k] += s
+            r[rows] += s[:, None] * x[:, k][None, :]
+            moved += rows.size
+        if not moved:
+            break
+    return q, start, objective()

@@ -165,3 +165,26 @@ def test_pass_lowers_each_layers_output_error_on_the_digits_cnn():
     # measured: every layer 1.6-7.7x lower, in all 4x
     assert all(after[name] < before[name] for name in before), (before, after)
     assert sum(after.values()) < 0.5 * sum(before.values()), (before, after)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_low_rank_rounding_matches_the_covariance_form(paired):
+    # a Gemm after a global pool sees one patch per sample, far fewer than its K: rounding from the
+    # patches (O(n) per weight) must make the choices the K x K covariance makes
+    rng = np.random.default_rng(3)
+    n, k, rows = 12, 160, 40
+    patches = (rng.standard_normal((n, k)) * rng.uniform(0.1, 2, k)).astype(np.float32)
+    moments = rw._Moments(1, k)
+    moments.add(patches.T[None])
+    assert moments.patches() is not None and moments.patches().shape == (n, k)
+    exact = rng.uniform(-60, 60, (rows, k))
+    nearest = np.rint(exact)
+    partner = rw._adjacent_partner(k) if paired else None
+    dense, d0, d1 = rw._round(exact, nearest, moments.covariance(0.1), 2, partner)
+    low, l0, l1 = rw._round_low_rank(exact, nearest, moments.patches(), 0.1, 2, partner)
+    np.testing.assert_array_equal(low, dense)
+    assert np.isclose(l0, d0, rtol=1e-6) and np.isclose(l1, d1, rtol=1e-6)  # float32 products in the moments
+    assert l1 < 0.5 * l0  # the rounding does lower the objective
+    many = rw._Moments(1, k)
+    many.add(np.tile(patches.T[None], (1, 1, 4)))  # 48 patches > K / 8: the covariance form
+    assert many.patches() is None
