@@ -176,14 +176,27 @@ class _Layer:
         return (self.codes.shape[0] if self.depthwise else 1), self.codes.shape[1]
 
     def depthwise_patches(self, x: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        """For a depthwise Conv, in chunks of channels: ``(first channel, [c, K, N * P])``, what each channel's
-        K weights multiply at P output positions of each sample (a regular grid of at most
-        :data:`POSITIONS`), zero where the window reads padding.
+        """For a depthwise Conv, in chunks of channels (a few megabytes at a time): ``(first channel,
+        [c, K, N * P])``, what each channel's K weights multiply (see :meth:`windows`)."""
+        yield from self.windows(x, chunked=True)
+
+    def patches(self, x: np.ndarray) -> np.ndarray:
+        """What the rows of the weight multiply, one column per output position of the samples ``x``:
+        ``[1, K, P]`` (every output channel reads the same input; depthwise: :meth:`depthwise_patches`)."""
+        if self.node.op_type == "Gemm":
+            x = x.astype(np.float32, copy=False)
+            return (x if self.node.attributes.get_int("transA", 0) else x.T)[None]
+        ((_, columns),) = self.windows(x, chunked=False)
+        return columns.reshape(1, -1, columns.shape[2])  # K in the weight's (c, *kernel) order
+
+    def windows(self, x: np.ndarray, *, chunked: bool) -> Iterator[tuple[int, np.ndarray]]:
+        """A Conv's input windows at P output positions of each sample ``x`` (a regular grid of at most
+        :data:`POSITIONS`), zero where a window reads padding: ``(first channel, [c, K, N * P])`` per chunk
+        of input channels (``chunked``, at most :data:`CHUNK_VALUES` values), else one chunk of all.
 
         Each chunk is copied out of the input once per kernel position, from a strided view of the positions
-        that read inside it (the others stay zero): a few megabytes at a time, where padding the input or
-        copying a whole layer's patches at once (tens of megabytes) spent more time in fresh memory than
-        in the copy."""
+        that read inside it (the others stay zero): padding the input, or copying a whole layer's windows
+        at once (tens of megabytes), spent more time in fresh memory than in the copy."""
         node = self.node
         x = x.astype(np.float32, copy=False)
         kernel = [int(d) for d in self.value.const_value.shape[2:]]
@@ -199,7 +212,7 @@ class _Layer:
         step = _position_step(out)
         sampled = [-(-o // step) for o in out]
         k, p = int(np.prod(kernel)), int(np.prod(sampled))
-        chunk = max(1, CHUNK_VALUES // (k * n * p))
+        chunk = max(1, CHUNK_VALUES // (k * n * p)) if chunked else channels
         for start in range(0, channels, chunk):
             part = x[:, start : start + chunk].swapaxes(0, 1)  # [c, N, *size]
             c = part.shape[0]
@@ -218,40 +231,14 @@ class _Layer:
                     ]
             yield start, columns.reshape(c, k, n * p)
 
-    def patches(self, x: np.ndarray) -> np.ndarray:
-        """What the rows of the weight multiply, one column per output position of the samples ``x``:
-        ``[1, K, P]`` (every output channel reads the same input; depthwise: :meth:`depthwise_patches`)."""
-        node = self.node
-        x = x.astype(np.float32, copy=False)
-        if node.op_type == "Gemm":
-            return (x if node.attributes.get_int("transA", 0) else x.T)[None]
-        kernel = [int(d) for d in self.value.const_value.shape[2:]]
-        rank = len(kernel)
-        pads = list(node.attributes.get_ints("pads", [0] * (2 * rank)))
-        strides = list(node.attributes.get_ints("strides", [1] * rank))
-        dilations = list(node.attributes.get_ints("dilations", [1] * rank))
-        c = x.shape[1]
-        if all(k == 1 for k in kernel) and not any(pads) and all(s == 1 for s in strides):
-            step = _position_step(x.shape[2:])
-            x = x[(slice(None), slice(None), *(slice(None, None, step) for _ in x.shape[2:]))]
-            return np.moveaxis(x, 1, 0).reshape(1, c, -1)  # pointwise: the channel vectors
-        xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + rank]) for i in range(rank)])
-        span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-        view = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + rank)))
-        view = view[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
-        view = view[(Ellipsis, *(slice(None, None, d) for d in dilations))]  # [N, C, *out, *kernel]
-        # -> [C, *kernel, N, *out]: K in the weight's (c, *kernel) order, positions last
-        view = np.moveaxis(view, [1, *range(2 + rank, 2 + 2 * rank)], range(1 + rank))
-        return view.reshape(1, c * int(np.prod(kernel)), -1)
-
 
 CHUNK_VALUES = 1 << 21
-"""Patch values a depthwise layer's chunk of channels holds at most (8 MB of float32)."""
+"""Window values a depthwise layer's chunk of channels holds at most (8 MB of float32)."""
 
 POSITIONS = 256
-"""Output positions per sample the statistics sample at most, on a regular grid: a 112x112 feature map
-has 12,544, far more than a K x K covariance needs, and copying them all out was most of the pass's
-time."""
+"""Output positions per sample the statistics of a Conv sample at most, on a regular grid: a 112x112
+feature map has 12,544, far more than a K x K covariance needs, and copying them all out was most of the
+pass's time."""
 
 
 def _round_layer(
