@@ -551,6 +551,7 @@ def main() -> None:
     from ncc._imports import defer_sympy
 
     defer_sympy()
+    _no_huge_page_hint()
     signal.signal(signal.SIGTERM, _on_sigterm)
     for fd, name in ((1, "stdout"), (2, "stderr")):
         if getattr(sys, name) is None:  # started with the descriptor closed (`>&-`): Python leaves it
@@ -559,6 +560,20 @@ def main() -> None:
         cli(prog_name="ncc")
     finally:
         _flush_stdout()
+
+
+def _no_huge_page_hint() -> None:
+    """numpy asks the kernel for transparent huge pages on every large array (``madvise``); where the kernel
+    then compacts memory in the page fault (THP ``defrag=madvise``, a common server setting), the first
+    touches of fresh arrays stall: a third of EfficientNet-Lite0's ``round-weights`` went to system time.
+    The ``ncc`` process gives the hint up, unless ``NUMPY_MADVISE_HUGEPAGE`` says otherwise; a program
+    using ncc as a library keeps numpy's setting."""
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+        return
+    os.environ["NUMPY_MADVISE_HUGEPAGE"] = "0"  # read when numpy is imported (by a command, later)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:  # imported already (a sitecustomize): numpy's own switch
+        numpy._core.multiarray._set_madvise_hugepage(False)
 
 
 def _on_sigterm(signum, frame) -> None:
