@@ -28,13 +28,8 @@ On targets whose kernels add u8 x s8 products in int16 pairs (``x86-avx2``,
 :data:`~ncc.passes.quant.pairs.PAIR_LIMIT`, so the weights stay exact there;
 depthwise filters are never paired.
 
-Measured on EfficientNet-Lite0 (2,400 photo crops; logit SQNR, top-1
-agreement with FP32): x86-vnni 23.7 -> 27.2 dB, 0.950 -> 0.967; x86-avx2
-22.9 -> 26.8 dB, 0.954 -> 0.964; on 480 crops of 12 photos outside the
-calibration set 22.2 -> 23.6 and 21.9 -> 23.4 dB. Depthwise filters alone (9
-or 25 weights each, where nearest rounding costs most): 25.7 dB. On x86-vnni,
-``damping`` 0 to 0.5 with 16 or 64 samples measured 27.0-27.6 dB (0.75: 26.4,
-0.9: 25.7).
+What it buys on EfficientNet-Lite0, and how ``damping`` and the number of sampled positions were
+chosen, is in ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -235,10 +230,10 @@ class _Layer:
 CHUNK_VALUES = 1 << 21
 """Window values a depthwise layer's chunk of channels holds at most (8 MB of float32)."""
 
-POSITIONS = 256
+POSITIONS = 128
 """Output positions per sample the statistics of a Conv sample at most, on a regular grid: a 112x112
-feature map has 12,544, far more than a K x K covariance needs, and copying them all out was most of the
-pass's time."""
+feature map has 12,544, far more than a K x K covariance needs (fewer, farther apart, measured better
+than more; see ``benchmarks/RESULTS.md``)."""
 
 
 def _round_layer(
