@@ -7,3 +7,38 @@ need them.
 """
 
 __version__ = "0.1.0"
+
+
+def _alias_torch_api() -> None:
+    """``import ncc.torch`` gives :mod:`ncc.tools.torch_api` (loaded on that import, not here): no file may
+    be called ``torch.py`` at the package root, where it would shadow torch itself for code run from the
+    repository (see the module's docstring)."""
+    import importlib.abc
+    import importlib.util
+    import sys
+
+    class Loader(importlib.abc.Loader):
+        def create_module(self, spec):
+            return importlib.import_module("ncc.tools.torch_api")
+
+        def exec_module(self, module):
+            pass
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname != "ncc.torch":
+                return None
+            return importlib.util.spec_from_loader(fullname, Loader())
+
+    sys.meta_path.append(Finder())
+
+
+_alias_torch_api()
+
+
+def __getattr__(name: str):
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module("ncc.torch")
+    raise AttributeError(f"module 'ncc' has no attribute {name!r}")

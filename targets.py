@@ -81,7 +81,21 @@ X86_AVX2 = replace(
     pairwise_int16=True,  # measured: unconstrained ±127 weights put QLinearConv/MatMul 2-14 steps off fake-quant
 )
 
-TARGETS: dict[str, TargetProfile] = {t.name: t for t in (X86_VNNI, X86_AVX2)}
+INDUCTOR = TargetProfile(
+    name="inductor",
+    description="PyTorch Inductor on x86 (oneDNN int8 convolutions and linears, freezing)",
+    activation_dtype="u8",  # int8 activations match Inductor's patterns but fail at run time (FIELD-NOTES)
+    activation_symmetric=False,
+    weight_dtype="s8",
+    weight_per_channel=True,
+    static_ops=frozenset({"Conv", "Gemm", "MatMul"}),  # onednn qconv_pointwise / qlinear_pointwise
+    island_ops=frozenset(),
+    passthrough_ops=PASSTHROUGH,
+    dynamic_ops=frozenset({"MatMul", "Gemm"}),
+    float_output_ops=frozenset(),  # a quantize after the kernel fuses into it (u8 output)
+)
+
+TARGETS: dict[str, TargetProfile] = {t.name: t for t in (X86_VNNI, X86_AVX2, INDUCTOR)}
 #: ``host`` resolves to the profile of the CPU ncc runs on (see :func:`host_target`).
 DEFAULT_TARGET = "host"
 

@@ -39,12 +39,21 @@ class DigitsCNN(torch.nn.Module):
         return self.head(self.features(x))
 
 
-def main() -> None:
+TRAIN, TEST = slice(0, 1400), slice(1400, None)
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 digits as ``[N, 1, 8, 8]`` float images in [0, 1] and their labels."""
+    data = load_digits()
+    x = torch.from_numpy((data.images / 16.0).astype(np.float32)).unsqueeze(1)
+    return x, torch.from_numpy(data.target.astype(np.int64))
+
+
+def train_digits_cnn() -> DigitsCNN:
+    """The example's CNN, trained on the first 1,400 digits (deterministic: seed 0), in eval mode."""
     torch.manual_seed(0)
-    digits = load_digits()
-    x = torch.from_numpy((digits.images / 16.0).astype(np.float32)).unsqueeze(1)
-    y = torch.from_numpy(digits.target.astype(np.int64))
-    train, test = slice(0, 1400), slice(1400, None)
+    x, y = digits()
+    train = TRAIN
     model = DigitsCNN()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _epoch in range(15):
@@ -56,7 +65,13 @@ def main() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-    model.eval()
+    return model.eval()
+
+
+def main() -> None:
+    model = train_digits_cnn()
+    x, y = digits()
+    train, test = TRAIN, TEST
     with torch.no_grad():
         acc = (model(x[test]).argmax(1) == y[test]).float().mean().item()
     print(f"test accuracy on {len(y[test])} held-out digits: {acc:.3f}")

@@ -1,0 +1,387 @@
+"""The quantized IR as a PyTorch graph: ATen ops in PT2E's reference form, which Inductor lowers to int8.
+
+Every IR node becomes ATen calls in a ``torch.fx.GraphModule`` whose constants are the module's buffers.
+Quantization is spelled as PT2E's converted programs spell it, so Inductor's x86 int8 lowering
+(``torch/_inductor/fx_passes/quantization.py``, compiled with ``freezing``) recognizes it:
+
+- an activation's ``QuantizeLinear`` -> ``DequantizeLinear`` pair becomes
+  ``quantized_decomposed.quantize_per_tensor`` -> ``dequantize_per_tensor`` (uint8 activations: int8
+  ones match Inductor's patterns but fail at run time, so ncc's torch targets quantize to u8);
+- an int8 weight behind a per-channel ``DequantizeLinear`` becomes an int8 buffer read through
+  ``dequantize_per_channel`` on axis 0 of the layout ATen's op takes (a Gemm or MatMul weight
+  ``[K, N]`` is stored transposed, ``[N, K]``, for ``aten.linear``): only int8 weights are stored;
+- an int32 bias (the IR's ``DequantizeLinear`` of the bias on ``x_scale * w_scale``) becomes its float
+  value: PT2E keeps biases float and Inductor's kernels take them so.
+
+Only what the IR spells with static attributes and constant shapes is lowered; an op without a rule,
+or a shape computed at run time, is one sentence naming the op (:class:`~ncc.errors.NccError`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from ncc.errors import NccError
+
+#: ONNX elementwise ops and their ATen overloads (tensor-tensor; broadcasting as in ONNX).
+_BINARY = {
+    "Add": "add.Tensor",
+    "Sub": "sub.Tensor",
+    "Mul": "mul.Tensor",
+    "Div": "div.Tensor",
+    "Pow": "pow.Tensor_Tensor",
+}
+_UNARY = {
+    "Relu": "relu.default",
+    "Sigmoid": "sigmoid.default",
+    "Tanh": "tanh.default",
+    "Erf": "erf.default",
+    "Sqrt": "sqrt.default",
+    "Exp": "exp.default",
+    "Neg": "neg.default",
+    "Abs": "abs.default",
+}
+
+
+def to_graph_module(model: ir.Model) -> Any:
+    """``model`` (ONNX domain ops, QDQ form) as a ``torch.fx.GraphModule`` taking the graph inputs in order
+    and returning the graph outputs (a tuple when there are several)."""
+    import torch
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+
+    return _Lowering(model, torch).build()
+
+
+def _aten(torch, name: str):
+    op, _, overload = name.partition(".")
+    return getattr(getattr(torch.ops.aten, op), overload)
+
+
+class _Lowering:
+    def __init__(self, model: ir.Model, torch):
+        self.model, self.torch = model, torch
+        self.graph = torch.fx.Graph()
+        self.root = torch.nn.Module()
+        self.env: dict[str, Any] = {}  # IR value name -> fx node (or a Python constant)
+        self.buffers: dict[str, str] = {}  # IR constant name -> buffer attribute
+        self.qd = torch.ops.quantized_decomposed
+
+    # -- building ---------------------------------------------------------------------------------
+    def build(self):
+        graph = self.model.graph
+        for value in graph.inputs:
+            if not value.is_initializer():
+                self.env[value.name] = self.graph.placeholder(_identifier(value.name))
+        for node in graph:
+            self.lower(node)
+        outputs = [self.value(v) for v in graph.outputs]
+        self.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        module = self.torch.fx.GraphModule(self.root, self.graph)
+        module.eval()
+        return module
+
+    def lower(self, node: ir.Node) -> None:
+        if node.domain not in ("", "ai.onnx"):
+            raise NccError(f"the torch backend cannot lower {node.domain}::{node.op_type} ({_label(node)}).")
+        rule: Callable | None = getattr(self, f"_{node.op_type}", None)
+        if node.op_type in _BINARY:
+            result = self.call(_BINARY[node.op_type], self.value(node.inputs[0]), self.value(node.inputs[1]))
+        elif node.op_type in _UNARY:
+            result = self.call(_UNARY[node.op_type], self.value(node.inputs[0]))
+        elif rule is not None:
+            result = rule(node)
+        else:
+            raise NccError(f"the torch backend cannot lower {node.op_type} yet ({_label(node)}).")
+        self.env[node.outputs[0].name] = result
+
+    def call(self, overload: str, *args):
+        return self.graph.call_function(_aten(self.torch, overload), args)
+
+    def value(self, value: ir.Value | None):
+        """The fx node (or buffer read) standing for ``value``."""
+        if value is None:
+            return None
+        if value.name in self.env:
+            return self.env[value.name]
+        array = self.constant(value)
+        if array is None:
+            raise NccError(f"the torch backend found no producer for {value.name!r}.")
+        node = self.buffer(value.name, array)
+        self.env[value.name] = node
+        return node
+
+    def constant(self, value: ir.Value | None) -> np.ndarray | None:
+        if value is None:
+            return None
+        if value.const_value is not None:
+            return value.const_value.numpy()
+        producer = value.producer()
+        if producer is not None and producer.op_type == "Constant":
+            attr = producer.attributes.get("value")
+            return attr.value.numpy() if attr is not None else None
+        return None
+
+    def buffer(self, name: str, array: np.ndarray):
+        attr = self.buffers.get(name)
+        if attr is None:
+            attr = f"c{len(self.buffers)}_{_identifier(name)[:40]}"
+            self.root.register_buffer(attr, self.torch.from_numpy(np.ascontiguousarray(array)))
+            self.buffers[name] = attr
+        return self.graph.get_attr(attr)
+
+    def ints(self, node: ir.Node, name: str, default: list[int]) -> list[int]:
+        return list(node.attributes.get_ints(name, default))
+
+    def static(self, value: ir.Value, what: str) -> np.ndarray:
+        array = self.constant(value)
+        if array is None:
+            raise NccError(
+                f"the torch backend needs a constant {what} ({value.name!r} is computed at run time)."
+            )
+        return array
+
+    # -- quantization ----------------------------------------------------------------------------
+    def _QuantizeLinear(self, node: ir.Node):
+        scale, zero, dtype, lo, hi = self.qparams(node)
+        if scale.size != 1:
+            raise NccError(f"the torch backend quantizes activations per tensor only ({_label(node)}).")
+        op = self.qd.quantize_per_tensor.default
+        return self.graph.call_function(
+            op, (self.value(node.inputs[0]), float(scale.reshape(())), int(zero.reshape(())), lo, hi, dtype)
+        )
+
+    def _DequantizeLinear(self, node: ir.Node):
+        source = node.inputs[0]
+        scale, zero, dtype, lo, hi = self.qparams(node)
+        codes = self.constant(source)
+        if codes is not None and codes.dtype == np.int32:  # a bias: PT2E keeps it float
+            axis = node.attributes.get_int("axis", 1)
+            shape = [1] * codes.ndim
+            if scale.size > 1:
+                shape[axis] = -1
+            return self.buffer(node.outputs[0].name, (codes * scale.reshape(shape)).astype(np.float32))
+        if scale.size == 1:
+            x = self.value(source)
+            op = self.qd.dequantize_per_tensor.default
+            return self.graph.call_function(
+                op, (x, float(scale.reshape(())), int(zero.reshape(())), lo, hi, dtype)
+            )
+        if codes is None:
+            raise NccError(
+                f"the torch backend dequantizes per channel only constant weights ({_label(node)})."
+            )
+        axis = node.attributes.get_int("axis", 1) % codes.ndim
+        weight = self.buffer(source.name, codes)
+        scales = self.buffer(f"{node.outputs[0].name}.scales", scale.astype(np.float32).reshape(-1))
+        zeros = self.buffer(f"{node.outputs[0].name}.zero_points", zero.astype(np.int64).reshape(-1))
+        op = self.qd.dequantize_per_channel.default
+        return self.graph.call_function(op, (weight, scales, zeros, axis, lo, hi, dtype))
+
+    def qparams(self, node: ir.Node):
+        torch = self.torch
+        scale = self.static(node.inputs[1], "scale").astype(np.float32)
+        zero_value = node.inputs[2] if len(node.inputs) > 2 else None
+        zero = self.constant(zero_value) if zero_value is not None else np.zeros((), np.uint8)
+        if zero is None:
+            raise NccError(f"the torch backend needs a constant zero point ({_label(node)}).")
+        kinds = {
+            np.dtype(np.uint8): (torch.uint8, 0, 255),
+            np.dtype(np.int8): (torch.int8, -128, 127),
+            np.dtype(np.int32): (torch.int32, -(2**31), 2**31 - 1),
+        }
+        if zero.dtype not in kinds:
+            raise NccError(
+                f"the torch backend quantizes to u8, s8 or s32, not {zero.dtype} ({_label(node)})."
+            )
+        dtype, lo, hi = kinds[zero.dtype]
+        return scale, zero, dtype, lo, hi
+
+    # -- compute ---------------------------------------------------------------------------------
+    def _Conv(self, node: ir.Node):
+        weight = node.inputs[1]
+        rank = len(weight.shape) - 2 if weight.shape is not None else 2
+        if node.attributes.get_string("auto_pad", "NOTSET") != "NOTSET":
+            raise NccError(f"the torch backend needs explicit pads, not auto_pad ({_label(node)}).")
+        pads = self.ints(node, "pads", [0] * (2 * rank))
+        x = self.value(node.inputs[0])
+        begin, end = pads[:rank], pads[rank:]
+        if begin != end:  # ATen pads symmetrically: pad the difference first (last axis first)
+            extra = [p for a in reversed(range(rank)) for p in (begin[a], end[a])]
+            x = self.call("constant_pad_nd.default", x, extra, 0.0)
+            begin = [0] * rank
+        op = {1: "conv1d.default", 2: "conv2d.default", 3: "conv3d.default"}.get(rank)
+        if op is None:
+            raise NccError(
+                f"the torch backend lowers 1-D to 3-D convolutions, not {rank}-D ({_label(node)})."
+            )
+        return self.call(
+            op,
+            x,
+            self.value(weight),
+            self.value(node.inputs[2]) if len(node.inputs) > 2 else None,
+            self.ints(node, "strides", [1] * rank),
+            begin,
+            self.ints(node, "dilations", [1] * rank),
+            node.attributes.get_int("group", 1),
+        )
+
+    def _Gemm(self, node: ir.Node):
+        if node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1.0:
+            raise NccError(f"the torch backend lowers Gemm with transA=0 and alpha=1 ({_label(node)}).")
+        if len(node.inputs) > 2 and node.attributes.get_float("beta", 1.0) != 1.0:
+            raise NccError(f"the torch backend lowers Gemm with beta=1 ({_label(node)}).")
+        weight = self.linear_weight(node.inputs[1], transposed=bool(node.attributes.get_int("transB", 0)))
+        bias = self.value(node.inputs[2]) if len(node.inputs) > 2 else None
+        return self.call("linear.default", self.value(node.inputs[0]), weight, bias)
+
+    def _MatMul(self, node: ir.Node):
+        b = node.inputs[1]
+        if self.constant(b) is not None or _dequantized_constant(b) is not None:
+            return self.call(
+                "linear.default", self.value(node.inputs[0]), self.linear_weight(b, transposed=False)
+            )
+        return self.call("matmul.default", self.value(node.inputs[0]), self.value(b))
+
+    def linear_weight(self, value: ir.Value, *, transposed: bool):
+        """The ``[N, K]`` weight ``aten.linear`` takes, for an IR weight ``[N, K]`` (``transposed``) or
+        ``[K, N]``: a constant is stored transposed; an int8 weight behind a per-channel DequantizeLinear
+        is stored transposed with its channel axis moved to 0."""
+        if transposed:
+            return self.value(value)
+        array = self.constant(value)
+        if array is not None:
+            return self.buffer(f"{value.name}.T", np.ascontiguousarray(array.T))
+        dq = _dequantized_constant(value)
+        if dq is None:
+            return self.call("t.default", self.value(value))
+        scale, zero, dtype, lo, hi = self.qparams(dq)
+        codes = self.constant(dq.inputs[0])
+        weight = self.buffer(f"{dq.inputs[0].name}.T", np.ascontiguousarray(codes.T))
+        if scale.size == 1:
+            op = self.qd.dequantize_per_tensor.default
+            return self.graph.call_function(
+                op, (weight, float(scale.reshape(())), int(zero.reshape(())), lo, hi, dtype)
+            )
+        scales = self.buffer(f"{value.name}.T.scales", scale.astype(np.float32).reshape(-1))
+        zeros = self.buffer(f"{value.name}.T.zero_points", zero.astype(np.int64).reshape(-1))
+        op = self.qd.dequantize_per_channel.default
+        return self.graph.call_function(op, (weight, scales, zeros, 0, lo, hi, dtype))
+
+    # -- the rest --------------------------------------------------------------------------------
+    def _Identity(self, node: ir.Node):
+        return self.value(node.inputs[0])
+
+    def _Clip(self, node: ir.Node):
+        lo = self.constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        hi = self.constant(node.inputs[2]) if len(node.inputs) > 2 else None
+        x = self.value(node.inputs[0])
+        if lo is not None and hi is not None:
+            return self.call("hardtanh.default", x, float(lo), float(hi))  # Inductor fuses it as a post-op
+        return self.call(
+            "clamp.default", x, None if lo is None else float(lo), None if hi is None else float(hi)
+        )
+
+    def _LeakyRelu(self, node: ir.Node):
+        return self.call(
+            "leaky_relu.default", self.value(node.inputs[0]), node.attributes.get_float("alpha", 0.01)
+        )
+
+    def _Softmax(self, node: ir.Node):
+        return self.call("softmax.int", self.value(node.inputs[0]), node.attributes.get_int("axis", -1))
+
+    def _Gelu(self, node: ir.Node):
+        return self.call(
+            "gelu.default", self.value(node.inputs[0]), node.attributes.get_string("approximate", "none")
+        )
+
+    def _MaxPool(self, node: ir.Node):
+        kernel = self.ints(node, "kernel_shape", [])
+        rank = len(kernel)
+        pads = self.ints(node, "pads", [0] * (2 * rank))
+        if pads[:rank] != pads[rank:] or node.attributes.get_string("auto_pad", "NOTSET") != "NOTSET":
+            raise NccError(f"the torch backend lowers MaxPool with symmetric explicit pads ({_label(node)}).")
+        if rank != 2 or len(node.outputs) > 1 and node.outputs[1] is not None and node.outputs[1].uses():
+            raise NccError(f"the torch backend lowers 2-D MaxPool without indices ({_label(node)}).")
+        return self.call(
+            "max_pool2d.default",
+            self.value(node.inputs[0]),
+            kernel,
+            self.ints(node, "strides", [1] * rank),
+            pads[:rank],
+            self.ints(node, "dilations", [1] * rank),
+            bool(node.attributes.get_int("ceil_mode", 0)),
+        )
+
+    def _GlobalAveragePool(self, node: ir.Node):
+        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else 4
+        return self.call("mean.dim", self.value(node.inputs[0]), list(range(2, rank)), True)
+
+    def _Flatten(self, node: ir.Node):
+        axis = node.attributes.get_int("axis", 1)
+        x = self.value(node.inputs[0])
+        if axis == 0:
+            return self.call("reshape.default", x, [1, -1])
+        flat = self.call("flatten.using_ints", x, axis, -1)
+        return self.call("flatten.using_ints", flat, 0, axis - 1) if axis > 1 else flat
+
+    def _Reshape(self, node: ir.Node):
+        shape = [int(d) for d in self.static(node.inputs[1], "Reshape target")]
+        source = node.inputs[0].shape
+        for i, d in enumerate(shape):
+            if d == 0:  # ONNX: copy the input's dimension
+                if source is None or i >= len(source) or not isinstance(source[i], int):
+                    if i == 0 and -1 not in shape:
+                        shape[i] = -1
+                        continue
+                    raise NccError(
+                        f"the torch backend cannot resolve Reshape's 0 at axis {i} ({_label(node)})."
+                    )
+                shape[i] = source[i]
+        return self.call("reshape.default", self.value(node.inputs[0]), shape)
+
+    def _Transpose(self, node: ir.Node):
+        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+        perm = self.ints(node, "perm", list(reversed(range(rank))) if rank else [])
+        return self.call("permute.default", self.value(node.inputs[0]), perm)
+
+    def _Concat(self, node: ir.Node):
+        return self.call(
+            "cat.default", [self.value(v) for v in node.inputs], node.attributes.get_int("axis", 0)
+        )
+
+    def _LayerNormalization(self, node: ir.Node):
+        axis = node.attributes.get_int("axis", -1)
+        shape = node.inputs[0].shape
+        if shape is None or not all(isinstance(d, int) for d in list(shape)[axis:]):
+            raise NccError(f"the torch backend needs LayerNormalization's normalized dims ({_label(node)}).")
+        dims = [int(d) for d in list(shape)[axis:]]
+        bias = self.value(node.inputs[2]) if len(node.inputs) > 2 else None
+        return self.call(
+            "layer_norm.default",
+            self.value(node.inputs[0]),
+            dims,
+            self.value(node.inputs[1]),
+            bias,
+            node.attributes.get_float("epsilon", 1e-5),
+        )
+
+
+def _dequantized_constant(value: ir.Value | None) -> ir.Node | None:
+    """The DequantizeLinear producing ``value`` from constant codes (a quantized weight), else None."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    return node if node.inputs[0] is not None and node.inputs[0].const_value is not None else None
+
+
+def _identifier(name: str) -> str:
+    text = re.sub(r"\W", "_", name)
+    return text if text and not text[0].isdigit() else f"v_{text}"
+
+
+def _label(node: ir.Node) -> str:
+    return f"node {node.name!r}" if node.name else f"an unnamed {node.op_type}"

@@ -1,0 +1,130 @@
+"""PyTorch frontend: an ``nn.Module`` (or a saved ``torch.export`` program) becomes an ncc IR model.
+
+The module is captured with ``torch.export`` and translated to ONNX by ``torch.onnx.export(dynamo=True,
+optimize=False)``: without torch.onnx's own optimizer every ONNX node comes from one FX node of the
+exported program, and its metadata ``pkg.torch.onnx.fx_node`` names that node. The IR keeps it, so a
+dump shows where each node came from and a backend can find its way back to the program. The result then
+gets what the ONNX frontend gives every model: value types filled in and stable node ids.
+
+The graph is translated, not traced again: ``torch.export`` sees the module once, in eval mode (batch
+norm uses its running statistics), with the example inputs' shapes; ``dynamic_batch`` makes their first
+dimension symbolic. torch is imported only here (and by the torch backend), never by ``import ncc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+from ncc.errors import NccError, first_line
+
+FX_NODE = "pkg.torch.onnx.fx_node"
+"""Node metadata torch.onnx writes: the FX node (of the exported program) an ONNX node was made from."""
+
+
+def lower(
+    module: Any,
+    example_inputs: Sequence[Any],
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_batch: bool = True,
+) -> ir.Model:
+    """Export ``module`` (an ``nn.Module`` or a ``torch.export.ExportedProgram``) on ``example_inputs``
+    (tensors, in ``forward``'s order) and return it as an IR model whose inputs and outputs are named
+    ``input_names`` / ``output_names`` (default: torch's)."""
+    import torch
+
+    inputs = tuple(example_inputs)
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise NccError("example inputs must be a non-empty sequence of tensors, in forward()'s order.")
+    if isinstance(module, torch.nn.Module):
+        module = module.eval()
+    elif not isinstance(module, torch.export.ExportedProgram):
+        raise NccError(
+            f"cannot lower a {type(module).__name__}: give an nn.Module or a torch.export.ExportedProgram."
+        )
+    dynamic = None
+    if dynamic_batch and isinstance(module, torch.nn.Module):
+        batch = torch.export.Dim("batch")
+        dynamic = tuple({0: batch} if x.dim() > 0 else {} for x in inputs)
+    try:
+        with torch.no_grad(), _quiet():
+            program = torch.onnx.export(
+                module,
+                inputs,
+                dynamo=True,
+                optimize=False,
+                verify=False,
+                verbose=False,
+                dynamic_shapes=dynamic,
+                input_names=list(input_names) if input_names else None,
+                output_names=list(output_names) if output_names else None,
+            )
+    except Exception as err:  # torch.export and torch.onnx raise many kinds; each is the user's model
+        raise NccError(f"torch.export could not capture the model: {first_line(err)}") from None
+    return _normalized(program.model)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx's progress lines and its internal deprecation warnings are not the user's business:
+    silenced while the export runs (the logger's level is restored after)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_program(path: str | os.PathLike) -> Any:
+    """A ``torch.export.save``d program (``.pt2``), loaded; one sentence if it is not one."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise NccError(f"{path}: no such file.")
+    _register_quantized_ops()
+    try:
+        return torch.export.load(str(path))
+    except Exception as err:
+        raise NccError(f"{path}: not a torch.export program ({first_line(err)}).") from None
+
+
+def lower_program(path: str | os.PathLike) -> ir.Model:
+    """The IR of a saved ``torch.export`` program, with the example inputs it was exported on."""
+    program = load_program(path)
+    inputs = program.example_inputs[0] if program.example_inputs else None
+    if inputs is None:
+        raise NccError(f"{path}: the program carries no example inputs to export it with.")
+    return lower(program, inputs, dynamic_batch=False)
+
+
+def _normalized(model: ir.Model) -> ir.Model:
+    """What the ONNX frontend gives every model: types filled in, every node a stable id."""
+    from ncc.ir import ids
+    from ncc.ir.inference import InferenceFailed, infer_types
+
+    if any(v.type is None for node in model.graph for v in node.outputs):
+        try:
+            infer_types(model)
+        except InferenceFailed as err:
+            raise NccError(f"ONNX shape inference failed on the exported model: {err}") from None
+    ids.assign_ids(model)
+    return model
+
+
+def _register_quantized_ops() -> None:
+    """``quantized_decomposed`` ops (what ncc's torch artefacts call) must exist before a program is loaded."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401

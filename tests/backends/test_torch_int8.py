@@ -1,0 +1,132 @@
+"""ncc.torch: a PyTorch module through the IR and back, run by Inductor as int8 kernels.
+
+The model is the README example's CNN, trained here on scikit-learn's real digits (seconds); the
+artefact is checked for numerics (against the float module, and the Inductor-compiled graph against
+the same graph run eagerly), for which kernels Inductor really used, and for a fresh-process reload.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+BATCH = 8
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("make_digits_cnn", REPO / "examples" / "make_digits_cnn.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def digits_cnn():
+    example = _example()
+    model = example.train_digits_cnn()
+    x, y = example.digits()
+    return model, x, y, example.TRAIN, example.TEST
+
+
+@pytest.fixture(scope="module")
+def compiled(digits_cnn):
+    import ncc.torch
+
+    model, x, _, train, _ = digits_cnn
+    calib = [(x[train][i : i + BATCH],) for i in range(0, 64, BATCH)]
+    return ncc.torch.compile(model, (x[:BATCH],), pipeline="int8", calib=calib)
+
+
+def _batches(x):
+    n = len(x) // BATCH * BATCH
+    return [x[i : i + BATCH] for i in range(0, n, BATCH)], n
+
+
+def test_lower_keeps_each_nodes_fx_origin_and_the_numerics(digits_cnn):
+    import ncc.torch
+    from ncc.frontends.torch import FX_NODE
+    from ncc.runtime import run
+
+    model, x, _, _, test = digits_cnn
+    ir_model = ncc.torch.lower(model, (x[:BATCH],))
+    nodes = list(ir_model.graph)
+    assert {n.op_type for n in nodes} >= {"Conv", "BatchNormalization", "Relu", "MaxPool", "Gemm"}
+    assert all(n.metadata_props.get(FX_NODE) for n in nodes), [
+        n.name for n in nodes if FX_NODE not in n.metadata_props
+    ]
+    images = x[test][:BATCH]
+    (got,) = run(ir_model, [images.numpy()])
+    with torch.no_grad():
+        want = model(images).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_keeps_the_accuracy_and_quantizes_every_layer(digits_cnn, compiled):
+    model, x, y, _, test = digits_cnn
+    batches, n = _batches(x[test])
+    with torch.no_grad():
+        want = torch.cat([model(b) for b in batches]).argmax(1)
+        got = torch.cat([compiled.graph_module(b) for b in batches]).argmax(1)
+    labels = y[test][:n]
+    float_acc = (want == labels).float().mean().item()
+    int8_acc = (got == labels).float().mean().item()
+    assert float_acc > 0.9
+    assert int8_acc >= float_acc - 0.01, (int8_acc, float_acc)
+    assert (got == want).float().mean().item() >= 0.98
+    quantized = [n for n in compiled.ir.graph if n.metadata_props.get("ncc.quant") == "int8"]
+    assert (
+        sorted(n.op_type for n in quantized if n.op_type in ("Conv", "Gemm")) == ["Conv"] * 3 + ["Gemm"] * 2
+    )
+    # int8 weights only: no float copy of a quantized layer's weight in the module
+    buffers = dict(compiled.graph_module.named_buffers())
+    assert sum(b.dtype == torch.int8 for b in buffers.values()) == 5
+    largest_float = max(b.numel() for b in buffers.values() if b.dtype == torch.float32)
+    assert largest_float < 64 * 32 * 4 * 4  # the largest weight (head.1) is int8
+
+
+def test_inductor_runs_every_quantized_conv_and_linear_as_an_int8_kernel(digits_cnn, compiled):
+    _, x, _, _, test = digits_cnn
+    check = compiled.check  # compile() ran Inductor on the example inputs and read its counters
+    assert (check.convs, check.linears) == (3, 2)
+    assert (check.int8_convs, check.int8_linears) == (3, 2), check.summary()
+    assert check.ok and "5/5 quantized convolutions and linears run as oneDNN int8 kernels" in check.summary()
+    images = x[test][:BATCH]
+    got = compiled(images)
+    with torch.no_grad():
+        eager = compiled.graph_module(images)
+    # oneDNN's int8 kernels against the reference (dequantize -> float op -> quantize) graph: the
+    # logits differ by rounding of the requantized activations, a few output steps at most
+    step = float(np.abs(eager.numpy()).max()) / 127
+    assert float((got - eager).abs().max()) < 4 * step
+    assert (got.argmax(1) == eager.argmax(1)).all()
+
+
+def test_saved_program_reloads_in_a_fresh_process_with_int8_weights_only(digits_cnn, compiled, tmp_path):
+    _, x, _, _, test = digits_cnn
+    path, inputs, outputs = tmp_path / "digits.int8.pt2", tmp_path / "x.pt", tmp_path / "y.pt"
+    compiled.save(path)
+    images = x[test][:BATCH]
+    torch.save(images, inputs)
+    script = (
+        "import sys, torch\n"
+        "import torch.ao.quantization.fx._decomposed\n"
+        "program = torch.export.load(sys.argv[1])\n"
+        "weights = [t for t in program.state_dict.values()] + list(program.constants.values())\n"
+        "assert not any(t.dtype == torch.float32 and t.numel() >= 4096 for t in weights), 'a float weight'\n"
+        "with torch.no_grad():\n"
+        "    torch.save(program.module()(torch.load(sys.argv[2])), sys.argv[3])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(path), str(inputs), str(outputs)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    with torch.no_grad():
+        want = compiled.graph_module(images)
+    assert torch.equal(torch.load(outputs), want)
