@@ -209,9 +209,9 @@ class _Lowering:
         pads = self.ints(node, "pads", [0] * (2 * rank))
         x = self.value(node.inputs[0])
         begin, end = pads[:rank], pads[rank:]
-        if begin != end:  # ATen pads symmetrically: pad the difference first (last axis first)
+        if begin != end:  # ATen pads symmetrically: pad first (last axis first), ...
             extra = [p for a in reversed(range(rank)) for p in (begin[a], end[a])]
-            x = self.call("constant_pad_nd.default", x, extra, 0.0)
+            x = self.padded(node.inputs[0], extra) or self.call("constant_pad_nd.default", x, extra, 0.0)
             begin = [0] * rank
         op = {1: "conv1d.default", 2: "conv2d.default", 3: "conv3d.default"}.get(rank)
         if op is None:
@@ -227,6 +227,24 @@ class _Lowering:
             begin,
             self.ints(node, "dilations", [1] * rank),
             node.attributes.get_int("group", 1),
+        )
+
+    def padded(self, value: ir.Value, amounts: list[int]):
+        """... and for an input dequantized per tensor, pad its quantized codes with the zero point and
+        dequantize again: ``dequantize -> conv`` stays adjacent, which Inductor's int8 patterns need
+        (a float pad between them left stride-2 "same"-padded convolutions in float)."""
+        dq = value.producer()
+        if dq is None or dq.op_type != "DequantizeLinear" or self.constant(dq.inputs[0]) is not None:
+            return None
+        scale, zero, dtype, lo, hi = self.qparams(dq)
+        if scale.size != 1:
+            return None
+        codes = self.call(
+            "constant_pad_nd.default", self.value(dq.inputs[0]), amounts, float(zero.reshape(()))
+        )
+        op = self.qd.dequantize_per_tensor.default
+        return self.graph.call_function(
+            op, (codes, float(scale.reshape(())), int(zero.reshape(())), lo, hi, dtype)
         )
 
     def _Gemm(self, node: ir.Node):
@@ -272,6 +290,24 @@ class _Lowering:
         return self.graph.call_function(op, (weight, scales, zeros, 0, lo, hi, dtype))
 
     # -- the rest --------------------------------------------------------------------------------
+    def _Cast(self, node: ir.Node):
+        return self.cast(node, ir.DataType(node.attributes.get_int("to")))
+
+    def _CastLike(self, node: ir.Node):
+        return self.cast(node, node.inputs[1].dtype)
+
+    def cast(self, node: ir.Node, dtype: ir.DataType | None):
+        torch = self.torch
+        if dtype is None:
+            raise NccError(f"the torch backend needs the element type to cast to ({_label(node)}).")
+        target = torch.from_numpy(np.zeros(0, dtype.numpy())).dtype
+        array = self.constant(node.inputs[0])
+        if array is not None:  # a constant: cast here
+            return self.buffer(node.outputs[0].name, array.astype(dtype.numpy()))
+        return self.graph.call_function(
+            _aten(torch, "_to_copy.default"), (self.value(node.inputs[0]),), {"dtype": target}
+        )
+
     def _Identity(self, node: ir.Node):
         return self.value(node.inputs[0])
 
@@ -298,6 +334,24 @@ class _Lowering:
             "gelu.default", self.value(node.inputs[0]), node.attributes.get_string("approximate", "none")
         )
 
+    def _Pad(self, node: ir.Node):
+        mode = node.attributes.get_string("mode", "constant")
+        if mode != "constant":
+            raise NccError(f"the torch backend lowers constant Pad only, not {mode!r} ({_label(node)}).")
+        pads = [int(p) for p in self.static(node.inputs[1], "Pad amount")]
+        value = self.constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        shape = node.inputs[0].shape
+        rank = len(shape) if shape is not None else len(pads) // 2
+        axes = list(range(rank))
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            axes = [int(a) % rank for a in self.static(node.inputs[3], "Pad axes")]
+        count = len(axes)
+        begin, end = dict(zip(axes, pads[:count])), dict(zip(axes, pads[count:]))
+        last = max(axes) if axes else 0
+        amounts = [p for a in range(last, -1, -1) for p in (begin.get(a, 0), end.get(a, 0))]
+        fill = 0.0 if value is None or value.size == 0 else float(value.reshape(-1)[0])
+        return self.call("constant_pad_nd.default", self.value(node.inputs[0]), amounts, fill)
+
     def _MaxPool(self, node: ir.Node):
         kernel = self.ints(node, "kernel_shape", [])
         rank = len(kernel)
@@ -315,6 +369,21 @@ class _Lowering:
             self.ints(node, "dilations", [1] * rank),
             bool(node.attributes.get_int("ceil_mode", 0)),
         )
+
+    def _ReduceMean(self, node: ir.Node):
+        keep = bool(node.attributes.get_int("keepdims", 1))
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            axes = [int(a) for a in self.static(node.inputs[1], "ReduceMean axes")]
+        else:
+            axes = self.ints(node, "axes", [])
+        if not axes:
+            if node.attributes.get_int("noop_with_empty_axes", 0):
+                return self.value(node.inputs[0])
+            rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+            if rank is None:
+                raise NccError(f"the torch backend needs the rank of ReduceMean's input ({_label(node)}).")
+            axes = list(range(rank))
+        return self.call("mean.dim", self.value(node.inputs[0]), axes, keep)
 
     def _GlobalAveragePool(self, node: ir.Node):
         rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else 4

@@ -7,7 +7,9 @@ graph, then subgraphs, where outer-scope initializers count as constants) and
 
 1. turns ``Constant`` nodes into initializers of the same name;
 2. replaces ``Shape(x)`` by an int64 initializer when ``x``'s shape is fully
-   static (honouring ``start``/``end``), when ``fold_shapes`` is set;
+   static (honouring ``start``/``end``), when ``fold_shapes`` is set, and
+   ``CastLike(c, x)`` of a constant ``c`` by ``c`` cast to ``x``'s known
+   element type (only the type of ``x`` matters);
 3. evaluates every other node whose inputs are all constant with
    ``onnx.reference.ReferenceEvaluator`` on a one-node model at the model's
    opset, and replaces its outputs by initializers named after them (so names
@@ -97,6 +99,8 @@ class FoldConstants(Pass):
             return self._fold_shape(rewriter, node)
         if node.op_type in _NEUTRAL and len(node.inputs) == 2 and self._drop_neutral(rewriter, node):
             return "identities removed"
+        if node.op_type == "CastLike":
+            return self._fold_cast_like(rewriter, node)
         if not node.inputs or not all(v is None or is_constant(v) for v in node.inputs):
             return None
         tensors = [None if v is None else constant_tensor(v) for v in node.inputs]
@@ -154,6 +158,19 @@ class FoldConstants(Pass):
             node.graph.remove(node, safe=True)
             return True
         return False
+
+    def _fold_cast_like(self, rewriter: Rewriter, node: ir.Node) -> str | None:
+        """``CastLike(c, like)`` with ``c`` constant needs only ``like``'s element type, not its values
+        (torch.onnx casts every scalar of a traced expression to its operand's type this way)."""
+        source, like = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+        if source is None or like is None or like.dtype is None or not is_constant(source):
+            return None
+        tensor = constant_tensor(source)
+        if tensor is None or _size(tensor.shape) > self.size_limit:
+            return None
+        array = tensor.numpy().astype(like.dtype.numpy())
+        _replace_with_initializers(rewriter, node, [ir.tensor(array)])
+        return "nodes folded"
 
     def _fold_shape(self, rewriter: Rewriter, node: ir.Node) -> str | None:
         source = node.inputs[0] if node.inputs else None
