@@ -81,6 +81,7 @@ def machine_facts() -> dict:
         "avx512f": "avx512f" in flags,
         "avx512_vnni": "avx512_vnni" in flags,
         "avx_vnni": "avx_vnni" in flags,
+        "amx": "amx_int8" in flags,
         "onnxruntime": ort.__version__,
         "ncc_target": target,
         "threads": THREADS,
