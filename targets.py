@@ -41,6 +41,9 @@ class TargetProfile:
     #: overflows int16, so paired weights must keep their same-sign sum within 128
     #: (:mod:`ncc.passes.quant.pairs`), or within ±63 each where the op's pairing is not known.
     pairwise_int16: bool = False
+    #: Whether a MatMul of two activations (attention's scores and context) runs as an integer kernel;
+    #: where it does not, it stays float (a Q/DQ pair around it would only cost).
+    activation_matmul: bool = True
 
 
 #: Ops x86 runs as integer kernels only next to other integer kernels (a Q/DQ round trip around an
@@ -92,7 +95,10 @@ INDUCTOR = TargetProfile(
     island_ops=frozenset(),
     passthrough_ops=PASSTHROUGH,
     dynamic_ops=frozenset({"MatMul", "Gemm"}),
-    float_output_ops=frozenset(),  # a quantize after the kernel fuses into it (u8 output)
+    # a quantize after a convolution fuses into it (u8 output, int8 between layers); a linear's output
+    # mostly feeds float ops (a residual Add, LayerNorm, GELU): requantizing it would only add error
+    float_output_ops=frozenset({"MatMul", "Gemm"}),
+    activation_matmul=False,  # Inductor lowers int8 linears (a constant weight), no int8 batched matmul
 )
 
 TARGETS: dict[str, TargetProfile] = {t.name: t for t in (X86_VNNI, X86_AVX2, INDUCTOR)}

@@ -35,6 +35,7 @@ _BINARY = {
     "Div": "div.Tensor",
     "Pow": "pow.Tensor_Tensor",
 }
+_LOGICAL = {"And": "logical_and.default", "Or": "logical_or.default", "Xor": "logical_xor.default"}
 _UNARY = {
     "Relu": "relu.default",
     "Sigmoid": "sigmoid.default",
@@ -90,6 +91,8 @@ class _Lowering:
         rule: Callable | None = getattr(self, f"_{node.op_type}", None)
         if node.op_type in _BINARY:
             result = self.call(_BINARY[node.op_type], self.value(node.inputs[0]), self.value(node.inputs[1]))
+        elif node.op_type in _LOGICAL:
+            result = self.call(_LOGICAL[node.op_type], self.value(node.inputs[0]), self.value(node.inputs[1]))
         elif node.op_type in _UNARY:
             result = self.call(_UNARY[node.op_type], self.value(node.inputs[0]))
         elif rule is not None:
@@ -308,6 +311,51 @@ class _Lowering:
             _aten(torch, "_to_copy.default"), (self.value(node.inputs[0]),), {"dtype": target}
         )
 
+    def _Gather(self, node: ir.Node):
+        axis = node.attributes.get_int("axis", 0)
+        data = node.inputs[0]
+        rank = len(data.shape) if data.shape is not None else None
+        if axis < 0:
+            if rank is None:
+                raise NccError(f"the torch backend needs Gather's input rank ({_label(node)}).")
+            axis += rank
+        indices = self.value(node.inputs[1])
+        return self.call("index.Tensor", self.value(data), [None] * axis + [indices])
+
+    def _GatherND(self, node: ir.Node):
+        if node.attributes.get_int("batch_dims", 0):
+            raise NccError(f"the torch backend lowers GatherND with batch_dims=0 ({_label(node)}).")
+        shape = node.inputs[1].shape
+        if shape is None or not isinstance(shape[-1], int):
+            raise NccError(f"the torch backend needs GatherND's index depth ({_label(node)}).")
+        indices = self.value(node.inputs[1])
+        parts = [self.call("select.int", indices, -1, i) for i in range(int(shape[-1]))]
+        return self.call("index.Tensor", self.value(node.inputs[0]), parts)
+
+    def _Where(self, node: ir.Node):
+        condition, x, y = (self.value(v) for v in node.inputs)
+        return self.call("where.self", condition, x, y)
+
+    def _Expand(self, node: ir.Node):
+        target = [int(d) for d in self.static(node.inputs[1], "Expand shape")]
+        shape = node.inputs[0].shape
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            raise NccError(f"the torch backend needs Expand's input shape ({_label(node)}).")
+        full = list(np.broadcast_shapes(tuple(int(d) for d in shape), tuple(target)))
+        return self.call("expand.default", self.value(node.inputs[0]), full)
+
+    def _Unsqueeze(self, node: ir.Node):
+        axes = sorted(int(a) for a in self.static(node.inputs[1], "Unsqueeze axes"))
+        x = self.value(node.inputs[0])
+        rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+        for axis in axes:
+            if axis < 0:
+                if rank is None:
+                    raise NccError(f"the torch backend needs Unsqueeze's input rank ({_label(node)}).")
+                axis += rank + len(axes)
+            x = self.call("unsqueeze.default", x, axis)
+        return x
+
     def _Identity(self, node: ir.Node):
         return self.value(node.inputs[0])
 
@@ -330,8 +378,9 @@ class _Lowering:
         return self.call("softmax.int", self.value(node.inputs[0]), node.attributes.get_int("axis", -1))
 
     def _Gelu(self, node: ir.Node):
-        return self.call(
-            "gelu.default", self.value(node.inputs[0]), node.attributes.get_string("approximate", "none")
+        approximate = node.attributes.get_string("approximate", "none")  # keyword-only in ATen
+        return self.graph.call_function(
+            _aten(self.torch, "gelu.default"), (self.value(node.inputs[0]),), {"approximate": approximate}
         )
 
     def _Pad(self, node: ir.Node):

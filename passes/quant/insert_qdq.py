@@ -273,6 +273,8 @@ class _Quantizer:
             # the user's reasons first, then the plan's (an island op next to no integer kernel is never
             # observed by calibrate, so this comes before any reason found in the statistics)
             reason = self._chosen_float(node)
+            if not reason and node.op_type == "MatMul" and not plan.integer_matmul(node, self.target):
+                reason = "both inputs are activations: the target has no integer kernel for that"
             if not reason and node.op_type in self.islands:
                 if not any(node.inputs[i].name in integer_out for i in self._activation_inputs(node)):
                     reason = "no input comes from an integer kernel (a Q/DQ round trip would cost time and accuracy)"

@@ -178,6 +178,14 @@ def fused_activation(node: ir.Node) -> ir.Node | None:
     return None
 
 
+def integer_matmul(node: ir.Node, target: TargetProfile) -> bool:
+    """Whether ``target`` runs the MatMul ``node`` as an integer kernel: always where it multiplies two
+    activations in integer, else only with a constant operand (a weight)."""
+    from ncc.ir.rewrite import is_constant
+
+    return target.activation_matmul or any(v is not None and is_constant(v) for v in node.inputs[:2])
+
+
 def observed_values(graph: ir.Graph, target: TargetProfile, op_types: Iterable[str] = ()) -> list[str]:
     """The float activations ``insert-qdq`` may need a range for, in graph order: the activation inputs and
     outputs (before and after a fused Relu/Clip) of every node it could quantize, of ``op_types`` (else the
@@ -204,6 +212,8 @@ def observed_values(graph: ir.Graph, target: TargetProfile, op_types: Iterable[s
             if node.inputs[0].name in integer_out:
                 integer_out.update(o.name for o in node.outputs if o.name)
         if node.op_type not in ops or node.op_type not in ROLES:
+            continue
+        if node.op_type == "MatMul" and not integer_matmul(node, target):
             continue
         role = ROLES[node.op_type]
         indices = range(len(node.inputs)) if role.shared else role.activations
@@ -238,6 +248,8 @@ def binned_values(graph: ir.Graph, target: TargetProfile) -> frozenset[str]:
     out: set[str] = set()
     for node in graph:
         if not is_onnx_domain(node) or node.op_type not in core:
+            continue
+        if node.op_type == "MatMul" and not integer_matmul(node, target):
             continue
         for value in node.inputs:
             while value is not None and value.const_value is None and value.name and value.name not in out:
