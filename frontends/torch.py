@@ -73,12 +73,13 @@ def lower(
 
 
 @contextlib.contextmanager
-def _quiet():
-    """torch.onnx's progress lines and its internal deprecation warnings are not the user's business:
-    silenced while the export runs (the logger's level is restored after)."""
-    logger = logging.getLogger("torch.onnx")
+def _quiet(logger_name: str = "torch.onnx"):
+    """torch's progress lines, logged tracebacks of errors ncc reports in one sentence, and its internal
+    deprecation warnings are not the user's business: silenced while torch works (the logger's level
+    is restored after)."""
+    logger = logging.getLogger(logger_name)
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -97,7 +98,8 @@ def load_program(path: str | os.PathLike) -> Any:
         raise NccError(f"{path}: no such file.")
     _register_quantized_ops()
     try:
-        return torch.export.load(str(path))
+        with _quiet("torch.export"):
+            return torch.export.load(str(path))
     except Exception as err:
         raise NccError(f"{path}: not a torch.export program ({first_line(err)}).") from None
 

@@ -337,7 +337,7 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
 @cli.command()
 @click.argument("input", type=_IN)
 @click.option(
-    "-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx or .ncc file."
+    "-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx, .ncc or .pt2 file."
 )
 @click.option("--external-data", metavar="NAME", help="Write weights to NAME beside the output .onnx.")
 @click.option(
@@ -381,7 +381,8 @@ def compile(
     cache_dir: Path | None,
     **opts,
 ) -> None:
-    """Compile INPUT (.onnx or .ncc) through a pipeline into OUTPUT (.onnx or .ncc)."""
+    """Compile INPUT (.onnx, .ncc or a torch.export .pt2) through a pipeline into OUTPUT (.onnx, .ncc, or
+    .pt2: a torch.export program Inductor runs as int8; its target defaults to 'inductor')."""
     from ncc.files import deferred_commit
     from ncc.passes.base import PassContext
     from ncc.tools.modelio import (
@@ -405,6 +406,11 @@ def compile(
     if layer_report is not None:
         writes.append(FileUse("the --layer-report file", layer_report, model=False))
     check_distinct(reads, writes)
+    torch_out = output.suffix.lower() == ".pt2"
+    if torch_out and fmt:
+        raise NccError(f"--format {fmt} is an ONNX form; a .pt2 output takes the torch backend's own.")
+    if torch_out and not opts.get("target"):
+        opts["target"] = "inductor"
     model = load_model(input)
     size_before = files_size([use.path for use in inputs])
     cache = cache_dir or Path(os.environ.get("NCC_CACHE", Path.home() / ".cache" / "ncc"))
@@ -434,6 +440,8 @@ def compile(
             from ncc.backends.onnx.check import check_on_onnxruntime
 
             check = check_on_onnxruntime(staged(output), model, shown=output)
+        if not no_check and torch_out and any("ncc.quant" in n.metadata_props for n in model.graph):
+            check = _inductor_check(model)
     if run is not None:
         spec = ",".join(r.spec for r in run.records)
         click.echo(
@@ -450,6 +458,17 @@ def compile(
             err=True,
         )
     click.echo(f"ncc: wrote {', '.join(map(str, written))}", err=True)
+
+
+def _inductor_check(model):
+    """What Inductor runs as int8 in the graph a .pt2 output holds (compiled here on zero inputs)."""
+    from ncc.backends.torch.check import inductor_check
+    from ncc.backends.torch.fx import to_graph_module
+    from ncc.backends.torch.save import example_inputs
+    from ncc.tools.torch_api import inductor
+
+    check, _ = inductor_check(inductor(to_graph_module(model)), example_inputs(model), model)
+    return check
 
 
 def _check_format(model, fmt: str | None) -> None:

@@ -1,4 +1,5 @@
-"""Read and write models by file extension: ``.onnx`` (ONNX) or ``.ncc`` (ncc text).
+"""Read and write models by file extension: ``.onnx`` (ONNX), ``.ncc`` (ncc text) or ``.pt2`` (a
+``torch.export`` program: read through the torch frontend, written by the torch backend).
 
 :func:`check_distinct` is the one check that a command's outputs replace none of the files it
 reads; :func:`input_files` and :func:`output_files` list those files for a model path.
@@ -15,13 +16,15 @@ import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.files import atomic_outputs, cannot_write, check_writable
 
-FORMATS = (".onnx", ".ncc")
+FORMATS = (".onnx", ".ncc", ".pt2")
 
 
 def model_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
-        raise NccError(f"{path}: unknown model format {suffix or '(no extension)'!r}; use .onnx or .ncc.")
+        raise NccError(
+            f"{path}: unknown model format {suffix or '(no extension)'!r}; use .onnx, .ncc or .pt2."
+        )
     return suffix
 
 
@@ -36,6 +39,10 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         from ncc.frontends.onnx import load_onnx
 
         model = load_onnx(path)
+    elif model_format(path) == ".pt2":
+        from ncc.frontends.torch import lower_program
+
+        model = lower_program(path)
     else:
         from ncc.ir.parser import parse_file
 
@@ -105,6 +112,8 @@ def output_files(path: Path, *, external_data: str | None = None, full: bool = T
     ``.onnx`` without ``external_data``, the one written when the weights pass 2 GB) or its ``.data``
     sidecar (``.ncc`` with ``full``)."""
     uses = [FileUse("the output", path)]
+    if model_format(path) == ".pt2":
+        return uses
     if model_format(path) == ".onnx":
         if external_data:
             uses.append(FileUse("the output's external data file", path.parent / external_data))
@@ -193,6 +202,14 @@ def save_model(
 
         data = save_onnx(model, path, external_data=external_data, value_info=value_info)
         return [path] + ([data] if data else [])
+    if model_format(path) == ".pt2":
+        from ncc.backends.torch.save import save_pt2
+
+        if external_data:
+            raise NccError("--external-data applies to .onnx output, not .pt2.")
+        with atomic_outputs(path) as (temp,):
+            save_pt2(model, temp)
+        return [path]
     from ncc.ir.printer import print_model
 
     data_path = _sidecar(path)

@@ -130,3 +130,53 @@ def test_saved_program_reloads_in_a_fresh_process_with_int8_weights_only(digits_
     with torch.no_grad():
         want = compiled.graph_module(images)
     assert torch.equal(torch.load(outputs), want)
+
+
+def _ncc(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ncc.tools.cli", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def test_cli_compiles_a_saved_program_to_an_int8_program(digits_cnn, tmp_path):
+    model, x, y, train, test = digits_cnn
+    source, calib, out = tmp_path / "digits.pt2", tmp_path / "calib.npz", tmp_path / "digits.int8.pt2"
+    with torch.no_grad():
+        torch.export.save(torch.export.export(model, (x[:BATCH],)), source)
+    np.savez(calib, x=x[train][:64].numpy())  # keyed by forward()'s argument name, as `ncc dump` shows it
+    dump = _ncc("dump", source)
+    assert dump.returncode == 0, dump.stderr
+    assert "%x: f32[8,1,8,8]" in dump.stdout and "pkg.torch.onnx.fx_node" in dump.stdout
+    proc = _ncc("compile", source, "--pass", "int8", "--calib", calib, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "5/5 quantized convolutions and linears run as oneDNN int8 kernels" in proc.stderr, proc.stderr
+    importlib.import_module("torch.ao.quantization.fx._decomposed")  # registers the ops it calls
+    program = torch.export.load(str(out))
+    batches, n = _batches(x[test])
+    with torch.no_grad():
+        got = torch.cat([program.module()(b) for b in batches]).argmax(1)
+        want = torch.cat([model(b) for b in batches]).argmax(1)
+    assert (got == want).float().mean().item() >= 0.98
+
+
+def test_cli_refuses_what_a_pt2_cannot_be(tmp_path):
+    junk = tmp_path / "junk.pt2"
+    junk.write_bytes(b"not a zip")
+    proc = _ncc("compile", junk, "--pass", "optimize", "-o", tmp_path / "o.pt2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "not a torch.export program" in proc.stderr
+    assert not (tmp_path / "o.pt2").exists()
+    onnx_in = REPO / "examples" / "digits_cnn.onnx"
+    proc = _ncc(
+        "compile",
+        onnx_in,
+        "--pass",
+        "int8",
+        "--calib",
+        REPO / "examples" / "digits_calib.npz",
+        "--format",
+        "qoperator",
+        "-o",
+        tmp_path / "o.pt2",
+    )
+    assert proc.returncode == 2 and "is an ONNX form" in proc.stderr, proc.stderr
