@@ -28,8 +28,7 @@ import onnx_ir as ir
 from ncc.errors import NccError
 
 #: ONNX elementwise ops and their ATen overloads (tensor-tensor; broadcasting as in ONNX).
-_BINARY = {
-    "Add": "add.Tensor",
+_BINARY = {  # Add has its own rule (a bias Add joins its linear)
     "Sub": "sub.Tensor",
     "Mul": "mul.Tensor",
     "Div": "div.Tensor",
@@ -70,6 +69,8 @@ class _Lowering:
         self.env: dict[str, Any] = {}  # IR value name -> fx node (or a Python constant)
         self.buffers: dict[str, str] = {}  # IR constant name -> buffer attribute
         self.qd = torch.ops.quantized_decomposed
+        #: MatMul output name -> (input, weight) of the ``aten.linear`` it was lowered to
+        self.linears: dict[str, tuple[Any, Any]] = {}
 
     # -- building ---------------------------------------------------------------------------------
     def build(self):
@@ -81,6 +82,7 @@ class _Lowering:
             self.lower(node)
         outputs = [self.value(v) for v in graph.outputs]
         self.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        self.graph.eliminate_dead_code()  # what a fused bias or a transposed weight left unused
         module = self.torch.fx.GraphModule(self.root, self.graph)
         module.eval()
         return module
@@ -262,10 +264,28 @@ class _Lowering:
     def _MatMul(self, node: ir.Node):
         b = node.inputs[1]
         if self.constant(b) is not None or _dequantized_constant(b) is not None:
-            return self.call(
-                "linear.default", self.value(node.inputs[0]), self.linear_weight(b, transposed=False)
-            )
+            x, weight = self.value(node.inputs[0]), self.linear_weight(b, transposed=False)
+            self.linears[node.outputs[0].name] = (x, weight)
+            return self.call("linear.default", x, weight)
         return self.call("matmul.default", self.value(node.inputs[0]), self.value(b))
+
+    def _Add(self, node: ir.Node):
+        """A bias Add after a MatMul lowered as ``aten.linear`` becomes that linear's bias, as PT2E's
+        graphs have it: Inductor's int8 linear then adds it in the kernel (an Add of its own was a
+        kernel per layer; the bias-less linear is left to dead-code elimination)."""
+        for i in (0, 1):
+            product, bias = node.inputs[i], node.inputs[1 - i]
+            fused = self.linears.get(product.name) if product is not None else None
+            array = self.constant(bias)
+            if fused is None or array is None or len(product.uses()) != 1 or product.is_graph_output():
+                continue
+            shape = product.shape
+            if array.ndim != 1 or shape is None or not shape or array.shape[0] != shape[-1]:
+                continue
+            if array.dtype != np.float32:
+                continue
+            return self.call("linear.default", *fused, self.value(bias))
+        return self.call("add.Tensor", self.value(node.inputs[0]), self.value(node.inputs[1]))
 
     def linear_weight(self, value: ir.Value, *, transposed: bool):
         """The ``[N, K]`` weight ``aten.linear`` takes, for an IR weight ``[N, K]`` (``transposed``) or
