@@ -12,7 +12,7 @@ SQNR; all-MiniLM-L6-v2's token embedding cosine and SQNR on 64 sentences (seq 12
 not calibrated on (64 others are). Latency: models timed side by side in blocks (``ncc.tools.timing``), speed-up = median over
 rounds of the paired FP32/INT8 ratio (quartiles in brackets). "quantize s": ncc's pipeline (torch
 export to the Inductor-ready graph, without Inductor's compile) and PT2E's prepare + calibrate +
-convert, both wall time in this process. Needs ``torchao`` (``pip install torchao==0.18.0``) for the
+convert, both wall time in this process. Needs ``torchao`` (``pip install -e ".[bench]"``) for the
 PT2E rows; without it they are left out and the table says so.
 """
 
@@ -213,7 +213,7 @@ def main() -> None:
         f"amx={facts['amx']}; torch {torch.__version__}"
     )
     if not have_pt2e:
-        print("PT2E rows left out: torchao is not installed (pip install torchao==0.18.0)")
+        print('PT2E rows left out: torchao is not installed (pip install -e ".[bench]")')
     print("\n".join(lines))
 
 
