@@ -69,6 +69,11 @@ def from_proto(
         raise NccError(f"{source}: cannot be read into the IR: {first_line(err)}") from None
     if base_dir is not None:
         ir.external_data.set_base_dir(model.graph, base_dir)
+    return normalize(model, source)
+
+
+def normalize(model: ir.Model, source: str = "model") -> ir.Model:
+    """What every frontend's model gets: missing value types inferred, every node a stable id."""
     if _has_untyped_values(model):
         try:
             infer_types(model)  # on the model without its large weights: cheap

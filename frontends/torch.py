@@ -69,7 +69,9 @@ def lower(
             )
     except Exception as err:  # torch.export and torch.onnx raise many kinds; each is the user's model
         raise NccError(f"torch.export could not capture the model: {first_line(err)}") from None
-    return _normalized(program.model)
+    from ncc.frontends.onnx import normalize
+
+    return normalize(program.model, "the exported model")
 
 
 @contextlib.contextmanager
@@ -111,20 +113,6 @@ def lower_program(path: str | os.PathLike) -> ir.Model:
     if inputs is None:
         raise NccError(f"{path}: the program carries no example inputs to export it with.")
     return lower(program, inputs, dynamic_batch=False)
-
-
-def _normalized(model: ir.Model) -> ir.Model:
-    """What the ONNX frontend gives every model: types filled in, every node a stable id."""
-    from ncc.ir import ids
-    from ncc.ir.inference import InferenceFailed, infer_types
-
-    if any(v.type is None for node in model.graph for v in node.outputs):
-        try:
-            infer_types(model)
-        except InferenceFailed as err:
-            raise NccError(f"ONNX shape inference failed on the exported model: {err}") from None
-    ids.assign_ids(model)
-    return model
 
 
 def _register_quantized_ops() -> None:

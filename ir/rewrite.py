@@ -73,6 +73,28 @@ def single_consumer(value: ir.Value, node: ir.Node) -> bool:
     return not value.is_graph_output() and len(uses) > 0 and all(u.node is node for u in uses)
 
 
+def bias_add(value: ir.Value, width: int | None) -> tuple[ir.Node, ir.Value] | None:
+    """``(add, bias)`` when ``value`` (a MatMul's product) is read only by an ``Add`` of a constant float32
+    bias of shape ``[width]``: the bias a Gemm, an integer kernel or ``aten.linear`` can take in."""
+    uses = list(value.uses())
+    if value.is_graph_output() or len(uses) != 1:
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or not is_onnx_domain(add) or len(add.inputs) != 2:
+        return None
+    bias = add.inputs[1 - uses[0].idx]
+    array = constant_array(bias)
+    if (
+        array is None
+        or array.dtype != np.float32
+        or array.ndim != 1
+        or not isinstance(width, int)
+        or array.shape[0] != width
+    ):
+        return None
+    return add, bias
+
+
 def _constant_node_tensor(node: ir.Node) -> ir.TensorProtocol | None:
     attrs = node.attributes
     if "value" in attrs:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import onnx_ir as ir
+from ncc.backends.torch.fx import is_weight
 
 
 @dataclass
@@ -49,7 +50,7 @@ def quantized_layers(model: ir.Model) -> tuple[int, int]:
             continue
         if node.op_type == "Conv":
             convs += 1
-        elif node.op_type == "Gemm" or (node.op_type == "MatMul" and _constant_weight(node)):
+        elif node.op_type == "Gemm" or (node.op_type == "MatMul" and is_weight(node.inputs[1])):
             linears += 1
     return convs, linears
 
@@ -72,18 +73,3 @@ def inductor_check(run, example_inputs: tuple, model: ir.Model) -> tuple[Inducto
         int8_linears=int(seen["qlinear_weight_prepack_matcher_count"]),
     )
     return check, outputs
-
-
-def _constant_weight(node: ir.Node) -> bool:
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    if weight is None:
-        return False
-    if weight.const_value is not None:
-        return True
-    producer = weight.producer()
-    return (
-        producer is not None
-        and producer.op_type == "DequantizeLinear"
-        and producer.inputs[0] is not None
-        and producer.inputs[0].const_value is not None
-    )

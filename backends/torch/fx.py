@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.ir.rewrite import bias_add, is_constant
 
 #: ONNX elementwise ops and their ATen overloads (tensor-tensor; broadcasting as in ONNX).
-_BINARY = {  # Add has its own rule (a bias Add joins its linear)
+_BINARY = {
+    "Add": "add.Tensor",
     "Sub": "sub.Tensor",
     "Mul": "mul.Tensor",
     "Div": "div.Tensor",
@@ -69,8 +71,7 @@ class _Lowering:
         self.env: dict[str, Any] = {}  # IR value name -> fx node (or a Python constant)
         self.buffers: dict[str, str] = {}  # IR constant name -> buffer attribute
         self.qd = torch.ops.quantized_decomposed
-        #: MatMul output name -> (input, weight) of the ``aten.linear`` it was lowered to
-        self.linears: dict[str, tuple[Any, Any]] = {}
+        self.absorbed: set[int] = set()  # ids of IR nodes another node's lowering already covered
 
     # -- building ---------------------------------------------------------------------------------
     def build(self):
@@ -82,12 +83,14 @@ class _Lowering:
             self.lower(node)
         outputs = [self.value(v) for v in graph.outputs]
         self.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
-        self.graph.eliminate_dead_code()  # what a fused bias or a transposed weight left unused
+        self.graph.eliminate_dead_code()  # a weight's DequantizeLinear that linear_weight stored transposed
         module = self.torch.fx.GraphModule(self.root, self.graph)
         module.eval()
         return module
 
     def lower(self, node: ir.Node) -> None:
+        if id(node) in self.absorbed:
+            return
         if node.domain not in ("", "ai.onnx"):
             raise NccError(f"the torch backend cannot lower {node.domain}::{node.op_type} ({_label(node)}).")
         rule: Callable | None = getattr(self, f"_{node.op_type}", None)
@@ -263,29 +266,21 @@ class _Lowering:
 
     def _MatMul(self, node: ir.Node):
         b = node.inputs[1]
-        if self.constant(b) is not None or _dequantized_constant(b) is not None:
-            x, weight = self.value(node.inputs[0]), self.linear_weight(b, transposed=False)
-            self.linears[node.outputs[0].name] = (x, weight)
+        if not is_weight(b):
+            return self.call("matmul.default", self.value(node.inputs[0]), self.value(b))
+        x, weight = self.value(node.inputs[0]), self.linear_weight(b, transposed=False)
+        product = node.outputs[0]
+        fused = bias_add(
+            product, product.shape[-1] if product.shape is not None and len(product.shape) else None
+        )
+        if fused is None:
             return self.call("linear.default", x, weight)
-        return self.call("matmul.default", self.value(node.inputs[0]), self.value(b))
-
-    def _Add(self, node: ir.Node):
-        """A bias Add after a MatMul lowered as ``aten.linear`` becomes that linear's bias, as PT2E's
-        graphs have it: Inductor's int8 linear then adds it in the kernel (an Add of its own was a
-        kernel per layer; the bias-less linear is left to dead-code elimination)."""
-        for i in (0, 1):
-            product, bias = node.inputs[i], node.inputs[1 - i]
-            fused = self.linears.get(product.name) if product is not None else None
-            array = self.constant(bias)
-            if fused is None or array is None or len(product.uses()) != 1 or product.is_graph_output():
-                continue
-            shape = product.shape
-            if array.ndim != 1 or shape is None or not shape or array.shape[0] != shape[-1]:
-                continue
-            if array.dtype != np.float32:
-                continue
-            return self.call("linear.default", *fused, self.value(bias))
-        return self.call("add.Tensor", self.value(node.inputs[0]), self.value(node.inputs[1]))
+        # A bias Add joins the linear, as in PT2E's graphs: Inductor's int8 linear adds it in the kernel
+        # (an Add of its own was a kernel per layer). The Add is lowered here, and skipped in its turn.
+        add, bias = fused
+        self.env[add.outputs[0].name] = self.call("linear.default", x, weight, self.value(bias))
+        self.absorbed.add(id(add))
+        return self.env[add.outputs[0].name]  # the product's only reader was the Add
 
     def linear_weight(self, value: ir.Value, *, transposed: bool):
         """The ``[N, K]`` weight ``aten.linear`` takes, for an IR weight ``[N, K]`` (``transposed``) or
@@ -506,6 +501,12 @@ class _Lowering:
             bias,
             node.attributes.get_float("epsilon", 1e-5),
         )
+
+
+def is_weight(value: ir.Value | None) -> bool:
+    """Whether ``value`` is a constant, or a DequantizeLinear of constant codes: what ``aten.linear`` takes as
+    its weight (a MatMul with anything else stays ``aten.matmul``)."""
+    return is_constant(value) or _dequantized_constant(value) is not None
 
 
 def _dequantized_constant(value: ir.Value | None) -> ir.Node | None:

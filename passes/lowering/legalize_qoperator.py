@@ -71,6 +71,7 @@ from ncc.ir.rewrite import (
     Pattern,
     Rewriter,
     apply_patterns,
+    bias_add,
     constant_array,
     constant_tensor,
     consumers,
@@ -609,16 +610,24 @@ def _conv(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
     return None
 
 
-def _matmul(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
+def _int8_operands(node: ir.Node) -> tuple[tuple[ir.Value, _QParams], tuple[ir.Value, _QParams]] | str:
+    """A MatMul's or Gemm's dequantized input A and 8-bit input B, as (codes, parameters) each, else why not."""
     a = _activation(node.inputs[0], "input A")
     if isinstance(a, str):
         return a
     b = _dequantized(node.inputs[1], "input B")
     if isinstance(b, str):
         return b
-    b_q, bp = b
-    if bp.dtype not in _INT8:
-        return f"input B is {bp.dtype.name.lower()}, not 8-bit"
+    if b[1].dtype not in _INT8:
+        return f"input B is {b[1].dtype.name.lower()}, not 8-bit"
+    return a, b
+
+
+def _matmul(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
+    operands = _int8_operands(node)
+    if isinstance(operands, str):
+        return operands
+    a, (b_q, bp) = operands
     if not bp.per_tensor and not (_rank(b_q) == 2 and bp.axis == 1):
         return "input B is quantized per-axis other than along the columns of a 2-D matrix"
     out = _output(node)
@@ -638,7 +647,11 @@ def _matmul(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
     # Float output: the integer product dequantized in the kernel, plus an optional folded bias.
     if node.outputs[0].dtype not in (None, ir.DataType.FLOAT):
         return "its output is not float32"
-    add, bias = _bias_add(node, b_q, bp)
+    shape = b_q.const_value.shape if b_q.const_value is not None else b_q.shape
+    add, bias = bias_add(node.outputs[0], shape[-1] if shape is not None and len(shape) else None) or (
+        None,
+        None,
+    )
     a_scale, a_zp = _scale_zp(rw, a[1], "a")
     b_scale, b_zp = _scale_zp(rw, bp, "b", scalar=bp.per_tensor)
     inputs = [a[0], b_q, a_scale, b_scale, a_zp, b_zp]
@@ -660,40 +673,11 @@ def _matmul(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
     return None
 
 
-def _bias_add(node: ir.Node, b_q: ir.Value, bp: _QParams) -> tuple[ir.Node | None, ir.Value | None]:
-    """A following ``Add(y, bias)`` with a constant float32 bias of shape [N], if any."""
-    out = node.outputs[0]
-    uses = list(out.uses())
-    if out.is_graph_output() or len(uses) != 1:
-        return None, None
-    add = uses[0].node
-    if add.op_type != "Add" or not is_onnx_domain(add) or len(add.inputs) != 2:
-        return None, None
-    other = add.inputs[1 - uses[0].idx]
-    array = constant_array(other)
-    shape = b_q.const_value.shape if b_q.const_value is not None else b_q.shape
-    n = shape[-1] if shape is not None and len(shape) else None
-    if (
-        array is None
-        or array.dtype != np.float32
-        or array.ndim != 1
-        or not isinstance(n, int)
-        or array.shape[0] != n
-    ):
-        return None, None
-    return add, other
-
-
 def _gemm(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
-    a = _activation(node.inputs[0], "input A")
-    if isinstance(a, str):
-        return a
-    b = _dequantized(node.inputs[1], "input B")
-    if isinstance(b, str):
-        return b
-    b_q, bp = b
-    if bp.dtype not in _INT8:
-        return f"input B is {bp.dtype.name.lower()}, not 8-bit"
+    operands = _int8_operands(node)
+    if isinstance(operands, str):
+        return operands
+    a, (b_q, bp) = operands
     attrs = node.attributes
     trans_b = attrs["transB"].value if "transB" in attrs else 0
     alpha = attrs["alpha"].value if "alpha" in attrs else 1.0
