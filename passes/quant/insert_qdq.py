@@ -261,31 +261,22 @@ class _Quantizer:
     # -- 1. which nodes ------------------------------------------------------------------------
     def run(self) -> PassResult:
         quantized: list[ir.Node] = []
-        integer_out: set[str] = set()  # tensors that will come out of integer kernels
-        for node in list(self.graph):
-            if not is_onnx_domain(node):
-                continue
-            if node.op_type in self.target.passthrough_ops and node.inputs and node.inputs[0] is not None:
-                if node.inputs[0].name in integer_out:
-                    integer_out.update(o.name for o in node.outputs)
-            if node.op_type not in self.op_types:
-                continue
-            # the user's reasons first, then the plan's (an island op next to no integer kernel is never
-            # observed by calibrate, so this comes before any reason found in the statistics)
-            reason = self._chosen_float(node)
-            if not reason and node.op_type == "MatMul" and not plan.integer_matmul(node, self.target):
-                reason = "both inputs are activations: the target has no integer kernel for that"
-            if not reason and node.op_type in self.islands:
-                if not any(node.inputs[i].name in integer_out for i in self._activation_inputs(node)):
-                    reason = "no input comes from an integer kernel (a Q/DQ round trip would cost time and accuracy)"
-            reason = reason or self._reason_to_skip(node)
+        # the user's reasons first, then the plan's (an island op next to no integer kernel is never
+        # observed by calibrate, so this comes before any reason found in the statistics)
+        for node, reason in plan.select(
+            self.graph,
+            self.target,
+            self.op_types,
+            self.islands,
+            chosen=self._chosen_float,
+            checked=self._reason_to_skip,
+            integer_output=self._output_quantized,
+        ):
             if reason:
                 node.metadata_props["ncc.quant.skip"] = reason
                 self.skips[f"{node.op_type}: {reason.split(':')[0]}"] += 1
-                continue
-            quantized.append(node)
-            if self._output_quantized(node):
-                integer_out.add(self._output(node).name)
+            else:
+                quantized.append(node)
         if not quantized:
             raise NccError(
                 f"nothing to quantize: no node of the selected op types ({', '.join(sorted(self.op_types))}) "
@@ -305,11 +296,6 @@ class _Quantizer:
         stats["tensors quantized"] = len(self.need)
         notes = [f"kept in float: {n}x {why}" for why, n in sorted(self.skips.items())]
         return PassResult(modified=True, stats=stats, notes=notes)
-
-    def _activation_inputs(self, node: ir.Node) -> list[int]:
-        role = plan.ROLES[node.op_type]
-        indices = range(len(node.inputs)) if role.shared else role.activations
-        return [i for i in indices if i < len(node.inputs) and node.inputs[i] is not None]
 
     def _output(self, node: ir.Node) -> ir.Value:
         act = plan.fused_activation(node)
@@ -339,7 +325,7 @@ class _Quantizer:
             w = node.inputs[role.weight] if role.weight < len(node.inputs) else None
             if not is_constant(w):
                 return "weight is not a constant"
-        tensors = [node.inputs[i] for i in self._activation_inputs(node)]
+        tensors = [node.inputs[i] for i in plan.activation_inputs(node)]
         if self._output_quantized(node):
             tensors.append(self._output(node))
         for value in tensors:
@@ -356,7 +342,7 @@ class _Quantizer:
 
     # -- 2./3. which tensors, which share a scale ------------------------------------------------
     def _plan_node(self, node: ir.Node, quantized_ids: set[int]) -> None:
-        inputs = self._activation_inputs(node)
+        inputs = plan.activation_inputs(node)
         for i in inputs:
             self.need[node.inputs[i].name] = node.inputs[i]
         if self._output_quantized(node):

@@ -9,7 +9,7 @@ axis) and which is the bias.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -186,49 +186,86 @@ def integer_matmul(node: ir.Node, target: TargetProfile) -> bool:
     return target.activation_matmul or any(v is not None and is_constant(v) for v in node.inputs[:2])
 
 
+def activation_inputs(node: ir.Node) -> list[int]:
+    """Indices of ``node``'s activation inputs by its role (every input of a shared-scale op)."""
+    role = ROLES[node.op_type]
+    indices = range(len(node.inputs)) if role.shared else role.activations
+    return [i for i in indices if i < len(node.inputs) and node.inputs[i] is not None]
+
+
+def select(
+    graph: ir.Graph,
+    target: TargetProfile,
+    op_types: set[str],
+    islands: set[str],
+    *,
+    chosen: Callable[[ir.Node], str | None] = lambda node: None,
+    checked: Callable[[ir.Node], str | None] = lambda node: None,
+    integer_output: Callable[[ir.Node], bool] | None = None,
+) -> Iterator[tuple[ir.Node, str | None]]:
+    """insert-qdq's choice, in graph order: every node of ``op_types`` with why it stays float (None: it is
+    quantized). Reasons come in this order: ``chosen`` (the user's and earlier passes'), the target's
+    (a MatMul of two activations it has no kernel for; an island op none of whose inputs comes out of
+    an integer kernel), then ``checked`` (what the statistics say). A quantized node's output counts as
+    integer when ``integer_output`` says so (default: it is not a float-output op), and pass-through ops
+    carry that on."""
+    integer_out: set[str] = set()
+    for node in graph:
+        if not is_onnx_domain(node):
+            continue
+        if node.op_type in target.passthrough_ops and node.inputs and node.inputs[0] is not None:
+            if node.inputs[0].name in integer_out:
+                integer_out.update(o.name for o in node.outputs if o.name)
+        if node.op_type not in op_types or node.op_type not in ROLES:
+            continue
+        reason = chosen(node)
+        if not reason and node.op_type == "MatMul" and not integer_matmul(node, target):
+            reason = "both inputs are activations: the target has no integer kernel for that"
+        if not reason and node.op_type in islands:
+            if not any(node.inputs[i].name in integer_out for i in activation_inputs(node)):
+                reason = (
+                    "no input comes from an integer kernel (a Q/DQ round trip would cost time and accuracy)"
+                )
+        reason = reason or checked(node)
+        yield node, reason
+        if reason:
+            continue
+        outputs_integer = (
+            integer_output(node)
+            if integer_output is not None
+            else node.op_type not in target.float_output_ops
+        )
+        if outputs_integer:
+            output = (fused_activation(node) or node).outputs[0]
+            if output.name:
+                integer_out.add(output.name)
+
+
 def observed_values(graph: ir.Graph, target: TargetProfile, op_types: Iterable[str] = ()) -> list[str]:
     """The float activations ``insert-qdq`` may need a range for, in graph order: the activation inputs and
     outputs (before and after a fused Relu/Clip) of every node it could quantize, of ``op_types`` (else the
     target profile's), and what pass-through ops move them into.
 
-    An island op (quantized only next to an integer kernel) counts only where an input can come from one.
-    That is insert-qdq's own rule run with every candidate quantized: an upper bound on any of its runs,
+    That is :func:`select` with every candidate quantized: an upper bound on any of insert-qdq's runs,
     since exclusions, skipped nodes and min-cosine's fallbacks only remove integer kernels. A
     transformer's residual Adds after float-output MatMuls are then not observed at all."""
     ops = set(op_types) or (set(target.static_ops) & set(ROLES))
     islands = set() if op_types else set(target.island_ops)
-    moves = set(target.passthrough_ops)
-    integer_out: set[str] = set()
     names: dict[str, None] = {}
 
     def add(value: ir.Value | None) -> None:
         if value is not None and value.name and value.const_value is None:
             names[value.name] = None
 
-    for node in graph:
-        if not is_onnx_domain(node):
+    for node, reason in select(graph, target, ops, islands):
+        if reason:
             continue
-        if node.op_type in moves and node.inputs and node.inputs[0] is not None:
-            if node.inputs[0].name in integer_out:
-                integer_out.update(o.name for o in node.outputs if o.name)
-        if node.op_type not in ops or node.op_type not in ROLES:
-            continue
-        if node.op_type == "MatMul" and not integer_matmul(node, target):
-            continue
-        role = ROLES[node.op_type]
-        indices = range(len(node.inputs)) if role.shared else role.activations
-        inputs = [node.inputs[i] for i in indices if i < len(node.inputs) and node.inputs[i] is not None]
-        if node.op_type in islands and not any(v.name in integer_out for v in inputs):
-            continue
-        act = fused_activation(node)
-        output = (act or node).outputs[0]
-        for value in (*inputs, node.outputs[0], output):
+        for value in (*(node.inputs[i] for i in activation_inputs(node)), node.outputs[0]):
             add(value)
-        if node.op_type not in target.float_output_ops and output.name:
-            integer_out.add(output.name)
+        add((fused_activation(node) or node).outputs[0])
     for node in graph:  # what pass-through ops make of an observed value (insert-qdq may quantize it too)
-        if is_onnx_domain(node) and node.op_type in moves and node.inputs and node.inputs[0] is not None:
-            if node.inputs[0].name in names:
+        if is_onnx_domain(node) and node.op_type in target.passthrough_ops and node.inputs:
+            if node.inputs[0] is not None and node.inputs[0].name in names:
                 for value in node.outputs:
                     add(value)
     return list(names)
