@@ -441,7 +441,7 @@ def compile(
 
             check = check_on_onnxruntime(staged(output), model, shown=output)
         if not no_check and torch_out and any("ncc.quant" in n.metadata_props for n in model.graph):
-            check = _inductor_check(model)
+            check = _inductor_check(staged(output), model)
     if run is not None:
         spec = ",".join(r.spec for r in run.records)
         click.echo(
@@ -460,14 +460,14 @@ def compile(
     click.echo(f"ncc: wrote {', '.join(map(str, written))}", err=True)
 
 
-def _inductor_check(model):
-    """What Inductor runs as int8 in the graph a .pt2 output holds (compiled here on zero inputs)."""
+def _inductor_check(path: Path, model):
+    """What Inductor runs as int8 in the written .pt2 (loaded back, compiled here on zero inputs)."""
     from ncc.backends.torch.check import inductor_check
-    from ncc.backends.torch.fx import to_graph_module
     from ncc.backends.torch.save import example_inputs
+    from ncc.frontends.torch import load_program
     from ncc.tools.torch_api import inductor
 
-    check, _ = inductor_check(inductor(to_graph_module(model)), example_inputs(model), model)
+    check, _ = inductor_check(inductor(load_program(path).module()), example_inputs(model), model)
     return check
 
 
