@@ -44,6 +44,9 @@ class TargetProfile:
     #: Whether a MatMul of two activations (attention's scores and context) runs as an integer kernel;
     #: where it does not, it stays float (a Q/DQ pair around it would only cost).
     activation_matmul: bool = True
+    #: How quantize-dynamic spells an int8 MatMul: ``standard`` (MatMulInteger, which onnxruntime fuses),
+    #: or ``qdq`` (run-time Q/DQ around a float MatMul, which Inductor lowers like PT2E's dynamic graphs).
+    dynamic_form: str = "standard"
 
 
 #: Ops x86 runs as integer kernels only next to other integer kernels (a Q/DQ round trip around an
@@ -99,6 +102,7 @@ INDUCTOR = TargetProfile(
     # mostly feeds float ops (a residual Add, LayerNorm, GELU): requantizing it would only add error
     float_output_ops=frozenset({"MatMul", "Gemm"}),
     activation_matmul=False,  # Inductor lowers int8 linears (a constant weight), no int8 batched matmul
+    dynamic_form="qdq",  # choose_qparams -> quantize -> dequantize -> linear: oneDNN's dynamic int8 linear
 )
 
 TARGETS: dict[str, TargetProfile] = {t.name: t for t in (X86_VNNI, X86_AVX2, INDUCTOR)}

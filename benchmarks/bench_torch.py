@@ -3,17 +3,19 @@
     python benchmarks/bench_torch.py                 # EfficientNet-Lite0 and MiniLM, 1 and 2 threads, b1/b8
     python benchmarks/bench_torch.py --quick --models minilm
 
-All three run through ``torch.compile`` (Inductor, ``freezing``, ``no_grad``), so the table compares
-what the quantizers produce, not runtimes. Per batch size: ncc's ``ncc.torch.compile`` (int8 pipeline,
-the same 64 calibration crops as the ONNX table) and PT2E (``prepare_pt2e`` -> calibration on those
-crops -> ``convert_pt2e``, default ``X86InductorQuantizer`` config), each exported at that batch.
-Quality (batch 8 artefacts): EfficientNet-Lite0's top-1 agreement on 480 photo crops and logit
-SQNR; all-MiniLM-L6-v2's token embedding cosine and SQNR on 64 sentences (seq 128, padding left out)
-not calibrated on (64 others are). Latency: models timed side by side in blocks (``ncc.tools.timing``), speed-up = median over
-rounds of the paired FP32/INT8 ratio (quartiles in brackets). "quantize s": ncc's pipeline (torch
-export to the Inductor-ready graph, without Inductor's compile) and PT2E's prepare + calibrate +
-convert, both wall time in this process. Needs ``torchao`` (``pip install -e ".[bench]"``) for the
-PT2E rows; without it they are left out and the table says so.
+All run through ``torch.compile`` (Inductor, ``freezing``, ``no_grad``), so the table compares what the
+quantizers produce, not runtimes. Per batch size: ncc's ``ncc.torch.compile`` (``int8``, and for MiniLM
+also ``int8-dynamic``) and PT2E (``prepare_pt2e`` -> calibration -> ``convert_pt2e``, default
+``X86InductorQuantizer`` config, static and for MiniLM dynamic), each exported at that batch, calibrated
+on the ONNX table's data (EfficientNet: the same 64 photo crops; MiniLM: the first 128 training tweets).
+Quality (batch 8 artefacts): EfficientNet-Lite0's top-1 agreement on 480 photo crops and logit SQNR;
+all-MiniLM-L6-v2's sentence-embedding cosine on the ONNX table's 1,000 test tweets, the accuracy of its
+logistic-regression head (fit on FP32 embeddings of 3,000 training tweets) and the token states' SQNR.
+Latency: models timed side by side in blocks (``ncc.tools.timing``), speed-up = median over rounds of
+the paired FP32/INT8 ratio (quartiles in brackets). "quantize s": ncc's pipeline (torch export to the
+Inductor-ready graph, without Inductor's compile) and PT2E's prepare + calibrate + convert, both wall
+time in this process. Needs ``torchao`` (``pip install -e ".[bench]"``) for the PT2E rows; without it
+they are left out and the table says so.
 """
 
 from __future__ import annotations
@@ -47,11 +49,15 @@ class _Callable:
 class _Task:
     """A model, its calibration data, its evaluation inputs and how outputs are scored."""
 
-    def __init__(self, name, model, calib, evaluation, score, quality_name):
+    def __init__(
+        self, name, model, calib, evaluation, score, quality_name, pipelines=("int8",), accuracy=None
+    ):
         self.name, self.model, self.quality_name = name, model, quality_name
-        self.calib = calib  # tuple of tensors, 64 samples each
+        self.calib = calib  # tuple of tensors
         self.evaluation = evaluation  # tuple of tensors
         self.score = score  # (reference outputs, outputs, evaluation inputs) -> dict
+        self.pipelines = pipelines  # ncc pipelines; "int8-dynamic" also brings PT2E's dynamic mode
+        self.accuracy = accuracy  # the column name of a task metric beside the fidelity, if any
 
     def batches(self, tensors, batch):
         n = tensors[0].shape[0] // batch * batch
@@ -86,41 +92,44 @@ def _minilm() -> _Task:
     import realmodels
 
     module = realmodels._minilm_module()
-    feeds = realmodels.minilm_inputs(64 + 64)
-    names = ("input_ids", "attention_mask", "token_type_ids")
-    tensors = tuple(torch.from_numpy(feeds[k]) for k in names)
+    sentiment = m.minilm_sentiment()
+    names = m.MINILM_INPUTS
+    calib = np.load(sentiment.calib)
+    fp32_accuracy = sentiment.fp32_accuracy
 
     def score(ref, got, inputs):
-        mask = inputs[1].bool()
-        cosine = torch.nn.functional.cosine_similarity(
-            torch.from_numpy(ref)[mask], torch.from_numpy(got)[mask], dim=-1
-        )
-        return {"quality": float(cosine.mean()), **m.logit_fidelity(got[mask.numpy()], ref[mask.numpy()])}
+        mask = inputs[1].numpy().astype(bool)
+        emb = m.pooled(got, mask)
+        cosine = float(np.mean(m.sample_cosines(sentiment.ref_test, emb)))
+        accuracy = float(sentiment.head.score(emb, sentiment.y_test))
+        return {"quality": cosine, "accuracy": accuracy, **m.logit_fidelity(got[mask], ref[mask])}
 
     return _Task(
         "all-MiniLM-L6-v2",
         module,
-        tuple(t[64:] for t in tensors),
-        tuple(t[:64] for t in tensors),
+        tuple(torch.from_numpy(calib[k]) for k in names),
+        tuple(torch.from_numpy(sentiment.test[k]) for k in names),
         score,
-        "token cosine (64 sentences, seq 128)",
+        "embedding cosine (1,000 test tweets)",
+        pipelines=("int8", "int8-dynamic"),
+        accuracy=f"LR accuracy (FP32 ONNX {fp32_accuracy:.3f})",
     )
 
 
 TASKS = {"efficientnet": _efficientnet, "minilm": _minilm}
 
 
-def _pt2e(model, example, calib):
+def _pt2e(model, example, calib, dynamic=False):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_dynamic=dynamic))
     start = time.perf_counter()
     with torch.no_grad():
         exported = torch.export.export(model, example, strict=True).module()
         prepared = prepare_pt2e(exported, quantizer)
-        for batch in calib:
+        for batch in calib[:1] if dynamic else calib:  # dynamic: the weights' observers need one run
             prepared(*batch)
         converted = convert_pt2e(prepared)
     return converted, time.perf_counter() - start
@@ -145,19 +154,22 @@ def run_task(task: _Task, threads: list[int], quick: bool, have_pt2e: bool) -> l
         example = tuple(t[:batch] for t in task.calib)
         calib = task.batches(task.calib, batch)
         rows[("FP32 (torch.compile)", batch)] = (inductor(task.model), None)
-        start = time.perf_counter()
-        compiled = ncc.torch.compile(task.model, example, pipeline="int8", calib=calib, check=False)
-        seconds = time.perf_counter() - start
-        compiled(*example)  # Inductor compiles here; compiled.check reads its counters
-        rows[("ncc int8", batch)] = (compiled, seconds)
-        print(
-            f"[{task.name} b{batch}] ncc: quantize {seconds:.1f}s; {compiled.check.summary()}",
-            file=sys.stderr,
-        )
+        for pipeline in task.pipelines:
+            start = time.perf_counter()
+            compiled = ncc.torch.compile(task.model, example, pipeline=pipeline, calib=calib, check=False)
+            seconds = time.perf_counter() - start
+            compiled(*example)  # Inductor compiles here; compiled.check reads its counters
+            rows[(f"ncc {pipeline}", batch)] = (compiled, seconds)
+            print(
+                f"[{task.name} b{batch}] ncc {pipeline}: quantize {seconds:.1f}s; {compiled.check.summary()}",
+                file=sys.stderr,
+            )
         if have_pt2e:
-            converted, seconds = _pt2e(task.model, example, calib)
-            rows[("PT2E X86InductorQuantizer", batch)] = (inductor(converted), seconds)
-            print(f"[{task.name} b{batch}] PT2E: quantize {seconds:.1f}s", file=sys.stderr)
+            for dynamic in (False, True) if "int8-dynamic" in task.pipelines else (False,):
+                name = f"PT2E X86InductorQuantizer{' dynamic' if dynamic else ''}"
+                converted, seconds = _pt2e(task.model, example, calib, dynamic)
+                rows[(name, batch)] = (inductor(converted), seconds)
+                print(f"[{task.name} b{batch}] {name}: quantize {seconds:.1f}s", file=sys.stderr)
     names = list(dict.fromkeys(name for name, _ in rows))
     quality = {name: _quality(task, rows[(name, 8)][0]) for name in names}
     speed = {}
@@ -170,14 +182,18 @@ def run_task(task: _Task, threads: list[int], quick: bool, have_pt2e: bool) -> l
             for i, name in enumerate(names):
                 speed[(name, count, batch)] = (batch / timing.median(i), timing.ratio(i, 0))
             print(f"[{task.name} {count} thread(s), b{batch}] timed", file=sys.stderr)
-    head = f"| {task.name} | {task.quality_name} | SQNR dB | quantize s |"
+    head = f"| {task.name} | {task.quality_name} |{f' {task.accuracy} |' if task.accuracy else ''} SQNR dB | quantize s |"
     for t in threads:
         head += f" {t}T b1 samples/s | {t}T b1 speed-up | {t}T b8 samples/s | {t}T b8 speed-up |"
     lines = ["", head, "|" + "---|" * (head.count("|") - 1)]
     for name in names:
         q = quality[name]
         quantize = rows[(name, 8)][1]
-        line = f"| {name} | {q['quality']:.4f} | {q['sqnr_db']:.2f} | {'' if quantize is None else f'{quantize:.1f}'} |"
+        accuracy = f" {q['accuracy']:.3f} |" if task.accuracy else ""
+        line = (
+            f"| {name} | {q['quality']:.4f} |{accuracy} {q['sqnr_db']:.2f} | "
+            f"{'' if quantize is None else f'{quantize:.1f}'} |"
+        )
         for t in threads:
             for batch in (1, 8):
                 rate, ratio = speed[(name, t, batch)]

@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ncc.metrics import sample_cosines, top1_agreement
@@ -202,14 +203,24 @@ def embed(
     out = []
     for i in range(0, n, batch):
         chunk = {k: feeds[k][i : i + batch] for k in names}
-        hidden = sess.run(None, chunk)[0].astype(np.float64)
-        mask = chunk["attention_mask"][..., None].astype(np.float64)
-        pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
-        out.append(pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12))
-    return np.concatenate(out).astype(np.float32)
+        out.append(pooled(sess.run(None, chunk)[0], chunk["attention_mask"]))
+    return np.concatenate(out)
 
 
-def minilm_task() -> Task:
+@dataclass
+class Sentiment:
+    """The MiniLM tweet-sentiment metric's parts: the tweets, FP32's embeddings and the head fit on them."""
+
+    train: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+    y_test: np.ndarray
+    ref_test: np.ndarray  # FP32 sentence embeddings of the test tweets
+    head: Any  # sklearn LogisticRegression on FP32's train embeddings
+    fp32_accuracy: float
+    calib: Path  # the first N_CALIB_MINILM train tweets, as .npz
+
+
+def minilm_sentiment() -> Sentiment:
     from sklearn.linear_model import LogisticRegression
 
     model = realmodels.minilm_onnx("legacy")
@@ -232,6 +243,22 @@ def minilm_task() -> Task:
     )
     head = LogisticRegression(max_iter=5000, random_state=0).fit(ref["train"], y_train)
     fp32_accuracy = float(head.score(ref["test"], y_test))
+    return Sentiment(train, test, y_test, ref["test"], head, fp32_accuracy, calib)
+
+
+def pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sentence embeddings from token states: mask-weighted mean, L2-normalized (as :func:`embed`)."""
+    hidden, weights = hidden.astype(np.float64), mask[..., None].astype(np.float64)
+    sums = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+    return (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def minilm_task() -> Task:
+    model = realmodels.minilm_onnx("legacy")
+    sentiment = minilm_sentiment()
+    test, y_test, head, calib = sentiment.test, sentiment.y_test, sentiment.head, sentiment.calib
+    ref = {"test": sentiment.ref_test}
+    fp32_accuracy = sentiment.fp32_accuracy
 
     def evaluate(path: Path) -> dict:
         emb = ref["test"] if Path(path) == model else embed(path, test)

@@ -49,23 +49,27 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(data.target.astype(np.int64))
 
 
-def train_digits_cnn() -> DigitsCNN:
-    """The example's CNN, trained on the first 1,400 digits (deterministic: seed 0), in eval mode."""
-    torch.manual_seed(0)
-    x, y = digits()
-    train = TRAIN
-    model = DigitsCNN()
+def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> torch.nn.Module:
+    """``model`` trained on the first 1,400 of ``x``/``y`` (Adam, batches of 64), returned in eval mode;
+    deterministic when the caller seeded torch before building the model."""
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _epoch in range(15):
+    for _epoch in range(epochs):
         perm = torch.randperm(1400)
         model.train()
         for i in range(0, 1400, 64):
             idx = perm[i : i + 64]
-            loss = torch.nn.functional.cross_entropy(model(x[train][idx]), y[train][idx])
+            loss = torch.nn.functional.cross_entropy(model(x[TRAIN][idx]), y[TRAIN][idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def train_digits_cnn() -> DigitsCNN:
+    """The example's CNN, trained on the first 1,400 digits (deterministic: seed 0), in eval mode."""
+    torch.manual_seed(0)
+    x, y = digits()
+    return fit(DigitsCNN(), x, y, epochs=15)
 
 
 def main() -> None:

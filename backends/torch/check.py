@@ -46,7 +46,7 @@ def quantized_layers(model: ir.Model) -> tuple[int, int]:
     """(convolutions, linears) ``model`` quantized: Conv, and Gemm or MatMul with a constant weight."""
     convs = linears = 0
     for node in model.graph:
-        if node.metadata_props.get("ncc.quant") != "int8":
+        if node.metadata_props.get("ncc.quant") not in ("int8", "int8-dynamic"):
             continue
         if node.op_type == "Conv":
             convs += 1

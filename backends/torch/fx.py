@@ -104,6 +104,11 @@ class _Lowering:
             result = rule(node)
         else:
             raise NccError(f"the torch backend cannot lower {node.op_type} yet ({_label(node)}).")
+        if isinstance(result, tuple):  # one fx node per output
+            for output, part in zip(node.outputs, result):
+                if output is not None:
+                    self.env[output.name] = part
+            return
         self.env[node.outputs[0].name] = result
 
     def call(self, overload: str, *args):
@@ -162,8 +167,37 @@ class _Lowering:
             op, (self.value(node.inputs[0]), float(scale.reshape(())), int(zero.reshape(())), lo, hi, dtype)
         )
 
+    def _DynamicQuantizeLinear(self, node: ir.Node):
+        """u8 codes, scale and zero point chosen at run time from the activation's range, as PT2E's dynamic
+        graphs compute them (``choose_qparams.tensor``), which Inductor fuses into its dynamic int8 linear."""
+        import operator
+
+        x = self.value(node.inputs[0])
+        eps = float(np.finfo(np.float32).eps)
+        params = self.graph.call_function(self.qd.choose_qparams.tensor, (x, 0, 255, eps, self.torch.uint8))
+        scale = self.graph.call_function(operator.getitem, (params, 0))
+        zero = self.graph.call_function(operator.getitem, (params, 1))
+        codes = self.graph.call_function(
+            self.qd.quantize_per_tensor.tensor, (x, scale, zero, 0, 255, self.torch.uint8)
+        )
+        return codes, scale, zero
+
+    def dynamic_params(self, node: ir.Node):
+        """The run-time (scale, zero point) fx nodes of a DequantizeLinear reading DynamicQuantizeLinear's
+        outputs, else None."""
+        if len(node.inputs) < 3 or self.constant(node.inputs[1]) is not None:
+            return None
+        producer = node.inputs[1].producer()
+        if producer is None or producer.op_type != "DynamicQuantizeLinear" or node.inputs[2] is None:
+            return None
+        return self.value(node.inputs[1]), self.value(node.inputs[2])
+
     def _DequantizeLinear(self, node: ir.Node):
         source = node.inputs[0]
+        dynamic = self.dynamic_params(node)
+        if dynamic is not None:
+            op = self.qd.dequantize_per_tensor.tensor
+            return self.graph.call_function(op, (self.value(source), *dynamic, 0, 255, self.torch.uint8))
         scale, zero, dtype, lo, hi = self.qparams(node)
         codes = self.constant(source)
         if codes is not None and codes.dtype == np.int32:  # a bias: PT2E keeps it float
@@ -343,9 +377,53 @@ class _Lowering:
         shape = node.inputs[1].shape
         if shape is None or not isinstance(shape[-1], int):
             raise NccError(f"the torch backend needs GatherND's index depth ({_label(node)}).")
+        view = self.broadcast_gather(node)
+        if view is not None:
+            return view
         indices = self.value(node.inputs[1])
         parts = [self.call("select.int", indices, -1, i) for i in range(int(shape[-1]))]
         return self.call("index.Tensor", self.value(node.inputs[0]), parts)
+
+    def broadcast_gather(self, node: ir.Node):
+        """A GatherND whose constant indices are aranges broadcast along distinct output axes (how exported
+        attention masks spell ``mask[batch, None, None, key]``) as a view: permute, unsqueeze, expand.
+        Gathered element by element, Inductor recomputes it inside every reader (each layer's softmax)."""
+        indices = self.constant(node.inputs[1])
+        data_shape = node.inputs[0].shape
+        if indices is None or indices.ndim < 2 or data_shape is None:
+            return None
+        depth, out_rank = indices.shape[-1], indices.ndim - 1
+        if len(data_shape) != depth or not all(isinstance(d, int) for d in data_shape):
+            return None  # whole-element gathers only (no trailing data axes)
+        axes = []
+        for j in range(depth):
+            component = indices[..., j]
+            found = [
+                a
+                for a in range(out_rank)
+                if component.shape[a] == data_shape[j]
+                and np.array_equal(
+                    component,
+                    np.broadcast_to(
+                        np.arange(data_shape[j]).reshape([-1 if i == a else 1 for i in range(out_rank)]),
+                        component.shape,
+                    ),
+                )
+            ]
+            if not found:
+                return None
+            axes.append(found[0])
+        if len(set(axes)) != depth:
+            return None
+        order = sorted(range(depth), key=lambda j: axes[j])
+        x = self.value(node.inputs[0])
+        if order != list(range(depth)):
+            x = self.call("permute.default", x, order)
+        placed = sorted(axes)
+        for a in range(out_rank):
+            if a not in placed:
+                x = self.call("unsqueeze.default", x, a)
+        return self.call("expand.default", x, list(indices.shape[:-1]))
 
     def _Where(self, node: ir.Node):
         condition, x, y = (self.value(v) for v in node.inputs)
@@ -370,6 +448,43 @@ class _Lowering:
                 axis += rank + len(axes)
             x = self.call("unsqueeze.default", x, axis)
         return x
+
+    def _Slice(self, node: ir.Node):
+        starts = [int(v) for v in self.static(node.inputs[1], "Slice start")]
+        ends = [int(v) for v in self.static(node.inputs[2], "Slice end")]
+        axes = list(range(len(starts)))
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            axes = [int(v) for v in self.static(node.inputs[3], "Slice axes")]
+        steps = [1] * len(starts)
+        if len(node.inputs) > 4 and node.inputs[4] is not None:
+            steps = [int(v) for v in self.static(node.inputs[4], "Slice steps")]
+        if any(step < 1 for step in steps):
+            raise NccError(f"the torch backend lowers Slice with positive steps ({_label(node)}).")
+        x = self.value(node.inputs[0])
+        limit = 2**63 - 1
+        for axis, start, end, step in zip(axes, starts, ends, steps):
+            x = self.call("slice.Tensor", x, axis, start, min(end, limit), step)
+        return x
+
+    def _Squeeze(self, node: ir.Node):
+        if len(node.inputs) < 2 or node.inputs[1] is None:
+            return self.call("squeeze.default", self.value(node.inputs[0]))
+        axes = [int(a) for a in self.static(node.inputs[1], "Squeeze axes")]
+        return self.call("squeeze.dims", self.value(node.inputs[0]), axes)
+
+    def _Split(self, node: ir.Node):
+        axis = node.attributes.get_int("axis", 0)
+        if len(node.inputs) < 2 or node.inputs[1] is None:
+            shape = node.inputs[0].shape
+            if shape is None or not isinstance(shape[axis], int) or shape[axis] % len(node.outputs):
+                raise NccError(f"the torch backend needs Split's sizes ({_label(node)}).")
+            sizes = [int(shape[axis]) // len(node.outputs)] * len(node.outputs)
+        else:
+            sizes = [int(v) for v in self.static(node.inputs[1], "Split sizes")]
+        import operator
+
+        parts = self.call("split_with_sizes.default", self.value(node.inputs[0]), sizes, axis)
+        return tuple(self.graph.call_function(operator.getitem, (parts, i)) for i in range(len(sizes)))
 
     def _Identity(self, node: ir.Node):
         return self.value(node.inputs[0])

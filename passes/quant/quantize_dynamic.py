@@ -34,7 +34,13 @@ on the new compute node, or left float with ``ncc.quant.skip = "<reason>"``):
 
   After fusion both forms run the same kernel; the standard form shares one
   activation quantization across Q/K/V, so on transformers it is as fast or
-  faster, and it is the default (numbers in ``benchmarks/RESULTS.md``).
+  faster, and it is the onnxruntime targets' form (numbers in ``benchmarks/RESULTS.md``).
+  - ``form=qdq``: ``DynamicQuantizeLinear(A)`` → ``DequantizeLinear`` (the run-time
+    scale and zero point) → ``MatMul`` with ``DequantizeLinear(W_q, w_s, axis=1)``
+    (→ ``Add(bias)``): the quantization spelled as Q/DQ around a float MatMul, the
+    form of PT2E's dynamic graphs, which the ``inductor`` target lowers to
+    ``choose_qparams`` + oneDNN's int8 linear. ``form=target`` (default) takes the
+    target's form.
 
 - ``Gemm(A, B, C)`` with a constant ``B``: as MatMul; ``transB = 1`` is
   handled by transposing the constant here, ``alpha`` is folded into the
@@ -180,6 +186,7 @@ class _State:
 
     pass_: QuantizeDynamic
     wq: WeightQuant
+    form: str  # standard | fused | qdq (the target's, resolved)
     quantized: Counter = field(default_factory=Counter)
     bytes_before: int = 0
     bytes_after: int = 0
@@ -279,6 +286,22 @@ class _State:
         self.activations[key] = (aq, a_s, a_zp)
         return aq, a_s, a_zp
 
+    def dequantized_activation(self, rewriter: Rewriter, a: ir.Value, name: str) -> ir.Value:
+        """``DequantizeLinear(DynamicQuantizeLinear(a))``, one per activation and graph (``form=qdq``)."""
+        key = (id(rewriter.graph), id(a), "dq")
+        if key in self.activations:
+            return self.activations[key][0]
+        aq, a_s, a_zp = self.dynamic_quantize(rewriter, a, name)
+        dq = rewriter.create(
+            "DequantizeLinear",
+            [aq, a_s, a_zp],
+            name=f"{name}/DequantizeLinear",
+            output_names=[rewriter.fresh_name(f"{a.name or 'a'}_dequantized")],
+        )
+        _typed(dq.outputs[0], ir.DataType.FLOAT, a.shape)
+        self.activations[key] = (dq.outputs[0], a_s, a_zp)
+        return dq.outputs[0]
+
 
 def _typed(value: ir.Value, dtype: ir.DataType, shape: ir.Shape | None) -> None:
     value.type = ir.TensorType(dtype)
@@ -329,7 +352,33 @@ class _Base(Pattern):
         # an unnamed node is named after its output (unique), so the nodes it becomes are too
         st, name = self.state, node.name or node.outputs[0].name or self.op
         w_q, w_s, w_zp = w
-        if st.pass_.form == "fused":
+        if st.form == "qdq":  # a float MatMul between the activation's run-time Q/DQ and the weight's DQ
+            base = out.name or name
+            a_dq = st.dequantized_activation(rewriter, a, name)
+            attrs = {"axis": 1} if w_s.shape is not None and len(w_s.shape) == 1 else {}
+            w_dq = rewriter.create(
+                "DequantizeLinear",
+                [w_q, w_s, w_zp],
+                attrs,
+                name=f"{name}/weight/DequantizeLinear",
+                output_names=[rewriter.fresh_name(f"{w_q.name}_dequantized")],
+            )
+            _typed(w_dq.outputs[0], ir.DataType.FLOAT, w_q.shape)
+            mm = rewriter.create(
+                "MatMul",
+                [a_dq, w_dq.outputs[0]],
+                name=name,
+                absorbed=absorbed,
+                output_names=[rewriter.fresh_name(f"{base}_product")] if bias is not None else None,
+            )
+            st.done(mm, self.op)
+            y = mm
+            if bias is not None:
+                _typed(mm.outputs[0], ir.DataType.FLOAT, out.shape)
+                y = rewriter.create("Add", [mm.outputs[0], bias], name=f"{name}/bias")
+            _take_over(rewriter, out, y.outputs[0], absorbed)
+            return
+        if st.form == "fused":
             st.uses_ms = True
             inputs = [a, w_q, w_s, w_zp] + ([bias] if bias is not None else [])
             new = rewriter.create(
@@ -568,6 +617,10 @@ class ConvPattern(_Base):
         rank = len(tensor.shape)
         m = int(tensor.shape[0])
         per_channel = st.pass_.per_channel
+        if st.form == "qdq":
+            weight = st.weight(rewriter, w, tensor, transpose=False, axis=0 if per_channel else None)
+            self._emit_conv_qdq(rewriter, node, weight, per_channel)
+            return MatchResult.ok()
         if per_channel and not st.wq.symmetric:
             return st.skip(
                 node, "ConvInteger takes one weight zero point: per-channel weights must be symmetric"
@@ -619,6 +672,29 @@ class ConvPattern(_Base):
         _take_over(rewriter, out, y.outputs[0], [node])
         return MatchResult.ok()
 
+    def _emit_conv_qdq(self, rewriter: Rewriter, node: ir.Node, w, per_channel: bool) -> None:
+        """``form=qdq``: the Conv reads the activation's run-time Q/DQ and its weight's DequantizeLinear."""
+        st, name = self.state, node.name or node.outputs[0].name or "Conv"
+        w_q, w_s, w_zp = w
+        a_dq = st.dequantized_activation(rewriter, node.inputs[0], name)
+        w_dq = rewriter.create(
+            "DequantizeLinear",
+            [w_q, w_s, w_zp],
+            {"axis": 0} if per_channel else {},
+            name=f"{name}/weight/DequantizeLinear",
+            output_names=[rewriter.fresh_name(f"{w_q.name}_dequantized")],
+        )
+        _typed(w_dq.outputs[0], ir.DataType.FLOAT, w_q.shape)
+        conv = rewriter.create(
+            "Conv",
+            [a_dq, w_dq.outputs[0], *node.inputs[2:]],
+            node.attributes.values(),
+            name=name,
+            absorbed=[node],
+        )
+        st.done(conv, self.op)
+        _take_over(rewriter, node.outputs[0], conv.outputs[0], [node])
+
 
 _PATTERNS = {"MatMul": MatMulPattern, "Gemm": GemmPattern, "Gather": GatherPattern, "Conv": ConvPattern}
 
@@ -642,9 +718,10 @@ class QuantizeDynamic(Pass):
     exclude: tuple[str, ...] = option(
         (), "node names or regexes (searched in the name) to keep in float", check=regex
     )
-    form: Literal["standard", "fused"] = option(
-        "standard",
-        "standard: DynamicQuantizeLinear + MatMulInteger; fused: com.microsoft DynamicQuantizeMatMul",
+    form: Literal["target", "standard", "fused", "qdq"] = option(
+        "target",
+        "standard: DynamicQuantizeLinear + MatMulInteger; fused: com.microsoft DynamicQuantizeMatMul; "
+        "qdq: run-time Q/DQ around a float MatMul; target: the target's form",
     )
     gather: bool = option(True, "quantize Gather on constant tables (embeddings) when op-types names Gather")
     target: str = option(DEFAULT_TARGET, "target profile (host: this CPU's)")
@@ -665,6 +742,10 @@ class QuantizeDynamic(Pass):
     def active_ops(self) -> tuple[str, ...]:
         ops = self.op_types or tuple(op for op in SUPPORTED_OPS if op in get_target(self.target).dynamic_ops)
         return tuple(op for op in ops if op != "Gather" or self.gather)
+
+    @property
+    def resolved_form(self) -> str:
+        return get_target(self.target).dynamic_form if self.form == "target" else self.form
 
     @property
     def paired_weights(self) -> bool:
@@ -692,6 +773,7 @@ class QuantizeDynamic(Pass):
         state = _State(
             self,
             WeightQuant(self.weight_dtype, self.weight_symmetric, self.reduce_range, self.paired_weights),
+            self.resolved_form,
         )
         patterns = [_PATTERNS[op](state) for op in SUPPORTED_OPS if op in self.active_ops]
         pstats = apply_patterns(model, patterns)

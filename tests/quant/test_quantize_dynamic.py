@@ -250,12 +250,19 @@ def test_all_zero_channel_gets_scale_one():
 # -- numerics: one MatMul -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("form", ["fused", "standard"])
+FORM_OPS = {
+    "fused": ["DynamicQuantizeMatMul"],
+    "standard": ["DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul", "Mul", "Add"],
+    "qdq": ["DynamicQuantizeLinear", "DequantizeLinear", "DequantizeLinear", "MatMul", "Add"],
+}
+
+
+@pytest.mark.parametrize("form", sorted(FORM_OPS))
 @pytest.mark.parametrize("spec,dtype,weights", EXACT_CONFIGS)
 def test_matmul_bias_matches_reference(form, spec, dtype, weights):
     model, result = quantize(matmul_model(W, BIAS), " ".join(filter(None, [f"form={form}", spec])))
     assert result.stats["MatMul quantized"] == 1
-    assert "Add" in ops(model) if form == "standard" else ops(model) == ["DynamicQuantizeMatMul"]
+    assert sorted(ops(model)) == sorted(FORM_OPS[form])
     want = ref_matmul(X, W, BIAS, dtype=dtype, weights=weights)
     for optimize in (False, True):
         (got,) = run(model, {"x": X}, optimize=optimize)
@@ -650,7 +657,8 @@ def test_spec_round_trip_and_defaults():
     assert QuantizeDynamic(target="x86-avx2").paired_weights
     assert not QuantizeDynamic(target="x86-avx2", weight_dtype="u8").paired_weights
     assert not QuantizeDynamic(target="x86-avx2", reduce_range=True).paired_weights
-    assert not d.reduce_range and d.form == "standard" and d.spec() == "quantize-dynamic"
+    assert not d.reduce_range and d.form == "target" and d.spec() == "quantize-dynamic"
+    assert d.resolved_form == "standard" and QuantizeDynamic(target="inductor").resolved_form == "qdq"
 
 
 def test_metadata_ids_and_stats():

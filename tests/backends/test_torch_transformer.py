@@ -1,0 +1,141 @@
+"""ncc.torch on a small transformer: one encoder block (attention, LayerNorm, GELU MLP) trained here on
+scikit-learn's real digits, each image's 8 rows read as 8 tokens of 8 pixels (seconds to train).
+
+Each pipeline is checked for what a PyTorch user relies on: the accuracy holds, every linear ncc
+quantized runs as a oneDNN int8 kernel (Inductor's counters), and the Inductor-compiled module agrees
+with the same graph run eagerly (the reference quantized arithmetic).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+BATCH = 8
+TRAIN, TEST = slice(0, 1400), slice(1400, None)  # as examples/make_digits_cnn.py trains
+
+
+class DigitsTransformer(torch.nn.Module):
+    def __init__(self, width: int = 64, heads: int = 4, hidden: int = 128):
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Linear(8, width)
+        self.position = torch.nn.Parameter(torch.zeros(8, width))
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(width, width) for _ in range(4))
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.up, self.down = torch.nn.Linear(width, hidden), torch.nn.Linear(hidden, width)
+        self.head = torch.nn.Linear(width, 10)
+
+    def forward(self, x):  # x: [B, 8, 8], rows as tokens
+        h = self.embed(x) + self.position
+        b, t, d = h.shape
+        split = lambda y: y.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        scores = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1)
+        context = (scores @ v).transpose(1, 2).reshape(b, t, d)
+        h = self.norm1(h + self.o(context))
+        h = self.norm2(h + self.down(torch.nn.functional.gelu(self.up(h))))
+        return self.head(h.mean(1))
+
+
+@pytest.fixture(scope="module")
+def digits_transformer():
+    spec = importlib.util.spec_from_file_location("make_digits_cnn", REPO / "examples" / "make_digits_cnn.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    images, y = example.digits()
+    x = images[:, 0]  # [N, 8, 8]: rows as tokens
+    torch.manual_seed(0)
+    return example.fit(DigitsTransformer(), x, y, epochs=25), x, y
+
+
+def _batches(x):
+    n = len(x) // BATCH * BATCH
+    return [x[i : i + BATCH] for i in range(0, n, BATCH)], n
+
+
+@pytest.fixture(scope="module", params=["int8", "int8-dynamic"])
+def compiled(request, digits_transformer):
+    import ncc.torch
+
+    model, x, _ = digits_transformer
+    calib = [(x[TRAIN][i : i + BATCH],) for i in range(0, 64, BATCH)]
+    return request.param, ncc.torch.compile(model, (x[:BATCH],), pipeline=request.param, calib=calib)
+
+
+def test_accuracy_holds(digits_transformer, compiled):
+    model, x, y = digits_transformer
+    pipeline, module = compiled
+    batches, n = _batches(x[TEST])
+    with torch.no_grad():
+        want = torch.cat([model(b) for b in batches]).argmax(1)
+        got = torch.cat([module(b) for b in batches]).argmax(1)
+    labels = y[TEST][:n]
+    float_acc, quant_acc = ((p == labels).float().mean().item() for p in (want, got))
+    assert float_acc > 0.9, float_acc
+    assert quant_acc >= float_acc - 0.01, (pipeline, quant_acc, float_acc)
+    assert (got == want).float().mean().item() >= 0.97
+
+
+def test_every_quantized_linear_runs_as_an_int8_kernel(digits_transformer, compiled):
+    _, x, _ = digits_transformer
+    pipeline, module = compiled
+    mode = {"int8": "int8", "int8-dynamic": "int8-dynamic"}[pipeline]
+    quantized = [n for n in module.ir.graph if n.metadata_props.get("ncc.quant") == mode]
+    check = module.check
+    # 8 linears; the two attention products multiply activations and stay float on this target
+    assert check.convs == 0 and 6 <= check.linears == len(quantized) <= 8, check
+    assert check.ok, check.summary()
+    images = x[TEST][:BATCH]
+    with torch.no_grad():
+        eager = module.graph_module(images)
+        got = module(images)
+    # oneDNN's kernels against the reference arithmetic (dequantize -> float op): rounding apart
+    step = float(eager.abs().max()) / 127
+    assert float((got - eager).abs().max()) < 4 * step, pipeline
+    assert torch.equal(got.argmax(1), eager.argmax(1))
+
+
+def test_a_broadcast_gather_of_the_attention_mask_becomes_a_view():
+    """Exported attention masks spell ``mask[batch, None, None, key]`` as a GatherND on constant indices;
+    lowered element by element, Inductor recomputed it inside every layer's softmax (1.5x its time)."""
+    import numpy as np
+    import onnx
+    from ncc.backends.torch.fx import to_graph_module
+    from ncc.frontends.onnx import from_proto
+    from ncc.runtime import run
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    batch, keys = 3, 5
+    b = np.broadcast_to(np.arange(batch).reshape(batch, 1, 1, 1), (batch, 1, 4, keys))
+    k = np.broadcast_to(np.arange(keys).reshape(1, 1, 1, keys), (batch, 1, 4, keys))
+    indices = np.stack([b, k], axis=-1).astype(np.int64)
+    shuffled = indices[..., ::-1].copy()  # mask[key, batch] read through a transposed mask
+    graph = h.make_graph(
+        [
+            h.make_node("GatherND", ["mask", "indices"], ["y"]),
+            h.make_node("Transpose", ["mask"], ["mask_t"], perm=[1, 0]),
+            h.make_node("GatherND", ["mask_t", "shuffled"], ["z"]),
+        ],
+        "g",
+        [h.make_tensor_value_info("mask", T.FLOAT, [batch, keys])],
+        [h.make_tensor_value_info(n, T.FLOAT, [batch, 1, 4, keys]) for n in ("y", "z")],
+        [
+            onnx.numpy_helper.from_array(indices, "indices"),
+            onnx.numpy_helper.from_array(shuffled, "shuffled"),
+        ],
+    )
+    model = from_proto(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+    mask = np.random.default_rng(0).standard_normal((batch, keys)).astype(np.float32)
+    want = run(model, [mask])
+    module = to_graph_module(model)
+    assert "index" not in module.code  # views only
+    got = module(torch.from_numpy(mask))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.numpy(), w)
