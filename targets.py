@@ -47,6 +47,9 @@ class TargetProfile:
     #: How quantize-dynamic spells an int8 MatMul: ``standard`` (MatMulInteger, which onnxruntime fuses),
     #: or ``qdq`` (run-time Q/DQ around a float MatMul, which Inductor lowers like PT2E's dynamic graphs).
     dynamic_form: str = "standard"
+    #: How pack-int4 lays out weight-only quantized MatMuls: ``matmulnbits`` (onnxruntime's kernel) or
+    #: ``qdq`` (standard blocked DequantizeLinear, which the torch backend packs for its int4/int8 kernels).
+    woq_format: str = "matmulnbits"
 
 
 #: Ops x86 runs as integer kernels only next to other integer kernels (a Q/DQ round trip around an
@@ -103,6 +106,7 @@ INDUCTOR = TargetProfile(
     float_output_ops=frozenset({"MatMul", "Gemm"}),
     activation_matmul=False,  # Inductor lowers int8 linears (a constant weight), no int8 batched matmul
     dynamic_form="qdq",  # choose_qparams -> quantize -> dequantize -> linear: oneDNN's dynamic int8 linear
+    woq_format="qdq",
 )
 
 TARGETS: dict[str, TargetProfile] = {t.name: t for t in (X86_VNNI, X86_AVX2, INDUCTOR)}

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError, first_line
 
@@ -71,7 +72,39 @@ def lower(
         raise NccError(f"torch.export could not capture the model: {first_line(err)}") from None
     from ncc.frontends.onnx import normalize
 
-    return normalize(program.model, "the exported model")
+    model = program.model
+    _linear_weights_as_kn(model)
+    return normalize(model, "the exported model")
+
+
+def _linear_weights_as_kn(model: ir.Model) -> None:
+    """``aten.linear`` exports as ``MatMul(x, Transpose(W))`` with W ``[N, K]`` as torch stores it: the
+    weight becomes a ``[K, N]`` initializer read by the MatMul directly, as torch.onnx's own optimizer
+    leaves it and as every ONNX pass expects a weight (fold-constants would skip the large ones)."""
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        weight, out = node.inputs[0], node.outputs[0]
+        tensor = weight.const_value if weight is not None and weight.is_initializer() else None
+        perm = node.attributes.get_ints("perm", None)
+        if tensor is None or len(tensor.shape) != 2 or (perm is not None and list(perm) != [1, 0]):
+            continue
+        uses = out.uses()
+        if not uses or out.is_graph_output() or any(u.node.op_type != "MatMul" or u.idx != 1 for u in uses):
+            continue
+        transposed = ir.Value(
+            name=f"{weight.name}.T",
+            type=weight.type,
+            shape=ir.Shape([tensor.shape[1], tensor.shape[0]]),
+            const_value=ir.tensor(np.ascontiguousarray(tensor.numpy().T), name=f"{weight.name}.T"),
+        )
+        graph.register_initializer(transposed)
+        for use in uses:
+            use.node.replace_input_with(use.idx, transposed)
+        graph.remove(node, safe=True)
+        if not weight.uses() and not weight.is_graph_input():
+            del graph.initializers[weight.name]
 
 
 @contextlib.contextmanager

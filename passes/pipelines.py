@@ -19,9 +19,10 @@ PIPELINES: dict[str, str] = {
         "correct-bias,dce"
     ),
     "int8-dynamic": "shape-inference,fold-constants,eliminate-identity,fuse-matmul-add,cse,dce,quantize-dynamic,dce,toposort",
-    # weight-only: the quantizer (woq-rtn, or woq-gptq / woq-awq with --algo) then packing for the target
-    "w4": "woq-rtn,pack-int4",
-    "w8": "woq-rtn{bits=8},pack-int4",
+    # weight-only: constants folded (a Transpose of a weight, shapes computed from constants), the quantizer
+    # (woq-rtn, or woq-gptq / woq-awq with --algo), then packing for the target
+    "w4": "fold-constants,woq-rtn,pack-int4",
+    "w8": "fold-constants,woq-rtn{bits=8},pack-int4",
 }
 
 

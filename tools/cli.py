@@ -467,7 +467,8 @@ def _inductor_check(path: Path, model):
     from ncc.frontends.torch import load_program
     from ncc.tools.torch_api import inductor
 
-    check, _ = inductor_check(inductor(load_program(path).module()), example_inputs(model), model)
+    module = load_program(path).module()
+    check, _ = inductor_check(inductor(module), example_inputs(model), model, module)
     return check
 
 

@@ -136,7 +136,7 @@ def _compiled_type():
                 from ncc.backends.torch.check import inductor_check
 
                 self._compiled = inductor(self.graph_module)
-                self.check, outputs = inductor_check(self._compiled, args, self.ir)
+                self.check, outputs = inductor_check(self._compiled, args, self.ir, self.graph_module)
                 return outputs
             return self._compiled(*args)
 

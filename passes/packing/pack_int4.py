@@ -48,6 +48,7 @@ from ncc.ir.spill import SpillFile, pack_4bit
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.fusion.fuse_gelu import MS_DOMAIN
 from ncc.passes.woq.weights import add_initializers
+from ncc.targets import DEFAULT_TARGET, get_target
 
 _CODES = {
     ir.DataType.INT4: (4, True),
@@ -135,9 +136,10 @@ class PackInt4(Pass):
     """Lay weight-only quantized MatMuls out for the target: MatMulNBits (onnxruntime CPU) or blocked DequantizeLinear."""
 
     name: ClassVar[str] = "pack-int4"
-    format: Literal["matmulnbits", "qdq"] = option(
-        "matmulnbits",
-        "matmulnbits: com.microsoft::MatMulNBits; qdq: keep standard blocked DequantizeLinear + MatMul",
+    format: Literal["target", "matmulnbits", "qdq"] = option(
+        "target",
+        "matmulnbits: com.microsoft::MatMulNBits; qdq: keep standard blocked DequantizeLinear + MatMul; "
+        "target: the target's (matmulnbits for onnxruntime, qdq for inductor, whose backend packs for torch)",
     )
     accuracy_level: int = option(
         0,
@@ -146,8 +148,21 @@ class PackInt4(Pass):
         max=4,
     )
 
+    target: str = option(DEFAULT_TARGET, "target profile (host: this CPU's)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            get_target(self.target)
+        except NccError as err:
+            raise ValueError(str(err).rstrip(".")) from None
+
+    @property
+    def resolved_format(self) -> str:
+        return get_target(self.target).woq_format if self.format == "target" else self.format
+
     def requires(self, model: ir.Model) -> None:
-        if self.accuracy_level and self.format == "qdq":
+        if self.accuracy_level and self.resolved_format == "qdq":
             raise NccError(
                 "accuracy-level applies to --format matmulnbits; with qdq onnxruntime takes it from its "
                 "session option session.qdq_matmulnbits_accuracy_level."
@@ -160,7 +175,7 @@ class PackInt4(Pass):
             raise NccError(
                 "pack-int4 found no weight-only quantized MatMuls; run woq-rtn, woq-gptq or woq-awq first."
             )
-        if self.format == "qdq":
+        if self.resolved_format == "qdq":
             return PassResult(
                 modified=False,
                 stats={"MatMuls kept as DequantizeLinear + MatMul": len(sites)},

@@ -139,3 +139,59 @@ def test_a_broadcast_gather_of_the_attention_mask_becomes_a_view():
     got = module(torch.from_numpy(mask))
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g.numpy(), w)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        "group-size=32 partial-groups=true",
+        "group-size=64 scheme=sym partial-groups=true",
+        "bits=8 group-size=0 scheme=sym",
+    ],
+)
+def test_weight_only_runs_packed_kernels_for_a_few_rows(digits_transformer, options):
+    """w4 / w8 on one image (8 rows: decoding-sized): every weight-only linear whose layout a CPU kernel
+    takes runs ATen's packed-weight kernel on bf16 activations; the 8-input embedding (K=8, no 4-bit
+    group fits) is dequantized and named in the check with its reason."""
+    import ncc.torch
+    from ncc.backends.torch.fx import dequantize_blocked
+
+    model, x, y = digits_transformer
+    pipeline = "w8" if "bits=8" in options else "w4"
+    module = ncc.torch.compile(model, (x[:1],), pipeline=pipeline, options=options)
+    check = module.check
+    four_bit = pipeline == "w4"
+    # 8 linears; the head reads a [1, 64] input, which exports as a Gemm, and weight-only passes take MatMuls
+    # and the embedding's K=8 fits neither kernel (no 4-bit group; torch's int8 kernel needs K % 16 == 0)
+    assert check.weight_only == 7 and check.weight_only_kernels == 6, check.summary()
+    assert [name.split("weight ")[-1] for name, _ in check.weight_only_float] == ["embed.weight.T_q)"]
+    why = "group size 32 with K=8" if options.startswith("group-size=32") else "group size 64 with K=8"
+    assert f"1 run as float linears ({why if four_bit else 'K=8'}" in check.summary(), check.summary()
+    kernel = "aten._weight_int4pack_mm_for_cpu" if four_bit else "aten._weight_int8pack_mm"
+    assert module.graph_module.code.count(kernel) == check.weight_only_kernels
+    # against the IR's arithmetic: the weights dequantized in float32, activations in bf16 in the kernel
+    reference = _dequantized_copy(model, module.ir, dequantize_blocked)
+    images = x[TEST][:64]
+    with torch.no_grad():
+        got = torch.cat([module(images[i : i + 1]) for i in range(64)])
+        want = reference(images)
+        float_logits = model(images)
+    step = float(want.abs().max()) / 127
+    assert float((got - want).abs().max()) < step, options  # bf16 activations: ~3 significant digits
+    assert (got.argmax(1) == float_logits.argmax(1)).float().mean().item() >= 0.95
+
+
+def _dequantized_copy(model, quantized_ir, dequantize_blocked):
+    """``model`` with each linear's weight replaced by the IR's dequantized weight-only weight (the IR's
+    MatMuls are in forward() order, which is the modules' order here; the last linear, a Gemm, stays float)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    linears = [m for m in twin.modules() if isinstance(m, torch.nn.Linear)]
+    matmuls = [n for n in quantized_ir.graph if n.metadata_props.get("ncc.quant", "").startswith("w")]
+    assert len(matmuls) == len(linears) - 1
+    for linear, node in zip(linears, matmuls):
+        weight = dequantize_blocked(node.inputs[1].producer())  # [K, N]
+        assert weight.shape == tuple(linear.weight.T.shape), node.name
+        linear.weight.data = torch.from_numpy(weight.T.copy())
+    return twin
