@@ -193,12 +193,19 @@ def window_nll(
     for i in range(0, len(windows), batch):
         ids = windows[i : i + batch]
         logits = sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
-        for row, target in zip(logits, ids):
-            x = row[:-1].astype(np.float64)
-            peak = x.max(axis=-1, keepdims=True)
-            logz = np.log(np.exp(x - peak).sum(axis=-1)) + peak[:, 0]
-            out.append(float(np.sum(logz - x[np.arange(len(x)), target[1:]])))
+        out.extend(logits_nll(logits, ids))
     return np.asarray(out)
+
+
+def logits_nll(logits: np.ndarray, ids: np.ndarray) -> list[float]:
+    """Per window, the summed next-token negative log-likelihood (float64) of ``logits`` [batch, seq, vocab]."""
+    out = []
+    for row, target in zip(logits, ids):
+        x = row[:-1].astype(np.float64)
+        peak = x.max(axis=-1, keepdims=True)
+        logz = np.log(np.exp(x - peak).sum(axis=-1)) + peak[:, 0]
+        out.append(float(np.sum(logz - x[np.arange(len(x)), target[1:]])))
+    return out
 
 
 def perplexity(

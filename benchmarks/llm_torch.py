@@ -80,7 +80,13 @@ class DecodeStep(torch.nn.Module):
         cache = torch.zeros(self.layers, 1, self.kv_heads, self.cache_len, self.head_dim)
         mask = torch.full((1, self.cache_len + 1), MASKED)
         mask[0, -1] = 0.0
-        return torch.zeros(1, 1, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int64), mask, cache, cache
+        return (
+            torch.zeros(1, 1, dtype=torch.int64),
+            torch.zeros(1, 1, dtype=torch.int64),
+            mask,
+            cache,
+            cache.clone(),
+        )
 
 
 def _rotate_half(x):

@@ -45,6 +45,7 @@ def lower(
     inputs = tuple(example_inputs)
     if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
         raise NccError("example inputs must be a non-empty sequence of tensors, in forward()'s order.")
+    inputs = _unaliased(inputs)
     if isinstance(module, torch.nn.Module):
         module = module.eval()
     elif not isinstance(module, torch.export.ExportedProgram):
@@ -105,6 +106,21 @@ def _linear_weights_as_kn(model: ir.Model) -> None:
         graph.remove(node, safe=True)
         if not weight.uses() and not weight.is_graph_input():
             del graph.initializers[weight.name]
+
+
+def _unaliased(inputs: tuple) -> tuple:
+    """Example inputs sharing memory (the same zero tensor passed as two caches) made distinct: torch.export
+    traces aliased inputs as one, and the program then reads the first where the second was meant."""
+    seen: set[int] = set()
+    out = []
+    for x in inputs:
+        ptr = x.untyped_storage().data_ptr() if x.numel() else None
+        if ptr is not None and ptr in seen:
+            x = x.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out.append(x)
+    return tuple(out)
 
 
 @contextlib.contextmanager

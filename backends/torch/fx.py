@@ -36,6 +36,13 @@ _BINARY = {
     "Mul": "mul.Tensor",
     "Div": "div.Tensor",
     "Pow": "pow.Tensor_Tensor",
+    "Max": "maximum.default",
+    "Min": "minimum.default",
+    "Equal": "eq.Tensor",
+    "Less": "lt.Tensor",
+    "LessOrEqual": "le.Tensor",
+    "Greater": "gt.Tensor",
+    "GreaterOrEqual": "ge.Tensor",
 }
 _LOGICAL = {"And": "logical_and.default", "Or": "logical_or.default", "Xor": "logical_xor.default"}
 _UNARY = {
@@ -47,6 +54,13 @@ _UNARY = {
     "Exp": "exp.default",
     "Neg": "neg.default",
     "Abs": "abs.default",
+    "Cos": "cos.default",
+    "Sin": "sin.default",
+    "Reciprocal": "reciprocal.default",
+    "Log": "log.default",
+    "Floor": "floor.default",
+    "Ceil": "ceil.default",
+    "Not": "logical_not.default",
 }
 
 
@@ -96,7 +110,7 @@ class _Lowering:
             raise NccError(f"the torch backend cannot lower {node.domain}::{node.op_type} ({_label(node)}).")
         rule: Callable | None = getattr(self, f"_{node.op_type}", None)
         if node.op_type in _BINARY:
-            result = self.call(_BINARY[node.op_type], self.value(node.inputs[0]), self.value(node.inputs[1]))
+            result = self.binary(node)
         elif node.op_type in _LOGICAL:
             result = self.call(_LOGICAL[node.op_type], self.value(node.inputs[0]), self.value(node.inputs[1]))
         elif node.op_type in _UNARY:
@@ -111,6 +125,26 @@ class _Lowering:
                     self.env[output.name] = part
             return
         self.env[node.outputs[0].name] = result
+
+    def binary(self, node: ir.Node):
+        """An elementwise op; a float32 one with a single-value float32 constant that broadcasts nothing
+        takes it as a Python scalar: Inductor bakes it into its kernels, and its attention fusion needs
+        the softmax scale as a number (a one-element tensor there fails its compile)."""
+        a, b = node.inputs[0], node.inputs[1]
+        if node.op_type in ("Add", "Sub", "Mul", "Div"):
+            for x, c, swap in ((a, b, False), (b, a, True)):
+                scalar = self.scalar(c, x)
+                if scalar is not None and (not swap or node.op_type in ("Add", "Mul")):
+                    return self.call(_BINARY[node.op_type], self.value(x), scalar)
+        return self.call(_BINARY[node.op_type], self.value(a), self.value(b))
+
+    def scalar(self, constant: ir.Value, other: ir.Value) -> float | None:
+        array = self.constant(constant)
+        if array is None or array.size != 1 or array.dtype != np.float32 or other.dtype != ir.DataType.FLOAT:
+            return None
+        if other.shape is None or array.ndim > len(other.shape):
+            return None
+        return float(array.reshape(()))
 
     def call(self, overload: str, *args):
         return self.graph.call_function(_aten(self.torch, overload), args)
@@ -135,8 +169,15 @@ class _Lowering:
             return value.const_value.numpy()
         producer = value.producer()
         if producer is not None and producer.op_type == "Constant":
-            attr = producer.attributes.get("value")
-            return attr.value.numpy() if attr is not None else None
+            attrs = producer.attributes
+            if "value" in attrs:
+                return attrs["value"].value.numpy()
+            for name, dtype in (("value_float", np.float32), ("value_floats", np.float32)):
+                if name in attrs:
+                    return np.asarray(attrs[name].value, dtype)
+            for name in ("value_int", "value_ints"):
+                if name in attrs:
+                    return np.asarray(attrs[name].value, np.int64)
         return None
 
     def buffer(self, name: str, array):
@@ -423,6 +464,11 @@ class _Lowering:
             if rank is None:
                 raise NccError(f"the torch backend needs Gather's input rank ({_label(node)}).")
             axis += rank
+        constant = self.constant(node.inputs[1])
+        if (
+            constant is not None and constant.ndim == 0
+        ):  # one slice: the axis goes (index.Tensor would keep it)
+            return self.call("select.int", self.value(data), axis, int(constant))
         indices = self.value(node.inputs[1])
         return self.call("index.Tensor", self.value(data), [None] * axis + [indices])
 

@@ -195,3 +195,20 @@ def _dequantized_copy(model, quantized_ir, dequantize_blocked):
         assert weight.shape == tuple(linear.weight.T.shape), node.name
         linear.weight.data = torch.from_numpy(weight.T.copy())
     return twin
+
+
+def test_aliased_example_inputs_are_traced_as_two_inputs():
+    """The same zero tensor passed as two arguments (two empty caches): torch.export alone traces them as
+    one input, and the program then reads the first where the second was meant."""
+    import ncc.torch
+    from ncc.runtime import run
+
+    class Pick(torch.nn.Module):
+        def forward(self, a, b):
+            return a * 2 + b
+
+    zeros = torch.zeros(2, 3)
+    model = ncc.torch.lower(Pick(), (zeros, zeros), dynamic_batch=False)
+    a, b = torch.ones(2, 3), torch.full((2, 3), 5.0)
+    (got,) = run(model, [a.numpy(), b.numpy()])
+    assert (got == 7.0).all(), got
