@@ -109,7 +109,15 @@ INDUCTOR = TargetProfile(
     woq_format="qdq",
 )
 
-TARGETS: dict[str, TargetProfile] = {t.name: t for t in (X86_VNNI, X86_AVX2, INDUCTOR)}
+AOTI = replace(
+    INDUCTOR,
+    name="aoti",
+    description="AOTInductor package for x86 (Inductor's int8 lowering compiled ahead of time, no Python graph)",
+)
+
+TARGETS: dict[str, TargetProfile] = {t.name: t for t in (X86_VNNI, X86_AVX2, INDUCTOR, AOTI)}
+#: Targets whose artefact is a torch program (``.pt2``), not an ONNX model.
+TORCH_TARGETS = frozenset({INDUCTOR.name, AOTI.name})
 #: ``host`` resolves to the profile of the CPU ncc runs on (see :func:`host_target`).
 DEFAULT_TARGET = "host"
 

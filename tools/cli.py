@@ -175,7 +175,11 @@ def _quant_options(fn):
             metavar="REGEX",
             help="Keep nodes whose name matches in float (regex searched in the name; repeatable).",
         ),
-        click.option("--target", metavar="NAME", help="Target profile: host (default), x86-vnni, x86-avx2."),
+        click.option(
+            "--target",
+            metavar="NAME",
+            help="Target profile: host (default), x86-vnni, x86-avx2; for .pt2 output inductor (default) or aoti.",
+        ),
         click.option(
             "--min-cosine",
             type=float,
@@ -382,9 +386,11 @@ def compile(
     **opts,
 ) -> None:
     """Compile INPUT (.onnx, .ncc or a torch.export .pt2) through a pipeline into OUTPUT (.onnx, .ncc, or
-    .pt2: a torch.export program Inductor runs as int8; its target defaults to 'inductor')."""
+    .pt2: a torch.export program Inductor runs as int8, its target defaults to 'inductor'; with --target
+    aoti an AOTInductor package)."""
     from ncc.files import deferred_commit
     from ncc.passes.base import PassContext
+    from ncc.targets import TORCH_TARGETS
     from ncc.tools.modelio import (
         FileUse,
         calibration_files,
@@ -411,6 +417,11 @@ def compile(
         raise NccError(f"--format {fmt} is an ONNX form; a .pt2 output takes the torch backend's own.")
     if torch_out and not opts.get("target"):
         opts["target"] = "inductor"
+    aoti = opts.get("target") == "aoti"
+    if aoti and not torch_out:
+        raise NccError("--target aoti writes an AOTInductor package: give a .pt2 output.")
+    if torch_out and opts["target"] not in TORCH_TARGETS:
+        raise NccError(f"a .pt2 output runs in torch: --target inductor or aoti, not {opts['target']}.")
     model = load_model(input)
     size_before = files_size([use.path for use in inputs])
     cache = cache_dir or Path(os.environ.get("NCC_CACHE", Path.home() / ".cache" / "ncc"))
@@ -427,7 +438,9 @@ def compile(
         raise NccError("--layer-report needs a weight-only pipeline (w4, w8, woq-*).")
     check = None
     with deferred_commit() as staged:  # the outputs are renamed into place once the check passed
-        written = save_model(model, output, external_data=external_data, value_info=value_info or not int8)
+        written = save_model(
+            model, output, external_data=external_data, value_info=value_info or not int8, aoti=aoti
+        )
         if layer_report is not None:
             from ncc.tools.report import write_layer_report
 
@@ -441,7 +454,7 @@ def compile(
 
             check = check_on_onnxruntime(staged(output), model, shown=output)
         if not no_check and torch_out and any("ncc.quant" in n.metadata_props for n in model.graph):
-            check = _inductor_check(staged(output), model)
+            check = (_aoti_check if aoti else _inductor_check)(staged(output), model)
     if run is not None:
         spec = ",".join(r.spec for r in run.records)
         click.echo(
@@ -469,6 +482,24 @@ def _inductor_check(path: Path, model):
 
     module = load_program(path).module()
     check, _ = inductor_check(inductor(module), example_inputs(model), model, module)
+    return check
+
+
+def _aoti_check(path: Path, model):
+    """What the AOTInductor compile that wrote ``path`` lowered to int8 (its counters), once the package has
+    loaded back and run on zero inputs."""
+    import torch
+    from ncc.backends.torch.check import counted_check
+    from ncc.backends.torch.fx import to_graph_module
+    from ncc.backends.torch.save import example_inputs
+
+    check = counted_check(model, to_graph_module(model), runtime="AOTInductor")
+    try:
+        runner = torch._inductor.aoti_load_package(str(path))
+        with torch.no_grad():
+            runner(*example_inputs(model))
+    except Exception as err:  # a package that does not load or run is ncc's failure, said in one sentence
+        raise NccError(f"the AOTInductor package does not run: {str(err).splitlines()[0]}") from None
     return check
 
 

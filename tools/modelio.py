@@ -192,10 +192,12 @@ def save_model(
     full: bool = True,
     external_data: str | None = None,
     value_info: bool = True,
+    aoti: bool = False,
 ) -> list[Path]:
     """Write ``model``; returns the files written (model first). ``.ncc`` output carries
     every value when ``full`` (large ones in a ``<name>.data`` sidecar); ``.onnx`` output leaves
-    out intermediate values' types and shapes unless ``value_info``."""
+    out intermediate values' types and shapes unless ``value_info``; ``.pt2`` output is a torch.export
+    program, or with ``aoti`` an AOTInductor package."""
     path = Path(path)
     if model_format(path) == ".onnx":
         from ncc.backends.onnx import save_onnx
@@ -208,7 +210,7 @@ def save_model(
         if external_data:
             raise NccError("--external-data applies to .onnx output, not .pt2.")
         with atomic_outputs(path) as (temp,):
-            save_pt2(model, temp)
+            save_pt2(model, temp, aoti=aoti)
         return [path]
     from ncc.ir.printer import print_model
 

@@ -145,10 +145,17 @@ def _compiled_type():
             with torch.no_grad():
                 return torch.export.export(self.graph_module, self.example_inputs, strict=False)
 
-        def save(self, path: str | os.PathLike) -> None:
+        def save(self, path: str | os.PathLike, *, aoti: bool = False) -> None:
             """``torch.export.save`` of :meth:`export`; load it in a fresh process after
-            ``import torch.ao.quantization.fx._decomposed`` (which registers the quantized ops)."""
-            torch.export.save(self.export(), str(path))
+            ``import torch.ao.quantization.fx._decomposed`` (which registers the quantized ops). With
+            ``aoti``, an AOTInductor package of it instead (``path`` ending in ``.pt2``), compiled for this
+            CPU; load it with ``torch._inductor.aoti_load_package``."""
+            if aoti:
+                from ncc.backends.torch.save import package_aoti
+
+                package_aoti(self.export(), path)
+            else:
+                torch.export.save(self.export(), str(path))
 
     return Compiled
 

@@ -107,15 +107,22 @@ def inductor_check(
     """Call ``run`` (``graph_module`` compiled by Inductor, not yet run) on ``example_inputs`` and classify
     ``model``'s quantized layers by Inductor's counters and the graph's kernel calls; returns the check and
     the outputs."""
-    import torch
     from torch._dynamo.utils import counters
 
     counters["inductor"].clear()
     outputs = run(*example_inputs)
+    return counted_check(model, graph_module), outputs
+
+
+def counted_check(model: ir.Model, graph_module: Any, runtime: str = "Inductor") -> InductorCheck:
+    """The check from Inductor's counters as its last compile left them (of ``graph_module``)."""
+    import torch
+    from torch._dynamo.utils import counters
+
     seen = counters["inductor"]
     convs, linears, weight_only = quantized_layers(model)
-    check = InductorCheck(
-        runtime=f"Inductor (torch {torch.__version__})",
+    return InductorCheck(
+        runtime=f"{runtime} (torch {torch.__version__})",
         convs=convs,
         linears=linears,
         int8_convs=int(seen["qconv_weight_prepack_matcher_count"]),
@@ -124,4 +131,3 @@ def inductor_check(
         weight_only_kernels=kernel_calls(graph_module),
         weight_only_float=float_weight_only(model),
     )
-    return check, outputs

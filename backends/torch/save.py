@@ -10,6 +10,7 @@ of layers kept in float. A fresh process loads it after ``import torch.ao.quanti
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +48,31 @@ def export_program(model: ir.Model) -> Any:
         return torch.export.export(module, example_inputs(model), strict=False)
 
 
-def save_pt2(model: ir.Model, path: str | os.PathLike) -> None:
-    """Export ``model`` and ``torch.export.save`` it to ``path`` (the caller makes the write atomic)."""
+def save_pt2(model: ir.Model, path: str | os.PathLike, *, aoti: bool = False) -> None:
+    """Export ``model`` and ``torch.export.save`` it to ``path`` or, with ``aoti``, compile it ahead of time
+    into an AOTInductor package there (the caller makes the write atomic)."""
     import torch
 
     program = export_program(model)
     try:
-        torch.export.save(program, str(path))
+        if aoti:
+            package_aoti(program, path)
+        else:
+            torch.export.save(program, str(path))
     except OSError as err:
         raise NccError(f"cannot write {Path(path)}: {err.strerror or err}.") from None
+
+
+def package_aoti(program: Any, path: str | os.PathLike) -> None:
+    """``program`` compiled by AOTInductor as its x86 int8 lowering needs (``freezing``, ``no_grad``) into a
+    package at ``path`` (a ``.pt2`` name). Inductor's counters keep what this compile lowered (the check
+    reads them). The package loads with ``torch._inductor.aoti_load_package`` and runs without Python
+    graph code; it is compiled for this machine's CPU."""
+    import torch
+    import torch._inductor.config as config
+    from torch._dynamo.utils import counters
+
+    counters["inductor"].clear()
+    with torch.no_grad(), config.patch({"freezing": True}), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning)
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))

@@ -110,26 +110,38 @@ def test_inductor_runs_every_quantized_conv_and_linear_as_an_int8_kernel(digits_
 
 def test_saved_program_reloads_in_a_fresh_process_with_int8_weights_only(digits_cnn, compiled, tmp_path):
     _, x, _, _, test = digits_cnn
-    path, inputs, outputs = tmp_path / "digits.int8.pt2", tmp_path / "x.pt", tmp_path / "y.pt"
+    path = tmp_path / "digits.int8.pt2"
     compiled.save(path)
     images = x[test][:BATCH]
-    torch.save(images, inputs)
     script = (
-        "import sys, torch\n"
         "import torch.ao.quantization.fx._decomposed\n"
         "program = torch.export.load(sys.argv[1])\n"
         "weights = [t for t in program.state_dict.values()] + list(program.constants.values())\n"
         "assert not any(t.dtype == torch.float32 and t.numel() >= 4096 for t in weights), 'a float weight'\n"
-        "with torch.no_grad():\n"
-        "    torch.save(program.module()(torch.load(sys.argv[2])), sys.argv[3])\n"
+        "run = program.module()\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(path), str(inputs), str(outputs)], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr
     with torch.no_grad():
         want = compiled.graph_module(images)
-    assert torch.equal(torch.load(outputs), want)
+    assert torch.equal(_run_in_fresh_process(script, path, images, tmp_path), want)
+
+
+def _run_in_fresh_process(load: str, path, inputs: torch.Tensor, tmp_path) -> torch.Tensor:
+    """``load`` (Python defining ``run`` from the file ``sys.argv[1]``) in a new interpreter, ``run`` on ``inputs``
+    under ``no_grad``; its output."""
+    inputs_file, outputs_file = tmp_path / "x.pt", tmp_path / "y.pt"
+    torch.save(inputs, inputs_file)
+    script = (
+        "import sys, torch\n"
+        + load
+        + "with torch.no_grad():\n    torch.save(run(torch.load(sys.argv[2])), sys.argv[3])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(path), str(inputs_file), str(outputs_file)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return torch.load(outputs_file)
 
 
 def _ncc(*args) -> subprocess.CompletedProcess:
@@ -180,3 +192,28 @@ def test_cli_refuses_what_a_pt2_cannot_be(tmp_path):
         tmp_path / "o.pt2",
     )
     assert proc.returncode == 2 and "is an ONNX form" in proc.stderr, proc.stderr
+
+
+def test_cli_writes_an_aoti_package_that_reloads_bit_for_bit(digits_cnn, tmp_path):
+    model, x, _, train, test = digits_cnn
+    source, calib, out = tmp_path / "digits.pt2", tmp_path / "calib.npz", tmp_path / "digits.int8.aoti.pt2"
+    with torch.no_grad():
+        torch.export.save(torch.export.export(model, (x[:BATCH],)), source)
+    np.savez(calib, x=x[train][:64].numpy())
+    proc = _ncc("compile", source, "--pass", "int8", "--calib", calib, "--target", "aoti", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "on AOTInductor" in proc.stderr and "5/5 quantized convolutions and linears" in proc.stderr, (
+        proc.stderr
+    )
+    images = x[test][:BATCH]
+    runner = torch._inductor.aoti_load_package(str(out))
+    with torch.no_grad():
+        here = runner(images)
+        want = model(images)
+    assert (here.argmax(1) == want.argmax(1)).float().mean().item() >= 0.875
+    fresh = _run_in_fresh_process(
+        "run = torch._inductor.aoti_load_package(sys.argv[1])\n", out, images, tmp_path
+    )
+    assert torch.equal(fresh, here)
+    refused = _ncc("compile", source, "--pass", "optimize", "--target", "aoti", "-o", tmp_path / "o.onnx")
+    assert refused.returncode == 2 and "give a .pt2 output" in refused.stderr, refused.stderr
