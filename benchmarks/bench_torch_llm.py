@@ -157,7 +157,12 @@ def main() -> None:
     perplexity = [] if args.skip_perplexity else perplexity_rows(args.algos.split(","), groups)
     facts = machine_facts()
     print("# SmolLM2-135M weight-only INT4 through ncc's torch path\n")
-    flags = [f for f, on in (("--quick", args.quick), ("--skip-perplexity", args.skip_perplexity)) if on]
+    switches = (
+        ("--quick", args.quick),
+        ("--skip-perplexity", args.skip_perplexity),
+        ("--skip-decode", args.skip_decode),
+    )
+    flags = [f for f, on in switches if on]
     flags += [f"--threads {args.threads}", f"--groups {args.groups}", f"--algos {args.algos}"]
     print(f"command: python benchmarks/bench_torch_llm.py {' '.join(flags)}")
     print(
