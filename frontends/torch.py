@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError, first_line
+from ncc.ir.ops import is_onnx_domain
 
 FX_NODE = "pkg.torch.onnx.fx_node"
 """Node metadata torch.onnx writes: the FX node (of the exported program) an ONNX node was made from."""
@@ -84,7 +85,7 @@ def _linear_weights_as_kn(model: ir.Model) -> None:
     leaves it and as every ONNX pass expects a weight (fold-constants would skip the large ones)."""
     graph = model.graph
     for node in list(graph):
-        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "Transpose" or not is_onnx_domain(node):
             continue
         weight, out = node.inputs[0], node.outputs[0]
         tensor = weight.const_value if weight is not None and weight.is_initializer() else None

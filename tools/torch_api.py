@@ -58,13 +58,12 @@ def compile(  # noqa: A001 - the PyTorch user's word for it
     from ncc.backends.torch.fx import to_graph_module
     from ncc.passes.base import PassContext
     from ncc.passes.manager import PassManager
-    from ncc.passes.pipelines import PIPELINES
     from ncc.passes.spec import parse_pipeline, with_options
 
     inputs = tuple(example_inputs)
     model_ir = lower(model, inputs, dynamic_batch=False)
     names = [v.name for v in model_ir.graph.inputs if not v.is_initializer()]
-    passes = parse_pipeline(PIPELINES.get(pipeline, pipeline))
+    passes = parse_pipeline(pipeline)  # a pipeline name or a pass list
     fields = {f.name for p in passes for f in p.options()}
     updates = {"target": target} if "target" in fields else {}
     for item in options.split():

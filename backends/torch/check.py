@@ -66,28 +66,32 @@ class InductorCheck:
 def quantized_layers(model: ir.Model) -> tuple[int, int, int]:
     """(convolutions, linears, weight-only MatMuls) ``model`` quantized: Conv, and Gemm or MatMul with a
     constant weight, in int8 or int8-dynamic; MatMuls a ``woq-*`` pass quantized."""
-    convs = linears = weight_only = 0
+    convs = linears = 0
     for node in model.graph:
-        mode = node.metadata_props.get("ncc.quant", "")
-        if mode in ("int8", "int8-dynamic"):
+        if node.metadata_props.get("ncc.quant", "") in ("int8", "int8-dynamic"):
             if node.op_type == "Conv":
                 convs += 1
             elif node.op_type == "Gemm" or (node.op_type == "MatMul" and is_weight(node.inputs[1])):
                 linears += 1
-        elif mode.startswith("w") and node.op_type == "MatMul":
-            weight_only += 1
-    return convs, linears, weight_only
+    return convs, linears, len(_weight_only_matmuls(model))
+
+
+def _weight_only_matmuls(model: ir.Model) -> list[ir.Node]:
+    return [
+        node
+        for node in model.graph
+        if node.op_type == "MatMul" and node.metadata_props.get("ncc.quant", "").startswith("w")
+    ]
 
 
 def float_weight_only(model: ir.Model) -> list[tuple[str, str]]:
     """The weight-only MatMuls the torch backend runs as float linears (no kernel takes them), with why."""
     out = []
-    for node in model.graph:
-        if node.metadata_props.get("ncc.quant", "").startswith("w") and node.op_type == "MatMul":
-            dq = node.inputs[1].producer()
-            plan = woq_kernel(dq, node.inputs[0].shape) if dq is not None else None
-            if plan is not None and plan.kernel is None:
-                out.append((f"{node.name} (weight {dq.inputs[0].name})", plan.reason))
+    for node in _weight_only_matmuls(model):
+        dq = node.inputs[1].producer()
+        plan = woq_kernel(dq, node.inputs[0].shape) if dq is not None else None
+        if plan is not None and plan.kernel is None:
+            out.append((f"{node.name} (weight {dq.inputs[0].name})", plan.reason))
     return out
 
 
@@ -114,13 +118,17 @@ def inductor_check(
     return counted_check(model, graph_module), outputs
 
 
-def counted_check(model: ir.Model, graph_module: Any, runtime: str = "Inductor") -> InductorCheck:
-    """The check from Inductor's counters as its last compile left them (of ``graph_module``)."""
+def counted_check(model: ir.Model, graph_module: Any | None, runtime: str = "Inductor") -> InductorCheck:
+    """The check from Inductor's counters as its last compile left them (of ``graph_module``). Without the
+    graph (an AOTInductor package holds compiled code), the weight-only kernels counted are those the
+    backend's plan gave one (:func:`~ncc.backends.torch.fx.woq_kernel`, which its lowering follows)."""
     import torch
     from torch._dynamo.utils import counters
 
     seen = counters["inductor"]
     convs, linears, weight_only = quantized_layers(model)
+    in_float = float_weight_only(model)
+    kernels = kernel_calls(graph_module) if graph_module is not None else weight_only - len(in_float)
     return InductorCheck(
         runtime=f"{runtime} (torch {torch.__version__})",
         convs=convs,
@@ -128,6 +136,6 @@ def counted_check(model: ir.Model, graph_module: Any, runtime: str = "Inductor")
         int8_convs=int(seen["qconv_weight_prepack_matcher_count"]),
         int8_linears=int(seen["qlinear_weight_prepack_matcher_count"]),
         weight_only=weight_only,
-        weight_only_kernels=kernel_calls(graph_module),
-        weight_only_float=float_weight_only(model),
+        weight_only_kernels=kernels,
+        weight_only_float=in_float,
     )

@@ -19,6 +19,7 @@ or a shape computed at run time, is one sentence naming the op (:class:`~ncc.err
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
-from ncc.ir.rewrite import bias_add, is_constant
+from ncc.ir.rewrite import bias_add, constant_array, is_constant
 
 #: ONNX elementwise ops and their ATen overloads (tensor-tensor; broadcasting as in ONNX).
 _BINARY = {
@@ -130,13 +131,13 @@ class _Lowering:
         """An elementwise op; a float32 one with a single-value float32 constant that broadcasts nothing
         takes it as a Python scalar: Inductor bakes it into its kernels, and its attention fusion needs
         the softmax scale as a number (a one-element tensor there fails its compile)."""
-        a, b = node.inputs[0], node.inputs[1]
-        if node.op_type in ("Add", "Sub", "Mul", "Div"):
-            for x, c, swap in ((a, b, False), (b, a, True)):
-                scalar = self.scalar(c, x)
-                if scalar is not None and (not swap or node.op_type in ("Add", "Mul")):
-                    return self.call(_BINARY[node.op_type], self.value(x), scalar)
-        return self.call(_BINARY[node.op_type], self.value(a), self.value(b))
+        op, (a, b) = node.op_type, node.inputs[:2]
+        orders = [(a, b), (b, a)] if op in ("Add", "Mul") else [(a, b)] if op in ("Sub", "Div") else []
+        for x, c in orders:
+            scalar = self.scalar(c, x)
+            if scalar is not None:
+                return self.call(_BINARY[op], self.value(x), scalar)
+        return self.call(_BINARY[op], self.value(a), self.value(b))
 
     def scalar(self, constant: ir.Value, other: ir.Value) -> float | None:
         array = self.constant(constant)
@@ -163,22 +164,15 @@ class _Lowering:
         return node
 
     def constant(self, value: ir.Value | None) -> np.ndarray | None:
-        if value is None:
-            return None
-        if value.const_value is not None:
+        """The data of a constant (an initializer, also one listed as a graph input: the backend takes
+        the graph's weights as they are, or a Constant node's value), else None."""
+        if value is not None and value.const_value is not None:
             return value.const_value.numpy()
-        producer = value.producer()
-        if producer is not None and producer.op_type == "Constant":
-            attrs = producer.attributes
-            if "value" in attrs:
-                return attrs["value"].value.numpy()
-            for name, dtype in (("value_float", np.float32), ("value_floats", np.float32)):
-                if name in attrs:
-                    return np.asarray(attrs[name].value, dtype)
-            for name in ("value_int", "value_ints"):
-                if name in attrs:
-                    return np.asarray(attrs[name].value, np.int64)
-        return None
+        return constant_array(value)
+
+    def convert(self, x, dtype):
+        """``x`` (an fx node) converted to the torch ``dtype``."""
+        return self.graph.call_function(_aten(self.torch, "_to_copy.default"), (x,), {"dtype": dtype})
 
     def buffer(self, name: str, array):
         """A module buffer holding ``array`` (numpy, or a tensor already in torch's layout), made once per name."""
@@ -218,8 +212,6 @@ class _Lowering:
     def _DynamicQuantizeLinear(self, node: ir.Node):
         """u8 codes, scale and zero point chosen at run time from the activation's range, as PT2E's dynamic
         graphs compute them (``choose_qparams.tensor``), which Inductor fuses into its dynamic int8 linear."""
-        import operator
-
         x = self.value(node.inputs[0])
         eps = float(np.finfo(np.float32).eps)
         params = self.graph.call_function(self.qd.choose_qparams.tensor, (x, 0, 255, eps, self.torch.uint8))
@@ -386,8 +378,7 @@ class _Lowering:
             buffer = self.buffer(f"{dq.outputs[0].name}.T", np.ascontiguousarray(weight.T))
             return self.call("linear.default", self.value(x), buffer)
         k, n = plan.k, plan.n
-        rows = self.call("reshape.default", self.value(x), [-1, k])
-        rows = self.graph.call_function(_aten(torch, "_to_copy.default"), (rows,), {"dtype": torch.bfloat16})
+        rows = self.convert(self.call("reshape.default", self.value(x), [-1, k]), torch.bfloat16)
         if plan.kernel == "int4":
             packed, scale_zero = pack_int4_for_cpu(torch, dq)
             product = self.call(
@@ -406,11 +397,8 @@ class _Lowering:
                 self.buffer(f"{dq.inputs[0].name}.T", codes),
                 self.buffer(f"{dq.inputs[1].name}.bf16", torch.from_numpy(scale).to(torch.bfloat16)),
             )
-        product = self.graph.call_function(
-            _aten(torch, "_to_copy.default"), (product,), {"dtype": torch.float32}
-        )
         shape = [int(d) for d in x.shape[:-1]] + [n]
-        return self.call("reshape.default", product, shape)
+        return self.call("reshape.default", self.convert(product, torch.float32), shape)
 
     def linear_weight(self, value: ir.Value, *, transposed: bool):
         """The ``[N, K]`` weight ``aten.linear`` takes, for an IR weight ``[N, K]`` (``transposed``) or
@@ -452,9 +440,7 @@ class _Lowering:
         array = self.constant(node.inputs[0])
         if array is not None:  # a constant: cast here
             return self.buffer(node.outputs[0].name, array.astype(dtype.numpy()))
-        return self.graph.call_function(
-            _aten(torch, "_to_copy.default"), (self.value(node.inputs[0]),), {"dtype": target}
-        )
+        return self.convert(self.value(node.inputs[0]), target)
 
     def _Gather(self, node: ir.Node):
         axis = node.attributes.get_int("axis", 0)
@@ -465,9 +451,7 @@ class _Lowering:
                 raise NccError(f"the torch backend needs Gather's input rank ({_label(node)}).")
             axis += rank
         constant = self.constant(node.inputs[1])
-        if (
-            constant is not None and constant.ndim == 0
-        ):  # one slice: the axis goes (index.Tensor would keep it)
+        if constant is not None and constant.ndim == 0:  # one slice: the axis goes (index.Tensor keeps it)
             return self.call("select.int", self.value(data), axis, int(constant))
         indices = self.value(node.inputs[1])
         return self.call("index.Tensor", self.value(data), [None] * axis + [indices])
@@ -582,8 +566,6 @@ class _Lowering:
             sizes = [int(shape[axis]) // len(node.outputs)] * len(node.outputs)
         else:
             sizes = [int(v) for v in self.static(node.inputs[1], "Split sizes")]
-        import operator
-
         parts = self.call("split_with_sizes.default", self.value(node.inputs[0]), sizes, axis)
         return tuple(self.graph.call_function(operator.getitem, (parts, i)) for i in range(len(sizes)))
 
@@ -742,11 +724,11 @@ class WoqPlan:
 def woq_kernel(dq: ir.Node, x_shape) -> WoqPlan:
     """Which CPU weight-only kernel runs the MatMul reading ``dq`` on an input of ``x_shape``, or why none."""
     codes = dq.inputs[0].const_value
+    if dq.attributes.get_int("axis", 1) != 0 or len(codes.shape) != 2:
+        return WoqPlan(None, "the weight is not blocked along K")
     k, n = (int(d) for d in codes.shape)
     block = dq.attributes.get_int("block_size", 0)
     bits = 4 if codes.dtype in (ir.DataType.INT4, ir.DataType.UINT4) else 8
-    if dq.attributes.get_int("axis", 1) != 0 or len(codes.shape) != 2:
-        return WoqPlan(None, "the weight is not blocked along K")
     if x_shape is None or not all(isinstance(d, int) for d in x_shape):
         return WoqPlan(None, "the input's shape is not static")
     rows = int(np.prod([int(d) for d in x_shape[:-1]]))

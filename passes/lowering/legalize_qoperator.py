@@ -648,10 +648,8 @@ def _matmul(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
     if node.outputs[0].dtype not in (None, ir.DataType.FLOAT):
         return "its output is not float32"
     shape = b_q.const_value.shape if b_q.const_value is not None else b_q.shape
-    add, bias = bias_add(node.outputs[0], shape[-1] if shape is not None and len(shape) else None) or (
-        None,
-        None,
-    )
+    fused = bias_add(node.outputs[0], shape[-1] if shape is not None and len(shape) else None)
+    add, bias = fused if fused is not None else (None, None)
     a_scale, a_zp = _scale_zp(rw, a[1], "a")
     b_scale, b_zp = _scale_zp(rw, bp, "b", scalar=bp.per_tensor)
     inputs = [a[0], b_q, a_scale, b_scale, a_zp, b_zp]

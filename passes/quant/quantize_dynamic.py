@@ -193,6 +193,8 @@ class _State:
     skipped: dict[int, tuple[ir.Node, str]] = field(default_factory=dict)
     weights: dict[tuple, tuple[ir.Value, ir.Value, ir.Value]] = field(default_factory=dict)
     activations: dict[tuple[int, int], tuple[ir.Value, ir.Value, ir.Value]] = field(default_factory=dict)
+    #: form=qdq: per (graph, value), the activation's run-time DequantizeLinear output and each weight's
+    dequantized: dict[tuple[int, int], ir.Value] = field(default_factory=dict)
     uses_ms: bool = False
     initializers: list[ir.Value] = field(default_factory=list)
     counted: set[int] = field(default_factory=set)  # the constants in bytes_after
@@ -288,18 +290,36 @@ class _State:
 
     def dequantized_activation(self, rewriter: Rewriter, a: ir.Value, name: str) -> ir.Value:
         """``DequantizeLinear(DynamicQuantizeLinear(a))``, one per activation and graph (``form=qdq``)."""
-        key = (id(rewriter.graph), id(a), "dq")
-        if key in self.activations:
-            return self.activations[key][0]
-        aq, a_s, a_zp = self.dynamic_quantize(rewriter, a, name)
+        key = (id(rewriter.graph), id(a))
+        if key not in self.dequantized:
+            codes = self.dynamic_quantize(rewriter, a, name)
+            self.dequantized[key] = self._dequantize(rewriter, codes, {}, f"{name}/DequantizeLinear", a)
+        return self.dequantized[key]
+
+    def dequantized_weight(
+        self, rewriter: Rewriter, w: tuple[ir.Value, ir.Value, ir.Value], axis: int, name: str
+    ) -> ir.Value:
+        """``DequantizeLinear(w_q, w_s, w_zp)`` of a quantized weight (per ``axis`` when its scale is a
+        vector), one per weight and graph (``form=qdq``)."""
+        key = (id(rewriter.graph), id(w[0]))
+        if key not in self.dequantized:
+            per_axis = w[1].shape is not None and len(w[1].shape) == 1
+            attrs = {"axis": axis} if per_axis else {}
+            self.dequantized[key] = self._dequantize(
+                rewriter, w, attrs, f"{name}/weight/DequantizeLinear", w[0]
+            )
+        return self.dequantized[key]
+
+    @staticmethod
+    def _dequantize(rewriter: Rewriter, inputs, attrs: dict, name: str, like: ir.Value) -> ir.Value:
         dq = rewriter.create(
             "DequantizeLinear",
-            [aq, a_s, a_zp],
-            name=f"{name}/DequantizeLinear",
-            output_names=[rewriter.fresh_name(f"{a.name or 'a'}_dequantized")],
+            list(inputs),
+            attrs,
+            name=name,
+            output_names=[rewriter.fresh_name(f"{like.name or 'a'}_dequantized")],
         )
-        _typed(dq.outputs[0], ir.DataType.FLOAT, a.shape)
-        self.activations[key] = (dq.outputs[0], a_s, a_zp)
+        _typed(dq.outputs[0], ir.DataType.FLOAT, like.shape)
         return dq.outputs[0]
 
 
@@ -355,18 +375,10 @@ class _Base(Pattern):
         if st.form == "qdq":  # a float MatMul between the activation's run-time Q/DQ and the weight's DQ
             base = out.name or name
             a_dq = st.dequantized_activation(rewriter, a, name)
-            attrs = {"axis": 1} if w_s.shape is not None and len(w_s.shape) == 1 else {}
-            w_dq = rewriter.create(
-                "DequantizeLinear",
-                [w_q, w_s, w_zp],
-                attrs,
-                name=f"{name}/weight/DequantizeLinear",
-                output_names=[rewriter.fresh_name(f"{w_q.name}_dequantized")],
-            )
-            _typed(w_dq.outputs[0], ir.DataType.FLOAT, w_q.shape)
+            w_dq = st.dequantized_weight(rewriter, w, 1, name)
             mm = rewriter.create(
                 "MatMul",
-                [a_dq, w_dq.outputs[0]],
+                [a_dq, w_dq],
                 name=name,
                 absorbed=absorbed,
                 output_names=[rewriter.fresh_name(f"{base}_product")] if bias is not None else None,
@@ -619,7 +631,7 @@ class ConvPattern(_Base):
         per_channel = st.pass_.per_channel
         if st.form == "qdq":
             weight = st.weight(rewriter, w, tensor, transpose=False, axis=0 if per_channel else None)
-            self._emit_conv_qdq(rewriter, node, weight, per_channel)
+            self._emit_conv_qdq(rewriter, node, weight)
             return MatchResult.ok()
         if per_channel and not st.wq.symmetric:
             return st.skip(
@@ -672,22 +684,14 @@ class ConvPattern(_Base):
         _take_over(rewriter, out, y.outputs[0], [node])
         return MatchResult.ok()
 
-    def _emit_conv_qdq(self, rewriter: Rewriter, node: ir.Node, w, per_channel: bool) -> None:
+    def _emit_conv_qdq(self, rewriter: Rewriter, node: ir.Node, w) -> None:
         """``form=qdq``: the Conv reads the activation's run-time Q/DQ and its weight's DequantizeLinear."""
         st, name = self.state, node.name or node.outputs[0].name or "Conv"
-        w_q, w_s, w_zp = w
         a_dq = st.dequantized_activation(rewriter, node.inputs[0], name)
-        w_dq = rewriter.create(
-            "DequantizeLinear",
-            [w_q, w_s, w_zp],
-            {"axis": 0} if per_channel else {},
-            name=f"{name}/weight/DequantizeLinear",
-            output_names=[rewriter.fresh_name(f"{w_q.name}_dequantized")],
-        )
-        _typed(w_dq.outputs[0], ir.DataType.FLOAT, w_q.shape)
+        w_dq = st.dequantized_weight(rewriter, w, 0, name)
         conv = rewriter.create(
             "Conv",
-            [a_dq, w_dq.outputs[0], *node.inputs[2:]],
+            [a_dq, w_dq, *node.inputs[2:]],
             node.attributes.values(),
             name=name,
             absorbed=[node],
