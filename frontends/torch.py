@@ -1,14 +1,19 @@
 """PyTorch frontend: an ``nn.Module`` (or a saved ``torch.export`` program) becomes an ncc IR model.
 
-The module is captured with ``torch.export`` and translated to ONNX by ``torch.onnx.export(dynamo=True,
-optimize=False)``: without torch.onnx's own optimizer every ONNX node comes from one FX node of the
-exported program, and its metadata ``pkg.torch.onnx.fx_node`` names that node. The IR keeps it, so a
-dump shows where each node came from and a backend can find its way back to the program. The result then
-gets what the ONNX frontend gives every model: value types filled in and stable node ids.
+The module is captured once with ``torch.export`` (non-strict, in eval mode: batch norm uses its running
+statistics) at the example inputs' shapes. Two routes lead from the program to the IR:
 
-The graph is translated, not traced again: ``torch.export`` sees the module once, in eval mode (batch
-norm uses its running statistics), with the example inputs' shapes; ``dynamic_batch`` makes their first
-dimension symbolic. torch is imported only here (and by the torch backend), never by ``import ncc``.
+- **aten** (static shapes, the default for ``ncc.torch.compile`` and ``.pt2`` inputs): ncc translates the
+  ATen graph itself (:mod:`ncc.frontends.aten`), node by node, with the types the program carries;
+  a few times faster than torch.onnx's exporter, whose decompositions and translation were most of the
+  quantize step's export time.
+- **torch.onnx** (``dynamic_batch``, or a program holding an op the aten route has no rule for):
+  ``torch.onnx.export(dynamo=True, optimize=False)``, whose ONNX nodes each come from one FX node.
+
+Either way every IR node keeps the FX node it came from (``pkg.torch.onnx.fx_node``), so a dump shows
+where each node came from, and the model's ``ncc.torch.route`` metadata says which route it took and,
+for torch.onnx, why. The result gets what the ONNX frontend gives every model: value types and stable
+node ids. torch is imported only here (and by the torch backend), never by ``import ncc``.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError, first_line
+from ncc.frontends.aten import FX_NODE as FX_NODE
+from ncc.frontends.aten import Unsupported, translate
 from ncc.ir.ops import is_onnx_domain
 
-FX_NODE = "pkg.torch.onnx.fx_node"
-"""Node metadata torch.onnx writes: the FX node (of the exported program) an ONNX node was made from."""
+ROUTE = "ncc.torch.route"
+"""Model metadata: how the program became IR (``aten``, ncc's own translation, or ``torch.onnx (why)``)."""
 
 
 def lower(
@@ -53,10 +60,42 @@ def lower(
         raise NccError(
             f"cannot lower a {type(module).__name__}: give an nn.Module or a torch.export.ExportedProgram."
         )
+    from ncc.frontends.onnx import normalize
+
+    if not dynamic_batch:
+        program = module if isinstance(module, torch.export.ExportedProgram) else _export(module, inputs)
+        try:
+            model = translate(program, input_names, output_names)
+        except Unsupported as why:
+            model = _through_onnx(program, inputs, None, input_names, output_names)
+            model.metadata_props[ROUTE] = f"torch.onnx ({why})"
+        else:
+            model.metadata_props[ROUTE] = "aten"
+        return normalize(model, "the exported model")
     dynamic = None
-    if dynamic_batch and isinstance(module, torch.nn.Module):
+    if isinstance(module, torch.nn.Module):
         batch = torch.export.Dim("batch")
         dynamic = tuple({0: batch} if x.dim() > 0 else {} for x in inputs)
+    model = _through_onnx(module, inputs, dynamic, input_names, output_names)
+    model.metadata_props[ROUTE] = "torch.onnx (symbolic batch)" if dynamic else "torch.onnx"
+    return normalize(model, "the exported model")
+
+
+def _export(module: Any, inputs: tuple) -> Any:
+    """``module`` captured by ``torch.export`` (non-strict) at the inputs' shapes."""
+    import torch
+
+    try:
+        with torch.no_grad(), _quiet("torch.export"):
+            return torch.export.export(module, inputs, strict=False)
+    except Exception as err:  # torch.export raises many kinds; each is the user's model
+        raise NccError(f"torch.export could not capture the model: {first_line(err)}") from None
+
+
+def _through_onnx(module, inputs, dynamic, input_names, output_names) -> ir.Model:
+    """``module`` (or an exported program) through torch.onnx's exporter, as an IR model."""
+    import torch
+
     try:
         with torch.no_grad(), _quiet():
             program = torch.onnx.export(
@@ -72,11 +111,9 @@ def lower(
             )
     except Exception as err:  # torch.export and torch.onnx raise many kinds; each is the user's model
         raise NccError(f"torch.export could not capture the model: {first_line(err)}") from None
-    from ncc.frontends.onnx import normalize
-
     model = program.model
     _linear_weights_as_kn(model)
-    return normalize(model, "the exported model")
+    return model
 
 
 def _linear_weights_as_kn(model: ir.Model) -> None:

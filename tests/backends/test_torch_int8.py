@@ -68,6 +68,41 @@ def test_lower_keeps_each_nodes_fx_origin_and_the_numerics(digits_cnn):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_static_lowering_translates_aten_directly_and_says_when_it_cannot(digits_cnn):
+    import ncc.torch
+    from ncc.frontends.torch import FX_NODE, ROUTE
+    from ncc.runtime import run
+
+    model, x, _, _, test = digits_cnn
+    images = x[test][:BATCH]
+    with torch.no_grad():
+        want = model(images).numpy()
+    direct = ncc.torch.lower(model, (images,), dynamic_batch=False)
+    assert direct.metadata_props[ROUTE] == "aten"
+    nodes = list(direct.graph)
+    assert {n.op_type for n in nodes} >= {"Conv", "BatchNormalization", "Relu", "MaxPool", "Gemm"}
+    assert all("call_function[target=torch.ops.aten." in n.metadata_props.get(FX_NODE, "") for n in nodes)
+    assert [v.name for v in direct.graph.inputs] == ["x"]
+    np.testing.assert_allclose(run(direct, [images.numpy()])[0], want, rtol=1e-4, atol=1e-4)
+
+    # an op without a direct rule (avg_pool2d) takes torch.onnx's exporter, and the IR says why
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner(torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1))
+
+    other = ncc.torch.lower(Pooled().eval(), (images,), dynamic_batch=False)
+    assert (
+        other.metadata_props[ROUTE] == "torch.onnx (aten.avg_pool2d.default (avg_pool2d) has no direct rule)"
+    )
+    with torch.no_grad():
+        want = Pooled().eval()(images).numpy()
+    np.testing.assert_allclose(run(other, [images.numpy()])[0], want, rtol=1e-4, atol=1e-4)
+
+
 def test_int8_keeps_the_accuracy_and_quantizes_every_layer(digits_cnn, compiled):
     model, x, y, _, test = digits_cnn
     batches, n = _batches(x[test])
@@ -192,6 +227,27 @@ def test_cli_refuses_what_a_pt2_cannot_be(tmp_path):
         tmp_path / "o.pt2",
     )
     assert proc.returncode == 2 and "is an ONNX form" in proc.stderr, proc.stderr
+
+
+def test_cli_writes_an_onnx_model_with_a_symbolic_batch_as_a_program_taking_any_batch(digits_cnn, tmp_path):
+    _, x, _, _, test = digits_cnn
+    source, out = REPO / "examples" / "digits_cnn.onnx", tmp_path / "digits.int8.pt2"
+    proc = _ncc(
+        "compile", source, "--pass", "int8", "--calib", REPO / "examples" / "digits_calib.npz", "-o", out
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "5/5 quantized convolutions and linears run as oneDNN int8 kernels" in proc.stderr, proc.stderr
+    importlib.import_module("torch.ao.quantization.fx._decomposed")
+    program = torch.export.load(str(out)).module()
+    from ncc.runtime import run
+
+    images = x[test][:64]
+    (want,) = run(source, [images.numpy()])
+    for batch in (1, 3, 64):  # the example batch was 2: the program's batch is symbolic
+        with torch.no_grad():
+            got = program(images[:batch]).numpy()
+        assert got.shape == (batch, 10)
+        assert (got.argmax(1) == want[:batch].argmax(1)).mean() >= 0.95
 
 
 def test_cli_writes_an_aoti_package_that_reloads_bit_for_bit(digits_cnn, tmp_path):
