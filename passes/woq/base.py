@@ -28,7 +28,13 @@ from ncc.passes.quant.calibration import model_inputs
 from ncc.passes.woq.activations import InputStats, accumulator_bytes, collect, merged
 from ncc.passes.woq.embeddings import embedding_gathers, quantize_embedding
 from ncc.passes.woq.kernels import GroupSpec, QuantizedWeight, reconstruction_errors
-from ncc.passes.woq.weights import WeightUse, check_group_sizes, weight_matmuls, write_quantized
+from ncc.passes.woq.weights import (
+    WeightUse,
+    check_group_sizes,
+    gemms_as_matmuls,
+    weight_matmuls,
+    write_quantized,
+)
 
 BLOCKED_DQ_OPSET = 21
 LAYERS_KEY = "woq_layers"
@@ -132,12 +138,13 @@ class WeightOnlyPass(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         spec = GroupSpec(self.bits, self.group_size, self.scheme == "sym")
         graph = model.graph
+        gemms_as_matmuls(model, self.include, self.exclude)
         uses = weight_matmuls(graph, self.include, self.exclude)
         if not uses:
             what = " matching the include/exclude filters" if self.include or self.exclude else ""
             raise NccError(
-                f"no weight MatMuls{what} to quantize: {self.name} needs MatMuls whose second input is "
-                "a constant float [K, N] weight."
+                f"no weight MatMuls{what} to quantize: {self.name} needs MatMuls (or Gemms) whose weight "
+                "input is a constant float matrix."
             )
         tables = embedding_gathers(graph) if self.embeddings else {}
         check_group_sizes(

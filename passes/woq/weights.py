@@ -78,6 +78,62 @@ def weight_matmuls(
     return list(uses.values())
 
 
+def gemms_as_matmuls(model: ir.Model, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> int:
+    """Rewrite each ``Gemm(A, W, C)`` with a constant float rank-2 ``W`` (``alpha = beta = 1``, ``A`` not
+    transposed, names passing the filters) as ``Add(MatMul(A, W_kn), C)``, so the weight-only passes
+    quantize it like any linear: a rank-2 ``nn.Linear`` exports as a Gemm, and its ``[N, K]`` weight
+    (``transB``) becomes the ``[K, N]`` one a MatMul reads. The MatMul takes the Gemm's name. Returns how
+    many Gemms were rewritten."""
+    graph = model.graph
+    inc = [re.compile(p) for p in include]
+    exc = [re.compile(p) for p in exclude]
+    outputs = {v.name for v in graph.outputs}
+    rw = Rewriter(model, graph)
+    transposed: dict[str, ir.Value] = {}
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Gemm" or not is_onnx_domain(node) or len(node.inputs) < 2:
+            continue
+        attrs = node.attributes
+        if (
+            attrs.get_int("transA", 0)
+            or attrs.get_float("alpha", 1.0) != 1.0
+            or attrs.get_float("beta", 1.0) != 1.0
+        ):
+            continue
+        a, w = node.inputs[0], node.inputs[1]
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        tensor = w.const_value if w is not None and w.is_initializer() else None
+        if tensor is None or tensor.dtype not in _FLOATS or len(tensor.shape) != 2 or w.name in outputs:
+            continue
+        names = (node.name or "", w.name or "")
+        if (inc and not any(p.search(s) for p in inc for s in names)) or any(
+            p.search(s) for p in exc for s in names
+        ):
+            continue
+        weight = w
+        if attrs.get_int("transB", 0):
+            weight = transposed.get(w.name)
+            if weight is None:
+                weight = rw.constant(np.ascontiguousarray(tensor.numpy().T), f"{w.name}.T")
+                transposed[w.name] = weight
+        rw.set_insertion_point(node)
+        out = node.outputs[0]
+        matmul = rw.create("MatMul", [a, weight], name=node.name or None, absorbed=[node])
+        result = matmul.outputs[0]
+        result.type = out.type
+        result.shape = out.shape
+        if c is not None:
+            add = rw.create(
+                "Add", [result, c], name=f"{node.name}_bias" if node.name else None, absorbed=[node]
+            )
+            result = add.outputs[0]
+            result.type, result.shape = out.type, out.shape
+        rw.replace_op(node, [result])
+        count += 1
+    return count
+
+
 def check_group_sizes(layers: list[tuple[str, str, int, int]], spec: GroupSpec, partial_groups: bool) -> None:
     """Refuse a group size that does not divide a layer's K (unless ``partial_groups``), naming what would work.
 

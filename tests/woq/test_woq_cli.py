@@ -506,3 +506,44 @@ def test_awq_keeps_a_shared_weight_s_second_matmul_on_its_own_input(tmp_path):
         errors[algo] = float(np.linalg.norm(run_ort(out, {"x": x[256:]}) - want) / np.linalg.norm(want))
     assert any("r" in n.input for n in onnx.load(tmp_path / "awq.onnx").graph.node if n.op_type != "Relu")
     assert errors["awq"] <= 1.25 * errors["rtn"], errors
+
+
+def test_a_gemm_linear_is_quantized_exactly_as_its_matmul_twin(tmp_path):
+    """A rank-2 linear exported as ``Gemm(x, W[N, K], b, transB=1)`` gets the same weight-only arithmetic as
+    ``Add(MatMul(x, W^T), b)``: the passes rewrite it into that form (the MatMul keeps the Gemm's name)."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((48, 128)).astype(np.float32)  # [N, K]
+    b = rng.standard_normal(48).astype(np.float32)
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    gemm = h.make_graph(
+        [h.make_node("Gemm", ["x", "w", "b"], ["y"], name="head", transB=1)],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, ["n", 128])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["n", 48])],
+        [nh.from_array(w, "w"), nh.from_array(b, "b")],
+    )
+    onnx.save(
+        h.make_model(gemm, opset_imports=[h.make_opsetid("", 17)], ir_version=8), tmp_path / "gemm.onnx"
+    )
+    save_matmul(tmp_path / "twin.onnx", np.ascontiguousarray(w.T), rank=2, bias=b)
+    outputs = {}
+    for name in ("gemm", "twin"):
+        ncc_ok(
+            "compile",
+            tmp_path / f"{name}.onnx",
+            "--pass",
+            "w4",
+            "--group-size",
+            "32",
+            "-o",
+            tmp_path / f"{name}.w4.onnx",
+        )
+        session = ort.InferenceSession(str(tmp_path / f"{name}.w4.onnx"))
+        (outputs[name],) = session.run(None, {session.get_inputs()[0].name: x})
+    quantized = onnx.load(tmp_path / "gemm.w4.onnx")
+    assert [n.op_type for n in quantized.graph.node] == ["MatMulNBits", "Add"], quantized.graph.node
+    assert quantized.graph.node[0].name == "head"
+    np.testing.assert_array_equal(outputs["gemm"], outputs["twin"])
+    exact = x @ w.T + b
+    error = np.linalg.norm(outputs["gemm"] - exact) / np.linalg.norm(exact)
+    assert 0 < error < 0.15  # 4-bit weights in groups of 32 (Gaussian): about 8%; not zero, not garbage
