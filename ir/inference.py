@@ -76,7 +76,36 @@ def infer_types(model: ir.Model, *, strict: bool = False) -> Inferred:
                     f"value {value.name!r}: inferred {source.type}{_shape_str(source.shape)} "
                     f"contradicts declared {value.type}{_shape_str(value.shape)}"
                 )
+    contrib = _type_like_input(model)
+    if contrib:  # what reads those outputs can be inferred now
+        again = infer_types(model, strict=strict)
+        result.typed += contrib + again.typed
+        result.refined += again.refined
+        result.conflicts += [c for c in again.conflicts if c not in result.conflicts]
     return result
+
+
+LIKE_INPUT = frozenset({"Gelu", "FastGelu", "QuickGelu", "FusedConv"})
+"""``com.microsoft`` ops ncc writes whose output 0 has input 0's element type (and, but FusedConv, its
+shape): ONNX's inference has no schema for them, so a model ncc wrote without ``value_info`` (its INT8
+default) would read back with them untyped."""
+
+
+def _type_like_input(model: ir.Model) -> int:
+    """Type the untyped output 0 of :data:`LIKE_INPUT` ops from their typed input 0; how many were typed."""
+    typed = 0
+    for graph in model.graphs():
+        for node in graph:
+            if node.domain != "com.microsoft" or node.op_type not in LIKE_INPUT or not node.outputs:
+                continue
+            source, out = node.inputs[0] if node.inputs else None, node.outputs[0]
+            if out.type is not None or source is None or source.type is None:
+                continue
+            out.type = source.type
+            if node.op_type != "FusedConv" and out.shape is None and source.shape is not None:
+                out.shape = source.shape.copy()
+            typed += 1
+    return typed
 
 
 def values_of(graph: ir.Graph):

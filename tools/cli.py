@@ -564,6 +564,52 @@ def _emit_text(model, output: Path | None, full: bool) -> None:
         save_model(model, output, full=full)
 
 
+@cli.command("diff")
+@click.argument("float_model", type=_IN, metavar="FLOAT")
+@click.argument("quant_model", type=_IN, metavar="QUANT")
+@click.option("--data", required=True, help="Inputs to compare on: .npz, folder of .npz, or module:function.")
+@click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True, help="Samples compared.")
+@click.option("--top", type=click.IntRange(min=1), help="Show only the N nodes adding the most error.")
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), help="Also write every row as JSON here."
+)
+@click.option(
+    "--plot", "plot_path", type=click.Path(path_type=Path), help="Also plot SQNR along the graph (PNG)."
+)
+def diff_command(
+    float_model: Path, quant_model: Path, data: str, samples: int, top, json_path, plot_path
+) -> None:
+    """Which quantized node of QUANT costs how much fidelity against FLOAT: per node, the SQNR its
+    output carries and the SQNR it adds alone (run quantized on FLOAT's inputs), worst first."""
+    import json
+
+    from ncc.files import atomic_outputs, deferred_commit
+    from ncc.passes.quant.calib_data import load_calibration_data, validate
+    from ncc.passes.quant.calibration import model_inputs
+    from ncc.passes.quant.fallback import samples as first_samples
+    from ncc.tools.diff import as_json, diff, format_table, plot
+    from ncc.tools.modelio import FileUse, calibration_files, check_distinct, input_files, load_model
+
+    writes = [
+        FileUse(f"the {flag} file", path, model=False)
+        for flag, path in (("--json", json_path), ("--plot", plot_path))
+        if path
+    ]
+    check_distinct([*input_files(float_model), *input_files(quant_model), *calibration_files(data)], writes)
+    reference, quantized = load_model(float_model), load_model(quant_model)
+    source = load_calibration_data(data)
+    validate(source, model_inputs(reference))
+    rows = diff(reference, quantized, first_samples(source, samples))
+    with deferred_commit():  # both files or neither
+        if json_path:
+            with atomic_outputs(json_path) as (temp,):
+                temp.write_text(json.dumps(as_json(rows), indent=1) + "\n")
+        if plot_path:
+            with atomic_outputs(plot_path) as (temp,):
+                plot(rows, temp)
+    _out(format_table(rows, top))
+
+
 @cli.command("passes")
 @click.option(
     "--plugin", "plugins", multiple=True, type=_IN, metavar="FILE.py", help="Also load passes from a file."

@@ -1,0 +1,159 @@
+"""``ncc diff``: per quantized node, what it carries, what it adds, what it alone costs the output.
+
+On the README example's CNN (real digits): ncc's own int8 output, the same output with one layer's weight
+scale damaged (which diff must put first), and onnxruntime's own QDQ quantization of the same model
+(paired by node name). Also: ncc's int8 output of a model with a GELU reads back (its com.microsoft::Gelu
+has no value_info in the file).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from ncc.tools.cli import cli
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+REPO = Path(__file__).resolve().parents[2]
+FLOAT = REPO / "examples" / "digits_cnn.onnx"
+CALIB = REPO / "examples" / "digits_calib.npz"
+
+
+def ncc(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], prog_name="ncc")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+@pytest.fixture(scope="module")
+def int8_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("diff") / "digits.int8.onnx"
+    result = ncc("compile", FLOAT, "--pass", "int8", "--calib", CALIB, "--min-cosine", "0", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def _rows(model: Path, tmp_path: Path, source: Path = FLOAT, calib: Path = CALIB) -> list[dict]:
+    out = tmp_path / "rows.json"
+    result = ncc("diff", source, model, "--data", calib, "--json", out)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(out.read_text())
+
+
+def test_every_quantized_layer_pairs_with_its_float_value_and_costs_little(int8_model, tmp_path):
+    rows = _rows(int8_model, tmp_path)
+    convs = [r for r in rows if r["op_type"] in ("Conv", "Gemm")]
+    assert len(convs) == 5 and not any(r["note"] for r in rows)
+    # a Conv with its BatchNormalization folded in stands for the float BatchNormalization's output
+    assert {r["value"] for r in convs if r["op_type"] == "Conv"} == {
+        f"/features/features.{i}/BatchNormalization_output_0" for i in (1, 4, 8)
+    }
+    for row in rows:
+        assert 30 < row["added_sqnr_db"] < 80 and 30 < row["output_sqnr_db"] < 80, row
+    # the stem reads the graph input: what it carries is exactly what it adds
+    stem = next(r for r in rows if r["node"] == "/features/features.0/Conv")
+    assert stem["carried_sqnr_db"] == pytest.approx(stem["added_sqnr_db"], abs=1e-6)
+    outputs = [r["output_sqnr_db"] for r in rows]
+    assert outputs == sorted(outputs)  # worst first
+
+
+def test_a_damaged_layer_comes_first(int8_model, tmp_path):
+    model = onnx.load(int8_model)
+    conv = next(n for n in model.graph.node if n.name == "/features/features.3/Conv")
+    dq = next(n for n in model.graph.node if n.output[0] == conv.input[1])
+    scale = next(t for t in model.graph.initializer if t.name == dq.input[1])
+    scale.CopyFrom(nh.from_array(nh.to_array(scale) * 1.3, scale.name))  # the layer's weights 30% too large
+    damaged = tmp_path / "damaged.onnx"
+    onnx.save(model, damaged)
+    rows = _rows(damaged, tmp_path)
+    first, rest = rows[0], rows[1:]
+    assert first["node"] == "/features/features.3/Conv", [r["node"] for r in rows]
+    assert first["added_sqnr_db"] < 15 and first["output_sqnr_db"] < 15
+    assert min(r["added_sqnr_db"] for r in rest) > 30
+
+
+def test_an_onnxruntime_quantized_model_pairs_by_node_name(tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    images = np.load(CALIB)["image"]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": images[i : i + 8]} for i in range(0, 64, 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    theirs = tmp_path / "ort.int8.onnx"
+    quantize_static(str(FLOAT), str(theirs), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    rows = _rows(theirs, tmp_path)
+    convs = {r["node"]: r for r in rows if r["op_type"] in ("Conv", "Gemm")}
+    assert len(convs) == 5
+    float_outputs = {n.name: n.output[0] for n in onnx.load(FLOAT).graph.node}
+    for row in convs.values():  # no ncc ids: paired by name, compared with the float node's own output
+        assert not row["note"] and row["value"] == float_outputs[row["node"]]
+        assert 20 < row["added_sqnr_db"] < 80, row
+
+
+def test_top_plot_and_refusals(int8_model, tmp_path):
+    plot = tmp_path / "diff.png"
+    result = ncc("diff", FLOAT, int8_model, "--data", CALIB, "--top", "2", "--plot", plot)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert (
+        lines[0].split()[:2] == ["rank", "output"] and len(lines) == 4 and "more quantized nodes" in lines[3]
+    )
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    same = ncc("diff", FLOAT, FLOAT, "--data", CALIB)
+    assert same.exit_code == 2 and "no quantized nodes" in same.stderr and "Traceback" not in same.stderr
+    clobber = ncc("diff", FLOAT, int8_model, "--data", CALIB, "--json", int8_model)
+    assert clobber.exit_code == 2 and "Traceback" not in clobber.stderr, clobber.stderr
+    assert onnx.load(int8_model).graph.node  # the input is untouched
+
+
+def test_an_int8_model_with_a_gelu_reads_back(tmp_path):
+    """fuse-gelu writes com.microsoft::Gelu, and INT8 output has no value_info: its type must be inferred
+    on reading (it used to fail the verifier, so neither dump nor diff could read ncc's own output)."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        h.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+        h.make_node("Div", ["h", "sqrt2"], ["d"], name="div"),
+        h.make_node("Erf", ["d"], ["e"], name="erf"),
+        h.make_node("Add", ["e", "one"], ["a"], name="add"),
+        h.make_node("Mul", ["h", "a"], ["m"], name="mul"),
+        h.make_node("Mul", ["m", "half"], ["g"], name="half_mul"),
+        h.make_node("MatMul", ["g", "w2"], ["y"], name="down"),
+    ]
+    constants = {
+        "w1": rng.standard_normal((16, 32)).astype(np.float32) * 0.3,
+        "w2": rng.standard_normal((32, 8)).astype(np.float32) * 0.3,
+        "sqrt2": np.array(1.4142135, np.float32),
+        "one": np.array(1.0, np.float32),
+        "half": np.array(0.5, np.float32),
+    }
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, ["n", 16])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["n", 8])],
+        [nh.from_array(v, k) for k, v in constants.items()],
+    )
+    source, calib, out = tmp_path / "gelu.onnx", tmp_path / "calib.npz", tmp_path / "gelu.int8.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), source)
+    np.savez(calib, x=rng.standard_normal((32, 16)).astype(np.float32))
+    assert ncc("compile", source, "--pass", "int8", "--calib", calib, "-o", out).exit_code == 0
+    assert any(n.op_type == "Gelu" and n.domain == "com.microsoft" for n in onnx.load(out).graph.node)
+    dump = ncc("dump", out)
+    assert dump.exit_code == 0, dump.stderr
+    assert (
+        "com.microsoft::Gelu" in dump.stdout and ": f32[n,32]" in dump.stdout.split("com.microsoft::Gelu")[1]
+    )
+    rows = _rows(out, tmp_path, source, calib)
+    assert [r["op_type"] for r in rows if r["op_type"] == "MatMul"] == ["MatMul", "MatMul"]
