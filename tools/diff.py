@@ -160,7 +160,7 @@ def plot(rows: Sequence[Row], path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise NccError("--plot needs matplotlib (pip install matplotlib).") from None
+        raise NccError('--plot needs matplotlib (pip install -e ".[plot]").') from None
     ordered = sorted(rows, key=lambda r: r.index)
     xs = range(len(ordered))
     fig, ax = plt.subplots(figsize=(max(6.0, len(ordered) * 0.12), 3.5))
