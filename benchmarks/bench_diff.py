@@ -5,10 +5,11 @@
 
 all-MiniLM-L6-v2 (the ONNX table's model, calibration tweets and 1,000 test tweets) through ``int8``
 with the fallback off (``--min-cosine 0``: every MatMul quantized). ``ncc diff`` on 8 calibration
-samples ranks the quantized nodes by what each costs the model's output when it alone is quantized; the
-``--count`` compute nodes (MatMul / Gemm / Conv) it ranks worst are then kept in float (``--exclude``),
-and so are, for comparison, ``--count`` compute nodes drawn at random (``--draws`` seeded draws), and
-the worst by the two local columns (error added alone at the node, error its output carries). Each
+samples ranks the quantized nodes by how much the model's output gains with each alone in float; the
+``--count`` compute nodes (MatMul / Gemm / Conv) it ranks first are then kept in float together
+(``--exclude``), and so are, for comparison, ``--count`` compute nodes drawn at random (``--draws``
+seeded draws), and the worst by the two local columns (error added alone at the node, error its
+output carries). Each
 model is scored on the test tweets: sentence-embedding cosine with FP32 and the logistic-regression
 head's accuracy.
 """
@@ -65,14 +66,14 @@ def main() -> None:
             load_model(task.float_model),
             load_model(base),
             samples(load_calibration_data(str(task.calib)), args.samples),
-        )
+        ).rows
         diff_seconds = time.perf_counter() - start
         compute = [r for r in rows if r.op_type in COMPUTE]
-        by_output = [r.node for r in compute][: args.count]  # diff's own order
+        by_gain = [r.node for r in compute][: args.count]  # diff's own order: fallback gain
         by_added = [r.node for r in sorted(compute, key=lambda r: r.added_sqnr_db)][: args.count]
         by_carried = [r.node for r in sorted(compute, key=lambda r: r.carried_sqnr_db)][: args.count]
         rng = np.random.default_rng(0)
-        configs = [("all int8 (--min-cosine 0)", []), (f"top {args.count} by diff", by_output)]
+        configs = [("all int8 (--min-cosine 0)", []), (f"top {args.count} by diff", by_gain)]
         configs.append((f"top {args.count} by local error added", by_added))
         configs.append((f"top {args.count} by error carried", by_carried))
         names = [r.node for r in compute]

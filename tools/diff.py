@@ -1,23 +1,26 @@
-"""``ncc diff FLOAT QUANT --data DATA``: which quantized node costs how much fidelity.
+"""``ncc diff FLOAT QUANT --data DATA``: which quantized node costs how much fidelity, and which to keep in float.
 
 For every quantized node of QUANT (a node other than Quantize/DequantizeLinear reading a
-DequantizeLinear output: ncc's QDQ form, or onnxruntime's), two numbers against FLOAT on the same
-inputs:
+DequantizeLinear output: ncc's QDQ form, or onnxruntime's), against FLOAT on the same inputs:
 
-- **carries**: the SQNR (dB) and cosine of the node's output in QUANT against the same value in FLOAT:
-  the error everything up to and including this node has built up;
-- **adds**: the SQNR of the node run quantized *on FLOAT's inputs*: its own Q/DQ (activations with
-  QUANT's scales, weights as QUANT stores them) around the node, fed the float model's values, against
-  the float output. This is the error the node alone brings; the table is sorted by it, worst first.
+- **in float: gain**: how many dB QUANT's output SQNR rises when only this node runs in float (its
+  activations without their Q/DQ, its weights FLOAT's; a fused node keeps QUANT's weights, dequantized,
+  since FLOAT has no weights of the fused layer): about what ``--exclude`` of this one node buys. The
+  table is sorted by it, largest first. One run of QUANT per node (``fallback=False``/``--fast`` skips
+  them and sorts by the next column).
+- **adds**: the SQNR of the node run quantized *on FLOAT's inputs* (its own Q/DQ around it, with QUANT's
+  scales and weights, fed the float model's values) against the float output: the error it alone brings.
+- **carries**: the SQNR and cosine of the node's output in QUANT against the same value in FLOAT: the
+  error everything up to and including it has built up.
+
+Ranking by fallback gain is what predicts which nodes to keep in float: on all-MiniLM-L6-v2 the five
+nodes with the largest gain, kept in float together, recover far more than five random ones, while the
+five worst by the local columns do no better than random (``benchmarks/bench_diff.py``).
 
 Nodes pair up by ncc's stable node ids (:mod:`ncc.ir.ids`): a node QUANT built by fusing FLOAT's nodes
 (a Conv with its BatchNormalization folded in) records their ids, and its output stands for the last of
 them. Where ids do not match (a model onnxruntime quantized) nodes pair by name, then by output name.
-
-Three onnxruntime runs on the first ``samples`` samples: FLOAT with the values the table needs exposed,
-QUANT with its quantized nodes' outputs exposed, and one *isolation* model holding, side by side, a copy
-of each quantized node with its Q/DQ, whose inputs are FLOAT's values. Padded positions (an
-``attention_mask`` input's zeros) are left out of every number.
+Padded positions (an ``attention_mask`` input's zeros) are left out of every number.
 """
 
 from __future__ import annotations
@@ -37,6 +40,15 @@ QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 @dataclass
+class Diff:
+    """The rows, worst first, and QUANT's own output SQNR against FLOAT on ``samples`` samples."""
+
+    rows: list
+    output_sqnr_db: float
+    samples: int
+
+
+@dataclass
 class Row:
     """One quantized node: where it is, what it carries and what it adds."""
 
@@ -47,7 +59,8 @@ class Row:
     carried_sqnr_db: float | None
     carried_cosine: float | None
     added_sqnr_db: float | None
-    output_sqnr_db: float | None = None  # FLOAT's outputs with only this node quantized
+    fallback_sqnr_db: float | None = None  # QUANT's output SQNR with only this node in float
+    gain_db: float | None = None  # how much that raises QUANT's output SQNR
     note: str = ""
 
 
@@ -56,11 +69,11 @@ def diff(
     quant_model: ir.Model,
     feeds: Sequence[dict[str, np.ndarray]],
     *,
-    output_cost: bool = True,
-) -> list[Row]:
-    """The table for ``quant_model`` against ``float_model`` on ``feeds`` (batches), the node costing the
-    output most first. ``output_cost`` runs FLOAT once per node with only that node quantized (the
-    ranking); without it the rows are ranked by the error each node adds locally."""
+    fallback: bool = True,
+) -> Diff:
+    """The table for ``quant_model`` against ``float_model`` on ``feeds`` (batches): with ``fallback``
+    (one run of QUANT per node, with only that node in float) the node whose fallback gains the most
+    output SQNR first; without, the node adding the most error locally first."""
     from ncc.runtime import open_session
 
     pairs = _pairs(float_model, quant_model)
@@ -77,7 +90,7 @@ def diff(
     masks = token_masks(feeds)
     ref = _run(open_session(float_model, outputs=computed, what="the float model"), feeds, computed)
     ref.update({n: [feed[n] for feed in feeds] for n in wanted if n in fed})
-    names = [p.node.outputs[0].name for p in pairs]
+    names = list(dict.fromkeys([p.node.outputs[0].name for p in pairs] + outputs))
     got = _run(open_session(quant_model, outputs=names, what="the quantized model"), feeds, names)
     alone: dict[str, list[np.ndarray]] = {}
     if isolation is not None:
@@ -87,7 +100,8 @@ def diff(
             result = session.run({n: ref[n][i] for n in session.input_names}, outs)
             for name in outs:
                 alone.setdefault(name, []).append(result[name])
-    costs = _output_costs(float_model, pairs, feeds, ref, masks) if output_cost else {}
+    baseline = min(_sqnr(ref[n], got[n], masks) for n in outputs)
+    fallbacks = _fallback_outputs(float_model, quant_model, pairs, feeds, ref, masks) if fallback else {}
     rows = []
     for pair in pairs:
         label = pair.node.name or f"#{node_id(pair.node)}"
@@ -113,25 +127,28 @@ def diff(
                 _sqnr(want, have, masks),
                 _cosine(want, have, masks),
                 _sqnr(want, added, masks) if added is not None else None,
-                costs.get(pair.index),
+                fallbacks.get(pair.index),
+                fallbacks[pair.index] - baseline if pair.index in fallbacks else None,
                 pair.note,
             )
         )
-    return sorted(rows, key=_worst_first)
+    return Diff(sorted(rows, key=_worst_first), baseline, sum(len(next(iter(f.values()))) for f in feeds))
 
 
-def format_table(rows: Sequence[Row], top: int | None = None) -> str:
-    """The rows as a text table (the ``top`` worst by added error)."""
+def format_table(result: Diff, top: int | None = None) -> str:
+    """The rows as a text table (the ``top`` first), under QUANT's own output SQNR."""
+    rows = result.rows
     shown = list(rows)[:top] if top else list(rows)
-    head = (
-        f"{'rank':>4}  {'output SQNR dB alone':>20}  {'adds SQNR dB':>12}  {'carries SQNR dB':>15}  "
-        f"{'cosine':>8}  {'op':<14} node"
-    )
-    lines = [head]
+    lines = [
+        f"output SQNR of the quantized model: {_db(result.output_sqnr_db)} dB ({result.samples} samples)",
+        f"{'rank':>4}  {'in float: gain dB':>17}  {'adds SQNR dB':>12}  {'carries SQNR dB':>15}  "
+        f"{'cosine':>8}  {'op':<14} node",
+    ]
     for rank, row in enumerate(shown, 1):
         note = f"  ({row.note})" if row.note else ""
+        gain = "-" if row.gain_db is None else f"{row.gain_db:+.2f}"
         lines.append(
-            f"{rank:>4}  {_db(row.output_sqnr_db):>20}  {_db(row.added_sqnr_db):>12}  {_db(row.carried_sqnr_db):>15}  "
+            f"{rank:>4}  {gain:>17}  {_db(row.added_sqnr_db):>12}  {_db(row.carried_sqnr_db):>15}  "
             f"{'' if row.carried_cosine is None else f'{row.carried_cosine:.5f}':>8}  "
             f"{row.op_type:<14} {row.node}{note}"
         )
@@ -140,19 +157,19 @@ def format_table(rows: Sequence[Row], top: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def as_json(rows: Sequence[Row]) -> list[dict]:
-    """The rows as JSON-ready dicts (infinite SQNR as null: the outputs are equal)."""
-    out = []
-    for row in rows:
+def as_json(result: Diff) -> dict:
+    """The result as JSON-ready data (an infinite SQNR as null: the outputs are equal)."""
+    rows = []
+    for row in result.rows:
         item = asdict(row)
-        for key in ("carried_sqnr_db", "added_sqnr_db", "output_sqnr_db"):
+        for key in ("carried_sqnr_db", "added_sqnr_db", "fallback_sqnr_db", "gain_db"):
             if item[key] is not None and not math.isfinite(item[key]):
-                item[key] = None if item[key] > 0 else item[key]
-        out.append(item)
-    return out
+                item[key] = None
+        rows.append(item)
+    return {"output_sqnr_db": result.output_sqnr_db, "samples": result.samples, "rows": rows}
 
 
-def plot(rows: Sequence[Row], path) -> None:
+def plot(result: Diff, path) -> None:
     """Per-node SQNR along QUANT's graph order (carried and added) as an image at ``path``."""
     try:
         import matplotlib
@@ -161,13 +178,13 @@ def plot(rows: Sequence[Row], path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise NccError('--plot needs matplotlib (pip install -e ".[plot]").') from None
-    ordered = sorted(rows, key=lambda r: r.index)
+    ordered = sorted(result.rows, key=lambda r: r.index)
     xs = range(len(ordered))
     fig, ax = plt.subplots(figsize=(max(6.0, len(ordered) * 0.12), 3.5))
     series = (
         ("carried_sqnr_db", "carries (its output vs float)"),
         ("added_sqnr_db", "adds (the node alone)"),
-        ("output_sqnr_db", "model output with only it quantized"),
+        ("fallback_sqnr_db", "model output with only it in float"),
     )
     for key, label in series:
         ys = [getattr(r, key) if getattr(r, key) is not None else np.nan for r in ordered]
@@ -355,38 +372,44 @@ def _isolation(float_model: ir.Model, quant_model: ir.Model, pairs: list[_Pair])
     return model, list(inputs)
 
 
-def _output_costs(float_model: ir.Model, pairs: list[_Pair], feeds, reference, masks) -> dict[int, float]:
-    """Per pair (by index): the SQNR of FLOAT's outputs when only that node runs quantized (its copy
-    spliced in place of the float value it stands for), against FLOAT's own outputs."""
+def _fallback_outputs(float_model, quant_model, pairs, feeds, reference, masks) -> dict[int, float]:
+    """Per pair (by index): the SQNR of QUANT's outputs against FLOAT's when only that node runs in float:
+    its activations read without their Q/DQ, its weights FLOAT's where the same node (not a fusion) reads
+    a constant of the same shape at the same position there, else QUANT's, dequantized."""
     from ncc.runtime import open_session
 
     outputs = [v.name for v in float_model.graph.outputs]
-    costs = {}
+    by_id = {i: n for n in float_model.graph if (i := node_id(n)) is not None}
+    by_name = {n.name: n for n in float_model.graph if n.name}
+    result = {}
     for pair in pairs:
-        if not pair.isolated:
-            continue
-        clone = float_model.clone()
-        graph = clone.graph
-        values, float_of = _float_maps(clone, pairs)
-        rebuild = _Rebuilder(graph, values.__getitem__, set(values), float_of)
-        mark = len(graph)
-        try:
-            new = rebuild.node(pair.node)
-        except LookupError:
-            continue
-        added = list(graph)[mark:]
-        if onnx_opset(clone) < 13 and any(n.op_type in QDQ and "axis" in n.attributes for n in added):
-            continue  # per-axis Q/DQ needs opset 13; raising the float model's could change its other nodes
-        old = values[pair.float_value]
-        for node in added:  # in order, right after the float node the copy stands in for
-            graph.remove(node)
-        graph.insert_after(old.producer(), added)
-        new.name, old.name = old.name, f"{old.name}.float"
-        old.replace_all_uses_with(new, replace_graph_outputs=True)
-        session = open_session(clone, what=f"the float model with {pair.node.name or 'a node'} quantized")
+        clone = quant_model.clone()
+        node = list(clone.graph)[pair.index]
+        twin = by_id.get(node_id(node)) or by_name.get(node.name)
+        if twin is not None and (twin.op_type != node.op_type or fused_ids(node)):
+            twin = None  # a fused node's weights are not its float twin's (a BatchNormalization folded in)
+        for i, value in enumerate(node.inputs):
+            dq = value.producer() if value is not None else None
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = dq.inputs[0].producer()
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.replace_input_with(i, q.inputs[0])
+                continue
+            weight = twin.inputs[i] if twin is not None and i < len(twin.inputs) else None
+            if weight is not None and weight.const_value is not None and weight.shape == value.shape:
+                copy = ir.Value(
+                    name=f"ncc.diff.float.{weight.name}",
+                    type=weight.type,
+                    shape=weight.shape,
+                    const_value=weight.const_value,
+                )
+                clone.graph.register_initializer(copy)
+                node.replace_input_with(i, copy)
+        session = open_session(clone, what=f"the quantized model with {node.name or 'a node'} in float")
         got = _run(session, feeds, outputs)
-        costs[pair.index] = min(_sqnr(reference[n], got[n], masks) for n in outputs)
-    return costs
+        result[pair.index] = min(_sqnr(reference[n], got[n], masks) for n in outputs)
+    return result
 
 
 # -- numbers ------------------------------------------------------------------------------------------
@@ -426,5 +449,8 @@ def _db(value: float | None) -> str:
 
 
 def _worst_first(row: Row) -> tuple:
-    key = row.output_sqnr_db if row.output_sqnr_db is not None else row.added_sqnr_db
-    return (row.output_sqnr_db is None, key is None, math.inf if key is None else key, row.index)
+    """The largest fallback gain first; without one, the most error added locally first."""
+    if row.gain_db is not None:
+        return (0, -row.gain_db, row.index)
+    added = row.added_sqnr_db
+    return (1 if added is not None else 2, math.inf if added is None else added, row.index)

@@ -1,4 +1,4 @@
-"""``ncc diff``: per quantized node, what it carries, what it adds, what it alone costs the output.
+"""``ncc diff``: per quantized node, what its fallback to float gains, what it adds, what it carries.
 
 On the README example's CNN (real digits): ncc's own int8 output, the same output with one layer's weight
 scale damaged (which diff must put first), and onnxruntime's own QDQ quantization of the same model
@@ -44,7 +44,11 @@ def _rows(model: Path, tmp_path: Path, source: Path = FLOAT, calib: Path = CALIB
     out = tmp_path / "rows.json"
     result = ncc("diff", source, model, "--data", calib, "--json", out)
     assert result.exit_code == 0, result.stderr
-    return json.loads(out.read_text())
+    data = json.loads(out.read_text())
+    assert data["samples"] == 8 and data["output_sqnr_db"] > 0
+    for row in data["rows"]:  # the gain is the fallback's output SQNR over the quantized model's own
+        assert row["gain_db"] == pytest.approx(row["fallback_sqnr_db"] - data["output_sqnr_db"], abs=1e-9)
+    return data["rows"]
 
 
 def test_every_quantized_layer_pairs_with_its_float_value_and_costs_little(int8_model, tmp_path):
@@ -56,27 +60,29 @@ def test_every_quantized_layer_pairs_with_its_float_value_and_costs_little(int8_
         f"/features/features.{i}/BatchNormalization_output_0" for i in (1, 4, 8)
     }
     for row in rows:
-        assert 30 < row["added_sqnr_db"] < 80 and 30 < row["output_sqnr_db"] < 80, row
+        assert 30 < row["added_sqnr_db"] < 80 and -1 < row["gain_db"] < 10, row
     # the stem reads the graph input: what it carries is exactly what it adds
     stem = next(r for r in rows if r["node"] == "/features/features.0/Conv")
     assert stem["carried_sqnr_db"] == pytest.approx(stem["added_sqnr_db"], abs=1e-6)
-    outputs = [r["output_sqnr_db"] for r in rows]
-    assert outputs == sorted(outputs)  # worst first
+    gains = [r["gain_db"] for r in rows]
+    assert gains == sorted(gains, reverse=True)  # the most worth keeping in float first
 
 
 def test_a_damaged_layer_comes_first(int8_model, tmp_path):
     model = onnx.load(int8_model)
     conv = next(n for n in model.graph.node if n.name == "/features/features.3/Conv")
-    dq = next(n for n in model.graph.node if n.output[0] == conv.input[1])
-    scale = next(t for t in model.graph.initializer if t.name == dq.input[1])
-    scale.CopyFrom(nh.from_array(nh.to_array(scale) * 1.3, scale.name))  # the layer's weights 30% too large
+    dq = next(n for n in model.graph.node if n.output[0] == conv.input[0])
+    q = next(n for n in model.graph.node if n.output[0] == dq.input[0])
+    for name in {q.input[1], dq.input[1]}:  # the input's scale 4x too small: most activations clip
+        scale = next(t for t in model.graph.initializer if t.name == name)
+        scale.CopyFrom(nh.from_array(nh.to_array(scale) / 4, scale.name))
     damaged = tmp_path / "damaged.onnx"
     onnx.save(model, damaged)
     rows = _rows(damaged, tmp_path)
     first, rest = rows[0], rows[1:]
     assert first["node"] == "/features/features.3/Conv", [r["node"] for r in rows]
-    assert first["added_sqnr_db"] < 15 and first["output_sqnr_db"] < 15
-    assert min(r["added_sqnr_db"] for r in rest) > 30
+    assert first["added_sqnr_db"] < 15 and first["gain_db"] > 10  # in float, it reads the unclipped input
+    assert min(r["added_sqnr_db"] for r in rest) > 25 and max(r["gain_db"] for r in rest) < 3
 
 
 def test_an_onnxruntime_quantized_model_pairs_by_node_name(tmp_path):
@@ -107,9 +113,12 @@ def test_top_plot_and_refusals(int8_model, tmp_path):
     result = ncc("diff", FLOAT, int8_model, "--data", CALIB, "--top", "2", "--plot", plot)
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
+    assert lines[0].startswith("output SQNR of the quantized model:")
     assert (
-        lines[0].split()[:2] == ["rank", "output"] and len(lines) == 4 and "more quantized nodes" in lines[3]
+        lines[1].split()[:3] == ["rank", "in", "float:"] and len(lines) == 5 and "more quantized" in lines[4]
     )
+    fast = ncc("diff", FLOAT, int8_model, "--data", CALIB, "--fast")  # no fallback runs: no gain column
+    assert fast.exit_code == 0 and fast.stdout.splitlines()[2].split()[1] == "-", fast.stdout
     assert plot.read_bytes()[:4] == b"\x89PNG"
     same = ncc("diff", FLOAT, FLOAT, "--data", CALIB)
     assert same.exit_code == 2 and "no quantized nodes" in same.stderr and "Traceback" not in same.stderr
