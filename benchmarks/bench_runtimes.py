@@ -1,0 +1,182 @@
+"""The same ncc artefacts in two runtimes: onnxruntime and OpenVINO, FP32, BF16 and ncc's INT8 (issue 16).
+
+    python benchmarks/bench_runtimes.py                      # MiniLM and EfficientNet-Lite0, batch 1 and 8
+    python benchmarks/bench_runtimes.py --models minilm --quick
+
+Per model (the ONNX table's files and data), one table: onnxruntime FP32 and ncc ``int8`` (QDQ, as
+``ncc compile`` writes it), OpenVINO FP32 (``INFERENCE_PRECISION_HINT=f32``: on an AMX CPU OpenVINO
+otherwise runs FP32 models in bf16), OpenVINO with the FP32 model and ``INFERENCE_PRECISION_HINT=bf16``,
+and OpenVINO with ncc's INT8 file as is (its non-quantized layers at OpenVINO's default precision).
+2 threads, latency hint, one stream; the sessions are timed side by side in blocks
+(``ncc.tools.timing``) and speed-ups are paired against onnxruntime FP32. Quality is measured in each
+runtime on held-out data against onnxruntime FP32's outputs: MiniLM's sentence-embedding cosine and
+logistic-regression accuracy on the 1,000 test tweets, EfficientNet-Lite0's top-1 agreement on 480 photo
+crops. "int8 layers" counts the convolutions and fully connected layers OpenVINO's compiled graph runs
+in u8/i8 (its runtime model's ``runtimePrecision``), against all of them. Needs ``pip install openvino``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import int8_models as m  # noqa: E402
+
+THREADS = 2
+EVAL_CROPS = 480
+COMPUTE_LAYERS = ("Convolution", "FullyConnected", "MatMul", "Deconvolution")
+
+
+class OrtRunner:
+    def __init__(self, path: Path):
+        self.session = m.session(path, THREADS)
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, _outputs, feed):
+        return self.session.run(None, {k: feed[k] for k in self.names})
+
+    def first(self, feed) -> np.ndarray:
+        return self.run(None, feed)[0]
+
+
+class OvRunner:
+    def __init__(self, path: Path, precision: str | None):
+        import openvino as ov
+
+        config = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        if precision:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.names = [i.get_any_name() for i in self.compiled.inputs]
+
+    def run(self, _outputs, feed):
+        return self.request.infer({k: feed[k] for k in self.names})
+
+    def first(self, feed) -> np.ndarray:
+        return np.array(self.run(None, feed)[self.compiled.output(0)])
+
+    def layers(self) -> tuple[int, int]:
+        """(compute layers running in u8/i8, compute layers) in OpenVINO's compiled graph."""
+        counts = collections.Counter()
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            kind = info["layerType"].astype(str) if "layerType" in info else ""
+            if kind in COMPUTE_LAYERS:
+                precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else ""
+                counts["int8" if precision in ("u8", "i8") else "other"] += 1
+        return counts["int8"], counts["int8"] + counts["other"]
+
+
+def _minilm():
+    sentiment = m.minilm_sentiment()
+    test = sentiment.test
+
+    def quality(runner) -> dict:
+        out = []
+        for i in range(0, len(test["input_ids"]), 32):
+            chunk = {k: v[i : i + 32] for k, v in test.items()}
+            out.append(m.pooled(runner.first(chunk), chunk["attention_mask"]))
+        emb = np.concatenate(out)
+        cosine = float(np.mean(m.sample_cosines(sentiment.ref_test, emb)))
+        return {"quality": cosine, "accuracy": float(sentiment.head.score(emb, sentiment.y_test))}
+
+    task = m.minilm_task()
+    return task, quality, "embedding cosine (1,000 test tweets)"
+
+
+def _efficientnet():
+    task = m.efficientnet_task()
+    crops = np.load(m._crops_file("eval", m.N_CROPS_EVAL, m.CROP_SEED_EVAL))["image"][:EVAL_CROPS]
+    reference = {}
+
+    def quality(runner) -> dict:
+        logits = np.concatenate(
+            [runner.first({"image": crops[i : i + 16]}) for i in range(0, len(crops), 16)]
+        )
+        if "ref" not in reference:
+            reference["ref"] = logits  # the first runner is onnxruntime FP32
+        return {"quality": float(np.mean(logits.argmax(1) == reference["ref"].argmax(1)))}
+
+    return task, quality, f"top-1 agreement ({EVAL_CROPS} crops)"
+
+
+TASKS = {"minilm": _minilm, "efficientnet": _efficientnet}
+
+
+def run_task(key: str, quick: bool, workdir: Path) -> list[str]:
+    from ncc.tools.timing import time_blocks
+
+    task, quality, quality_name = TASKS[key]()
+    int8 = workdir / f"{key}.int8.onnx"
+    m.ncc_compile(task.float_model, task.calib, int8)
+    rows = [
+        ("onnxruntime FP32", lambda: OrtRunner(task.float_model)),
+        ("onnxruntime, ncc int8 (QDQ)", lambda: OrtRunner(int8)),
+        ("OpenVINO FP32 (precision hint f32)", lambda: OvRunner(task.float_model, "f32")),
+        ("OpenVINO, FP32 model, precision hint bf16", lambda: OvRunner(task.float_model, "bf16")),
+        ("OpenVINO, ncc int8 (QDQ) as is", lambda: OvRunner(int8, None)),
+    ]
+    runners = [(name, make()) for name, make in rows]
+    scores = {name: quality(runner) for name, runner in runners}
+    speed = {}
+    for batch in (1, 8):
+        feed = task.timing_feed(batch)
+        timing = time_blocks(
+            [r for _, r in runners], feed, runs=20 if quick else 40, rounds=5 if quick else 9
+        )
+        for i, (name, _) in enumerate(runners):
+            speed[(name, batch)] = (batch / timing.median(i), timing.ratio(i, 0))
+        print(f"[{task.name} b{batch}] timed", file=sys.stderr)
+    accuracy = "accuracy" in next(iter(scores.values()))
+    head = f"| {task.name} | {quality_name} |{' LR accuracy |' if accuracy else ''} int8 layers (OpenVINO) |"
+    head += " b1 samples/s | b1 speed-up | b8 samples/s | b8 speed-up |"
+    lines = ["", head, "|" + "---|" * (head.count("|") - 1)]
+    for name, runner in runners:
+        s = scores[name]
+        layers = f"{'/'.join(map(str, runner.layers()))}" if isinstance(runner, OvRunner) else ""
+        shown = f" {s['accuracy']:.3f} |" if accuracy else ""
+        line = f"| {name} | {s['quality']:.4f} |{shown} {layers} |"
+        for batch in (1, 8):
+            rate, ratio = speed[(name, batch)]
+            line += f" {rate:.1f} | {ratio['median']:.2f}x ({ratio['q25']:.2f}-{ratio['q75']:.2f}) |"
+        lines.append(line)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="5 timing rounds instead of 9")
+    parser.add_argument("--models", default="minilm,efficientnet", help="comma-separated: " + ",".join(TASKS))
+    args = parser.parse_args()
+    import openvino as ov
+    from bench_int8 import machine_facts
+
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="ncc-runtimes-") as tmp:
+        for key in args.models.split(","):
+            lines += run_task(key, args.quick, Path(tmp))
+    facts = machine_facts()
+    import onnxruntime
+
+    print("# One artefact, two runtimes: onnxruntime and OpenVINO (FP32, BF16, ncc INT8)\n")
+    print(
+        f"command: python benchmarks/bench_runtimes.py{' --quick' if args.quick else ''} --models {args.models}"
+    )
+    print(
+        f"machine: {facts['cpu']}, {facts['cores']} cores; avx2={facts['avx2']} avx512_vnni={facts['avx512_vnni']} "
+        f"amx={facts['amx']}; onnxruntime {onnxruntime.__version__}, OpenVINO {ov.__version__.split('-')[0]}, "
+        f"{THREADS} threads"
+    )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
