@@ -89,6 +89,18 @@ def machine_facts() -> dict:
     }
 
 
+def machine_line(extra: str = "") -> str:
+    """The ``machine:`` line every benchmark table prints: CPU, cores and the flags that decide int8 speed."""
+    f = machine_facts()
+    line = f"machine: {f['cpu']}, {f['cores']} cores; avx2={f['avx2']} avx512_vnni={f['avx512_vnni']} amx={f['amx']}"
+    return f"{line}; {extra}" if extra else line
+
+
+def speed_cells(rate: float, ratio: dict) -> str:
+    """A table's ``samples/s | speed-up (quartiles)`` cells for one configuration."""
+    return f" {rate:.1f} | {ratio['median']:.2f}x ({ratio['q25']:.2f}-{ratio['q75']:.2f}) |"
+
+
 # -- timing -------------------------------------------------------------------------------------------
 
 

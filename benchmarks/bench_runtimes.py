@@ -112,6 +112,7 @@ TASKS = {"minilm": _minilm, "efficientnet": _efficientnet}
 
 
 def run_task(key: str, quick: bool, workdir: Path) -> list[str]:
+    from bench_int8 import speed_cells
     from ncc.tools.timing import time_blocks
 
     task, quality, quality_name = TASKS[key]()
@@ -145,8 +146,7 @@ def run_task(key: str, quick: bool, workdir: Path) -> list[str]:
         shown = f" {s['accuracy']:.3f} |" if accuracy else ""
         line = f"| {name} | {s['quality']:.4f} |{shown} {layers} |"
         for batch in (1, 8):
-            rate, ratio = speed[(name, batch)]
-            line += f" {rate:.1f} | {ratio['median']:.2f}x ({ratio['q25']:.2f}-{ratio['q75']:.2f}) |"
+            line += speed_cells(*speed[(name, batch)])
         lines.append(line)
     return lines
 
@@ -157,24 +157,22 @@ def main() -> None:
     parser.add_argument("--models", default="minilm,efficientnet", help="comma-separated: " + ",".join(TASKS))
     args = parser.parse_args()
     import openvino as ov
-    from bench_int8 import machine_facts
+    from bench_int8 import machine_line
 
     lines = []
     with tempfile.TemporaryDirectory(prefix="ncc-runtimes-") as tmp:
         for key in args.models.split(","):
             lines += run_task(key, args.quick, Path(tmp))
-    facts = machine_facts()
     import onnxruntime
 
     print("# One artefact, two runtimes: onnxruntime and OpenVINO (FP32, BF16, ncc INT8)\n")
     print(
         f"command: python benchmarks/bench_runtimes.py{' --quick' if args.quick else ''} --models {args.models}"
     )
-    print(
-        f"machine: {facts['cpu']}, {facts['cores']} cores; avx2={facts['avx2']} avx512_vnni={facts['avx512_vnni']} "
-        f"amx={facts['amx']}; onnxruntime {onnxruntime.__version__}, OpenVINO {ov.__version__.split('-')[0]}, "
-        f"{THREADS} threads"
+    versions = (
+        f"onnxruntime {onnxruntime.__version__}, OpenVINO {ov.__version__.split('-')[0]}, {THREADS} threads"
     )
+    print(machine_line(versions))
     print("\n".join(lines))
 
 

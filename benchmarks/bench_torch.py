@@ -146,6 +146,7 @@ def _quality(task: _Task, fn) -> dict:
 
 def run_task(task: _Task, threads: list[int], quick: bool, have_pt2e: bool) -> list[str]:
     import ncc.torch
+    from bench_int8 import speed_cells
     from ncc.tools.timing import time_blocks
     from ncc.tools.torch_api import inductor
 
@@ -196,8 +197,7 @@ def run_task(task: _Task, threads: list[int], quick: bool, have_pt2e: bool) -> l
         )
         for t in threads:
             for batch in (1, 8):
-                rate, ratio = speed[(name, t, batch)]
-                line += f" {rate:.1f} | {ratio['median']:.2f}x ({ratio['q25']:.2f}-{ratio['q75']:.2f}) |"
+                line += speed_cells(*speed[(name, t, batch)])
         lines.append(line)
     return lines
 
