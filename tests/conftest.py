@@ -56,3 +56,20 @@ def assert_same_outputs(before, after, *, atol: float, rtol: float, seeds=(0, 1)
 def same_outputs():
     """Fixture form of :func:`assert_same_outputs` (before, after, *, atol, rtol)."""
     return assert_same_outputs
+
+
+#: The README example's CNN and its calibration images (real digits), used by CLI tests.
+DIGITS_CNN = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "digits_cnn.onnx"
+DIGITS_CALIB = DIGITS_CNN.with_name("digits_calib.npz")
+
+
+def invoke_ncc(*args):
+    """``ncc ARGS`` in-process (click's runner: the console script's parsing and error handling); an
+    exception the CLI did not turn into an exit code fails the test."""
+    from click.testing import CliRunner
+    from ncc.tools.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args], prog_name="ncc")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result

@@ -178,7 +178,8 @@ def _quant_options(fn):
         click.option(
             "--target",
             metavar="NAME",
-            help="Target profile: host (default), x86-vnni, x86-avx2; for .pt2 output inductor (default) or aoti.",
+            help="Target profile: host (default), x86-vnni, x86-avx2, openvino; for .pt2 output inductor "
+            "(default) or aoti.",
         ),
         click.option(
             "--min-cosine",
@@ -450,9 +451,14 @@ def compile(
             and output.suffix == ".onnx"
             and any("ncc.quant" in n.metadata_props for n in model.graph)
         ):
-            from ncc.backends.onnx.check import check_on_onnxruntime
+            if opts.get("target") == "openvino":
+                from ncc.backends.openvino.check import check_on_openvino
 
-            check = check_on_onnxruntime(staged(output), model, shown=output)
+                check = check_on_openvino(staged(output), model, shown=output)
+            else:
+                from ncc.backends.onnx.check import check_on_onnxruntime
+
+                check = check_on_onnxruntime(staged(output), model, shown=output)
         if not no_check and torch_out and any("ncc.quant" in n.metadata_props for n in model.graph):
             check = (_aoti_check if aoti else _inductor_check)(staged(output), model)
     if run is not None:

@@ -14,22 +14,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
-from ncc.tools.cli import cli
+from conftest import DIGITS_CALIB as CALIB
+from conftest import DIGITS_CNN as FLOAT
+from conftest import invoke_ncc as ncc
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
-
-REPO = Path(__file__).resolve().parents[2]
-FLOAT = REPO / "examples" / "digits_cnn.onnx"
-CALIB = REPO / "examples" / "digits_calib.npz"
-
-
-def ncc(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], prog_name="ncc")
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,73 @@
+"""Check an emitted model on OpenVINO: which quantized layers its CPU plugin really runs in int8.
+
+OpenVINO reads ncc's QDQ ONNX as it is; its low-precision transformations turn each
+DequantizeLinear -> Conv/MatMul/Gemm -> QuantizeLinear group into an int8 layer when the pattern
+fits, and silently run it in floating point (bf16 or f32) when it does not. This compiles the
+artefact for the CPU the way a user will (default configuration) and reads the compiled graph back
+(``compiled.get_runtime_model()``): each executed layer names the original layers it absorbed
+(``originalLayersNames``) and the precision it runs in (``runtimePrecision``). Every convolution and
+linear ncc quantized is matched to the executed layer that absorbed it, by node name, and counted as
+int8 when that layer runs in u8/i8.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import onnx_ir as ir
+from ncc.backends.onnx.check import RuntimeCheck
+from ncc.errors import NccError
+
+COMPUTE = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+INT8 = frozenset({"u8", "i8"})
+#: Executed layer types a convolution or linear can end up in (a fused attention block: ``Subgraph``).
+LAYERS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution", "Subgraph")
+
+
+def check_on_openvino(path: str | Path, model: ir.Model, *, shown: str | Path | None = None) -> RuntimeCheck:
+    """Compile ``path`` (the emitted file of ``model``: ONNX or OpenVINO IR) on OpenVINO's CPU plugin and
+    classify ``model``'s quantized convolutions and linears; ``shown`` names the file in messages."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise NccError('--target openvino needs OpenVINO (pip install -e ".[openvino]").') from None
+    names = Counter(n.name for n in model.graph)
+    marked = [
+        n
+        for n in model.graph
+        if n.metadata_props.get("ncc.quant", "").startswith("int8") and n.op_type in COMPUTE
+    ]
+    quantized = {n.name: n.op_type for n in marked if n.name and names[n.name] == 1}
+    try:
+        compiled = ov.Core().compile_model(str(path), "CPU")
+    except Exception as err:  # OpenVINO raises RuntimeError with a long log; its first line says what
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise NccError(f"OpenVINO cannot compile the emitted model {shown or path}: {first}") from None
+    layers = []  # (absorbed layer names, layer type, precision)
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind = info["layerType"].astype(str) if "layerType" in info else ""
+        precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else ""
+        original = info["originalLayersNames"].astype(str).split(",") if "originalLayersNames" in info else []
+        layers.append((original + [op.get_friendly_name()], kind, precision))
+    check = RuntimeCheck(
+        runtime=f"OpenVINO {ov.__version__.split('-')[0]} CPU", unnamed=len(marked) - len(quantized)
+    )
+    for name, op in quantized.items():
+        found = [
+            (kind, precision)
+            for absorbed, kind, precision in layers
+            if kind in LAYERS and any(a == name or a.startswith(name + "/") for a in absorbed)
+        ]
+        found.sort(key=lambda f: LAYERS.index(f[0]))  # a compute layer before a fused subgraph
+        if not found:
+            check.float_[name] = f"{op} not found among OpenVINO's executed layers"
+            continue
+        kind, precision = found[0]
+        if precision in INT8:
+            check.integer[name] = kind
+            check.kernels[f"{kind} {precision}"] += 1
+        else:
+            check.float_[name] = f"{op} runs as {kind} in {precision or 'an unknown precision'}"
+    return check
