@@ -342,7 +342,11 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
 @cli.command()
 @click.argument("input", type=_IN)
 @click.option(
-    "-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .onnx, .ncc or .pt2 file."
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output .onnx, .ncc, .pt2 or .xml (OpenVINO IR) file.",
 )
 @click.option("--external-data", metavar="NAME", help="Write weights to NAME beside the output .onnx.")
 @click.option(
@@ -414,6 +418,13 @@ def compile(
         writes.append(FileUse("the --layer-report file", layer_report, model=False))
     check_distinct(reads, writes)
     torch_out = output.suffix.lower() == ".pt2"
+    openvino_out = output.suffix.lower() == ".xml"
+    if openvino_out and not opts.get("target"):
+        opts["target"] = "openvino"
+    if openvino_out and opts["target"] != "openvino":
+        raise NccError(f"a .xml output is OpenVINO IR: --target openvino, not {opts['target']}.")
+    if openvino_out and fmt and fmt != "qdq":
+        raise NccError(f"OpenVINO reads the QDQ form; --format {fmt} cannot be written as OpenVINO IR.")
     if torch_out and fmt:
         raise NccError(f"--format {fmt} is an ONNX form; a .pt2 output takes the torch backend's own.")
     if torch_out and not opts.get("target"):
@@ -448,7 +459,7 @@ def compile(
             write_layer_report(layer_report, layers)
         if (
             not no_check
-            and output.suffix == ".onnx"
+            and output.suffix in (".onnx", ".xml")
             and any("ncc.quant" in n.metadata_props for n in model.graph)
         ):
             if opts.get("target") == "openvino":

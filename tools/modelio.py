@@ -16,14 +16,15 @@ import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.files import atomic_outputs, cannot_write, check_writable
 
-FORMATS = (".onnx", ".ncc", ".pt2")
+FORMATS = (".onnx", ".ncc", ".pt2", ".xml")
 
 
 def model_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise NccError(
-            f"{path}: unknown model format {suffix or '(no extension)'!r}; use .onnx, .ncc or .pt2."
+            f"{path}: unknown model format {suffix or '(no extension)'!r}; use .onnx, .ncc or .pt2 "
+            "(or .xml, OpenVINO IR, as an output)."
         )
     return suffix
 
@@ -35,6 +36,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     from ncc.ir.verifier import verify
 
     path = Path(path)
+    if model_format(path) == ".xml":
+        raise NccError(f"{path}: OpenVINO IR is an output format here; give ncc the ONNX model it came from.")
     if model_format(path) == ".onnx":
         from ncc.frontends.onnx import load_onnx
 
@@ -114,6 +117,8 @@ def output_files(path: Path, *, external_data: str | None = None, full: bool = T
     uses = [FileUse("the output", path)]
     if model_format(path) == ".pt2":
         return uses
+    if model_format(path) == ".xml":
+        return [*uses, FileUse("the output's weights file", path.with_suffix(".bin"))]
     if model_format(path) == ".onnx":
         if external_data:
             uses.append(FileUse("the output's external data file", path.parent / external_data))
@@ -204,6 +209,15 @@ def save_model(
 
         data = save_onnx(model, path, external_data=external_data, value_info=value_info)
         return [path] + ([data] if data else [])
+    if model_format(path) == ".xml":
+        from ncc.backends.openvino.save import save_openvino_ir
+
+        if external_data:
+            raise NccError("--external-data applies to .onnx output, not OpenVINO IR (.xml).")
+        weights = path.with_suffix(".bin")
+        with atomic_outputs(path, weights) as (temp, _):
+            save_openvino_ir(model, temp)
+        return [path, weights]
     if model_format(path) == ".pt2":
         from ncc.backends.torch.save import save_pt2
 

@@ -61,3 +61,48 @@ def test_the_check_names_a_layer_openvino_runs_in_float(tmp_path):
     check = check_on_openvino(broken, load_model(out))
     assert len(check.integer) == 4 and list(check.float_) == ["/features/features.3/Conv"], check.summary()
     assert "runs as Convolution in" in check.float_["/features/features.3/Conv"]
+
+
+def test_openvino_ir_output_holds_the_checked_model(tmp_path):
+    xml = tmp_path / "digits.int8.xml"
+    result = ncc("compile", FLOAT, "--pass", "int8", "--calib", CALIB, "-o", xml)  # .xml: target openvino
+    assert result.exit_code == 0, result.stderr
+    assert "on OpenVINO" in result.stderr and "5/5 quantized nodes run as integer kernels" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.int8.bin", "digits.int8.xml"]
+    onnx_out = tmp_path / "digits.int8.onnx"
+    assert (
+        ncc(
+            "compile", FLOAT, "--pass", "int8", "--calib", CALIB, "--target", "openvino", "-o", onnx_out
+        ).exit_code
+        == 0
+    )
+    images = np.load(CALIB)["image"]
+    core = ov.Core()
+    from_xml, from_onnx = core.compile_model(str(xml), "CPU"), core.compile_model(str(onnx_out), "CPU")
+    got = np.array(from_xml(images)[from_xml.output(0)])
+    want = np.array(from_onnx(images)[from_onnx.output(0)])
+    np.testing.assert_array_equal(got, want)  # the same graph, the same weights (no fp16 compression)
+
+
+def test_openvino_ir_refusals(tmp_path):
+    wrong = ncc(
+        "compile", FLOAT, "--pass", "int8", "--calib", CALIB, "--target", "x86-vnni", "-o", tmp_path / "m.xml"
+    )
+    assert wrong.exit_code == 2 and "--target openvino" in wrong.stderr and "Traceback" not in wrong.stderr
+    qop = ncc(
+        "compile",
+        FLOAT,
+        "--pass",
+        "int8",
+        "--calib",
+        CALIB,
+        "--format",
+        "qoperator",
+        "-o",
+        tmp_path / "m.xml",
+    )
+    assert qop.exit_code == 2 and "QDQ form" in qop.stderr
+    (tmp_path / "in.xml").write_text("<net/>")
+    read = ncc("dump", tmp_path / "in.xml")
+    assert read.exit_code == 2 and "output format" in read.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.xml"]
