@@ -73,6 +73,11 @@ class _Translator:
     def run(self, input_names, output_names) -> ir.Model:
         program, torch = self.program, self.torch
         specs = {spec.arg.name: spec for spec in program.graph_signature.input_specs}
+        mutated = [
+            spec.kind.name for spec in program.graph_signature.output_specs if spec.kind.name != "USER_OUTPUT"
+        ]
+        if mutated:  # outputs that write back into buffers or inputs: state the IR has no place for
+            raise Unsupported(f"the program mutates state ({', '.join(sorted(set(mutated))).lower()})")
         state = {**program.state_dict, **program.constants}
         user = 0
         for node in program.graph_module.graph.nodes:
@@ -113,6 +118,9 @@ class _Translator:
         name = str(target)
         if name == "aten._assert_tensor_metadata.default":
             return None
+        schema = getattr(target, "_schema", None)
+        if schema is not None and schema.is_mutable:  # never run here: it would write into the module's state
+            raise Unsupported(f"{name} ({node.name}) writes in place")
         folded = self.fold(node)
         if folded is not None:
             return folded

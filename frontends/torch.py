@@ -112,8 +112,18 @@ def _through_onnx(module, inputs, dynamic, input_names, output_names) -> ir.Mode
     except Exception as err:  # torch.export and torch.onnx raise many kinds; each is the user's model
         raise NccError(f"torch.export could not capture the model: {first_line(err)}") from None
     model = program.model
+    _own_weights(model)
     _linear_weights_as_kn(model)
     return model
+
+
+def _own_weights(model: ir.Model) -> None:
+    """torch.onnx's initializers wrap the module's own tensors: the IR would change when the module does
+    (a buffer a later call updates, a parameter trained further). Each becomes a copy the IR owns."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and type(tensor) is not ir.Tensor:  # torch.onnx's TorchTensor subclasses it
+            value.const_value = ir.tensor(np.array(tensor.numpy(), copy=True), name=value.name)
 
 
 def _linear_weights_as_kn(model: ir.Model) -> None:

@@ -103,6 +103,33 @@ def test_static_lowering_translates_aten_directly_and_says_when_it_cannot(digits
     np.testing.assert_allclose(run(other, [images.numpy()])[0], want, rtol=1e-4, atol=1e-4)
 
 
+def test_lowering_never_runs_an_in_place_op_on_the_modules_state():
+    """torch.export's graph keeps in-place ops (a counter buffer's ``add_``): the aten route must neither
+    compute them as constants (that would write into the user's buffer) nor drop them."""
+    import ncc.torch
+    from ncc.frontends.torch import ROUTE
+    from ncc.runtime import run
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("count", torch.zeros(1))
+            self.lin = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            self.count.add_(1)
+            return self.lin(x) + self.count
+
+    module, x = Counting().eval(), torch.randn(2, 4)
+    model = ncc.torch.lower(module, (x,), dynamic_batch=False)
+    assert model.metadata_props[ROUTE] == "torch.onnx (aten.add_.Tensor (add_) writes in place)"
+    assert module.count.item() == 0  # untouched by lowering
+    with torch.no_grad():
+        want = module(x).numpy()  # the counter is 1 in this call, as in the exported program
+        module(x)  # and 2 after this one: the IR holds its own copy of the state, still 0
+    np.testing.assert_allclose(run(model, [x.numpy()])[0], want, rtol=1e-5, atol=1e-5)
+
+
 def test_int8_keeps_the_accuracy_and_quantizes_every_layer(digits_cnn, compiled):
     model, x, y, _, test = digits_cnn
     batches, n = _batches(x[test])
