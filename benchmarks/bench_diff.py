@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,13 +33,11 @@ COMPUTE = ("MatMul", "Gemm", "Conv")
 
 
 def compile_int8(task, out: Path, cache: Path, exclude: list[str]) -> None:
-    args = [sys.executable, "-m", "ncc.tools.cli", "compile", str(task.float_model), "--pass", "int8"]
-    args += ["--calib", str(task.calib), "--min-cosine", "0", "--cache-dir", str(cache), "-o", str(out)]
-    for name in exclude:
-        args += ["--exclude", f"^{re.escape(name)}$"]
-    proc = subprocess.run(args, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr)
+    """``int8`` without the fallback, keeping ``exclude`` (node names) in float."""
+    options = ["--min-cosine", "0"] + [
+        arg for name in exclude for arg in ("--exclude", f"^{re.escape(name)}$")
+    ]
+    m.ncc_compile(task.float_model, task.calib, out, extra=tuple(options), cache=cache)
 
 
 def main() -> None:

@@ -430,13 +430,19 @@ def ncc_compile(
     pipeline: str = "int8",
     fmt: str = "qdq",
     extra: tuple[str, ...] = (),
+    cache: Path | None = None,
 ) -> tuple[float, str]:
-    """``ncc compile`` in a subprocess with a fresh (empty) calibration cache; returns (wall s, output)."""
+    """``ncc compile`` in a subprocess with a fresh (empty) calibration cache, or ``cache`` where several
+    compiles of one model share its statistics; returns (wall s, output)."""
+    import contextlib
     import subprocess
     import time
 
     ncc = Path(sys.executable).parent / "ncc"
-    with tempfile.TemporaryDirectory(prefix="ncc-cache-") as cache_dir:
+    fresh = (
+        tempfile.TemporaryDirectory(prefix="ncc-cache-") if cache is None else contextlib.nullcontext(cache)
+    )
+    with fresh as cache_dir:
         cmd = [
             str(ncc),
             "compile",
@@ -448,7 +454,7 @@ def ncc_compile(
             "-o",
             str(out),
             "--cache-dir",
-            cache_dir,
+            str(cache_dir),
             *extra,
         ]
         if calib is not None:

@@ -134,23 +134,19 @@ class _Translator:
     def arg(self, a):
         if isinstance(a, (list, tuple)):
             return type(a)(self.arg(x) for x in a)
-        if hasattr(a, "op") and hasattr(a, "meta"):  # an FX node
-            return self.env[a]
-        return a
+        return self.env[a] if isinstance(a, self.torch.fx.Node) else a
 
     def fold(self, node):
         """The node's result computed now when every tensor it reads is known (small results only)."""
         torch = self.torch
-        consts: list[Any] = []
 
         def real(a):
             if isinstance(a, (list, tuple)):
                 return type(a)(real(x) for x in a)
-            if hasattr(a, "op") and hasattr(a, "meta"):
+            if isinstance(a, torch.fx.Node):
                 entry = self.env[a]
                 if not isinstance(entry, _Const):
                     raise LookupError
-                consts.append(entry)
                 return entry.tensor
             return a
 
@@ -161,13 +157,9 @@ class _Translator:
             args, kwargs = real(node.args), {k: real(v) for k, v in node.kwargs.items()}
         except LookupError:
             return None
-        if not consts and any(isinstance(v, torch.Tensor) for v in node.kwargs.values()):
-            return None
         with torch.no_grad():
             result = node.target(*args, **kwargs)
-        if not isinstance(result, torch.Tensor):
-            return None
-        return _Const(result, node.name)
+        return _Const(result, node.name) if isinstance(result, torch.Tensor) else None
 
     # -- values ---------------------------------------------------------------------------------------
 
@@ -221,31 +213,24 @@ class _Translator:
 
     # -- nodes ----------------------------------------------------------------------------------------
 
-    def emit(self, op_type: str, inputs, attributes=None, *, dtype=None, shape=None, outputs: int = 1):
-        """Append an ``op_type`` node; its first output has the FX node's type unless ``dtype``/``shape``
-        say otherwise (the inner values of a multi-node expansion)."""
+    def emit(self, op_type: str, inputs, attributes=None, *, dtype=None, shape=None) -> ir.Value:
+        """Append an ``op_type`` node; its output has the FX node's type unless ``dtype``/``shape`` say
+        otherwise (the inner values of a multi-node expansion)."""
         fx = self.fx
         if dtype is None or shape is None:
-            val = fx.meta.get("val")
-            val = val[0] if isinstance(val, (tuple, list)) else val
-            own_dtype, own_shape = self.type_of(val)
+            own_dtype, own_shape = self.out_type()
             dtype, shape = dtype or own_dtype, own_shape if shape is None else shape
-        values = [
-            ir.Value(
-                name=self.unique(fx.name if i == 0 else f"{fx.name}_{i}"),
-                type=ir.TensorType(dtype),
-                shape=ir.Shape(shape),
-            )
-            for i in range(outputs)
+        value = ir.Value(name=self.unique(fx.name), type=ir.TensorType(dtype), shape=ir.Shape(shape))
+        attrs = [
+            ir.convenience.convert_attribute(k, v) for k, v in (attributes or {}).items() if v is not None
         ]
-        attrs = [_attribute(k, v) for k, v in (attributes or {}).items() if v is not None]
-        node = ir.Node("", op_type, list(inputs), attrs, outputs=values, name=self.unique(f"node_{fx.name}"))
+        node = ir.Node("", op_type, list(inputs), attrs, outputs=[value], name=self.unique(f"node_{fx.name}"))
         node.metadata_props[FX_NODE] = fx.format_node()
         scope = _namespace(fx)
         if scope:
             node.metadata_props["namespace"] = scope
         self.graph.append(node)
-        return values[0] if outputs == 1 else values
+        return value
 
     def out_type(self) -> tuple[ir.DataType, list[int]]:
         val = self.fx.meta.get("val")
@@ -273,10 +258,6 @@ class _Translator:
         if list(x.shape) == shape:
             return x
         return self.emit("Reshape", [x, self.ints(shape)])
-
-    def cast_to_out(self, *entries) -> list[ir.Value]:
-        dtype, _ = self.out_type()
-        return [self.value(e, dtype) for e in entries]
 
     def promoted(self, a, b) -> ir.DataType:
         torch = self.torch
@@ -736,20 +717,6 @@ def _torch_dtype(dtype: ir.DataType):
     import torch
 
     return torch.from_numpy(np.empty((), dtype.numpy())).dtype
-
-
-def _attribute(name: str, value) -> ir.Attr:
-    if isinstance(value, ir.DataType):
-        return ir.AttrInt64(name, int(value))
-    if isinstance(value, bool):
-        return ir.AttrInt64(name, int(value))
-    if isinstance(value, int):
-        return ir.AttrInt64(name, value)
-    if isinstance(value, float):
-        return ir.AttrFloat32(name, value)
-    if isinstance(value, str):
-        return ir.AttrString(name, value)
-    return ir.AttrInt64s(name, [int(v) for v in value])
 
 
 def _namespace(fx) -> str:

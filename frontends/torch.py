@@ -112,8 +112,8 @@ def _through_onnx(module, inputs, dynamic, input_names, output_names) -> ir.Mode
     except Exception as err:  # torch.export and torch.onnx raise many kinds; each is the user's model
         raise NccError(f"torch.export could not capture the model: {first_line(err)}") from None
     model = program.model
+    _linear_weights_as_kn(model)  # first: the [K, N] copies it makes are the IR's own already
     _own_weights(model)
-    _linear_weights_as_kn(model)
     return model
 
 

@@ -620,7 +620,7 @@ def diff_command(
     reference, quantized = load_model(float_model), load_model(quant_model)
     source = load_calibration_data(data)
     validate(source, model_inputs(reference))
-    result = diff(reference, quantized, first_samples(source, samples), fallback=not fast)
+    result = diff(reference, quantized, first_samples(source, samples), gains=not fast)
     with deferred_commit():  # both files or neither
         if json_path:
             with atomic_outputs(json_path) as (temp,):

@@ -6,7 +6,7 @@ DequantizeLinear output: ncc's QDQ form, or onnxruntime's), against FLOAT on the
 - **in float: gain**: how many dB QUANT's output SQNR rises when only this node runs in float (its
   activations without their Q/DQ, its weights FLOAT's; a fused node keeps QUANT's weights, dequantized,
   since FLOAT has no weights of the fused layer): about what ``--exclude`` of this one node buys. The
-  table is sorted by it, largest first. One run of QUANT per node (``fallback=False``/``--fast`` skips
+  table is sorted by it, largest first. One run of QUANT per node (``gains=False``/``--fast`` skips
   them and sorts by the next column).
 - **adds**: the SQNR of the node run quantized *on FLOAT's inputs* (its own Q/DQ around it, with QUANT's
   scales and weights, fed the float model's values) against the float output: the error it alone brings.
@@ -35,6 +35,7 @@ from ncc.errors import NccError
 from ncc.ir.ids import fused_ids, node_id
 from ncc.ir.ops import onnx_opset
 from ncc.metrics import position_mask, relative_l2_error, token_masks
+from ncc.passes.quant import fallback
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -69,13 +70,11 @@ def diff(
     quant_model: ir.Model,
     feeds: Sequence[dict[str, np.ndarray]],
     *,
-    fallback: bool = True,
+    gains: bool = True,
 ) -> Diff:
-    """The table for ``quant_model`` against ``float_model`` on ``feeds`` (batches): with ``fallback``
+    """The table for ``quant_model`` against ``float_model`` on ``feeds`` (batches): with ``gains``
     (one run of QUANT per node, with only that node in float) the node whose fallback gains the most
     output SQNR first; without, the node adding the most error locally first."""
-    from ncc.runtime import open_session
-
     pairs = _pairs(float_model, quant_model)
     if not pairs:
         raise NccError(
@@ -86,22 +85,16 @@ def diff(
     outputs = [v.name for v in float_model.graph.outputs]
     wanted = list(dict.fromkeys([p.float_value for p in pairs if p.float_value] + needed + outputs))
     fed = {v.name for v in float_model.graph.inputs}
-    computed = [n for n in wanted if n not in fed]
     masks = token_masks(feeds)
-    ref = _run(open_session(float_model, outputs=computed, what="the float model"), feeds, computed)
+    ref = fallback.run(float_model, feeds, [n for n in wanted if n not in fed])
     ref.update({n: [feed[n] for feed in feeds] for n in wanted if n in fed})
-    names = list(dict.fromkeys([p.node.outputs[0].name for p in pairs] + outputs))
-    got = _run(open_session(quant_model, outputs=names, what="the quantized model"), feeds, names)
+    got = fallback.run(quant_model, feeds, [p.node.outputs[0].name for p in pairs])
     alone: dict[str, list[np.ndarray]] = {}
     if isolation is not None:
-        outs = [v.name for v in isolation.graph.outputs]
-        session = open_session(isolation, what="the isolated quantized nodes")
-        for i in range(len(feeds)):
-            result = session.run({n: ref[n][i] for n in session.input_names}, outs)
-            for name in outs:
-                alone.setdefault(name, []).append(result[name])
+        inputs = [v.name for v in isolation.graph.inputs]
+        alone = fallback.run(isolation, [{n: ref[n][i] for n in inputs} for i in range(len(feeds))])
     baseline = min(_sqnr(ref[n], got[n], masks) for n in outputs)
-    fallbacks = _fallback_outputs(float_model, quant_model, pairs, feeds, ref, masks) if fallback else {}
+    fallbacks = _fallback_outputs(quant_model, pairs, feeds, ref, masks) if gains else {}
     rows = []
     for pair in pairs:
         label = pair.node.name or f"#{node_id(pair.node)}"
@@ -205,6 +198,7 @@ class _Pair:
     index: int
     node: ir.Node  # QUANT's quantized node
     float_value: str | None  # the FLOAT value its output stands for
+    twin: ir.Node | None = None  # FLOAT's same node (same id or name, not a fusion), whose weights it has
     isolated: str = ""  # its copy's output in the isolation model ("" when it could not be built)
     note: str = ""
 
@@ -221,26 +215,29 @@ def _pairs(float_model: ir.Model, quant_model: ir.Model) -> list[_Pair]:
             continue
         if not node.outputs or node.outputs[0].dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, None):
             continue
-        pairs.append(_Pair(index, node, _counterpart(node, by_id, by_name, float_values)))
+        pairs.append(_Pair(index, node, *_counterpart(node, by_id, by_name, float_values)))
     return pairs
 
 
-def _counterpart(node: ir.Node, by_id, by_name, float_values) -> str | None:
-    """The FLOAT value ``node``'s output stands for: its id's node, else the last node of those it absorbed,
-    else the node of its name, else a value of its output's name."""
+def _counterpart(node: ir.Node, by_id, by_name, float_values) -> tuple[str | None, ir.Node | None]:
+    """The FLOAT value ``node``'s output stands for, and FLOAT's same node when there is one: its id's node,
+    else the last node of those it absorbed (no twin: a fusion), else the node of its name, else a value of
+    its output's name."""
     own = node_id(node)
     if own is not None and own in by_id and by_id[own].op_type == node.op_type:
-        return by_id[own].outputs[0].name
-    absorbed = [by_id[i] for i in fused_ids(node) if i in by_id]
+        return by_id[own].outputs[0].name, by_id[own]
+    fused = fused_ids(node)
+    absorbed = [by_id[i] for i in fused if i in by_id]
     if absorbed:
         inside = {id(n) for n in absorbed}
         last = [n for n in absorbed if not any(id(u.node) in inside for u in n.outputs[0].uses())]
         if len(last) == 1:
-            return last[0].outputs[0].name
-    if node.name and node.name in by_name and by_name[node.name].op_type == node.op_type:
-        return by_name[node.name].outputs[0].name
+            return last[0].outputs[0].name, None
+    twin = by_name.get(node.name) if node.name else None
+    if twin is not None and twin.op_type == node.op_type:
+        return twin.outputs[0].name, None if fused else twin
     name = node.outputs[0].name
-    return name if name in float_values else None
+    return (name if name in float_values else None), None
 
 
 def _has_subgraph(node: ir.Node) -> bool:
@@ -327,20 +324,12 @@ class _Rebuilder:
         return value
 
 
-def _float_maps(float_model: ir.Model, pairs: list[_Pair]) -> tuple[dict[str, ir.Value], dict[str, str]]:
-    values = {v.name: v for n in float_model.graph for v in n.outputs}
-    values.update({v.name: v for v in float_model.graph.inputs})
-    return values, {p.node.outputs[0].name: p.float_value for p in pairs if p.float_value}
-
-
-def _rebuildable(pair: _Pair) -> bool:
-    return pair.float_value is not None and len(pair.node.outputs) == 1 and not _has_subgraph(pair.node)
-
-
 def _isolation(float_model: ir.Model, quant_model: ir.Model, pairs: list[_Pair]):
     """A model holding a copy of each paired node with its own Q/DQ, reading FLOAT's values as graph
     inputs; and the FLOAT values it reads. Nodes it cannot rebuild keep ``isolated`` empty."""
-    float_values, float_of = _float_maps(float_model, pairs)
+    float_values = {v.name: v for n in float_model.graph for v in n.outputs}
+    float_values.update({v.name: v for v in float_model.graph.inputs})
+    float_of = {p.node.outputs[0].name: p.float_value for p in pairs if p.float_value}
     graph = ir.Graph([], [], nodes=[], opset_imports=dict(quant_model.opset_imports), name="isolation")
     model = ir.Model(graph, ir_version=max(quant_model.ir_version, 8))
     inputs: dict[str, ir.Value] = {}
@@ -355,7 +344,9 @@ def _isolation(float_model: ir.Model, quant_model: ir.Model, pairs: list[_Pair])
         return inputs[name]
 
     rebuild = _Rebuilder(graph, lookup, set(float_values), float_of)
-    for pair in filter(_rebuildable, pairs):
+    for pair in pairs:
+        if pair.float_value is None or len(pair.node.outputs) != 1 or _has_subgraph(pair.node):
+            continue
         try:
             output = rebuild.node(pair.node)
         except LookupError as missing:
@@ -372,22 +363,15 @@ def _isolation(float_model: ir.Model, quant_model: ir.Model, pairs: list[_Pair])
     return model, list(inputs)
 
 
-def _fallback_outputs(float_model, quant_model, pairs, feeds, reference, masks) -> dict[int, float]:
+def _fallback_outputs(quant_model, pairs, feeds, reference, masks) -> dict[int, float]:
     """Per pair (by index): the SQNR of QUANT's outputs against FLOAT's when only that node runs in float:
-    its activations read without their Q/DQ, its weights FLOAT's where the same node (not a fusion) reads
-    a constant of the same shape at the same position there, else QUANT's, dequantized."""
-    from ncc.runtime import open_session
-
-    outputs = [v.name for v in float_model.graph.outputs]
-    by_id = {i: n for n in float_model.graph if (i := node_id(n)) is not None}
-    by_name = {n.name: n for n in float_model.graph if n.name}
+    its activations read without their Q/DQ, its weights FLOAT's where its twin reads a constant of the
+    same shape at the same position, else QUANT's, dequantized."""
+    outputs = [v.name for v in quant_model.graph.outputs]
     result = {}
     for pair in pairs:
         clone = quant_model.clone()
         node = list(clone.graph)[pair.index]
-        twin = by_id.get(node_id(node)) or by_name.get(node.name)
-        if twin is not None and (twin.op_type != node.op_type or fused_ids(node)):
-            twin = None  # a fused node's weights are not its float twin's (a BatchNormalization folded in)
         for i, value in enumerate(node.inputs):
             dq = value.producer() if value is not None else None
             if dq is None or dq.op_type != "DequantizeLinear":
@@ -396,7 +380,7 @@ def _fallback_outputs(float_model, quant_model, pairs, feeds, reference, masks) 
             if q is not None and q.op_type == "QuantizeLinear":
                 node.replace_input_with(i, q.inputs[0])
                 continue
-            weight = twin.inputs[i] if twin is not None and i < len(twin.inputs) else None
+            weight = pair.twin.inputs[i] if pair.twin is not None and i < len(pair.twin.inputs) else None
             if weight is not None and weight.const_value is not None and weight.shape == value.shape:
                 copy = ir.Value(
                     name=f"ncc.diff.float.{weight.name}",
@@ -406,22 +390,12 @@ def _fallback_outputs(float_model, quant_model, pairs, feeds, reference, masks) 
                 )
                 clone.graph.register_initializer(copy)
                 node.replace_input_with(i, copy)
-        session = open_session(clone, what=f"the quantized model with {node.name or 'a node'} in float")
-        got = _run(session, feeds, outputs)
+        got = fallback.run(clone, feeds)
         result[pair.index] = min(_sqnr(reference[n], got[n], masks) for n in outputs)
     return result
 
 
 # -- numbers ------------------------------------------------------------------------------------------
-
-
-def _run(session, feeds, names: list[str]) -> dict[str, list[np.ndarray]]:
-    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for index, feed in enumerate(feeds):
-        result = session.run(feed, names, where=f"batch {index}")
-        for name in names:
-            out[name].append(result[name])
-    return out
 
 
 def _sqnr(ref: list[np.ndarray], got: list[np.ndarray], masks) -> float:

@@ -58,24 +58,40 @@ def weight_matmuls(
     graph: ir.Graph, include: Sequence[str] = (), exclude: Sequence[str] = ()
 ) -> list[WeightUse]:
     """Weights read as ``B`` by a standard MatMul: rank-2 float initializers, in graph order."""
-    inc = [re.compile(p) for p in include]
-    exc = [re.compile(p) for p in exclude]
+    chosen = _WeightFilter(graph, include, exclude)
     uses: dict[str, WeightUse] = {}
-    outputs = {v.name for v in graph.outputs}
     for node in graph:
         if node.op_type != "MatMul" or not is_onnx_domain(node) or len(node.inputs) != 2:
             continue
         b = node.inputs[1]
-        tensor = b.const_value if b is not None and b.is_initializer() else None
-        if tensor is None or tensor.dtype not in _FLOATS or len(tensor.shape) != 2 or b.name in outputs:
-            continue
-        names = (node.name or "", b.name or "")
-        if inc and not any(p.search(s) for p in inc for s in names):
-            continue
-        if any(p.search(s) for p in exc for s in names):
-            continue
-        uses.setdefault(b.name, WeightUse(b)).matmuls.append(node)
+        if chosen(node, b) is not None:
+            uses.setdefault(b.name, WeightUse(b)).matmuls.append(node)
     return list(uses.values())
+
+
+class _WeightFilter:
+    """Which node reads a weight the weight-only passes take: a constant float matrix (not a graph output)
+    whose node or weight name passes ``include`` / ``exclude`` (regexes searched in either name)."""
+
+    def __init__(self, graph: ir.Graph, include: Sequence[str], exclude: Sequence[str]):
+        self.include = [re.compile(p) for p in include]
+        self.exclude = [re.compile(p) for p in exclude]
+        self.outputs = {v.name for v in graph.outputs}
+
+    def __call__(self, node: ir.Node, weight: ir.Value | None):
+        """The weight's tensor when ``node`` reading ``weight`` is taken, else None."""
+        tensor = weight.const_value if weight is not None and weight.is_initializer() else None
+        if (
+            tensor is None
+            or tensor.dtype not in _FLOATS
+            or len(tensor.shape) != 2
+            or weight.name in self.outputs
+        ):
+            return None
+        names = (node.name or "", weight.name or "")
+        if self.include and not any(p.search(s) for p in self.include for s in names):
+            return None
+        return None if any(p.search(s) for p in self.exclude for s in names) else tensor
 
 
 def gemms_as_matmuls(model: ir.Model, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> int:
@@ -85,9 +101,7 @@ def gemms_as_matmuls(model: ir.Model, include: Sequence[str] = (), exclude: Sequ
     (``transB``) becomes the ``[K, N]`` one a MatMul reads. The MatMul takes the Gemm's name. Returns how
     many Gemms were rewritten."""
     graph = model.graph
-    inc = [re.compile(p) for p in include]
-    exc = [re.compile(p) for p in exclude]
-    outputs = {v.name for v in graph.outputs}
+    chosen = _WeightFilter(graph, include, exclude)
     rw = Rewriter(model, graph)
     transposed: dict[str, ir.Value] = {}
     count = 0
@@ -103,13 +117,8 @@ def gemms_as_matmuls(model: ir.Model, include: Sequence[str] = (), exclude: Sequ
             continue
         a, w = node.inputs[0], node.inputs[1]
         c = node.inputs[2] if len(node.inputs) > 2 else None
-        tensor = w.const_value if w is not None and w.is_initializer() else None
-        if tensor is None or tensor.dtype not in _FLOATS or len(tensor.shape) != 2 or w.name in outputs:
-            continue
-        names = (node.name or "", w.name or "")
-        if (inc and not any(p.search(s) for p in inc for s in names)) or any(
-            p.search(s) for p in exc for s in names
-        ):
+        tensor = chosen(node, w)
+        if tensor is None:
             continue
         weight = w
         if attrs.get_int("transB", 0):

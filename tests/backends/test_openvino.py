@@ -15,6 +15,12 @@ from conftest import DIGITS_CALIB as CALIB
 from conftest import DIGITS_CNN as FLOAT
 from conftest import invoke_ncc as ncc
 
+
+def int8(out, *options):
+    """``ncc compile`` of the digits CNN through ``int8`` into ``out``, with ``options``."""
+    return ncc("compile", FLOAT, "--pass", "int8", "--calib", CALIB, *options, "-o", out)
+
+
 ov = pytest.importorskip(
     "openvino", reason="the openvino extra is not installed (pip install -e '.[openvino]')"
 )
@@ -22,7 +28,7 @@ ov = pytest.importorskip(
 
 def test_openvino_runs_every_quantized_layer_in_int8(tmp_path):
     out = tmp_path / "digits.openvino.int8.onnx"
-    result = ncc("compile", FLOAT, "--pass", "int8", "--calib", CALIB, "--target", "openvino", "-o", out)
+    result = int8(out, "--target", "openvino")
     assert result.exit_code == 0, result.stderr
     assert "on OpenVINO" in result.stderr and "5/5 quantized nodes run as integer kernels" in result.stderr
     assert "Convolution u8 3" in result.stderr and "FullyConnected u8 2" in result.stderr, result.stderr
@@ -38,10 +44,7 @@ def test_openvino_runs_every_quantized_layer_in_int8(tmp_path):
 
 def test_the_check_names_a_layer_openvino_runs_in_float(tmp_path):
     out = tmp_path / "digits.openvino.int8.onnx"
-    assert (
-        ncc("compile", FLOAT, "--pass", "int8", "--calib", CALIB, "--target", "openvino", "-o", out).exit_code
-        == 0
-    )
+    assert int8(out, "--target", "openvino").exit_code == 0
     from ncc.backends.openvino.check import check_on_openvino
     from ncc.tools.modelio import load_model
 
@@ -65,17 +68,12 @@ def test_the_check_names_a_layer_openvino_runs_in_float(tmp_path):
 
 def test_openvino_ir_output_holds_the_checked_model(tmp_path):
     xml = tmp_path / "digits.int8.xml"
-    result = ncc("compile", FLOAT, "--pass", "int8", "--calib", CALIB, "-o", xml)  # .xml: target openvino
+    result = int8(xml)  # .xml: target openvino
     assert result.exit_code == 0, result.stderr
     assert "on OpenVINO" in result.stderr and "5/5 quantized nodes run as integer kernels" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.int8.bin", "digits.int8.xml"]
     onnx_out = tmp_path / "digits.int8.onnx"
-    assert (
-        ncc(
-            "compile", FLOAT, "--pass", "int8", "--calib", CALIB, "--target", "openvino", "-o", onnx_out
-        ).exit_code
-        == 0
-    )
+    assert int8(onnx_out, "--target", "openvino").exit_code == 0
     images = np.load(CALIB)["image"]
     core = ov.Core()
     from_xml, from_onnx = core.compile_model(str(xml), "CPU"), core.compile_model(str(onnx_out), "CPU")
@@ -85,22 +83,9 @@ def test_openvino_ir_output_holds_the_checked_model(tmp_path):
 
 
 def test_openvino_ir_refusals(tmp_path):
-    wrong = ncc(
-        "compile", FLOAT, "--pass", "int8", "--calib", CALIB, "--target", "x86-vnni", "-o", tmp_path / "m.xml"
-    )
+    wrong = int8(tmp_path / "m.xml", "--target", "x86-vnni")
     assert wrong.exit_code == 2 and "--target openvino" in wrong.stderr and "Traceback" not in wrong.stderr
-    qop = ncc(
-        "compile",
-        FLOAT,
-        "--pass",
-        "int8",
-        "--calib",
-        CALIB,
-        "--format",
-        "qoperator",
-        "-o",
-        tmp_path / "m.xml",
-    )
+    qop = int8(tmp_path / "m.xml", "--format", "qoperator")
     assert qop.exit_code == 2 and "QDQ form" in qop.stderr
     (tmp_path / "in.xml").write_text("<net/>")
     read = ncc("dump", tmp_path / "in.xml")
