@@ -115,6 +115,11 @@ def regex(pattern: str) -> str | None:
     return None
 
 
+def node_ids(text: str) -> str | None:
+    """``check=`` for options holding node ids (:mod:`ncc.ir.ids`): each a non-negative integer."""
+    return None if text.isdigit() else f"has {text!r}, which is not a node id (a non-negative integer)"
+
+
 def option_problem(f: dataclasses.Field, value: Any) -> str | None:
     """What is wrong with ``value`` for the option declared by ``f`` (None if nothing), as the end of a
     sentence starting with the option's name: ``must be in [0, 1], got 5.0``."""

@@ -295,7 +295,7 @@ def _apply_format(passes, fmt: str | None):
     raise NccError(f"--format {fmt} does not apply to weight-only pipelines; use matmulnbits or qdq.")
 
 
-def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None, ctx=None):
+def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None, ctx=None, adjust=None):
     from ncc.passes import registry
     from ncc.passes.base import PassContext
     from ncc.passes.manager import Instruments, PassManager
@@ -316,6 +316,8 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
     passes = _apply_flags(_apply_format(_choose_algo(passes, opts.get("algo")), opts.get("fmt")), opts)
     if not passes:
         return None
+    if adjust is not None:  # --eval: the tuner's choice of configuration
+        passes = adjust(passes)
     ctx = ctx or PassContext(source=source)
     if opts.get("calib"):
         if not any(getattr(p, "uses_calibration", False) for p in passes):
@@ -337,6 +339,67 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
         pass_statistics=opts["pass_statistics"],
     )
     return PassManager(passes, verify=not opts["no_verify"], instruments=instruments).run(model, ctx)
+
+
+def _tune_options(fn):
+    options = [
+        click.option(
+            "--eval",
+            "evaluate",
+            metavar="FILE.py:FUNCTION",
+            help="Tune int8 with your metric: FUNCTION(path of a candidate .onnx) -> number (higher is better).",
+        ),
+        click.option(
+            "--max-loss",
+            metavar="LOSS",
+            help="With --eval: largest metric loss vs FP32, relative (1%, the default) or absolute (0.005).",
+        ),
+        click.option(
+            "--lower-is-better", is_flag=True, default=None, help="With --eval: the metric is a loss."
+        ),
+        click.option(
+            "--strategy",
+            type=click.Choice(["ranked", "basic"]),
+            help="With --eval: ranked (default: screening, bisection over ranked nodes) or basic (one node "
+            "at a time, as Intel Neural Compressor).",
+        ),
+        click.option(
+            "--resume", is_flag=True, default=None, help="With --eval: reuse the tuning log's trials."
+        ),
+        click.option("--max-trials", type=int, metavar="N", help="With --eval: evaluate at most N times."),
+        click.option("--timeout", metavar="DURATION", help="With --eval: stop searching after 90s, 10m, 1h."),
+        click.option("--workers", type=int, metavar="N", help="With --eval: evaluate N trials in parallel."),
+        click.option("--ray", metavar="ADDRESS", help="With --eval: run trials on a Ray cluster ('local')."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+_TUNE_FLAGS = ("max_loss", "lower_is_better", "strategy", "resume", "max_trials", "timeout", "workers", "ray")
+
+
+def _tune_request(opts: dict, output: Path):
+    """The tuning options of ``opts`` (popped), checked; None without --eval."""
+    from ncc.tune.run import TuneOptions, check
+
+    flags = {k: opts.pop(k) for k in ("evaluate", *_TUNE_FLAGS)}
+    evaluate = flags.pop("evaluate")
+    if evaluate is None:
+        if given := [k for k, v in flags.items() if v is not None]:
+            raise NccError(
+                f"--{given[0].replace('_', '-')} tunes with a metric: it needs --eval FILE.py:FUNCTION."
+            )
+        return None
+    if not opts.get("calib"):
+        raise NccError("--eval tunes a calibrated pipeline: give --calib DATA too.")
+    if opts.get("min_cosine") is not None:
+        raise NccError("--min-cosine and --eval both choose the nodes kept in float: give one of them.")
+    if output.suffix.lower() == ".pt2":
+        raise NccError("--eval scores ONNX candidates; tune to a .onnx output, then compile that to .pt2.")
+    options = TuneOptions(evaluate, **{k: v for k, v in flags.items() if v is not None})
+    check(options)
+    return options
 
 
 @cli.command()
@@ -377,6 +440,7 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
     type=click.Path(path_type=Path, file_okay=False),
     help="Where calibration statistics are cached (default $NCC_CACHE or ~/.cache/ncc).",
 )
+@_tune_options
 @_quant_options
 @_pipeline_options
 def compile(
@@ -407,10 +471,12 @@ def compile(
     )
     from ncc.tools.report import files_size, format_report, quantization_summary, written_fidelity
 
+    tuning = _tune_request(opts, output)
     inputs = input_files(input)
     reads = [
         *inputs,
         *calibration_files(opts.get("calib")),
+        *(tuning.files() if tuning is not None else []),
         *(FileUse("a --plugin file", p, model=False) for p in opts["plugins"]),
     ]
     writes = output_files(output, external_data=external_data)
@@ -440,7 +506,10 @@ def compile(
     ctx = PassContext(source=str(input), cache_dir=str(cache))
     ctx.data["progress"] = sys.stderr.isatty()
     float_model = model.clone() if opts.get("calib") else None  # what the report's fidelity compares with
-    run = _run_pipeline(model, {**opts, "fmt": fmt}, source=str(input), default=None, ctx=ctx)
+    adjust, outcome = None, []
+    if tuning is not None:
+        adjust = _tuner(tuning, input, inputs, opts, cache, value_info, outcome)
+    run = _run_pipeline(model, {**opts, "fmt": fmt}, source=str(input), default=None, ctx=ctx, adjust=adjust)
     quantization = quantization_summary(model)
     int8 = any(n.metadata_props.get("ncc.quant", "").startswith("int8") for n in model.graph)
     _check_format(model, fmt)
@@ -472,6 +541,8 @@ def compile(
                 check = check_on_onnxruntime(staged(output), model, shown=output)
         if not no_check and torch_out and any("ncc.quant" in n.metadata_props for n in model.graph):
             check = (_aoti_check if aoti else _inductor_check)(staged(output), model)
+    if outcome:
+        click.echo(outcome[0], err=True)
     if run is not None:
         spec = ",".join(r.spec for r in run.records)
         click.echo(
@@ -488,6 +559,38 @@ def compile(
             err=True,
         )
     click.echo(f"ncc: wrote {', '.join(map(str, written))}", err=True)
+
+
+def _tuner(tuning, input: Path, inputs, opts: dict, cache: Path, value_info: bool, report: list):
+    """The ``adjust`` hook of :func:`_run_pipeline` that runs the search on the flag-applied passes; the
+    tuning report lands in ``report``."""
+
+    def adjust(passes):
+        import shlex
+
+        from ncc.passes.spec import format_pipeline
+        from ncc.tune.report import format_outcome
+        from ncc.tune.run import tune
+
+        chosen, outcome = tune(
+            passes,
+            tuning,
+            model_path=input,
+            model_files=[use.path for use in inputs],
+            calib=opts["calib"],
+            cache_dir=cache,
+            value_info=value_info,
+            plugins=tuple(str(p) for p in opts["plugins"]),
+            progress=lambda text: click.echo(f"ncc: tune: {text}", err=True),
+        )
+        rebuild = (
+            f"ncc compile {shlex.quote(str(input))} --calib {shlex.quote(opts['calib'])} --passes "
+            + shlex.quote(format_pipeline(chosen))
+        )
+        report.append(format_outcome(outcome, strategy=tuning.strategy, rebuild=rebuild))
+        return chosen
+
+    return adjust
 
 
 def _inductor_check(path: Path, model):

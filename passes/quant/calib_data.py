@@ -26,9 +26,6 @@ with one sentence.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
-import sys
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -261,43 +258,13 @@ def _folder_pieces(files: list[Path]) -> Iterator[dict[str, np.ndarray]]:
 
 
 def _resolve_function(spec: str) -> Callable[[], Any]:
-    module_part, _, function_name = spec.rpartition(":")
-    if not module_part or not function_name:
+    from ncc.userfn import resolve_function
+
+    if not spec.rpartition(":")[0] or not spec.rpartition(":")[2]:
         raise NccError(
             f"calibration data {spec} is not a .npz file, a folder of .npz files or module:function."
         )
-    if module_part.endswith(".py"):
-        file = Path(module_part)
-        if not file.is_file():
-            raise NccError(f"calibration module file {module_part} does not exist (from --calib {spec}).")
-        module_name = f"_ncc_calib_{file.stem}_{abs(hash(str(file.resolve())))}"
-        try:
-            loader_spec = importlib.util.spec_from_file_location(module_name, file)
-            module = importlib.util.module_from_spec(loader_spec)
-            sys.modules[module_name] = module
-            loader_spec.loader.exec_module(module)
-        except Exception as err:  # noqa: BLE001 - the user's module failed to import
-            sys.modules.pop(module_name, None)
-            raise NccError(
-                f"cannot import calibration module {module_part}: {type(err).__name__}: {err}."
-            ) from None
-    else:
-        try:
-            module = importlib.import_module(module_part)
-        except ModuleNotFoundError as err:
-            raise NccError(f"cannot import calibration module {module_part!r}: {err}.") from None
-        except Exception as err:  # noqa: BLE001
-            raise NccError(
-                f"cannot import calibration module {module_part!r}: {type(err).__name__}: {err}."
-            ) from None
-    if not hasattr(module, function_name):
-        raise NccError(f"calibration module {module_part} has no function {function_name!r}.")
-    function = getattr(module, function_name)
-    if not callable(function):
-        raise NccError(
-            f"calibration data {spec} names {type(function).__name__} {function_name!r}, which is not callable."
-        )
-    return function
+    return resolve_function(spec, "calibration", "--calib")
 
 
 def _function_pieces(function: Callable[[], Any], spec: str) -> Iterator[Any]:

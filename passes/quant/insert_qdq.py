@@ -43,7 +43,7 @@ from ncc.errors import NccError
 from ncc.ir import ids
 from ncc.ir.ops import is_onnx_domain, onnx_opset
 from ncc.ir.rewrite import Rewriter, constant_array, constant_tensor, is_constant
-from ncc.passes.base import Pass, PassContext, PassResult, option, regex
+from ncc.passes.base import Pass, PassContext, PassResult, node_ids, option, regex
 from ncc.passes.quant import pairs, plan
 from ncc.passes.quant.observers import quant_params
 from ncc.passes.quant.ranges import CalibratedRanges, clear_ranges
@@ -72,6 +72,9 @@ class InsertQDQ(Pass):
     )
     exclude: tuple[str, ...] = option(
         (), "keep nodes whose name matches one of these (regex, searched) in float", check=regex
+    )
+    keep_float: tuple[str, ...] = option(
+        (), "ids (ncc.id) of nodes to keep in float: what the tuner (--eval) chose", check=node_ids
     )
     target: str = option(DEFAULT_TARGET, "target profile")
     quantize_graph_outputs: bool = option(
@@ -316,6 +319,8 @@ class _Quantizer:
             return f"excluded by {pattern!r}"
         if node.metadata_props.get(ids.ID_KEY) in self.kept_float:
             return "excluded by min-cosine"
+        if node.metadata_props.get(ids.ID_KEY) in self.o.keep_float:
+            return "kept in float by keep-float (the tuner's choice)"
         return None
 
     def _reason_to_skip(self, node: ir.Node) -> str | None:

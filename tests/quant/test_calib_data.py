@@ -197,7 +197,7 @@ def test_error_module_function(tmp_path):
     (tmp_path / "m.py").write_text("value = 3\ndef ints():\n    return 5\ndef items():\n    return [1, 2]\n")
     m = tmp_path / "m.py"
     assert _error(f"{m}:missing") == f"calibration module {m} has no function 'missing'."
-    assert _error(f"{m}:value") == f"calibration data {m}:value names int 'value', which is not callable."
+    assert _error(f"{m}:value") == f"--calib {m}:value names int 'value', which is not callable."
     assert (
         _error(f"{m}:ints") == f"calibration function {m}:ints returned int, not an iterable of input dicts."
     )

@@ -1,0 +1,426 @@
+"""The search: the fastest int8 configuration whose loss against FP32 stays within the bound.
+
+``ranked`` (the default) spends evaluations of the user's metric only where nothing cheaper can decide:
+
+1. FP32 is evaluated once: the baseline the bound is measured from.
+2. *Screening*, no evaluation: the cost-free dimensions (calibration method, smooth-quant alpha, bias
+   correction, weight granularity: none of them moves a node out of int8) are walked one at a time,
+   each alternative compiled and scored by its output SQNR against FP32 on calibration samples; the
+   best along a dimension is kept when it beats the current one by more than 0.05 dB.
+3. The user's configuration, all int8, is evaluated, then the screened one if screening changed
+   anything; the search ends if one meets the bound, else it goes on from the one that scored better.
+4. *Ranking*, no evaluation: ``ncc diff``'s fallback gain (how much the output SQNR rises with one node
+   alone in float) orders the quantized compute nodes, most useful in float first.
+5. *Bisection* over that order: prefixes of 1, 2, 4, ... nodes in float until one meets the bound, then
+   bisection between the last prefix that failed and the first that met: about 2 log2(k) evaluations
+   for the k nodes needed.
+6. *Give-back*: the float nodes but the last one needed (the prefix without it failed) are tried back
+   in int8, least useful first, in groups: half of them at once, the group halved when the bound fails;
+   a group that keeps the bound stays int8. It ends when a single node cannot be given back (the nodes
+   ranked above it are taken to be needed too). Each trial measures what its nodes buy; the report
+   prints it.
+
+``basic`` is the baseline Intel Neural Compressor's basic strategy stands for: the default configuration,
+then every quantized node alone in float in graph order, then the nodes accumulated in the order of what
+each bought alone, until the bound is met.
+
+With several workers a step also evaluates the configurations the search may need next (the following
+prefixes, both halves' midpoints, the next give-backs); decisions read only the configuration the
+serial search would evaluate, so the choice is the serial search's.
+
+``--max-trials``, ``--timeout`` and Ctrl-C stop the search; the choice is then the last configuration
+the search found within the bound, if any.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+from ncc.errors import NccError
+from ncc.tune.log import TuningLog
+from ncc.tune.space import ALPHAS, METHODS, Config
+from ncc.tune.trials import Job, compile_spec
+
+SCREEN_MARGIN_DB = 0.1  # an alternative must beat the current configuration's SQNR by this much
+SCREEN_SAMPLES = 32
+RANK_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class Bound:
+    """``--max-loss``: a fraction of the FP32 metric (``1%``) or an absolute amount (``0.005``)."""
+
+    amount: float
+    relative: bool
+    lower_is_better: bool = False
+
+    @classmethod
+    def parse(cls, text: str, lower_is_better: bool = False) -> Bound:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%?)\s*", text)
+        if not match:
+            raise NccError(f"--max-loss takes a percentage (1%) or an absolute amount (0.005), got {text!r}.")
+        amount = float(match.group(1)) / (100.0 if match.group(2) else 1.0)
+        return cls(amount, bool(match.group(2)), lower_is_better)
+
+    def loss(self, baseline: float, metric: float) -> float:
+        """How much worse ``metric`` is than ``baseline`` (negative: better), as the bound counts it."""
+        worse = metric - baseline if self.lower_is_better else baseline - metric
+        if not self.relative:
+            return worse
+        if baseline == 0:
+            raise NccError(
+                "--max-loss as a percentage needs a non-zero FP32 metric; give an absolute amount."
+            )
+        return worse / abs(baseline)
+
+    def met(self, baseline: float, metric: float) -> bool:
+        return self.loss(baseline, metric) <= self.amount + 1e-12
+
+    def limit(self, baseline: float) -> float:
+        """The worst metric within the bound."""
+        step = self.amount * abs(baseline) if self.relative else self.amount
+        return baseline + step if self.lower_is_better else baseline - step
+
+    def describe(self, baseline: float) -> str:
+        amount = f"{100 * self.amount:.4g}%" if self.relative else f"{self.amount:.4g} (absolute)"
+        sign = "<=" if self.lower_is_better else ">="
+        return f"loss <= {amount} (metric {sign} {self.limit(baseline):.6g})"
+
+
+@dataclass
+class Trial:
+    number: int
+    config: Config | None  # None: the FP32 input
+    spec: str | None
+    metric: float
+    seconds: float
+    reused: bool  # read from the tuning log (--resume)
+    phase: str
+
+
+@dataclass
+class Screen:
+    dimension: str
+    config: Config
+    sqnr_db: float
+    chosen: bool = False
+
+
+@dataclass
+class Outcome:
+    bound: Bound
+    baseline: float | None = None
+    trials: list[Trial] = field(default_factory=list)
+    screens: list[Screen] = field(default_factory=list)
+    start: Config | None = None  # the user's pipeline as a configuration
+    choice: Config | None = None  # the configuration the search settled on (within the bound)
+    #: (node ids, how much better the metric is with them in float (None: not measured), whether they stay
+    #: in float)
+    gains: list[tuple[tuple[str, ...], float | None, bool]] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)  # node id -> name
+    stopped: str | None = None  # why the search ended before it finished
+    seconds: float = 0.0
+    log_path: str = ""
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.trials)
+
+    def trial_of(self, config: Config) -> Trial | None:
+        return next((t for t in self.trials if t.config == config), None)
+
+    def closest(self) -> Trial | None:
+        """The int8 trial with the least loss."""
+        int8 = [t for t in self.trials if t.config is not None]
+        return min(int8, key=lambda t: self.bound.loss(self.baseline, t.metric)) if int8 else None
+
+
+class _Stop(Exception):
+    """The search ran out of trials or time."""
+
+
+class Tuner:
+    def __init__(
+        self,
+        job: Job,
+        base_passes: list,
+        bound: Bound,
+        runner,
+        log: TuningLog,
+        *,
+        strategy: str = "ranked",
+        max_trials: int | None = None,
+        timeout: float | None = None,
+        progress=None,
+    ):
+        self.job, self.base_passes, self.runner, self.log = job, base_passes, runner, log
+        self.strategy, self.max_trials = strategy, max_trials
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.progress = progress or (lambda text: None)
+        self.out = Outcome(bound, log_path=str(log.path))
+
+    # -- driving --------------------------------------------------------------------------------------
+    def run(self) -> Outcome:
+        from ncc.passes.spec import format_pipeline
+
+        start = time.monotonic()
+        base = self.start = self.out.start = Config.of(self.base_passes)
+        self.spec_of = lambda config: format_pipeline(config.apply(self.base_passes))
+        try:
+            self.out.baseline = self._metric(None, "fp32")
+            self.progress(
+                f"FP32 metric {self.out.baseline:.6g}; bound: {self.out.bound.describe(self.out.baseline)}"
+            )
+            (self._ranked if self.strategy == "ranked" else self._basic)(base)
+        except _Stop as stop:
+            self.out.stopped = str(stop)
+        except KeyboardInterrupt:
+            self.out.stopped = "interrupted"
+        finally:
+            self.runner.close()
+            self.out.seconds = time.monotonic() - start
+        return self.out
+
+    def _met(self, metric: float) -> bool:
+        return self.out.bound.met(self.out.baseline, metric)
+
+    def _metric(self, config: Config | None, phase: str, ahead: list[Config] = ()) -> float:
+        """The metric of ``config`` (evaluated, or from the log), evaluating configurations from ``ahead``
+        alongside while workers are free."""
+        if self._known(config) is None:
+            self._check_budget()
+            batch = [config] + [c for c in dict.fromkeys(ahead) if c != config and self._known(c) is None]
+            batch = batch[: self.runner.workers]
+            if self.max_trials is not None:
+                batch = batch[: max(1, self.max_trials - len(self.out.trials))]
+            specs = [None if c is None else self.spec_of(c) for c in batch]
+            for c, spec, (metric, seconds) in zip(batch, specs, self.runner.map(specs)):
+                self.log.add(self._key(c), metric, seconds, spec)
+                self._record(c, spec, metric, seconds, False, phase)
+        trial = next((t for t in self.out.trials if t.config == config), None)
+        if trial is None:  # in the log from an earlier run: counted as that run spent it
+            entry = self._known(config)
+            trial = self._record(config, entry["spec"], entry["metric"], entry["seconds"], True, phase)
+        return trial.metric
+
+    def _known(self, config: Config | None) -> dict | None:
+        if any(t.config == config for t in self.out.trials):
+            return {}
+        return self.log.get(self._key(config))
+
+    def _key(self, config: Config | None) -> str:
+        return "fp32" if config is None else config.key()
+
+    def _record(self, config, spec, metric, seconds, reused, phase) -> Trial:
+        trial = Trial(len(self.out.trials) + 1, config, spec, metric, seconds, reused, phase)
+        self.out.trials.append(trial)
+        if config is not None:
+            loss = self.out.bound.loss(self.out.baseline, metric)
+            verdict = "meets the bound" if self._met(metric) else "outside the bound"
+            self.progress(
+                f"trial {trial.number} ({phase}): {config.describe(self.start)}: metric {metric:.6g}, loss "
+                f"{self._format_loss(loss)}, {verdict}{' (from the log)' if reused else ''}"
+            )
+        return trial
+
+    def _format_loss(self, loss: float) -> str:
+        return f"{100 * loss:.3g}%" if self.out.bound.relative else f"{loss:.4g}"
+
+    def _check_budget(self) -> None:
+        if self.max_trials is not None and len(self.out.trials) >= self.max_trials:
+            raise _Stop(f"--max-trials {self.max_trials} reached")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise _Stop("--timeout reached")
+
+    # -- ranked ---------------------------------------------------------------------------------------
+    def _ranked(self, base: Config) -> None:
+        screened, model, feeds, float_model = self._screen(base)
+        start = base
+        if self._met(self._metric(base, "default")):
+            self.out.choice = base
+            return
+        if screened != base:
+            if self._met(self._metric(screened, "screened")):
+                self.out.choice = screened
+                return
+            if self._better(self.out.trial_of(screened).metric, self.out.trial_of(base).metric) > 0:
+                start = screened
+            else:
+                model = compile_spec(self.job, self.spec_of(base))
+        ranking = self._rank(float_model, model, feeds)
+        del model
+        self._bisect(start, ranking)
+
+    def _screen(self, base: Config):
+        """Walk the cost-free dimensions on calibration data (see the module docstring)."""
+        from ncc.metrics import relative_l2_error, token_masks
+        from ncc.passes.quant import fallback
+        from ncc.passes.quant.calib_data import load_calibration_data
+        from ncc.tools.modelio import load_model
+
+        float_model = load_model(self.job.model)
+        feeds = fallback.samples(load_calibration_data(self.job.calib), SCREEN_SAMPLES)
+        outputs = [v.name for v in float_model.graph.outputs]
+        reference = fallback.run(float_model, feeds, outputs)
+        masks = token_masks(feeds)
+
+        records: list = []
+
+        def score(config: Config):
+            self._check_budget()
+            model = compile_spec(self.job, self.spec_of(config), records)
+            got = fallback.run(model, feeds, outputs)
+            error = max(relative_l2_error(reference[n], got[n], masks) for n in outputs)
+            return (math.inf if error == 0 else -20.0 * math.log10(error)), model
+
+        current = base
+        best, model = score(base)
+        self.out.screens.append(Screen("start", base, best, True))
+        smoothed = any(r.name == "smooth-quant" and r.modified for r in records)
+        for dimension, values in _dimensions(current, smoothed):
+            chosen = None
+            for value in values:
+                config = dataclasses.replace(current, **{dimension: value})
+                if config == current:
+                    continue
+                sqnr, candidate = score(config)
+                screen = Screen(dimension, config, sqnr)
+                self.out.screens.append(screen)
+                self.progress(f"screen {config.describe(base)}: output SQNR {sqnr:.2f} dB (calibration data)")
+                if sqnr > best + SCREEN_MARGIN_DB:
+                    best, model, chosen = sqnr, candidate, screen
+                del candidate
+            if chosen is not None:
+                chosen.chosen = True
+                current = chosen.config
+        return current, model, feeds[:RANK_SAMPLES] if len(feeds) > RANK_SAMPLES else feeds, float_model
+
+    def _rank(self, float_model, model, feeds) -> list[str]:
+        """Quantized compute nodes by ``ncc diff``'s fallback gain, largest first."""
+        from ncc.ir.ids import ID_KEY
+        from ncc.passes.quant import fallback
+        from ncc.tools.diff import diff
+
+        candidates = {fallback.node_key(n) for n in fallback.candidates(model)}
+        nodes = list(model.graph)
+        self.out.labels.update(fallback.labels(model))
+        rows = [r for r in diff(float_model, model, feeds).rows if r.gain_db is not None]
+        ranked = [nodes[r.index].metadata_props.get(ID_KEY) for r in rows]
+        ranked = [key for key in ranked if key in candidates]
+        self.progress(
+            "ranked by fallback gain: "
+            + ", ".join(f"{self.out.labels.get(k, k)}" for k in ranked[:5])
+            + (" ..." if len(ranked) > 5 else "")
+        )
+        return list(dict.fromkeys(ranked))
+
+    def _bisect(self, start: Config, ranking: list[str]) -> None:
+        n = len(ranking) - 1  # one node at least stays int8: with none the output would be the FP32 model
+        if n < 1:
+            self.out.stopped = "the model has one quantized compute node: nothing to keep in float but all"
+            return
+
+        def prefix(k: int) -> Config:
+            return start.with_float(ranking[:k])
+
+        lo, k, metrics = 0, 1, {0: self.out.trial_of(start).metric}
+        while True:
+            ahead = [prefix(min(k * 2**i, n)) for i in range(1, 4)]
+            metrics[k] = self._metric(prefix(k), "bisect", ahead)
+            if self._met(metrics[k]):
+                hi = k
+                break
+            lo = k
+            if k == n:
+                self.out.stopped = (
+                    f"the bound is not met even with {n} of the {n + 1} quantized nodes in float"
+                )
+                return
+            k = min(2 * k, n)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            ahead = [prefix((lo + mid) // 2), prefix((mid + hi) // 2)]
+            metrics[mid] = self._metric(prefix(mid), "bisect", ahead)
+            if self._met(metrics[mid]):
+                hi = mid
+            else:
+                lo = mid
+        kept = list(ranking[:hi])
+        self.out.choice = prefix(hi)
+        current = metrics[hi]
+        bought = {(kept[-1],): self._better(current, metrics[lo])}
+        # give back, least useful first, in groups: half of the candidates at once, halving the group
+        # when the bound fails, down to single nodes; the last node is needed (the prefix without it failed)
+        candidates = list(reversed(kept[:-1]))
+        size = max(1, len(candidates) // 2)
+        while candidates:
+            group = tuple(candidates[:size])
+            trial = start.with_float([k for k in kept if k not in group])
+            smaller = tuple(candidates[: max(1, size // 2)])
+            ahead = [start.with_float([k for k in kept if k not in smaller])] if size > 1 else []
+            metric = self._metric(trial, "give back", ahead)
+            if self._met(metric):
+                kept = [k for k in kept if k not in group]
+                self.out.gains.append((group, self._better(current, metric), False))
+                self.out.choice, current = trial, metric
+                candidates = candidates[size:]
+                size = min(size, max(1, len(candidates)))
+            elif size > 1:
+                size //= 2
+            else:  # the least useful node left is needed: the more useful ones are taken to be too
+                bought[group] = self._better(current, metric)
+                break
+        untried = [k for k in kept if (k,) not in bought]
+        self.out.gains[:0] = [((k,), None, True) for k in untried]
+        self.out.gains[:0] = [(group, gain, True) for group, gain in bought.items()]
+
+    def _better(self, metric: float, other: float) -> float:
+        """How much better ``metric`` is than ``other`` in the metric's own direction."""
+        return other - metric if self.out.bound.lower_is_better else metric - other
+
+    # -- basic ----------------------------------------------------------------------------------------
+    def _basic(self, base: Config) -> None:
+        from ncc.passes.quant import fallback
+
+        if self._met(self._metric(base, "default")):
+            self.out.choice = base
+            return
+        model = compile_spec(self.job, self.spec_of(base))
+        self.out.labels.update(fallback.labels(model))
+        nodes = [fallback.node_key(n) for n in fallback.candidates(model)]
+        del model
+        alone = {}
+        for i, key in enumerate(nodes):
+            ahead = [base.with_float([k]) for k in nodes[i + 1 : i + 4]]
+            alone[key] = self._metric(base.with_float([key]), "one node", ahead)
+            if self._met(alone[key]):
+                self.out.choice = base.with_float([key])
+                self.out.gains.append(
+                    ((key,), self._better(alone[key], self.out.trial_of(base).metric), True)
+                )
+                return
+        order = sorted(nodes, key=lambda k: -self._better(alone[k], 0.0))[:-1]  # one node stays int8
+        for count in range(2, len(order) + 1):
+            ahead = [base.with_float(order[: count + i]) for i in range(1, 3) if count + i <= len(order)]
+            metric = self._metric(base.with_float(order[:count]), "accumulate", ahead)
+            if self._met(metric):
+                self.out.choice = base.with_float(order[:count])
+                return
+        self.out.stopped = (
+            f"the bound is not met even with {len(order)} of the {len(nodes)} quantized nodes in float"
+        )
+
+
+def _dimensions(config: Config, smoothed: bool):
+    """The cost-free dimensions and their values, in the order screening walks them (alpha only where
+    smooth-quant found something to smooth)."""
+    yield "method", METHODS
+    if config.alpha is not None and smoothed:
+        yield "alpha", ALPHAS
+    if config.bias is not None:
+        yield "bias", (True, False)
+    yield "weights", ("per-channel", "per-tensor")
