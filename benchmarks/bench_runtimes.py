@@ -6,8 +6,9 @@
 Per model (the ONNX table's files and data), one table: onnxruntime FP32 and ncc ``int8`` (QDQ, as
 ``ncc compile`` writes it), OpenVINO FP32 (``INFERENCE_PRECISION_HINT=f32``: on an AMX CPU OpenVINO
 otherwise runs FP32 models in bf16), OpenVINO with the FP32 model and ``INFERENCE_PRECISION_HINT=bf16``,
-and OpenVINO with ncc's INT8 file, as written for onnxruntime (the host target) and as written for
-``--target openvino`` (its non-quantized layers at OpenVINO's default precision).
+OpenVINO with ncc's INT8 file, as written for onnxruntime (the host target) and as written for
+``--target openvino`` (its non-quantized layers at OpenVINO's default precision), and ncc's ``bf16``
+pipeline written as OpenVINO IR (``-o model.xml``: the bf16 hint is in the file, no option given).
 2 threads, latency hint, one stream; the sessions are timed side by side in blocks
 (``ncc.tools.timing``) and speed-ups are paired against onnxruntime FP32. Quality is measured in each
 runtime on held-out data against onnxruntime FP32's outputs: MiniLM's sentence-embedding cosine and
@@ -120,6 +121,8 @@ def run_task(key: str, quick: bool, workdir: Path) -> list[str]:
     int8, ov_int8 = workdir / f"{key}.int8.onnx", workdir / f"{key}.openvino.int8.onnx"
     m.ncc_compile(task.float_model, task.calib, int8)
     m.ncc_compile(task.float_model, task.calib, ov_int8, extra=("--target", "openvino"))
+    bf16 = workdir / f"{key}.bf16.xml"
+    m.ncc_compile(task.float_model, task.calib, bf16, pipeline="bf16")
     rows = [
         ("onnxruntime FP32", lambda: OrtRunner(task.float_model)),
         ("onnxruntime, ncc int8 (QDQ)", lambda: OrtRunner(int8)),
@@ -127,6 +130,7 @@ def run_task(key: str, quick: bool, workdir: Path) -> list[str]:
         ("OpenVINO, FP32 model, precision hint bf16", lambda: OvRunner(task.float_model, "bf16")),
         ("OpenVINO, ncc int8 (QDQ) as is", lambda: OvRunner(int8, None)),
         ("OpenVINO, ncc int8 --target openvino", lambda: OvRunner(ov_int8, None)),
+        ("OpenVINO, ncc bf16 (.xml, its own hint)", lambda: OvRunner(bf16, None)),
     ]
     runners = [(name, make()) for name, make in rows]
     scores = {name: quality(runner) for name, runner in runners}

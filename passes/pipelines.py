@@ -18,6 +18,11 @@ PIPELINES: dict[str, str] = {
         "fuse-matmul-scale,cse,dce,toposort,fuse-activation,calibrate,smooth-quant,insert-qdq{min-cosine=0.995},round-weights,"
         "correct-bias,dce"
     ),
+    # bf16 mixed precision: the same fusions as int8 (LayerNorm and GELU as single ops), then the marking
+    "bf16": (
+        "shape-inference,fold-constants,eliminate-identity,fuse-conv-bn,fuse-pad-conv,fuse-gelu,fuse-layer-norm,"
+        "cse,dce,toposort,bf16-precision{target=openvino}"
+    ),
     "int8-dynamic": "shape-inference,fold-constants,eliminate-identity,fuse-matmul-add,cse,dce,quantize-dynamic,dce,toposort",
     # weight-only: constants folded (a Transpose of a weight, shapes computed from constants), the quantizer
     # (woq-rtn, or woq-gptq / woq-awq with --algo), then packing for the target

@@ -529,7 +529,10 @@ def compile(
         if (
             not no_check
             and output.suffix in (".onnx", ".xml")
-            and any("ncc.quant" in n.metadata_props for n in model.graph)
+            and (
+                any("ncc.quant" in n.metadata_props for n in model.graph)
+                or model.metadata_props.get("ncc.precision") == "bf16"
+            )
         ):
             if opts.get("target") == "openvino":
                 from ncc.backends.openvino.check import check_on_openvino

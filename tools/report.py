@@ -44,7 +44,7 @@ def _reported(pass_name: str, note: str) -> bool:
     opset changes and warnings."""
     return (
         pass_name.startswith("woq-")
-        or pass_name in ("pack-int4", "legalize-qoperator")
+        or pass_name in ("pack-int4", "legalize-qoperator", "bf16-precision")
         or note.startswith(("fallback:", "warning:", "opset:"))
     )
 

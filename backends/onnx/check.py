@@ -63,6 +63,9 @@ class RuntimeCheck:
     unnamed: int = 0
     #: Conv/Gemm nodes ncc left in float that onnxruntime nevertheless runs as integer kernels.
     requantized: dict[str, str] = field(default_factory=dict)
+    #: What the checked nodes are and what they should run as (bf16 models: "bf16 layers", "bf16 kernels").
+    label: str = "quantized nodes"
+    low_label: str | None = None
 
     @property
     def total(self) -> int:
@@ -70,9 +73,9 @@ class RuntimeCheck:
 
     def summary(self) -> str:
         weight_only = bool(self.kernels) and set(self.kernels) <= {"MatMulNBits", "GatherBlockQuantized"}
-        kind = "weight-only quantized kernels" if weight_only else "integer kernels"
+        kind = self.low_label or ("weight-only quantized kernels" if weight_only else "integer kernels")
         lines = [
-            f"on {self.runtime}: {len(self.integer)}/{self.total} quantized nodes run as {kind}"
+            f"on {self.runtime}: {len(self.integer)}/{self.total} {self.label} run as {kind}"
             + (
                 " (" + ", ".join(f"{k} {n}" for k, n in sorted(self.kernels.items())) + ")"
                 if self.kernels

@@ -33,14 +33,21 @@ def check_on_openvino(path: str | Path, model: ir.Model, *, shown: str | Path | 
     except ImportError:
         raise NccError('--target openvino needs OpenVINO (pip install -e ".[openvino]").') from None
     names = Counter(n.name for n in model.graph)
+    bf16 = model.metadata_props.get("ncc.precision") == "bf16"
     marked = [
         n
         for n in model.graph
-        if n.metadata_props.get("ncc.quant", "").startswith("int8") and n.op_type in COMPUTE
+        if n.op_type in COMPUTE
+        and (
+            n.metadata_props.get("ncc.quant", "").startswith("int8")
+            or n.metadata_props.get("ncc.precision") == "bf16"
+        )
     ]
     quantized = {n.name: n.op_type for n in marked if n.name and names[n.name] == 1}
     try:
-        compiled = ov.Core().compile_model(str(path), "CPU")
+        # an .xml carries the bf16 hint the backend wrote; an .onnx cannot: the user passes it, as here
+        config = {"INFERENCE_PRECISION_HINT": "bf16"} if bf16 and Path(path).suffix == ".onnx" else {}
+        compiled = ov.Core().compile_model(str(path), "CPU", config)
     except Exception as err:  # OpenVINO raises RuntimeError with a long log; its first line says what
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise NccError(f"OpenVINO cannot compile the emitted model {shown or path}: {first}") from None
@@ -54,18 +61,35 @@ def check_on_openvino(path: str | Path, model: ir.Model, *, shown: str | Path | 
     check = RuntimeCheck(
         runtime=f"OpenVINO {ov.__version__.split('-')[0]} CPU", unnamed=len(marked) - len(quantized)
     )
+    if bf16:
+        check.label = "bf16 layers"
+        check.low_label = "bf16 kernels"
+    # a float MatMul fused with its bias Add (or attention's scale Mul) is named after that op in
+    # OpenVINO's executed graph, a layer producing a graph output after the output
+    aliases = {
+        n.name: {n.name}
+        | ({n.outputs[0].name} if n.outputs[0].is_graph_output() else set())
+        | {
+            u.node.name
+            for u in n.outputs[0].uses()
+            if u.node.op_type in ("Add", "Mul", "Div") and u.node.name
+        }
+        for n in marked
+        if n.name in quantized
+    }
     for name, op in quantized.items():
         found = [
             (kind, precision)
             for absorbed, kind, precision in layers
-            if kind in LAYERS and any(a == name or a.startswith(name + "/") for a in absorbed)
+            if kind in LAYERS
+            and any(a == alias or a.startswith(alias + "/") for a in absorbed for alias in aliases[name])
         ]
         found.sort(key=lambda f: LAYERS.index(f[0]))  # a compute layer before a fused subgraph
         if not found:
             check.float_[name] = f"{op} not found among OpenVINO's executed layers"
             continue
         kind, precision = found[0]
-        if precision in INT8:
+        if precision in INT8 or (bf16 and precision == "bf16"):
             check.integer[name] = kind
             check.kernels[f"{kind} {precision}"] += 1
         else:

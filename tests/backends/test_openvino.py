@@ -8,6 +8,8 @@ must agree with the float model's, and the check must name a layer OpenVINO runs
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -91,3 +93,51 @@ def test_openvino_ir_refusals(tmp_path):
     read = ncc("dump", tmp_path / "in.xml")
     assert read.exit_code == 2 and "output format" in read.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.xml"]
+
+
+def _host_has_bf16() -> bool:
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def test_bf16_pipeline_writes_an_ir_that_runs_bf16_without_options(tmp_path):
+    xml = tmp_path / "digits.bf16.xml"
+    result = ncc("compile", FLOAT, "--pass", "bf16", "--calib", CALIB, "-o", xml)
+    assert result.exit_code == 0, result.stderr
+    cosine = float(
+        re.search(r"bf16: output cosine ([0-9.]+) on 8 calibration samples", result.stderr).group(1)
+    )
+    assert 0.999 <= cosine < 1.0  # measured (emulated), not assumed
+    assert "bf16: 5 Conv/MatMul/Gemm layers in bf16" in result.stderr
+    core = ov.Core()
+    model = core.read_model(str(xml))
+    assert model.get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str) == "bf16"
+    compiled = core.compile_model(model, "CPU")  # no option: the file's hint
+    images = np.load(CALIB)["image"]
+    got = np.array(compiled(images)[compiled.output(0)])
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(FLOAT), providers=["CPUExecutionProvider"])
+    want = session.run(None, {session.get_inputs()[0].name: images})[0]
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
+    if _host_has_bf16():
+        assert "5/5 bf16 layers run as bf16 kernels" in result.stderr, result.stderr
+    else:  # OpenVINO runs the hint in f32 here, and the report says why
+        assert "this CPU has no AVX512-BF16 or AMX-BF16" in result.stderr
+        assert "0/5 bf16 layers run as bf16 kernels" in result.stderr, result.stderr
+
+
+def test_bf16_state_is_in_the_ir_and_refused_where_it_cannot_run(tmp_path):
+    text = ncc("opt", FLOAT, "--pass", "bf16")
+    assert text.exit_code == 0, text.stderr
+    assert 'metadata_props = {"ncc.precision" = "bf16"}' in text.stdout  # the model's hint
+    assert text.stdout.count('meta {"ncc.precision" = "bf16"}') == 5  # 3 Conv, 2 Gemm
+    wrong = ncc("compile", FLOAT, "--pass", "bf16", "--target", "x86-vnni", "-o", tmp_path / "m.onnx")
+    assert wrong.exit_code == 2 and "bf16 runs on --target openvino" in wrong.stderr
+    strict = ncc(
+        "compile", FLOAT, "--passes", "bf16-precision{target=openvino min-cosine=1}", "--calib", CALIB,
+        "-o", tmp_path / "m.xml",
+    )  # fmt: skip
+    assert strict.exit_code == 2 and "bf16 loses too much: output cosine" in strict.stderr
+    assert "/features/features" in strict.stderr  # names the layers that lose most
+    assert not any(tmp_path.iterdir())
