@@ -485,6 +485,7 @@ def benchmark(
     synthetic_samples: int = SYNTHETIC_SAMPLES,
     min_block_s: float = MIN_BLOCK_S,
     settle_s: float = SETTLE_S,
+    runtimes: tuple[str, ...] = ("onnxruntime",),
 ) -> dict:
     """Compare a float model with its quantized counterpart: quality, throughput and size.
 
@@ -494,6 +495,8 @@ def benchmark(
     the model's static batch dim, else 1; ``threads`` to ``os.cpu_count()``. ``metric`` is
     ``"fidelity"`` or ``"accuracy:LABELS.npy"``. ``min_block_s`` and ``settle_s`` size the timing
     blocks (:func:`ncc.tools.timing.time_blocks`; 0 and 0 time exactly ``runs`` runs with no settling).
+    ``runtimes`` other than onnxruntime (:mod:`ncc.tools.runtimes`) add one row per runtime and model,
+    timed in the same blocks and measured against onnxruntime's FP32 outputs (``result["runtimes"]``).
     Returns a JSON-ready dict (see :func:`format_table`).
     Anything a user can get wrong raises :class:`NccError`.
     """
@@ -583,10 +586,20 @@ def benchmark(
         }
     quality["ratio"] = quality["int8"] / quality["fp32"] if quality["fp32"] else None
 
+    others = []  # (runtime, role, runner) beyond onnxruntime's pair
+    if tuple(runtimes) != ("onnxruntime",):
+        from ncc.tools.runtimes import open_runner
+
+        others = [
+            (runtime, role, open_runner(runtime, info.path, threads))
+            for runtime in runtimes
+            if runtime != "onnxruntime"
+            for role, info in (("fp32", fp), ("int8", q))
+        ]
     feed = _tile_batch(feeds, n, batch)
     try:
         timing = time_blocks(
-            [sess_fp.ort, sess_q.ort],
+            [sess_fp.ort, sess_q.ort, *(runner for _, _, runner in others)],
             feed,
             runs=runs,
             rounds=min(runs, TIMING_ROUNDS),
@@ -598,6 +611,36 @@ def benchmark(
         raise NccError(f"onnxruntime failed to run a batch of {batch}: {first_line(err)}") from None
     perf_fp, perf_q = _latency_stats(timing, 0, batch), _latency_stats(timing, 1, batch)
     speedup = timing.ratio(1, 0)
+    rows = []
+    if others:
+        quality_of = {("onnxruntime", "fp32"): out_fp, ("onnxruntime", "int8"): out_q}
+        for runtime, role, runner in others:
+            quality_of[(runtime, role)] = _runner_outputs(runner, feeds, n, chunk, synthetic)
+        from ncc.tools.runtimes import OrtRunner
+
+        entries = []
+        if "onnxruntime" in runtimes:
+            entries = [
+                ("onnxruntime", role, OrtRunner.precision_of(info.path), i)
+                for i, (role, info) in enumerate((("fp32", fp), ("int8", q)))
+            ]
+        entries += [(rt, role, runner.precision, 2 + i) for i, (rt, role, runner) in enumerate(others)]
+        for runtime, role, precision, index in entries:
+            got = quality_of[(runtime, role)]
+            ratio = timing.ratio(index, 0)
+            rows.append(
+                {
+                    "runtime": runtime,
+                    "model": str(fp.path if role == "fp32" else q.path),
+                    "role": role,
+                    "precision": precision,
+                    "fidelity": output_metrics(out_fp[first], got[first], mask),
+                    **_latency_stats(timing, index, batch),
+                    "speedup": ratio["median"],
+                    "speedup_q25": ratio["q25"],
+                    "speedup_q75": ratio["q75"],
+                }
+            )
 
     return {
         "model": fp.path.stem,
@@ -631,10 +674,32 @@ def benchmark(
         "warmup": warmup,
         "runs": runs,
         "seq_len": seq_len if synthetic else None,
+        "runtimes": rows,
     }
 
 
 # -- output -----------------------------------------------------------------------------------------
+
+
+def _runner_outputs(runner, feeds: dict, n: int, chunk: int, synthetic: bool) -> dict:
+    """A runner's outputs over the first ``n`` samples, ``chunk`` at a time (as :func:`_run_all`)."""
+    from ncc.tools.runtimes import OrtRunner
+
+    del synthetic
+    import numpy as np
+
+    parts: dict[str, list] = {}
+    for start in range(0, n, chunk):
+        try:
+            got = runner.outputs(_take(feeds, start, min(start + chunk, n)))
+        except Exception as err:  # noqa: BLE001 - the runtime's first line says what failed
+            where = "onnxruntime" if isinstance(runner, OrtRunner) else runner.runtime
+            raise NccError(
+                f"{where} failed to run samples {start}-{min(start + chunk, n) - 1}: {first_line(err)}"
+            ) from None
+        for name, array in got.items():
+            parts.setdefault(name, []).append(array)
+    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
 
 
 def _num(x, fmt: str) -> str:
@@ -686,6 +751,20 @@ def format_table(result: dict) -> str:
         f"{perf['int8']['runs']} timed runs, in {perf['rounds']} rounds of one block each, {result['threads']} threads); "
         f"speed-up per round: quartiles {perf['speedup_q25']:.2f}-{perf['speedup_q75']:.2f}x",
     ]
+    if result.get("runtimes"):
+        lines += [
+            "",
+            "| runtime | model | precision | cosine vs onnxruntime FP32 | top-1 agreement | samples/s "
+            "| speed-up vs onnxruntime FP32 (quartiles) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in result["runtimes"]:
+            f = row["fidelity"]
+            lines.append(
+                f"| {row['runtime']} | {Path(row['model']).name} | {row['precision']} | {_num(f['cosine'], '.6f')} "
+                f"| {_num(f['top1_agreement'], '.4f')} | {_num(row['samples_per_s'], '.1f')} "
+                f"| {_num(row['speedup'], '.2f')}x ({_num(row['speedup_q25'], '.2f')}-{_num(row['speedup_q75'], '.2f')}) |"
+            )
     return "\n".join(lines)
 
 
@@ -765,6 +844,14 @@ _PATH = click.Path(path_type=Path, dir_okay=True, exists=False)
     help="Timed runs per model, at least (a fast model gets more, so each of its 5 timing blocks "
     "lasts 0.25 s); median and p90 reported.",
 )
+@click.option(
+    "--runtime",
+    "runtime",
+    default="onnxruntime",
+    show_default=True,
+    metavar="A,B",
+    help="Runtimes to time both models in, side by side: onnxruntime, openvino (e.g. onnxruntime,openvino).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the table.")
 def bench(
     float_model: Path,
@@ -777,6 +864,7 @@ def bench(
     threads: int | None,
     warmup: int,
     runs: int,
+    runtime: str,
     as_json: bool,
 ) -> None:
     """Compare FLOAT.onnx with QUANT.onnx: quality and its ratio, samples/s and speed-up, sizes.
@@ -784,7 +872,11 @@ def bench(
     \b
     ncc bench model.onnx model.int8.onnx --data calib.npz
     ncc bench model.onnx model.int8.onnx --data test.npz --metric accuracy:labels.npy --batch 8
+    ncc bench model.onnx model.int8.onnx --runtime onnxruntime,openvino   # which runtime serves it fastest
     """
+    from ncc.tools.runtimes import parse_runtimes
+
+    runtimes = parse_runtimes(runtime)
     result = benchmark(
         float_model,
         quant_model,
@@ -796,5 +888,6 @@ def bench(
         metric=metric,
         seq_len=seq_len,
         dims=_parse_dims(dims),
+        runtimes=runtimes,
     )
     click.echo(to_json(result) if as_json else format_table(result))

@@ -534,3 +534,34 @@ def test_output_metrics_leave_padded_positions_out():
     assert masked["sqnr_db"] == math.inf
     whole = output_metrics(ref, got)
     assert whole["cosine"] < 0.5 and whole["top1_agreement"] < 1.0
+
+
+# -- runtimes ---------------------------------------------------------------------------------------
+
+
+def test_runtimes_side_by_side_measure_each_runtime_against_onnxruntime_fp32(models):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    run = _bench_ok(
+        models["float"], models["quant"], "--runtime", "onnxruntime,openvino", data=models["data"]
+    )
+    rows = re.findall(
+        r"^\| (onnxruntime|openvino) \| (\S+) \| (\S+) \| ([0-9.]+) \| ([0-9.]+) \|", run.output, re.M
+    )
+    assert [(r[0], r[2]) for r in rows] == [
+        ("onnxruntime", "f32"), ("onnxruntime", "int8"), ("openvino", "f32"), ("openvino", "int8"),
+    ]  # fmt: skip
+    assert float(rows[0][3]) == 1.0  # the reference against itself
+    assert float(rows[2][3]) > 0.9999  # OpenVINO's FP32 computes what onnxruntime's does
+    assert 0.99 < float(rows[3][3]) < 1.0  # the QDQ file in OpenVINO: quantized, close
+    result = benchmark(models["float"], models["quant"], models["data"], runtimes=("openvino",), **FAST)
+    assert [r["runtime"] for r in result["runtimes"]] == ["openvino", "openvino"]
+    assert all(r["samples_per_s"] > 0 and r["speedup"] > 0 for r in result["runtimes"])
+
+
+def test_unknown_runtime_is_one_sentence(models):
+    run = _cli(models["float"], models["quant"], "--runtime", "onnxruntime,tensorrt")
+    assert run.exit_code == 2
+    assert (
+        "--runtime: unknown runtime 'tensorrt'; ncc bench times ONNX artefacts in onnxruntime, openvino"
+        in run.output
+    )
