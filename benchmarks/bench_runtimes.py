@@ -8,7 +8,9 @@ Per model (the ONNX table's files and data), one table: onnxruntime FP32 and ncc
 otherwise runs FP32 models in bf16), OpenVINO with the FP32 model and ``INFERENCE_PRECISION_HINT=bf16``,
 OpenVINO with ncc's INT8 file, as written for onnxruntime (the host target) and as written for
 ``--target openvino`` (its non-quantized layers at OpenVINO's default precision), and ncc's ``bf16``
-pipeline written as OpenVINO IR (``-o model.xml``: the bf16 hint is in the file, no option given).
+pipeline written as OpenVINO IR (``-o model.xml``: the bf16 hint is in the file, no option given),
+and NNCF's ``nncf.quantize`` (OpenVINO's own post-training quantizer, the anchor for this runtime) on
+the same FP32 model and calibration samples.
 2 threads, latency hint, one stream; the sessions are timed side by side in blocks
 (``ncc.tools.timing``) and speed-ups are paired against onnxruntime FP32. Quality is measured in each
 runtime on held-out data against onnxruntime FP32's outputs: MiniLM's sentence-embedding cosine and
@@ -113,6 +115,27 @@ def _efficientnet():
 TASKS = {"minilm": _minilm, "efficientnet": _efficientnet}
 
 
+def nncf_quantize(task, out: Path, transformer: bool) -> float:
+    """NNCF's post-training quantization of the FP32 model for OpenVINO (``nncf.quantize`` on the OpenVINO
+    model read from the same ONNX file, the same calibration samples, ``ModelType.TRANSFORMER`` for the
+    transformer as NNCF's guide says), saved as OpenVINO IR; returns its wall time."""
+    import time
+
+    import nncf
+    import openvino as ov
+
+    start = time.perf_counter()
+    model = ov.Core().read_model(str(task.float_model))
+    calib = np.load(task.calib)
+    names = [i.get_any_name() for i in model.inputs]
+    count = len(calib[names[0]])
+    items = [{k: calib[k][i : i + 1] for k in names} for i in range(count)]
+    extra = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+    quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=count, **extra)
+    ov.save_model(quantized, str(out))
+    return time.perf_counter() - start
+
+
 def run_task(key: str, quick: bool, workdir: Path) -> list[str]:
     from bench_int8 import speed_cells
     from ncc.tools.timing import time_blocks
@@ -123,6 +146,11 @@ def run_task(key: str, quick: bool, workdir: Path) -> list[str]:
     m.ncc_compile(task.float_model, task.calib, ov_int8, extra=("--target", "openvino"))
     bf16 = workdir / f"{key}.bf16.xml"
     m.ncc_compile(task.float_model, task.calib, bf16, pipeline="bf16")
+    ncc_seconds, _ = m.ncc_compile(
+        task.float_model, task.calib, workdir / f"{key}.ov.xml", extra=("--target", "openvino")
+    )
+    nncf_int8 = workdir / f"{key}.nncf.int8.xml"
+    nncf_seconds = nncf_quantize(task, nncf_int8, transformer=key == "minilm")
     rows = [
         ("onnxruntime FP32", lambda: OrtRunner(task.float_model)),
         ("onnxruntime, ncc int8 (QDQ)", lambda: OrtRunner(int8)),
@@ -131,6 +159,7 @@ def run_task(key: str, quick: bool, workdir: Path) -> list[str]:
         ("OpenVINO, ncc int8 (QDQ) as is", lambda: OvRunner(int8, None)),
         ("OpenVINO, ncc int8 --target openvino", lambda: OvRunner(ov_int8, None)),
         ("OpenVINO, ncc bf16 (.xml, its own hint)", lambda: OvRunner(bf16, None)),
+        ("OpenVINO, NNCF int8 (nncf.quantize, same calibration data)", lambda: OvRunner(nncf_int8, None)),
     ]
     runners = [(name, make()) for name, make in rows]
     scores = {name: quality(runner) for name, runner in runners}
@@ -155,6 +184,10 @@ def run_task(key: str, quick: bool, workdir: Path) -> list[str]:
         for batch in (1, 8):
             line += speed_cells(*speed[(name, batch)])
         lines.append(line)
+    lines.append(
+        f"\nquantize wall time (fresh process, empty cache): ncc --target openvino -o .xml {ncc_seconds:.1f} s; "
+        f"NNCF (in process, read + quantize + save) {nncf_seconds:.1f} s"
+    )
     return lines
 
 

@@ -3,18 +3,19 @@
 ``ranked`` (the default) spends evaluations of the user's metric only where nothing cheaper can decide:
 
 1. FP32 is evaluated once: the baseline the bound is measured from.
-2. *Screening*, no evaluation: the cost-free dimensions (calibration method, smooth-quant alpha, bias
+2. The user's configuration, all int8, is evaluated; if it meets the bound the search ends.
+3. *Screening*, no evaluation: the cost-free dimensions (calibration method, smooth-quant alpha, bias
    correction, weight granularity: none of them moves a node out of int8) are walked one at a time,
    each alternative compiled and scored by its output SQNR against FP32 on calibration samples; the
-   best along a dimension is kept when it beats the current one by more than 0.05 dB.
-3. The user's configuration, all int8, is evaluated, then the screened one if screening changed
-   anything; the search ends if one meets the bound, else it goes on from the one that scored better.
-4. *Ranking*, no evaluation: ``ncc diff``'s fallback gain (how much the output SQNR rises with one node
+   best along a dimension is kept when it beats the current one by more than 0.1 dB.
+4. The screened configuration is evaluated if screening changed anything; the search ends if it meets
+   the bound, else it goes on from whichever of the two scored better.
+5. *Ranking*, no evaluation: ``ncc diff``'s fallback gain (how much the output SQNR rises with one node
    alone in float) orders the quantized compute nodes, most useful in float first.
-5. *Bisection* over that order: prefixes of 1, 2, 4, ... nodes in float until one meets the bound, then
+6. *Bisection* over that order: prefixes of 1, 2, 4, ... nodes in float until one meets the bound, then
    bisection between the last prefix that failed and the first that met: about 2 log2(k) evaluations
    for the k nodes needed.
-6. *Give-back*: the float nodes but the last one needed (the prefix without it failed) are tried back
+7. *Give-back*: the float nodes but the last one needed (the prefix without it failed) are tried back
    in int8, least useful first, in groups: half of them at once, the group halved when the bound fails;
    a group that keeps the bound stays int8. It ends when a single node cannot be given back (the nodes
    ranked above it are taken to be needed too). Each trial measures what its nodes buy; the report
@@ -238,11 +239,11 @@ class Tuner:
 
     # -- ranked ---------------------------------------------------------------------------------------
     def _ranked(self, base: Config) -> None:
-        screened, model, feeds, float_model = self._screen(base)
         start = base
         if self._met(self._metric(base, "default")):
             self.out.choice = base
             return
+        screened, model, feeds, float_model = self._screen(base)
         if screened != base:
             if self._met(self._metric(screened, "screened")):
                 self.out.choice = screened
