@@ -178,8 +178,8 @@ def _quant_options(fn):
         click.option(
             "--target",
             metavar="NAME",
-            help="Target profile: host (default), x86-vnni, x86-avx2, openvino; for .pt2 output inductor "
-            "(default) or aoti.",
+            help="Target profile: host (default), x86-vnni, x86-avx2, openvino, or best (compile for each "
+            "runtime here, keep the fastest); for .pt2 output inductor (default) or aoti.",
         ),
         click.option(
             "--min-cosine",
@@ -495,6 +495,13 @@ def compile(
         raise NccError(f"--format {fmt} is an ONNX form; a .pt2 output takes the torch backend's own.")
     if torch_out and not opts.get("target"):
         opts["target"] = "inductor"
+    if opts.get("target") == "best":
+        if torch_out or openvino_out:
+            raise NccError("--target best chooses among ONNX runtimes: give a .onnx output.")
+        if tuning is not None:
+            raise NccError("--target best and --eval both search: tune for one --target.")
+        if not opts.get("calib"):
+            raise NccError("--target best times candidates on calibration data: give --calib DATA.")
     aoti = opts.get("target") == "aoti"
     if aoti and not torch_out:
         raise NccError("--target aoti writes an AOTInductor package: give a .pt2 output.")
@@ -509,7 +516,13 @@ def compile(
     adjust, outcome = None, []
     if tuning is not None:
         adjust = _tuner(tuning, input, inputs, opts, cache, value_info, outcome)
-    run = _run_pipeline(model, {**opts, "fmt": fmt}, source=str(input), default=None, ctx=ctx, adjust=adjust)
+    best = None
+    if opts.get("target") == "best":
+        model, run, ctx, best = _best_target(model, float_model, opts, fmt, value_info, input, cache)
+    else:
+        run = _run_pipeline(
+            model, {**opts, "fmt": fmt}, source=str(input), default=None, ctx=ctx, adjust=adjust
+        )
     quantization = quantization_summary(model)
     int8 = any(n.metadata_props.get("ncc.quant", "").startswith("int8") for n in model.graph)
     _check_format(model, fmt)
@@ -546,6 +559,8 @@ def compile(
             check = (_aoti_check if aoti else _inductor_check)(staged(output), model)
     if outcome:
         click.echo(outcome[0], err=True)
+    if best:
+        click.echo("\n".join(f"ncc: {line}" for line in best.splitlines()), err=True)
     if run is not None:
         spec = ",".join(r.spec for r in run.records)
         click.echo(
@@ -562,6 +577,33 @@ def compile(
             err=True,
         )
     click.echo(f"ncc: wrote {', '.join(map(str, written))}", err=True)
+
+
+def _best_target(model, float_model, opts: dict, fmt, value_info: bool, input: Path, cache: Path):
+    """``--target best``: the pipeline compiled for each runtime here, the fastest kept (ncc.tools.best);
+    returns (model, pipeline report, context, the report's table)."""
+    from ncc.passes.base import PassContext
+    from ncc.tools.best import Candidate, candidate_targets, choose
+
+    candidates = []
+    for target, runtime in candidate_targets():
+        candidate = model.clone()
+        ctx = PassContext(source=str(input), cache_dir=str(cache))
+        ctx.data["progress"] = sys.stderr.isatty()
+        run = _run_pipeline(
+            candidate, {**opts, "fmt": fmt, "target": target}, source=str(input), default=None, ctx=ctx
+        )
+        if run is None or not any("ncc.quant" in n.metadata_props for n in candidate.graph):
+            raise NccError(
+                "--target best compares quantized artefacts: give a quantizing pipeline (--pass int8)."
+            )
+        candidates.append(Candidate(target, runtime, candidate, run, ctx))
+    int8 = any(n.metadata_props.get("ncc.quant", "").startswith("int8") for n in model.graph)
+    chosen, table = choose(
+        candidates, float_model, candidates[0].ctx.data.get("calibration_data"), value_info or not int8
+    )
+    opts["target"] = chosen.target
+    return chosen.model, chosen.run, chosen.ctx, table
 
 
 def _tuner(tuning, input: Path, inputs, opts: dict, cache: Path, value_info: bool, report: list):

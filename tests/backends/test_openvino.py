@@ -141,3 +141,32 @@ def test_bf16_state_is_in_the_ir_and_refused_where_it_cannot_run(tmp_path):
     assert strict.exit_code == 2 and "bf16 loses too much: output cosine" in strict.stderr
     assert "/features/features" in strict.stderr  # names the layers that lose most
     assert not any(tmp_path.iterdir())
+
+
+def test_target_best_times_each_runtime_and_keeps_the_fastest(tmp_path):
+    out = tmp_path / "digits.best.onnx"
+    result = int8(out, "--target", "best")
+    assert result.exit_code == 0, result.stderr
+    rows = re.findall(
+        r"^ncc:   (\S+) on (\S+): ([0-9.]+) ms per batch, output cosine ([0-9.]+)(  <- chosen)?$",
+        result.stderr,
+        re.M,
+    )
+    assert [(t, r) for t, r, *_ in rows][1:] == [("openvino", "openvino")] and rows[0][1] == "onnxruntime"
+    chosen = [row for row in rows if row[4]]
+    assert len(chosen) == 1
+    fastest = min(rows, key=lambda row: float(row[2]))
+    best_cosine = max(float(row[3]) for row in rows)
+    assert chosen[0] == fastest or float(fastest[3]) < best_cosine - 0.0005
+    runtime = {p.key: p.value for p in onnx.load(out).metadata_props}["ncc.runtime"]
+    assert runtime == chosen[0][1]
+    # the report's check ran in the chosen runtime
+    assert ("on OpenVINO" in result.stderr) == (runtime == "openvino")
+
+
+def test_target_best_refusals(tmp_path):
+    xml = int8(tmp_path / "m.xml", "--target", "best")
+    assert xml.exit_code == 2 and "a .xml output is OpenVINO IR: --target openvino, not best." in xml.stderr
+    no_calib = ncc("compile", FLOAT, "--pass", "int8-dynamic", "--target", "best", "-o", tmp_path / "m.onnx")
+    assert no_calib.exit_code == 2 and "--target best times candidates on calibration data" in no_calib.stderr
+    assert not any(tmp_path.iterdir())
