@@ -391,8 +391,6 @@ def _tune_request(opts: dict, output: Path):
                 f"--{given[0].replace('_', '-')} tunes with a metric: it needs --eval FILE.py:FUNCTION."
             )
         return None
-    if not opts.get("calib"):
-        raise NccError("--eval tunes a calibrated pipeline: give --calib DATA too.")
     if opts.get("min_cosine") is not None:
         raise NccError("--min-cosine and --eval both choose the nodes kept in float: give one of them.")
     if output.suffix.lower() == ".pt2":
@@ -622,16 +620,14 @@ def _tuner(tuning, input: Path, inputs, opts: dict, cache: Path, value_info: boo
             tuning,
             model_path=input,
             model_files=[use.path for use in inputs],
-            calib=opts["calib"],
+            calib=opts.get("calib"),
             cache_dir=cache,
             value_info=value_info,
             plugins=tuple(str(p) for p in opts["plugins"]),
             progress=lambda text: click.echo(f"ncc: tune: {text}", err=True),
         )
-        rebuild = (
-            f"ncc compile {shlex.quote(str(input))} --calib {shlex.quote(opts['calib'])} --passes "
-            + shlex.quote(format_pipeline(chosen))
-        )
+        calib = f" --calib {shlex.quote(opts['calib'])}" if opts.get("calib") else ""
+        rebuild = f"ncc compile {shlex.quote(str(input))}{calib} --passes {shlex.quote(format_pipeline(chosen))}"
         report.append(format_outcome(outcome, strategy=tuning.strategy, rebuild=rebuild))
         return chosen
 

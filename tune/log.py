@@ -52,8 +52,8 @@ class TuningLog:
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)
 
-    def add(self, key: str, metric: float, seconds: float, spec: str | None) -> None:
-        entry = {"config": key, "metric": metric, "seconds": round(seconds, 3), "spec": spec}
+    def add(self, key: str, metric: float, seconds: float, spec: str | None, size: int | None = None) -> None:
+        entry = {"config": key, "metric": metric, "seconds": round(seconds, 3), "spec": spec, "size": size}
         self.entries[key] = entry
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry, sort_keys=True) + "\n")

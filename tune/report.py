@@ -17,29 +17,35 @@ def format_outcome(outcome: Outcome, *, strategy: str, rebuild: str) -> str:
                 "start: " + start.describe() if screen.dimension == "start" else screen.config.describe(start)
             )
             lines.append(f"    {what}: {screen.sqnr_db:.2f} dB{mark}")
-    lines.append("  trial  phase       metric      loss      configuration")
+    lines.append("  trial  phase       metric      loss      MB        configuration")
     for t in outcome.trials:
         loss = "-" if t.config is None else _loss(outcome, t.metric)
         what = "FP32 input" if t.config is None else t.config.describe(start)
         from_log = "  (from the log)" if t.reused else ""
-        lines.append(f"  {t.number:5d}  {t.phase:<10}  {t.metric:<10.6g}  {loss:<8}  {what}{from_log}")
-    if outcome.gains:
+        size = f"{t.size / 1e6:.2f}" if t.size is not None else "-"
         lines.append(
-            "  float nodes (what each buys: how much better the metric is with it in float than without, measured):"
+            f"  {t.number:5d}  {t.phase:<10}  {t.metric:<10.6g}  {loss:<8}  {size:<8}  {what}{from_log}"
+        )
+    if outcome.gains:
+        what = "float nodes" if hasattr(outcome.choice, "keep_float") else "8-bit layers"
+        lines.append(
+            f"  {what} (what each buys: how much better the metric is with it than without, measured):"
         )
         for keys, gain, kept in outcome.gains:
             name = " + ".join(outcome.labels.get(key, f"#{key}") for key in keys)
-            state = "kept in float" if kept else "given back to int8"
+            promoted = "kept in float" if hasattr(outcome.choice, "keep_float") else "kept at 8 bits"
+            state = promoted if kept else "given back"
             if gain is None:
                 lines.append(f"    {name}: not measured ({state}: ranked above a node that is needed)")
             else:
                 lines.append(f"    {name}: {gain:+.6g} ({state})")
     choice = outcome.trial_of(outcome.choice)
-    fl = len(outcome.choice.keep_float)
+    fl = len(outcome.choice.promoted)
+    where = "in float" if hasattr(outcome.choice, "keep_float") else "at 8 bits"
     reused = sum(t.reused for t in outcome.trials)
     lines.append(
         f"tuned: metric {choice.metric:.6g} (loss {_loss(outcome, choice.metric)}) with "
-        f"{fl} node{'s' if fl != 1 else ''} in float; {outcome.evaluations} evaluations"
+        f"{fl} node{'s' if fl != 1 else ''} {where}; {outcome.evaluations} evaluations"
         f"{f' ({reused} from the log)' if reused else ''} in {outcome.seconds:.0f} s"
         + (f"; stopped early: {outcome.stopped}" if outcome.stopped else "")
     )

@@ -81,14 +81,16 @@ def tune(
     from ncc.passes.spec import format_pipeline
     from ncc.tune.log import TuningLog, log_key
     from ncc.tune.search import Bound, Tuner
-    from ncc.tune.space import Config
+    from ncc.tune.space import Config, config_of
     from ncc.tune.trials import Job, Processes, RayRunner, Serial
 
-    Config.of(passes)  # an int8 pipeline, or one sentence
+    if isinstance(config_of(passes), Config) and not calib:  # an int8 or w4 pipeline, or one sentence
+        raise NccError("--eval tunes a calibrated pipeline: give --calib DATA too.")
     bound = Bound.parse(options.max_loss, options.lower_is_better)
     job = Job(str(model_path), calib, options.evaluate, str(cache_dir), value_info, plugins)
     base_spec = format_pipeline(passes)
-    key = log_key(model_files, load_calibration_data(calib).digest(), base_spec, options.evaluate)
+    digest = load_calibration_data(calib).digest() if calib else "no calibration data"
+    key = log_key(model_files, digest, base_spec, options.evaluate)
     log = TuningLog(Path(cache_dir) / "tuning" / f"{key}.jsonl", options.resume)
     if options.resume and not log.resumed:
         progress(f"nothing to resume in {log.path}: starting a new tuning log")

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 from ncc.errors import NccError
 from ncc.tune.log import TuningLog
-from ncc.tune.space import ALPHAS, METHODS, Config
+from ncc.tune.space import ALPHAS, METHODS, Config, WoqConfig, config_of
 from ncc.tune.trials import Job, compile_spec
 
 SCREEN_MARGIN_DB = 0.1  # an alternative must beat the current configuration's SQNR by this much
@@ -104,6 +104,7 @@ class Trial:
     seconds: float
     reused: bool  # read from the tuning log (--resume)
     phase: str
+    size: int | None = None  # bytes of the candidate's files
 
 
 @dataclass
@@ -172,7 +173,9 @@ class Tuner:
         from ncc.passes.spec import format_pipeline
 
         start = time.monotonic()
-        base = self.start = self.out.start = Config.of(self.base_passes)
+        base = self.start = self.out.start = config_of(self.base_passes)
+        if isinstance(base, WoqConfig) and self.strategy != "ranked":
+            raise NccError("--strategy basic tunes int8 pipelines; weight-only ones take the ranked search.")
         self.spec_of = lambda config: format_pipeline(config.apply(self.base_passes))
         try:
             self.out.baseline = self._metric(None, "fp32")
@@ -202,13 +205,15 @@ class Tuner:
             if self.max_trials is not None:
                 batch = batch[: max(1, self.max_trials - len(self.out.trials))]
             specs = [None if c is None else self.spec_of(c) for c in batch]
-            for c, spec, (metric, seconds) in zip(batch, specs, self.runner.map(specs)):
-                self.log.add(self._key(c), metric, seconds, spec)
-                self._record(c, spec, metric, seconds, False, phase)
+            for c, spec, (metric, seconds, size) in zip(batch, specs, self.runner.map(specs)):
+                self.log.add(self._key(c), metric, seconds, spec, size)
+                self._record(c, spec, metric, seconds, False, phase, size)
         trial = next((t for t in self.out.trials if t.config == config), None)
         if trial is None:  # in the log from an earlier run: counted as that run spent it
             entry = self._known(config)
-            trial = self._record(config, entry["spec"], entry["metric"], entry["seconds"], True, phase)
+            trial = self._record(
+                config, entry["spec"], entry["metric"], entry["seconds"], True, phase, entry.get("size")
+            )
         return trial.metric
 
     def _known(self, config: Config | None) -> dict | None:
@@ -219,8 +224,8 @@ class Tuner:
     def _key(self, config: Config | None) -> str:
         return "fp32" if config is None else config.key()
 
-    def _record(self, config, spec, metric, seconds, reused, phase) -> Trial:
-        trial = Trial(len(self.out.trials) + 1, config, spec, metric, seconds, reused, phase)
+    def _record(self, config, spec, metric, seconds, reused, phase, size=None) -> Trial:
+        trial = Trial(len(self.out.trials) + 1, config, spec, metric, seconds, reused, phase, size)
         self.out.trials.append(trial)
         if config is not None:
             loss = self.out.bound.loss(self.out.baseline, metric)
@@ -241,10 +246,13 @@ class Tuner:
             raise _Stop("--timeout reached")
 
     # -- ranked ---------------------------------------------------------------------------------------
-    def _ranked(self, base: Config) -> None:
+    def _ranked(self, base) -> None:
         start = base
         if self._met(self._metric(base, "default")):
             self.out.choice = base
+            return
+        if isinstance(base, WoqConfig):
+            self._bisect(base, self._rank_layers(base))
             return
         screened, model, feeds, float_model = self._screen(base)
         if screened != base:
@@ -329,14 +337,34 @@ class Tuner:
         )
         return list(dict.fromkeys(ranked))
 
-    def _bisect(self, start: Config, ranking: list[str]) -> None:
+    def _rank_layers(self, base: WoqConfig) -> list[str]:
+        """Weight-only layers by the output error 4 bits give them (the pass's layer table), largest first."""
+        from ncc.passes.woq.base import LAYERS_KEY
+
+        contexts: list = []
+        compile_spec(self.job, self.spec_of(base), contexts=contexts)
+        layers = [
+            r for r in contexts[0].data.get(LAYERS_KEY, []) if r.algo != "rtn" or r.weight_error is not None
+        ]
+        layers = [r for r in layers if not r.weight.endswith(".embed") and r.k > 0]
+        ranked = sorted(
+            layers, key=lambda r: -(r.output_error if r.output_error is not None else r.weight_error)
+        )
+        names = list(dict.fromkeys(r.layer for r in ranked))
+        self.out.labels.update({name: name for name in names})
+        self.progress(
+            f"ranked by 4-bit output error: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+        )
+        return names
+
+    def _bisect(self, start, ranking: list[str]) -> None:
         n = len(ranking) - 1  # one node at least stays int8: with none the output would be the FP32 model
         if n < 1:
             self.out.stopped = "the model has one quantized compute node: nothing to keep in float but all"
             return
 
         def prefix(k: int) -> Config:
-            return start.with_float(ranking[:k])
+            return start.promote(ranking[:k])
 
         lo, k, metrics = 0, 1, {0: self.out.trial_of(start).metric}
         while True:
@@ -370,9 +398,9 @@ class Tuner:
         size = max(1, len(candidates) // 2)
         while candidates:
             group = tuple(candidates[:size])
-            trial = start.with_float([k for k in kept if k not in group])
+            trial = start.promote([k for k in kept if k not in group])
             smaller = tuple(candidates[: max(1, size // 2)])
-            ahead = [start.with_float([k for k in kept if k not in smaller])] if size > 1 else []
+            ahead = [start.promote([k for k in kept if k not in smaller])] if size > 1 else []
             metric = self._metric(trial, "give back", ahead)
             if self._met(metric):
                 kept = [k for k in kept if k not in group]

@@ -1,5 +1,10 @@
 """What the tuner varies, and the pipeline each configuration stands for.
 
+Two spaces: :class:`Config` for the static ``int8`` pipeline and :class:`WoqConfig` for the weight-only
+ones (``w4``, ``w8``); :func:`config_of` picks by the pipeline. Both name the nodes the search *promotes*
+(:meth:`promote`) to the more precise, costlier choice: float for int8, 8-bit weights for w4.
+
+
 A :class:`Config` is a point of the search space of the static ``int8`` pipeline: the calibration
 method (``calibrate{method}``), the smooth-quant migration strength (``alpha``; 0 drops the pass), the
 weight scale granularity, whether ``correct-bias`` runs, and the ids (:mod:`ncc.ir.ids`) of the compute
@@ -51,6 +56,12 @@ class Config:
     def with_float(self, ids) -> Config:
         return dataclasses.replace(self, keep_float=tuple(sorted(set(ids), key=int)))
 
+    promote = with_float
+
+    @property
+    def promoted(self) -> tuple[str, ...]:
+        return self.keep_float
+
     def apply(self, passes: list[Pass]) -> list[Pass]:
         """``passes`` rewritten to run this configuration."""
         out = []
@@ -82,3 +93,71 @@ class Config:
             parts.append(f"bias-correction={'on' if self.bias else 'off'}")
         parts.append(f"{len(self.keep_float)} float" if self.keep_float else "all int8")
         return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class WoqConfig:
+    """One weight-only configuration: the algorithm, the group size, and the layers kept at 8 bits."""
+
+    algo: str = "rtn"
+    group_size: int = 128
+    wide: tuple[str, ...] = ()  # MatMul node names quantized to 8 bits instead of the pipeline's 4
+
+    @classmethod
+    def of(cls, passes: list[Pass]) -> WoqConfig:
+        woq = [p for p in passes if p.name.startswith("woq-")]
+        if len(woq) != 1:
+            raise NccError("--eval tunes pipelines with one weight-only pass (w4) or static int8 (int8).")
+        if woq[0].bits != 4:
+            raise NccError(
+                "--eval tunes w4 (4-bit weights, some layers raised to 8); w8 has nothing to raise."
+            )
+        return cls(algo=woq[0].name.removeprefix("woq-"), group_size=woq[0].group_size)
+
+    def promote(self, names) -> WoqConfig:
+        return dataclasses.replace(self, wide=tuple(sorted(set(names))))
+
+    @property
+    def promoted(self) -> tuple[str, ...]:
+        return self.wide
+
+    def apply(self, passes: list[Pass]) -> list[Pass]:
+        """``passes`` rewritten to run this configuration: the layers in ``wide`` quantized first by an
+        8-bit ``woq-rtn`` (the pass after it leaves MatMuls already quantized alone)."""
+        import re
+
+        from ncc.passes.registry import get_pass
+
+        out = []
+        for p in passes:
+            if p.name.startswith("woq-"):
+                cls = get_pass(f"woq-{self.algo}")
+                shared = {f.name for f in cls.options()}
+                main = cls(**{f.name: getattr(p, f.name) for f in p.options() if f.name in shared})
+                main = dataclasses.replace(main, group_size=self.group_size)
+                if self.wide:
+                    include = tuple(f"^{re.escape(name)}$" for name in self.wide)
+                    rtn = get_pass("woq-rtn")
+                    out.append(rtn(bits=8, group_size=self.group_size, scheme=p.scheme, include=include))
+                p = main
+            out.append(p)
+        return out
+
+    def key(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    def describe(self, base: WoqConfig | None = None) -> str:
+        parts = []
+        for name in ("algo", "group_size"):
+            value = getattr(self, name)
+            if base is None or getattr(base, name) != value:
+                parts.append(f"{name.replace('_', '-')}={value}")
+        parts.append(f"{len(self.wide)} at 8 bits" if self.wide else "all 4-bit")
+        return " ".join(parts)
+
+
+def config_of(passes: list[Pass]):
+    """The configuration space ``passes`` belongs to, at the user's settings."""
+    if any(p.name.startswith("woq-") for p in passes):
+        return WoqConfig.of(passes)
+    return Config.of(passes)

@@ -31,16 +31,16 @@ class Job:
     """What every trial shares."""
 
     model: str  # the input model's path
-    calib: str  # the --calib spec
+    calib: str | None  # the --calib spec (weight-only RTN tunes without)
     evaluate: str  # module.py:function
     cache_dir: str
     value_info: bool = False  # the .onnx candidates keep intermediate shapes (as the final output will)
     plugins: tuple[str, ...] = ()
 
 
-def compile_spec(job: Job, spec: str, report: list | None = None):
+def compile_spec(job: Job, spec: str, report: list | None = None, contexts: list | None = None):
     """The input model compiled through ``spec`` (an ir.Model); the pass manager's records are appended to
-    ``report`` when given."""
+    ``report``, the pass context to ``contexts``, when given."""
     from ncc.passes import registry
     from ncc.passes.base import PassContext
     from ncc.passes.manager import PassManager
@@ -51,16 +51,19 @@ def compile_spec(job: Job, spec: str, report: list | None = None):
         registry.load_plugin(plugin)
     model = _float_model(job).clone()
     ctx = PassContext(source=job.model, cache_dir=job.cache_dir)
-    ctx.data["calibration_data"] = load_calibration_data(job.calib)
+    if job.calib:
+        ctx.data["calibration_data"] = load_calibration_data(job.calib)
     run = PassManager(parse_pipeline(spec)).run(model, ctx)
     if report is not None:
         report.extend(run.records)
+    if contexts is not None:
+        contexts.append(ctx)
     return model
 
 
-def measure(job: Job, spec: str | None) -> tuple[float, float]:
-    """(the user's metric for ``spec``'s model, seconds the trial took)."""
-    from ncc.tools.modelio import save_model
+def measure(job: Job, spec: str | None) -> tuple[float, float, int]:
+    """(the user's metric for ``spec``'s model, seconds the trial took, bytes of the candidate's files)."""
+    from ncc.tools.modelio import input_files, save_model
 
     start = time.perf_counter()
     function = evaluator(job.evaluate)
@@ -68,12 +71,14 @@ def measure(job: Job, spec: str | None) -> tuple[float, float]:
         path = Path(tmp) / "candidate.onnx"
         if spec is None and Path(job.model).suffix.lower() == ".onnx":
             path = Path(job.model)
+            files = [use.path for use in input_files(path)]
         else:
             model = _float_model(job) if spec is None else compile_spec(job, spec)
-            save_model(model, path, value_info=job.value_info or spec is None)
+            files = save_model(model, path, value_info=job.value_info or spec is None)
             del model
+        size = sum(Path(f).stat().st_size for f in files)
         value = call_evaluator(function, job.evaluate, path)
-    return value, time.perf_counter() - start
+    return value, time.perf_counter() - start, size
 
 
 def evaluator(ref: str) -> Callable:

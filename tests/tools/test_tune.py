@@ -230,3 +230,82 @@ def test_ray_trials_on_two_workers_choose_as_the_serial_search(tmp_path, metric)
     assert ray_run.exit_code == 0, ray_run.stderr
     assert len(trials(ray_run.stderr)) >= 4
     assert out1.read_bytes() == out2.read_bytes()
+
+
+CHAIN_METRIC = textwrap.dedent(
+    """
+    import numpy as np, onnxruntime as ort
+    X = np.load({data!r})["x"]
+    _ref = []
+
+    def _run(path):
+        return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {{"x": X}})[0]
+
+    def error(path):
+        if not _ref:
+            _ref.append(_run({float!r}))
+        return float(np.sqrt(np.mean((_run(path) - _ref[0]) ** 2)))
+    """
+)
+
+
+def _chain(tmp_path: Path) -> tuple[Path, Path]:
+    """Six 128x128 MatMul + Tanh layers (the third with 4x larger weights) and a metric on 64 inputs.
+
+    Synthetic on purpose: it exercises the weight-only search's mechanics (ranking, 8-bit promotion,
+    give-back, sizes) in seconds; what the search achieves on a real model is measured by a benchmark.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, weights, x = [], [], "x"
+    for i in range(6):
+        w = rng.standard_normal((128, 128)) / np.sqrt(128) * (4 if i == 2 else 1)
+        weights.append(numpy_helper.from_array(w.astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"layer{i}"))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"t{i}"], name=f"act{i}"))
+        x = f"t{i}"
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 128])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["b", 128])], weights,
+    )  # fmt: skip
+    model = tmp_path / "chain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    data = tmp_path / "inputs.npz"
+    np.savez(data, x=rng.standard_normal((64, 128)).astype(np.float32))
+    metric = tmp_path / "chain_metric.py"
+    metric.write_text(CHAIN_METRIC.format(data=str(data), float=str(model)))
+    return model, metric
+
+
+def test_w4_search_raises_the_layers_that_matter_to_8_bits(tmp_path):
+    model, metric = _chain(tmp_path)
+    out = tmp_path / "chain.tuned.onnx"
+    result = ncc(
+        "compile", model, "--pass", "w4", "--eval", f"{metric}:error", "--lower-is-better", "--max-loss", "0.08",
+        "--cache-dir", tmp_path / "cache", "-o", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    rows = re.findall(
+        r"^\s+(\d+)\s+(fp32|default|bisect|give back)\s+(\S+)\s+\S+\s+([0-9.]+)\s", result.stderr, re.M
+    )
+    assert rows[1][1] == "default" and float(rows[1][2]) > 0.08  # all 4-bit misses the bound
+    sizes = {int(n): float(mb) for n, _, _, mb in rows}
+    assert sizes[1] > sizes[2]  # FP32 is the largest; 8-bit layers cost bytes
+    chosen = float(
+        re.search(r"^tuned: metric (\S+) .* with (\d+) nodes at 8 bits", result.stderr, re.M).group(1)
+    )
+    assert chosen <= 0.08
+    wide = re.findall(r"^    (layer\d): [-+][0-9.e-]+ \(kept at 8 bits\)", result.stderr, re.M)
+    assert "layer2" in wide  # the layer with the large weights is one the search keeps at 8 bits
+    import onnxruntime as ort
+
+    x = np.load(tmp_path / "inputs.npz")["x"]
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    want = ort.InferenceSession(str(model)).run(None, {"x": x})[0]
+    assert float(np.sqrt(np.mean((got - want) ** 2))) == pytest.approx(chosen, rel=1e-5)
+    bits = {}
+    for node in onnx.load(out).graph.node:
+        if node.op_type == "MatMulNBits":
+            bits[node.name] = next(a.i for a in node.attribute if a.name == "bits")
+    assert sorted(bits.values()).count(8) == len(re.findall(r"\(kept at 8 bits", result.stderr))
