@@ -320,7 +320,8 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
         passes = adjust(passes)
     ctx = ctx or PassContext(source=source)
     if opts.get("calib"):
-        if not any(getattr(p, "uses_calibration", False) for p in passes):
+        # a tuned weight-only pipeline may settle on RTN while its search screened calibrated algorithms
+        if adjust is None and not any(getattr(p, "uses_calibration", False) for p in passes):
             raise NccError(f"--calib given, but the pipeline {format_pipeline(passes)} does not calibrate.")
         from ncc.passes.quant.calib_data import load_calibration_data
 

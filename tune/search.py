@@ -5,12 +5,14 @@
 1. FP32 is evaluated once: the baseline the bound is measured from.
 2. The user's configuration, all int8, is evaluated; if it meets the bound the search ends.
 3. *Screening*, no evaluation: the cost-free dimensions (calibration method, smooth-quant alpha, bias
-   correction, weight granularity: none of them moves a node out of int8) are walked one at a time,
+   correction, weight granularity: none of them moves a node out of int8; for w4, the algorithm,
+   with --calib) are walked one at a time,
    each alternative compiled and scored by its output SQNR against FP32 on calibration samples; the
    best along a dimension is kept when it beats the current one by more than 0.1 dB.
 4. The screened configuration is evaluated if screening changed anything; the search ends if it meets
    the bound, else it goes on from whichever of the two scored better.
-5. *Ranking*, no evaluation: ``ncc diff``'s fallback gain (how much the output SQNR rises with one node
+5. *Ranking*, no evaluation (w4: layers by the output error 4 bits give them, from the weight-only
+   pass's layer table; promoted layers get 8-bit weights instead of float): ``ncc diff``'s fallback gain (how much the output SQNR rises with one node
    alone in float) orders the quantized compute nodes, most useful in float first. Nodes whose fallback
    alone gains nothing (on EfficientNet-Lite0 a third of them: their error partly cancels others') come
    last, ordered by the error each adds on float inputs, which is what they cost once most of the model
@@ -51,6 +53,7 @@ from ncc.tune.trials import Job, compile_spec
 
 SCREEN_MARGIN_DB = 0.1  # an alternative must beat the current configuration's SQNR by this much
 SCREEN_SAMPLES = 32
+WOQ_SCREEN_SAMPLES = 4  # a language model's logits are large: [samples, tokens, vocabulary]
 RANK_SAMPLES = 8
 
 
@@ -252,7 +255,14 @@ class Tuner:
             self.out.choice = base
             return
         if isinstance(base, WoqConfig):
-            self._bisect(base, self._rank_layers(base))
+            screened = self._screen(base)[0] if self.job.calib else base
+            if screened != base:
+                if self._met(self._metric(screened, "screened")):
+                    self.out.choice = screened
+                    return
+                if self._better(self.out.trial_of(screened).metric, self.out.trial_of(base).metric) > 0:
+                    start = screened
+            self._bisect(start, self._rank_layers(start))
             return
         screened, model, feeds, float_model = self._screen(base)
         if screened != base:
@@ -275,7 +285,8 @@ class Tuner:
         from ncc.tools.modelio import load_model
 
         float_model = load_model(self.job.model)
-        feeds = fallback.samples(load_calibration_data(self.job.calib), SCREEN_SAMPLES)
+        samples = WOQ_SCREEN_SAMPLES if isinstance(base, WoqConfig) else SCREEN_SAMPLES
+        feeds = fallback.samples(load_calibration_data(self.job.calib), samples)
         outputs = [v.name for v in float_model.graph.outputs]
         reference = fallback.run(float_model, feeds, outputs)
         masks = token_masks(feeds)
@@ -454,9 +465,12 @@ class Tuner:
         )
 
 
-def _dimensions(config: Config, smoothed: bool):
+def _dimensions(config, smoothed: bool):
     """The cost-free dimensions and their values, in the order screening walks them (alpha only where
-    smooth-quant found something to smooth)."""
+    smooth-quant found something to smooth; for weight-only pipelines the algorithm)."""
+    if isinstance(config, WoqConfig):
+        yield "algo", ("rtn", "gptq", "awq")
+        return
     yield "method", METHODS
     if config.alpha is not None and smoothed:
         yield "alpha", ALPHAS
