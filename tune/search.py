@@ -180,6 +180,10 @@ class Tuner:
         if isinstance(base, WoqConfig) and self.strategy != "ranked":
             raise NccError("--strategy basic tunes int8 pipelines; weight-only ones take the ranked search.")
         self.spec_of = lambda config: format_pipeline(config.apply(self.base_passes))
+        if self.log.get(self._key(base)) is None:
+            # the user's configuration must compile (a group size that divides no K, an op the pipeline
+            # refuses) before any evaluation is spent
+            compile_spec(self.job, self.spec_of(base))
         try:
             self.out.baseline = self._metric(None, "fp32")
             self.progress(

@@ -309,3 +309,13 @@ def test_w4_search_raises_the_layers_that_matter_to_8_bits(tmp_path):
         if node.op_type == "MatMulNBits":
             bits[node.name] = next(a.i for a in node.attribute if a.name == "bits")
     assert sorted(bits.values()).count(8) == len(re.findall(r"\(kept at 8 bits", result.stderr))
+
+
+def test_a_configuration_that_cannot_compile_is_refused_before_any_evaluation(tmp_path):
+    model, metric = _chain(tmp_path)
+    result = ncc(
+        "compile", model, "--pass", "w4", "--group-size", "96", "--eval", f"{metric}:error", "--lower-is-better",
+        "--cache-dir", tmp_path / "cache", "-o", tmp_path / "out.onnx",
+    )  # fmt: skip
+    assert result.exit_code == 2 and "group size 96 does not divide K=128" in result.stderr
+    assert "FP32 metric" not in result.stderr and not (tmp_path / "out.onnx").exists()
