@@ -628,7 +628,9 @@ def _tuner(tuning, input: Path, inputs, opts: dict, cache: Path, value_info: boo
             progress=lambda text: click.echo(f"ncc: tune: {text}", err=True),
         )
         calib = f" --calib {shlex.quote(opts['calib'])}" if opts.get("calib") else ""
-        rebuild = f"ncc compile {shlex.quote(str(input))}{calib} --passes {shlex.quote(format_pipeline(chosen))}"
+        rebuild = (
+            f"ncc compile {shlex.quote(str(input))}{calib} --passes {shlex.quote(format_pipeline(chosen))}"
+        )
         report.append(format_outcome(outcome, strategy=tuning.strategy, rebuild=rebuild))
         return chosen
 
