@@ -39,7 +39,7 @@ MODELS = {
     "efficientnet": (m.efficientnet_task, "examples/efficientnet_agreement.py:agreement", "1%"),
 }
 #: weight-only: (model and calibration files, metric, bound): the search's trials, size against perplexity
-WOQ_MODELS = {"smollm2": ("examples/smollm2_perplexity.py:perplexity", "3%")}
+WOQ_MODELS = {"smollm2": ("examples/smollm2_perplexity.py:perplexity", "3%", ("--group-size", "32"))}
 
 
 def tune(
@@ -126,7 +126,7 @@ def main() -> None:
                 rows.append((task.name, bound, strategy, r, speed, timing.ratio(1)["median"]))
         woq_tables = []
         for name in filter(None, args.woq.split(",")):
-            metric, bound = WOQ_MODELS[name]
+            metric, bound, flags = WOQ_MODELS[name]
             task = _smollm2_task()
             r = tune(
                 task,
@@ -136,7 +136,7 @@ def main() -> None:
                 tmp / f"cache-{name}",
                 "ranked",
                 None,
-                ("--lower-is-better",),
+                ("--lower-is-better", *flags),
             )
             print(f"[{name}] w4: {r}", file=sys.stderr)
             woq_tables.append((name, bound, r))
