@@ -641,6 +641,9 @@ def benchmark(
                     "speedup_q75": ratio["q75"],
                 }
             )
+    for _, _, runner in others:
+        runner.close()
+    del others
 
     return {
         "model": fp.path.stem,

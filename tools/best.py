@@ -69,6 +69,9 @@ def choose(candidates: list[Candidate], float_model, calibration, value_info: bo
             c.seconds = timing.median(i)
             got = runner.outputs(feed)[first]
             c.cosine = float(np.mean(sample_cosines(ref[first], got)))
+        for runner in [reference, *runners]:
+            runner.close()
+        del runners, reference
     best_cosine = max(c.cosine for c in candidates)
     eligible = [c for c in candidates if c.cosine >= best_cosine - COSINE_SLACK]
     chosen = min(eligible, key=lambda c: c.seconds)

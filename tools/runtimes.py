@@ -55,6 +55,9 @@ class OrtRunner:
     def outputs(self, feed) -> dict[str, np.ndarray]:
         return dict(zip(self.names, self.run(None, feed)))
 
+    def close(self) -> None:
+        self.session = None
+
 
 class OpenVinoRunner:
     runtime = "openvino"
@@ -82,6 +85,12 @@ class OpenVinoRunner:
     def outputs(self, feed) -> dict[str, np.ndarray]:
         result = self.run(None, feed)
         return {name: np.array(result[port]) for name, port in zip(self.names, self.compiled.outputs)}
+
+    def close(self) -> None:
+        """Release the request before the compiled model, now: left to the garbage collector, OpenVINO's
+        objects can be freed in the wrong order, which crashed a later test's process."""
+        self.request = None
+        self.compiled = None
 
 
 def open_runner(runtime: str, path: Path, threads: int):
