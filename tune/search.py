@@ -254,32 +254,35 @@ class Tuner:
 
     # -- ranked ---------------------------------------------------------------------------------------
     def _ranked(self, base) -> None:
-        start = base
         if self._met(self._metric(base, "default")):
             self.out.choice = base
             return
         if isinstance(base, WoqConfig):
             screened = self._screen(base)[0] if self.job.calib else base
-            if screened != base:
-                if self._met(self._metric(screened, "screened")):
-                    self.out.choice = screened
-                    return
-                if self._better(self.out.trial_of(screened).metric, self.out.trial_of(base).metric) > 0:
-                    start = screened
-            self._bisect(start, self._rank_layers(start))
+            start = self._start(base, screened)
+            if start is not None:
+                self._bisect(start, self._rank_layers(start))
             return
         screened, model, feeds, float_model = self._screen(base)
-        if screened != base:
-            if self._met(self._metric(screened, "screened")):
-                self.out.choice = screened
-                return
-            if self._better(self.out.trial_of(screened).metric, self.out.trial_of(base).metric) > 0:
-                start = screened
-            else:
-                model = compile_spec(self.job, self.spec_of(base))
+        start = self._start(base, screened)
+        if start is None:
+            return
+        if start is not screened:  # the screened model is not the one to rank on
+            model = compile_spec(self.job, self.spec_of(base))
         ranking = self._rank(float_model, model, feeds)
         del model
         self._bisect(start, ranking)
+
+    def _start(self, base, screened):
+        """Evaluate ``screened`` if screening changed anything; None when it meets the bound (the search is
+        over), else the configuration the search goes on from: whichever of the two scored better."""
+        if screened == base:
+            return screened
+        if self._met(self._metric(screened, "screened")):
+            self.out.choice = screened
+            return None
+        better = self._better(self.out.trial_of(screened).metric, self.out.trial_of(base).metric) > 0
+        return screened if better else base
 
     def _screen(self, base: Config):
         """Walk the cost-free dimensions on calibration data (see the module docstring)."""
