@@ -12,21 +12,27 @@ __version__ = "0.1.0"
 def _alias_torch_api() -> None:
     """``import ncc.torch`` gives :mod:`ncc.tools.torch_api` (loaded on that import, not here): no file may
     be called ``torch.py`` at the package root, where it would shadow torch itself for code run from the
-    repository (see the module's docstring)."""
+    repository (see the module's docstring). ``import ncc.torch.train`` gives :mod:`ncc.train` (so the
+    alias gets an empty ``__path__``: a submodule can only be imported from a package)."""
     import importlib.abc
     import importlib.util
     import sys
 
+    aliases = {"ncc.torch": "ncc.tools.torch_api", "ncc.torch.train": "ncc.train"}
+
     class Loader(importlib.abc.Loader):
         def create_module(self, spec):
-            return importlib.import_module("ncc.tools.torch_api")
+            module = importlib.import_module(aliases[spec.name])
+            if spec.name == "ncc.torch" and not hasattr(module, "__path__"):
+                module.__path__ = []
+            return module
 
         def exec_module(self, module):
             pass
 
     class Finder(importlib.abc.MetaPathFinder):
         def find_spec(self, fullname, path=None, target=None):
-            if fullname != "ncc.torch":
+            if fullname not in aliases:
                 return None
             return importlib.util.spec_from_loader(fullname, Loader())
 

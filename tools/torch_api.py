@@ -5,6 +5,7 @@
     qmodel(example)                  # runs the int8 graph (torch.compile / Inductor on first call)
     qmodel.save("model.int8.pt2")    # a torch.export program holding int8 weights only
     ir_model = ncc.torch.lower(model, (example,))   # the IR, for dumps and custom pipelines
+    from ncc.torch import train      # training-time pruning, QAT and distillation (:mod:`ncc.train`)
 
 The module goes through the torch frontend (:mod:`ncc.frontends.torch`, static shapes: the example
 inputs' batch size is the module's), the named pipeline with the ``inductor`` target profile, and the
@@ -179,4 +180,8 @@ def inductor(module):
 def __getattr__(name: str):
     if name == "Compiled":  # a torch.nn.Module subclass: defined once torch is imported
         return _compiled_type()
+    if name == "train":  # ncc.torch.train: training-time pruning, QAT and distillation (ncc.train)
+        import importlib
+
+        return importlib.import_module("ncc.train")
     raise AttributeError(name)
