@@ -23,6 +23,12 @@ PIPELINES: dict[str, str] = {
         "shape-inference,fold-constants,eliminate-identity,fuse-conv-bn,fuse-pad-conv,fuse-gelu,fuse-layer-norm,"
         "cse,dce,toposort,bf16-precision{target=openvino}"
     ),
+    # pruning: element patterns zero weights; channel / neuron / head patterns zero units (readers refitted
+    # on --calib) and slim removes them. --pattern and --sparsity set prune's options.
+    "sparse": (
+        "shape-inference,fold-constants,eliminate-identity,fuse-conv-bn,fuse-pad-conv,cse,dce,toposort,prune,"
+        "slim,dce"
+    ),
     "int8-dynamic": "shape-inference,fold-constants,eliminate-identity,fuse-matmul-add,cse,dce,quantize-dynamic,dce,toposort",
     # weight-only: constants folded (a Transpose of a weight, shapes computed from constants), the quantizer
     # (woq-rtn, or woq-gptq / woq-awq with --algo), then packing for the target

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ncc.passes.base import Pass
 
 #: Packages whose modules hold the built-in passes, one pass per module.
-BUILTIN_FAMILIES = ("cleanup", "fusion", "quant", "packing", "woq", "lowering")
+BUILTIN_FAMILIES = ("cleanup", "fusion", "quant", "sparsity", "packing", "woq", "lowering")
 ENTRY_POINT_GROUP = "ncc.passes"
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9]*(?:[-_.:][a-z0-9]+)*\Z")
 

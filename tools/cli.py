@@ -206,6 +206,16 @@ def _quant_options(fn):
             help="Weight-only: allow a shorter last group when G does not divide a layer's K.",
         ),
         click.option(
+            "--pattern",
+            metavar="P[,P]",
+            help="Pruning pattern (sparse): channel, neuron, head, 2:4, 4x1, unstructured; a list prunes each.",
+        ),
+        click.option(
+            "--sparsity",
+            metavar="S[,S]",
+            help="Pruning: fraction removed (0.5), one per --pattern or one for all.",
+        ),
+        click.option(
             "--accuracy-level",
             type=click.IntRange(0, 4),
             metavar="0-4",
@@ -254,6 +264,49 @@ def _apply_flags(passes, opts: dict):
             )
         updates.update(chosen)
     return with_options(passes, updates) if updates else passes
+
+
+def _apply_pruning(passes, pattern: str | None, sparsity: str | None):
+    """``--pattern a,b --sparsity x,y``: the pipeline's prune pass, once per pattern with its sparsity."""
+    if pattern is None and sparsity is None:
+        return passes
+    from ncc.errors import PassSpecError
+    from ncc.passes.spec import format_pipeline
+
+    at = [i for i, p in enumerate(passes) if p.name == "prune"]
+    flag = "--pattern" if pattern is not None else "--sparsity"
+    if len(at) != 1:
+        raise NccError(
+            f"{flag} applies to a pipeline with one prune pass (sparse), not {format_pipeline(passes)}."
+        )
+    prune = passes[at[0]]
+    patterns = [p.strip() for p in pattern.split(",")] if pattern is not None else [prune.pattern]
+    try:
+        amounts = [float(s) for s in sparsity.split(",")] if sparsity is not None else [prune.sparsity]
+    except ValueError:
+        raise NccError(f"--sparsity takes numbers such as 0.5 or 0.5,0.33, got {sparsity!r}.") from None
+    if len(amounts) == 1:
+        amounts = amounts * len(patterns)
+    if len(amounts) != len(patterns):
+        raise NccError(
+            f"--sparsity gives {len(amounts)} values for {len(patterns)} patterns; give one or one each."
+        )
+    try:
+        pruned = [
+            type(prune)(**{**_fields(prune), "pattern": p, "sparsity": s}) for p, s in zip(patterns, amounts)
+        ]
+    except PassSpecError as err:
+        raise NccError(str(err)) from None
+    return [*passes[: at[0]], *pruned, *passes[at[0] + 1 :]]
+
+
+def _prunes(opts: dict) -> bool:
+    spec = f"{opts.get('pass_name') or ''},{opts.get('spec') or ''}"
+    return any(word in spec for word in ("sparse", "prune", "slim"))
+
+
+def _fields(p) -> dict:
+    return {f.name: getattr(p, f.name) for f in p.options()}
 
 
 def _choose_algo(passes, algo: str | None):
@@ -313,6 +366,7 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
     passes = parse_pipeline(spec) if spec is not None else []
     if spec is not None and not passes:
         raise NccError(f"the pipeline is empty: {flag} {spec!r} names no pass.")
+    passes = _apply_pruning(passes, opts.get("pattern"), opts.get("sparsity"))
     passes = _apply_flags(_apply_format(_choose_algo(passes, opts.get("algo")), opts.get("fmt")), opts)
     if not passes:
         return None
@@ -340,6 +394,43 @@ def _run_pipeline(model, opts: dict, *, source: str | None, default: str | None,
         pass_statistics=opts["pass_statistics"],
     )
     return PassManager(passes, verify=not opts["no_verify"], instruments=instruments).run(model, ctx)
+
+
+def _tf_options(fn):
+    """How a TensorFlow input is read (SavedModel signature; a frozen GraphDef's tensors)."""
+    options = [
+        click.option(
+            "--signature", metavar="NAME", help="A SavedModel's signature (default: serving_default)."
+        ),
+        click.option(
+            "--tf-inputs",
+            metavar="NAMES",
+            help="A frozen GraphDef's input tensors, comma-separated (name or name:0).",
+        ),
+        click.option(
+            "--tf-outputs", metavar="NAMES", help="A frozen GraphDef's output tensors, comma-separated."
+        ),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _load_input(input: Path, opts: dict):
+    """``load_model`` with the TensorFlow reading options taken out of ``opts``."""
+    from ncc.tools.modelio import load_model
+
+    def names(text):
+        return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+    signature, inputs, outputs = (
+        opts.pop("signature", None),
+        opts.pop("tf_inputs", None),
+        opts.pop("tf_outputs", None),
+    )
+    if signature is None and inputs is None and outputs is None:
+        return load_model(input)
+    return load_model(input, signature=signature, inputs=names(inputs), outputs=names(outputs))
 
 
 def _tune_options(fn):
@@ -442,6 +533,7 @@ def _tune_request(opts: dict, output: Path):
 @_tune_options
 @_quant_options
 @_pipeline_options
+@_tf_options
 def compile(
     input: Path,
     output: Path,
@@ -453,7 +545,8 @@ def compile(
     cache_dir: Path | None,
     **opts,
 ) -> None:
-    """Compile INPUT (.onnx, .ncc or a torch.export .pt2) through a pipeline into OUTPUT (.onnx, .ncc, or
+    """Compile INPUT (.onnx, .ncc, a torch.export .pt2, or a TensorFlow SavedModel folder, .keras, .h5, frozen
+    .pb or .tflite) through a pipeline into OUTPUT (.onnx, .ncc, or
     .pt2: a torch.export program Inductor runs as int8, its target defaults to 'inductor'; with --target
     aoti an AOTInductor package)."""
     from ncc.files import deferred_commit
@@ -464,11 +557,16 @@ def compile(
         calibration_files,
         check_distinct,
         input_files,
-        load_model,
         output_files,
         save_model,
     )
-    from ncc.tools.report import files_size, format_report, quantization_summary, written_fidelity
+    from ncc.tools.report import (
+        files_size,
+        format_report,
+        quantization_summary,
+        sparsity_summary,
+        written_fidelity,
+    )
 
     tuning = _tune_request(opts, output)
     inputs = input_files(input)
@@ -506,12 +604,14 @@ def compile(
         raise NccError("--target aoti writes an AOTInductor package: give a .pt2 output.")
     if torch_out and opts["target"] not in TORCH_TARGETS:
         raise NccError(f"a .pt2 output runs in torch: --target inductor or aoti, not {opts['target']}.")
-    model = load_model(input)
+    model = _load_input(input, opts)
     size_before = files_size([use.path for use in inputs])
     cache = cache_dir or Path(os.environ.get("NCC_CACHE", Path.home() / ".cache" / "ncc"))
     ctx = PassContext(source=str(input), cache_dir=str(cache))
     ctx.data["progress"] = sys.stderr.isatty()
     float_model = model.clone() if opts.get("calib") else None  # what the report's fidelity compares with
+    # what the report's parameter and speed figures compare with, when the pipeline prunes
+    original = float_model or (model.clone() if _prunes(opts) else None)
     adjust, outcome = None, []
     if tuning is not None:
         adjust = _tuner(tuning, input, inputs, opts, cache, value_info, outcome)
@@ -526,6 +626,7 @@ def compile(
     int8 = any(n.metadata_props.get("ncc.quant", "").startswith("int8") for n in model.graph)
     _check_format(model, fmt)
     fidelity = written_fidelity(model, float_model, run, ctx) if run is not None else None
+    sparsity = sparsity_summary(model, float_model or original, run, ctx) if run is not None else []
     layers = ctx.data.get("woq_layers")
     if layer_report is not None and not layers:
         raise NccError("--layer-report needs a weight-only pipeline (w4, w8, woq-*).")
@@ -572,6 +673,7 @@ def compile(
                 size_after=files_size(written),
                 check=check,
                 fidelity=fidelity,
+                extra=sparsity,
             ),
             err=True,
         )
@@ -685,14 +787,15 @@ def _check_format(model, fmt: str | None) -> None:
 )
 @click.option("--calib", metavar="DATA", help="Calibration data for passes that need it (see compile).")
 @_pipeline_options
+@_tf_options
 def opt(input: Path, output: Path | None, full: bool, **opts) -> None:
     """Run passes on an .ncc (or .onnx) file and print the resulting IR text."""
-    from ncc.tools.modelio import FileUse, check_distinct, input_files, load_model, output_files
+    from ncc.tools.modelio import FileUse, check_distinct, input_files, output_files
 
     plugins = [FileUse("a --plugin file", p, model=False) for p in opts["plugins"]]
     inputs = input_files(input) if output else [FileUse("the input", input)]
     check_distinct(inputs + plugins, output_files(output, full=full) if output else [])
-    model = load_model(input)
+    model = _load_input(input, opts)
     _run_pipeline(model, opts, source=str(input), default=None)
     _emit_text(model, output, full)
 
@@ -707,15 +810,16 @@ def opt(input: Path, output: Path | None, full: bool, **opts) -> None:
     is_flag=True,
     help="Carry every value (large ones in OUTPUT.data) so the text rebuilds the model.",
 )
-def dump(input: Path, output: Path | None, full: bool) -> None:
-    """Print the IR of INPUT (.onnx or .ncc) as ncc text."""
-    from ncc.tools.modelio import FileUse, check_distinct, input_files, load_model, output_files
+@_tf_options
+def dump(input: Path, output: Path | None, full: bool, **tf) -> None:
+    """Print the IR of INPUT (.onnx, .ncc, .pt2, or a TensorFlow model) as ncc text."""
+    from ncc.tools.modelio import FileUse, check_distinct, input_files, output_files
 
     if output is None:  # nothing is written: only the input's name is checked
         check_distinct([FileUse("the input", input)])
     else:
         check_distinct(input_files(input), output_files(output, full=full))
-    _emit_text(load_model(input), output, full)
+    _emit_text(_load_input(input, tf), output, full)
 
 
 def _emit_text(model, output: Path | None, full: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 
@@ -44,9 +45,69 @@ def _reported(pass_name: str, note: str) -> bool:
     opset changes and warnings."""
     return (
         pass_name.startswith("woq-")
-        or pass_name in ("pack-int4", "legalize-qoperator", "bf16-precision")
+        or pass_name in ("pack-int4", "legalize-qoperator", "bf16-precision", "prune", "slim")
         or note.startswith(("fallback:", "warning:", "opset:"))
     )
+
+
+def sparsity_summary(model: ir.Model, float_model: ir.Model, run, ctx) -> list[str]:
+    """For a pipeline that pruned: parameters, multiply-adds per sample and, with calibration data, the
+    measured onnxruntime latency on a calibration batch of 8, before and after. Empty otherwise."""
+    if not any(r.name in ("prune", "slim") for r in run.records):
+        return []
+    lines = [f"parameters: {_params(float_model) / 1e6:.3f} M -> {_params(model) / 1e6:.3f} M"]
+    data = ctx.data.get("calibration_data")
+    if data is None:
+        return lines
+    from ncc.passes.quant import fallback
+    from ncc.runtime import open_session
+    from ncc.tools.timing import time_blocks
+
+    one = fallback.samples(data, 1)
+    before, after = _macs(float_model, one), _macs(model, one)
+    lines.append(
+        f"multiply-adds per sample: {before / 1e6:.1f} M -> {after / 1e6:.1f} M ({before / max(after, 1):.2f}x fewer)"
+    )
+    batch = fallback.samples(data, 8)[0]
+    sessions = [open_session(m) for m in (float_model, model)]
+    timing = time_blocks([s.ort for s in sessions], batch, runs=10, rounds=5, min_block_s=0.2)
+    ratio = timing.ratio(1, 0)
+    n = next(iter(batch.values())).shape[0]
+    lines.append(
+        f"onnxruntime latency, batch {n}: {timing.median(0) * 1e3:.1f} ms -> {timing.median(1) * 1e3:.1f} ms "
+        f"({ratio['median']:.2f}x faster, quartiles {ratio['q25']:.2f}-{ratio['q75']:.2f}, median of "
+        f"{ratio['rounds']} rounds)"
+    )
+    return lines
+
+
+def _params(model: ir.Model) -> int:
+    return sum(
+        int(np.prod(v.shape.numpy())) if v.shape is not None else 0
+        for v in model.graph.initializers.values()
+        if v.type is not None and v.type.dtype.is_floating_point()
+    )
+
+
+def _macs(model: ir.Model, feeds) -> int:
+    """Multiply-adds of the MatMul, Gemm and Conv nodes for one sample (measured output sizes)."""
+    from ncc.passes.quant import fallback
+
+    layers = [
+        n for n in model.graph if n.op_type in ("MatMul", "Gemm", "Conv") and n.domain in ("", "ai.onnx")
+    ]
+    outs = fallback.run(model, feeds, [n.outputs[0].name for n in layers])
+    total = 0
+    for node in layers:
+        size = outs[node.outputs[0].name][0].size
+        w = node.inputs[1].shape
+        if node.op_type == "Conv" and w is not None:
+            total += size * int(np.prod([int(d) for d in list(w)[1:]]))
+        else:
+            a = node.inputs[0].shape
+            k = a[-1] if a is not None and isinstance(a[-1], int) else (w[0] if w is not None else 0)
+            total += size * int(k)
+    return total
 
 
 def written_fidelity(model: ir.Model, float_model: ir.Model | None, run, ctx) -> str | None:
@@ -55,7 +116,8 @@ def written_fidelity(model: ir.Model, float_model: ir.Model | None, run, ctx) ->
     (``correct-bias``) change the model its own figure was measured on. None unless the pipeline ran
     ``insert-qdq`` with calibration data."""
     data = ctx.data.get("calibration_data")
-    if float_model is None or data is None or not any(r.name == "insert-qdq" for r in run.records):
+    measured = ("insert-qdq", "prune", "slim")
+    if float_model is None or data is None or not any(r.name in measured for r in run.records):
         return None
     from ncc.metrics import token_masks, worst_output_cosine
     from ncc.passes.quant import fallback
@@ -85,6 +147,7 @@ def format_report(
     size_after: int,
     check=None,
     fidelity: str | None = None,
+    extra: list[str] = (),
 ) -> str:
     lines = [f"pipeline: {spec}"]
     calibrated = [r for r in run.records if r.name == "calibrate"]
@@ -99,6 +162,7 @@ def format_report(
     lines += [note for r in run.records for note in r.notes if _reported(r.name, note)]
     if fidelity:
         lines.append(fidelity)
+    lines += extra
     ratio = size_before / size_after if size_after else float("nan")
     lines.append(f"size: {size_before / 1e6:.2f} MB -> {size_after / 1e6:.2f} MB ({ratio:.2f}x smaller)")
     slowest = sorted(run.records, key=lambda r: -r.seconds)[:5]

@@ -1,0 +1,433 @@
+"""The ``prune`` pass: zeros in a pattern, or whole units removed and their readers refitted.
+
+Element patterns (``unstructured``, ``RxC`` blocks, ``N:M``; see :mod:`ncc.passes.sparsity.patterns`)
+zero weights of MatMul / Gemm / Conv layers in place. Scored by ``magnitude`` (|w|) or ``activation``
+(|w| times the L2 norm of the input feature it multiplies, on calibration data: Wanda, Sun et al. 2023),
+per layer or under one ``global`` threshold. Zeros alone run at dense speed on CPU runtimes; the report
+says so. ``snip-momentum`` scores need gradients: it is ``ncc.torch.train``'s criterion.
+
+Structured patterns remove units of a group (:mod:`ncc.passes.sparsity.groups`): ``channel`` (Conv output
+channels with everything that carries them), ``neuron`` (FFN intermediate neurons), ``head`` (attention
+heads: Q, K and V columns with the output projection's rows). ``sparsity`` is the fraction of each
+group's units removed. ``magnitude`` ranks units by the norm of their producers' weights;
+``activation`` by the cost Optimal Brain Surgeon gives their removal from the readers' input statistics
+(:mod:`ncc.passes.sparsity.scores`). The chosen units are zeroed in the producers and in the per-unit
+constants between (bias, depthwise Conv, BatchNormalization), and with ``refit`` (and calibration data)
+each reading layer's weights and bias are solved by least squares so that, on the calibration inputs of
+the pruned model, it reproduces the dense model's output. Groups go in graph order, so each refit sees
+the errors of the groups before it. ``slim`` then removes the zero units physically.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+from ncc.errors import NccError
+from ncc.ir.rewrite import Rewriter, bias_add, constant_array, is_constant
+from ncc.metrics import token_masks
+from ncc.passes.base import Pass, PassContext, PassResult, option, regex
+from ncc.passes.sparsity import groups as g
+from ncc.passes.sparsity import patterns as pt
+from ncc.passes.sparsity import scores as sc
+
+SPARSITY_KEY = "ncc.sparsity"
+#: on a node whose constant inputs structured pruning changed: JSON ``{"input index": "initializer"}``
+#: naming the dense originals, kept in the graph until ``slim`` (refit) has used them
+DENSE_KEY = "ncc.sparsity.dense"
+CRITERIA = ("auto", "magnitude", "activation", "snip-momentum")
+SCOPES = ("layer", "global")
+
+
+def _one_of(choices):
+    return lambda v: None if v in choices else f"is {v!r}, not one of {', '.join(choices)}"
+
+
+@dataclass(frozen=True)
+class Prune(Pass):
+    """Zero weights in a pattern (N:M, RxC blocks, unstructured), or remove channels / neurons / heads."""
+
+    name: ClassVar[str] = "prune"
+    uses_calibration: ClassVar[bool] = True
+    pattern: str = option(
+        "4x1", "unstructured, RxC blocks (4x1), N:M (2:4), channel, neuron or head", check=pt.pattern_problem
+    )
+    sparsity: float = option(0.5, "fraction of weights (or of each group's units) removed", min=0, lt=1)
+    criterion: str = option(
+        "auto",
+        "magnitude, activation (needs --calib), or auto: activation with --calib",
+        check=_one_of(CRITERIA),
+    )
+    scope: str = option(
+        "layer", "element patterns: one threshold per layer, or global", check=_one_of(SCOPES)
+    )
+    include: tuple[str, ...] = option((), "only layers whose name matches (regex searched)", check=regex)
+    exclude: tuple[str, ...] = option((), "skip layers whose name matches (regex searched)", check=regex)
+    samples: int = option(64, "calibration samples the statistics are gathered on", min=1)
+    refit: bool = option(
+        True, "structured patterns: refit the reading layers by least squares (needs --calib)"
+    )
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        if self.criterion == "snip-momentum":
+            raise NccError(
+                "prune: criterion snip-momentum scores |w * gradient| during fine-tuning; use "
+                "ncc.torch.train.prepare(...) with Prune(criterion='snip-momentum') and compile its output."
+            )
+        data = ctx.data.get("calibration_data")
+        if self.criterion == "auto":
+            import dataclasses
+
+            chosen = "activation" if data is not None else "magnitude"
+            return dataclasses.replace(self, criterion=chosen).run(model, ctx)
+        if self.criterion == "activation" and data is None:
+            raise NccError("prune: criterion activation needs calibration data (--calib).")
+        from ncc.passes.quant.fallback import samples
+
+        feeds = samples(data, self.samples) if data is not None else None
+        if self.pattern in pt.STRUCTURED:
+            return self._units(model, feeds)
+        return self._elements(model, feeds)
+
+    def _wanted(self, name: str) -> bool:
+        if self.include and not any(re.search(p, name) for p in self.include):
+            return False
+        return not any(re.search(p, name) for p in self.exclude)
+
+    # -- element patterns --------------------------------------------------------------------------
+    def _elements(self, model: ir.Model, feeds) -> PassResult:
+        layers = []
+        for node in model.graph:
+            axis = _weight_out_axis(node)
+            if axis is None or not self._wanted(node.name or ""):
+                continue
+            layers.append((node, axis))
+        if not layers:
+            return PassResult(
+                modified=False, notes=["prune: no MatMul/Gemm/Conv layer with a constant weight"]
+            )
+        norms = _input_norms(model, [n for n, _ in layers], feeds) if self.criterion == "activation" else {}
+        views, problems = [], []
+        for node, axis in layers:
+            view = pt.to_view(constant_array(node.inputs[1]).astype(np.float32), axis)
+            if (why := pt.fits(self.pattern, view.shape)) is not None:
+                problems.append(f"{node.name or node.op_type}: {why}")
+            views.append(view)
+        if problems:
+            raise NccError(
+                f"prune: pattern {self.pattern} does not fit {problems[0]} (exclude it, or pick another pattern)."
+            )
+        scores = []
+        for (node, _), view in zip(layers, views):
+            s = np.abs(view).astype(np.float64)
+            norm = norms.get(id(node))
+            if norm is not None:
+                s = s * np.repeat(np.sqrt(norm), view.shape[1] // norm.size)[None, :]
+            scores.append(s)
+        if self.scope == "global":
+            masks = pt.global_masks(scores, self.pattern, self.sparsity)
+        else:
+            masks = [pt.layer_mask(s, self.pattern, self.sparsity) for s in scores]
+        rewriter = Rewriter(model, model.graph)
+        zeros = total = 0
+        for (node, axis), view, mask in zip(layers, views, masks):
+            weight = constant_array(node.inputs[1])
+            pruned = pt.from_view(np.where(mask, view, 0).astype(weight.dtype), weight.shape, axis)
+            _set_weight(rewriter, node, 1, pruned)
+            achieved = float(1 - mask.mean())
+            node.metadata_props[SPARSITY_KEY] = f"pattern={self.pattern} sparsity={achieved:.4f}"
+            zeros += int((~mask).sum())
+            total += mask.size
+        notes = [
+            f"prune: {self.pattern} {self.criterion} ({self.scope}): {len(layers)} layers, "
+            f"{zeros / max(total, 1):.1%} of their weights zero",
+            "prune: zeros in dense weights run at dense speed in onnxruntime and OpenVINO on CPU; "
+            "channel, neuron and head patterns with slim make the model smaller and faster",
+        ]
+        return PassResult(
+            modified=zeros > 0, stats={"layers pruned": len(layers), "weights zeroed": zeros}, notes=notes
+        )
+
+    # -- structured patterns -----------------------------------------------------------------------
+    def _units(self, model: ir.Model, feeds) -> PassResult:
+        found = [grp for grp in g.find_groups(model) if grp.kind == self.pattern]
+        chosen = [
+            grp
+            for grp in found
+            if grp.problem is None
+            and grp.consumers
+            and all(self._wanted(p.name or "") for p in grp.producers)
+        ]
+        notes = []
+        refused = [grp for grp in found if grp.problem is not None]
+        if refused:
+            notes.append(
+                f"prune: {len(refused)} {self.pattern} groups cannot be slimmed, left whole; first: {refused[0].name()}: {refused[0].problem}"
+            )
+        if not chosen:
+            return PassResult(modified=False, notes=[*notes, f"prune: no {self.pattern} group to prune"])
+        masks = token_masks(feeds) if feeds is not None else None
+        # the dense model's reader outputs, the refit's targets, before anything is pruned
+        targets = _dense_targets(model, chosen, feeds, masks) if feeds is not None and self.refit else {}
+        rewriter = Rewriter(model, model.graph)
+        removed_total = 0
+        refits = 0
+        for grp in g.find_groups(model):
+            # the groups again, on the model as pruned so far (the same nodes, in graph order)
+            if grp.kind != self.pattern or grp.problem is not None or not grp.consumers:
+                continue
+            if not all(self._wanted(p.name or "") for p in grp.producers):
+                continue
+            count = min(int(round(self.sparsity * grp.units)), grp.units - 1)
+            if count <= 0:
+                continue
+            inputs = _gather(model, grp, feeds, masks) if feeds is not None else None
+            if self.criterion == "activation":
+                remove = _obs_choice(grp, inputs, count)
+            else:
+                remove = _magnitude_choice(grp, count)
+            _zero_units(rewriter, grp, np.array(sorted(remove)))
+            if self.refit and inputs is not None:
+                refits += _refit(rewriter, grp, inputs, targets, remove)
+            left = g.zero_units(grp)
+            if not left[remove].all():
+                notes.append(
+                    f"prune: {grp.name()}: {int((~left[remove]).sum())} chosen units stay nonzero at their readers"
+                )
+            for p in grp.producers:
+                p.metadata_props[SPARSITY_KEY] = f"pattern={self.pattern} removed={count}/{grp.units}"
+            removed_total += count
+        notes.insert(
+            0,
+            f"prune: {self.pattern} {self.criterion}: {removed_total} units zeroed in {len(chosen)} groups, {refits} readers refitted",
+        )
+        return PassResult(
+            modified=removed_total > 0,
+            stats={"groups pruned": len(chosen), "units zeroed": removed_total, "readers refitted": refits},
+            notes=notes,
+        )
+
+
+def _weight_out_axis(node: ir.Node) -> int | None:
+    if node.op_type not in g.LAYERS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    if not is_constant(node.inputs[1]) or node.inputs[1].shape is None:
+        return None
+    rank = len(node.inputs[1].shape)
+    if node.op_type == "Conv":
+        return 0 if rank >= 3 else None
+    if rank != 2:
+        return None
+    return g.producer_weight_axis(node) % 2
+
+
+def _set_weight(
+    rewriter: Rewriter, node: ir.Node, index: int, array: np.ndarray, *, link: bool = False
+) -> None:
+    """Replace ``node``'s constant input ``index``; with ``link`` first keep the dense original beside it
+    (once: a later pass's change keeps the first original)."""
+    from ncc.passes.sparsity.slim import _set_input
+
+    if link:
+        links = json.loads(node.metadata_props.get(DENSE_KEY, "{}"))
+        if str(index) not in links:
+            old = node.inputs[index]
+            kept = rewriter.constant(np.array(constant_array(old)), f"{old.name or 'weight'}_dense")
+            links[str(index)] = kept.name
+            node.metadata_props[DENSE_KEY] = json.dumps(links, sort_keys=True)
+    _set_input(rewriter, node, index, array)
+
+
+def _input_norms(model: ir.Model, nodes: list[ir.Node], feeds) -> dict[int, np.ndarray]:
+    """Per layer, the sum of squares of each input feature (Conv: per input channel) on ``feeds``."""
+    from ncc.runtime import open_session
+
+    names = list(dict.fromkeys(n.inputs[0].name for n in nodes))
+    session = open_session(model, outputs=names)
+    masks = token_masks(feeds)
+    sums: dict[str, np.ndarray] = {}
+    for index, (feed, mask) in enumerate(zip(feeds, masks)):
+        results = session.run(feed, where=f"calibration batch {index}")
+        for name in names:
+            x = results[name]
+            axis = 1 - x.ndim if _conv_input(model, name) else -1
+            r = sc.rows(x, axis, mask)
+            part = np.sum(r * r, axis=0)
+            sums[name] = part if name not in sums else sums[name] + part
+    return {id(n): sums[n.inputs[0].name] for n in nodes if n.inputs[0].name in sums}
+
+
+def _conv_input(model: ir.Model, name: str) -> bool:
+    return any(n.op_type == "Conv" and n.inputs[0].name == name for n in model.graph)
+
+
+def _gather(model: ir.Model, grp: g.Group, feeds, masks) -> dict[int, np.ndarray]:
+    """Per reader of the group, its input rows ``[samples, units*width]`` on ``feeds`` (pointwise convs
+    only among convs; others absent)."""
+    from ncc.passes.quant.fallback import run
+
+    names = list(dict.fromkeys(c.inputs[0].name for c in grp.consumers))
+    results = run(model, feeds, names)
+    out = {}
+    for node in grp.consumers:
+        arrays = results[node.inputs[0].name]
+        if node.op_type == "Conv":
+            parts = [sc.conv_rows(a, node) for a in arrays]
+            if any(p is None for p in parts):
+                continue
+        else:
+            parts = [sc.rows(a, -1, m) for a, m in zip(arrays, masks)]
+        out[id(node)] = np.concatenate(parts)
+    return out
+
+
+def _reader_weight(node: ir.Node) -> np.ndarray:
+    """A reader's weight as ``[input rows, outputs]``."""
+    w = constant_array(node.inputs[1]).astype(np.float64)
+    axis = g.consumer_weight_axis(node)
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+
+
+def _obs_choice(grp: g.Group, inputs: dict[int, np.ndarray], count: int) -> list[int]:
+    parts = []
+    for node in grp.consumers:
+        x = inputs.get(id(node))
+        if x is None:
+            continue
+        parts.append((x.T @ x, _reader_weight(node)))
+    if not parts:
+        return _magnitude_choice(grp, count)
+    width = grp.track(grp.consumers[0].inputs[0]).width
+    return sc.combined_order(parts, width, grp.units, count)
+
+
+def _magnitude_choice(grp: g.Group, count: int) -> list[int]:
+    """The units whose producer weights have the least energy (each producer normalized)."""
+    score = np.zeros(grp.units)
+    for node in grp.producers:
+        w = constant_array(node.inputs[1]).astype(np.float64)
+        view = np.moveaxis(w, g.producer_weight_axis(node), 0).reshape(grp.units, -1)
+        energy = np.sum(view * view, axis=1)
+        score += energy / max(float(energy.sum()), 1e-30)
+    return [int(u) for u in np.argsort(score, kind="stable")[:count]]
+
+
+def _zero_units(rewriter: Rewriter, grp: g.Group, units: np.ndarray) -> None:
+    """Zero ``units`` in the producers and the per-unit constants after them, so they are zero where the
+    readers see them."""
+
+    def zero(node: ir.Node, index: int, axis: int, width: int) -> None:
+        array = constant_array(node.inputs[index])
+        if array is None:
+            return
+        array = np.array(array, copy=True)
+        idx = (units[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+        moved = np.moveaxis(array, axis, 0)
+        moved[idx] = 0
+        _set_weight(rewriter, node, index, array, link=True)
+
+    for node in grp.producers:
+        zero(node, 1, g.producer_weight_axis(node), grp.head_size)
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            bias = constant_array(node.inputs[2])
+            if bias is not None and bias.ndim >= 1 and bias.shape[-1] == grp.units * grp.head_size:
+                zero(node, 2, -1, grp.head_size)
+    for node in grp.through:
+        track = grp.track(node.outputs[0])
+        if track is None:
+            continue
+        span = grp.units * track.width
+        if node.op_type == "Conv":
+            zero(node, 1, 0, 1)
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                zero(node, 2, 0, 1)
+        elif node.op_type == "BatchNormalization":
+            zero(node, 1, 0, 1)
+            zero(node, 2, 0, 1)
+        elif node.op_type in ("Add", "Sub"):
+            for index, value in enumerate(node.inputs):
+                array = constant_array(value) if grp.track(value) is None else None
+                if array is not None and array.ndim >= -track.axis and array.shape[track.axis] == span:
+                    zero(node, index, track.axis, track.width)
+
+
+def _reader_output(node: ir.Node) -> tuple[ir.Value, tuple[ir.Node, int] | None]:
+    """A reader's output with its bias added (the Add after a MatMul, if any) and where the bias is."""
+    bias = _bias_of(node)
+    out = bias[0].outputs[0] if bias is not None and bias[0] is not node else node.outputs[0]
+    return out, bias
+
+
+def _dense_targets(model: ir.Model, chosen: list[g.Group], feeds, masks) -> dict[str, np.ndarray]:
+    """Output rows of every reader of ``chosen`` in the model as it is now (dense), by output name."""
+    from ncc.passes.quant.fallback import run
+
+    readers = [node for grp in chosen for node in grp.consumers]
+    names = list(dict.fromkeys(_reader_output(node)[0].name for node in readers))
+    results = run(model, feeds, names)
+    conv = {_reader_output(n)[0].name for n in readers if n.op_type == "Conv"}
+    out = {}
+    for name in names:
+        if name in conv:
+            out[name] = np.concatenate([sc.rows(a, 1, None) for a in results[name]]).astype(np.float32)
+        else:
+            out[name] = np.concatenate([sc.rows(a, -1, m) for a, m in zip(results[name], masks)]).astype(
+                np.float32
+            )
+    return out
+
+
+def _refit(rewriter, grp, inputs, targets, removed) -> int:
+    """Solve each reader's weight (and bias, where it has one) so that, on the pruned model's inputs
+    (``inputs``, gathered before this group was zeroed: zeroing changes only the removed columns), it
+    gives the dense model's output. Returns how many readers were refitted."""
+    keep_units = np.setdiff1d(np.arange(grp.units), np.array(removed))
+    count = 0
+    for node in grp.consumers:
+        y = targets.get(_reader_output(node)[0].name)
+        if id(node) not in inputs or y is None:
+            continue
+        width = grp.track(node.inputs[0]).width
+        keep = (keep_units[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+        count += refit_reader(rewriter, node, inputs[id(node)], y, keep)
+    return count
+
+
+def refit_reader(rewriter: Rewriter, node: ir.Node, x: np.ndarray, y: np.ndarray, keep: np.ndarray) -> int:
+    """Refit one reader on input rows ``x`` (its columns ``keep`` only; the others get zero weight) to
+    output rows ``y``; 1 if done, 0 if the rows do not match."""
+    _, bias = _reader_output(node)
+    if y.shape[0] != x.shape[0]:
+        return 0
+    w_new, b_new = sc.refit(x[:, keep], y.astype(np.float64), intercept=bias is not None)
+    weight = constant_array(node.inputs[1])
+    axis = g.consumer_weight_axis(node)
+    full = np.zeros((weight.shape[axis], y.shape[1]))
+    full[keep] = w_new
+    moved_shape = (weight.shape[axis], *[d for i, d in enumerate(weight.shape) if i != axis])
+    array = np.moveaxis(full.reshape(moved_shape), 0, axis).astype(weight.dtype)
+    _set_weight(rewriter, node, 1, array, link=True)
+    if bias is not None:
+        bias_node, index = bias
+        old = constant_array(bias_node.inputs[index])
+        _set_weight(rewriter, bias_node, index, b_new.reshape(old.shape).astype(old.dtype), link=True)
+    return 1
+
+
+def _bias_of(node: ir.Node) -> tuple[ir.Node, int] | None:
+    """Where a reader's bias lives: (node, input index) — its own input 2 (Conv, Gemm) or a following
+    Add of a constant (MatMul)."""
+    if node.op_type in ("Conv", "Gemm"):
+        if len(node.inputs) > 2 and node.inputs[2] is not None and constant_array(node.inputs[2]) is not None:
+            return node, 2
+        return None
+    shape = node.inputs[1].shape
+    found = bias_add(node.outputs[0], shape[1] if shape is not None else None)
+    if found is None:
+        return None
+    add, value = found
+    return add, list(add.inputs).index(value)
