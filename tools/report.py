@@ -96,17 +96,24 @@ def _macs(model: ir.Model, feeds) -> int:
     layers = [
         n for n in model.graph if n.op_type in ("MatMul", "Gemm", "Conv") and n.domain in ("", "ai.onnx")
     ]
-    outs = fallback.run(model, feeds, [n.outputs[0].name for n in layers])
+    names = [n.outputs[0].name for n in layers] + [n.inputs[0].name for n in layers]
+    outs = fallback.run(model, feeds, list(dict.fromkeys(names)))
     total = 0
     for node in layers:
         size = outs[node.outputs[0].name][0].size
-        w = node.inputs[1].shape
-        if node.op_type == "Conv" and w is not None:
+        if node.op_type == "Conv":
+            w = node.inputs[1].shape
             total += size * int(np.prod([int(d) for d in list(w)[1:]]))
-        else:
-            a = node.inputs[0].shape
-            k = a[-1] if a is not None and isinstance(a[-1], int) else (w[0] if w is not None else 0)
-            total += size * int(k)
+            continue
+        a = outs.get(node.inputs[0].name)
+        trans_a = (
+            node.op_type == "Gemm"
+            and node.attributes.get("transA") is not None
+            and node.attributes["transA"].value
+        )
+        if a is None or a[0].ndim < 1:
+            continue
+        total += size * int(a[0].shape[-2] if trans_a else a[0].shape[-1])
     return total
 
 

@@ -71,6 +71,12 @@ class Prune(Pass):
     refit: bool = option(
         True, "structured patterns: refit the reading layers by least squares (needs --calib)"
     )
+    multiple: int = option(
+        16,
+        "structured patterns: units kept per group (of at least 4x this) rounded to a multiple of this "
+        "(onnxruntime's blocked conv kernels take channel counts in multiples of 8/16; others run slower)",
+        min=1,
+    )
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         if self.criterion == "snip-momentum":
@@ -182,7 +188,7 @@ class Prune(Pass):
                 continue
             if not all(self._wanted(p.name or "") for p in grp.producers):
                 continue
-            count = min(int(round(self.sparsity * grp.units)), grp.units - 1)
+            count = _removed_count(grp.units, self.sparsity, self.multiple)
             if count <= 0:
                 continue
             inputs = _gather(model, grp, feeds, masks) if feeds is not None else None
@@ -199,7 +205,9 @@ class Prune(Pass):
                     f"prune: {grp.name()}: {int((~left[remove]).sum())} chosen units stay nonzero at their readers"
                 )
             for p in grp.producers:
-                p.metadata_props[SPARSITY_KEY] = f"pattern={self.pattern} removed={count}/{grp.units}"
+                p.metadata_props[SPARSITY_KEY] = (
+                    f"pattern={self.pattern} removed={count}/{grp.units} units={','.join(map(str, sorted(remove)))}"
+                )
             removed_total += count
         notes.insert(
             0,
@@ -210,6 +218,15 @@ class Prune(Pass):
             stats={"groups pruned": len(chosen), "units zeroed": removed_total, "readers refitted": refits},
             notes=notes,
         )
+
+
+def _removed_count(units: int, sparsity: float, multiple: int) -> int:
+    """How many of ``units`` to remove: ``sparsity`` of them, the rest rounded to the nearest multiple of
+    ``multiple`` when the group holds at least four of them, and at least one unit kept."""
+    keep = units - int(round(sparsity * units))
+    if multiple > 1 and units >= 4 * multiple and units % multiple == 0:
+        keep = max(multiple, int(round(keep / multiple)) * multiple)
+    return min(max(units - keep, 0), units - 1)
 
 
 def _weight_out_axis(node: ir.Node) -> int | None:
@@ -270,7 +287,10 @@ def _gather(model: ir.Model, grp: g.Group, feeds, masks) -> dict[int, np.ndarray
     only among convs; others absent)."""
     from ncc.passes.quant.fallback import run
 
-    names = list(dict.fromkeys(c.inputs[0].name for c in grp.consumers))
+    skips = {id(c): skip for c in grp.consumers if (skip := _skip(c)) is not None}
+    names = list(
+        dict.fromkeys([c.inputs[0].name for c in grp.consumers] + [v.name for _, v in skips.values()])
+    )
     results = run(model, feeds, names)
     out = {}
     for node in grp.consumers:
@@ -282,7 +302,33 @@ def _gather(model: ir.Model, grp: g.Group, feeds, masks) -> dict[int, np.ndarray
         else:
             parts = [sc.rows(a, -1, m) for a, m in zip(arrays, masks)]
         out[id(node)] = np.concatenate(parts)
+        if id(node) in skips:
+            out[("skip", id(node))] = _output_rows(node, results[skips[id(node)][1].name], masks)
     return out
+
+
+def _output_rows(node: ir.Node, arrays: list[np.ndarray], masks) -> np.ndarray:
+    """A reader's output-side arrays as rows (its output channels last)."""
+    if node.op_type == "Conv":
+        return np.concatenate([sc.rows(a, 1, None) for a in arrays])
+    return np.concatenate([sc.rows(a, -1, m) for a, m in zip(arrays, masks)])
+
+
+def _skip(node: ir.Node) -> tuple[ir.Node, ir.Value] | None:
+    """``(add, other)`` when the reader's output (bias included) is only added to another computed tensor of
+    its shape (a residual connection): the refit then matches the sum, absorbing the drift of the skip
+    path from the layers pruned before."""
+    out, _ = _reader_output(node)
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    other = add.inputs[1 - uses[0].idx]
+    if is_constant(other) or other.shape is None or out.shape is None or list(other.shape) != list(out.shape):
+        return None
+    return add, other
 
 
 def _reader_weight(node: ir.Node) -> np.ndarray:
@@ -363,22 +409,21 @@ def _reader_output(node: ir.Node) -> tuple[ir.Value, tuple[ir.Node, int] | None]
 
 
 def _dense_targets(model: ir.Model, chosen: list[g.Group], feeds, masks) -> dict[str, np.ndarray]:
-    """Output rows of every reader of ``chosen`` in the model as it is now (dense), by output name."""
+    """Per reader of ``chosen`` (by its output's name), the rows it should produce, from the model as it
+    is now (dense): its output, or the residual sum it is added into (see :func:`_skip`)."""
     from ncc.passes.quant.fallback import run
 
     readers = [node for grp in chosen for node in grp.consumers]
-    names = list(dict.fromkeys(_reader_output(node)[0].name for node in readers))
+    wanted = {}
+    for node in readers:  # the reader's output, or the residual sum it feeds
+        skip = _skip(node)
+        wanted[_reader_output(node)[0].name] = (node, skip[0].outputs[0].name if skip else None)
+    names = list(dict.fromkeys(sum_ or name for name, (_, sum_) in wanted.items()))
     results = run(model, feeds, names)
-    conv = {_reader_output(n)[0].name for n in readers if n.op_type == "Conv"}
-    out = {}
-    for name in names:
-        if name in conv:
-            out[name] = np.concatenate([sc.rows(a, 1, None) for a in results[name]]).astype(np.float32)
-        else:
-            out[name] = np.concatenate([sc.rows(a, -1, m) for a, m in zip(results[name], masks)]).astype(
-                np.float32
-            )
-    return out
+    return {
+        name: _output_rows(node, results[sum_ or name], masks).astype(np.float32)
+        for name, (node, sum_) in wanted.items()
+    }
 
 
 def _refit(rewriter, grp, inputs, targets, removed) -> int:
@@ -393,6 +438,11 @@ def _refit(rewriter, grp, inputs, targets, removed) -> int:
             continue
         width = grp.track(node.inputs[0]).width
         keep = (keep_units[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+        skip = inputs.get(("skip", id(node)))
+        if skip is not None:
+            if skip.shape != y.shape:
+                continue
+            y = y - skip
         count += refit_reader(rewriter, node, inputs[id(node)], y, keep)
     return count
 

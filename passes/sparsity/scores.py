@@ -20,11 +20,21 @@ from ncc.metrics import position_mask
 RIDGE = 1e-3
 
 
+#: rows taken from each sample of a feature map (evenly spaced pixels): neighbouring pixels say little
+#: new, and more images with fewer pixels each fit a better refit in the same memory
+PIXELS_PER_SAMPLE = 256
+
+
 def rows(array: np.ndarray, axis: int, mask: np.ndarray | None) -> np.ndarray:
-    """``array`` as rows of features along ``axis`` (negative), in float64, padded positions dropped."""
+    """``array`` as rows of features along ``axis`` (negative), in float64, padded positions dropped; for a
+    feature map (``axis`` not last), at most :data:`PIXELS_PER_SAMPLE` evenly spaced pixels per sample."""
     array = np.asarray(array)
     keep = position_mask(array, mask)
     moved = np.moveaxis(array, axis, -1)
+    if axis != -1 and array.ndim > 2:
+        per_sample = moved.reshape(moved.shape[0], -1, moved.shape[-1])
+        step = -(-per_sample.shape[1] // PIXELS_PER_SAMPLE)
+        return per_sample[:, ::step].reshape(-1, moved.shape[-1]).astype(np.float64)
     if keep is not None and axis != -1 and array.ndim > 2:
         keep = None  # masks apply to [batch, seq, ...] layouts whose features are last
     flat = moved.reshape(-1, moved.shape[-1]).astype(np.float64)

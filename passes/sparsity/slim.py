@@ -102,6 +102,9 @@ class _Refit:
             inputs = prune._gather(model, grp, self.feeds, self.masks)
             for node in grp.consumers:
                 y = targets.get(prune._reader_output(node)[0].name)
+                skip = inputs.get(("skip", id(node)))
+                if skip is not None and y is not None:
+                    y = y - skip if skip.shape == y.shape else None
                 if id(node) in inputs and y is not None:
                     x = inputs[id(node)]
                     count += prune.refit_reader(rewriter, node, x, y, np.arange(x.shape[1]))

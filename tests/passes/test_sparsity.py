@@ -112,6 +112,51 @@ def cnn(tmp_path: Path, *, dead: tuple[int, ...] = ()) -> Path:
     return _save(tmp_path, nodes, inits, [x], [y])
 
 
+def attention(tmp_path: Path, *, dead_heads: tuple[int, ...] = ()) -> Path:
+    """One self-attention block, 4 heads of 8 over a width of 32, as exporters write it: Q/K/V MatMul + bias,
+    Reshape to [B, S, 4, 8] (an explicit head count), Transpose, scores, Softmax, context, Reshape back
+    to [B, S, 32] and the output projection; ``dead_heads`` have zero Q, K and V columns and biases."""
+    rng = np.random.default_rng(4)
+    d, heads, size = 32, 4, 8
+    inits = {f"w{k}": rng.normal(size=(d, d)).astype(np.float32) / 4 for k in "qkvo"}
+    inits.update({f"b{k}": rng.normal(size=d).astype(np.float32) for k in "qkvo"})
+    for h in dead_heads:
+        for k in "qkv":
+            inits[f"w{k}"][:, h * size : (h + 1) * size] = 0
+            inits[f"b{k}"][h * size : (h + 1) * size] = 0
+    inits["split"] = np.array([0, 0, heads, size], np.int64)
+    inits["merge"] = np.array([0, 0, d], np.int64)
+    inits["scale"] = np.array(size**-0.5, np.float32)
+    nodes = []
+    for k in "qkv":
+        nodes += [
+            helper.make_node("MatMul", ["x", f"w{k}"], [f"{k}0"], name=f"{k}_proj"),
+            helper.make_node("Add", [f"{k}0", f"b{k}"], [f"{k}1"], name=f"{k}_bias"),
+            helper.make_node("Reshape", [f"{k}1", "split"], [f"{k}2"], name=f"{k}_split"),
+        ]
+    nodes += [
+        helper.make_node("Transpose", ["q2"], ["q3"], perm=[0, 2, 1, 3], name="q_t"),
+        helper.make_node("Transpose", ["k2"], ["k3"], perm=[0, 2, 3, 1], name="k_t"),
+        helper.make_node("Transpose", ["v2"], ["v3"], perm=[0, 2, 1, 3], name="v_t"),
+        helper.make_node("MatMul", ["q3", "k3"], ["s0"], name="scores"),
+        helper.make_node("Mul", ["s0", "scale"], ["s1"], name="scaled"),
+        helper.make_node("Softmax", ["s1"], ["p"], axis=-1, name="softmax"),
+        helper.make_node("MatMul", ["p", "v3"], ["c0"], name="context"),
+        helper.make_node("Transpose", ["c0"], ["c1"], perm=[0, 2, 1, 3], name="c_t"),
+        helper.make_node("Reshape", ["c1", "merge"], ["c2"], name="merge_heads"),
+        helper.make_node("MatMul", ["c2", "wo"], ["o0"], name="out_proj"),
+        helper.make_node("Add", ["o0", "bo"], ["o1"], name="out_bias"),
+        helper.make_node("Add", ["o1", "x"], ["y"], name="residual"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6, d])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6, d])
+    return _save(tmp_path, nodes, inits, [x], [y], name="attn.onnx")
+
+
+def attention_inputs(n: int = 4, seed: int = 6) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).normal(size=(n, 6, 32)).astype(np.float32)}
+
+
 def tokens(n: int = 5) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(2).normal(size=(n, 4, 8)).astype(np.float32)}
 
@@ -214,6 +259,53 @@ def test_slim_names_what_blocks_it(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "kept 1 zero units of fc2" in proc.stderr and "LayerNormalization ln" in proc.stderr
     assert weights(tmp_path / "s.onnx")["w2"].shape == w2.shape
+
+
+def test_slim_removes_zero_heads_and_rewrites_the_head_count(tmp_path):
+    src = attention(tmp_path, dead_heads=(1, 3))
+    out = tmp_path / "s.onnx"
+    proc = ncc("compile", src, "--passes", "slim,dce", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "head group q_proj: 4 -> 2 units" in proc.stderr
+    w = weights(out)
+    assert w["wq"].shape == (32, 16) and w["wv"].shape == (32, 16) and w["wo"].shape == (16, 32)
+    split = [a for k, a in w.items() if a.dtype == np.int64 and a.size == 4]
+    assert split and all(list(a) == [0, 0, 2, 8] for a in split)  # the explicit head count follows
+    merge = [a for k, a in w.items() if a.dtype == np.int64 and a.size == 3]
+    assert merge and all(list(a) == [0, 0, 16] for a in merge)
+    np.testing.assert_allclose(
+        run(out, attention_inputs()), run(src, attention_inputs()), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_head_pruning_refits_the_output_projection(tmp_path):
+    src = attention(tmp_path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **attention_inputs(64, seed=7))
+    out, plain = tmp_path / "h.onnx", tmp_path / "n.onnx"
+    flags = ("--pattern", "head", "--sparsity", "0.25", "--calib", calib)
+    proc = ncc("compile", src, "--pass", "sparse", *flags, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert weights(out)["wo"].shape == (24, 32)
+    assert "parameters:" in proc.stderr and "multiply-adds per sample" in proc.stderr
+    spec = "prune{pattern=head sparsity=0.25 refit=false},slim,dce"
+    assert ncc("compile", src, "--passes", spec, "--calib", calib, "-o", plain).returncode == 0
+    test = attention_inputs(16, seed=8)
+    ref = run(src, test)
+    err = [np.linalg.norm(run(p, test) - ref) / np.linalg.norm(ref) for p in (out, plain)]
+    assert err[0] < err[1], err
+
+
+def test_kept_channels_round_to_a_multiple(tmp_path):
+    src = ffn(tmp_path, hidden=64)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(5).normal(size=(32, 4, 8)).astype(np.float32))
+    for multiple, kept in ((16, 48), (1, 45)):  # 30% of 64 is 19.2: 45 kept, or 48 as a multiple of 16
+        out = tmp_path / f"m{multiple}.onnx"
+        spec = f"prune{{pattern=neuron sparsity=0.3 multiple={multiple}}},slim,dce"
+        proc = ncc("compile", src, "--passes", spec, "--calib", calib, "-o", out)
+        assert proc.returncode == 0, proc.stderr
+        assert weights(out)["w1"].shape == (8, kept)
 
 
 # -- structured pruning ----------------------------------------------------------------------------
