@@ -91,17 +91,19 @@ def distill(student, teacher, train: dict, minutes: float, batch: int = 32, seq:
     from ncc.torch import train as nt
 
     torch.manual_seed(0)
+    torch.set_flush_denormal(True)  # tiny gradients as subnormal floats slow every op on x86
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     data = {k: torch.from_numpy(v[:, :seq]) for k, v in train.items()}
     n = data["input_ids"].shape[0]
     order = np.random.default_rng(0).permutation(n)
     start, step, losses = time.monotonic(), 0, []
+    usable = n - n % batch  # whole batches per epoch, reshuffled every epoch
     while time.monotonic() - start < minutes * 60:
-        idx = order[(step * batch) % n : (step * batch) % n + batch]
-        if len(idx) < batch:
+        at = (step * batch) % usable
+        if at == 0 and step > 0:
             order = np.random.default_rng(step).permutation(n)
-            continue
+        idx = order[at : at + batch]
         args = [data[k][idx] for k in ("input_ids", "attention_mask", "token_type_ids")]
         with torch.no_grad():
             want = teacher(*args)
@@ -115,6 +117,11 @@ def distill(student, teacher, train: dict, minutes: float, batch: int = 32, seq:
         optimizer.step()
         losses.append(float(loss.detach()))
         step += 1
+        if step % 100 == 0:
+            print(
+                f"step {step}: loss {np.mean(losses[-100:]):.4f}, {time.monotonic() - start:.0f} s",
+                flush=True,
+            )
     student.eval()
     return step, float(np.mean(losses[-20:])) if losses else float("nan")
 

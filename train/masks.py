@@ -295,10 +295,17 @@ class Pruner:
             for module in self.layers.values():
                 weight, mask = self.original(module), self.mask(module)
                 weight.mul_(mask)
+                tensors = [(weight, mask)]
+                if self.prune.pattern == "channel" and module.bias is not None:
+                    # a removed channel is dead only with its bias: slim removes what is exactly zero
+                    alive = (mask.reshape(mask.shape[0], -1).sum(dim=1) > 0).to(module.bias.dtype)
+                    module.bias.mul_(alive)
+                    tensors.append((module.bias, alive))
                 if optimizer is not None:
-                    for value in optimizer.state.get(weight, {}).values():
-                        if isinstance(value, torch.Tensor) and value.shape == weight.shape:
-                            value.mul_(mask)
+                    for tensor, keep in tensors:
+                        for value in optimizer.state.get(tensor, {}).values():
+                            if isinstance(value, torch.Tensor) and value.shape == tensor.shape:
+                                value.mul_(keep)
 
     def report(self) -> dict[str, dict[str, Any]]:
         rows = {}

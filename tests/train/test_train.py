@@ -90,6 +90,39 @@ def test_channel_masks_prune_whole_output_channels():
         assert int((rows == 0).sum()) == round(0.5 * mask.shape[0]), name
 
 
+def test_channel_masks_zero_biases_and_slim_removes_the_channels(tmp_path):
+    model, x = cnn()
+    plan = train.Plan(prune=train.Prune("channel", 0.5, schedule="oneshot", exclude=("fc2",)))
+    prepared = train.prepare(model, (x,), plan)
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):  # gradients would revive the biases of dead channels without step()
+        optimizer.zero_grad()
+        prepared(x).square().sum().backward()
+        optimizer.step()
+        prepared.step(optimizer)
+    path = tmp_path / "channels.onnx"
+    train.finalize(prepared, (x,), path)
+    slim = tmp_path / "slim.onnx"
+    proc = ncc("compile", path, "--passes", "slim,dce", "-o", slim)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("slim: channel group") + proc.stderr.count("slim: neuron group") == 3, (
+        proc.stderr
+    )
+    sizes = sorted(numpy_size(slim).values())
+    assert sum(sizes) < 0.5 * sum(numpy_size(path).values())
+    with torch.no_grad():
+        want = prepared(x).numpy()
+    sess = ort.InferenceSession(str(slim), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def numpy_size(path) -> dict[str, int]:
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t).size for t in onnx.load(path).graph.initializer}
+
+
 @pytest.mark.parametrize("pattern,n,m", [("2:4", 2, 4), ("1:2", 1, 2)])
 def test_n_m_masks_are_exact_at_the_end_of_the_schedule(pattern, n, m):
     model, x = cnn()
