@@ -192,6 +192,17 @@ class Prune(Pass):
             if count <= 0:
                 continue
             inputs = _gather(model, grp, feeds, masks) if feeds is not None else None
+            short = [
+                (node, x.shape)
+                for node in grp.consumers
+                if (x := (inputs or {}).get(id(node))) is not None and x.shape[0] < x.shape[1]
+            ]
+            if short and self.refit:
+                node, (rows, width) = short[0]
+                notes.append(
+                    f"prune: warning: the refit of {node.name or node.op_type} has {rows} calibration rows for "
+                    f"{width} inputs; give more samples (--calib-samples) for a refit that generalizes"
+                )
             if self.criterion == "activation":
                 remove = _obs_choice(grp, inputs, count)
             else:
