@@ -19,7 +19,6 @@ import re
 
 import numpy as np
 
-ELEMENT_PATTERNS = ("unstructured", "RxC (4x1, 2x1, ...)", "N:M (2:4, 1:2)")
 STRUCTURED = ("channel", "neuron", "head")
 
 _BLOCK = re.compile(r"^([1-9][0-9]*)x([1-9][0-9]*)$")

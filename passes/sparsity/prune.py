@@ -182,12 +182,7 @@ class Prune(Pass):
         rewriter = Rewriter(model, model.graph)
         removed_total = 0
         refits = 0
-        for grp in g.find_groups(model):
-            # the groups again, on the model as pruned so far (the same nodes, in graph order)
-            if grp.kind != self.pattern or grp.problem is not None or not grp.consumers:
-                continue
-            if not all(self._wanted(p.name or "") for p in grp.producers):
-                continue
+        for grp in chosen:  # graph order; zeroing and refits change constants, not the groups' structure
             count = _removed_count(grp.units, self.sparsity, self.multiple)
             if count <= 0:
                 continue

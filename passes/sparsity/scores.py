@@ -58,12 +58,9 @@ def conv_rows(x: np.ndarray, node: ir.Node) -> np.ndarray | None:
     return rows(x, 1, None)
 
 
-def gram(blocks: list[np.ndarray]) -> np.ndarray:
-    h = None
-    for b in blocks:
-        part = b.T @ b
-        h = part if h is None else h + part
-    return h
+def ridged(h: np.ndarray) -> np.ndarray:
+    """``h`` plus :data:`RIDGE` times its mean diagonal on the diagonal (a copy)."""
+    return h + np.eye(h.shape[0]) * RIDGE * max(float(np.mean(np.diag(h))), 1e-12)
 
 
 def obs_order(h: np.ndarray, w: np.ndarray, width: int, count: int) -> tuple[list[int], np.ndarray]:
@@ -71,7 +68,7 @@ def obs_order(h: np.ndarray, w: np.ndarray, width: int, count: int) -> tuple[lis
     least, and the normalized cost of each unit at the time it was removed (see the module docstring)."""
     d = h.shape[0]
     units = d // width
-    h = h + np.eye(d) * RIDGE * max(float(np.mean(np.diag(h))), 1e-12)
+    h = ridged(h)
     hinv = np.linalg.inv(h)
     w = w.astype(np.float64).copy()
     energy = max(float(np.sum(w * (h @ w))), 1e-30)
@@ -119,8 +116,7 @@ def combined_order(
         return obs_order(parts[0][0], parts[0][1], width, count)[0]
     total = np.zeros(units)
     for h, w in parts:
-        d = h.shape[0]
-        hh = h + np.eye(d) * RIDGE * max(float(np.mean(np.diag(h))), 1e-12)
+        hh = ridged(h)
         energy = max(float(np.sum(w * (hh @ w))), 1e-30)
         total += _costs(np.linalg.inv(hh), w.astype(np.float64), width, np.ones(units, dtype=bool)) / energy
     return [int(u) for u in np.argsort(total, kind="stable")[:count]]
@@ -131,6 +127,6 @@ def refit(x: np.ndarray, y: np.ndarray, intercept: bool) -> tuple[np.ndarray, np
     if intercept:
         x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
     h = x.T @ x
-    h += np.eye(h.shape[0]) * RIDGE * max(float(np.mean(np.diag(h))), 1e-12)
+    h = ridged(h)
     sol = np.linalg.solve(h, x.T @ y)
     return (sol[:-1], sol[-1]) if intercept else (sol, None)
