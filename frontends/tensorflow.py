@@ -95,10 +95,10 @@ def lower_tf(
             f"{path}: --inputs/--outputs apply to a frozen GraphDef (.pb); a {_KIND[fmt]} names its own."
         )
     if path.is_file():
-        _precheck(path, fmt)
+        precheck(path, fmt)
     layers: list[str] = []  # a Keras model's layer names, to name the layer holding an op
     names: dict[str, str] = {}  # tensor name -> the name the user's model gives it (TFLite signatures)
-    with _quiet() as errors:
+    with quiet() as errors:
         try:
             import tensorflow  # noqa: F401
             import tf2onnx
@@ -137,7 +137,7 @@ _KIND = {
 }
 
 
-def _precheck(path: Path, fmt: str) -> None:
+def precheck(path: Path, fmt: str) -> None:
     """What can be told without TensorFlow (which takes seconds to import): unreadable, empty, or not the
     container its suffix says."""
     if not os.access(path, os.R_OK):
@@ -342,7 +342,7 @@ class _Collect(logging.Handler):
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """TensorFlow's, Keras's and tf2onnx's log lines are not the user's business: silenced while they work
     (yields the list tf2onnx's errors are collected in, to name an op it could not convert)."""
     errors: list[str] = []
@@ -355,7 +355,7 @@ def _quiet():
         lg.propagate = False
     loggers[0].addHandler(_Collect(errors))
     try:
-        with warnings.catch_warnings(), _native_stderr_captured():
+        with warnings.catch_warnings(), native_stderr_captured():
             warnings.simplefilter("ignore")
             yield errors
     finally:
@@ -369,7 +369,7 @@ def _quiet():
 
 
 @contextlib.contextmanager
-def _native_stderr_captured():
+def native_stderr_captured():
     """File descriptor 2 into a temporary file: TensorFlow's C++ start-up notices (oneDNN, absl, the TFLite
     delegate) print there whatever ``TF_CPP_MIN_LOG_LEVEL`` says. Replayed when something other than an
     NccError escapes, so a bug keeps its context."""

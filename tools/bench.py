@@ -21,8 +21,17 @@ block medians in the same round, so machine drift between rounds cancels. Its
 quartiles are in the JSON (``throughput.speedup_q25``, ``speedup_q75``). Sizes count
 the model file and every external-data file it references.
 
+TensorFlow artefacts: either model can be a SavedModel folder, run in TensorFlow, or a ``.tflite``
+file, run in LiteRT (:mod:`ncc.tools.runtimes`: the same threads, timed in the same blocks), in any
+combination with ONNX (FP32 SavedModel vs INT8 ``.tflite`` is one command). Their inputs and outputs
+come from the signature or the interpreter; the quantized model's are paired with the float model's
+by name, else in order when the counts match, and the shapes must agree (a SavedModel's ``output_0`` is
+its ONNX's ``logits``); data is keyed by the float model's input names. Such a pair also prints one row
+per model with its runtime and precision (``result["runtimes"]``), measured against the FP32 model.
+
 numpy, onnx and onnxruntime are imported inside the functions so ``ncc --help``
-stays fast. :func:`benchmark` is the Python entry point for benchmark scripts.
+stays fast; TensorFlow and LiteRT only when a model is a TensorFlow artefact. :func:`benchmark` is
+the Python entry point for benchmark scripts.
 """
 
 from __future__ import annotations
@@ -58,7 +67,11 @@ TABLE_HEADER = (
 
 
 class _ModelInfo:
-    """What bench needs to know about one model file: its inputs, outputs and size on disk."""
+    """What bench needs to know about one model file: its inputs, outputs and size on disk, and the
+    runtime it runs in (an ONNX file in onnxruntime: ``runner`` is None, bench opens its sessions)."""
+
+    runtime = "onnxruntime"
+    runner = None
 
     def __init__(self, path: Path, role: str):
         import onnx
@@ -83,11 +96,76 @@ class _ModelInfo:
             if value.name in initializers:
                 self.optional_inputs.add(value.name)
         self.outputs = [value.name for value in proto.graph.output]
+        self.output_dims = {value.name: _output_dims(value) for value in proto.graph.output}
         self.size_bytes, self.files = _model_size(path, proto)
 
     @property
     def required_inputs(self) -> list[str]:
         return [name for name in self.inputs if name not in self.optional_inputs]
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+
+
+class _TfModelInfo(_ModelInfo):
+    """A SavedModel folder or a ``.tflite`` file: its runner (:func:`ncc.tools.runtimes.open_tf_runner`,
+    opened here) says what it takes and gives; its size is every file it is made of."""
+
+    def __init__(self, path: Path, fmt: str, threads: int, signature: str | None):
+        from ncc.tools.runtimes import open_tf_runner
+
+        self.path = path
+        self.runner = open_tf_runner(fmt, path, threads, signature=signature)
+        self.runtime = self.runner.runtime
+        self.inputs = dict(self.runner.input_types)
+        self.optional_inputs: set[str] = set()
+        self.outputs = list(self.runner.names)
+        self.output_dims = dict(self.runner.output_dims)
+        self.files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        self.size_bytes = sum(f.stat().st_size for f in self.files)
+
+
+#: Files ncc bench cannot time as they are, and what to make of them first.
+_NOT_TIMED = {
+    ".keras": "a Keras file",
+    ".h5": "a Keras HDF5 file",
+    ".hdf5": "a Keras HDF5 file",
+    ".pb": "a frozen GraphDef",
+}
+
+
+def _artefact(path: Path, role: str) -> tuple[Path, str]:
+    """``path`` (a ``saved_model.pb`` stands for its folder) and its format: ``onnx``, ``saved_model`` or
+    ``tflite``, judged by name, before anything is read."""
+    if path.name == "saved_model.pb" and path.is_file():
+        path = path.parent
+    if not path.exists():
+        raise NccError(f"{role} model {path}: no such file.")
+    if path.is_dir():
+        if (path / "saved_model.pb").is_file():
+            return path, "saved_model"
+        raise NccError(
+            f"{role} model {path} is a folder without saved_model.pb, neither an ONNX file nor a SavedModel."
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".tflite":
+        return path, "tflite"
+    if suffix in _NOT_TIMED:
+        raise NccError(
+            f"{role} model {path} is {_NOT_TIMED[suffix]}, which ncc bench does not run: give its ONNX "
+            "(ncc compile), its SavedModel (Keras: model.export(DIR)) or its .tflite."
+        )
+    return path, "onnx"
+
+
+def _output_dims(value) -> list:
+    tensor_type = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
+        return []
+    return [
+        int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
+    ]
 
 
 def _value_type(value, path: Path):
@@ -123,22 +201,64 @@ def _model_size(path: Path, proto) -> tuple[int, list[Path]]:
     return sum(f.stat().st_size for f in files), files
 
 
-def _check_same_interface(fp: _ModelInfo, q: _ModelInfo) -> None:
-    if set(fp.required_inputs) != set(q.required_inputs):
+_PAIRING = "ncc bench pairs them by name, else in order, and their shapes must agree"
+
+
+def _pair_interfaces(fp: _ModelInfo, q: _ModelInfo) -> tuple[dict[str, str], dict[str, str]]:
+    """The quantized model's input for each of the float model's required inputs, and its output for each
+    float output: by name when both have the same names, else in order when the counts are equal (a
+    SavedModel's ``output_0`` and its ONNX's ``logits``); either way every pair's shapes must agree."""
+    fp_dims = {name: fp.inputs[name][1] for name in fp.required_inputs}
+    q_dims = {name: q.inputs[name][1] for name in q.required_inputs}
+    inputs = _pair(fp.required_inputs, q.required_inputs, fp_dims, q_dims)
+    if inputs is None:
         raise NccError(
-            f"the models have different inputs: {fp.path.name} takes {sorted(fp.required_inputs)}, "
-            f"{q.path.name} takes {sorted(q.required_inputs)}."
+            f"the models have different inputs: {fp.path.name} takes {_interface_text(fp_dims)}, "
+            f"{q.path.name} takes {_interface_text(q_dims)}; {_PAIRING}."
         )
-    for name in fp.required_inputs:
-        if fp.inputs[name][0] != q.inputs[name][0]:
+    for name, other in inputs.items():
+        if fp.inputs[name][0] != q.inputs[other][0]:
+            which = repr(name) if name == other else f"{name!r} ({other!r})"
             raise NccError(
-                f"the models disagree on input {name!r}: {fp.path.name} takes {fp.inputs[name][0]}, "
-                f"{q.path.name} takes {q.inputs[name][0]}."
+                f"the models disagree on input {which}: {fp.path.name} takes {fp.inputs[name][0]}, "
+                f"{q.path.name} takes {q.inputs[other][0]}."
             )
-    if fp.outputs != q.outputs:
+    outputs = _pair(fp.outputs, q.outputs, fp.output_dims, q.output_dims)
+    if outputs is None:
         raise NccError(
-            f"the models have different outputs: {fp.path.name} gives {fp.outputs}, {q.path.name} gives {q.outputs}."
+            f"the models have different outputs: {fp.path.name} gives {_interface_text(fp.output_dims)}, "
+            f"{q.path.name} gives {_interface_text(q.output_dims)}; {_PAIRING}."
         )
+    return inputs, outputs
+
+
+def _pair(names: list[str], others: list[str], dims: Mapping, other_dims: Mapping) -> dict[str, str] | None:
+    if set(names) == set(others):
+        pairs = {name: name for name in names}
+    elif len(names) == len(others):
+        pairs = dict(zip(names, others))
+    else:
+        return None
+    return pairs if all(_dims_agree(dims[a], other_dims[b]) for a, b in pairs.items()) else None
+
+
+def _dims_agree(a: list, b: list) -> bool:
+    """Same rank and the same size on every axis after the batch (axis 0) that both fix; an unknown shape
+    agrees with any (fixed batches are checked against each other and the data later)."""
+    if not a or not b:
+        return True
+    return len(a) == len(b) and all(
+        not (isinstance(x, int) and isinstance(y, int) and x != y) for x, y in zip(a[1:], b[1:])
+    )
+
+
+def _interface_text(dims: Mapping) -> str:
+    return "[" + ", ".join(f"{name} {_dims_text(d)}" for name, d in dims.items()) + "]"
+
+
+def _feed_for(feed: Mapping, info: _ModelInfo, inputs: Mapping[str, str]) -> dict:
+    """A feed keyed by the float model's input names, keyed as ``info``'s (``inputs``: float -> its names)."""
+    return {inputs.get(k, k): v for k, v in feed.items() if inputs.get(k, k) in info.inputs}
 
 
 def session_options(threads: int):
@@ -486,17 +606,23 @@ def benchmark(
     min_block_s: float = MIN_BLOCK_S,
     settle_s: float = SETTLE_S,
     runtimes: tuple[str, ...] = ("onnxruntime",),
+    signature: str | None = None,
 ) -> dict:
     """Compare a float model with its quantized counterpart: quality, throughput and size.
 
-    ``feeds_or_data`` is ``None`` (deterministic synthetic inputs), a dict of arrays keyed by input
-    name (samples on axis 0), an iterable of such dicts, or a data spec (a ``.npz`` path; folders and
-    ``module.py:function`` when ``ncc.passes.quant.calib_data`` is installed). ``batch`` defaults to
+    Each model is an ONNX file (run in onnxruntime), a SavedModel folder (in TensorFlow, its
+    ``signature``, default ``serving_default``) or a ``.tflite`` file (in LiteRT), in any combination;
+    the quantized model's inputs and outputs are paired with the float model's by name, else in order
+    (:func:`_pair_interfaces`). ``feeds_or_data`` is ``None`` (deterministic synthetic inputs), a dict of
+    arrays keyed by input name (samples on axis 0), an iterable of such dicts, or a data spec (a ``.npz``
+    path; folders and ``module.py:function`` when ``ncc.passes.quant.calib_data`` is installed), keyed by
+    the float model's input names (or the quantized model's). ``batch`` defaults to
     the model's static batch dim, else 1; ``threads`` to ``os.cpu_count()``. ``metric`` is
     ``"fidelity"`` or ``"accuracy:LABELS.npy"``. ``min_block_s`` and ``settle_s`` size the timing
     blocks (:func:`ncc.tools.timing.time_blocks`; 0 and 0 time exactly ``runs`` runs with no settling).
-    ``runtimes`` other than onnxruntime (:mod:`ncc.tools.runtimes`) add one row per runtime and model,
-    timed in the same blocks and measured against onnxruntime's FP32 outputs (``result["runtimes"]``).
+    ``runtimes`` other than onnxruntime (:mod:`ncc.tools.runtimes`) add one row per runtime and ONNX model,
+    timed in the same blocks and measured against the FP32 model's outputs (``result["runtimes"]``); a
+    TensorFlow artefact always has its row there.
     Returns a JSON-ready dict (see :func:`format_table`).
     Anything a user can get wrong raises :class:`NccError`.
     """
@@ -512,9 +638,63 @@ def benchmark(
         if value < least:
             raise NccError(f"--{option} must be at least {least}, got {value}.")
 
-    fp = _ModelInfo(Path(float_path), "float")
-    q = _ModelInfo(Path(quant_path), "quantized")
-    _check_same_interface(fp, q)
+    (fp_path, fp_fmt), (q_path, q_fmt) = (
+        _artefact(Path(float_path), "float"),
+        _artefact(Path(quant_path), "quantized"),
+    )
+    if signature is not None and "saved_model" not in (fp_fmt, q_fmt):
+        raise NccError(f"--signature {signature} applies to a SavedModel folder; neither model is one.")
+    if "onnx" not in (fp_fmt, q_fmt) and tuple(runtimes) != ("onnxruntime",):
+        other = next(r for r in runtimes if r != "onnxruntime")
+        raise NccError(f"--runtime {other} times ONNX artefacts; neither model is an ONNX file.")
+    infos: list[_ModelInfo] = []
+    try:
+        for path, fmt, role in ((fp_path, fp_fmt, "float"), (q_path, q_fmt, "quantized")):
+            infos.append(
+                _ModelInfo(path, role) if fmt == "onnx" else _TfModelInfo(path, fmt, threads, signature)
+            )
+        return _benchmark(
+            *infos,
+            feeds_or_data,
+            kind=kind,
+            labels_path=labels_path,
+            batch=batch,
+            threads=threads,
+            warmup=warmup,
+            runs=runs,
+            seq_len=seq_len,
+            dims=dims,
+            seed=seed,
+            synthetic_samples=synthetic_samples,
+            min_block_s=min_block_s,
+            settle_s=settle_s,
+            runtimes=runtimes,
+        )
+    finally:
+        for info in infos:
+            info.close()
+
+
+def _benchmark(
+    fp: _ModelInfo,
+    q: _ModelInfo,
+    feeds_or_data,
+    *,
+    kind: str,
+    labels_path: Path | None,
+    batch: int | None,
+    threads: int,
+    warmup: int,
+    runs: int,
+    seq_len: int,
+    dims: Mapping[str, int] | None,
+    seed: int,
+    synthetic_samples: int,
+    min_block_s: float,
+    settle_s: float,
+    runtimes: tuple[str, ...],
+) -> dict:
+    in_map, out_map = _pair_interfaces(fp, q)
 
     static_batches = {
         info.inputs[name][1][0]
@@ -545,7 +725,7 @@ def benchmark(
         else:
             what = "(given arrays)"
             arrays = _as_arrays(feeds_or_data, what)
-        feeds, n = _check_data(arrays, fp, what)
+        feeds, n = _check_data(_keyed_as_float(arrays, fp, q, in_map), fp, what)
         data_desc = what
 
     chunk, n_data = batch, n
@@ -564,9 +744,11 @@ def benchmark(
             )
         labels = labels[:n]
 
-    sess_fp, sess_q = _session(fp, threads), _session(q, threads)
-    out_fp = _run_all(sess_fp, feeds, n, chunk, synthetic)
-    out_q = _run_all(sess_q, feeds, n, chunk, synthetic)
+    q_feeds = _feed_for(feeds, q, in_map)
+    sess_fp = _session(fp, threads) if fp.runner is None else None
+    sess_q = _session(q, threads) if q.runner is None else None
+    out_fp = _outputs_of(fp, sess_fp, feeds, n, chunk, synthetic)
+    out_q = _as_float_outputs(_outputs_of(q, sess_q, q_feeds, n, chunk, synthetic), out_map)
 
     from ncc.metrics import MASK_INPUT
 
@@ -586,69 +768,88 @@ def benchmark(
         }
     quality["ratio"] = quality["int8"] / quality["fp32"] if quality["fp32"] else None
 
-    others = []  # (runtime, role, runner) beyond onnxruntime's pair
-    if tuple(runtimes) != ("onnxruntime",):
-        from ncc.tools.runtimes import open_runner
-
-        others = [
-            (runtime, role, open_runner(runtime, info.path, threads))
-            for runtime in runtimes
-            if runtime != "onnxruntime"
-            for role, info in (("fp32", fp), ("int8", q))
-        ]
-    feed = _tile_batch(feeds, n, batch)
-    try:
-        timing = time_blocks(
-            [sess_fp.ort, sess_q.ort, *(runner for _, _, runner in others)],
-            feed,
-            runs=runs,
-            rounds=min(runs, TIMING_ROUNDS),
-            warmup=warmup,
-            min_block_s=min_block_s,
-            settle_s=settle_s,
-        )
-    except Exception as err:
-        raise NccError(f"onnxruntime failed to run a batch of {batch}: {first_line(err)}") from None
-    perf_fp, perf_q = _latency_stats(timing, 0, batch), _latency_stats(timing, 1, batch)
-    speedup = timing.ratio(1, 0)
+    others = []  # (runtime, role, runner) beyond the models' own runtimes: ONNX files in OpenVINO
     rows = []
-    if others:
-        quality_of = {("onnxruntime", "fp32"): out_fp, ("onnxruntime", "int8"): out_q}
-        for runtime, role, runner in others:
-            quality_of[(runtime, role)] = _runner_outputs(runner, feeds, n, chunk, synthetic)
-        from ncc.tools.runtimes import OrtRunner
+    try:
+        if tuple(runtimes) != ("onnxruntime",):
+            from ncc.tools.runtimes import open_runner
 
-        entries = []
-        if "onnxruntime" in runtimes:
-            entries = [
-                ("onnxruntime", role, OrtRunner.precision_of(info.path), i)
-                for i, (role, info) in enumerate((("fp32", fp), ("int8", q)))
-            ]
-        entries += [(rt, role, runner.precision, 2 + i) for i, (rt, role, runner) in enumerate(others)]
-        for runtime, role, precision, index in entries:
-            got = quality_of[(runtime, role)]
-            ratio = timing.ratio(index, 0)
-            rows.append(
-                {
-                    "runtime": runtime,
-                    "model": str(fp.path if role == "fp32" else q.path),
-                    "role": role,
-                    "precision": precision,
-                    "fidelity": output_metrics(out_fp[first], got[first], mask),
-                    **_latency_stats(timing, index, batch),
-                    "speedup": ratio["median"],
-                    "speedup_q25": ratio["q25"],
-                    "speedup_q75": ratio["q75"],
-                }
+            for runtime in runtimes:
+                for role, info in (("fp32", fp), ("int8", q)):
+                    if runtime != "onnxruntime" and info.runner is None:
+                        others.append((runtime, role, open_runner(runtime, info.path, threads)))
+        feed = _tile_batch(feeds, n, batch)
+        q_feed = _feed_for(feed, q, in_map)
+        timed = [
+            sess_fp.ort if sess_fp is not None else fp.runner,
+            sess_q.ort if sess_q is not None else q.runner,
+            *(runner for _, _, runner in others),
+        ]
+        try:
+            timing = time_blocks(
+                timed,
+                [feed, q_feed, *(feed if role == "fp32" else q_feed for _, role, _ in others)],
+                runs=runs,
+                rounds=min(runs, TIMING_ROUNDS),
+                warmup=warmup,
+                min_block_s=min_block_s,
+                settle_s=settle_s,
             )
-    for _, _, runner in others:
-        runner.close()
-    del others
+        except NccError:
+            raise
+        except Exception as err:
+            where = " or ".join(dict.fromkeys([fp.runtime, q.runtime, *(r for r, _, _ in others)]))
+            raise NccError(f"{where} failed to run a batch of {batch}: {first_line(err)}") from None
+        perf_fp, perf_q = _latency_stats(timing, 0, batch), _latency_stats(timing, 1, batch)
+        perf_fp["runtime"], perf_q["runtime"] = fp.runtime, q.runtime
+        speedup = timing.ratio(1, 0)
+        if others or fp.runner is not None or q.runner is not None:
+            from ncc.tools.runtimes import OrtRunner
+
+            entries = []  # (runtime, role, precision, index in the timing, outputs)
+            for index, (role, info, outs) in enumerate((("fp32", fp, out_fp), ("int8", q, out_q))):
+                if info.runner is not None or "onnxruntime" in runtimes:
+                    precision = (
+                        OrtRunner.precision_of(info.path) if info.runner is None else info.runner.precision
+                    )
+                    entries.append((info.runtime, role, precision, index, outs))
+            for index, (runtime, role, runner) in enumerate(others, start=2):
+                got = _runner_outputs(runner, feeds if role == "fp32" else q_feeds, n, chunk, synthetic)
+                entries.append(
+                    (
+                        runtime,
+                        role,
+                        runner.precision,
+                        index,
+                        got if role == "fp32" else _as_float_outputs(got, out_map),
+                    )
+                )
+            for runtime, role, precision, index, got in entries:
+                ratio = timing.ratio(index, 0)
+                rows.append(
+                    {
+                        "runtime": runtime,
+                        "model": str(fp.path if role == "fp32" else q.path),
+                        "role": role,
+                        "precision": precision,
+                        "fidelity": output_metrics(out_fp[first], got[first], mask),
+                        **_latency_stats(timing, index, batch),
+                        "speedup": ratio["median"],
+                        "speedup_q25": ratio["q25"],
+                        "speedup_q75": ratio["q75"],
+                    }
+                )
+    finally:
+        for _, _, runner in others:
+            runner.close()
+        del others
 
     return {
         "model": fp.path.stem,
         "float_model": str(fp.path),
         "quant_model": str(q.path),
+        "float_runtime": fp.runtime,
+        "quant_runtime": q.runtime,
         "data": data_desc,
         "synthetic": synthetic,
         "samples": int(n),
@@ -681,16 +882,35 @@ def benchmark(
     }
 
 
+def _keyed_as_float(arrays: dict, fp: _ModelInfo, q: _ModelInfo, inputs: Mapping[str, str]) -> dict:
+    """Data keyed by the quantized model's input names (where they differ from the float model's) rekeyed as
+    the float model's; anything else is left for :func:`_check_data` to judge."""
+    if set(arrays) <= set(fp.inputs) or not set(arrays) <= set(q.inputs):
+        return arrays
+    back = {other: name for name, other in inputs.items()}
+    return {back.get(k, k): v for k, v in arrays.items()}
+
+
+def _outputs_of(info: _ModelInfo, session, feeds: dict, n: int, chunk: int, synthetic: bool) -> dict:
+    if info.runner is None:
+        return _run_all(session, feeds, n, chunk, synthetic)
+    return _runner_outputs(info.runner, feeds, n, chunk, synthetic)
+
+
+def _as_float_outputs(outputs: Mapping, pairs: Mapping[str, str]) -> dict:
+    """The quantized model's outputs keyed by the float model's output names (``pairs``: float -> quantized)."""
+    return {name: outputs[other] for name, other in pairs.items()}
+
+
 # -- output -----------------------------------------------------------------------------------------
 
 
 def _runner_outputs(runner, feeds: dict, n: int, chunk: int, synthetic: bool) -> dict:
     """A runner's outputs over the first ``n`` samples, ``chunk`` at a time (as :func:`_run_all`)."""
+    import numpy as np
     from ncc.tools.runtimes import OrtRunner
 
-    del synthetic
-    import numpy as np
-
+    on = " (synthetic inputs; pass --data with real inputs)" if synthetic else ""
     parts: dict[str, list] = {}
     for start in range(0, n, chunk):
         try:
@@ -698,11 +918,14 @@ def _runner_outputs(runner, feeds: dict, n: int, chunk: int, synthetic: bool) ->
         except Exception as err:  # noqa: BLE001 - the runtime's first line says what failed
             where = "onnxruntime" if isinstance(runner, OrtRunner) else runner.runtime
             raise NccError(
-                f"{where} failed to run samples {start}-{min(start + chunk, n) - 1}: {first_line(err)}"
+                f"{where} failed to run samples {start}-{min(start + chunk, n) - 1}{on}: {first_line(err)}"
             ) from None
         for name, array in got.items():
-            parts.setdefault(name, []).append(array)
-    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+            parts.setdefault(name, []).append(np.asarray(array))
+    return {
+        name: (np.concatenate(chunks, axis=0) if chunks[0].ndim else np.stack(chunks))
+        for name, chunks in parts.items()
+    }
 
 
 def _num(x, fmt: str) -> str:
@@ -746,10 +969,14 @@ def format_table(result: dict) -> str:
         lines.append(
             f"| {name} | {_num(f['cosine'], '.6f')} | {_num(f['top1_agreement'], '.4f')} | {_num(f['sqnr_db'], '.2f')} |"
         )
+    in_fp, in_q = "", ""
+    reference = result.get("float_runtime", "onnxruntime")
+    if (reference, result.get("quant_runtime", "onnxruntime")) != ("onnxruntime", "onnxruntime"):
+        in_fp, in_q = f" ({reference})", f" ({result['quant_runtime']})"
     lines += [
         "",
-        f"latency per batch of {result['batch']} (ms): FP32 median {perf['fp32']['median_ms']:.3f} "
-        f"p90 {perf['fp32']['p90_ms']:.3f}; INT8 median {perf['int8']['median_ms']:.3f} "
+        f"latency per batch of {result['batch']} (ms): FP32{in_fp} median {perf['fp32']['median_ms']:.3f} "
+        f"p90 {perf['fp32']['p90_ms']:.3f}; INT8{in_q} median {perf['int8']['median_ms']:.3f} "
         f"p90 {perf['int8']['p90_ms']:.3f} ({result['warmup']} warm-up + {perf['fp32']['runs']} / "
         f"{perf['int8']['runs']} timed runs, in {perf['rounds']} rounds of one block each, {result['threads']} threads); "
         f"speed-up per round: quartiles {perf['speedup_q25']:.2f}-{perf['speedup_q75']:.2f}x",
@@ -757,8 +984,8 @@ def format_table(result: dict) -> str:
     if result.get("runtimes"):
         lines += [
             "",
-            "| runtime | model | precision | cosine vs onnxruntime FP32 | top-1 agreement | samples/s "
-            "| speed-up vs onnxruntime FP32 (quartiles) |",
+            f"| runtime | model | precision | cosine vs {reference} FP32 | top-1 agreement | samples/s "
+            f"| speed-up vs {reference} FP32 (quartiles) |",
             "|---|---|---|---|---|---|---|",
         ]
         for row in result["runtimes"]:
@@ -853,7 +1080,12 @@ _PATH = click.Path(path_type=Path, dir_okay=True, exists=False)
     default="onnxruntime",
     show_default=True,
     metavar="A,B",
-    help="Runtimes to time both models in, side by side: onnxruntime, openvino (e.g. onnxruntime,openvino).",
+    help="Runtimes to time the ONNX models in, side by side: onnxruntime, openvino (e.g. onnxruntime,openvino).",
+)
+@click.option(
+    "--signature",
+    metavar="NAME",
+    help="The signature a SavedModel folder runs (default: serving_default).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the table.")
 def bench(
@@ -868,12 +1100,18 @@ def bench(
     warmup: int,
     runs: int,
     runtime: str,
+    signature: str | None,
     as_json: bool,
 ) -> None:
     """Compare FLOAT.onnx with QUANT.onnx: quality and its ratio, samples/s and speed-up, sizes.
 
+    Either model can also be a TensorFlow SavedModel folder (run in TensorFlow) or a .tflite file (run in
+    LiteRT; pip install -e ".[tensorflow]"); the quantized model's inputs and outputs are paired with the
+    float model's by name, else in order; their shapes must agree.
+
     \b
     ncc bench model.onnx model.int8.onnx --data calib.npz
+    ncc bench model_savedmodel/ model.int8.tflite --data digits.npz   # FP32 TF vs INT8 TFLite
     ncc bench model.onnx model.int8.onnx --data test.npz --metric accuracy:labels.npy --batch 8
     ncc bench model.onnx model.int8.onnx --runtime onnxruntime,openvino   # which runtime serves it fastest
     """
@@ -892,5 +1130,6 @@ def bench(
         seq_len=seq_len,
         dims=_parse_dims(dims),
         runtimes=runtimes,
+        signature=signature,
     )
     click.echo(to_json(result) if as_json else format_table(result))
