@@ -41,17 +41,26 @@ def cannot_write(target: Path, err: OSError) -> NccError:
     return NccError(f"cannot write {target}: {err.strerror or err}.")
 
 
-def check_writable(path: Path) -> None:
-    """Raise an NccError when ``path``'s folder does not exist or cannot be written."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise NccError(f"cannot write {path}: folder {folder} does not exist.")
-    if not os.access(folder, os.W_OK):
-        raise NccError(f"cannot write {path}: folder {folder} is not writable.")
-    if path.is_dir():
+def check_writable(path: Path, *, folder: bool = False) -> None:
+    """Raise an NccError when ``path``'s folder does not exist or cannot be written. With ``folder``,
+    ``path`` is an output folder (a SavedModel): an existing one may be replaced only when it is empty or
+    holds a SavedModel (``saved_model.pb``), never any other folder."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise NccError(f"cannot write {path}: folder {parent} does not exist.")
+    if not os.access(parent, os.W_OK):
+        raise NccError(f"cannot write {path}: folder {parent} is not writable.")
+    if path.is_dir() and not folder:
         raise NccError(f"cannot write {path}: it is a folder.")
+    if folder and path.exists():
+        if not path.is_dir():
+            raise NccError(f"cannot write the folder {path}: a file of that name exists.")
+        if any(path.iterdir()) and not (path / "saved_model.pb").is_file():
+            raise NccError(
+                f"cannot write {path}: the folder exists and holds no SavedModel (ncc replaces only those)."
+            )
     try:  # permissions alone do not tell (root, read-only or virtual filesystems): try it
-        fd, probe = tempfile.mkstemp(prefix=".ncc-probe-", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".ncc-probe-", dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
@@ -103,8 +112,11 @@ def deferred_commit() -> Iterator[Callable[[str | os.PathLike], Path]]:
 
 
 @contextlib.contextmanager
-def atomic_outputs(*targets: Path) -> Iterator[list[Path]]:
+def atomic_outputs(*targets: Path, folder: bool = False) -> Iterator[list[Path]]:
     """Yield temporary paths (same folder, same file names) to write instead of ``targets``.
+
+    With ``folder`` the single target is a folder (a SavedModel): the writer creates the temporary
+    folder, and an existing target folder is replaced as a whole (see :func:`check_writable`).
 
     The temporaries live in one private folder next to the first target so the
     final ``os.replace`` is a rename on one filesystem and relative references
@@ -113,7 +125,7 @@ def atomic_outputs(*targets: Path) -> Iterator[list[Path]]:
     """
     targets = tuple(Path(t) for t in targets)
     for target in targets:
-        check_writable(target)
+        check_writable(target, folder=folder)
     try:
         workdir = Path(tempfile.mkdtemp(prefix=".ncc-tmp-", dir=targets[0].parent or "."))
     except OSError as err:
@@ -136,12 +148,14 @@ def _rename(temps: list[Path], targets: tuple[Path, ...]) -> None:
     for temp, target in zip(temps, targets):
         if temp.exists():
             try:
+                if temp.is_dir() and target.is_dir():  # an output folder: the old one moves out first
+                    os.replace(target, temp.parent / f".old-{target.name}")
                 os.replace(temp, target)
             except OSError as err:
                 raise cannot_write(target, err) from None
 
 
 def _remove(workdir: Path) -> None:
-    for leftover in workdir.iterdir():
-        leftover.unlink()
-    workdir.rmdir()
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)

@@ -50,6 +50,14 @@ class TargetProfile:
     #: How pack-int4 lays out weight-only quantized MatMuls: ``matmulnbits`` (onnxruntime's kernel) or
     #: ``qdq`` (standard blocked DequantizeLinear, which the torch backend packs for its int4/int8 kernels).
     woq_format: str = "matmulnbits"
+    #: The activation scheme calibrate and insert-qdq use for this target: ``asym`` (zero points), or
+    #: ``scaled`` (zero point 0: u8 where a tensor is non-negative, s8 symmetric elsewhere).
+    activation_scheme: str = "asym"
+    #: Whether an integer convolution may read one 8-bit type and write the other (u8 in, s8 out).
+    mixed_io_types: bool = False
+    #: Whether insert-qdq quantizes graph outputs too (every kernel of a full-integer runtime needs an
+    #: output scale, the last layer's included).
+    quantize_graph_outputs: bool = False
 
 
 #: Ops x86 runs as integer kernels only next to other integer kernels (a Q/DQ round trip around an
@@ -126,9 +134,49 @@ AOTI = replace(
     description="AOTInductor package for x86 (Inductor's int8 lowering compiled ahead of time, no Python graph)",
 )
 
-TARGETS: dict[str, TargetProfile] = {t.name: t for t in (X86_VNNI, X86_AVX2, OPENVINO, INDUCTOR, AOTI)}
+TF = TargetProfile(
+    name="tf",
+    description="TensorFlow SavedModel on x86: oneDNN quantized convolutions and matmuls (graph mode)",
+    # oneDNN's quantized kernels in TensorFlow take SCALED-mode tensors (no zero point): u8 after a ReLU, s8
+    # symmetric elsewhere; any u8/s8 mix of input and output per convolution
+    activation_dtype="u8",
+    activation_symmetric=False,
+    activation_scheme="scaled",
+    mixed_io_types=True,
+    weight_dtype="s8",
+    weight_per_channel=True,
+    static_ops=frozenset(
+        {"Conv", "Gemm", "MatMul"}
+    ),  # _FusedQuantizedConv2D / DepthwiseConv2D, _QuantizedMatMul
+    island_ops=frozenset(),
+    passthrough_ops=frozenset(
+        {"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"}
+    ),
+    dynamic_ops=frozenset({"MatMul", "Gemm"}),
+    float_output_ops=frozenset({"MatMul", "Gemm"}),  # _QuantizedMatMul dequantizes its output in the kernel
+    activation_matmul=False,  # no int8 batched matmul kernel in stock TensorFlow
+)
+
+TFLITE = replace(
+    X86_VNNI,
+    name="tflite",
+    description="TensorFlow Lite (LiteRT with XNNPACK): a full-integer .tflite, float only at its inputs and outputs",
+    # the converter needs a range on every tensor to quantize the op reading it: every op TFLite has an int8
+    # kernel for is quantized, wherever it is, and so is the last layer's output (u8 asymmetric maps onto
+    # TFLite's int8 by shifting the zero point by 128)
+    static_ops=frozenset({"Conv", "MatMul", "Gemm"}) | _X86_ISLANDS,
+    island_ops=frozenset(),
+    float_output_ops=frozenset(),
+    quantize_graph_outputs=True,
+)
+
+TARGETS: dict[str, TargetProfile] = {
+    t.name: t for t in (X86_VNNI, X86_AVX2, OPENVINO, INDUCTOR, AOTI, TF, TFLITE)
+}
 #: Targets whose artefact is a torch program (``.pt2``), not an ONNX model.
 TORCH_TARGETS = frozenset({INDUCTOR.name, AOTI.name})
+#: Targets whose artefact is a TensorFlow SavedModel folder.
+TF_TARGETS = frozenset({TF.name})
 #: ``host`` resolves to the profile of the CPU ncc runs on (see :func:`host_target`).
 DEFAULT_TARGET = "host"
 

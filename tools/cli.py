@@ -263,6 +263,15 @@ def _apply_flags(passes, opts: dict):
                 f"--{flag.replace('_', '-')} does not apply to the pipeline {format_pipeline(passes)}."
             )
         updates.update(chosen)
+    target = opts.get("target")
+    if target and target != "best":  # the forms the target's kernels take, unless a flag said otherwise
+        from ncc.targets import get_target
+
+        profile = get_target(target)
+        if profile.activation_scheme != "asym" and "scheme" in fields and not opts.get("symmetric"):
+            updates["scheme"] = profile.activation_scheme
+        if profile.quantize_graph_outputs and "quantize_graph_outputs" in fields:
+            updates["quantize_graph_outputs"] = "true"
     return with_options(passes, updates) if updates else passes
 
 
@@ -551,14 +560,18 @@ def compile(
     aoti an AOTInductor package)."""
     from ncc.files import deferred_commit
     from ncc.passes.base import PassContext
-    from ncc.targets import TORCH_TARGETS
+    from ncc.targets import TF_TARGETS, TORCH_TARGETS
     from ncc.tools.modelio import (
+        FORMATS,
         FileUse,
         calibration_files,
         check_distinct,
         input_files,
+        is_tf_input,
         output_files,
         save_model,
+        save_saved_model,
+        saved_model_files,
     )
     from ncc.tools.report import (
         files_size,
@@ -576,12 +589,35 @@ def compile(
         *(tuning.files() if tuning is not None else []),
         *(FileUse("a --plugin file", p, model=False) for p in opts["plugins"]),
     ]
-    writes = output_files(output, external_data=external_data)
+    tf_out = opts.get("target") in TF_TARGETS and output.suffix.lower() != ".ncc"
+    if tf_out:
+        if output.suffix.lower() in FORMATS or is_tf_input(output) and output.suffix:
+            raise NccError(
+                f"--target {opts['target']} writes a SavedModel folder: give -o a folder name, not {output.name} "
+                "(or a .ncc file for the IR)."
+            )
+        if fmt not in (None, "qoperator"):
+            raise NccError(
+                f"--format {fmt} is an ONNX form; --target {opts['target']} lowers QOperator form."
+            )
+        fmt = "qoperator"  # one integer node per layer: what the oneDNN ops take
+        if external_data:
+            raise NccError("--external-data applies to .onnx output, not a SavedModel.")
+    writes = saved_model_files(output) if tf_out else output_files(output, external_data=external_data)
     if layer_report is not None:
         writes.append(FileUse("the --layer-report file", layer_report, model=False))
     check_distinct(reads, writes)
     torch_out = output.suffix.lower() == ".pt2"
     openvino_out = output.suffix.lower() == ".xml"
+    tflite_out = output.suffix.lower() == ".tflite"
+    if tflite_out:
+        opts["target"] = opts.get("target") or "tflite"
+        if opts["target"] != "tflite":
+            raise NccError(f"a .tflite output runs in LiteRT: --target tflite, not {opts['target']}.")
+        if fmt:
+            raise NccError(f"--format {fmt} is an ONNX form; a .tflite output is TensorFlow Lite's own.")
+    elif opts.get("target") == "tflite":
+        raise NccError("--target tflite writes a .tflite file: give -o model.tflite.")
     if openvino_out and not opts.get("target"):
         opts["target"] = "openvino"
     if openvino_out and opts["target"] != "openvino":
@@ -625,16 +661,22 @@ def compile(
     quantization = quantization_summary(model)
     int8 = any(n.metadata_props.get("ncc.quant", "").startswith("int8") for n in model.graph)
     _check_format(model, fmt)
-    fidelity = written_fidelity(model, float_model, run, ctx) if run is not None else None
+    # a tf-target IR holds oneDNN's forms (u8 in, s8 out) onnxruntime cannot run, and a SavedModel or a
+    # .tflite computes otherwise than the IR in onnxruntime: their fidelity is measured on the artefact
+    tf_ir = opts.get("target") in TF_TARGETS or tflite_out
+    fidelity = written_fidelity(model, float_model, run, ctx) if run is not None and not tf_ir else None
     sparsity = sparsity_summary(model, float_model or original, run, ctx) if run is not None else []
     layers = ctx.data.get("woq_layers")
     if layer_report is not None and not layers:
         raise NccError("--layer-report needs a weight-only pipeline (w4, w8, woq-*).")
     check = None
     with deferred_commit() as staged:  # the outputs are renamed into place once the check passed
-        written = save_model(
-            model, output, external_data=external_data, value_info=value_info or not int8, aoti=aoti
-        )
+        if tf_out:
+            written = save_saved_model(model, output)
+        else:
+            written = save_model(
+                model, output, external_data=external_data, value_info=value_info or not int8, aoti=aoti
+            )
         if layer_report is not None:
             from ncc.tools.report import write_layer_report
 
@@ -655,6 +697,21 @@ def compile(
                 from ncc.backends.onnx.check import check_on_onnxruntime
 
                 check = check_on_onnxruntime(staged(output), model, shown=output)
+        if (tf_out or tflite_out) and run is not None:  # checked and measured in the artefact's runtime
+            artefact, checking = staged(output), int8 and not no_check
+            if tf_out:
+                from ncc.backends.tensorflow.savedmodel import check_on_tensorflow
+                from ncc.backends.tensorflow.savedmodel import run_savedmodel as runner
+
+                check = check_on_tensorflow(artefact, model) if checking else None
+            else:
+                from ncc.backends.tensorflow.tflite import check_tflite
+                from ncc.backends.tensorflow.tflite import run_tflite as runner
+
+                check = check_tflite(artefact) if checking else None
+            fidelity = written_fidelity(
+                model, float_model, run, ctx, run_written=lambda feeds, names: runner(artefact, feeds, names)
+            )
         if not no_check and torch_out and any("ncc.quant" in n.metadata_props for n in model.graph):
             check = (_aoti_check if aoti else _inductor_check)(staged(output), model)
     if outcome:

@@ -48,9 +48,12 @@ def is_tf_input(path: Path) -> bool:
 
 
 def _refuse_tf_output(path: Path) -> None:
+    if path.suffix.lower() == ".tflite":  # the tflite target's artefact
+        return
     if is_tf_input(path) or path.suffix.lower() in TF_FORMATS:
         raise NccError(
-            f"{path}: TensorFlow formats are inputs here; write the compiled model as .onnx, .ncc or .pt2."
+            f"{path}: TensorFlow formats other than .tflite are inputs here; write the compiled model as "
+            ".onnx, .ncc, .pt2, .tflite, or a SavedModel folder with --target tf."
         )
 
 
@@ -128,8 +131,11 @@ class FileUse(NamedTuple):
     path: Path
     #: A model or weight file: onnx and onnxruntime take only UTF-8 names for those.
     model: bool = True
-    #: An output written only in some cases (a data file for weights over 2 GB).
+    #: An output written only in some cases (a data file for weights over 2 GB), or a file of an output
+    #: folder that writing the folder replaces.
     optional: bool = False
+    #: An output folder (a SavedModel), replaced as a whole.
+    folder: bool = False
 
 
 def input_files(path: Path) -> list[FileUse]:
@@ -159,7 +165,7 @@ def output_files(path: Path, *, external_data: str | None = None, full: bool = T
     sidecar (``.ncc`` with ``full``)."""
     _refuse_tf_output(path)
     uses = [FileUse("the output", path)]
-    if model_format(path) == ".pt2":
+    if model_format(path) in (".pt2", ".tflite"):
         return uses
     if model_format(path) == ".xml":
         return [*uses, FileUse("the output's weights file", path.with_suffix(".bin"))]
@@ -173,6 +179,24 @@ def output_files(path: Path, *, external_data: str | None = None, full: bool = T
     elif full:
         uses.append(FileUse("the output's sidecar data file", _sidecar(path)))
     return uses
+
+
+def saved_model_files(path: Path) -> list[FileUse]:
+    """What writing a SavedModel folder at ``path`` replaces: the folder and every file in it now."""
+    uses = [FileUse("the output SavedModel folder", path, folder=True)]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        uses += [FileUse("a file of the output SavedModel", p, optional=True) for p in files]
+    return uses
+
+
+def save_saved_model(model: ir.Model, path: Path) -> list[Path]:
+    """Write ``model`` as a TensorFlow SavedModel folder (``--target tf``), replacing it as a whole."""
+    from ncc.backends.tensorflow.savedmodel import save_savedmodel
+
+    with atomic_outputs(path, folder=True) as (temp,):
+        save_savedmodel(model, temp)
+    return [path]
 
 
 def calibration_files(spec: str | None) -> list[FileUse]:
@@ -200,7 +224,7 @@ def check_distinct(reads: Iterable[FileUse], writes: Iterable[FileUse] = ()) -> 
             _require_utf8(use.path)
     for write in writes:
         if not write.optional:
-            check_writable(write.path)
+            check_writable(write.path, folder=write.folder)
     for i, write in enumerate(writes):
         for other in [*reads, *writes[:i]]:
             if _same_file(write.path, other.path):
@@ -263,6 +287,14 @@ def save_model(
         with atomic_outputs(path, weights) as (temp, _):
             save_openvino_ir(model, temp)
         return [path, weights]
+    if model_format(path) == ".tflite":
+        from ncc.backends.tensorflow.tflite import write_tflite
+
+        if external_data:
+            raise NccError("--external-data applies to .onnx output, not .tflite.")
+        with atomic_outputs(path) as (temp,):
+            write_tflite(model, temp)
+        return [path]
     if model_format(path) == ".pt2":
         from ncc.backends.torch.save import save_pt2
 

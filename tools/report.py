@@ -10,7 +10,9 @@ import onnx_ir as ir
 
 
 def files_size(paths: list[Path]) -> int:
-    return sum(p.stat().st_size for p in paths if p.exists())
+    """Bytes in ``paths``; a folder (a SavedModel) counts the files in it."""
+    files = [f for p in paths for f in ([p] if not p.is_dir() else p.rglob("*"))]
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def quantization_summary(model: ir.Model) -> list[str]:
@@ -117,11 +119,12 @@ def _macs(model: ir.Model, feeds) -> int:
     return total
 
 
-def written_fidelity(model: ir.Model, float_model: ir.Model | None, run, ctx) -> str | None:
+def written_fidelity(model: ir.Model, float_model: ir.Model | None, run, ctx, run_written=None) -> str | None:
     """The output cosine of ``model`` as it is written against ``float_model`` (the input, before the
     pipeline), on the calibration samples min-cosine used (or the first 8): passes after ``insert-qdq``
     (``correct-bias``) change the model its own figure was measured on. None unless the pipeline ran
-    ``insert-qdq`` with calibration data."""
+    ``insert-qdq`` with calibration data. ``run_written(feeds, output names)`` runs the written artefact
+    where onnxruntime cannot (a SavedModel); by default the model runs in onnxruntime."""
     data = ctx.data.get("calibration_data")
     measured = ("insert-qdq", "prune", "slim")
     if float_model is None or data is None or not any(r.name in measured for r in run.records):
@@ -136,7 +139,8 @@ def written_fidelity(model: ir.Model, float_model: ir.Model | None, run, ctx) ->
     else:
         feeds = fallback.samples(data, 8)
         reference = fallback.run(float_model, feeds, outputs)
-    score = worst_output_cosine(reference, fallback.run(model, feeds, outputs), outputs, token_masks(feeds))
+    written = (run_written or (lambda f, names: fallback.run(model, f, names)))(feeds, outputs)
+    score = worst_output_cosine(reference, written, outputs, token_masks(feeds))
     count = sum(next(iter(feed.values())).shape[0] for feed in feeds)
     return (
         f"fidelity: output cosine {score:.5f} on {count} calibration samples "

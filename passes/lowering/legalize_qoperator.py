@@ -588,7 +588,7 @@ def _conv(node: ir.Node, rw: Rewriter, legal: _Legalizer) -> str | None:
     out = _output(node)
     if not out.quantized:
         return out.reason or "its output is not quantized"
-    if out.params.dtype != x[1].dtype:
+    if out.params.dtype != x[1].dtype and not legal.target.mixed_io_types:
         return "input and output 8-bit types differ"
     acc = (x[1].scale.reshape(()) * wp.scale.reshape(-1)).astype(np.float32)
     bias = _int32_bias(rw, node.inputs[2] if len(node.inputs) > 2 else None, acc, 1.0, "the bias")

@@ -71,7 +71,7 @@ class Calibrate(Pass):
     samples: int = option(0, "use at most this many calibration samples (0: all)", min=0)
     batch_size: int = option(8, "samples per onnxruntime run", min=1)
     target: str = option(DEFAULT_TARGET, "target profile")
-    scheme: Literal["asym", "sym"] = option(
+    scheme: Literal["asym", "sym", "scaled"] = option(
         "asym", "activation scheme the ranges are chosen for (as insert-qdq's)"
     )
     reduce_range: bool = option(False, "choose ranges for 7-bit activations (as insert-qdq's reduce-range)")
@@ -145,7 +145,9 @@ class Calibrate(Pass):
             if tensor.sentinel_count:  # never quantized; its range is recorded as observed
                 lo, hi = tensor.minmax()
             else:
-                lo, hi = calibration.range(name, levels=levels, symmetric=self.scheme == "sym")
+                # scaled: symmetric where the tensor goes negative (s8), else [0, hi] (u8)
+                symmetric = self.scheme == "sym" or (self.scheme == "scaled" and tensor.minmax()[0] < 0)
+                lo, hi = calibration.range(name, levels=levels, symmetric=symmetric)
             ranges.tensors[name] = TensorRange(
                 lo, hi, tensor.sentinel_count, tensor.channel_min, tensor.channel_max
             )

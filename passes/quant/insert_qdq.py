@@ -64,7 +64,11 @@ class InsertQDQ(Pass):
     name: ClassVar[str] = "insert-qdq"
     weights: Literal["per-channel", "per-tensor"] = option("per-channel", "weight scale granularity")
     activations: Literal["u8", "s8"] = option("u8", "activation integer type (u8 is the fast x86 path)")
-    scheme: Literal["asym", "sym"] = option("asym", "activation quantization scheme")
+    scheme: Literal["asym", "sym", "scaled"] = option(
+        "asym",
+        "activation scheme: asym, sym, or scaled (zero point 0: u8 where the range is non-negative, "
+        "s8 symmetric elsewhere; TensorFlow's oneDNN kernels)",
+    )
     reduce_range: bool = option(False, "use 7 bits (costs accuracy; only for old CPUs without VNNI)")
     op_types: tuple[str, ...] = option((), "op types to quantize (empty: the target profile's)")
     include: tuple[str, ...] = option(
@@ -250,12 +254,12 @@ class _Quantizer:
         #: quantize copies of one float model with one calibration
         self.weight_codes = {} if weight_codes is None else weight_codes
         self.op_types, self.islands = op_types, islands
-        self.qtype, self.qnp = _QDTYPE[options.activations]
         self.levels = 128 if options.reduce_range else 256
         self.need: dict[str, ir.Value] = {}  # tensors to quantize, by name
         self.quantized_producer: set[str] = set()  # tensors whose producer runs quantized
         self.parent: dict[str, str] = {}  # union-find: tensors sharing one scale
         self.params: dict[str, tuple[np.float32, int]] = {}
+        self.dtypes: dict[str, tuple[ir.DataType, type]] = {}  # tensor -> its integer type (IR, numpy)
         self.weights: dict[tuple[str, int], tuple[ir.Value, np.ndarray]] = {}  # (name, axis) -> (dq, scales)
         self.counts: Counter = Counter()
         self.skips: Counter = Counter()
@@ -392,11 +396,13 @@ class _Quantizer:
         for members in groups.values():
             ranges = [self._range(self.need[m], symmetric) for m in members]
             lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
-            params = quant_params(
-                lo, hi, dtype=self.o.activations, symmetric=symmetric, reduce_range=self.o.reduce_range
-            )
+            dtype, sym = self.o.activations, symmetric
+            if self.o.scheme == "scaled":  # zero point 0: u8 on [0, hi], else s8 on [-A, A]
+                dtype, sym = ("u8", False) if lo >= 0 else ("s8", True)
+            params = quant_params(lo, hi, dtype=dtype, symmetric=sym, reduce_range=self.o.reduce_range)
             for m in members:
                 self.params[m] = params
+                self.dtypes[m] = _QDTYPE[dtype]
 
     def _range(self, value: ir.Value, symmetric: bool) -> tuple[float, float]:
         if is_constant(value):
@@ -514,23 +520,24 @@ class _Quantizer:
                 self._quantize_constant_input(value)
                 continue
             scale, zp = self.params[name]
+            qtype, qnp = self.dtypes[name]
             s = rw.constant(np.array(scale, np.float32), f"{name}_scale")
-            z = rw.constant(np.array(zp, self.qnp), f"{name}_zero_point")
+            z = rw.constant(np.array(zp, qnp), f"{name}_zero_point")
             producer = value.producer()
             if producer is not None:
                 rw.set_insertion_point(producer, after=True)
             else:
                 rw.set_insertion_point(next(iter(self.graph)))
             q = self._create("QuantizeLinear", [value, s, z], {}, f"{name}_quantized")
-            q.type, q.shape = ir.TensorType(self.qtype), value.shape
+            q.type, q.shape = ir.TensorType(qtype), value.shape
             dq = self._dequantize([q, s, z], {}, value)
             if name in self.quantized_producer:  # every reader takes the dequantized value, outputs too
                 rw.replace_all_uses(value, dq, keep=[q.producer()], renamed="float")
-                self._keep_readers_float(dq, q, scale, zp)
+                self._keep_readers_float(dq, q, scale, np.array(zp, qnp))
             else:
                 rw.replace_uses_if(value, dq, _quantized)
 
-    def _keep_readers_float(self, dq: ir.Value, q: ir.Value, scale, zp) -> None:
+    def _keep_readers_float(self, dq: ir.Value, q: ir.Value, scale, zp: np.ndarray) -> None:
         """Float Conv/Gemm readers of ``dq`` read it through their own per-axis DequantizeLinear.
 
         onnxruntime's WeightBiasQuantization gives any float Conv, ConvTranspose or Gemm whose input 0
@@ -554,7 +561,7 @@ class _Quantizer:
             return
         channels = shape[1]
         s = self.rw.constant(np.full(channels, scale, np.float32), f"{dq.name}_channel_scale")
-        z = self.rw.constant(np.full(channels, zp, self.qnp), f"{dq.name}_channel_zero_point")
+        z = self.rw.constant(np.full(channels, zp, zp.dtype), f"{dq.name}_channel_zero_point")
         self.rw.set_insertion_point(dq.producer(), after=True)
         float_dq = self._create("DequantizeLinear", [q, s, z], {"axis": 1}, f"{dq.name}_float")
         float_dq.type, float_dq.shape = dq.type, dq.shape
@@ -564,15 +571,16 @@ class _Quantizer:
     def _quantize_constant_input(self, value: ir.Value) -> None:
         """A constant operand of Add/Mul/MatMul-with-two-activations: stored quantized per tensor."""
         scale, zp = self.params[value.name]
+        qnp = self.dtypes[value.name][1]
         array = constant_array(value).astype(np.float32)
-        info = np.iinfo(self.qnp)
-        q = np.clip(np.rint(array / scale) + zp, info.min, info.max).astype(self.qnp)
+        info = np.iinfo(qnp)
+        q = np.clip(np.rint(array / scale) + zp, info.min, info.max).astype(qnp)
         users = [u.node for u in value.uses() if _quantized(u.node)]
         if not users:
             return
         wq = self.rw.constant(q, f"{value.name}_quantized")
         s = self.rw.constant(np.array(scale, np.float32), f"{value.name}_scale")
-        z = self.rw.constant(np.array(zp, self.qnp), f"{value.name}_zero_point")
+        z = self.rw.constant(np.array(zp, qnp), f"{value.name}_zero_point")
         self.rw.set_insertion_point(users[0])
         dq = self._dequantize([wq, s, z], {}, value)
         self.rw.replace_uses_if(value, dq, _quantized)

@@ -257,11 +257,11 @@ def test_unreadable_file_through_the_command_has_no_traceback(tmp_path):
     one_sentence_error(proc.stderr, "not a readable Keras HDF5 model")
 
 
-def test_tensorflow_formats_are_inputs_only(tmp_path):
-    for name in ("out.keras", "out.tflite"):
+def test_tensorflow_formats_other_than_tflite_are_inputs_only(tmp_path):
+    for name in ("out.keras", "out.h5", "out.pb"):
         result = invoke_ncc("compile", DIGITS_CNN, "-o", tmp_path / name)
         assert result.exit_code == 2, result.output
-        one_sentence_error(result.output, "TensorFlow formats are inputs here")
+        one_sentence_error(result.output, "TensorFlow formats other than .tflite are inputs here")
     result = invoke_ncc("dump", tmp_path)  # a folder that is no SavedModel
     one_sentence_error(result.output, "SavedModel folder")
 
