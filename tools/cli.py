@@ -272,6 +272,13 @@ def _apply_flags(passes, opts: dict):
             updates["scheme"] = profile.activation_scheme
         if profile.quantize_graph_outputs and "quantize_graph_outputs" in fields:
             updates["quantize_graph_outputs"] = "true"
+        if not profile.float_fallback and "min_cosine" in fields:
+            if opts.get("min_cosine"):
+                raise NccError(
+                    f"--min-cosine keeps layers float, which --target {target} cannot: its converter "
+                    "quantizes every layer between quantized tensors."
+                )
+            updates["min_cosine"] = "0"
     return with_options(passes, updates) if updates else passes
 
 

@@ -1463,12 +1463,21 @@ def _constant_nodes(graph: ir.Graph) -> tuple[set[int], set[int]]:
 
 
 def _same_qparams(lowering: TfLowering, q: ir.Node, dq: ir.Node) -> bool:
+    """Whether ``dq`` reads ``q``'s codes on the same grid. A per-axis DequantizeLinear repeating one scale
+    and zero point is the per-tensor one (insert-qdq writes those before a layer it keeps float, so that
+    onnxruntime does not quantize that layer after all)."""
     a, b = lowering.qparams(q), lowering.qparams(dq)
+
+    def flat(p):
+        one = np.unique(p.scale).size == 1 and np.unique(p.zero_point).size == 1
+        return (None, p.scale[:1], p.zero_point[:1]) if one else (p.axis, p.scale, p.zero_point)
+
+    (a_axis, a_scale, a_zero), (b_axis, b_scale, b_zero) = flat(a), flat(b)
     return (
         a.dtype == b.dtype
-        and a.axis == b.axis
-        and np.array_equal(a.scale, b.scale)
-        and np.array_equal(a.zero_point, b.zero_point)
+        and a_axis == b_axis
+        and np.array_equal(a_scale, b_scale)
+        and np.array_equal(a_zero, b_zero)
     )
 
 
