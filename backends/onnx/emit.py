@@ -443,11 +443,16 @@ def _varint(value: int) -> bytes:
 
 def _serialize(model: ir.Model, value_info: bool = True) -> onnx.ModelProto:
     """``ir.serde.serialize_model``, letting an NccError raised while reading a tensor through (onnx-ir wraps it);
-    without the main graph's ``value_info`` when asked."""
+    without the main graph's ``value_info`` when asked, except for the outputs of contrib ops (QLinearAdd,
+    MatMulIntegerToFloat, ...): ONNX's shape inference cannot type those, so a reader (``ncc dump`` of the
+    written file) would not know them."""
     try:
         proto = ir.serde.serialize_model(model)
         if not value_info:
+            contrib = {o for n in proto.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
+            kept = [v for v in proto.graph.value_info if v.name in contrib]
             del proto.graph.value_info[:]
+            proto.graph.value_info.extend(kept)
         return proto
     except Exception as err:
         cause, seen = err.__cause__ or err.__context__, set()

@@ -289,3 +289,16 @@ def test_failed_pass_leaves_no_output(tmp_path):
     proc = ncc("compile", EXAMPLE, "--plugin", plugin, "--passes", "break-it", "-o", out)
     assert_user_error(proc, "break-it")
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".ncc")] == []
+
+
+def test_dump_reads_a_qoperator_model_ncc_wrote(tmp_path):
+    """Contrib ops' outputs (QGemm) keep their types in the file: ONNX's inference cannot give them back."""
+    out = tmp_path / "digits.qop.onnx"
+    calib = str(REPO / "examples" / "digits_calib.npz")
+    proc = ncc(
+        "compile", str(EXAMPLE), "--pass", "int8", "--calib", calib, "--format", "qoperator", "-o", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    dumped = ncc("dump", str(out))
+    assert dumped.returncode == 0, dumped.stderr
+    assert "com.microsoft::QGemm" in dumped.stdout
