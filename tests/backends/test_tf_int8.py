@@ -172,6 +172,11 @@ def test_fer_runs_int8_in_a_fresh_tensorflow_process(fer_int8):
     assert proc.returncode == 0, proc.stderr
     assert "_FusedQuantizedConv2D" in proc.stdout and "_FusedQuantizedDepthwiseConv2D" in proc.stdout
     got = np.load(tmp / "y.npy")
+    # the fresh process reproduces what ncc's own runner (the report's fidelity) computes here, bit for bit
+    from ncc.backends.tensorflow.savedmodel import run_savedmodel
+
+    here = run_savedmodel(out, [{"input_1": x}], ["predictions"])["predictions"][0]
+    np.testing.assert_array_equal(got, here)
     import keras
 
     want = np.asarray(keras.models.load_model(fer_h5(), compile=False)(x, training=False))
