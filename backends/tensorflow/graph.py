@@ -281,7 +281,7 @@ class TfLowering:
                     self._lower(node)
             outputs = {}
             for value in self.model.graph.outputs:
-                outputs[value.name] = tf.identity(self.get(value), name=_scope(value.name))
+                outputs[value.name] = tf.identity(self.get(value), name=scope_name(value.name))
             return outputs
 
         body.__signature__ = inspect.Signature(
@@ -295,7 +295,7 @@ class TfLowering:
             return
         self._done.add(id(node))
         if id(node) not in self._folded:
-            with self.tf.name_scope(_scope(node.name or node.op_type)):
+            with self.tf.name_scope(scope_name(node.name or node.op_type)):
                 self._apply(node)
             return
         with self.tf.init_scope():  # eagerly, outside the trace: its outputs are arrays
@@ -795,7 +795,7 @@ class TfLowering:
         dilations = list(node.attributes.get_ints("dilations", [1] * spatial))
         layout = channels_last(spatial + 2)
         t = self.get(x, layout)
-        padding = self._padding(node, t.shape.as_list()[1:-1], kernel, strides, dilations)
+        padding = self.padding(node, t.shape.as_list()[1:-1], kernel, strides, dilations)
         to_filter = (*range(2, spatial + 2), 1, 0)  # ONNX [O, I/g, *k] -> TensorFlow [*k, I/g, O]
         if group == 1:
             y = self._convolution(t, self.weight(w, to_filter), strides, dilations, padding)
@@ -828,7 +828,7 @@ class TfLowering:
             t, padding = tf.pad(t, [[0, 0], *padding, [0, 0]]), "VALID"
         return tf.nn.convolution(t, f, strides=strides, padding=padding, dilations=dilations)
 
-    def _padding(self, node: ir.Node, sizes, kernel, strides, dilations, *, ceil: bool = False):
+    def padding(self, node: ir.Node, sizes, kernel, strides, dilations, *, ceil: bool = False):
         """``"SAME"``, ``"VALID"`` or explicit ``[[begin, end], ...]`` per spatial axis for ``node``'s pads
         (``ceil``: a pool's ``ceil_mode``, as more padding at the end)."""
         rank = len(kernel)
@@ -878,7 +878,7 @@ class TfLowering:
         layout = channels_last(rank + 2)
         t = self.get(node.inputs[0], layout)
         ceil = bool(node.attributes.get_int("ceil_mode", 0))
-        padding = self._padding(node, t.shape.as_list()[1:-1], kernel, strides, dilations, ceil=ceil)
+        padding = self.padding(node, t.shape.as_list()[1:-1], kernel, strides, dilations, ceil=ceil)
         if kind == "max":
             if isinstance(padding, list) and rank != 2:
                 raise NccError(
@@ -1552,9 +1552,6 @@ def scope_name(name: str) -> str:
     name with what TensorFlow refuses (``[^A-Za-z0-9_.-/]``) as ``_``."""
     text = re.sub(r"[^A-Za-z0-9_.\-/]", "_", name).strip("/")
     return text if text and (text[0].isalnum() or text[0] == ".") else f"n{text}"
-
-
-_scope = scope_name
 
 
 def _label(node: ir.Node) -> str:

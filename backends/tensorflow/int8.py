@@ -133,7 +133,7 @@ def _qlinear_conv(lw: TfLowering, node: ir.Node) -> bool:
     dilations = list(node.attributes.get_ints("dilations", [1, 1]))
     layout = channels_last(4)
     q = _qtensor(lw, x, x_scale, x_signed, layout)
-    padding = lw._padding(node, q.value.shape.as_list()[1:3], [kh, kw], strides, dilations)
+    padding = lw.padding(node, q.value.shape.as_list()[1:3], [kh, kw], strides, dilations)
     explicit = None
     if isinstance(padding, list):
         explicit, padding = [padding[0][0], padding[0][1], padding[1][0], padding[1][1]], "EXPLICIT"
@@ -226,7 +226,7 @@ def _max_pool(lw: TfLowering, node: ir.Node) -> bool:
     layout = channels_last(4)
     tf = lw.tf
     t = lw.get(node.inputs[0], layout)
-    padding = lw._padding(node, t.shape.as_list()[1:3], kernel, strides, [1, 1])
+    padding = lw.padding(node, t.shape.as_list()[1:3], kernel, strides, [1, 1])
     if isinstance(padding, list):
         raise NccError(
             f"the tf target lowers an 8-bit MaxPool with SAME or VALID padding only ({_name(node)!r})."
