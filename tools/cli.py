@@ -179,7 +179,8 @@ def _quant_options(fn):
             "--target",
             metavar="NAME",
             help="Target profile: host (default), x86-vnni, x86-avx2, openvino, or best (compile for each "
-            "runtime here, keep the fastest); for .pt2 output inductor (default) or aoti.",
+            "runtime here, keep the fastest); for .pt2 output inductor (default) or aoti; tf (-o FOLDER: a "
+            "SavedModel running int8 in TensorFlow) or tflite (-o model.tflite).",
         ),
         click.option(
             "--min-cosine",
@@ -515,7 +516,7 @@ def _tune_request(opts: dict, output: Path):
     "--output",
     type=click.Path(path_type=Path),
     required=True,
-    help="Output .onnx, .ncc, .pt2 or .xml (OpenVINO IR) file.",
+    help="Output .onnx, .ncc, .pt2, .xml (OpenVINO IR) or .tflite file, or a SavedModel folder (--target tf).",
 )
 @click.option("--external-data", metavar="NAME", help="Write weights to NAME beside the output .onnx.")
 @click.option(
@@ -564,7 +565,8 @@ def compile(
     """Compile INPUT (.onnx, .ncc, a torch.export .pt2, or a TensorFlow SavedModel folder, .keras, .h5, frozen
     .pb or .tflite) through a pipeline into OUTPUT (.onnx, .ncc, or
     .pt2: a torch.export program Inductor runs as int8, its target defaults to 'inductor'; with --target
-    aoti an AOTInductor package)."""
+    aoti an AOTInductor package; .tflite: a full-integer TensorFlow Lite file; with --target tf a
+    SavedModel folder whose graph runs int8 in TensorFlow)."""
     from ncc.files import deferred_commit
     from ncc.passes.base import PassContext
     from ncc.targets import TF_TARGETS, TORCH_TARGETS
