@@ -193,8 +193,9 @@ def saved_model_files(path: Path) -> list[FileUse]:
 def save_saved_model(model: ir.Model, path: Path) -> list[Path]:
     """Write ``model`` as a TensorFlow SavedModel folder (``--target tf``), replacing it as a whole."""
     from ncc.backends.tensorflow.savedmodel import save_savedmodel
+    from ncc.frontends.tensorflow import quiet
 
-    with atomic_outputs(path, folder=True) as (temp,):
+    with atomic_outputs(path, folder=True) as (temp,), quiet():  # TensorFlow's start-up notices
         save_savedmodel(model, temp)
     return [path]
 

@@ -564,6 +564,9 @@ class TfLowering:
         moved = [a for a in order if dims[a] != 1]
         if moved == sorted(moved):
             return tf.reshape(tensor, self._dims(tensor, [dims[a] for a in order], [a for a in order]))
+        if tensor.dtype in (tf.quint8, tf.qint8):  # TensorFlow has no Transpose kernel for these: move bytes
+            plain = tf.uint8 if tensor.dtype == tf.quint8 else tf.int8
+            return tf.bitcast(tf.transpose(tf.bitcast(tensor, plain), order), tensor.dtype)
         return tf.transpose(tensor, order)
 
     def _dims(self, tensor: Any, dims: Sequence[int | None], sources: Sequence[int | None]) -> Any:

