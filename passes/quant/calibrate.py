@@ -145,9 +145,9 @@ class Calibrate(Pass):
             if tensor.sentinel_count:  # never quantized; its range is recorded as observed
                 lo, hi = tensor.minmax()
             else:
-                # scaled: symmetric where the tensor goes negative (s8), else [0, hi] (u8)
-                symmetric = self.scheme == "sym" or (self.scheme == "scaled" and tensor.minmax()[0] < 0)
-                lo, hi = calibration.range(name, levels=levels, symmetric=symmetric)
+                # scaled: insert-qdq makes a signed tensor s8 symmetric on the larger side of this range, or
+                # u8 with a zero point where every integer reader can fold one (1x1 convolutions, linears)
+                lo, hi = calibration.range(name, levels=levels, symmetric=self.scheme == "sym")
             ranges.tensors[name] = TensorRange(
                 lo, hi, tensor.sentinel_count, tensor.channel_min, tensor.channel_max
             )

@@ -290,6 +290,7 @@ class _Quantizer:
                 "can run in INT8 in this model."
             )
         quantized_ids = {id(n) for n in quantized}
+        self._planned = lambda node: id(node) in quantized_ids
         for node in quantized:
             self._plan_node(node, quantized_ids)
         self._plan_passthrough(quantized_ids)
@@ -397,12 +398,29 @@ class _Quantizer:
             ranges = [self._range(self.need[m], symmetric) for m in members]
             lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
             dtype, sym = self.o.activations, symmetric
-            if self.o.scheme == "scaled":  # zero point 0: u8 on [0, hi], else s8 on [-A, A]
+            if self.o.scheme == "scaled":  # zero point 0: u8 on [0, hi], else s8 on [-A, A] ...
                 dtype, sym = ("u8", False) if lo >= 0 else ("s8", True)
+                if lo < 0 and self._zero_point_folds(members):  # ... or u8 with one its readers fold
+                    dtype, sym = "u8", False
             params = quant_params(lo, hi, dtype=dtype, symmetric=sym, reduce_range=self.o.reduce_range)
             for m in members:
                 self.params[m] = params
                 self.dtypes[m] = _QDTYPE[dtype]
+
+    def _zero_point_folds(self, members: list[str]) -> bool:
+        """Whether the tensors ``members`` (one scale) can carry a zero point under the ``scaled`` scheme:
+        none is written by an integer kernel (those requantize without one) and every integer reader is a
+        1x1 convolution without padding or a linear, whose bias absorbs ``-zp * s * sum(w)`` exactly."""
+        for name in members:
+            if name in self.quantized_producer:
+                return False
+            for use in self.need[name].uses():
+                node = use.node
+                if not self._planned(node):
+                    continue  # read in float
+                if use.idx != 0 or not _folds_zero_point(node):
+                    return False
+        return True
 
     def _range(self, value: ir.Value, symmetric: bool) -> tuple[float, float]:
         if is_constant(value):
@@ -598,6 +616,24 @@ class _Quantizer:
             op, inputs, attrs, name=rw.fresh_name(f"{out_name}_node"), output_names=[rw.fresh_name(out_name)]
         )
         return node.outputs[0]
+
+
+def _folds_zero_point(node: ir.Node) -> bool:
+    """A 1x1 Conv without padding or groups, or a Gemm/MatMul with a constant weight (input 1)."""
+    if node.op_type == "Conv":
+        a = node.attributes
+        kernel = a.get_ints("kernel_shape", None) or (
+            list(node.inputs[1].shape[2:]) if node.inputs[1] is not None and node.inputs[1].shape else [0]
+        )
+        return (
+            all(k == 1 for k in kernel)
+            and not any(a.get_ints("pads", []))
+            and a.get_string("auto_pad", "NOTSET") in ("NOTSET", "VALID")
+            and a.get_int("group", 1) == 1
+        )
+    if node.op_type == "Gemm":
+        return not node.attributes.get_int("transA", 0) and is_constant(node.inputs[1])
+    return node.op_type == "MatMul" and is_constant(node.inputs[1])
 
 
 def _quantized(node: ir.Node) -> bool:

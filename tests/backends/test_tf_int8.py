@@ -246,3 +246,40 @@ def test_an_onnx_model_compiles_for_tensorflow_with_only_ncc_on_stderr(tmp_path)
         assert re.search(r"(\d+)/\1 (quantized nodes run as integer kernels|ops run int8)", proc.stderr), (
             proc.stderr
         )
+
+
+def test_a_zero_point_folds_into_the_biases_of_1x1_convolutions(tmp_path):
+    """An Add's output, skewed negative-to-positive and read only by a 1x1 convolution, is u8 with a zero
+    point (scheme ``scaled``); the SavedModel takes it off that convolution's bias, so it computes what the
+    same QDQ IR computes in onnxruntime."""
+    import keras
+    import onnxruntime as ort
+
+    keras.utils.set_random_seed(1)
+    image = keras.Input((12, 12, 3), name="image")
+    a = keras.layers.Conv2D(8, 1, bias_initializer=keras.initializers.Constant(1.5))(image)  # skewed up
+    b = keras.layers.Conv2D(8, 3, padding="same")(image)
+    s = keras.layers.Add()([a, b])
+    y = keras.layers.Conv2D(6, 1)(s)
+    model = keras.Model(image, keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(y)))
+    model.save(tmp_path / "m.keras")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", image=rng.random((32, 12, 12, 3), dtype=np.float32))
+    common = ["--pass", "int8", "--calib", tmp_path / "calib.npz", "--target", "tf"]
+    for out in (tmp_path / "m.ncc", tmp_path / "m_int8"):
+        proc = ncc("compile", tmp_path / "m.keras", *common, "-o", out)
+        assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "m.ncc").read_text()
+    assert re.search(r'_zero_point" : u8\[\] = dense<[1-9]', text), (
+        "no u8 zero point: the case is not exercised"
+    )
+    assert ncc("compile", tmp_path / "m.ncc", "-o", tmp_path / "m.onnx").returncode == 0
+    x = rng.random((16, 12, 12, 3), dtype=np.float32)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    want = session.run(None, {"image": x})[0]
+    from ncc.backends.tensorflow.savedmodel import run_savedmodel
+
+    name = session.get_outputs()[0].name
+    got = run_savedmodel(tmp_path / "m_int8", [{"image": x}], [name])[name][0]
+    # the same integer arithmetic; float accumulation order and ties rounded apart move an output step at most
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
