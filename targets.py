@@ -148,9 +148,8 @@ TF = TargetProfile(
     mixed_io_types=True,
     weight_dtype="s8",
     weight_per_channel=True,
-    static_ops=frozenset(
-        {"Conv", "Gemm", "MatMul"}
-    ),  # _FusedQuantizedConv2D / DepthwiseConv2D, _QuantizedMatMul
+    # _FusedQuantizedConv2D / _FusedQuantizedDepthwiseConv2D, _QuantizedMatMul
+    static_ops=frozenset({"Conv", "Gemm", "MatMul"}),
     island_ops=frozenset(),
     passthrough_ops=frozenset(
         {"MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity"}

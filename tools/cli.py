@@ -707,27 +707,32 @@ def compile(
 
                 check = check_on_onnxruntime(staged(output), model, shown=output)
         if (tf_out or tflite_out) and run is not None:  # checked and measured in the artefact's runtime
+            from ncc.backends.tensorflow.graph import argument_names
             from ncc.frontends.tensorflow import quiet
+            from ncc.tools.runtimes import open_tf_runner, run_feeds
 
-            artefact, checking = staged(output), int8 and not no_check
+            artefact = staged(output)
             with quiet():  # TensorFlow's and LiteRT's notices on stderr
-                if tf_out:
-                    from ncc.backends.tensorflow.savedmodel import check_on_tensorflow
-                    from ncc.backends.tensorflow.savedmodel import run_savedmodel as runner
+                if int8 and not no_check:
+                    if tf_out:
+                        from ncc.backends.tensorflow.savedmodel import check_on_tensorflow
 
-                    check = check_on_tensorflow(artefact, model) if checking else None
-                else:
-                    from ncc.backends.tensorflow.tflite import check_tflite
-                    from ncc.backends.tensorflow.tflite import run_tflite as runner
+                        check = check_on_tensorflow(artefact, model)
+                    else:
+                        from ncc.backends.tensorflow.tflite import check_tflite
 
-                    check = check_tflite(artefact) if checking else None
-                fidelity = written_fidelity(
-                    model,
-                    float_model,
-                    run,
-                    ctx,
-                    run_written=lambda feeds, names: runner(artefact, feeds, names),
-                )
+                        check = check_tflite(artefact)
+                inputs = [v.name for v in model.graph.inputs if not v.is_initializer()]
+                arguments = dict(zip(inputs, argument_names(model)))
+
+                def run_written(feeds, names):
+                    runner = open_tf_runner("saved_model" if tf_out else "tflite", artefact, None)
+                    try:
+                        return run_feeds(runner, feeds, names, arguments)
+                    finally:
+                        runner.close()
+
+                fidelity = written_fidelity(model, float_model, run, ctx, run_written=run_written)
         if not no_check and torch_out and any("ncc.quant" in n.metadata_props for n in model.graph):
             check = (_aoti_check if aoti else _inductor_check)(staged(output), model)
     if outcome:

@@ -140,8 +140,9 @@ _TF_INT8_PREFIXES = ("Quantized", "_FusedQuantized", "_Quantized", "_MklQuantize
 _TFLITE_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D")
 
 
-def open_tf_runner(fmt: str, path: Path, threads: int, *, signature: str | None = None):
-    """A runner for a SavedModel folder (``fmt`` ``saved_model``) or a ``.tflite`` file (``tflite``)."""
+def open_tf_runner(fmt: str, path: Path, threads: int | None, *, signature: str | None = None):
+    """A runner for a SavedModel folder (``fmt`` ``saved_model``) or a ``.tflite`` file (``tflite``);
+    ``threads`` None leaves the runtime's own thread count."""
     if fmt == "saved_model":
         return TensorFlowRunner(Path(path), threads, signature=signature)
     return LiteRtRunner(Path(path), threads)
@@ -152,7 +153,7 @@ class TensorFlowRunner:
 
     runtime = "tensorflow"
 
-    def __init__(self, path: Path, threads: int, *, signature: str | None = None):
+    def __init__(self, path: Path, threads: int | None, *, signature: str | None = None):
         from ncc.frontends.tensorflow import SERVING, quiet
 
         signature = signature or SERVING
@@ -161,7 +162,8 @@ class TensorFlowRunner:
                 import tensorflow as tf
             except ImportError:
                 raise NccError(f"{path}: running a SavedModel needs TensorFlow ({_INSTALL}).") from None
-            _tf_threads(tf, threads)
+            if threads is not None:
+                _tf_threads(tf, threads)
             try:
                 self._loaded = tf.saved_model.load(str(path))
             except Exception as err:  # noqa: BLE001 - TF raises many kinds on a folder it cannot read
@@ -196,7 +198,7 @@ class LiteRtRunner:
 
     runtime = "litert"
 
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int | None):
         from ncc.frontends.tensorflow import native_stderr_captured, precheck
 
         precheck(path, "tflite")
@@ -249,6 +251,20 @@ class LiteRtRunner:
 
     def close(self) -> None:
         self.interpreter = None
+
+
+def run_feeds(runner, feeds: list[dict], names: list[str], arguments: dict[str, str]) -> dict[str, list]:
+    """``runner``'s outputs ``names`` on each feed (one array per feed, as
+    :func:`ncc.passes.quant.fallback.run` returns onnxruntime's); ``arguments`` renames feed keys (IR input
+    names) to the artefact's input names."""
+    results: dict[str, list] = {name: [] for name in names}
+    for feed in feeds:
+        out = runner.outputs({arguments.get(k, k): v for k, v in feed.items()})
+        for name in names:
+            if name not in out:
+                raise NccError(f"the written model has no output {name!r} (it has {', '.join(out)}).")
+            results[name].append(out[name])
+    return results
 
 
 def _tf_threads(tf, threads: int) -> None:

@@ -159,6 +159,22 @@ def lower(model: ir.Model, *, quant: Quant = "fakequant", rules: Sequence[Rule] 
     return TfLowering(model, quant=quant, rules=rules).concrete_function()
 
 
+def argument_names(model: ir.Model) -> list[str]:
+    """The argument (and input ``TensorSpec``) names of ``model``'s concrete function, one per graph input in
+    order: the IR name when it is a Python identifier, else that name with other characters as ``_``. A
+    SavedModel's or ``.tflite``'s signature takes its inputs by these names."""
+    names: list[str] = []
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        name = re.sub(r"\W", "_", value.name) or "input"
+        name = f"input_{name}" if name[0].isdigit() or name in _RESERVED else name
+        while name in names:
+            name += "_"
+        names.append(name)
+    return names
+
+
 def logical(rank: int) -> Layout:
     """The identity layout: the value stored in ONNX's axis order."""
     return tuple(range(rank))
@@ -252,16 +268,8 @@ class TfLowering:
 
     # -- the function --------------------------------------------------------------------------------
     def argument_names(self) -> list[str]:
-        """The concrete function's argument (and input ``TensorSpec``) names, one per graph input in order:
-        the IR name when it is a Python identifier, else that name with other characters as ``_``."""
-        names: list[str] = []
-        for value in self.inputs:
-            name = re.sub(r"\W", "_", value.name) or "input"
-            name = f"input_{name}" if name[0].isdigit() or name in _RESERVED else name
-            while name in names:
-                name += "_"
-            names.append(name)
-        return names
+        """The concrete function's argument names (:func:`argument_names`)."""
+        return argument_names(self.model)
 
     def concrete_function(self) -> Any:
         """Trace the model (once) and return the concrete function :func:`lower` describes."""

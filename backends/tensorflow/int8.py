@@ -15,8 +15,10 @@ writing 8-bit tensors. These rules (for :func:`ncc.backends.tensorflow.graph.low
 ===============================  ==========================================================================
 
 Reshape-like ops on 8-bit tensors are the graph lowering's own (they move codes). Everything else is float,
-as the QOperator form left it. A tensor with a non-zero zero point, a grouped convolution that is not
-depthwise, or a quantized op without a rule is one sentence (the profile's pipeline produces none).
+as the QOperator form left it. Activations have no zero point (SCALED mode), except u8 tensors read only by
+1x1 convolutions and linears, whose zero point comes off those layers' biases; any other zero point, a
+grouped convolution that is not depthwise, or a quantized op without a rule is one sentence (the profile's
+pipeline produces none).
 """
 
 from __future__ import annotations
@@ -30,12 +32,6 @@ from ncc.backends.tensorflow import onednn
 from ncc.backends.tensorflow.graph import TfLowering, channels_last, logical
 from ncc.errors import NccError
 
-#: Op types (domain-qualified for contrib ops) that run as oneDNN int8 kernels after this lowering.
-INT8_OPS = {
-    "QLinearConv": "_FusedQuantizedConv2D",
-    "com.microsoft::MatMulIntegerToFloat": "_QuantizedMatMul",
-    "com.microsoft::QGemm": "_QuantizedMatMul",
-}
 #: TensorFlow op types that are int8 kernels (what the check counts in a written SavedModel).
 TF_INT8_KERNELS = frozenset(
     {"_FusedQuantizedConv2D", "_FusedQuantizedDepthwiseConv2D", "_QuantizedMatMul", "QuantizedMaxPool"}

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-#: fused_ops of the convolutions by the activation folded in (a Relu is also what a u8 output's
-#: saturation at 0 gives; Relu6 is left to the saturation at the output's max when it is 6 or less).
-CONV_ACTIVATIONS = {None: [], "Relu": ["Relu"], "Relu6": ["Relu6"]}
+#: fused_ops of the convolutions by the activation folded in (ncc's lowering passes none: a Relu is what a
+#: u8 output's saturation at 0 gives).
+CONV_ACTIVATIONS = {None: [], "Relu": ["Relu"]}
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,6 @@ def dequantize(q: QTensor, name: str):
     return tf.raw_ops.Dequantize(
         input=q.value, min_range=q.lo, max_range=q.hi, mode="SCALED", narrow_range=q.signed, name=name
     )
-
-
-def requantized(q: QTensor, scale: float, signed: bool, name: str) -> QTensor:
-    """``q`` at another scale or signedness (through float: TensorFlow's Requantize wants int32 input)."""
-    if (q.signed, np.float32(q.scale)) == (signed, np.float32(scale)):
-        return q
-    return quantize(dequantize(q, f"{name}/dequantize"), scale, signed, f"{name}/quantize")
 
 
 def conv2d(

@@ -169,23 +169,3 @@ def check_tflite(path: str | os.PathLike) -> TfliteCheck:
 
 def _counts(counter: Counter) -> str:
     return ", ".join(f"{op} {n}" for op, n in sorted(counter.items()))
-
-
-def run_tflite(path: str | os.PathLike, feeds: list[dict], names: list[str]) -> dict[str, list]:
-    """The ``.tflite``'s outputs ``names`` on each feed (one array per feed, as
-    :func:`ncc.passes.quant.fallback.run` returns onnxruntime's), through its ``serving_default`` signature
-    (the IR's input and output names)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    try:
-        runner = Interpreter(model_path=str(path)).get_signature_runner()
-    except (ValueError, RuntimeError) as err:
-        raise NccError(f"{path}: LiteRT cannot load it ({first_line(err)}).") from None
-    results: dict[str, list] = {n: [] for n in names}
-    for feed in feeds:
-        out = runner(**feed)
-        for name in names:
-            if name not in out:
-                raise NccError(f"{path} has no output {name!r}.")
-            results[name].append(out[name])
-    return results

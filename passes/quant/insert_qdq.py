@@ -290,7 +290,7 @@ class _Quantizer:
                 "can run in INT8 in this model."
             )
         quantized_ids = {id(n) for n in quantized}
-        self._planned = lambda node: id(node) in quantized_ids
+        self.quantized_ids = quantized_ids
         for node in quantized:
             self._plan_node(node, quantized_ids)
         self._plan_passthrough(quantized_ids)
@@ -416,7 +416,7 @@ class _Quantizer:
                 return False
             for use in self.need[name].uses():
                 node = use.node
-                if not self._planned(node):
+                if id(node) not in self.quantized_ids:
                     continue  # read in float
                 if use.idx != 0 or not _folds_zero_point(node):
                     return False

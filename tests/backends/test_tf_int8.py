@@ -173,9 +173,9 @@ def test_fer_runs_int8_in_a_fresh_tensorflow_process(fer_int8):
     assert "_FusedQuantizedConv2D" in proc.stdout and "_FusedQuantizedDepthwiseConv2D" in proc.stdout
     got = np.load(tmp / "y.npy")
     # the fresh process reproduces what ncc's own runner (the report's fidelity) computes here, bit for bit
-    from ncc.backends.tensorflow.savedmodel import run_savedmodel
+    from ncc.tools.runtimes import TensorFlowRunner
 
-    here = run_savedmodel(out, [{"input_1": x}], ["predictions"])["predictions"][0]
+    here = TensorFlowRunner(out, None).outputs({"input_1": x})["predictions"]
     np.testing.assert_array_equal(got, here)
     import keras
 
@@ -277,9 +277,9 @@ def test_a_zero_point_folds_into_the_biases_of_1x1_convolutions(tmp_path):
     x = rng.random((16, 12, 12, 3), dtype=np.float32)
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     want = session.run(None, {"image": x})[0]
-    from ncc.backends.tensorflow.savedmodel import run_savedmodel
+    from ncc.tools.runtimes import TensorFlowRunner
 
     name = session.get_outputs()[0].name
-    got = run_savedmodel(tmp_path / "m_int8", [{"image": x}], [name])[name][0]
+    got = TensorFlowRunner(tmp_path / "m_int8", None).outputs({"image": x})[name]
     # the same integer arithmetic; float accumulation order and ties rounded apart move an output step at most
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
