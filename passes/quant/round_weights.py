@@ -114,7 +114,8 @@ class _Moments:
         self.count = 0
         self.sum = np.zeros((groups, k))
         self.outer = np.zeros((groups, k, k))
-        #: the patches themselves (``[P, K]`` each) while a shared group has at most K / 8: see ``patches``
+        #: the batches' patches (``[P, K]`` each) while a shared group has at most K / 8: see ``patches``;
+        #: their outer products are folded in only if more come (a Gemm after a global pool never needs them)
         self.kept: list[np.ndarray] | None = [] if groups == 1 else None
 
     def fold(self, layer: _Layer, x: np.ndarray) -> None:
@@ -132,9 +133,13 @@ class _Moments:
             self.count += columns.shape[2]
         end = start + columns.shape[0]
         self.sum[start:end] += columns.sum(axis=2)
-        self.outer[start:end] += np.matmul(columns, columns.transpose(0, 2, 1))
         if self.kept is not None:
-            self.kept = self.kept + [columns[0].T] if self.count <= self.sum.shape[1] // 8 else None
+            self.kept.append(columns[0].T)
+            if self.count <= self.sum.shape[1] // 8:
+                return
+            self.outer, self.kept = self._outer(), None
+            return
+        self.outer[start:end] += np.matmul(columns, columns.transpose(0, 2, 1))
 
     def patches(self) -> np.ndarray | None:
         """All patches ``[n, K]`` (float64) when there are at most K / 8 of them (a Gemm after a global pool
@@ -144,10 +149,18 @@ class _Moments:
             return None
         return np.concatenate(self.kept).astype(np.float64)
 
+    def _outer(self) -> np.ndarray:
+        """The summed outer products, with the kept batches' folded in batch by batch (as if they had been
+        folded as they came)."""
+        outer = self.outer
+        for patches in self.kept or ():
+            outer = outer + np.matmul(patches.T[None], patches[None])
+        return outer
+
     def covariance(self, damping: float) -> np.ndarray:  # [G, K, K]
         n = max(self.count, 1)
         mean = self.sum / n
-        cov = self.outer / n - mean[:, :, None] * mean[:, None, :]
+        cov = self._outer() / n - mean[:, :, None] * mean[:, None, :]
         k = np.arange(cov.shape[1])
         diag = cov[:, k, k].copy()
         cov *= 1.0 - damping  # off the diagonal; the diagonal (each weight's own error) stays
@@ -350,59 +363,72 @@ def _round(
     summed objective before and after.
 
     A shared ``cov`` is visited in blocks of :data:`BLOCK` columns (GPTQ's lazy batch updates): within a
-    block only the block's columns of ``C d`` are kept current, the rest follow in one product per block."""
-    q = codes.astype(np.int64).copy()
-    lo = np.floor(exact)
-    d = q - exact
+    block only the block's columns of ``C d`` are kept current, the rest follow in one product per block.
+    The state is kept column-major (``[K, C]``): a visit reads and writes one column of every row."""
+    d = codes.astype(np.int64) - exact
     shared = cov.shape[0] == 1
     hd = d @ cov[0] if shared else np.matmul(cov, d[:, :, None])[:, :, 0]  # cov is symmetric
     start = float(np.sum(d * hd))
-    diag = np.broadcast_to(np.diagonal(cov, axis1=1, axis2=2), d.shape)
+    hd = hd.T.copy()  # [K, C] from here on
+    q = codes.astype(np.int64).T.copy()
+    lo = np.floor(exact).T.copy()
+    diag = np.diagonal(cov, axis1=1, axis2=2).T  # [K, 1] shared, else [K, C]
     movable = (q == lo) | (q == lo + 1)
-    width = q.shape[1]
+    width = q.shape[0]
     block = BLOCK if shared else width
     for _ in range(max(0, sweeps)):
         moved = 0
+        other, twice, allowed = _flips(q, lo, movable)
         for b0 in range(0, width, block):
-            cols = slice(b0, min(b0 + block, width))
-            local = hd[:, cols].copy() if shared else hd  # C d, current on the block's columns
-            change = np.zeros((q.shape[0], cols.stop - b0)) if shared else None
-            for k in range(b0, cols.stop):
+            stop = min(b0 + block, width)
+            local = (
+                hd[b0:stop].T.copy() if shared else None
+            )  # [C, block]: C d, current on the block's columns
+            change = np.zeros((q.shape[1], stop - b0)) if shared else None
+            for k in range(b0, stop):
                 j = k - b0 if shared else k
-                step, allowed = _flips(q, lo, movable, k, partner)
+                ok = allowed[k] if partner is None else _pair_safe(q, other, allowed, partner, k)
                 # change of d' C d when d_k moves by step (+-1): 2 step (C d)_k + C_kk
-                gain = 2 * step * local[:, j] + diag[:, k]
-                rows = np.flatnonzero(allowed & (gain < -1e-12 * diag[:, k]))
+                gain = twice[k] * (local[:, j] if shared else hd[k]) + diag[k]
+                rows = np.flatnonzero(ok & (gain < -1e-12 * diag[k]))
                 if rows.size == 0:
                     continue
-                s = step[rows].astype(np.float64)
-                q[rows, k] += step[rows]
-                d[rows, k] += s
+                s = 0.5 * twice[k, rows]
+                q[k, rows] = other[k, rows]
                 if shared:
-                    change[rows, j] += s
-                    local[rows] += s[:, None] * cov[0, k, cols][None, :]
+                    change[rows, j] = s
+                    local[rows] += s[:, None] * cov[0, k, b0:stop][None, :]
                 else:
-                    hd[rows] += s[:, None] * cov[rows, :, k]
+                    hd[:, rows] += cov[rows, :, k].T * s[None, :]
                 moved += rows.size
             if shared and change.any():
-                hd += change @ cov[0, cols, :]
+                hd += (change @ cov[0, b0:stop, :]).T
         if not moved:
             break
-    return q, start, float(np.sum(d * hd))
+    d = q - exact.T
+    return q.T.copy(), start, float(np.sum(d * hd))
 
 
-def _flips(
-    q: np.ndarray, lo: np.ndarray, movable: np.ndarray, k: int, partner: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """For column ``k``: each row's step to its other grid neighbour (+-1), and where that flip is allowed
-    (the code is on one of its two nearest grid points, stays within +-QMAX, and keeps an int16 pair
-    within ``PAIR_LIMIT``)."""
-    other = np.where(q[:, k] == lo[:, k], lo[:, k] + 1, lo[:, k]).astype(np.int64)
-    allowed = movable[:, k] & (np.abs(other) <= QMAX)
-    if partner is not None and partner[k] >= 0:
-        u = q[:, partner[k]]
-        allowed &= ~((other * u > 0) & (np.abs(other) + np.abs(u) > PAIR_LIMIT))
-    return other - q[:, k], allowed
+def _flips(q: np.ndarray, lo: np.ndarray, movable: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every code of ``q`` (``[K, C]``, column-major): its other grid neighbour, twice the step to it
+    (+-2.0), and whether that flip is allowed (the code is on one of its two nearest grid points and the
+    other stays within +-QMAX). Computed once per sweep: a visit changes only its own column's codes, so
+    a column's neighbours are still these when its turn comes (an int16 pair is checked then:
+    :func:`_pair_safe`)."""
+    other = np.where(q == lo, lo + 1, lo).astype(np.int64)
+    allowed = movable & (np.abs(other) <= QMAX)
+    return other, 2.0 * (other - q), allowed
+
+
+def _pair_safe(
+    q: np.ndarray, other: np.ndarray, allowed: np.ndarray, partner: np.ndarray, k: int
+) -> np.ndarray:
+    """``allowed[k]`` narrowed to the flips that keep column ``k``'s int16 pair within ``PAIR_LIMIT``,
+    against its partner's codes as they are now."""
+    if partner[k] < 0:
+        return allowed[k]
+    u, o = q[partner[k]], other[k]
+    return allowed[k] & ~((o * u > 0) & (np.abs(o) + np.abs(u) > PAIR_LIMIT))
 
 
 def _round_low_rank(
@@ -419,9 +445,7 @@ def _round_low_rank(
     ``C d = (1 - damping) X' (X d) / n + damping diag(S) d``: each row keeps ``r = X d`` (n numbers), and a
     column costs ``O(n)`` per row instead of ``O(K)``; no K x K matrix is formed. The same objective, the
     same visiting order and the same flips as :func:`_round` on that covariance."""
-    q = codes.astype(np.int64).copy()
-    lo = np.floor(exact)
-    d = q - exact
+    d = codes.astype(np.int64) - exact
     n = max(patches.shape[0], 1)
     x = patches - patches.mean(axis=0)
     diag = np.einsum("nk,nk->k", x, x) / n
@@ -429,23 +453,28 @@ def _round_low_rank(
     r = d @ x.T  # [rows, n]
 
     def objective() -> float:
-        return float(keep * np.sum(r * r) / n + damping * np.sum(d * d * diag))
+        return float(keep * np.sum(r * r) / n + damping * np.sum(d * d * diag[:, None]))
 
+    d = d.T.copy()  # [K, rows] from here on, as in _round
     start = objective()
+    q = codes.astype(np.int64).T.copy()
+    lo = np.floor(exact).T.copy()
+    xt = x.T.copy()  # [K, n]
     movable = (q == lo) | (q == lo + 1)
     for _ in range(max(0, sweeps)):
         moved = 0
-        for k in range(q.shape[1]):
-            step, allowed = _flips(q, lo, movable, k, partner)
-            cd = keep * (r @ x[:, k]) / n + (1.0 - keep) * diag[k] * d[:, k]  # (C d)_k
-            rows = np.flatnonzero(allowed & (2 * step * cd + diag[k] < -1e-12 * diag[k]))
+        other, twice, allowed = _flips(q, lo, movable)
+        for k in range(q.shape[0]):
+            ok = allowed[k] if partner is None else _pair_safe(q, other, allowed, partner, k)
+            cd = keep * (r @ xt[k]) / n + (1.0 - keep) * diag[k] * d[k]  # (C d)_k
+            rows = np.flatnonzero(ok & (twice[k] * cd + diag[k] < -1e-12 * diag[k]))
             if rows.size == 0:
                 continue
-            s = step[rows].astype(np.float64)
-            q[rows, k] += step[rows]
-            d[rows, k] += s
-            r[rows] += s[:, None] * x[:, k][None, :]
+            s = 0.5 * twice[k, rows]
+            q[k, rows] = other[k, rows]
+            d[k, rows] += s
+            r[rows] += s[:, None] * xt[k][None, :]
             moved += rows.size
         if not moved:
             break
-    return q, start, objective()
+    return q.T.copy(), start, objective()
