@@ -158,7 +158,7 @@ class TensorStats:
             return
         self._cover(min(lo, 0.0), max(hi, 0.0))  # before counting this batch's zeros (see _cover)
         if flat.size > HIST_SAMPLE:  # min/max saw every value; counts and histogram see a strided sample
-            flat = flat[:: _stride(flat.size, x.shape)]
+            flat = flat[:: _stride(flat.size, x.shape)].copy()  # gathered once: two passes read it
         self.count += flat.size
         self.zero_count += int(flat.size - np.count_nonzero(flat))
         if self.width == 0.0:  # only zeros so far: remembered in zero_count, binned on first growth
