@@ -58,6 +58,10 @@ class TargetProfile:
     #: Whether insert-qdq quantizes graph outputs too (every kernel of a full-integer runtime needs an
     #: output scale, the last layer's included).
     quantize_graph_outputs: bool = False
+    #: Output grids the runtime's integer kernels fix, by op type: ``(op, scale, u8 zero point)``. TFLite's
+    #: int8 SOFTMAX and LOGISTIC write 1/256 steps from -128 (u8: from 0); a calibrated scale there costs a
+    #: second rounding, a requantization the converter appends after the kernel.
+    fixed_outputs: tuple[tuple[str, float, int], ...] = ()
     #: Whether a layer between quantized tensors can stay float (min-cosine's fallback). TFLite's converter
     #: quantizes every op whose inputs and outputs carry ranges, so there it cannot.
     float_fallback: bool = True
@@ -171,6 +175,7 @@ TFLITE = replace(
     float_output_ops=frozenset(),
     quantize_graph_outputs=True,
     float_fallback=False,
+    fixed_outputs=(("Softmax", 1 / 256, 0), ("Sigmoid", 1 / 256, 0)),
 )
 
 TARGETS: dict[str, TargetProfile] = {

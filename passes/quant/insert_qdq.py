@@ -402,10 +402,27 @@ class _Quantizer:
                 dtype, sym = ("u8", False) if lo >= 0 else ("s8", True)
                 if lo < 0 and self._zero_point_folds(members):  # ... or u8 with one its readers fold
                     dtype, sym = "u8", False
-            params = quant_params(lo, hi, dtype=dtype, symmetric=sym, reduce_range=self.o.reduce_range)
+            params = self._fixed_params(members, lo, hi, dtype) or quant_params(
+                lo, hi, dtype=dtype, symmetric=sym, reduce_range=self.o.reduce_range
+            )
             for m in members:
                 self.params[m] = params
                 self.dtypes[m] = _QDTYPE[dtype]
+
+    def _fixed_params(
+        self, members: list[str], lo: float, hi: float, dtype: str
+    ) -> tuple[np.float32, int] | None:
+        """The grid the target's kernel fixes for the op writing one of ``members`` (:attr:`TargetProfile.
+        fixed_outputs`), when the tensors sharing it stay within that grid's range; else None."""
+        fixed = {op: (scale, zero) for op, scale, zero in self.target.fixed_outputs}
+        for name in members:
+            producer = self.need[name].producer()
+            if producer is None or producer.op_type not in fixed or self.o.reduce_range:
+                continue
+            scale, zero = fixed[producer.op_type]
+            if lo >= -zero * scale and hi <= (256 - zero) * scale:  # the kernel saturates the last step
+                return np.float32(scale), zero if dtype == "u8" else zero - 128
+        return None
 
     def _zero_point_folds(self, members: list[str]) -> bool:
         """Whether the tensors ``members`` (one scale) can carry a zero point under the ``scaled`` scheme:
