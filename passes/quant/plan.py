@@ -243,8 +243,9 @@ def select(
 
 def observed_values(graph: ir.Graph, target: TargetProfile, op_types: Iterable[str] = ()) -> list[str]:
     """The float activations ``insert-qdq`` may need a range for, in graph order: the activation inputs and
-    outputs (before and after a fused Relu/Clip) of every node it could quantize, of ``op_types`` (else the
-    target profile's), and what pass-through ops move them into.
+    outputs (after a fused Relu/Clip: the layer's own output is never quantized, and exposing it to the
+    calibration run would keep onnxruntime from fusing the activation) of every node it could quantize,
+    of ``op_types`` (else the target profile's), and what pass-through ops move them into.
 
     That is :func:`select` with every candidate quantized: an upper bound on any of insert-qdq's runs,
     since exclusions, skipped nodes and min-cosine's fallbacks only remove integer kernels. A
@@ -260,8 +261,8 @@ def observed_values(graph: ir.Graph, target: TargetProfile, op_types: Iterable[s
     for node, reason in select(graph, target, ops, islands):
         if reason:
             continue
-        for value in (*(node.inputs[i] for i in activation_inputs(node)), node.outputs[0]):
-            add(value)
+        for i in activation_inputs(node):
+            add(node.inputs[i])
         add((fused_activation(node) or node).outputs[0])
     for node in graph:  # what pass-through ops make of an observed value (insert-qdq may quantize it too)
         if is_onnx_domain(node) and node.op_type in target.passthrough_ops and node.inputs:
