@@ -83,13 +83,14 @@ class RoundWeights(Pass):
         layers = [layer for node in model.graph if (layer := _layer(node, floats, paired)) is not None]
         if not layers:
             return PassResult(modified=False)
-        names = list(dict.fromkeys(layer.node.inputs[0].name for layer in layers))
+        sources = {layer.node.inputs[0].name: _Source.of(layer.node.inputs[0]) for layer in layers}
+        names = list(dict.fromkeys(source.name for source in sources.values()))
         session = open_session(model, outputs=names)
         moments = [_Moments(*layer.moment_shape) for layer in layers]
         for feed in fallback.samples(data, self.samples):  # batches of up to 8 samples
             results = session.run(feed, names)
             for layer, m in zip(layers, moments):
-                m.fold(layer, results[layer.node.inputs[0].name])
+                m.fold(layer, sources[layer.node.inputs[0].name].read(results))
             del results
         del session
         rounded = [_round_layer(layer, m, self.damping, self.sweeps) for layer, m in zip(layers, moments)]
@@ -105,6 +106,37 @@ class RoundWeights(Pass):
             f"rounding error variance on calibration data {after / before if before else 1.0:.2f}x nearest's"
         ]
         return PassResult(modified=changed > 0, stats={"weights re-rounded": changed}, notes=notes)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a layer's input is read from the session: the codes its per-tensor DequantizeLinear reads,
+    dequantized here as DequantizeLinear does (``float(q - zp) * scale``), or else the input itself.
+
+    Fetching the dequantized value would give its DequantizeLinear a second reader, and onnxruntime
+    would then run the layer (and the one writing the codes) in float instead of as one integer kernel."""
+
+    name: str
+    scale: np.float32 | None = None
+    zero_point: int = 0
+
+    @staticmethod
+    def of(value: ir.Value) -> _Source:
+        dq = value.producer()
+        if dq is None or dq.op_type != "DequantizeLinear" or not is_onnx_domain(dq) or not dq.inputs[0].name:
+            return _Source(value.name)
+        scale = dq.inputs[1].const_value if len(dq.inputs) > 1 and dq.inputs[1] is not None else None
+        zero = dq.inputs[2] if len(dq.inputs) > 2 else None
+        if scale is None or scale.size != 1 or (zero is not None and zero.const_value is None):
+            return _Source(value.name)
+        zp = int(zero.const_value.numpy().reshape(-1)[0]) if zero is not None else 0
+        return _Source(dq.inputs[0].name, np.float32(scale.numpy().reshape(-1)[0]), zp)
+
+    def read(self, results: dict[str, np.ndarray]) -> np.ndarray:
+        x = results[self.name]
+        if self.scale is None:
+            return x
+        return (x.astype(np.int32) - np.int32(self.zero_point)).astype(np.float32) * self.scale
 
 
 class _Moments:
