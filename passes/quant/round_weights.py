@@ -42,6 +42,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.forked import fork_map
 from ncc.ir.ops import is_onnx_domain
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.quant.insert_qdq import FLOAT_WEIGHT
@@ -86,14 +87,20 @@ class RoundWeights(Pass):
         sources = {layer.node.inputs[0].name: _Source.of(layer.node.inputs[0]) for layer in layers}
         names = list(dict.fromkeys(source.name for source in sources.values()))
         session = open_session(model, outputs=names)
-        moments = [_Moments(*layer.moment_shape) for layer in layers]
-        for feed in fallback.samples(data, self.samples):  # batches of up to 8 samples
-            results = session.run(feed, names)
-            for layer, m in zip(layers, moments):
-                m.fold(layer, sources[layer.node.inputs[0].name].read(results))
-            del results
+        # batches of up to 8 samples; mostly 8-bit codes (see _Source), a few megabytes per batch
+        batches = [session.run(feed, names) for feed in fallback.samples(data, self.samples)]
         del session
-        rounded = [_round_layer(layer, m, self.damping, self.sweeps) for layer, m in zip(layers, moments)]
+
+        def round_layer(index: int) -> tuple[np.ndarray, float, float]:
+            layer = layers[index]
+            moments = _Moments(*layer.moment_shape)
+            for results in batches:
+                moments.fold(layer, sources[layer.node.inputs[0].name].read(results))
+            return _round_layer(layer, moments, self.damping, self.sweeps)
+
+        # each layer's statistics and rounding are its own: half of them in a forked worker
+        done = fork_map(round_layer, len(layers))
+        rounded = done.results
         changed = total = 0
         before = after = 0.0
         for layer, (q, e0, e1) in zip(layers, rounded):
@@ -105,6 +112,7 @@ class RoundWeights(Pass):
             f"round-weights: {changed} of {total} weights of {len(layers)} layers rounded the other way: "
             f"rounding error variance on calibration data {after / before if before else 1.0:.2f}x nearest's"
         ]
+        notes += [f"round-weights: {done.note}"] if done.note else []
         return PassResult(modified=changed > 0, stats={"weights re-rounded": changed}, notes=notes)
 
 
