@@ -58,6 +58,48 @@ def test_builtins_are_discovered():
     assert get_pass("dce") is passes["dce"]
 
 
+LAZY = """
+import sys
+from ncc.passes.spec import parse_pipeline
+parse_pipeline("int8")
+loaded = sorted(m for m in sys.modules if m.startswith(("ncc.passes.woq.", "ncc.passes.sparsity.")))
+assert not loaded, loaded
+from ncc.passes.registry import all_passes, get_pass
+for name, cls in all_passes().items():
+    assert get_pass(name) is cls
+print("ok")
+"""
+
+
+def test_a_pipeline_imports_only_the_passes_it_names():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", LAZY], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_every_builtin_is_found_by_its_name_alone():
+    """Each built-in pass name leads to its module by spelling (the lazy path), in a fresh process."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from ncc.passes import registry\n"
+        "names = sys.argv[1:]\n"
+        "for name in names:\n"
+        "    registry._load_named(name)\n"
+        "missing = [n for n in names if n not in registry._registry]\n"
+        "assert not missing, missing\n"
+        "assert not registry._builtins_loaded\n"
+        "print('ok')\n"
+    )
+    names = [n for n, cls in all_passes().items() if cls.origin == "builtin"]
+    proc = subprocess.run([sys.executable, "-c", script, *names], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
 def test_defining_a_subclass_registers_it():
     @dataclass(frozen=True)
     class Fresh(Pass):
