@@ -37,7 +37,18 @@ _EXIT_SIGPIPE, _EXIT_SIGINT, _EXIT_SIGTERM = 128 + 13, 128 + 2, 128 + 15
 
 
 class _Group(click.Group):
-    """Turns NccError into one line and exit code 2; interrupts and closed pipes into their exit codes."""
+    """Turns NccError into one line and exit code 2; interrupts and closed pipes into their exit codes.
+    ``bench`` (many options, its own imports) is imported when it is asked for or listed."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "bench"})
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name == "bench" and name not in self.commands:
+            from ncc.tools.bench import bench
+
+            self.add_command(bench)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -980,15 +991,6 @@ def list_passes(plugins: tuple[Path, ...]) -> None:
     lines.append("\nPipelines:")
     lines += [f"  {name:<22} {spec}" for name, spec in sorted(PIPELINES.items())]
     _out("\n".join(lines))
-
-
-def _add_bench() -> None:
-    from ncc.tools.bench import bench
-
-    cli.add_command(bench)
-
-
-_add_bench()
 
 
 def main() -> None:
