@@ -458,8 +458,8 @@ def test_min_cosine_keeps_sensitive_nodes_in_float():
 def test_every_quantized_activation_has_a_histogram_range(tmp_path):
     # calibrate bins histograms only for the tensors the target's plan quantizes (plan.binned_values):
     # each QuantizeLinear insert-qdq makes reads one of them. A residual block's bias Add reads a
-    # float-output MatMul: an island next to no integer kernel, never observed; the MatMul outputs are
-    # observed (insert-qdq decides from them) without a histogram
+    # float-output MatMul: an island next to no integer kernel, never observed; nor are the MatMul outputs
+    # (on x86 the integer MatMul writes float, and no reader quantizes them)
     rng = np.random.default_rng(0)
     w1, w2 = (
         numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), n) for n in ("w1", "w2")
@@ -480,12 +480,10 @@ def test_every_quantized_activation_has_a_histogram_range(tmp_path):
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "block.onnx")
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((32, 16)).astype(np.float32))
-    for path, expect_lean in ((tmp_path / "block.onnx", {"h", "y"}), (MODEL, set())):
+    for path, calib in ((tmp_path / "block.onnx", tmp_path / "calib.npz"), (MODEL, CALIB)):
         model = load_onnx(path)
         ctx = PassContext()
-        ctx.data["calibration_data"] = load_calibration_data(
-            str(tmp_path / "calib.npz" if expect_lean else CALIB)
-        )
+        ctx.data["calibration_data"] = load_calibration_data(str(calib))
         ctx.data["progress"] = False
         PassManager("fuse-conv-bn,fuse-activation").run(model, ctx)
         target = get_target("host")
@@ -493,8 +491,8 @@ def test_every_quantized_activation_has_a_histogram_range(tmp_path):
         PassManager("calibrate,insert-qdq").run(model, ctx)
         quantized = [n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear"]
         assert quantized and set(quantized) <= binned, path
-        assert observed - binned == expect_lean, path
-        assert "hb" not in observed
+        assert not observed - binned, path  # nothing observed for min/max alone in these two models
+        assert not {"hb", "h", "y"} & observed
 
 
 def test_min_cosine_compares_with_the_calibration_runs_float_outputs():
