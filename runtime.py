@@ -184,6 +184,7 @@ def open_session(
     else:
         what = what or (f"model {model.graph.name!r}" if model.graph.name else "the model")
         clone = _exposed(model, outputs, prune)
+        _drop_unused_initializers(clone)
         detached = detach_weights(clone, memory_mapped=True)
         for value in clone.graph.initializers.values():  # small external tensors travel in the proto
             tensor = value.const_value
@@ -253,6 +254,19 @@ def detach_weights(model: ir.Model, *, memory_mapped: bool) -> list[tuple[str, n
         )
         detached.append((value.name, array))
     return detached
+
+
+def _drop_unused_initializers(model: ir.Model) -> None:
+    """Remove the main graph's initializers nothing reads (a clone's: onnxruntime would parse them only to
+    drop them; insert-qdq's float weights, kept for correct-bias, are most of a model's bytes until dce)."""
+    graph = model.graph
+    unused = [
+        name
+        for name, value in graph.initializers.items()
+        if not value.uses() and not value.is_graph_output() and not value.is_graph_input()
+    ]
+    for name in unused:
+        graph.initializers.pop(name)
 
 
 def first_line(err: BaseException) -> str:
