@@ -24,7 +24,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
-import importlib.metadata
 import inspect
 import pkgutil
 import re
@@ -141,6 +140,8 @@ def load_builtins() -> None:
 def load_entry_points() -> list[type[Pass]]:
     """Load the installed plugins of the ``ncc.passes`` entry-point group; returns their passes."""
     loaded: list[type[Pass]] = []
+    import importlib.metadata  # 5 ms of imports, for a command that lists or misses a pass
+
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         where = f"entry point '{ep.name} = {ep.value}' (group {ENTRY_POINT_GROUP})"
         before = dict(_registry)

@@ -1010,6 +1010,35 @@ def main() -> None:
         _flush_stdout()
 
 
+def console_main() -> None:
+    """The ``ncc`` console script: :func:`main`, then the process ends without tearing the interpreter
+    down. A compile leaves a large heap (the IR, weights, onnxruntime sessions) that Python's exit would
+    free object by object and sweep with a last garbage collection: 0.05 s after the MNIST CNN, 0.2 s
+    after EfficientNet-Lite0, for nothing the process still needs. The exit handlers run (temporary
+    folders are removed) and both streams are flushed first; code calling :func:`main` keeps the normal
+    exit."""
+    import atexit
+
+    try:
+        main()
+        code: int | str | None = 0
+    except SystemExit as exit:
+        code = exit.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # SystemExit("message"): printed, status 1, as the interpreter does
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def _no_huge_page_hint() -> None:
     """numpy asks the kernel for transparent huge pages on every large array (``madvise``); where the kernel
     then compacts memory in the page fault (THP ``defrag=madvise``, a common server setting), the first
@@ -1051,4 +1080,4 @@ def _flush_stdout() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -51,6 +51,26 @@ def test_version_and_help_do_not_import_frameworks():
     assert ncc("--version").stdout.strip().startswith("ncc, version ")
 
 
+EXIT = """
+import atexit, sys
+atexit.register(lambda: print("exit handlers ran", file=sys.stderr))
+sys.argv = ["ncc", *sys.argv[1:]]
+from ncc.tools.cli import console_main
+console_main()
+"""
+
+
+@pytest.mark.parametrize("args,code", [(["passes"], 0), (["compile", "missing.onnx", "-o", "x.onnx"], 2)])
+def test_the_command_exits_without_teardown_but_with_its_output_and_exit_handlers(tmp_path, args, code):
+    proc = subprocess.run([sys.executable, "-c", EXIT, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.endswith("exit handlers ran\n"), proc.stderr
+    if code == 0:
+        assert proc.stdout.rstrip().splitlines()[-1].startswith("  w8 "), proc.stdout[-300:]  # all of it
+    else:
+        assert proc.stderr.startswith("ncc: error: ") and not list(tmp_path.iterdir())
+
+
 def test_compile_example_optimize_keeps_outputs(tmp_path):
     out = tmp_path / "digits.opt.onnx"
     proc = ncc("compile", EXAMPLE, "--pass", "optimize", "-o", out)
