@@ -28,6 +28,9 @@ On targets whose kernels add u8 x s8 products in int16 pairs (``x86-avx2``,
 :data:`~ncc.passes.quant.pairs.PAIR_LIMIT`, so the weights stay exact there;
 depthwise filters are never paired.
 
+Layers are independent: each one's statistics and rounding is a job, and half of the jobs run in a
+forked worker (:func:`ncc.forked.fork_map`), the other core being idle while one holds the GIL.
+
 What it buys on EfficientNet-Lite0, and how ``damping`` and the number of sampled positions were
 chosen, is in ``benchmarks/RESULTS.md``.
 """
@@ -87,7 +90,7 @@ class RoundWeights(Pass):
         sources = {layer.node.inputs[0].name: _Source.of(layer.node.inputs[0]) for layer in layers}
         names = list(dict.fromkeys(source.name for source in sources.values()))
         session = open_session(model, outputs=names)
-        # batches of up to 8 samples; mostly 8-bit codes (see _Source), a few megabytes per batch
+        # batches of up to 8 samples, all kept: mostly 8-bit codes (see _Source), a quarter of the float inputs
         batches = [session.run(feed, names) for feed in fallback.samples(data, self.samples)]
         del session
 
