@@ -22,7 +22,7 @@ import pickle
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ncc.errors import NccError
@@ -34,7 +34,7 @@ class ForkMap:
 
     results: list[Any]
     forked: bool = False
-    note: str | None = field(default=None)
+    note: str | None = None
 
 
 def can_fork() -> bool:
@@ -44,9 +44,10 @@ def can_fork() -> bool:
     return len(os.sched_getaffinity(0)) >= 2
 
 
-def fork_map(fn: Callable[[int], Any], count: int, *, min_count: int = 4) -> ForkMap:
-    """``[fn(i) for i in range(count)]``, the odd ``i`` computed in a forked child (see the module docstring)."""
-    if count < max(min_count, 2) or not can_fork():
+def fork_map(fn: Callable[[int], Any], count: int, *, min_count: int = 4, fork: bool = True) -> ForkMap:
+    """``[fn(i) for i in range(count)]``, the odd ``i`` computed in a forked child (see the module docstring);
+    ``fork=False`` is the plain loop (the caller judged the jobs too small to pay for a fork)."""
+    if not fork or count < max(min_count, 2) or not can_fork():
         return ForkMap([fn(i) for i in range(count)])
     from threadpoolctl import threadpool_limits
 

@@ -31,6 +31,7 @@ import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.errors import first_line as base_first_line
 from ncc.ir import verifier
+from ncc.ir.rewrite import Rewriter
 
 __all__ = ["Session", "open_session", "run", "session_options", "HANDOFF_BYTES", "detach_weights"]
 
@@ -184,7 +185,11 @@ def open_session(
     else:
         what = what or (f"model {model.graph.name!r}" if model.graph.name else "the model")
         clone = _exposed(model, outputs, prune)
-        _drop_unused_initializers(clone)
+        # initializers nothing reads (insert-qdq's float weights, kept for correct-bias until dce, are most
+        # of a model's bytes): onnxruntime would parse them only to drop them
+        rewriter = Rewriter(clone, clone.graph)
+        for value in list(clone.graph.initializers.values()):
+            rewriter.drop_if_unused(value)
         detached = detach_weights(clone, memory_mapped=True)
         for value in clone.graph.initializers.values():  # small external tensors travel in the proto
             tensor = value.const_value
@@ -254,19 +259,6 @@ def detach_weights(model: ir.Model, *, memory_mapped: bool) -> list[tuple[str, n
         )
         detached.append((value.name, array))
     return detached
-
-
-def _drop_unused_initializers(model: ir.Model) -> None:
-    """Remove the main graph's initializers nothing reads (a clone's: onnxruntime would parse them only to
-    drop them; insert-qdq's float weights, kept for correct-bias, are most of a model's bytes until dce)."""
-    graph = model.graph
-    unused = [
-        name
-        for name, value in graph.initializers.items()
-        if not value.uses() and not value.is_graph_output() and not value.is_graph_input()
-    ]
-    for name in unused:
-        graph.initializers.pop(name)
 
 
 def first_line(err: BaseException) -> str:

@@ -139,9 +139,9 @@ def load_builtins() -> None:
 
 def load_entry_points() -> list[type[Pass]]:
     """Load the installed plugins of the ``ncc.passes`` entry-point group; returns their passes."""
-    loaded: list[type[Pass]] = []
     import importlib.metadata  # 5 ms of imports, for a command that lists or misses a pass
 
+    loaded: list[type[Pass]] = []
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         where = f"entry point '{ep.name} = {ep.value}' (group {ENTRY_POINT_GROUP})"
         before = dict(_registry)

@@ -33,6 +33,8 @@ def test_few_jobs_run_in_this_process():
     parent = os.getpid()
     done = fork_map(lambda i: os.getpid(), 3, min_count=4)
     assert not done.forked and done.results == [parent] * 3
+    done = fork_map(lambda i: os.getpid(), 6, fork=False)  # the caller's judgement: too small to fork
+    assert not done.forked and done.results == [parent] * 6
 
 
 def test_an_error_in_the_child_is_raised_with_its_message():

@@ -290,11 +290,10 @@ class _Quantizer:
                 "can run in INT8 in this model."
             )
         quantized_ids = {id(n) for n in quantized}
-        self.quantized_ids = quantized_ids
         for node in quantized:
             self._plan_node(node, quantized_ids)
         self._plan_passthrough(quantized_ids)
-        self._decide_params()
+        self._decide_params(quantized_ids)
         for node in quantized:
             self._quantize_weights(node)
             node.metadata_props["ncc.quant"] = "int8"
@@ -389,7 +388,7 @@ class _Quantizer:
         if ra != rb:
             self.parent[rb] = ra
 
-    def _decide_params(self) -> None:
+    def _decide_params(self, quantized_ids: set[int]) -> None:
         groups: dict[str, list[str]] = {}
         for name in self.need:
             groups.setdefault(self._find(name), []).append(name)
@@ -400,7 +399,7 @@ class _Quantizer:
             dtype, sym = self.o.activations, symmetric
             if self.o.scheme == "scaled":  # zero point 0: u8 on [0, hi], else s8 on [-A, A] ...
                 dtype, sym = ("u8", False) if lo >= 0 else ("s8", True)
-                if lo < 0 and self._zero_point_folds(members):  # ... or u8 with one its readers fold
+                if lo < 0 and self._zero_point_folds(members, quantized_ids):  # ... or u8 its readers fold
                     dtype, sym = "u8", False
             params = self._fixed_params(members, lo, hi, dtype) or quant_params(
                 lo, hi, dtype=dtype, symmetric=sym, reduce_range=self.o.reduce_range
@@ -414,17 +413,19 @@ class _Quantizer:
     ) -> tuple[np.float32, int] | None:
         """The grid the target's kernel fixes for the op writing one of ``members`` (:attr:`TargetProfile.
         fixed_outputs`), when the tensors sharing it stay within that grid's range; else None."""
+        if self.o.reduce_range:  # the kernels' grids are 8-bit
+            return None
         fixed = {op: (scale, zero) for op, scale, zero in self.target.fixed_outputs}
         for name in members:
             producer = self.need[name].producer()
-            if producer is None or producer.op_type not in fixed or self.o.reduce_range:
+            if producer is None or producer.op_type not in fixed:
                 continue
             scale, zero = fixed[producer.op_type]
             if lo >= -zero * scale and hi <= (256 - zero) * scale:  # the kernel saturates the last step
                 return np.float32(scale), zero if dtype == "u8" else zero - 128
         return None
 
-    def _zero_point_folds(self, members: list[str]) -> bool:
+    def _zero_point_folds(self, members: list[str], quantized_ids: set[int]) -> bool:
         """Whether the tensors ``members`` (one scale) can carry a zero point under the ``scaled`` scheme:
         none is written by an integer kernel (those requantize without one) and every integer reader is a
         1x1 convolution without padding or a linear, whose bias absorbs ``-zp * s * sum(w)`` exactly."""
@@ -433,7 +434,7 @@ class _Quantizer:
                 return False
             for use in self.need[name].uses():
                 node = use.node
-                if id(node) not in self.quantized_ids:
+                if id(node) not in quantized_ids:
                     continue  # read in float
                 if use.idx != 0 or not _folds_zero_point(node):
                     return False

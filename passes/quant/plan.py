@@ -263,8 +263,9 @@ def observed_values(graph: ir.Graph, target: TargetProfile, op_types: Iterable[s
             continue
         for i in activation_inputs(node):
             add(node.inputs[i])
-        if node.op_type not in target.float_output_ops:  # else its output stays float, unless a reader's
-            add((fused_activation(node) or node).outputs[0])  # input: that reader adds it above
+        # a float-output kernel's output stays float; a reader that quantizes it adds it as its input
+        if node.op_type not in target.float_output_ops:
+            add((fused_activation(node) or node).outputs[0])
     for node in graph:  # what pass-through ops make of an observed value (insert-qdq may quantize it too)
         if is_onnx_domain(node) and node.op_type in target.passthrough_ops and node.inputs:
             if node.inputs[0] is not None and node.inputs[0].name in names:

@@ -45,7 +45,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
-from ncc.forked import ForkMap, fork_map
+from ncc.forked import fork_map
 from ncc.ir.ops import is_onnx_domain
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.quant.insert_qdq import FLOAT_WEIGHT
@@ -106,10 +106,8 @@ class RoundWeights(Pass):
 
         # each layer's statistics and rounding are its own: half of them in a forked worker, unless the
         # model is too small to pay for the fork
-        if sum(layer.codes.size for layer in layers) >= FORK_WEIGHTS:
-            done = fork_map(round_layer, len(layers))
-        else:
-            done = ForkMap([round_layer(i) for i in range(len(layers))])
+        big = sum(layer.codes.size for layer in layers) >= FORK_WEIGHTS
+        done = fork_map(round_layer, len(layers), fork=big)
         rounded = done.results
         changed = total = 0
         before = after = 0.0
@@ -431,9 +429,8 @@ def _round(
         other, twice, allowed = _flips(q, lo, movable)
         for b0 in range(0, width, block):
             stop = min(b0 + block, width)
-            local = (
-                hd[b0:stop].T.copy() if shared else None
-            )  # [C, block]: C d, current on the block's columns
+            # [C, block]: C d, current on the block's columns
+            local = hd[b0:stop].T.copy() if shared else None
             change = np.zeros((q.shape[1], stop - b0)) if shared else None
             for k in range(b0, stop):
                 j = k - b0 if shared else k
