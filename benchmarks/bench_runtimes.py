@@ -2,6 +2,7 @@
 
     python benchmarks/bench_runtimes.py                      # MiniLM and EfficientNet-Lite0, batch 1 and 8
     python benchmarks/bench_runtimes.py --models minilm --quick
+    python benchmarks/bench_runtimes.py --models smollm2      # weight-only INT4: decode tokens/s, perplexity
 
 Per model (the ONNX table's files and data), one table: onnxruntime FP32 and ncc ``int8`` (QDQ, as
 ``ncc compile`` writes it), OpenVINO FP32 (``INFERENCE_PRECISION_HINT=f32``: on an AMX CPU OpenVINO
@@ -17,6 +18,9 @@ runtime on held-out data against onnxruntime FP32's outputs: MiniLM's sentence-e
 logistic-regression accuracy on the 1,000 test tweets, EfficientNet-Lite0's top-1 agreement on 480 photo
 crops. "int8 layers" counts the convolutions and fully connected layers OpenVINO's compiled graph runs
 in u8/i8 (its runtime model's ``runtimePrecision``), against all of them. Needs ``pip install openvino``.
+
+``smollm2``: SmolLM2-135M's decode step and perplexity with ncc's ``w4`` and NNCF's weight compression in
+both runtimes (``benchmarks/runtimes_llm.py`` says how).
 """
 
 from __future__ import annotations
@@ -194,7 +198,9 @@ def run_task(key: str, quick: bool, workdir: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 timing rounds instead of 9")
-    parser.add_argument("--models", default="minilm,efficientnet", help="comma-separated: " + ",".join(TASKS))
+    parser.add_argument(
+        "--models", default="minilm,efficientnet", help="comma-separated: " + ",".join([*TASKS, "smollm2"])
+    )
     args = parser.parse_args()
     import openvino as ov
     from bench_int8 import machine_line
@@ -202,10 +208,15 @@ def main() -> None:
     lines = []
     with tempfile.TemporaryDirectory(prefix="ncc-runtimes-") as tmp:
         for key in args.models.split(","):
-            lines += run_task(key, args.quick, Path(tmp))
+            if key == "smollm2":
+                import runtimes_llm
+
+                lines += runtimes_llm.run(args.quick, Path(tmp))
+            else:
+                lines += run_task(key, args.quick, Path(tmp))
     import onnxruntime
 
-    print("# One artefact, two runtimes: onnxruntime and OpenVINO (FP32, BF16, ncc INT8)\n")
+    print("# One artefact, two runtimes: onnxruntime and OpenVINO (FP32, BF16, ncc INT8, ncc W4)\n")
     print(
         f"command: python benchmarks/bench_runtimes.py{' --quick' if args.quick else ''} --models {args.models}"
     )

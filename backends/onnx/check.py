@@ -66,6 +66,8 @@ class RuntimeCheck:
     #: What the checked nodes are and what they should run as (bf16 models: "bf16 layers", "bf16 kernels").
     label: str = "quantized nodes"
     low_label: str | None = None
+    #: What else the runtime does to the checked layers that changes their numbers (one sentence each).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -90,6 +92,7 @@ class RuntimeCheck:
             lines.append(f"  not checked: {self.unnamed} quantized nodes without a unique name")
         for name, kernel in sorted(self.requantized.items()):
             lines.append(f"  runs quantized although ncc kept it in float: {name} ({kernel})")
+        lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
 
 

@@ -1,8 +1,13 @@
-"""Check an emitted model on OpenVINO: which quantized layers its CPU plugin really runs in int8.
+"""Check an emitted model on OpenVINO: which quantized layers its CPU plugin really runs in int8 or int4.
 
 OpenVINO reads ncc's QDQ ONNX as it is; its low-precision transformations turn each
 DequantizeLinear -> Conv/MatMul/Gemm -> QuantizeLinear group into an int8 layer when the pattern
-fits, and silently run it in floating point (bf16 or f32) when it does not. This compiles the
+fits, and silently run it in floating point (bf16 or f32) when it does not. A weight-only layer
+(``w4``/``w8``: a MatMulNBits, or a blocked DequantizeLinear -> MatMul) becomes a FullyConnected
+layer that reads the packed weight and reports the weight's precision (u4/i4/u8/i8) as its own; by
+default OpenVINO also quantizes such a layer's activations to int8 at run time, per group of input
+channels (``DYNAMIC_QUANTIZATION_GROUP_SIZE``), which the check notes: those numbers are not
+onnxruntime's float-activation MatMulNBits'. This compiles the
 artefact for the CPU the way a user will (default configuration) and reads the compiled graph back
 (``compiled.get_runtime_model()``): each executed layer names the original layers it absorbed
 (``originalLayersNames``) and the precision it runs in (``runtimePrecision``). Every convolution and
@@ -19,8 +24,10 @@ import onnx_ir as ir
 from ncc.backends.onnx.check import RuntimeCheck
 from ncc.errors import NccError
 
-COMPUTE = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+COMPUTE = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "MatMulNBits"})
 INT8 = frozenset({"u8", "i8"})
+#: Runtime precisions of a weight-only layer that really reads its packed weight.
+PACKED = frozenset({"u4", "i4", "u8", "i8"})
 #: Executed layer types a convolution or linear can end up in (a fused attention block: ``Subgraph``).
 LAYERS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution", "Subgraph")
 
@@ -39,11 +46,12 @@ def check_on_openvino(path: str | Path, model: ir.Model, *, shown: str | Path | 
         for n in model.graph
         if n.op_type in COMPUTE
         and (
-            n.metadata_props.get("ncc.quant", "").startswith("int8")
+            n.metadata_props.get("ncc.quant", "").startswith(("int8", "w4", "w8"))
             or n.metadata_props.get("ncc.precision") == "bf16"
         )
     ]
     quantized = {n.name: n.op_type for n in marked if n.name and names[n.name] == 1}
+    weight_only = {n.name for n in marked if n.metadata_props.get("ncc.quant", "").startswith(("w4", "w8"))}
     try:
         # an .xml carries the bf16 hint the backend wrote; an .onnx cannot: the user passes it, as here
         config = {"INFERENCE_PRECISION_HINT": "bf16"} if bf16 and Path(path).suffix == ".onnx" else {}
@@ -64,6 +72,8 @@ def check_on_openvino(path: str | Path, model: ir.Model, *, shown: str | Path | 
     if bf16:
         check.label = "bf16 layers"
         check.low_label = "bf16 kernels"
+    elif weight_only and weight_only >= set(quantized):
+        check.low_label = "weight-only quantized kernels"
     # a float MatMul fused with its bias Add (or attention's scale Mul) is named after that op in
     # OpenVINO's executed graph, a layer producing a graph output after the output
     aliases = {
@@ -89,9 +99,20 @@ def check_on_openvino(path: str | Path, model: ir.Model, *, shown: str | Path | 
             check.float_[name] = f"{op} not found among OpenVINO's executed layers"
             continue
         kind, precision = found[0]
-        if precision in INT8 or (bf16 and precision == "bf16"):
+        if (
+            precision in INT8
+            or (bf16 and precision == "bf16")
+            or (name in weight_only and kind == "FullyConnected" and precision in PACKED)
+        ):
             check.integer[name] = kind
             check.kernels[f"{kind} {precision}"] += 1
         else:
             check.float_[name] = f"{op} runs as {kind} in {precision or 'an unknown precision'}"
+    packed = sum(1 for name in check.integer if name in weight_only)
+    group = int(compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")) if packed else 0
+    if group:
+        check.notes.append(
+            f"OpenVINO quantizes the activations of these {packed} weight-only layers to int8 at run time, in "
+            f"groups of {group} input channels (DYNAMIC_QUANTIZATION_GROUP_SIZE={group}; 0 keeps them in float)"
+        )
     return check

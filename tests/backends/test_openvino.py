@@ -170,3 +170,38 @@ def test_target_best_refusals(tmp_path):
     no_calib = ncc("compile", FLOAT, "--pass", "int8-dynamic", "--target", "best", "-o", tmp_path / "m.onnx")
     assert no_calib.exit_code == 2 and "--target best times candidates on calibration data" in no_calib.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+def test_w4_checks_every_packed_matmul_as_an_int4_layer(tmp_path, fmt):
+    """MiniLM's 36 weight MatMuls through ``w4`` for the openvino target, in both weight-only forms: the
+    check counts each as a FullyConnected layer OpenVINO runs on its u4 weight (the runtime graph's
+    precision) and notes that OpenVINO quantizes their activations at run time; with that off, OpenVINO's
+    outputs are onnxruntime's float-activation ones for the same file."""
+    from realmodels import minilm_inputs, minilm_onnx
+
+    out = tmp_path / f"minilm.{fmt}.w4.onnx"
+    result = ncc(
+        "compile", minilm_onnx("legacy"), "--pass", "w4", "--group-size", "32", "--format", fmt,
+        "--target", "openvino", "-o", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert (
+        "36/36 quantized nodes run as weight-only quantized kernels (FullyConnected u4 36)" in result.stderr
+    )
+    assert re.search(
+        r"activations of these 36 weight-only layers to int8 at run time, in groups of \d+", result.stderr
+    )
+    feed = minilm_inputs(2)
+    float_activations = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+    compiled = ov.Core().compile_model(str(out), "CPU", float_activations)
+    got = np.array(compiled(feed)[compiled.output(0)])
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()  # the qdq form fuses into MatMulNBits at this compute type (0: float)
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    want = session.run(None, feed)[0]
+    # the same int4 weights, f32 activations in both: only accumulation order differs
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), np.abs(got - want).max()
