@@ -24,7 +24,7 @@ from ncc.errors import NccError
 from ncc.passes.base import Pass
 
 METHODS = ("mse", "minmax", "percentile", "entropy")
-ALPHAS = (0.5, 0.25, 0.75, 0.0)
+ALPHAS = (0.9, 0.5, 0.75, 0.0)  # the default first (smooth-quant: measured best on MiniLM)
 
 
 @dataclass(frozen=True)

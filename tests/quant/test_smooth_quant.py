@@ -121,10 +121,18 @@ def test_rescaled_range_is_computed_from_channel_ranges(tmp_path):
 def test_int8_error_drops_with_smoothing(tmp_path):
     ref = _reference(tmp_path)
     errors = {}
-    for name, spec in (("plain", "calibrate,insert-qdq"), ("smoothed", "calibrate,smooth-quant,insert-qdq")):
+    specs = {
+        "plain": "calibrate,insert-qdq",
+        "alpha 0.5": "calibrate,smooth-quant{alpha=0.5},insert-qdq",
+        "default": "calibrate,smooth-quant,insert-qdq",
+    }
+    for name, spec in specs.items():
         _, _, _, path = _run_spec(tmp_path, spec)
         errors[name] = float(np.linalg.norm(_outputs(path, _digits()[1000:]) - ref) / np.linalg.norm(ref))
-    assert errors["smoothed"] < 0.7 * errors["plain"], errors
+    # on this toy (random Gaussian weights, one outlier pattern) the paper's alpha suits best; the default
+    # 0.9, chosen on a real transformer, moves more range into weights with one scale per column
+    assert errors["alpha 0.5"] < 0.7 * errors["plain"], errors
+    assert errors["default"] < 0.95 * errors["plain"], errors
 
 
 def test_insert_mul_smooths_an_activation_no_layer_norm_produces(tmp_path):
@@ -135,8 +143,10 @@ def test_insert_mul_smooths_an_activation_no_layer_norm_produces(tmp_path):
     assert mul.op_type == "Mul" and KEEP_FLOAT in mul.metadata_props
     got, ref = _outputs(path, _digits()[1000:]), _reference(tmp_path, producer="Relu")
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-    # and by default it leaves such activations alone
+    # on by default; insert-mul=false leaves such activations alone
     _, _, report, _ = _run_spec(tmp_path, "calibrate,smooth-quant", producer="Relu")
+    assert report.records[-1].stats["Mul before MatMuls"] == 1
+    _, _, report, _ = _run_spec(tmp_path, "calibrate,smooth-quant{insert-mul=false}", producer="Relu")
     assert report.records[-1].stats["tensors smoothed"] == 0
 
 
