@@ -99,7 +99,7 @@ class Bf16Precision(Pass):
             f"bf16: {counts['bf16']} Conv/MatMul/Gemm layers in bf16, {counts['fp32']} ops in f32 by rule "
             f"(normalizations, softmax, reductions, exp/log/pow/div), on {BF16_TARGETS[target.name]}"
         ]
-        if not _host_has_bf16():
+        if not host_has_bf16():
             notes.append(
                 "this CPU has no AVX512-BF16 or AMX-BF16: bf16 is emulated here and runs slower than f32 "
                 "(the artefact is still right for a CPU that has them)"
@@ -123,7 +123,7 @@ class Bf16Precision(Pass):
         return PassResult(modified=True, stats=stats, notes=notes)
 
 
-def _host_has_bf16() -> bool:
+def host_has_bf16() -> bool:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
