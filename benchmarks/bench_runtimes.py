@@ -26,7 +26,6 @@ both runtimes (``benchmarks/runtimes_llm.py`` says how).
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import sys
 import tempfile
@@ -43,45 +42,21 @@ EVAL_CROPS = 480
 COMPUTE_LAYERS = ("Convolution", "FullyConnected", "MatMul", "Deconvolution")
 
 
-class OrtRunner:
-    def __init__(self, path: Path):
-        self.session = m.session(path, THREADS)
-        self.names = [i.name for i in self.session.get_inputs()]
+def open_in(runtime: str, path: Path, precision: str | None = None):
+    """``path`` in ``runtime`` (:mod:`ncc.tools.runtimes`); ``precision`` forces OpenVINO's precision hint."""
+    from ncc.tools.runtimes import open_runner
 
-    def run(self, _outputs, feed):
-        return self.session.run(None, {k: feed[k] for k in self.names})
-
-    def first(self, feed) -> np.ndarray:
-        return self.run(None, feed)[0]
+    return open_runner(runtime, path, THREADS, {"INFERENCE_PRECISION_HINT": precision} if precision else None)
 
 
-class OvRunner:
-    def __init__(self, path: Path, precision: str | None):
-        import openvino as ov
+def first(runner, feed) -> np.ndarray:
+    return next(iter(runner.outputs(feed).values()))
 
-        config = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-        if precision:
-            config["INFERENCE_PRECISION_HINT"] = precision
-        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
-        self.request = self.compiled.create_infer_request()
-        self.names = [i.get_any_name() for i in self.compiled.inputs]
 
-    def run(self, _outputs, feed):
-        return self.request.infer({k: feed[k] for k in self.names})
-
-    def first(self, feed) -> np.ndarray:
-        return np.array(self.run(None, feed)[self.compiled.output(0)])
-
-    def layers(self) -> tuple[int, int]:
-        """(compute layers running in u8/i8, compute layers) in OpenVINO's compiled graph."""
-        counts = collections.Counter()
-        for op in self.compiled.get_runtime_model().get_ordered_ops():
-            info = op.get_rt_info()
-            kind = info["layerType"].astype(str) if "layerType" in info else ""
-            if kind in COMPUTE_LAYERS:
-                precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else ""
-                counts["int8" if precision in ("u8", "i8") else "other"] += 1
-        return counts["int8"], counts["int8"] + counts["other"]
+def int8_layers(runner) -> tuple[int, int]:
+    """(compute layers running in u8/i8, compute layers) in OpenVINO's compiled graph."""
+    counts = runner.layer_precisions(COMPUTE_LAYERS)
+    return counts["u8"] + counts["i8"], sum(counts.values())
 
 
 def _minilm():
@@ -92,7 +67,7 @@ def _minilm():
         out = []
         for i in range(0, len(test["input_ids"]), 32):
             chunk = {k: v[i : i + 32] for k, v in test.items()}
-            out.append(m.pooled(runner.first(chunk), chunk["attention_mask"]))
+            out.append(m.pooled(first(runner, chunk), chunk["attention_mask"]))
         emb = np.concatenate(out)
         cosine = float(np.mean(m.sample_cosines(sentiment.ref_test, emb)))
         return {"quality": cosine, "accuracy": float(sentiment.head.score(emb, sentiment.y_test))}
@@ -108,7 +83,7 @@ def _efficientnet():
 
     def quality(runner) -> dict:
         logits = np.concatenate(
-            [runner.first({"image": crops[i : i + 16]}) for i in range(0, len(crops), 16)]
+            [first(runner, {"image": crops[i : i + 16]}) for i in range(0, len(crops), 16)]
         )
         if "ref" not in reference:
             reference["ref"] = logits  # the first runner is onnxruntime FP32
@@ -161,16 +136,21 @@ def run_task(key: str, quick: bool, workdir: Path) -> list[str]:
 
     # without bf16 hardware OpenVINO emulates a forced bf16 hint at 0.03-0.04x onnxruntime FP32 (MiniLM,
     # RESULTS.md), and scoring it on 1,000 tweets takes ten minutes: that row runs only where bf16 is native
-    forced_bf16 = [("OpenVINO, FP32 model, precision hint bf16", lambda: OvRunner(task.float_model, "bf16"))]
+    forced_bf16 = [
+        ("OpenVINO, FP32 model, precision hint bf16", lambda: open_in("openvino", task.float_model, "bf16"))
+    ]
     rows = [
-        ("onnxruntime FP32", lambda: OrtRunner(task.float_model)),
-        ("onnxruntime, ncc int8 (QDQ)", lambda: OrtRunner(int8)),
-        ("OpenVINO FP32 (precision hint f32)", lambda: OvRunner(task.float_model, "f32")),
+        ("onnxruntime FP32", lambda: open_in("onnxruntime", task.float_model)),
+        ("onnxruntime, ncc int8 (QDQ)", lambda: open_in("onnxruntime", int8)),
+        ("OpenVINO FP32 (precision hint f32)", lambda: open_in("openvino", task.float_model, "f32")),
         *(forced_bf16 if host_has_bf16() else []),
-        ("OpenVINO, ncc int8 (QDQ) as is", lambda: OvRunner(int8, None)),
-        ("OpenVINO, ncc int8 --target openvino", lambda: OvRunner(ov_int8, None)),
-        ("OpenVINO, ncc bf16 (.xml, its own hint)", lambda: OvRunner(bf16, None)),
-        ("OpenVINO, NNCF int8 (nncf.quantize, same calibration data)", lambda: OvRunner(nncf_int8, None)),
+        ("OpenVINO, ncc int8 (QDQ) as is", lambda: open_in("openvino", int8)),
+        ("OpenVINO, ncc int8 --target openvino", lambda: open_in("openvino", ov_int8)),
+        ("OpenVINO, ncc bf16 (.xml, its own hint)", lambda: open_in("openvino", bf16)),
+        (
+            "OpenVINO, NNCF int8 (nncf.quantize, same calibration data)",
+            lambda: open_in("openvino", nncf_int8),
+        ),
     ]
     runners = [(name, make()) for name, make in rows]
     scores = {name: quality(runner) for name, runner in runners}
@@ -189,7 +169,7 @@ def run_task(key: str, quick: bool, workdir: Path) -> list[str]:
     lines = ["", head, "|" + "---|" * (head.count("|") - 1)]
     for name, runner in runners:
         s = scores[name]
-        layers = f"{'/'.join(map(str, runner.layers()))}" if isinstance(runner, OvRunner) else ""
+        layers = "/".join(map(str, int8_layers(runner))) if runner.runtime == "openvino" else ""
         shown = f" {s['accuracy']:.3f} |" if accuracy else ""
         line = f"| {name} | {s['quality']:.4f} |{shown} {layers} |"
         for batch in (1, 8):

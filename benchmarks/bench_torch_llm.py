@@ -34,26 +34,58 @@ import llm_models as LM  # noqa: E402
 import llm_torch  # noqa: E402
 
 PROMPT_TOKENS = 16
+DECODE_CALIB = 64
 
 
-def decode_rows(groups: list[int], threads: list[int], rounds: int, new_tokens: int) -> list[str]:
+def decode_calibration(step, tokens: np.ndarray) -> list[tuple]:
+    """The decode step's inputs at each position of ``tokens`` fed one at a time (teacher-forced, each
+    step's keys and values written to the cache as :func:`llm_torch.generate` does): what GPTQ and AWQ
+    calibrate a decode-step model on."""
+    token, position, mask, past_k, past_v = (t.clone() for t in step.example_inputs())
+    feeds = []
+    with torch.no_grad():
+        for p, t in enumerate(tokens):
+            token = torch.tensor([[int(t)]], dtype=torch.int64)
+            position = torch.tensor([[p]], dtype=torch.int64)
+            feeds.append((token, position, mask.clone(), past_k.clone(), past_v.clone()))
+            _, k, v = step(token, position, mask, past_k, past_v)
+            past_k[:, :, :, p], past_v[:, :, :, p] = k[:, :, :, 0], v[:, :, :, 0]
+            mask[0, p] = 0.0
+    return feeds
+
+
+def decode_rows(
+    groups: list[int], threads: list[int], rounds: int, new_tokens: int, algos: list[str] = ("rtn",)
+) -> list[str]:
     import ncc.torch
     from ncc.tools.torch_api import inductor
 
     step = llm_torch.decode_step()
     prompt = LM.eval_windows(1, PROMPT_TOKENS)[0]
     models = {"FP32 (torch.compile)": (inductor(step), None, "")}
-    for group in groups:
-        start = time.perf_counter()
-        compiled = ncc.torch.compile(
-            step, step.example_inputs(), pipeline="w4", options=f"group-size={group}", check=False
-        )
-        seconds = time.perf_counter() - start
-        compiled(*step.example_inputs())  # Inductor compiles here; compiled.check reads the graph it ran
-        models[f"ncc w4 RTN G{group}"] = (compiled, seconds, compiled.check.summary())
-        print(
-            f"[decode] ncc w4 G{group}: quantize {seconds:.1f}s; {compiled.check.summary()}", file=sys.stderr
-        )
+    # GPTQ and AWQ calibrate on the decode step's own inputs over DECODE_CALIB tokens of the calibration text
+    calib = (
+        decode_calibration(step, LM.calibration_windows(1)[0][:DECODE_CALIB])
+        if set(algos) - {"rtn"}
+        else None
+    )
+    for algo in algos:
+        for group in groups:
+            start = time.perf_counter()
+            compiled = ncc.torch.compile(
+                step,
+                step.example_inputs(),
+                pipeline=f"fold-constants,woq-{algo}{{group-size={group}}},pack-int4",
+                calib=None if algo == "rtn" else calib,
+                check=False,
+            )
+            seconds = time.perf_counter() - start
+            compiled(*step.example_inputs())  # Inductor compiles here; compiled.check reads the graph it ran
+            models[f"ncc w4 {algo.upper()} G{group}"] = (compiled, seconds, compiled.check.summary())
+            print(
+                f"[decode] ncc w4 {algo.upper()} G{group}: quantize {seconds:.1f}s; {compiled.check.summary()}",
+                file=sys.stderr,
+            )
     reference = None
     agreement = {}
     for name, (fn, _, _) in models.items():
@@ -145,6 +177,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--groups", default="32,64")
     parser.add_argument("--algos", default="rtn,gptq,awq", help="for the perplexity table")
+    parser.add_argument("--decode-algos", default="rtn", help="for the decode table (gptq, awq: slower)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-perplexity", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
@@ -153,7 +186,13 @@ def main() -> None:
 
     groups = [int(g) for g in args.groups.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
-    decode = [] if args.skip_decode else decode_rows(groups, threads, 3 if args.quick else 7, args.new_tokens)
+    decode = (
+        []
+        if args.skip_decode
+        else decode_rows(
+            groups, threads, 3 if args.quick else 7, args.new_tokens, args.decode_algos.split(",")
+        )
+    )
     perplexity = [] if args.skip_perplexity else perplexity_rows(args.algos.split(","), groups)
     facts = machine_facts()
     print("# SmolLM2-135M weight-only INT4 through ncc's torch path\n")
@@ -164,6 +203,7 @@ def main() -> None:
     )
     flags = [f for f, on in switches if on]
     flags += [f"--threads {args.threads}", f"--groups {args.groups}", f"--algos {args.algos}"]
+    flags += [f"--decode-algos {args.decode_algos}"]
     print(f"command: python benchmarks/bench_torch_llm.py {' '.join(flags)}")
     print(
         f"machine: {facts['cpu']}, {facts['cores']} cores; avx2={facts['avx2']} avx512_vnni={facts['avx512_vnni']} "

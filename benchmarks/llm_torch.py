@@ -3,9 +3,10 @@
 - :class:`DecodeStep`: one greedy-decoding step with a static KV cache, the graph whose speed decides
   tokens/s. Inputs ``token`` (int64 [1, 1]), ``position`` (int64 [1, 1]), ``mask`` (float32 [1, L + 1]:
   0 for the cache slots in use and the new token, a large negative number for the free ones),
-  ``past_k`` / ``past_v`` (float32 [layers, 1, kv_heads, L, head_dim]); outputs ``logits`` [1, vocab]
-  and the step's keys and values ([layers, 1, kv_heads, 1, head_dim]), which the caller writes into
-  its cache at ``position``. Static shapes throughout, so one exported graph serves every step (the
+  ``past_k`` / ``past_v`` (float32 [1, layers, kv_heads, L, head_dim]); outputs ``logits`` [1, vocab]
+  and the step's keys and values ([1, layers, kv_heads, 1, head_dim]), which the caller writes into
+  its cache at ``position``. Every input's first axis is the batch, as calibration data's must be
+  (GPTQ and AWQ calibrate on the step's own inputs). Static shapes throughout, so one exported graph serves every step (the
   torch backend needs static shapes; the same program ``torch.compile`` gets for FP32).
   Built from the Hugging Face model's own modules (projections, RMSNorm, rotary embedding), with
   the attention written out for a single query: the arithmetic of ``LlamaAttention`` (eager), checked
@@ -62,15 +63,15 @@ class DecodeStep(torch.nn.Module):
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
             new_k.append(k)
             new_v.append(v)
-            keys = torch.cat([past_k[i], k], dim=2)  # [1, kv_heads, L + 1, head_dim]
-            values = torch.cat([past_v[i], v], dim=2)
+            keys = torch.cat([past_k[:, i], k], dim=2)  # [1, kv_heads, L + 1, head_dim]
+            values = torch.cat([past_v[:, i], v], dim=2)
             keys, values = self.repeat_kv(keys, repeat), self.repeat_kv(values, repeat)
             scores = (q @ keys.transpose(2, 3)) / math.sqrt(self.head_dim) + mask
             context = torch.softmax(scores, dim=-1) @ values  # [1, heads, 1, head_dim]
             h = h + attn.o_proj(context.transpose(1, 2).reshape(1, 1, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = self.lm.lm_head(model.norm(h))[:, 0]
-        return logits, torch.stack(new_k), torch.stack(new_v)
+        return logits, torch.stack(new_k, dim=1), torch.stack(new_v, dim=1)
 
     def repeat_kv(self, x, repeat: int):
         """Each key/value head shared by ``repeat`` query heads (grouped-query attention)."""
@@ -79,7 +80,7 @@ class DecodeStep(torch.nn.Module):
         return x.reshape(1, self.heads, slots, self.head_dim)
 
     def example_inputs(self):
-        cache = torch.zeros(self.layers, 1, self.kv_heads, self.cache_len, self.head_dim)
+        cache = torch.zeros(1, self.layers, self.kv_heads, self.cache_len, self.head_dim)
         mask = torch.full((1, self.cache_len + 1), MASKED)
         mask[0, -1] = 0.0
         return (
@@ -103,7 +104,7 @@ def decode_step(cache_len: int = CACHE_LEN) -> DecodeStep:
 
 def decode_onnx(cache_len: int = CACHE_LEN) -> Path:
     """:func:`decode_step` exported by the torch.export-based exporter (opset 20, float32), cached as
-    ``smollm2-135m-decode-<cache_len>/model.onnx`` + ``model.onnx.data``; the weight MatMuls carry their
+    ``smollm2-135m-decode-b1-<cache_len>/model.onnx`` + ``model.onnx.data``; the weight MatMuls carry their
     module's name as in :func:`realmodels.smollm2_onnx`. Inputs and outputs as :class:`DecodeStep`'s."""
 
     def build(tmp: Path) -> None:
@@ -122,7 +123,7 @@ def decode_onnx(cache_len: int = CACHE_LEN) -> Path:
         program.save(str(tmp / "model.onnx"), external_data=True)
         realmodels._name_linear_weights(tmp / "model.onnx", prefix="lm.")
 
-    return realmodels._cached(f"smollm2-135m-decode-{cache_len}", build)
+    return realmodels._cached(f"smollm2-135m-decode-b1-{cache_len}", build)
 
 
 def generate(step, prompt: np.ndarray, new_tokens: int, template: DecodeStep) -> tuple[list[int], float]:

@@ -43,57 +43,22 @@ AGREE_TOKENS = 96
 QUICK_WINDOWS = 16
 
 
-def _ov_config(precision: str | None) -> dict:
-    config = {"INFERENCE_NUM_THREADS": L.THREADS, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-    if precision:
-        config["INFERENCE_PRECISION_HINT"] = precision
-    return config
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
+"""Every OpenVINO row runs its float parts in f32 (an AMX CPU would otherwise pick bf16 for all but ORT's)."""
 
 
-class Runner:
-    """One model in one runtime: ``run(outputs, feed)`` for ``time_blocks``, ``outputs(feed)`` by name."""
+def open_runner(runtime: str, path: Path, config: dict | None = None):
+    from ncc.tools.runtimes import open_runner
 
-    def __init__(self, runtime: str, path: Path, config: dict | None = None):
-        self.runtime = runtime
-        if runtime == "onnxruntime":
-            self.session = L.session(path, L.THREADS)
-            self.inputs = [i.name for i in self.session.get_inputs()]
-            self.names = [o.name for o in self.session.get_outputs()]
-        else:
-            import openvino as ov
+    return open_runner(runtime, path, L.THREADS, {**F32, **(config or {})} if runtime == "openvino" else None)
 
-            # f32 activations everywhere (an AMX CPU would otherwise pick bf16 for every row but ORT's)
-            self.compiled = ov.Core().compile_model(str(path), "CPU", {**_ov_config("f32"), **(config or {})})
-            self.request = self.compiled.create_infer_request()
-            self.inputs = [i.get_any_name() for i in self.compiled.inputs]
-            self.names = [o.get_any_name() for o in self.compiled.outputs]
 
-    def run(self, _outputs, feed):
-        if self.runtime == "onnxruntime":
-            return self.session.run(None, {k: feed[k] for k in self.inputs})
-        return self.request.infer({k: feed[k] for k in self.inputs})
-
-    def outputs(self, feed) -> dict[str, np.ndarray]:
-        result = self.run(None, feed)
-        if self.runtime == "onnxruntime":
-            return dict(zip(self.names, result))
-        return {n: np.array(result[port]) for n, port in zip(self.names, self.compiled.outputs)}
-
-    def packed_layers(self) -> str:
-        """OpenVINO: ``u4/total`` FullyConnected layers by their runtime precision (``u4 198, u8 2``)."""
-        if self.runtime == "onnxruntime":
-            return ""
-        from collections import Counter
-
-        counts = Counter()
-        for op in self.compiled.get_runtime_model().get_ordered_ops():
-            info = op.get_rt_info()
-            if "layerType" in info and info["layerType"].astype(str) == "FullyConnected":
-                counts[info["runtimePrecision"].astype(str)] += 1
-        return ", ".join(f"{p} {n}" for p, n in sorted(counts.items()))
-
-    def close(self) -> None:
-        self.session = self.request = self.compiled = None
+def packed_layers(runner) -> str:
+    """OpenVINO: the FullyConnected layers by their runtime precision (``u4 198, u8 2``); "" for onnxruntime."""
+    if runner.runtime == "onnxruntime":
+        return ""
+    counts = runner.layer_precisions(("FullyConnected",))
+    return ", ".join(f"{p} {n}" for p, n in sorted(counts.items()))
 
 
 def nncf_int4(path: Path, out: Path, all_layers: bool) -> float:
@@ -137,7 +102,7 @@ def step_feed(decode: Path, position: int) -> dict[str, np.ndarray]:
     }
 
 
-def next_tokens(runner: Runner, decode: Path, ids: np.ndarray) -> np.ndarray:
+def next_tokens(runner, decode: Path, ids: np.ndarray) -> np.ndarray:
     """The decode step's argmax after each of ``ids`` (fed one per step, the cache kept as a caller would)."""
     feed = step_feed(decode, 0)
     out = []
@@ -151,7 +116,7 @@ def next_tokens(runner: Runner, decode: Path, ids: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
-def perplexity(runner: Runner, windows: np.ndarray) -> float:
+def perplexity(runner, windows: np.ndarray) -> float:
     nll = []
     for i in range(0, len(windows), L.EVAL_BATCH):
         ids = windows[i : i + L.EVAL_BATCH]
@@ -234,12 +199,12 @@ def run(quick: bool, workdir: Path) -> list[str]:
     ]
     ov_fp32 = next(i for i, row in enumerate(rows) if row[1] == "openvino")
 
-    def opened(kind: str, runtime: str, key: str, config: dict | None) -> Runner:
-        return Runner(runtime, files[kind][key], config)
+    def opened(kind: str, runtime: str, key: str, config: dict | None):
+        return open_runner(runtime, files[kind][key], config)
 
     # decode speed and next-token agreement
     runners = [opened("decode", *row[1:]) for row in rows]
-    layers = [r.packed_layers() for r in runners]
+    layers = [packed_layers(r) for r in runners]
     text = L.eval_windows(1, AGREE_TOKENS)[0]
     reference = next_tokens(runners[0], decode, text)
     agreement = [float(np.mean(next_tokens(r, decode, text) == reference)) for r in runners]

@@ -28,6 +28,7 @@ TensorFlow and LiteRT are imported only when such an artefact is opened, with th
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -80,15 +81,16 @@ class OrtRunner:
 class OpenVinoRunner:
     runtime = "openvino"
 
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, config: dict | None = None):
         try:
             import openvino as ov
         except ImportError:
             raise NccError('--runtime openvino needs OpenVINO (pip install -e ".[openvino]").') from None
         self.precision = _precision(path)
-        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        settings = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         if self.precision in ("f32", "bf16"):
-            config["INFERENCE_PRECISION_HINT"] = self.precision
+            settings["INFERENCE_PRECISION_HINT"] = self.precision
+        config = {**settings, **(config or {})}
         try:
             self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         except Exception as err:  # noqa: BLE001 - OpenVINO's first line says what it cannot run
@@ -104,6 +106,13 @@ class OpenVinoRunner:
         result = self.run(None, feed)
         return {name: np.array(result[port]) for name, port in zip(self.names, self.compiled.outputs)}
 
+    def layer_precisions(self, kinds: tuple[str, ...]) -> Counter:
+        """How many of the executed layers whose type is one of ``kinds`` (``FullyConnected``,
+        ``Convolution``, ...) run in each precision (``u8``, ``u4``, ``f32``, ...)."""
+        from ncc.backends.openvino.check import executed_layers
+
+        return Counter(precision for _, kind, precision in executed_layers(self.compiled) if kind in kinds)
+
     def close(self) -> None:
         """Release the request before the compiled model, now: left to the garbage collector, OpenVINO's
         objects can be freed in the wrong order, which crashed a later test's process."""
@@ -111,8 +120,14 @@ class OpenVinoRunner:
         self.compiled = None
 
 
-def open_runner(runtime: str, path: Path, threads: int):
-    return (OrtRunner if runtime == "onnxruntime" else OpenVinoRunner)(Path(path), threads)
+def open_runner(runtime: str, path: Path, threads: int, config: dict | None = None):
+    """``path`` opened in ``runtime`` with ``threads`` threads; ``config``: OpenVINO properties that
+    override the runner's (``{"INFERENCE_PRECISION_HINT": "f32"}``), none for onnxruntime."""
+    if runtime == "onnxruntime":
+        if config:
+            raise ValueError("onnxruntime runners take no OpenVINO config")
+        return OrtRunner(Path(path), threads)
+    return OpenVinoRunner(Path(path), threads, config)
 
 
 def _precision(path: Path) -> str:

@@ -32,6 +32,19 @@ PACKED = frozenset({"u4", "i4", "u8", "i8"})
 LAYERS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution", "Subgraph")
 
 
+def executed_layers(compiled) -> list[tuple[list[str], str, str]]:
+    """The layers of an OpenVINO compiled model's executed graph, in order: (the source layers it absorbed
+    and its own name, its layer type such as ``FullyConnected``, the precision it runs in such as ``u8``)."""
+    layers = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind = info["layerType"].astype(str) if "layerType" in info else ""
+        precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else ""
+        original = info["originalLayersNames"].astype(str).split(",") if "originalLayersNames" in info else []
+        layers.append((original + [op.get_friendly_name()], kind, precision))
+    return layers
+
+
 def check_on_openvino(path: str | Path, model: ir.Model, *, shown: str | Path | None = None) -> RuntimeCheck:
     """Compile ``path`` (the emitted file of ``model``: ONNX or OpenVINO IR) on OpenVINO's CPU plugin and
     classify ``model``'s quantized convolutions and linears; ``shown`` names the file in messages."""
@@ -59,13 +72,7 @@ def check_on_openvino(path: str | Path, model: ir.Model, *, shown: str | Path | 
     except Exception as err:  # OpenVINO raises RuntimeError with a long log; its first line says what
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise NccError(f"OpenVINO cannot compile the emitted model {shown or path}: {first}") from None
-    layers = []  # (absorbed layer names, layer type, precision)
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        info = op.get_rt_info()
-        kind = info["layerType"].astype(str) if "layerType" in info else ""
-        precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else ""
-        original = info["originalLayersNames"].astype(str).split(",") if "originalLayersNames" in info else []
-        layers.append((original + [op.get_friendly_name()], kind, precision))
+    layers = executed_layers(compiled)
     check = RuntimeCheck(
         runtime=f"OpenVINO {ov.__version__.split('-')[0]} CPU", unnamed=len(marked) - len(quantized)
     )

@@ -569,6 +569,37 @@ def test_runtimes_side_by_side_measure_each_runtime_against_onnxruntime_fp32(mod
     assert all(r["samples_per_s"] > 0 and r["speedup"] > 0 for r in result["runtimes"])
 
 
+def test_openvino_runner_takes_properties_and_counts_layer_precisions(models):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    import ast
+    import subprocess
+    import sys
+
+    # a process of its own, as above; prints the hint each runner compiled with and its layers' precisions
+    script = f"""
+from ncc.tools.runtimes import open_runner
+for path, config in (({str(models["float"])!r}, None), ({str(models["quant"])!r}, None),
+                     ({str(models["quant"])!r}, {{"INFERENCE_PRECISION_HINT": "f32"}})):
+    r = open_runner("openvino", path, 1, config)
+    counts = r.layer_precisions(("FullyConnected", "MatMul"))
+    print(r.compiled.get_property("INFERENCE_PRECISION_HINT").to_string(), sorted(counts.items()))
+    r.close()
+try:
+    open_runner("onnxruntime", {str(models["float"])!r}, 1, {{"INFERENCE_PRECISION_HINT": "f32"}})
+except ValueError as err:
+    print("refused:", err)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    float_, quant, quant_f32, refused = run.stdout.strip().splitlines()
+    assert float_ == "f32 [('f32', 2)]"  # the float MLP's two linears, at the hint the runner sets
+    layers = quant.split(" ", 1)[1]
+    both_int8 = ([("u8", 2)], [("i8", 2)], [("i8", 1), ("u8", 1)])
+    assert ast.literal_eval(layers) in both_int8
+    assert quant_f32.startswith("f32 ") and quant_f32.split(" ", 1)[1] == layers  # the override, same layers
+    assert refused == "refused: onnxruntime runners take no OpenVINO config"
+
+
 def test_unknown_runtime_is_one_sentence(models):
     run = _cli(models["float"], models["quant"], "--runtime", "onnxruntime,tensorrt")
     assert run.exit_code == 2
