@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -159,10 +160,17 @@ def test_interrupted_run_resumes_to_the_same_evaluations(tmp_path, metric):
     other.mkdir()
     metric.with_suffix(".stop").write_text("4")
     # a real Ctrl-C interrupts an ncc process: run this one in its own (the metric signals its process, which
-    # in-process would be the pytest worker)
+    # in-process would be the pytest worker), with SIGINT's default disposition as in a terminal: a suite
+    # started as a background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     nothing = other / "stopped.onnx"
     command = [sys.executable, "-m", "ncc.tools.cli", *map(str, tune_args(other, metric, out="stopped.onnx"))]
-    stopped = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    stopped = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     metric.with_suffix(".stop").unlink()
     assert stopped.returncode == 130 and not nothing.exists(), stopped.stderr
     assert "interrupted before any configuration met the bound" in stopped.stderr
