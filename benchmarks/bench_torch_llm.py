@@ -38,20 +38,9 @@ DECODE_CALIB = 64
 
 
 def decode_calibration(step, tokens: np.ndarray) -> list[tuple]:
-    """The decode step's inputs at each position of ``tokens`` fed one at a time (teacher-forced, each
-    step's keys and values written to the cache as :func:`llm_torch.generate` does): what GPTQ and AWQ
-    calibrate a decode-step model on."""
-    token, position, mask, past_k, past_v = (t.clone() for t in step.example_inputs())
-    feeds = []
-    with torch.no_grad():
-        for p, t in enumerate(tokens):
-            token = torch.tensor([[int(t)]], dtype=torch.int64)
-            position = torch.tensor([[p]], dtype=torch.int64)
-            feeds.append((token, position, mask.clone(), past_k.clone(), past_v.clone()))
-            _, k, v = step(token, position, mask, past_k, past_v)
-            past_k[:, :, :, p], past_v[:, :, :, p] = k[:, :, :, 0], v[:, :, :, 0]
-            mask[0, p] = 0.0
-    return feeds
+    """The decode step's inputs at each position of ``tokens``, teacher-forced: what GPTQ and AWQ calibrate
+    a decode-step model on."""
+    return [tuple(t.clone() for t in inputs) for inputs, _ in llm_torch.teacher_forced(step, step, tokens)]
 
 
 def decode_rows(

@@ -148,6 +148,20 @@ def generate(step, prompt: np.ndarray, new_tokens: int, template: DecodeStep) ->
     return tokens, time.perf_counter() - start
 
 
+def teacher_forced(step_fn, template: DecodeStep, tokens):
+    """``tokens`` fed one per step through ``step_fn`` (a :class:`DecodeStep`-shaped callable), each step's
+    keys and values written into the cache of ``template``'s shape: yields ``(inputs, logits)`` per
+    position, ``inputs`` the step's arguments as it was called (the live cache: clone what you keep)."""
+    _, _, mask, past_k, past_v = (t.clone() for t in template.example_inputs())
+    for p, token in enumerate(tokens):
+        inputs = (torch.tensor([[int(token)]], dtype=torch.int64), torch.tensor([[p]], dtype=torch.int64))
+        inputs += (mask, past_k, past_v)
+        with torch.no_grad():
+            logits, k, v = step_fn(*inputs)
+        yield inputs, logits
+        past_k[:, :, :, p], past_v[:, :, :, p], mask[0, p] = k[:, :, :, 0], v[:, :, :, 0], 0.0
+
+
 def check_decode_step(step: DecodeStep, prompt: np.ndarray, new_tokens: int = 8) -> float:
     """Largest |logit difference| between :class:`DecodeStep` decoding and the full model (no cache) run on
     the same tokens; raises if greedy decoding picks a different token."""
@@ -156,12 +170,8 @@ def check_decode_step(step: DecodeStep, prompt: np.ndarray, new_tokens: int = 8)
     with torch.no_grad():
         full = step.lm(input_ids=ids, use_cache=False).logits[0]
     worst = 0.0
-    _, _, mask, past_k, past_v = (t.clone() for t in step.example_inputs())
-    with torch.no_grad():
-        for p in range(len(tokens) - 1):
-            logits, k, v = step(torch.tensor([[tokens[p]]]), torch.tensor([[p]]), mask, past_k, past_v)
-            past_k[:, :, :, p], past_v[:, :, :, p], mask[0, p] = k[:, :, :, 0], v[:, :, :, 0], 0.0
-            worst = max(worst, float((logits[0] - full[p]).abs().max()))
+    for p, (_, logits) in enumerate(teacher_forced(step, step, tokens[:-1])):
+        worst = max(worst, float((logits[0] - full[p]).abs().max()))
     if tokens[len(prompt) :] != [int(t) for t in full[len(prompt) - 1 :].argmax(-1)]:
         raise AssertionError("DecodeStep's greedy tokens differ from the full model's")
     return worst

@@ -47,7 +47,8 @@ F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 """Every OpenVINO row runs its float parts in f32 (an AMX CPU would otherwise pick bf16 for all but ORT's)."""
 
 
-def open_runner(runtime: str, path: Path, config: dict | None = None):
+def open_row(runtime: str, path: Path, config: dict | None = None):
+    """``path`` in ``runtime`` (:func:`ncc.tools.runtimes.open_runner`), OpenVINO at :data:`F32` plus ``config``."""
     from ncc.tools.runtimes import open_runner
 
     return open_runner(runtime, path, L.THREADS, {**F32, **(config or {})} if runtime == "openvino" else None)
@@ -200,7 +201,7 @@ def run(quick: bool, workdir: Path) -> list[str]:
     ov_fp32 = next(i for i, row in enumerate(rows) if row[1] == "openvino")
 
     def opened(kind: str, runtime: str, key: str, config: dict | None):
-        return open_runner(runtime, files[kind][key], config)
+        return open_row(runtime, files[kind][key], config)
 
     # decode speed and next-token agreement
     runners = [opened("decode", *row[1:]) for row in rows]

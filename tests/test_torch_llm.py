@@ -36,13 +36,7 @@ def decode_w4():
 
 def _teacher_forced_nll(step_fn, template, ids: np.ndarray) -> float:
     """Mean next-token NLL of ``ids`` decoded one token per step through ``step_fn``."""
-    _, _, mask, past_k, past_v = (t.clone() for t in template.example_inputs())
-    logits = []
-    with torch.no_grad():
-        for p in range(len(ids) - 1):
-            out, k, v = step_fn(torch.tensor([[int(ids[p])]]), torch.tensor([[p]]), mask, past_k, past_v)
-            past_k[:, :, :, p], past_v[:, :, :, p], mask[0, p] = k[:, :, :, 0], v[:, :, :, 0], 0.0
-            logits.append(out[0].double())
+    logits = [out[0].double() for _, out in llm_torch.teacher_forced(step_fn, template, ids[:-1])]
     logp = torch.log_softmax(torch.stack(logits), dim=-1)
     return float(-logp[torch.arange(len(ids) - 1), torch.from_numpy(ids[1:])].mean())
 
