@@ -39,6 +39,7 @@ from ncc.errors import NccError
 from ncc.ir import ids
 from ncc.ir.ops import is_onnx_domain
 from ncc.ir.printer import DTYPE_NAMES, DTYPES_BY_NAME  # one table for the whole IR: the printer's
+from ncc.ir.tensors import from_array
 
 __all__ = ["GraphBuilder", "dtype", "DTYPE_NAMES", "DTYPES_BY_NAME"]
 
@@ -132,7 +133,12 @@ class GraphBuilder:
     def const(self, name: str, array: Any) -> ir.Value:
         """Add an initializer holding ``array`` (anything ``np.asarray`` takes, or an IR tensor)."""
         name = self._names.value(name)
-        tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(np.asarray(array), name=name)
+        if isinstance(array, np.ndarray):
+            tensor = from_array(array, name=name)
+        elif isinstance(array, ir.TensorProtocol):
+            tensor = array
+        else:
+            tensor = from_array(np.asarray(array), name=name)
         tensor.name = name
         v = ir.Value(
             name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape), const_value=tensor
@@ -255,13 +261,13 @@ def _attribute(value: Any) -> Any:
     if isinstance(value, GraphBuilder):
         return value.graph
     if isinstance(value, np.ndarray):
-        return ir.tensor(value)
+        return from_array(value)
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, GraphBuilder) for v in value):
         return [v.graph for v in value]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, np.ndarray) for v in value):
-        return [ir.tensor(v) for v in value]
+        return [from_array(v) for v in value]
     return value
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 from ncc.ir import ids
 from ncc.ir.ops import is_onnx_domain
+from ncc.ir.tensors import from_array
 
 # -- reading the graph -------------------------------------------------------------------------------
 
@@ -108,7 +109,7 @@ def _constant_node_tensor(node: ir.Node) -> ir.TensorProtocol | None:
     for key, (dtype, is_list) in scalars.items():
         if key in attrs:
             raw = attrs[key].value
-            return ir.tensor(np.array(list(raw) if is_list else raw, dtype=dtype))
+            return from_array(np.array(list(raw) if is_list else raw, dtype=dtype))
     return None  # sparse_value and strings: left alone
 
 
@@ -213,7 +214,7 @@ class Rewriter:
 
     def constant(self, array: np.ndarray, name: str) -> ir.Value:
         """Add an initializer holding ``array`` and return its value."""
-        value = ir.Value(name=self.fresh_name(name), const_value=ir.tensor(array))
+        value = ir.Value(name=self.fresh_name(name), const_value=from_array(array))
         value.type = ir.TensorType(value.const_value.dtype)
         value.shape = ir.Shape(array.shape)
         self.graph.register_initializer(value)

@@ -22,6 +22,15 @@ CHUNK = 16 * 2**20
 HASH_KEY = "ncc.sha256"
 
 
+def from_array(array: np.ndarray, name: str | None = None) -> ir.TensorProtocol:
+    """``ir.tensor(array, name=name)``, without its runtime Protocol checks when ``array`` is a numpy array:
+    on Python 3.11 each ``isinstance`` against a ``runtime_checkable`` Protocol walks the Protocol's
+    members (tens of microseconds), and passes create a tensor per scale, zero point and weight."""
+    if type(array) is np.ndarray:
+        return ir.Tensor(array, name=name)
+    return ir.tensor(array, name=name)
+
+
 def num_elements(tensor: ir.TensorProtocol) -> int:
     n = 1
     for d in tensor.shape:

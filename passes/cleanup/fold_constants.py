@@ -43,6 +43,7 @@ import onnx_ir as ir
 from ncc.errors import first_line
 from ncc.ir.ops import NONDETERMINISTIC, is_onnx_domain
 from ncc.ir.rewrite import Rewriter, constant_tensor, is_constant
+from ncc.ir.tensors import from_array
 from ncc.passes.base import Pass, PassContext, PassResult, option
 
 #: Folding these would undo quantization (they mark where the backend quantizes).
@@ -137,7 +138,7 @@ class FoldConstants(Pass):
                     f"not folding {node.op_type} {_out_name(node)}: evaluated dtype {array.dtype} != {out.dtype}"
                 )
                 return None
-        _replace_with_initializers(rewriter, node, [None if a is None else ir.tensor(a) for a in results])
+        _replace_with_initializers(rewriter, node, [None if a is None else from_array(a) for a in results])
         return "nodes folded"
 
     def _drop_neutral(self, rewriter: Rewriter, node: ir.Node) -> bool:
@@ -169,7 +170,7 @@ class FoldConstants(Pass):
         if tensor is None or _size(tensor.shape) > self.size_limit:
             return None
         array = tensor.numpy().astype(like.dtype.numpy())
-        _replace_with_initializers(rewriter, node, [ir.tensor(array)])
+        _replace_with_initializers(rewriter, node, [from_array(array)])
         return "nodes folded"
 
     def _fold_shape(self, rewriter: Rewriter, node: ir.Node) -> str | None:
@@ -183,7 +184,7 @@ class FoldConstants(Pass):
         start = min(max(start + rank if start < 0 else start, 0), rank)
         end = min(max(end + rank if end < 0 else end, 0), rank)
         array = np.array(dims[start:end], dtype=np.int64)
-        _replace_with_initializers(rewriter, node, [ir.tensor(array)])
+        _replace_with_initializers(rewriter, node, [from_array(array)])
         return "shapes folded"
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.ir.rewrite import Rewriter
+from ncc.ir.tensors import from_array
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.quant.insert_qdq import FLOAT_BIAS, FLOAT_WEIGHT
 
@@ -75,7 +76,7 @@ class CorrectBias(Pass):
                 delta = np.concatenate(results[name]).astype(np.float64).mean(axis=0)
                 q = q_value.const_value.numpy().astype(np.int64)
                 step = np.rint(delta / scale).astype(np.int64)
-                q_value.const_value = ir.tensor(np.clip(q + step, -(2**31), 2**31 - 1).astype(np.int32))
+                q_value.const_value = from_array(np.clip(q + step, -(2**31), 2**31 - 1).astype(np.int32))
                 total += float(np.abs(delta).mean())
             count = len(pairs)
             shifts.append(total / len(pairs))
