@@ -43,13 +43,21 @@ WOQ_MODELS = {"smollm2": ("examples/smollm2_perplexity.py:perplexity", "3%", ("-
 
 
 def tune(
-    task, metric: str, bound: str, out: Path, cache: Path, strategy: str, max_trials: int | None
+    task,
+    metric: str,
+    bound: str,
+    out: Path,
+    cache: Path,
+    strategy: str,
+    max_trials: int | None,
+    extra: tuple[str, ...] = (),
+    pipeline: str = "int8",
 ) -> dict:
-    """``ncc compile --eval`` in a fresh process; what its report says."""
+    """``ncc compile --pass PIPELINE --eval`` in a fresh process; what its report says."""
     command = [
-        sys.executable, "-m", "ncc.tools.cli", "compile", str(task.float_model), "--pass", "int8",
+        sys.executable, "-m", "ncc.tools.cli", "compile", str(task.float_model), "--pass", pipeline,
         "--calib", str(task.calib), "--cache-dir", str(cache), "-o", str(out), "--eval", metric,
-        "--max-loss", bound, "--strategy", strategy,
+        "--max-loss", bound, "--strategy", strategy, *extra,
     ]  # fmt: skip
     if max_trials:
         command += ["--max-trials", str(max_trials)]
@@ -59,7 +67,9 @@ def tune(
     report = run.stderr
     (out.parent / f"{out.stem}.log").write_text(report)
     tuned = re.search(
-        r"^tuned: metric (\S+) \(loss (\S+)\) with (\d+) nodes? in float; (\d+) evaluations", report, re.M
+        r"^tuned: metric (\S+) \(loss (\S+)\) with (\d+) nodes? (?:in float|at 8 bits); (\d+) evaluations",
+        report,
+        re.M,
     )
     if tuned is None:
         failure = next((line for line in report.splitlines() if line.startswith("ncc: error")), report[-300:])
@@ -137,6 +147,7 @@ def main() -> None:
                 "ranked",
                 None,
                 ("--lower-is-better", *flags),
+                pipeline="w4",
             )
             print(f"[{name}] w4: {r}", file=sys.stderr)
             woq_tables.append((name, bound, r))
