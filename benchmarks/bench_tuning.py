@@ -3,6 +3,7 @@
     python benchmarks/bench_tuning.py                                  # MiniLM and EfficientNet-Lite0
     python benchmarks/bench_tuning.py --models minilm --basic-max-trials 60
     python benchmarks/bench_tuning.py --models "" --woq smollm2          # SmolLM2-135M w4, perplexity
+    python benchmarks/bench_tuning.py --models "" --woq smollm2 --cache-dir D --resume   # go on after a stop
 
 For each model, ``ncc compile --pass int8 --eval ... --max-loss BOUND`` runs as a user runs it (a fresh
 process, a new tuning log) with the ``ranked`` strategy and with ``basic`` (one node at a time, then
@@ -102,24 +103,44 @@ def main() -> None:
     parser.add_argument("--no-basic", action="store_true", help="skip the basic strategy's rows")
     parser.add_argument("--rounds", type=int, default=7, help="timing rounds")
     parser.add_argument("--woq", default="", help="weight-only models to tune too: smollm2")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="keep the calibration caches and tuning logs here (default: a temporary folder)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the tuning runs whose logs are in --cache-dir (an interrupted run of this script)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("NCC_CACHE", str(m.realmodels.CACHE.parent))
     rows = []
+    resume = ("--resume",) if args.resume else ()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in filter(None, args.models.split(",")):
             build, metric, bound = MODELS[name]
             task = build()
-            cache = tmp / f"cache-{name}"
+            cache = (args.cache_dir or tmp) / f"cache-{name}"
             all_int8 = tmp / f"{name}-all-int8.onnx"
             m.ncc_compile(task.float_model, task.calib, all_int8, extra=("--min-cosine", "0"), cache=cache)
             results = {
-                "ranked": tune(task, metric, bound, tmp / f"{name}-ranked.onnx", cache, "ranked", None)
+                "ranked": tune(
+                    task, metric, bound, tmp / f"{name}-ranked.onnx", cache, "ranked", None, resume
+                )
             }
             print(f"[{name}] ranked: {results['ranked']}", file=sys.stderr)
             if not args.no_basic:
                 results["basic"] = tune(
-                    task, metric, bound, tmp / f"{name}-basic.onnx", cache, "basic", args.basic_max_trials
+                    task,
+                    metric,
+                    bound,
+                    tmp / f"{name}-basic.onnx",
+                    cache,
+                    "basic",
+                    args.basic_max_trials,
+                    resume,
                 )
                 print(f"[{name}] basic: {results['basic']}", file=sys.stderr)
             timed = [task.float_model, all_int8] + [
@@ -143,10 +164,10 @@ def main() -> None:
                 metric,
                 bound,
                 tmp / f"{name}-w4.onnx",
-                tmp / f"cache-{name}",
+                (args.cache_dir or tmp) / f"cache-{name}",
                 "ranked",
                 None,
-                ("--lower-is-better", *flags),
+                ("--lower-is-better", *flags, *resume),
                 pipeline="w4",
             )
             print(f"[{name}] w4: {r}", file=sys.stderr)
@@ -155,6 +176,7 @@ def main() -> None:
     print(
         f'command: python benchmarks/bench_tuning.py --models "{args.models}" --basic-max-trials {args.basic_max_trials}'
         + (f" --woq {args.woq}" if args.woq else "")
+        + (" --resume (trials before the interruption read from the tuning log)" if args.resume else "")
     )
     print(machine_line())
     print()
