@@ -2,8 +2,7 @@
 
 Some passes end in many independent pieces of numpy work driven by Python loops (``round-weights``
 rounds each layer on its own): one core holds the GIL and the other idles. :func:`fork_map` computes
-``[fn(i) for i in range(count)]`` with half of the jobs (the odd ``i``, or by ``costs``: see
-:func:`split`) in a child made by ``os.fork()``, which starts with
+``[fn(i) for i in range(count)]`` with the odd ``i`` in a child made by ``os.fork()``, which starts with
 this process's memory (the jobs' inputs are not copied or pickled; only the results come back,
 pickled through a pipe). Each job is a pure function of ``i`` and memory the parent had at the fork, so
 the result is the same whichever process computes it, and the same as a plain loop.
@@ -22,7 +21,7 @@ import os
 import pickle
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,42 +44,20 @@ def can_fork() -> bool:
     return len(os.sched_getaffinity(0)) >= 2
 
 
-def fork_map(
-    fn: Callable[[int], Any],
-    count: int,
-    *,
-    min_count: int = 4,
-    fork: bool = True,
-    costs: Sequence[float] | None = None,
-) -> ForkMap:
-    """``[fn(i) for i in range(count)]``, half of the jobs computed in a forked child (see the module
-    docstring): the odd ``i``, or with ``costs`` (an estimate per job) the jobs :func:`split` gives it.
+def fork_map(fn: Callable[[int], Any], count: int, *, min_count: int = 4, fork: bool = True) -> ForkMap:
+    """``[fn(i) for i in range(count)]``, the odd ``i`` computed in a forked child (see the module docstring);
     ``fork=False`` is the plain loop (the caller judged the jobs too small to pay for a fork)."""
     if not fork or count < max(min_count, 2) or not can_fork():
         return ForkMap([fn(i) for i in range(count)])
     from threadpoolctl import threadpool_limits
 
-    mine, theirs = split(costs) if costs is not None else (range(0, count, 2), range(1, count, 2))
     # one BLAS thread in each process (the child inherits the limit): two processes with a pool of
     # two spinning BLAS threads each on two cores ran slower together than one process alone
     with threadpool_limits(limits=1, user_api="blas"):
-        return _fork_map(fn, count, list(mine), list(theirs))
+        return _fork_map(fn, count)
 
 
-def split(costs: Sequence[float]) -> tuple[list[int], list[int]]:
-    """The jobs ``(this process's, the child's)``, each in ascending order, with about equal summed costs:
-    the costliest job first, each to the side with less so far (ties: this process; equal costs: the
-    lower index first). A function of ``costs`` only, so the same jobs always run on the same side."""
-    sides: tuple[list[int], list[int]] = ([], [])
-    loads = [0.0, 0.0]
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        side = 0 if loads[0] <= loads[1] else 1
-        sides[side].append(i)
-        loads[side] += costs[i]
-    return sorted(sides[0]), sorted(sides[1])
-
-
-def _fork_map(fn: Callable[[int], Any], count: int, mine_jobs: list[int], their_jobs: list[int]) -> ForkMap:
+def _fork_map(fn: Callable[[int], Any], count: int) -> ForkMap:
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: compute, answer, leave without running anything of the parent's
@@ -89,7 +66,7 @@ def _fork_map(fn: Callable[[int], Any], count: int, mine_jobs: list[int], their_
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             try:
-                payload = pickle.dumps(("ok", [fn(i) for i in their_jobs]), protocol=5)
+                payload = pickle.dumps(("ok", [fn(i) for i in range(1, count, 2)]), protocol=5)
             except BaseException as err:  # noqa: BLE001 - handed to the parent, which raises it
                 payload = pickle.dumps(("error", f"{type(err).__name__}: {err}"))
             with os.fdopen(write_end, "wb") as out:
@@ -98,7 +75,7 @@ def _fork_map(fn: Callable[[int], Any], count: int, mine_jobs: list[int], their_
             os._exit(0)
     os.close(write_end)
     try:
-        mine = [fn(i) for i in mine_jobs]
+        mine = [fn(i) for i in range(0, count, 2)]
         with os.fdopen(read_end, "rb") as answer:
             payload = answer.read()
     except BaseException:
@@ -107,13 +84,11 @@ def _fork_map(fn: Callable[[int], Any], count: int, mine_jobs: list[int], their_
         raise
     _, status = os.waitpid(pid, 0)
     results: list[Any] = [None] * count
-    for i, result in zip(mine_jobs, mine):
-        results[i] = result
+    results[0::2] = mine
     try:
         state, theirs = pickle.loads(payload)
     except Exception:  # no answer: the child died (its exit status says how)
-        for i in their_jobs:
-            results[i] = fn(i)
+        results[1::2] = [fn(i) for i in range(1, count, 2)]
         return ForkMap(
             results,
             forked=True,
@@ -121,8 +96,7 @@ def _fork_map(fn: Callable[[int], Any], count: int, mine_jobs: list[int], their_
         )
     if state != "ok":
         raise NccError(f"a job failed in the worker process: {theirs}")
-    for i, result in zip(their_jobs, theirs):
-        results[i] = result
+    results[1::2] = theirs
     return ForkMap(results, forked=True)
 
 

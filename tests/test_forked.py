@@ -8,7 +8,7 @@ import signal
 import numpy as np
 import pytest
 from ncc.errors import NccError
-from ncc.forked import can_fork, fork_map, split
+from ncc.forked import can_fork, fork_map
 
 pytestmark = pytest.mark.skipif(not can_fork(), reason="fork_map forks only on Linux with two or more CPUs")
 
@@ -27,16 +27,6 @@ def test_results_are_the_loops_and_the_odd_jobs_ran_in_the_child():
     assert all(pid == parent for pid in pids[0::2]) and all(pid != parent for pid in pids[1::2])
     for i, (_, got) in enumerate(done.results):
         np.testing.assert_array_equal(got, mats[i] @ mats[i].T)
-
-
-def test_costs_share_the_jobs_by_their_estimates():
-    parent = os.getpid()
-    costs = [1.0, 9.0, 1.0, 1.0, 4.0, 4.0]
-    assert split(costs) == ([1, 2], [0, 3, 4, 5])  # 9 + 1 against 4 + 4 + 1 + 1
-    assert split([2.0, 2.0, 2.0, 2.0]) == ([0, 2], [1, 3])  # equal costs: the index order decides
-    done = fork_map(lambda i: (os.getpid(), i * i), len(costs), costs=costs)
-    assert done.forked and [r for _, r in done.results] == [i * i for i in range(len(costs))]
-    assert [pid == parent for pid, _ in done.results] == [False, True, True, False, False, False]
 
 
 def test_few_jobs_run_in_this_process():

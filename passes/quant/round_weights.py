@@ -108,7 +108,7 @@ class RoundWeights(Pass):
         # each layer's statistics and rounding are its own: half of them in a forked worker, unless the
         # model is too small to pay for the fork
         big = sum(layer.codes.size for layer in layers) >= FORK_WEIGHTS
-        done = fork_map(round_layer, len(layers), fork=big, costs=[layer.cost for layer in layers])
+        done = fork_map(round_layer, len(layers), fork=big)
         rounded = done.results
         changed = total = 0
         before = after = 0.0
@@ -226,14 +226,6 @@ class _Layer:
     restore: object  # [C, K] codes -> the initializer's layout
     depthwise: bool  # each output channel reads its own input channel (else all read one input)
     partner: np.ndarray | None  # [K]: the column each column is int16-paired with (-1: none); None: unpaired
-
-    @property
-    def cost(self) -> float:
-        """A relative estimate of this layer's time in :func:`_round_layer` and its statistics, for sharing
-        the layers between two processes: ``C K`` for the visits of a coordinate-descent sweep, ``K^2`` for
-        the covariance products (fitted to EfficientNet-Lite0's layers, within about 20%)."""
-        c, k = self.codes.shape
-        return c * k + 0.3 * k * k
 
     @property
     def moment_shape(self) -> tuple[int, int]:
