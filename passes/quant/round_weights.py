@@ -102,7 +102,7 @@ class RoundWeights(Pass):
             layer = layers[index]
             moments = _Moments(*layer.moment_shape)
             for results in batches:
-                moments.fold(layer, sources[layer.node.inputs[0].name].read(results))
+                moments.fold(layer, sources[layer.node.inputs[0].name], results)
             return _round_layer(layer, moments, self.damping, self.sweeps)
 
         # each layer's statistics and rounding are its own: half of them in a forked worker, unless the
@@ -131,7 +131,10 @@ class _Source:
     dequantized here as DequantizeLinear does (``float(q - zp) * scale``), or else the input itself.
 
     Fetching the dequantized value would give its DequantizeLinear a second reader, and onnxruntime
-    would then run the layer (and the one writing the codes) in float instead of as one integer kernel."""
+    would then run the layer (and the one writing the codes) in float instead of as one integer kernel.
+    Only the values a layer's statistics sample are dequantized (:meth:`dequantize`): a Conv samples at
+    most :data:`POSITIONS` output positions of a feature map, and dequantizing whole activations cost
+    more than the statistics."""
 
     name: str
     scale: np.float32 | None = None
@@ -149,11 +152,18 @@ class _Source:
         zp = int(zero.const_value.numpy().reshape(-1)[0]) if zero is not None else 0
         return _Source(dq.inputs[0].name, np.float32(scale.numpy().reshape(-1)[0]), zp)
 
-    def read(self, results: dict[str, np.ndarray]) -> np.ndarray:
-        x = results[self.name]
-        if self.scale is None:
-            return x
-        return (x.astype(np.int32) - np.int32(self.zero_point)).astype(np.float32) * self.scale
+    @property
+    def fill(self) -> int:
+        """What a window reading padding holds before :meth:`dequantize`: the code of 0.0, or 0.0 itself."""
+        return self.zero_point if self.scale is not None else 0
+
+    def dequantize(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (float32, copied out of what the session returned) dequantized in place: the same
+        float32 arithmetic as ``float32(int32(q) - zp) * scale`` on the whole tensor."""
+        if self.scale is not None:
+            values -= np.float32(self.zero_point)
+            values *= self.scale
+        return values
 
 
 class _Moments:
@@ -167,13 +177,14 @@ class _Moments:
         #: their outer products are folded in only if more come (a Gemm after a global pool never needs them)
         self.kept: list[np.ndarray] | None = [] if groups == 1 else None
 
-    def fold(self, layer: _Layer, x: np.ndarray) -> None:
-        """Fold in what ``layer`` multiplies in the batch ``x`` (its input)."""
+    def fold(self, layer: _Layer, source: _Source, results: dict[str, np.ndarray]) -> None:
+        """Fold in what ``layer`` multiplies in the batch ``results`` (its input, read from ``source``)."""
+        x = results[source.name]
         if layer.depthwise:
-            for start, columns in layer.depthwise_patches(x):
-                self.add(columns, start)
+            for start, columns in layer.depthwise_patches(x, source.fill):
+                self.add(source.dequantize(columns), start)
         else:
-            self.add(layer.patches(x))
+            self.add(source.dequantize(layer.patches(x, source.fill)))
 
     def add(self, columns: np.ndarray, start: int = 0) -> None:
         """Fold in ``columns`` ``[G, K, P]`` (P patches of groups ``start .. start + G``); a batch counts once,
@@ -232,30 +243,29 @@ class _Layer:
         """(groups, K) of the layer's moments: one group per channel for a depthwise Conv, else one."""
         return (self.codes.shape[0] if self.depthwise else 1), self.codes.shape[1]
 
-    def depthwise_patches(self, x: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    def depthwise_patches(self, x: np.ndarray, fill: float = 0) -> Iterator[tuple[int, np.ndarray]]:
         """For a depthwise Conv, in chunks of channels (a few megabytes at a time): ``(first channel,
         [c, K, N * P])``, what each channel's K weights multiply (see :meth:`windows`)."""
-        yield from self.windows(x, chunked=True)
+        yield from self.windows(x, chunked=True, fill=fill)
 
-    def patches(self, x: np.ndarray) -> np.ndarray:
+    def patches(self, x: np.ndarray, fill: float = 0) -> np.ndarray:
         """What the rows of the weight multiply, one column per output position of the samples ``x``:
         ``[1, K, P]`` (every output channel reads the same input; depthwise: :meth:`depthwise_patches`)."""
         if self.node.op_type == "Gemm":
             x = x.astype(np.float32, copy=False)
             return (x if self.node.attributes.get_int("transA", 0) else x.T)[None]
-        ((_, columns),) = self.windows(x, chunked=False)
+        ((_, columns),) = self.windows(x, chunked=False, fill=fill)
         return columns.reshape(1, -1, columns.shape[2])  # K in the weight's (c, *kernel) order
 
-    def windows(self, x: np.ndarray, *, chunked: bool) -> Iterator[tuple[int, np.ndarray]]:
+    def windows(self, x: np.ndarray, *, chunked: bool, fill: float = 0) -> Iterator[tuple[int, np.ndarray]]:
         """A Conv's input windows at P output positions of each sample ``x`` (a regular grid of at most
-        :data:`POSITIONS`), zero where a window reads padding: ``(first channel, [c, K, N * P])`` per chunk
-        of input channels (``chunked``, at most :data:`CHUNK_VALUES` values), else one chunk of all.
+        :data:`POSITIONS`), as float32, ``fill`` where a window reads padding: ``(first channel, [c, K, N * P])``
+        per chunk of input channels (``chunked``, at most :data:`CHUNK_VALUES` values), else one chunk of all.
 
         Each chunk is copied out of the input once per kernel position, from a strided view of the positions
         that read inside it (the others stay zero): padding the input, or copying a whole layer's windows
         at once (tens of megabytes), spent more time in fresh memory than in the copy."""
         node = self.node
-        x = x.astype(np.float32, copy=False)
         kernel = [int(d) for d in self.value.const_value.shape[2:]]
         rank = len(kernel)
         pads = list(node.attributes.get_ints("pads", [0] * (2 * rank)))
@@ -273,7 +283,7 @@ class _Layer:
         for start in range(0, channels, chunk):
             part = x[:, start : start + chunk].swapaxes(0, 1)  # [c, N, *size]
             c = part.shape[0]
-            columns = np.zeros((c, k, n, *sampled), np.float32)
+            columns = np.full((c, k, n, *sampled), fill, np.float32)
             for index, offsets in enumerate(itertools.product(*(range(kk) for kk in kernel))):
                 target, source = [], []
                 for a, o in enumerate(offsets):
@@ -282,7 +292,7 @@ class _Layer:
                     hi = min(sampled[a], (size[a] - 1 - first) // stride + 1)
                     target.append(slice(lo, max(lo, hi)))
                     source.append(slice(first + stride * lo, first + stride * (hi - 1) + 1, stride))
-                if all(t.stop > t.start for t in target):  # else the window reads only padding: zeros
+                if all(t.stop > t.start for t in target):  # else the window reads only padding
                     columns[(slice(None), index, slice(None), *target)] = part[
                         (slice(None), slice(None), *source)
                     ]

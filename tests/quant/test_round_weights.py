@@ -74,6 +74,17 @@ def test_patches_are_what_the_conv_multiplies(cin, cout, group, k, stride, pad, 
     got = np.einsum("ck,ckp->cp", rows, patches) if group > 1 else rows @ patches[0]
     np.testing.assert_allclose(got, y.reshape(cout, -1), atol=1e-4)
 
+    # from u8 codes: windows sampled first (padding holds the zero point), then dequantized, are exactly
+    # the windows of the dequantized input
+    codes = rng.integers(0, 256, x.shape).astype(np.uint8)
+    source = rw._Source("x", np.float32(0.05), 3)
+    dequantized = (codes.astype(np.int32) - 3).astype(np.float32) * np.float32(0.05)
+    for sampled, whole in zip(
+        layer.windows(codes, chunked=True, fill=source.fill), layer.windows(dequantized, chunked=True)
+    ):
+        assert sampled[0] == whole[0]
+        np.testing.assert_array_equal(source.dequantize(sampled[1]), whole[1])
+
 
 def _problem(rows, cols, shared, seed=0):
     rng = np.random.default_rng(seed)
