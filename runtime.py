@@ -164,6 +164,7 @@ def open_session(
     prune: bool = False,
     options=None,
     what: str | None = None,
+    disabled_optimizers: Sequence[str] = (),
 ) -> Session:
     """A :class:`Session` on ``model`` (in memory, or a file path).
 
@@ -173,7 +174,8 @@ def open_session(
 
     Without ``options``, the session's idle workers do not spin: the passes that open sessions work on
     the results in Python between runs (or while the next one runs), and spinning workers would take
-    the CPU from that work. Timings pass their own options.
+    the CPU from that work. Timings pass their own options. ``disabled_optimizers`` names onnxruntime
+    graph transformers the session must not run.
     """
     import onnxruntime as ort
 
@@ -202,7 +204,12 @@ def open_session(
         source = ir.serde.serialize_model(clone).SerializeToString()
         keep_alive = (arrays, ort_values)
     try:
-        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            source,
+            options,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=list(disabled_optimizers) or None,
+        )
     except Exception as err:
         if not type(err).__module__.startswith("onnxruntime"):
             raise

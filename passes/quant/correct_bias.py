@@ -40,6 +40,13 @@ from ncc.ir.tensors import from_array
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.quant.insert_qdq import FLOAT_BIAS, FLOAT_WEIGHT
 
+KEEP_TWINS_FLOAT = ("WeightBiasQuantization",)
+"""onnxruntime's transformer that gives a float Conv, ConvTranspose or Gemm reading a per-tensor
+DequantizeLinear int8 weights of its own (per tensor, asymmetric): it would turn the probe's float twins
+into integer kernels, and the pass would correct each layer toward onnxruntime's rounding instead of
+the float layer. The probe's session runs without it (the per-axis DequantizeLinear the twins read
+blocks it too, but only where the channel count is known)."""
+
 
 @dataclass(frozen=True)
 class CorrectBias(Pass):
@@ -69,7 +76,7 @@ class CorrectBias(Pass):
             if not pairs:
                 break
             shift_names = _mean_differences(probe, pairs)
-            results = fallback.run(probe, feeds, shift_names)
+            results = fallback.run(probe, feeds, shift_names, disabled_optimizers=KEEP_TWINS_FLOAT)
             total = 0.0
             for (_, (q_value, scale), _, _), name in zip(pairs, shift_names):
                 # per sample, the channel means of (float twin - quantized): their mean over the samples

@@ -26,6 +26,8 @@ error); the rest by sensitivity only while the outputs are below the target
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx_ir as ir
 from ncc.ir.ids import ID_KEY
@@ -47,10 +49,12 @@ def samples(data: CalibrationData, count: int) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def run(model: ir.Model, feeds: list[dict], outputs: list[str] = ()) -> dict[str, list[np.ndarray]]:
+def run(
+    model: ir.Model, feeds: list[dict], outputs: list[str] = (), *, disabled_optimizers: Sequence[str] = ()
+) -> dict[str, list[np.ndarray]]:
     """Run ``model`` on ``feeds`` with ``outputs`` (node outputs of its main graph) exposed; per output
-    name, one array per feed."""
-    session = open_session(model, outputs=list(outputs))
+    name, one array per feed (``disabled_optimizers``: see :func:`ncc.runtime.open_session`)."""
+    session = open_session(model, outputs=list(outputs), disabled_optimizers=disabled_optimizers)
     results: dict[str, list[np.ndarray]] = {n: [] for n in session.output_names}
     for index, feed in enumerate(feeds):
         for name, array in session.run(feed, where=f"calibration batch {index}").items():

@@ -444,6 +444,29 @@ def test_correct_bias_shrinks_each_layers_mean_error():
         assert after[name] < before[name], (name, before[name], after[name])
 
 
+def test_correct_bias_compares_with_the_float_layer_whatever_shapes_are_known():
+    """The float twins must run in float: onnxruntime's WeightBiasQuantization would give a float Conv
+    reading a per-tensor DequantizeLinear int8 weights of its own, and the pass would correct toward them.
+    The per-axis DequantizeLinear the twins read blocks it only where the channel count is known; without
+    any value shapes the corrections must come out the same."""
+    from ncc.passes.quant.correct_bias import CorrectBias, _int32_bias
+
+    base = "fuse-conv-bn,fuse-activation,calibrate,insert-qdq"
+    biases = []
+    for strip in (False, True):
+        model, ctx, _ = _int8_model_via_api(base)
+        if strip:
+            for node in model.graph:
+                for value in node.outputs:
+                    value.shape = None
+        layers = [(n.name, _int32_bias(n)[0]) for n in model.graph if _int32_bias(n) is not None]
+        CorrectBias().run(model, ctx)
+        biases.append({name: value.const_value.numpy().copy() for name, value in layers})
+    assert len(biases[0]) == 5 and biases[0].keys() == biases[1].keys()
+    for name, corrected in biases[0].items():
+        np.testing.assert_array_equal(biases[1][name], corrected, err_msg=name)
+
+
 def test_min_cosine_keeps_sensitive_nodes_in_float():
     model, ctx, report = _int8_model_via_api(
         "fuse-conv-bn,fuse-activation,calibrate,insert-qdq{min-cosine=0.999999 max-float=0.5}"
