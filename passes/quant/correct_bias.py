@@ -44,8 +44,7 @@ KEEP_TWINS_FLOAT = ("WeightBiasQuantization",)
 """onnxruntime's transformer that gives a float Conv, ConvTranspose or Gemm reading a per-tensor
 DequantizeLinear int8 weights of its own (per tensor, asymmetric): it would turn the probe's float twins
 into integer kernels, and the pass would correct each layer toward onnxruntime's rounding instead of
-the float layer. The probe's session runs without it (the per-axis DequantizeLinear the twins read
-blocks it too, but only where the channel count is known)."""
+the float layer. The probe's session runs without it."""
 
 
 @dataclass(frozen=True)
@@ -99,16 +98,13 @@ def _probe(model: ir.Model, *, requantized: bool = True):
     input, with the float weights insert-qdq kept: the difference of the two is that layer's own error.
 
     With ``requantized`` (the pass's way) both sides are compared after the requantization the next layer
-    reads, where the model has one (and opset 13); else right after the layer (and its fused
-    activation), where onnxruntime then runs every layer of the probe in float."""
+    reads, where the model has one; else right after the layer (and its fused activation), where
+    onnxruntime then runs every layer of the probe in float. The twins read the layer's own dequantized
+    input; the probe's session keeps them float (:data:`KEEP_TWINS_FLOAT`)."""
     from ncc.ir.ids import ID_KEY
-    from ncc.ir.ops import onnx_opset
 
     probe = model.clone()
     rw = Rewriter(probe, probe.graph)
-    # the twin's per-axis DequantizeLinear (see _per_axis) needs opset 13; below it, compare before the
-    # requantization
-    per_axis = requantized and onnx_opset(model) >= 13
     pairs = []
     for node in list(probe.graph):
         key = node.metadata_props.get(ID_KEY)
@@ -119,9 +115,8 @@ def _probe(model: ir.Model, *, requantized: bool = True):
             continue
         if weight.const_value is None or float_bias.const_value is None:
             continue
-        after = _requantized(_observed(node)) if per_axis else None
-        x = node.inputs[0] if after is None else _per_axis(rw, node.inputs[0])
-        local = _float_twin(rw, node, [x, weight, float_bias])
+        after = _requantized(_observed(node)) if requantized else None
+        local = _float_twin(rw, node, [node.inputs[0], weight, float_bias])
         observed = _observed(node)
         act = observed.producer()
         if act is not node:  # measure after the fused activation, on both sides
@@ -195,38 +190,6 @@ def _observed(node: ir.Node) -> ir.Value:
 
     act = fused_activation(node)
     return (act or node).outputs[0]
-
-
-def _per_axis(rw: Rewriter, value: ir.Value) -> ir.Value:
-    """``value`` read through a per-axis copy of the per-tensor DequantizeLinear producing it (the same scale
-    and zero point per channel: the same values). onnxruntime's WeightBiasQuantization would otherwise run a
-    float twin between that DequantizeLinear and a QuantizeLinear as an integer kernel with weights it
-    quantizes itself, and the probe would measure onnxruntime's rounding instead of the float layer."""
-    dq = value.producer()
-    shape = value.shape
-    if (
-        dq is None
-        or dq.op_type != "DequantizeLinear"
-        or shape is None
-        or len(shape) < 2
-        or not isinstance(shape[1], int)
-        or any(v is None or v.const_value is None or v.const_value.size != 1 for v in dq.inputs[1:])
-    ):
-        return value
-    channels = shape[1]
-    scale, zero = (v.const_value.numpy().reshape(()) for v in dq.inputs[1:])
-    s = rw.constant(np.full(channels, scale, scale.dtype), f"{value.name}_channel_scale")
-    z = rw.constant(np.full(channels, zero, zero.dtype), f"{value.name}_channel_zero_point")
-    rw.set_insertion_point(dq, after=True)
-    per_axis = rw.create(
-        "DequantizeLinear",
-        [dq.inputs[0], s, z],
-        {"axis": 1},
-        name=rw.fresh_name(f"{dq.name or 'DequantizeLinear'}__per_axis"),
-        output_names=[rw.fresh_name(f"{value.name}__per_axis")],
-    ).outputs[0]
-    per_axis.type, per_axis.shape = value.type, value.shape
-    return per_axis
 
 
 def _requantized(value: ir.Value) -> ir.Value | None:
