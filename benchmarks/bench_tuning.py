@@ -119,10 +119,11 @@ def main() -> None:
     resume = ("--resume",) if args.resume else ()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        caches = args.cache_dir or tmp
         for name in filter(None, args.models.split(",")):
             build, metric, bound = MODELS[name]
             task = build()
-            cache = (args.cache_dir or tmp) / f"cache-{name}"
+            cache = caches / f"cache-{name}"
             all_int8 = tmp / f"{name}-all-int8.onnx"
             m.ncc_compile(task.float_model, task.calib, all_int8, extra=("--min-cosine", "0"), cache=cache)
             results = {
@@ -164,7 +165,7 @@ def main() -> None:
                 metric,
                 bound,
                 tmp / f"{name}-w4.onnx",
-                (args.cache_dir or tmp) / f"cache-{name}",
+                caches / f"cache-{name}",
                 "ranked",
                 None,
                 ("--lower-is-better", *flags, *resume),

@@ -133,9 +133,8 @@ class GraphBuilder:
     def const(self, name: str, array: Any) -> ir.Value:
         """Add an initializer holding ``array`` (anything ``np.asarray`` takes, or an IR tensor)."""
         name = self._names.value(name)
-        if isinstance(array, np.ndarray):
-            tensor = from_array(array, name=name)
-        elif isinstance(array, ir.TensorProtocol):
+        # an ndarray first: isinstance against the Protocol is slow (see from_array)
+        if not isinstance(array, np.ndarray) and isinstance(array, ir.TensorProtocol):
             tensor = array
         else:
             tensor = from_array(np.asarray(array), name=name)

@@ -263,7 +263,7 @@ class _Layer:
         per chunk of input channels (``chunked``, at most :data:`CHUNK_VALUES` values), else one chunk of all.
 
         Each chunk is copied out of the input once per kernel position, from a strided view of the positions
-        that read inside it (the others stay zero): padding the input, or copying a whole layer's windows
+        that read inside it (the others keep ``fill``): padding the input, or copying a whole layer's windows
         at once (tens of megabytes), spent more time in fresh memory than in the copy."""
         node = self.node
         kernel = [int(d) for d in self.value.const_value.shape[2:]]

@@ -447,8 +447,8 @@ def test_correct_bias_shrinks_each_layers_mean_error():
 def test_correct_bias_compares_with_the_float_layer_whatever_shapes_are_known():
     """The float twins must run in float: onnxruntime's WeightBiasQuantization would give a float Conv
     reading a per-tensor DequantizeLinear int8 weights of its own, and the pass would correct toward them.
-    The per-axis DequantizeLinear the twins read blocks it only where the channel count is known; without
-    any value shapes the corrections must come out the same."""
+    Workarounds in the graph (a per-axis DequantizeLinear) need the channel count; the corrections must come
+    out the same without any value shapes."""
     from ncc.passes.quant.correct_bias import CorrectBias, _int32_bias
 
     base = "fuse-conv-bn,fuse-activation,calibrate,insert-qdq"
