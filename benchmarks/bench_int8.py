@@ -15,6 +15,9 @@ For each model, in one run, on the same calibration ``.npz``:
   ``reduce_range`` setting is timed and shown as "onnxruntime best", the others are listed;
 - onnxruntime ``quantize_dynamic`` (per-channel; MiniLM only).
 
+With ``--compile-repeats N`` every quantizer runs N times, interleaved (round r runs each once, in
+turn, so a machine whose speed drifts slows them alike); the table shows each one's median.
+
 Throughput: every row of one model is timed side by side in blocks (``ncc.tools.timing``: rounds
 of one block per model, the order reversed every round, each block starting once the previous
 model's idle onnxruntime workers stopped spinning), 2 intra-op threads, batch 1 and batch 8
@@ -35,6 +38,7 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -122,13 +126,32 @@ def size_mb(path: Path) -> float:
 # -- one model ----------------------------------------------------------------------------------------
 
 
-def _median_wall(compile_once, repeats: int):
-    """``compile_once()`` -> ``(wall s, extra)``, run ``repeats`` times; the median wall and the last extra."""
-    walls, extra = [], None
+@dataclass
+class _Compile:
+    """One quantizer run the table reports: ``once()`` compiles (fresh process) and returns its wall s."""
+
+    method: str
+    path: Path
+    command: str
+    kind: str
+    once: object
+    extra: dict = field(default_factory=dict)
+    walls: list = field(default_factory=list)
+    error: str | None = None
+
+
+def _time_compiles(jobs: list[_Compile], repeats: int, log, key: str) -> None:
+    """Every job ``repeats`` times, interleaved (one round runs each job once, in turn), so that a machine
+    whose speed drifts during the run slows every quantizer alike; a job that fails is not run again."""
     for _ in range(max(1, repeats)):
-        wall, extra = compile_once()
-        walls.append(wall)
-    return float(np.median(walls)), extra
+        for job in jobs:
+            if job.error is not None:
+                continue
+            try:
+                job.walls.append(job.once())
+            except Exception as err:  # report, keep going
+                job.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                log(f"[{key}] {job.method} FAILED: {job.error}")
 
 
 def bench_model(
@@ -148,23 +171,44 @@ def bench_model(
     fp32 = task.evaluate(task.float_model)
     rows: list[dict] = []  # each: method, path, quantize_s, command, quality, kind
 
-    def add(method: str, path: Path, wall: float, command: str, kind: str) -> dict:
+    def add(job: _Compile) -> dict:
         t = time.perf_counter()
-        quality = task.evaluate(path)
+        quality = task.evaluate(job.path)
+        wall = float(np.median(job.walls))
         log(
-            f"[{key}] {method}: quantize {fmt_seconds(wall)}s, eval {time.perf_counter() - t:.1f}s, {fmt_quality(quality)}"
+            f"[{key}] {job.method}: quantize {fmt_seconds(wall)}s "
+            f"({', '.join(fmt_seconds(w) for w in job.walls)}), eval {time.perf_counter() - t:.1f}s, "
+            f"{fmt_quality(quality)}"
         )
         row = {
-            "method": method,
-            "path": path,
+            "method": job.method,
+            "path": job.path,
             "quantize_s": wall,
-            "command": command,
+            "command": job.command,
             "quality": quality,
-            "kind": kind,
+            "kind": job.kind,
+            **job.extra,
         }
         rows.append(row)
         return row
 
+    def ncc_job(pipeline: str, fmt: str, extra: tuple[str, ...], target: str) -> _Compile:
+        out = workdir / f"{key}-ncc-{pipeline}-{fmt}{'-' + target if extra else ''}.onnx"
+        calib = task.calib if pipeline == "int8" else None
+        job = _Compile(
+            f"ncc {pipeline} --format {fmt}{' ' + ' '.join(extra) if extra else ''}", out, "", "ncc", None
+        )
+
+        def once() -> float:
+            wall, job.command = m.ncc_compile(
+                task.float_model, calib, out, pipeline=pipeline, fmt=fmt, extra=extra
+            )
+            return wall
+
+        job.once = once
+        return job
+
+    jobs: list[_Compile] = []
     forms = [("int8", "qdq"), ("int8", "qoperator")] + (
         [("int8-dynamic", "integerops")] if key == "minilm" else []
     )
@@ -173,107 +217,67 @@ def bench_model(
         for pipeline, fmt in forms:
             if extra and pipeline != "int8":
                 continue  # the target profile only changes static INT8 weights (int16 pairs)
-            out = workdir / f"{key}-ncc-{pipeline}-{fmt}{'-' + target if extra else ''}.onnx"
-            calib = task.calib if pipeline == "int8" else None
-            try:
-                wall, cmd = _median_wall(
-                    lambda: m.ncc_compile(
-                        task.float_model, calib, out, pipeline=pipeline, fmt=fmt, extra=extra
-                    ),
-                    repeats,
-                )
-            except RuntimeError as err:
-                log(f"[{key}] ncc {pipeline} {fmt} {target} FAILED: {str(err).splitlines()[0]}")
-                continue
-            add(
-                f"ncc {pipeline} --format {fmt}{' ' + ' '.join(extra) if extra else ''}",
-                out,
-                wall,
-                cmd,
-                "ncc",
-            )
-
-    ort_static_rows, failures = [], []
+            jobs.append(ncc_job(pipeline, fmt, extra, target))
+    batch = 8 if key == "minilm" else 16
     for method, reduce_range in m.ORT_STATIC_VARIANTS:
         if method in methods:
             out = workdir / f"{key}-ort-{method}{'-rr' if reduce_range else ''}.onnx"
-            try:
-                wall, _ = _median_wall(
-                    lambda: (
-                        m.ort_static(
-                            task.float_model,
-                            task.calib,
-                            out,
-                            method=method,
-                            reduce_range=reduce_range,
-                            batch=8 if key == "minilm" else 16,
-                        ),
-                        None,
+            jobs.append(
+                _Compile(
+                    f"onnxruntime static {method}{' reduce_range' if reduce_range else ''}",
+                    out,
+                    f"quantize_static(QDQ, per_channel=True, QUInt8/QInt8, calibrate_method={method}, "
+                    f"reduce_range={reduce_range})",
+                    "ort-static",
+                    lambda out=out, method=method, reduce_range=reduce_range: m.ort_static(
+                        task.float_model,
+                        task.calib,
+                        out,
+                        method=method,
+                        reduce_range=reduce_range,
+                        batch=batch,
                     ),
-                    repeats,
+                    {"reduce_range": reduce_range, "variant": m.ort_variant_name(method, reduce_range)},
                 )
-            except Exception as err:  # report, keep going
-                log(
-                    f"[{key}] onnxruntime quantize_static {method} rr={reduce_range} FAILED: {type(err).__name__}: {err}"
-                )
-                failures.append(
-                    (
-                        f"onnxruntime static {m.ort_variant_name(method, reduce_range)}",
-                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                    )
-                )
-                continue
-            row = add(
-                f"onnxruntime static {method}{' reduce_range' if reduce_range else ''}",
-                out,
-                wall,
-                f"quantize_static(QDQ, per_channel=True, QUInt8/QInt8, calibrate_method={method}, "
-                f"reduce_range={reduce_range})",
-                "ort-static",
             )
-            row["reduce_range"] = reduce_range
-            ort_static_rows.append(row)
-    if len(ort_static_rows) == len(m.ORT_STATIC_VARIANTS):  # all ran: cache for tests/test_int8_models.py
-        m.save_ort_scores(
-            task,
-            {
-                m.ort_variant_name(r["method"].split()[2], r["reduce_range"]): r["quality"]["metric"]
-                for r in ort_static_rows
-            },
-        )
     if key == "minilm":  # the hand-restricted form the issue quotes (MinMax, MatMul only: cosine ~0.93)
         out = workdir / f"{key}-ort-MinMax-matmul.onnx"
-        try:
-            wall, _ = _median_wall(
-                lambda: (
-                    m.ort_static(
-                        task.float_model, task.calib, out, method="MinMax", op_types=["MatMul"], batch=8
-                    ),
-                    None,
-                ),
-                repeats,
-            )
-            add(
+        jobs.append(
+            _Compile(
                 "onnxruntime static MinMax, MatMul only (hand-restricted)",
                 out,
-                wall,
                 "quantize_static(QDQ, per_channel=True, QUInt8/QInt8, MinMax, op_types_to_quantize=['MatMul'])",
                 "ort-static-matmul",
+                lambda out=out: m.ort_static(
+                    task.float_model, task.calib, out, method="MinMax", op_types=["MatMul"], batch=8
+                ),
             )
-        except Exception as err:
-            log(f"[{key}] onnxruntime quantize_static MatMul-only FAILED: {type(err).__name__}: {err}")
+        )
         for reduce_range in (False, True):
             out = workdir / f"{key}-ort-dynamic{'-rr' if reduce_range else ''}.onnx"
-            wall, _ = _median_wall(
-                lambda: (m.ort_dynamic(task.float_model, out, reduce_range=reduce_range), None), repeats
+            jobs.append(
+                _Compile(
+                    f"onnxruntime dynamic{' reduce_range' if reduce_range else ''}",
+                    out,
+                    f"quantize_dynamic(per_channel=True, QInt8, reduce_range={reduce_range})",
+                    "ort-dynamic",
+                    lambda out=out, reduce_range=reduce_range: m.ort_dynamic(
+                        task.float_model, out, reduce_range=reduce_range
+                    ),
+                )
             )
-            add(
-                f"onnxruntime dynamic{' reduce_range' if reduce_range else ''}",
-                out,
-                wall,
-                f"quantize_dynamic(per_channel=True, QInt8, reduce_range={reduce_range})",
-                "ort-dynamic",
-            )
+    _time_compiles(jobs, repeats, log, key)
+
+    ort_static_rows, failures = [], []
+    for job in jobs:
+        if job.error is None:
+            row = add(job)
+            if job.kind == "ort-static":
+                ort_static_rows.append(row)
+        elif job.kind == "ort-static":
+            failures.append((f"onnxruntime static {job.extra['variant']}", job.error))
+    if len(ort_static_rows) == len(m.ORT_STATIC_VARIANTS):  # all ran: cache for tests/test_int8_models.py
+        m.save_ort_scores(task, {r["variant"]: r["quality"]["metric"] for r in ort_static_rows})
 
     # the best onnxruntime static row for each reduce_range setting gets timed (ties: faster quantize)
     best = []
