@@ -11,8 +11,9 @@
    best along a dimension is kept when it beats the current one by more than 0.1 dB.
 4. The screened configuration is evaluated if screening changed anything; the search ends if it meets
    the bound, else it goes on from whichever of the two scored better.
-5. *Ranking*, no evaluation (w4: layers by the output error 4 bits give them, from the weight-only
-   pass's layer table; promoted layers get 8-bit weights instead of float): ``ncc diff``'s fallback gain (how much the output SQNR rises with one node
+5. *Ranking*, no evaluation (w4: layers by how much 8-bit weights instead of 4-bit lower the outputs'
+   divergence from FP32, measured layer by layer on calibration samples, :mod:`ncc.tune.promotion`;
+   promoted layers get 8-bit weights instead of float): ``ncc diff``'s fallback gain (how much the output SQNR rises with one node
    alone in float) orders the quantized compute nodes, most useful in float first. Nodes whose fallback
    alone gains nothing (on EfficientNet-Lite0 a third of them: their error partly cancels others') come
    last, ordered by the error each adds on float inputs, which is what they cost once most of the model
@@ -356,6 +357,34 @@ class Tuner:
         return list(dict.fromkeys(ranked))
 
     def _rank_layers(self, base: WoqConfig) -> list[str]:
+        """Weight-only layers by what 8 bits instead of 4 buy on the outputs (:mod:`ncc.tune.promotion`), on
+        calibration samples; without calibration data, by the output error 4 bits give each layer alone
+        (the pass's layer table). Largest first."""
+        if not self.job.calib:
+            return self._rank_layers_alone(base)
+        from ncc.passes.quant import fallback
+        from ncc.passes.quant.calib_data import load_calibration_data
+        from ncc.tools.modelio import load_model
+        from ncc.tune.promotion import dequantized_weights, promotion_gains
+
+        self._check_budget()
+        from ncc.passes.spec import format_pipeline
+
+        unpacked = [p for p in base.apply(self.base_passes) if not p.name.startswith("pack-")]
+        low = dequantized_weights(compile_spec(self.job, format_pipeline(unpacked)))
+        high = dequantized_weights(compile_spec(self.job, format_pipeline(base.at_8_bits(unpacked))))
+        feeds = fallback.samples(load_calibration_data(self.job.calib), WOQ_SCREEN_SAMPLES)
+        self.progress(f"measuring what 8 bits buy in each of {len(set(low) & set(high))} layers")
+        divergence, gains = promotion_gains(load_model(self.job.model), low, high, feeds, self.progress)
+        names = sorted(gains, key=lambda name: (-gains[name], name))
+        self.out.labels.update({name: name for name in names})
+        self.progress(
+            f"ranked by measured gain (output KL divergence {divergence:.4g} all at 4 bits): "
+            f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+        )
+        return names
+
+    def _rank_layers_alone(self, base: WoqConfig) -> list[str]:
         """Weight-only layers by the output error 4 bits give them (the pass's layer table), largest first."""
         from ncc.passes.woq.base import LAYERS_KEY
 

@@ -143,6 +143,21 @@ class WoqConfig:
             out.append(p)
         return out
 
+    def at_8_bits(self, passes: list[Pass]) -> list[Pass]:
+        """``passes`` with every weight-only layer at 8 bits: the weight-only pass replaced by an 8-bit
+        ``woq-rtn`` of this group size (the 8-bit weights a promoted layer gets)."""
+        from ncc.passes.registry import get_pass
+
+        out, seen = [], False
+        for p in passes:
+            if p.name.startswith("woq-"):
+                if seen:
+                    continue
+                seen = True
+                p = get_pass("woq-rtn")(bits=8, group_size=self.group_size, scheme=p.scheme)
+            out.append(p)
+        return out
+
     def key(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
 

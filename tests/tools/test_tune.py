@@ -338,3 +338,22 @@ def test_a_configuration_that_cannot_compile_is_refused_before_any_evaluation(tm
     )  # fmt: skip
     assert result.exit_code == 2 and "group size 96 does not divide K=128" in result.stderr
     assert "FP32 metric" not in result.stderr and not (tmp_path / "out.onnx").exists()
+
+
+def test_w4_search_with_calibration_ranks_layers_by_what_8_bits_buy(tmp_path):
+    model, metric = _chain(tmp_path)
+    result = ncc(
+        "compile", model, "--pass", "w4", "--eval", f"{metric}:error", "--lower-is-better", "--max-loss", "0.03",
+        "--calib", tmp_path / "inputs.npz", "--cache-dir", tmp_path / "cache", "-o", tmp_path / "out.onnx",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    ranking = re.search(
+        r"ranked by measured gain \(output KL divergence \S+ all at 4 bits\): (.*)$", result.stderr, re.M
+    )
+    assert ranking is not None, result.stderr
+    assert (
+        ranking.group(1).split(", ")[0] == "layer2"
+    )  # the layer with 4x larger weights loses the most at 4 bits
+    chosen = float(re.search(r"^tuned: metric (\S+) ", result.stderr, re.M).group(1))
+    assert chosen <= 0.03
+    assert "layer2" in re.findall(r"^    (layer\d): .*\(kept at 8 bits", result.stderr, re.M)
