@@ -11,9 +11,9 @@ One forward pass per layer, no evaluation of the user's metric.
 
 The divergence is the KL divergence of the softmax over each output's last axis (a language model's
 next-token distribution, what perplexity feels), averaged over positions (padded ones left out; an
-output with one value per position counts its squared error relative to its mean square instead). It
-ranks the layers whose 8 bits recover perplexity far better than the layers' output SQNR does; the
-numbers are in ``benchmarks/RESULTS.md``.
+output with one value per position counts its squared error relative to its mean square instead). On a
+language model it finds the layers whose 8 bits recover perplexity better than the gain in the logits'
+SQNR does; the numbers are in ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
