@@ -63,6 +63,29 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
+def dequantized_array(dq: ir.Node) -> np.ndarray:
+    """The float32 tensor a DequantizeLinear of constants computes, ``(q - zero_point) * scale``: per tensor,
+    per ``axis``, or in blocks of ``block_size`` along it."""
+    codes = dq.inputs[0].const_value.numpy().astype(np.float32)
+    block = dq.attributes.get_int("block_size", 0)
+    axis = dq.attributes.get_int("axis", 1) % max(codes.ndim, 1)
+
+    def spread(param: np.ndarray) -> np.ndarray:  # broadcast to the codes' shape
+        param = param.astype(np.float32)
+        if param.size == 1:
+            return param.reshape(())
+        if block:
+            return np.take(np.repeat(param, block, axis=axis), np.arange(codes.shape[axis]), axis=axis)
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        return param.reshape(shape)
+
+    zero = dq.inputs[2] if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    if zero is not None:
+        codes = codes - spread(zero.const_value.numpy())
+    return codes * spread(dq.inputs[1].const_value.numpy())
+
+
 def consumers(value: ir.Value) -> list[ir.Node]:
     """The nodes that read ``value``, each once, in the order of its uses."""
     return list(dict.fromkeys(use.node for use in value.uses()))

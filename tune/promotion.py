@@ -23,51 +23,27 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 from ncc.ir.ops import is_onnx_domain
+from ncc.ir.rewrite import dequantized_array
 from ncc.metrics import position_mask, token_masks
 
 
 def dequantized_weights(model: ir.Model) -> dict[str, np.ndarray]:
     """Per MatMul of ``model``'s main graph whose second input a DequantizeLinear of constants writes (the
-    weight-only passes' form before packing): its name and the float32 weight, as DequantizeLinear computes
-    it (``(q - zero_point) * scale``, blocks of ``block_size`` along ``axis``)."""
+    weight-only passes' form before packing): its name and the float32 weight that DequantizeLinear
+    computes."""
     weights = {}
     for node in model.graph:
         if node.op_type != "MatMul" or not is_onnx_domain(node) or len(node.inputs) < 2 or not node.name:
             continue
         dq = node.inputs[1].producer() if node.inputs[1] is not None else None
-        if dq is None or dq.op_type != "DequantizeLinear" or not is_onnx_domain(dq):
-            continue
-        arrays = [
-            v.const_value.numpy() if v is not None and v.const_value is not None else None for v in dq.inputs
-        ]
         if (
-            arrays[0] is None
-            or arrays[1] is None
-            or (len(arrays) > 2 and dq.inputs[2] is not None and arrays[2] is None)
+            dq is not None
+            and dq.op_type == "DequantizeLinear"
+            and is_onnx_domain(dq)
+            and all(v is None or v.const_value is not None for v in dq.inputs)
         ):
-            continue
-        weights[node.name] = _dequantize(
-            arrays, dq.attributes.get_int("axis", 1), dq.attributes.get_int("block_size", 0)
-        )
+            weights[node.name] = dequantized_array(dq)
     return weights
-
-
-def _dequantize(arrays: list, axis: int, block: int) -> np.ndarray:
-    q, scale = arrays[0], arrays[1].astype(np.float32)
-    zero = arrays[2] if len(arrays) > 2 and arrays[2] is not None else None
-    axis %= q.ndim
-
-    def spread(a: np.ndarray) -> np.ndarray:  # a per-block or per-axis parameter, broadcast to q's shape
-        if a.ndim == 0 or a.size == 1:
-            return a.reshape(())
-        if block:
-            return np.repeat(a, block, axis=axis)[tuple(slice(0, n) for n in q.shape)]
-        shape = [1] * q.ndim
-        shape[axis] = a.size
-        return a.reshape(shape)
-
-    codes = q.astype(np.int32) - (spread(zero).astype(np.int32) if zero is not None else 0)
-    return codes.astype(np.float32) * spread(scale)
 
 
 def promotion_gains(
@@ -83,7 +59,7 @@ def promotion_gains(
     from ncc.runtime import open_session
 
     probe = float_model.clone()
-    inputs = _weights_as_inputs(probe, sorted(set(low) & set(high)))
+    inputs, floats = _weights_as_inputs(probe, sorted(set(low) & set(high)))
     names = sorted(inputs)
     outputs = [v.name for v in probe.graph.outputs]
     session = open_session(probe, what="the float model with fed weights")
@@ -93,7 +69,7 @@ def promotion_gains(
         feed_weights = {inputs[n]: w for n, w in weights.items()}
         return [session.run({**feed, **feed_weights}, outputs) for feed in feeds]
 
-    reference = run(inputs.original)
+    reference = run(floats)
     logs = [{n: _log_softmax(a) for n, a in batch.items() if _distribution(a)} for batch in reference]
     probs = [{n: np.exp(a) for n, a in batch.items()} for batch in logs]
 
@@ -127,22 +103,15 @@ def promotion_gains(
     return base, gains
 
 
-class _Inputs(dict):
-    """MatMul name -> the graph input its weight is now read from; ``original`` keeps the float weights."""
-
-    def __init__(self):
-        super().__init__()
-        self.original: dict[str, np.ndarray] = {}
-
-
-def _weights_as_inputs(model: ir.Model, names: Sequence[str]) -> _Inputs:
+def _weights_as_inputs(model: ir.Model, names: Sequence[str]) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """Give each MatMul of ``names`` whose weight is a constant a float graph input of its own to read it
-    from instead (the constant is left for open_session to drop once nothing reads it)."""
+    from instead (the constant is left for open_session to drop once nothing reads it); returns per MatMul
+    the input's name and the float weight."""
     from ncc.ir.rewrite import Rewriter
 
     wanted = set(names)
     rewriter = Rewriter(model, model.graph)
-    inputs = _Inputs()
+    inputs, floats = {}, {}
     for node in model.graph:
         if node.name not in wanted or node.op_type != "MatMul" or node.inputs[1] is None:
             continue
@@ -158,8 +127,8 @@ def _weights_as_inputs(model: ir.Model, names: Sequence[str]) -> _Inputs:
         model.graph.inputs.append(value)
         node.replace_input_with(1, value)
         inputs[node.name] = value.name
-        inputs.original[node.name] = np.asarray(array, dtype=np.float32)
-    return inputs
+        floats[node.name] = np.asarray(array, dtype=np.float32)
+    return inputs, floats
 
 
 def _distribution(a: np.ndarray) -> bool:

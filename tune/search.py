@@ -259,10 +259,14 @@ class Tuner:
             self.out.choice = base
             return
         if isinstance(base, WoqConfig):
-            screened = self._screen(base)[0] if self.job.calib else base
+            if not self.job.calib:  # nothing to screen or measure on: the layer table's order
+                self._bisect(base, self._rank_layers_alone(base))
+                return
+            screened, model, feeds, float_model = self._screen(base)
+            del model
             start = self._start(base, screened)
             if start is not None:
-                self._bisect(start, self._rank_layers(start))
+                self._bisect(start, self._rank_layers(start, float_model, feeds))
             return
         screened, model, feeds, float_model = self._screen(base)
         start = self._start(base, screened)
@@ -356,26 +360,18 @@ class Tuner:
         )
         return list(dict.fromkeys(ranked))
 
-    def _rank_layers(self, base: WoqConfig) -> list[str]:
-        """Weight-only layers by what 8 bits instead of 4 buy on the outputs (:mod:`ncc.tune.promotion`), on
-        calibration samples; without calibration data, by the output error 4 bits give each layer alone
-        (the pass's layer table). Largest first."""
-        if not self.job.calib:
-            return self._rank_layers_alone(base)
-        from ncc.passes.quant import fallback
-        from ncc.passes.quant.calib_data import load_calibration_data
-        from ncc.tools.modelio import load_model
+    def _rank_layers(self, base: WoqConfig, float_model, feeds) -> list[str]:
+        """Weight-only layers by what 8 bits instead of 4 buy on the outputs (:mod:`ncc.tune.promotion`) on
+        the calibration samples ``feeds``, largest first."""
+        from ncc.passes.spec import format_pipeline
         from ncc.tune.promotion import dequantized_weights, promotion_gains
 
         self._check_budget()
-        from ncc.passes.spec import format_pipeline
-
         unpacked = [p for p in base.apply(self.base_passes) if not p.name.startswith("pack-")]
         low = dequantized_weights(compile_spec(self.job, format_pipeline(unpacked)))
         high = dequantized_weights(compile_spec(self.job, format_pipeline(base.at_8_bits(unpacked))))
-        feeds = fallback.samples(load_calibration_data(self.job.calib), WOQ_SCREEN_SAMPLES)
         self.progress(f"measuring what 8 bits buy in each of {len(set(low) & set(high))} layers")
-        divergence, gains = promotion_gains(load_model(self.job.model), low, high, feeds, self.progress)
+        divergence, gains = promotion_gains(float_model, low, high, feeds, self.progress)
         names = sorted(gains, key=lambda name: (-gains[name], name))
         self.out.labels.update({name: name for name in names})
         self.progress(
@@ -385,7 +381,8 @@ class Tuner:
         return names
 
     def _rank_layers_alone(self, base: WoqConfig) -> list[str]:
-        """Weight-only layers by the output error 4 bits give them (the pass's layer table), largest first."""
+        """Weight-only layers by the output error 4 bits give them (the pass's layer table), largest first:
+        the order without calibration data."""
         from ncc.passes.woq.base import LAYERS_KEY
 
         contexts: list = []

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
-from ncc.ir.rewrite import bias_add, constant_array, is_constant
+from ncc.ir.rewrite import bias_add, constant_array, dequantized_array, is_constant
 
 #: ONNX elementwise ops and their ATen overloads (tensor-tensor; broadcasting as in ONNX).
 _BINARY = {
@@ -237,7 +237,7 @@ class _Lowering:
         if node.attributes.get_int("block_size", 0):  # a weight-only table or weight not read by a MatMul
             if any(v is not None and v.const_value is None for v in node.inputs):
                 raise NccError(f"the torch backend dequantizes blocks of constants only ({_label(node)}).")
-            return self.buffer(node.outputs[0].name, dequantize_blocked(node))
+            return self.buffer(node.outputs[0].name, dequantized_array(node))
         dynamic = self.dynamic_params(node)
         if dynamic is not None:
             op = self.qd.dequantize_per_tensor.tensor
@@ -374,7 +374,7 @@ class _Lowering:
         x = node.inputs[0]
         plan = woq_kernel(dq, x.shape)
         if plan.kernel is None:
-            weight = dequantize_blocked(dq)
+            weight = dequantized_array(dq)
             buffer = self.buffer(f"{dq.outputs[0].name}.T", np.ascontiguousarray(weight.T))
             return self.call("linear.default", self.value(x), buffer)
         k, n = plan.k, plan.n
@@ -751,22 +751,6 @@ def woq_kernel(dq: ir.Node, x_shape) -> WoqPlan:
     if k % 16:  # torch 2.13's _weight_int8pack_mm crashes (segmentation fault) on other K
         return WoqPlan(None, f"K={k}: the int8 kernel takes K divisible by 16")
     return WoqPlan("int8", "", k, n, block)
-
-
-def dequantize_blocked(dq: ir.Node) -> np.ndarray:
-    """The float32 tensor a blocked DequantizeLinear of constants computes."""
-    codes = dq.inputs[0].const_value.numpy().astype(np.float32)
-    block = dq.attributes.get_int("block_size", 0)
-    axis = dq.attributes.get_int("axis", 1) % codes.ndim
-    keep = np.arange(codes.shape[axis])
-
-    def spread(per_block: np.ndarray) -> np.ndarray:
-        return np.take(np.repeat(per_block.astype(np.float32), block, axis=axis), keep, axis=axis)
-
-    zero = dq.inputs[2] if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
-    if zero is not None:
-        codes = codes - spread(zero.const_value.numpy())
-    return codes * spread(dq.inputs[1].const_value.numpy())
 
 
 def pack_int4_for_cpu(torch, dq: ir.Node):

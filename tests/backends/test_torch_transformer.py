@@ -154,7 +154,7 @@ def test_weight_only_runs_packed_kernels_for_a_few_rows(digits_transformer, opti
     takes runs ATen's packed-weight kernel on bf16 activations; the 8-input embedding (K=8, no 4-bit
     group fits) is dequantized and named in the check with its reason."""
     import ncc.torch
-    from ncc.backends.torch.fx import dequantize_blocked
+    from ncc.ir.rewrite import dequantized_array
 
     model, x, y = digits_transformer
     pipeline = "w8" if "bits=8" in options else "w4"
@@ -177,7 +177,7 @@ def test_weight_only_runs_packed_kernels_for_a_few_rows(digits_transformer, opti
     kernel = "aten._weight_int4pack_mm_for_cpu" if four_bit else "aten._weight_int8pack_mm"
     assert module.graph_module.code.count(kernel) == check.weight_only_kernels
     # against the IR's arithmetic: the weights dequantized in float32, activations in bf16 in the kernel
-    reference = _dequantized_copy(model, module.ir, dequantize_blocked)
+    reference = _dequantized_copy(model, module.ir, dequantized_array)
     images = x[TEST][:64]
     with torch.no_grad():
         got = torch.cat([module(images[i : i + 1]) for i in range(64)])
@@ -188,7 +188,7 @@ def test_weight_only_runs_packed_kernels_for_a_few_rows(digits_transformer, opti
     assert (got.argmax(1) == float_logits.argmax(1)).float().mean().item() >= 0.95
 
 
-def _dequantized_copy(model, quantized_ir, dequantize_blocked):
+def _dequantized_copy(model, quantized_ir, dequantized_array):
     """``model`` with each linear's weight replaced by the IR's dequantized weight-only weight (the IR's
     MatMuls are in forward() order, which is the modules' order here)."""
     import copy
@@ -198,7 +198,7 @@ def _dequantized_copy(model, quantized_ir, dequantize_blocked):
     matmuls = [n for n in quantized_ir.graph if n.metadata_props.get("ncc.quant", "").startswith("w")]
     assert len(matmuls) == len(linears)
     for linear, node in zip(linears, matmuls):
-        weight = dequantize_blocked(node.inputs[1].producer())  # [K, N]
+        weight = dequantized_array(node.inputs[1].producer())  # [K, N]
         assert weight.shape == tuple(linear.weight.T.shape), node.name
         linear.weight.data = torch.from_numpy(weight.T.copy())
     return twin
