@@ -9,6 +9,7 @@ come from :mod:`ncc.ir.ops`). The measurements behind each choice are in
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
 
 from ncc.errors import NccError
@@ -41,6 +42,16 @@ class TargetProfile:
     #: overflows int16, so paired weights must keep their same-sign sum within 128
     #: (:mod:`ncc.passes.quant.pairs`), or within ±63 each where the op's pairing is not known.
     pairwise_int16: bool = False
+    #: Whose int8 kernels run the artefact: ``onnxruntime`` (MLAS; its pairs are what :mod:`ncc.passes.quant.
+    #: pairs` measured), or ``onednn`` (Inductor, TensorFlow). oneDNN picks its int8 code path on the CPU it
+    #: runs on: on x86 without VNNI it pairs a linear's K and a convolution's input channels at each kernel
+    #: tap (an odd channel count pads each tap), never a depthwise filter's, so :func:`get_target` gives
+    #: such a profile ``pairwise_int16`` where the compiling CPU has no VNNI.
+    int8_kernels: str = "onnxruntime"
+    #: Whether a convolution reading s8 activations has its weights halved by the kernel on x86 without
+    #: VNNI (oneDNN's s8 x s8 convolutions in TensorFlow, measured: a code of 3 acts as 4): such weights
+    #: keep 7 bits, which the backend stores doubled, so that halving them is exact.
+    signed_conv_halves_weights: bool = False
     #: Whether a MatMul of two activations (attention's scores and context) runs as an integer kernel;
     #: where it does not, it stays float (a Q/DQ pair around it would only cost).
     activation_matmul: bool = True
@@ -127,6 +138,7 @@ INDUCTOR = TargetProfile(
     island_ops=frozenset(),
     passthrough_ops=PASSTHROUGH,
     dynamic_ops=frozenset({"MatMul", "Gemm"}),
+    int8_kernels="onednn",
     # a quantize after a convolution fuses into it (u8 output, int8 between layers); a linear's output
     # mostly feeds float ops (a residual Add, LayerNorm, GELU): requantizing it would only add error
     float_output_ops=frozenset({"MatMul", "Gemm"}),
@@ -160,6 +172,8 @@ TF = TargetProfile(
     ),
     dynamic_ops=frozenset({"MatMul", "Gemm"}),
     float_output_ops=frozenset({"MatMul", "Gemm"}),  # _QuantizedMatMul dequantizes its output in the kernel
+    int8_kernels="onednn",
+    signed_conv_halves_weights=True,
     activation_matmul=False,  # no int8 batched matmul kernel in stock TensorFlow
 )
 
@@ -189,6 +203,7 @@ TF_TARGETS = frozenset({TF.name})
 DEFAULT_TARGET = "host"
 
 
+@cache
 def host_target() -> str:
     """The profile matching this machine's CPU: VNNI when the CPU has it, AVX2 otherwise."""
     try:
@@ -199,11 +214,16 @@ def host_target() -> str:
 
 
 def get_target(name: str) -> TargetProfile:
+    """The profile called ``name``; ``host`` is this CPU's onnxruntime profile, and a oneDNN profile pairs
+    its weights where this CPU has no VNNI (:attr:`TargetProfile.int8_kernels`)."""
     if name == "host":
         name = host_target()
     try:
-        return TARGETS[name]
+        profile = TARGETS[name]
     except KeyError:
         raise NccError(
             f"unknown target {name!r}; known targets: host, {', '.join(sorted(TARGETS))}."
         ) from None
+    if profile.int8_kernels == "onednn" and host_target() == X86_AVX2.name:
+        profile = replace(profile, pairwise_int16=True)
+    return profile

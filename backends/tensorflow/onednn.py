@@ -97,13 +97,19 @@ def conv2d(
 ) -> QTensor:
     """``_FusedQuantizedConv2D`` / ``_FusedQuantizedDepthwiseConv2D`` (NHWC), bias and activation fused,
     requantized to ``out_scale``. ``weight`` is int8 HWIO (depthwise: ``[H, W, C, 1]``); ``explicit``
-    gives ``[top, bottom, left, right]`` pads for ``padding="EXPLICIT"``."""
+    gives ``[top, bottom, left, right]`` pads for ``padding="EXPLICIT"``.
+
+    oneDNN halves the weights of a convolution reading s8 on x86 without VNNI (a code of 3 acts as 4):
+    weights within ±63 are stored doubled at half the scale, which that halving undoes exactly (and which
+    other CPUs compute exactly as they are)."""
     import tensorflow as tf
     from tensorflow.core.framework import attr_value_pb2, types_pb2
 
     w_scales = np.broadcast_to(
         np.asarray(weight_scales, np.float32), (weight.shape[-2 if depthwise else -1],)
     )
+    if x.signed and np.abs(weight.astype(np.int32)).max(initial=0) <= 63:
+        weight, w_scales = weight.astype(np.int32) * 2, w_scales / np.float32(2)
     lo, hi = scaled_range(out_scale, out_signed)
     out_type = tf.qint8 if out_signed else tf.quint8
     inputs = [

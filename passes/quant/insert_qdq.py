@@ -502,6 +502,7 @@ class _Quantizer:
             node.attributes.get_int("group", 1),
             node.attributes.get_int("transB", 0),
             np.asarray(floor, np.float32).tobytes(),
+            self._halved(node),
         )
         if code_key not in self.weight_codes:
             self.weight_codes[code_key] = self._weight_codes(w, axis, node, floor)
@@ -519,12 +520,22 @@ class _Quantizer:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Symmetric int8 codes of ``w`` (per channel along ``axis``) and their float32 scales."""
         array = constant_array(w)
-        qmax = 63 if self.o.reduce_range else 127
-        paired = self.target.pairwise_int16 and qmax > 63
-        if paired and node.op_type not in pairs.PAIRED_OPS:  # its K order is not known: ±63 is always safe
-            qmax, paired = 63, False
-        layout = pairs.node_pairs(node.op_type, array.ndim, node.attributes) if paired else None
+        qmax = 63 if self.o.reduce_range or self._halved(node) else 127
+        layout = None
+        if self.target.pairwise_int16 and qmax > 63:
+            layout = pairs.node_pairs(node.op_type, array.shape, node.attributes, self.target.int8_kernels)
+            qmax = 127 if layout is not None else 63  # the pairs are not known: ±63 is always safe
         return pairs.symmetric_int8(array, axis, qmax=qmax, floor=floor, pairs=layout)
+
+    def _halved(self, node: ir.Node) -> bool:
+        """Whether the kernel will halve ``node``'s weights (:attr:`TargetProfile.signed_conv_halves_weights`):
+        a convolution reading s8 activations on such a target, for a CPU that pairs."""
+        if not (
+            self.target.pairwise_int16 and self.target.signed_conv_halves_weights and node.op_type == "Conv"
+        ):
+            return False
+        x = node.inputs[0]
+        return x is not None and x.name in self.dtypes and self.dtypes[x.name][1] is np.int8
 
     def _quantize_bias(self, node: ir.Node, role: plan.Role, w_scales: np.ndarray) -> None:
         bias = node.inputs[role.bias]

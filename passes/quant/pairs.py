@@ -154,12 +154,25 @@ PAIRED_OPS = frozenset({"MatMul", "Gemm", "Conv"})
 """Ops whose weights' K order in onnxruntime's GEMM is known (measured); others keep weights within ±63."""
 
 
-def node_pairs(op_type: str, ndim: int, attributes) -> KPairs | ConvPairs:
-    """Where the kernel of a ``op_type`` node (one of :data:`PAIRED_OPS`, with ``attributes``) pairs the
-    products of its rank-``ndim`` weight."""
-    if op_type == "Conv":
-        return ConvPairs(attributes.get_int("group", 1))
-    return KPairs(_k_axis(op_type, ndim, attributes))
+def node_pairs(
+    op_type: str, shape: tuple[int, ...], attributes, kernels: str = "onnxruntime"
+) -> KPairs | ConvPairs | None:
+    """Where the kernel of a ``op_type`` node (with ``attributes``) pairs the products of its weight of
+    ``shape``, for onnxruntime's kernels or oneDNN's (``kernels``); None where that is not known, or where
+    the weight must stay exact under both (it is read by onnxruntime too, when ncc measures the model): a
+    weight of a ±63 grid is safe under any pairing.
+
+    oneDNN (measured in Inductor and TensorFlow on an AVX2 CPU) pairs a linear's K as onnxruntime does, and
+    a convolution's input channels at each kernel tap, padding an odd count; onnxruntime flattens the taps.
+    With an even channel count per group the two orders are the same pairs; with an odd one they differ."""
+    if op_type not in PAIRED_OPS:
+        return None
+    if op_type != "Conv":
+        return KPairs(_k_axis(op_type, len(shape), attributes))
+    group = attributes.get_int("group", 1)
+    if kernels == "onednn" and len(shape) >= 3 and shape[1] % 2 and not _depthwise(shape, group):
+        return None
+    return ConvPairs(group)
 
 
 def k_pair_magnitude(w: np.ndarray, k_axis: int) -> np.ndarray:

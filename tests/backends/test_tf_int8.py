@@ -3,7 +3,9 @@
 The op tests compare each kernel with a float reference computed on the same quantized inputs and
 weights (``fq``): the only difference left is the kernel's rounding of its output, so the bound is one
 output step (the kernels are exact to half a step where they round like numpy; a step is allowed for
-ties rounded the other way).
+ties rounded the other way). The weights are the ones ncc writes for this CPU: on x86 without VNNI
+oneDNN adds u8 x s8 products in saturating int16 pairs (input channels at each tap, a matmul's K) and
+halves the weights of a convolution reading s8, so there they are pair-safe, or 7-bit for s8 input.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import pytest
 tf = pytest.importorskip("tensorflow", reason="the tf target needs tensorflow-cpu (the tensorflow extra)")
 
 from ncc.backends.tensorflow import onednn  # noqa: E402
+from ncc.passes.quant.pairs import node_pairs, symmetric_int8  # noqa: E402
+from ncc.targets import get_target  # noqa: E402
 
 
 def fq(x: np.ndarray, scale: float, signed: bool) -> np.ndarray:
@@ -24,12 +28,33 @@ def fq(x: np.ndarray, scale: float, signed: bool) -> np.ndarray:
     return (np.clip(np.rint(x / scale), lo, hi) * scale).astype(np.float32)
 
 
-def _weights(rng, shape, axes, depthwise):
+#: Whether this CPU's oneDNN pairs int8 products (x86 without VNNI), as ``--target tf`` resolves it here.
+PAIRED = get_target("tf").pairwise_int16
+
+
+class _Attrs:
+    def __init__(self, **values):
+        self.values = values
+
+    def get_int(self, name, default):
+        return self.values.get(name, default)
+
+
+def _weights(rng, shape, depthwise, signed_in):
+    """HWIO int8 codes as ncc writes them for this CPU, their per-channel scales, and their float values."""
     w = (rng.standard_normal(shape) * 0.2).astype(np.float32)
-    scales = np.abs(w).max(axes) / 127
+    onnx_layout = (2, 3, 0, 1) if depthwise else (3, 2, 0, 1)  # HWIO -> [M, C/group, kh, kw]
+    oihw = w.transpose(onnx_layout)
+    layout, qmax = None, 127
+    if PAIRED and signed_in:
+        qmax = 63
+    elif PAIRED:
+        attrs = _Attrs(group=shape[2] if depthwise else 1)
+        layout = node_pairs("Conv", oihw.shape, attrs, "onednn")
+    q, scales = symmetric_int8(oihw, 0, qmax=qmax, pairs=layout)
+    codes = q.transpose(np.argsort(onnx_layout))
     per_channel = scales.reshape(1, 1, -1, 1) if depthwise else scales
-    codes = np.clip(np.rint(w / per_channel), -127, 127).astype(np.int8)
-    return codes, scales.astype(np.float32), (codes * per_channel).astype(np.float32)
+    return codes, scales, (codes * per_channel).astype(np.float32)
 
 
 CASES = list(
@@ -46,7 +71,7 @@ def test_conv_matches_float_on_quantized_values(depthwise, stride, padding, sign
     if not signed_in:
         x = np.maximum(x, 0)
     shape = (3, 3, channels, 1) if depthwise else (3, 3, channels, out_channels)
-    codes, w_scales, w = _weights(rng, shape, (0, 1, 3) if depthwise else (0, 1, 2), depthwise)
+    codes, w_scales, w = _weights(rng, shape, depthwise, signed_in)
     bias = (rng.standard_normal(out_channels) * 0.1).astype(np.float32)
     x_scale = float(np.abs(x).max()) / (127 if signed_in else 255)
     explicit = [1, 1, 0, 1] if padding == "EXPLICIT" else None
@@ -89,8 +114,9 @@ def test_matmul_dequantizes_in_the_kernel(signed_in):
     if not signed_in:
         x = np.maximum(x, 0)
     w = (rng.standard_normal((64, 10)) * 0.1).astype(np.float32)
-    scales = (np.abs(w).max(0) / 127).astype(np.float32)
-    codes = np.clip(np.rint(w / scales), -127, 127).astype(np.int8)
+    codes, scales = symmetric_int8(
+        w, 1, pairs=node_pairs("MatMul", w.shape, _Attrs(), "onednn") if PAIRED else None
+    )
     bias = rng.standard_normal(10).astype(np.float32)
     x_scale = float(np.abs(x).max()) / (127 if signed_in else 255)
     want = fq(x, x_scale, signed_in) @ (codes * scales) + bias

@@ -9,6 +9,7 @@ sums. Where the kernels do not pair (VNNI) the sums are exact anyway.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from ncc.passes.quant.pairs import PAIR_LIMIT, ConvPairs, fit_pairs, node_pairs, symmetric_int8
@@ -38,7 +39,7 @@ def _heavy_tailed(rng, shape):
 
 def _paired_int8(op_type, w, attrs, channel_axis):
     """Per-channel s8 weights as insert-qdq and quantize-dynamic make them on a pairing target."""
-    return symmetric_int8(w, channel_axis, pairs=node_pairs(op_type, w.ndim, attrs))[0]
+    return symmetric_int8(w, channel_axis, pairs=node_pairs(op_type, w.shape, attrs))[0]
 
 
 def _extremes(rng, shape):
@@ -145,3 +146,64 @@ def test_qlinearconv_pairs_are_the_k_pairs_assumed(c, group, m):
     assert overflowing <= assumed
     if overflowing:  # a pairing CPU: every assumed pair does overflow
         assert overflowing == assumed
+
+
+@pytest.mark.parametrize("host", ["x86-avx2", "x86-vnni"])
+def test_onednn_targets_pair_where_the_compiling_cpu_has_no_vnni(monkeypatch, host):
+    from ncc import targets
+
+    monkeypatch.setattr(targets, "host_target", lambda: host)
+    for name in ("inductor", "aoti", "tf"):
+        assert targets.get_target(name).pairwise_int16 == (host == "x86-avx2"), name
+    assert not targets.get_target("x86-vnni").pairwise_int16  # a named onnxruntime profile stays as named
+    assert targets.get_target("host").name == host
+
+
+def test_onednn_pairs_odd_channel_counts_not_at_all():
+    """oneDNN pads each tap's channels, onnxruntime flattens the taps: with an odd count per group the pairs
+    differ, and the weights (read by both: ncc measures in onnxruntime) keep ±63."""
+    assert node_pairs("Conv", (16, 3, 3, 3), _Attrs(), "onednn") is None
+    assert node_pairs("Conv", (16, 3, 3, 3), _Attrs(), "onnxruntime") == ConvPairs(1)
+    assert node_pairs("Conv", (16, 8, 3, 3), _Attrs(), "onednn") == ConvPairs(1)
+    assert node_pairs("Conv", (8, 1, 3, 3), _Attrs(group=8), "onednn") == ConvPairs(8)  # depthwise: unpaired
+    assert node_pairs("Conv", (8, 3, 3, 3), _Attrs(group=2), "onednn") is None
+    assert node_pairs("Relu", (4, 4), _Attrs()) is None
+
+
+def test_tf_keeps_7_bit_weights_for_a_convolution_reading_s8_where_onednn_halves_them(monkeypatch, tmp_path):
+    """On a CPU without VNNI oneDNN's s8-input convolutions halve the weights (the TF backend stores ±63
+    doubled); a convolution reading u8 (after a Relu) keeps full-range pair-safe weights."""
+    from ncc import targets
+    from ncc.frontends.onnx import load_onnx
+    from ncc.ir.rewrite import constant_array
+    from ncc.passes.base import PassContext
+    from ncc.passes.manager import PassManager
+    from ncc.passes.quant.calib_data import load_calibration_data
+
+    monkeypatch.setattr(targets, "host_target", lambda: "x86-avx2")
+    rng = np.random.default_rng(0)
+    weights = {"w1": _heavy_tailed(rng, (8, 4, 3, 3)) * 0.1, "w2": _heavy_tailed(rng, (8, 8, 3, 3)) * 0.1}
+    graph = h.make_graph(
+        [
+            h.make_node("Conv", ["x", "w1"], ["c1"], name="signed_in", pads=[1, 1, 1, 1]),
+            h.make_node("Relu", ["c1"], ["r1"], name="relu"),
+            h.make_node("Conv", ["r1", "w2"], ["y"], name="unsigned_in", pads=[1, 1, 1, 1]),
+        ],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 4, 6, 6])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 8, 6, 6])],
+        [nh.from_array(w, name) for name, w in weights.items()],
+    )
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((8, 4, 6, 6)).astype(np.float32))
+    model = load_onnx(tmp_path / "m.onnx")
+    ctx = PassContext()
+    ctx.data["calibration_data"] = load_calibration_data(str(tmp_path / "calib.npz"))
+    ctx.data["progress"] = False
+    PassManager("fuse-activation,calibrate{target=tf scheme=scaled},insert-qdq{target=tf scheme=scaled}").run(
+        model, ctx
+    )
+    codes = {
+        name: np.abs(constant_array(model.graph.initializers[f"{name}_quantized"])).max() for name in weights
+    }
+    assert codes["w1"] <= 63 < codes["w2"], codes
