@@ -125,6 +125,7 @@ OPENVINO = replace(
     # OpenVINO fuses attention (scores, softmax, context) into one bf16/f32 subgraph: the int8 Q/DQ
     # x86-vnni puts on those activation-by-activation MatMuls never runs in int8 there (its check shows it)
     activation_matmul=False,
+    int8_kernels="onednn",  # measured: OpenVINO's CPU plugin pairs as Inductor and TensorFlow do
 )
 
 INDUCTOR = TargetProfile(

@@ -129,6 +129,11 @@ class InsertQDQ(Pass):
             result = self._run_with_fallback(model, ctx, calibration, target, op_types, islands)
         clear_ranges(model.graph)  # the ranges are Q/DQ scales now
         result.notes[:0] = opset_notes + warnings
+        if target.int8_kernels == "onednn" and target.pairwise_int16:
+            result.notes.append(
+                f"weights for {target.name} on a CPU without VNNI (this one): kept within oneDNN's int16 pairs "
+                "there, exact on every x86 CPU"
+            )
         return result
 
     def _run_with_fallback(self, model, ctx, calibration, target, op_types, islands) -> PassResult:

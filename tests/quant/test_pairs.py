@@ -200,10 +200,11 @@ def test_tf_keeps_7_bit_weights_for_a_convolution_reading_s8_where_onednn_halves
     ctx = PassContext()
     ctx.data["calibration_data"] = load_calibration_data(str(tmp_path / "calib.npz"))
     ctx.data["progress"] = False
-    PassManager("fuse-activation,calibrate{target=tf scheme=scaled},insert-qdq{target=tf scheme=scaled}").run(
-        model, ctx
-    )
+    report = PassManager(
+        "fuse-activation,calibrate{target=tf scheme=scaled},insert-qdq{target=tf scheme=scaled}"
+    ).run(model, ctx)
     codes = {
         name: np.abs(constant_array(model.graph.initializers[f"{name}_quantized"])).max() for name in weights
     }
     assert codes["w1"] <= 63 < codes["w2"], codes
+    assert any("tf on a CPU without VNNI" in note for note in report.notes), report.notes
