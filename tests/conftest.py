@@ -73,3 +73,13 @@ def invoke_ncc(*args):
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result
+
+
+class Attrs:
+    """Node attributes as ``ncc.passes.quant.pairs.node_pairs`` reads them (``get_int``), for tests."""
+
+    def __init__(self, **values):
+        self.values = values
+
+    def get_int(self, name, default):
+        return self.values.get(name, default)

@@ -507,10 +507,10 @@ class _Quantizer:
             node.attributes.get_int("group", 1),
             node.attributes.get_int("transB", 0),
             np.asarray(floor, np.float32).tobytes(),
-            self._halved(node),
+            halved := self._halved(node),
         )
         if code_key not in self.weight_codes:
-            self.weight_codes[code_key] = self._weight_codes(w, axis, node, floor)
+            self.weight_codes[code_key] = self._weight_codes(w, axis, node, floor, halved)
         q, scales = self.weight_codes[code_key]
         wq = self.rw.constant(q, f"{w.name}_quantized")
         ws = self.rw.constant(scales, f"{w.name}_scale")
@@ -521,11 +521,12 @@ class _Quantizer:
         return dq, scales
 
     def _weight_codes(
-        self, w: ir.Value, axis: int | None, node: ir.Node, floor: np.ndarray | float
+        self, w: ir.Value, axis: int | None, node: ir.Node, floor: np.ndarray | float, halved: bool
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Symmetric int8 codes of ``w`` (per channel along ``axis``) and their float32 scales."""
+        """Symmetric int8 codes of ``w`` (per channel along ``axis``) and their float32 scales; ``halved``:
+        the kernel halves them (:meth:`_halved`), so they keep 7 bits."""
         array = constant_array(w)
-        qmax = 63 if self.o.reduce_range or self._halved(node) else 127
+        qmax = 63 if self.o.reduce_range or halved else 127
         layout = None
         if self.target.pairwise_int16 and qmax > 63:
             layout = pairs.node_pairs(node.op_type, array.shape, node.attributes, self.target.int8_kernels)

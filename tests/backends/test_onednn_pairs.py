@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import Attrs
 
 torch = pytest.importorskip("torch", reason="Inductor's int8 kernels need torch (the torch extra)")
 
@@ -31,19 +32,11 @@ LAYERS = [
 ]
 
 
-class _Attrs:
-    def __init__(self, **values):
-        self.values = values
-
-    def get_int(self, name, default):
-        return self.values.get(name, default)
-
-
 def _codes(shape, group, paired: bool) -> np.ndarray:
     """Heavy-tailed weights (Student t, like a trained layer's) as s8 codes, per output channel."""
     w = np.random.default_rng(len(shape) * 10 + shape[1]).standard_t(3, size=shape).astype(np.float32)
     op = "Gemm" if len(shape) == 2 else "Conv"
-    layout = node_pairs(op, shape, _Attrs(group=group, transB=1), "onednn") if paired else None
+    layout = node_pairs(op, shape, Attrs(group=group, transB=1), "onednn") if paired else None
     return symmetric_int8(w, 0, qmax=63 if paired and layout is None else 127, pairs=layout)[0]
 
 

@@ -14,6 +14,7 @@ import itertools
 
 import numpy as np
 import pytest
+from conftest import Attrs
 
 tf = pytest.importorskip("tensorflow", reason="the tf target needs tensorflow-cpu (the tensorflow extra)")
 
@@ -32,14 +33,6 @@ def fq(x: np.ndarray, scale: float, signed: bool) -> np.ndarray:
 PAIRED = get_target("tf").pairwise_int16
 
 
-class _Attrs:
-    def __init__(self, **values):
-        self.values = values
-
-    def get_int(self, name, default):
-        return self.values.get(name, default)
-
-
 def _weights(rng, shape, depthwise, signed_in):
     """HWIO int8 codes as ncc writes them for this CPU, their per-channel scales, and their float values."""
     w = (rng.standard_normal(shape) * 0.2).astype(np.float32)
@@ -49,7 +42,7 @@ def _weights(rng, shape, depthwise, signed_in):
     if PAIRED and signed_in:
         qmax = 63
     elif PAIRED:
-        attrs = _Attrs(group=shape[2] if depthwise else 1)
+        attrs = Attrs(group=shape[2] if depthwise else 1)
         layout = node_pairs("Conv", oihw.shape, attrs, "onednn")
     q, scales = symmetric_int8(oihw, 0, qmax=qmax, pairs=layout)
     codes = q.transpose(np.argsort(onnx_layout))
@@ -115,7 +108,7 @@ def test_matmul_dequantizes_in_the_kernel(signed_in):
         x = np.maximum(x, 0)
     w = (rng.standard_normal((64, 10)) * 0.1).astype(np.float32)
     codes, scales = symmetric_int8(
-        w, 1, pairs=node_pairs("MatMul", w.shape, _Attrs(), "onednn") if PAIRED else None
+        w, 1, pairs=node_pairs("MatMul", w.shape, Attrs(), "onednn") if PAIRED else None
     )
     bias = rng.standard_normal(10).astype(np.float32)
     x_scale = float(np.abs(x).max()) / (127 if signed_in else 255)

@@ -12,18 +12,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import Attrs
 from ncc.passes.quant.pairs import PAIR_LIMIT, ConvPairs, fit_pairs, node_pairs, symmetric_int8
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
-
-
-class _Attrs:
-    def __init__(self, **values):
-        self.values = values
-
-    def get_int(self, name, default):
-        return self.values.get(name, default)
 
 
 def _session(nodes, inputs, outputs, inits, microsoft=False):
@@ -71,7 +64,7 @@ def test_fit_pairs_moves_only_overflowing_pairs_to_the_limit():
 @pytest.mark.parametrize("m,k,n", [(1, 384, 1536), (128, 384, 384), (64, 1536, 384), (7, 67, 5)])
 def test_matmul_kernels_exact_with_paired_weights(m, k, n):
     rng = np.random.default_rng(k)
-    wq = _paired_int8("MatMul", _heavy_tailed(rng, (k, n)), _Attrs(), 1)
+    wq = _paired_int8("MatMul", _heavy_tailed(rng, (k, n)), Attrs(), 1)
     a = _extremes(rng, (m, k))
     exact = a.astype(np.int64) @ wq.astype(np.int64)
     integer = _session(
@@ -162,12 +155,12 @@ def test_onednn_targets_pair_where_the_compiling_cpu_has_no_vnni(monkeypatch, ho
 def test_onednn_pairs_odd_channel_counts_not_at_all():
     """oneDNN pads each tap's channels, onnxruntime flattens the taps: with an odd count per group the pairs
     differ, and the weights (read by both: ncc measures in onnxruntime) keep ±63."""
-    assert node_pairs("Conv", (16, 3, 3, 3), _Attrs(), "onednn") is None
-    assert node_pairs("Conv", (16, 3, 3, 3), _Attrs(), "onnxruntime") == ConvPairs(1)
-    assert node_pairs("Conv", (16, 8, 3, 3), _Attrs(), "onednn") == ConvPairs(1)
-    assert node_pairs("Conv", (8, 1, 3, 3), _Attrs(group=8), "onednn") == ConvPairs(8)  # depthwise: unpaired
-    assert node_pairs("Conv", (8, 3, 3, 3), _Attrs(group=2), "onednn") is None
-    assert node_pairs("Relu", (4, 4), _Attrs()) is None
+    assert node_pairs("Conv", (16, 3, 3, 3), Attrs(), "onednn") is None
+    assert node_pairs("Conv", (16, 3, 3, 3), Attrs(), "onnxruntime") == ConvPairs(1)
+    assert node_pairs("Conv", (16, 8, 3, 3), Attrs(), "onednn") == ConvPairs(1)
+    assert node_pairs("Conv", (8, 1, 3, 3), Attrs(group=8), "onednn") == ConvPairs(8)  # depthwise: unpaired
+    assert node_pairs("Conv", (8, 3, 3, 3), Attrs(group=2), "onednn") is None
+    assert node_pairs("Relu", (4, 4), Attrs()) is None
 
 
 def test_tf_keeps_7_bit_weights_for_a_convolution_reading_s8_where_onednn_halves_them(monkeypatch, tmp_path):
