@@ -81,11 +81,14 @@ def session_options(
     optimized_model: str | Path | None = None,
     sequential: bool = False,
     spinning: bool = True,
+    fuse_qdq: bool = True,
 ):
     """onnxruntime ``SessionOptions``: ``threads`` intra-op threads (default: onnxruntime's own),
     ``optimization`` level, ``optimized_model`` (where onnxruntime writes the graph it will run),
     ``sequential``: one inter-op thread and sequential execution, as every timing in ncc runs;
-    ``spinning=False``: idle intra-op workers sleep at once instead of spinning for the next run."""
+    ``spinning=False``: idle intra-op workers sleep at once instead of spinning for the next run;
+    ``fuse_qdq=False``: QuantizeLinear/DequantizeLinear stay ops around float kernels (fake quantization,
+    exact in float) instead of being fused into onnxruntime's integer kernels."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -102,6 +105,8 @@ def session_options(
         options.optimized_model_filepath = str(optimized_model)
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not fuse_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if sequential:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -165,6 +170,7 @@ def open_session(
     options=None,
     what: str | None = None,
     disabled_optimizers: Sequence[str] = (),
+    fuse_qdq: bool = True,
 ) -> Session:
     """A :class:`Session` on ``model`` (in memory, or a file path).
 
@@ -175,11 +181,14 @@ def open_session(
     Without ``options``, the session's idle workers do not spin: the passes that open sessions work on
     the results in Python between runs (or while the next one runs), and spinning workers would take
     the CPU from that work. Timings pass their own options. ``disabled_optimizers`` names onnxruntime
-    graph transformers the session must not run.
+    graph transformers the session must not run; ``fuse_qdq``: see :func:`session_options` (only without
+    ``options``).
     """
     import onnxruntime as ort
 
-    options = options if options is not None else session_options(spinning=False)
+    if options is not None and not fuse_qdq:
+        raise ValueError("fuse_qdq=False applies to ncc's own options: pass it to session_options")
+    options = options if options is not None else session_options(spinning=False, fuse_qdq=fuse_qdq)
     keep_alive = None
     if isinstance(model, (str, Path)):
         what = what or str(model)

@@ -44,11 +44,11 @@ def _short(reason: str) -> str:
 
 def _reported(pass_name: str, note: str) -> bool:
     """Pass notes the report repeats: the weight-only and lowering passes', min-cosine's fallback steps,
-    opset changes and warnings."""
+    opset changes, what the compiling CPU changed, and warnings."""
     return (
         pass_name.startswith("woq-")
         or pass_name in ("pack-int4", "legalize-qoperator", "bf16-precision", "prune", "slim")
-        or note.startswith(("fallback:", "warning:", "opset:"))
+        or note.startswith(("fallback:", "warning:", "opset:", "cpu:"))
     )
 
 

@@ -33,7 +33,9 @@ import onnx_ir as ir
 from ncc.ir.ids import ID_KEY
 from ncc.metrics import relative_l2_error, token_masks
 from ncc.passes.quant.calib_data import CalibrationData
+from ncc.passes.quant.pairs import overflowing_layer
 from ncc.runtime import open_session
+from ncc.targets import get_target
 
 
 def samples(data: CalibrationData, count: int) -> list[dict[str, np.ndarray]]:
@@ -54,12 +56,36 @@ def run(
 ) -> dict[str, list[np.ndarray]]:
     """Run ``model`` on ``feeds`` with ``outputs`` (node outputs of its main graph) exposed; per output
     name, one array per feed (``disabled_optimizers``: see :func:`ncc.runtime.open_session`)."""
-    session = open_session(model, outputs=list(outputs), disabled_optimizers=disabled_optimizers)
+    session = measuring_session(model, outputs, disabled_optimizers=disabled_optimizers)
     results: dict[str, list[np.ndarray]] = {n: [] for n in session.output_names}
     for index, feed in enumerate(feeds):
         for name, array in session.run(feed, where=f"calibration batch {index}").items():
             results[name].append(array)
     return results
+
+
+def measuring_session(
+    model: ir.Model, outputs: Sequence[str] = (), *, disabled_optimizers: Sequence[str] = ()
+):
+    """An onnxruntime session (:func:`ncc.runtime.open_session`) that computes what ``model``'s integers
+    mean: with QDQ unfused where :func:`saturates_here` finds a layer, fused otherwise."""
+    return open_session(
+        model,
+        outputs=list(outputs),
+        disabled_optimizers=disabled_optimizers,
+        fuse_qdq=saturates_here(model) is None,
+    )
+
+
+def saturates_here(model: ir.Model) -> ir.Node | None:
+    """The first layer of ``model`` that onnxruntime's integer kernels would compute wrong on this CPU, or
+    None: without VNNI they add u8 x s8 products in saturating int16 pairs, which full-range weights (for a
+    target whose kernels do not pair: a VNNI CPU, TFLite's XNNPACK) overflow
+    (:func:`ncc.passes.quant.pairs.overflowing_layer`). Measuring such a model fused would score, and
+    correct-bias and round-weights would correct, the saturation of this CPU instead of the model."""
+    if not get_target("host").pairwise_int16:
+        return None
+    return overflowing_layer(model)
 
 
 def candidates(quantized: ir.Model) -> list[ir.Node]:

@@ -44,7 +44,7 @@ from ncc.ir import ids
 from ncc.ir.ops import is_onnx_domain, onnx_opset
 from ncc.ir.rewrite import Rewriter, constant_array, constant_tensor, is_constant
 from ncc.passes.base import Pass, PassContext, PassResult, node_ids, option, regex
-from ncc.passes.quant import pairs, plan
+from ncc.passes.quant import fallback, pairs, plan
 from ncc.passes.quant.observers import quant_params
 from ncc.passes.quant.ranges import CalibratedRanges, clear_ranges
 from ncc.targets import DEFAULT_TARGET, get_target
@@ -131,14 +131,19 @@ class InsertQDQ(Pass):
         result.notes[:0] = opset_notes + warnings
         if target.int8_kernels == "onednn" and target.pairwise_int16:
             result.notes.append(
-                f"weights for {target.name} on a CPU without VNNI (this one): kept within oneDNN's int16 pairs "
+                f"cpu: weights for {target.name} on a CPU without VNNI (this one): kept within oneDNN's int16 pairs "
                 "there, exact on every x86 CPU"
+            )
+        elif not target.pairwise_int16 and (layer := fallback.saturates_here(model)) is not None:
+            result.notes.append(
+                f"cpu: weights for {target.name} use the full int8 range, which onnxruntime's kernels on this CPU (no "
+                f"VNNI) saturate in int16 pairs ({layer.name} first): ncc measures the model with Q/DQ unfused, "
+                "as exact integer kernels compute it"
             )
         return result
 
     def _run_with_fallback(self, model, ctx, calibration, target, op_types, islands) -> PassResult:
         from ncc.metrics import token_masks, worst_output_cosine
-        from ncc.passes.quant import fallback
 
         data = ctx.data.get("calibration_data")
         if data is None:

@@ -46,6 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_ir as ir
 
 PAIR_LIMIT = 128
 """Largest sum of same-sign magnitudes two paired s8 weights may have: ``255 * 128 = 32640 <= 32767``."""
@@ -216,3 +217,54 @@ def _conv_k_major(w: np.ndarray):
 def _depthwise(shape: tuple[int, ...], group: int) -> bool:
     """onnxruntime's depthwise kernel (int32 sums): one input and one output channel per group."""
     return group > 1 and shape[1] == 1 and shape[0] == group
+
+
+def overflowing_layer(model: ir.Model) -> ir.Node | None:
+    """The first layer of ``model`` whose int8 weights onnxruntime's int16 pairs would overflow, or None.
+
+    A layer is a Conv, MatMul or Gemm reading a DequantizeLinear activation and a DequantizeLinear of an
+    int8 constant (onnxruntime fuses them into an integer kernel), or a MatMulInteger by an int8 constant.
+    With u8 activations up to 255 a pair overflows where its two weights' sum passes ±:data:`PAIR_LIMIT`
+    (opposite signs never do); where the op's pairing is not known, any weight beyond ±63 counts.
+    """
+    for node in model.graph:
+        if node.op_type == "MatMulInteger" and len(node.inputs) > 1:
+            q = _int8_constant(node.inputs[1])
+            op_type = "MatMul"
+        elif node.op_type in (*PAIRED_OPS, "ConvTranspose") and len(node.inputs) > 1:
+            if not all(_dequantized(v) for v in node.inputs[:2]):
+                continue
+            q = _int8_constant(node.inputs[1].producer().inputs[0])
+            op_type = node.op_type
+        else:
+            continue
+        if q is not None and _overflows(op_type, q, node.attributes):
+            return node
+    return None
+
+
+def _dequantized(value: ir.Value | None) -> bool:
+    producer = value.producer() if value is not None else None
+    return producer is not None and producer.op_type == "DequantizeLinear"
+
+
+def _int8_constant(value: ir.Value | None) -> np.ndarray | None:
+    tensor = value.const_value if value is not None else None
+    if tensor is None or tensor.dtype != ir.DataType.INT8:
+        return None
+    return tensor.numpy()
+
+
+def _overflows(op_type: str, q: np.ndarray, attributes) -> bool:
+    pairs = node_pairs(op_type, q.shape, attributes) if q.ndim >= 2 else None
+    if pairs is None:
+        return bool(np.abs(q.astype(np.int16)).max(initial=0) > 63)
+    if isinstance(pairs, ConvPairs):
+        if q.ndim < 3 or _depthwise(q.shape, pairs.group):
+            return False
+        k_major = _conv_k_major(q)[0]
+    else:
+        k_major = np.moveaxis(q, pairs.k_axis, 0)
+    k = k_major.shape[0] - k_major.shape[0] % 2
+    sums = k_major[0:k:2].astype(np.int16) + k_major[1:k:2]
+    return bool(np.abs(sums).max(initial=0) > PAIR_LIMIT)

@@ -51,7 +51,6 @@ from ncc.ir.tensors import from_array
 from ncc.passes.base import Pass, PassContext, PassResult, option
 from ncc.passes.quant.insert_qdq import FLOAT_WEIGHT
 from ncc.passes.quant.pairs import PAIR_LIMIT
-from ncc.runtime import open_session
 from ncc.targets import DEFAULT_TARGET, get_target
 
 QMAX = 127
@@ -93,7 +92,7 @@ class RoundWeights(Pass):
             return PassResult(modified=False)
         sources = {layer.node.inputs[0].name: _Source.of(layer.node.inputs[0]) for layer in layers}
         names = list(dict.fromkeys(source.name for source in sources.values()))
-        session = open_session(model, outputs=names)
+        session = fallback.measuring_session(model, names)
         # batches of up to 8 samples, all kept: mostly 8-bit codes (see _Source), a quarter of the float inputs
         batches = [session.run(feed, names) for feed in fallback.samples(data, self.samples)]
         del session

@@ -23,6 +23,7 @@ import keras  # noqa: E402
 from ncc.backends.tensorflow.graph import TfLowering, dequantized_constant, lower  # noqa: E402
 from ncc.errors import NccError  # noqa: E402
 from ncc.ir import GraphBuilder  # noqa: E402
+from ncc.targets import get_target  # noqa: E402
 from ncc.tools.modelio import load_model  # noqa: E402
 
 #: Max abs error of a float lowering relative to the output's scale (max |reference|): float32 arithmetic
@@ -515,6 +516,9 @@ def test_tflite_target_through_the_cli_reloads_in_a_fresh_process(tmp_path):
     assert "float:" not in proc.stderr, proc.stderr  # no op computes in float: a full-integer file
     # the softmax writes TFLite's fixed 1/256 grid itself: no requantization follows it
     assert "float boundary: DEQUANTIZE 1, QUANTIZE 1" in proc.stderr, proc.stderr
+    # XNNPACK's kernels do not pair products: full-range weights, which onnxruntime would saturate on a CPU
+    # without VNNI, so there ncc says it measured the model with Q/DQ unfused
+    assert ("measures the model with Q/DQ unfused" in proc.stderr) == get_target("host").pairwise_int16
     x = fer_inputs(128, seed=1)
     np.savez(tmp_path / "x.npz", x=x)
     run = subprocess.run(

@@ -201,3 +201,50 @@ def test_tf_keeps_7_bit_weights_for_a_convolution_reading_s8_where_onednn_halves
     }
     assert codes["w1"] <= 63 < codes["w2"], codes
     assert any("tf on a CPU without VNNI" in note for note in report.notes), report.notes
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_measurements_compute_full_range_weights_exactly_on_a_pairing_cpu(monkeypatch, tmp_path, safe):
+    """Full-range weights are for kernels that do not pair (VNNI, TFLite's XNNPACK); on a CPU that pairs,
+    onnxruntime's fused kernels would saturate them, so ncc's measurements (every pass that runs a quantized
+    model, the report) run such a model with Q/DQ unfused and get the exact integer sums; pair-safe weights
+    run fused as they are. Checked as if the CPU paired, on any CPU."""
+    from ncc import targets
+    from ncc.frontends.onnx import load_onnx
+    from ncc.passes.quant import fallback
+    from ncc.passes.quant.pairs import overflowing_layer
+
+    monkeypatch.setattr(targets, "host_target", lambda: "x86-avx2")
+    rng = np.random.default_rng(1)
+    k, n = 64, 16
+    w = _heavy_tailed(rng, (k, n))
+    attrs = Attrs()
+    if safe:
+        wq = _paired_int8("MatMul", w, attrs, 1)
+    else:  # a trained layer's weights at full range, with every channel's largest weight at ±127
+        wq = symmetric_int8(w, 1)[0]
+        wq[0:2] = np.where(wq[0:2] >= 0, 127, -127)  # two rows of one sign paired: 254 > PAIR_LIMIT
+    graph = h.make_graph(
+        [
+            h.make_node("QuantizeLinear", ["x", "one", "zero"], ["xq"]),
+            h.make_node("DequantizeLinear", ["xq", "one", "zero"], ["xd"]),
+            h.make_node("DequantizeLinear", ["wq", "one"], ["wd"]),
+            h.make_node("MatMul", ["xd", "wd"], ["y"], name="layer"),
+        ],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, ["M", k])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["M", n])],
+        [
+            nh.from_array(np.array(1.0, np.float32), "one"),
+            nh.from_array(np.array(0, np.uint8), "zero"),
+            nh.from_array(wq, "wq"),
+        ],
+    )
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    model = load_onnx(tmp_path / "m.onnx")
+    layer = overflowing_layer(model)
+    assert (layer is None) if safe else (layer is not None and layer.name == "layer")
+    assert fallback.saturates_here(model) is layer
+    a = _extremes(rng, (32, k))
+    got = fallback.run(model, [{"x": a.astype(np.float32)}], ["y"])["y"][0]
+    np.testing.assert_array_equal(got, (a.astype(np.int64) @ wq.astype(np.int64)).astype(np.float32))
