@@ -444,10 +444,11 @@ def _round(
             change = np.zeros((q.shape[1], stop - b0)) if shared else None
             for k in range(b0, stop):
                 j = k - b0 if shared else k
-                ok = allowed[k] if partner is None else _pair_safe(q, other, allowed, partner, k)
                 # change of d' C d when d_k moves by step (+-1): 2 step (C d)_k + C_kk
                 gain = twice[k] * (local[:, j] if shared else hd[k]) + diag[k]
-                rows = np.flatnonzero(ok & (gain < -1e-12 * diag[k]))
+                rows = _pair_safe(
+                    np.flatnonzero(allowed[k] & (gain < -1e-12 * diag[k])), q, other, partner, k
+                )
                 if rows.size == 0:
                     continue
                 s = 0.5 * twice[k, rows]
@@ -478,14 +479,15 @@ def _flips(q: np.ndarray, lo: np.ndarray, movable: np.ndarray) -> tuple[np.ndarr
 
 
 def _pair_safe(
-    q: np.ndarray, other: np.ndarray, allowed: np.ndarray, partner: np.ndarray, k: int
+    rows: np.ndarray, q: np.ndarray, other: np.ndarray, partner: np.ndarray | None, k: int
 ) -> np.ndarray:
-    """``allowed[k]`` narrowed to the flips that keep column ``k``'s int16 pair within ``PAIR_LIMIT``,
-    against its partner's codes as they are now."""
-    if partner[k] < 0:
-        return allowed[k]
-    u, o = q[partner[k]], other[k]
-    return allowed[k] & ~((o * u > 0) & (np.abs(o) + np.abs(u) > PAIR_LIMIT))
+    """Of the ``rows`` whose code in column ``k`` would flip, those whose flip keeps column ``k``'s int16
+    pair within ``PAIR_LIMIT``, against its partner's codes as they are now (checked on the few candidate
+    rows only: most columns have none)."""
+    if partner is None or partner[k] < 0 or rows.size == 0:
+        return rows
+    u, o = q[partner[k], rows], other[k, rows]
+    return rows[~((o * u > 0) & (np.abs(o) + np.abs(u) > PAIR_LIMIT))]
 
 
 def _round_low_rank(
@@ -522,9 +524,9 @@ def _round_low_rank(
         moved = 0
         other, twice, allowed = _flips(q, lo, movable)
         for k in range(q.shape[0]):
-            ok = allowed[k] if partner is None else _pair_safe(q, other, allowed, partner, k)
             cd = keep * (r @ xt[k]) / n + (1.0 - keep) * diag[k] * d[k]  # (C d)_k
-            rows = np.flatnonzero(ok & (twice[k] * cd + diag[k] < -1e-12 * diag[k]))
+            rows = np.flatnonzero(allowed[k] & (twice[k] * cd + diag[k] < -1e-12 * diag[k]))
+            rows = _pair_safe(rows, q, other, partner, k)
             if rows.size == 0:
                 continue
             s = 0.5 * twice[k, rows]
