@@ -223,22 +223,18 @@ def overflowing_layer(model: ir.Model) -> ir.Node | None:
     """The first layer of ``model`` whose int8 weights onnxruntime's int16 pairs would overflow, or None.
 
     A layer is a Conv, MatMul or Gemm reading a DequantizeLinear activation and a DequantizeLinear of an
-    int8 constant (onnxruntime fuses them into an integer kernel), or a MatMulInteger by an int8 constant.
-    With u8 activations up to 255 a pair overflows where its two weights' sum passes ±:data:`PAIR_LIMIT`
-    (opposite signs never do); where the op's pairing is not known, any weight beyond ±63 counts.
+    int8 constant: onnxruntime fuses them into an integer kernel, which Q/DQ left unfused avoids (explicit
+    integer ops, MatMulInteger and the QLinear* ops, run as they are). With u8 activations up to 255 a pair
+    overflows where its two weights' sum passes ±:data:`PAIR_LIMIT` (opposite signs never do); where the
+    op's pairing is not known, any weight beyond ±63 counts.
     """
     for node in model.graph:
-        if node.op_type == "MatMulInteger" and len(node.inputs) > 1:
-            q = _int8_constant(node.inputs[1])
-            op_type = "MatMul"
-        elif node.op_type in (*PAIRED_OPS, "ConvTranspose") and len(node.inputs) > 1:
-            if not all(_dequantized(v) for v in node.inputs[:2]):
-                continue
-            q = _int8_constant(node.inputs[1].producer().inputs[0])
-            op_type = node.op_type
-        else:
+        if node.op_type not in (*PAIRED_OPS, "ConvTranspose") or len(node.inputs) < 2:
             continue
-        if q is not None and _overflows(op_type, q, node.attributes):
+        if not all(_dequantized(v) for v in node.inputs[:2]):
+            continue
+        q = _int8_constant(node.inputs[1].producer().inputs[0])
+        if q is not None and _overflows(node.op_type, q, node.attributes):
             return node
     return None
 
