@@ -6,10 +6,12 @@ ncc's grid without a representative dataset: int8 tensors (TFLite's u8 -> s8 shi
 per-channel int8 convolution weights, int32 biases it derives as ``x_scale * w_scale``. Inputs and outputs
 stay float (a QUANTIZE after each input, a DEQUANTIZE before each output), as the IR's are.
 
-One rewrite on the way: the converter cannot carry a per-channel FakeQuant through the transpose it gives a
+Two rewrites on the way. The converter cannot carry a per-channel FakeQuant through the transpose it gives a
 FULLY_CONNECTED weight (``'tfl.transpose' op has mismatched quantized axes``), so a Gemm or MatMul with a
 per-channel weight becomes a 1x1 CONV_2D on the rows (``[rows, 1, 1, K]``), which keeps ncc's per-channel
-weights exactly and runs the same int8 GEMM.
+weights exactly and runs the same int8 GEMM. And a GlobalAveragePool or GlobalMaxPool whose only reader
+drops its spatial axes (a Squeeze or Flatten, as a classifier's head has) becomes one MEAN/MAX without the
+kept dimensions, as TFLiteConverter writes a Keras global pooling: no RESHAPE op after it.
 
 The converter is deterministic: the same IR gives the same bytes. TensorFlow is imported when these run.
 """
@@ -21,8 +23,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
-from ncc.backends.tensorflow.graph import TfLowering, dequantized_constant
+from ncc.backends.tensorflow.graph import TfLowering, dequantized_constant, logical
 from ncc.errors import NccError, first_line
 
 #: TFLite ops that only cross the float/int8 boundary (at the graph's inputs and outputs).
@@ -47,7 +50,9 @@ def to_tflite(model: ir.Model) -> bytes:
     with quiet():
         import tensorflow as tf
 
-        function = TfLowering(model, quant="fakequant", rules=[linear_as_conv]).concrete_function()
+        function = TfLowering(
+            model, quant="fakequant", rules=[linear_as_conv, pool_squeezed]
+        ).concrete_function()
         holder = tf.Module()
         holder.serving = function
         converter = tf.lite.TFLiteConverter.from_concrete_functions([function], holder)
@@ -96,6 +101,61 @@ def linear_as_conv(lowering: TfLowering, node: ir.Node) -> bool:
         shape = tf.concat([tf.shape(t)[:-1], [n]], 0)
     lowering.set(node.outputs[0], tf.reshape(y, shape))
     return True
+
+
+def pool_squeezed(lowering: TfLowering, node: ir.Node) -> bool:
+    """A global pooling read only (through its Q/DQ pair, if quantized) by a Squeeze of its spatial axes or
+    a ``Flatten(axis=1)``: lowered together as one reduction without ``keepdims``. The pair's rounding is
+    kept unless the reader's output is rounded on the same grid right after (a passthrough's output shares
+    its input's scale), which makes it the same rounding twice."""
+    ops = {"GlobalAveragePool": "reduce_mean", "GlobalMaxPool": "reduce_max"}
+    if node.op_type not in ops or lowering.quant != "fakequant":
+        return False
+    x, out = node.inputs[0], node.outputs[0]
+    rank = len(lowering.shape(x))
+    pair = _only_pair(out)
+    reader = _only_reader(pair[1].outputs[0] if pair else out)
+    if rank < 3 or reader is None or out.is_graph_output():
+        return False
+    if reader.op_type == "Squeeze":
+        if sorted(lowering._axes(reader, rank) or ()) != list(range(2, rank)):
+            return False
+    elif reader.op_type != "Flatten" or reader.attributes.get_int("axis", 1) != 1:
+        return False
+    layout = lowering.layout_of(x)
+    axes = [layout.index(a) for a in range(2, rank)]
+    y = getattr(lowering.tf.math, ops[node.op_type])(lowering.get(x, layout), axis=axes, keepdims=False)
+    after = _only_pair(reader.outputs[0])
+    if pair and not (after and _same_grid(lowering, pair[0], after[0])):
+        y = lowering.fake_quant(y, lowering.qparams(pair[0]), logical(2))
+    lowering.set(reader.outputs[0], y)
+    lowering.consume(*(pair or ()), reader)
+    return True
+
+
+def _only_reader(value: ir.Value) -> ir.Node | None:
+    uses = value.uses()
+    return uses[0].node if len(uses) == 1 and not value.is_graph_output() else None
+
+
+def _only_pair(value: ir.Value) -> tuple[ir.Node, ir.Node] | None:
+    """``value``'s QuantizeLinear and its one DequantizeLinear, where they are its only reader."""
+    q = _only_reader(value)
+    if q is None or q.op_type != "QuantizeLinear":
+        return None
+    dq = _only_reader(q.outputs[0])
+    return (q, dq) if dq is not None and dq.op_type == "DequantizeLinear" else None
+
+
+def _same_grid(lowering: TfLowering, a: ir.Node, b: ir.Node) -> bool:
+    pa, pb = lowering.qparams(a), lowering.qparams(b)
+    return (
+        pa.dtype == pb.dtype
+        and pa.axis is None
+        and pb.axis is None
+        and np.array_equal(pa.scale, pb.scale)
+        and np.array_equal(pa.zero_point, pb.zero_point)
+    )
 
 
 @dataclass

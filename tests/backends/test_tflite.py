@@ -516,6 +516,9 @@ def test_tflite_target_through_the_cli_reloads_in_a_fresh_process(tmp_path):
     assert "float:" not in proc.stderr, proc.stderr  # no op computes in float: a full-integer file
     # the softmax writes TFLite's fixed 1/256 grid itself: no requantization follows it
     assert "float boundary: DEQUANTIZE 1, QUANTIZE 1" in proc.stderr, proc.stderr
+    # the global pooling and the Squeeze after it are one MEAN without kept dimensions, as the converter
+    # writes Keras' GlobalAveragePooling2D: no RESHAPE op
+    assert "MEAN 1" in proc.stderr and "RESHAPE" not in proc.stderr, proc.stderr
     # XNNPACK's kernels do not pair products: full-range weights, which onnxruntime would saturate on a CPU
     # without VNNI, so there ncc says it measured the model with Q/DQ unfused
     assert ("measures the model with Q/DQ unfused" in proc.stderr) == get_target("host").pairwise_int16
