@@ -759,7 +759,7 @@ class TfLowering:
         layout = self.layout_of(x)
         t = self.get(x, layout)
         paired = not out.is_graph_output() and all(
-            u.node.op_type == "DequantizeLinear" and _same_qparams(self, node, u.node) for u in out.uses()
+            u.node.op_type == "DequantizeLinear" and same_qparams(self, node, u.node) for u in out.uses()
         )
         if paired:
             self.set(out, t if self.quant == "float" else self.fake_quant(t, qp, layout), layout)
@@ -1473,8 +1473,8 @@ def _constant_nodes(graph: ir.Graph) -> tuple[set[int], set[int]]:
     return deferred, folded
 
 
-def _same_qparams(lowering: TfLowering, q: ir.Node, dq: ir.Node) -> bool:
-    """Whether ``dq`` reads ``q``'s codes on the same grid. A per-axis DequantizeLinear repeating one scale
+def same_qparams(lowering: TfLowering, q: ir.Node, dq: ir.Node) -> bool:
+    """Whether ``dq`` reads ``q``'s codes on the same grid (any two Q/DQ nodes: the same grid). A per-axis DequantizeLinear repeating one scale
     and zero point is the per-tensor one (insert-qdq writes those before a layer it keeps float, so that
     onnxruntime does not quantize that layer after all)."""
     a, b = lowering.qparams(q), lowering.qparams(dq)

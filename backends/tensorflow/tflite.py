@@ -23,9 +23,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
-from ncc.backends.tensorflow.graph import TfLowering, dequantized_constant, logical
+from ncc.backends.tensorflow.graph import TfLowering, dequantized_constant, logical, same_qparams
 from ncc.errors import NccError, first_line
 
 #: TFLite ops that only cross the float/int8 boundary (at the graph's inputs and outputs).
@@ -126,7 +125,7 @@ def pool_squeezed(lowering: TfLowering, node: ir.Node) -> bool:
     axes = [layout.index(a) for a in range(2, rank)]
     y = getattr(lowering.tf.math, ops[node.op_type])(lowering.get(x, layout), axis=axes, keepdims=False)
     after = _only_pair(reader.outputs[0])
-    if pair and not (after and _same_grid(lowering, pair[0], after[0])):
+    if pair and not (after and same_qparams(lowering, pair[0], after[0])):
         y = lowering.fake_quant(y, lowering.qparams(pair[0]), logical(2))
     lowering.set(reader.outputs[0], y)
     lowering.consume(*(pair or ()), reader)
@@ -145,17 +144,6 @@ def _only_pair(value: ir.Value) -> tuple[ir.Node, ir.Node] | None:
         return None
     dq = _only_reader(q.outputs[0])
     return (q, dq) if dq is not None and dq.op_type == "DequantizeLinear" else None
-
-
-def _same_grid(lowering: TfLowering, a: ir.Node, b: ir.Node) -> bool:
-    pa, pb = lowering.qparams(a), lowering.qparams(b)
-    return (
-        pa.dtype == pb.dtype
-        and pa.axis is None
-        and pb.axis is None
-        and np.array_equal(pa.scale, pb.scale)
-        and np.array_equal(pa.zero_point, pb.zero_point)
-    )
 
 
 @dataclass
