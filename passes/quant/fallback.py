@@ -65,13 +65,19 @@ def run(
 
 
 def measuring_session(
-    model: ir.Model, outputs: Sequence[str] = (), *, disabled_optimizers: Sequence[str] = ()
+    model: ir.Model,
+    outputs: Sequence[str] = (),
+    *,
+    disabled_optimizers: Sequence[str] = (),
+    prune: bool = False,
 ):
     """An onnxruntime session (:func:`ncc.runtime.open_session`) that computes what ``model``'s integers
-    mean: with QDQ unfused where :func:`saturates_here` finds a layer, fused otherwise."""
+    mean: with QDQ unfused where :func:`saturates_here` finds a layer, fused otherwise. With ``prune``,
+    ``outputs`` are its only outputs and only what they need runs."""
     return open_session(
         model,
         outputs=list(outputs),
+        prune=prune,
         disabled_optimizers=disabled_optimizers,
         fuse_qdq=saturates_here(model) is None,
     )

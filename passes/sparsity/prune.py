@@ -186,25 +186,25 @@ class Prune(Pass):
             count = _removed_count(grp.units, self.sparsity, self.multiple)
             if count <= 0:
                 continue
-            inputs = _gather(model, grp, feeds, masks) if feeds is not None else None
+            stats = _statistics(model, grp, feeds, masks, targets) if feeds is not None else None
             short = [
-                (node, x.shape)
+                (node, gram.rows, gram.width)
                 for node in grp.consumers
-                if (x := (inputs or {}).get(id(node))) is not None and x.shape[0] < x.shape[1]
+                if (gram := (stats or {}).get(id(node))) is not None and gram.rows < gram.width
             ]
             if short and self.refit:
-                node, (rows, width) = short[0]
+                node, rows, width = short[0]
                 notes.append(
                     f"prune: warning: the refit of {node.name or node.op_type} has {rows} calibration rows for "
                     f"{width} inputs; give more samples (--calib-samples) for a refit that generalizes"
                 )
             if self.criterion == "activation":
-                remove = _obs_choice(grp, inputs, count)
+                remove = _obs_choice(grp, stats, count)
             else:
                 remove = _magnitude_choice(grp, count)
             _zero_units(rewriter, grp, np.array(sorted(remove)))
-            if self.refit and inputs is not None:
-                refits += _refit(rewriter, grp, inputs, targets, remove)
+            if self.refit and stats is not None:
+                refits += _refit(rewriter, grp, stats, remove)
             left = g.zero_units(grp)
             if not left[remove].all():
                 notes.append(
@@ -288,29 +288,68 @@ def _conv_input(model: ir.Model, name: str) -> bool:
     return any(n.op_type == "Conv" and n.inputs[0].name == name for n in model.graph)
 
 
-def _gather(model: ir.Model, grp: g.Group, feeds, masks) -> dict[int, np.ndarray]:
-    """Per reader of the group, its input rows ``[samples, units*width]`` on ``feeds`` (pointwise convs
-    only among convs; others absent)."""
-    from ncc.passes.quant.fallback import run
+@dataclass
+class Gram:
+    """A reader's calibration statistics, summed batch by batch so that their size does not grow with the
+    data: ``h``, the Gram matrix of its input rows with a ones column appended (``[width + 1]`` square);
+    ``c``, those rows times the rows its refit must produce (None where there are no targets)."""
+
+    h: np.ndarray
+    c: np.ndarray | None
+    rows: int
+
+    @property
+    def width(self) -> int:
+        return self.h.shape[0] - 1
+
+
+def _statistics(model: ir.Model, grp: g.Group, feeds, masks, targets) -> dict[int, Gram]:
+    """Per reader of the group (pointwise convs only among convs; others absent), its :class:`Gram` on
+    ``feeds``: its input rows in the model as it is now, and, from ``targets`` (the rows of the model
+    before pruning, see :func:`_dense_targets`), what it must produce: the target itself, or, where the
+    reader feeds a residual Add (:func:`_skip`), the target sum minus the other operand as it is now."""
+    from ncc.passes.quant.fallback import measuring_session
 
     skips = {id(c): skip for c in grp.consumers if (skip := _skip(c)) is not None}
     names = list(
         dict.fromkeys([c.inputs[0].name for c in grp.consumers] + [v.name for _, v in skips.values()])
     )
-    results = run(model, feeds, names)
-    out = {}
-    for node in grp.consumers:
-        arrays = results[node.inputs[0].name]
-        if node.op_type == "Conv":
-            parts = [sc.conv_rows(a, node) for a in arrays]
-            if any(p is None for p in parts):
+    session = measuring_session(model, names, prune=True)
+    stats: dict[int, Gram] = {}
+    seen: dict[int, int] = {}  # target rows consumed so far, per reader
+    for index, (feed, mask) in enumerate(zip(feeds, masks)):
+        results = session.run(feed, where=f"calibration batch {index}")
+        for node in grp.consumers:
+            x = _input_rows(node, results[node.inputs[0].name], mask)
+            if x is None:
                 continue
-        else:
-            parts = [sc.rows(a, -1, m) for a, m in zip(arrays, masks)]
-        out[id(node)] = np.concatenate(parts)
-        if id(node) in skips:
-            out[("skip", id(node))] = _output_rows(node, results[skips[id(node)][1].name], masks)
-    return out
+            x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+            y = targets.get(_reader_output(node)[0].name)
+            if y is not None:
+                start = seen.get(id(node), 0)
+                y = y[start : start + x.shape[0]].astype(np.float64)
+                seen[id(node)] = start + x.shape[0]
+                if id(node) in skips:
+                    skip = _output_rows(node, [results[skips[id(node)][1].name]], [mask])
+                    y = y - skip if skip.shape == y.shape else None
+                if y is not None and y.shape[0] != x.shape[0]:
+                    y = None
+            gram = stats.get(id(node))
+            if gram is None:
+                c = x.T @ y if y is not None else None
+                stats[id(node)] = Gram(x.T @ x, c, x.shape[0])
+                continue
+            gram.h += x.T @ x
+            gram.c = gram.c + x.T @ y if gram.c is not None and y is not None else None
+            gram.rows += x.shape[0]
+    return stats
+
+
+def _input_rows(node: ir.Node, x: np.ndarray, mask) -> np.ndarray | None:
+    """The rows a reader multiplies by its weight (pointwise convs only among convs)."""
+    if node.op_type == "Conv":
+        return sc.conv_rows(x, node)
+    return sc.rows(x, -1, mask)
 
 
 def _output_rows(node: ir.Node, arrays: list[np.ndarray], masks) -> np.ndarray:
@@ -344,13 +383,13 @@ def _reader_weight(node: ir.Node) -> np.ndarray:
     return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
 
 
-def _obs_choice(grp: g.Group, inputs: dict[int, np.ndarray], count: int) -> list[int]:
+def _obs_choice(grp: g.Group, stats: dict[int, Gram], count: int) -> list[int]:
     parts = []
     for node in grp.consumers:
-        x = inputs.get(id(node))
-        if x is None:
+        gram = stats.get(id(node))
+        if gram is None:
             continue
-        parts.append((x.T @ x, _reader_weight(node)))
+        parts.append((gram.h[:-1, :-1], _reader_weight(node)))
     if not parts:
         return _magnitude_choice(grp, count)
     width = grp.track(grp.consumers[0].inputs[0]).width
@@ -432,37 +471,30 @@ def _dense_targets(model: ir.Model, chosen: list[g.Group], feeds, masks) -> dict
     }
 
 
-def _refit(rewriter, grp, inputs, targets, removed) -> int:
+def _refit(rewriter, grp, stats: dict[int, Gram], removed) -> int:
     """Solve each reader's weight (and bias, where it has one) so that, on the pruned model's inputs
-    (``inputs``, gathered before this group was zeroed: zeroing changes only the removed columns), it
-    gives the dense model's output. Returns how many readers were refitted."""
+    (gathered before this group was zeroed: zeroing changes only the removed columns), it gives the dense
+    model's output. Returns how many readers were refitted."""
     keep_units = np.setdiff1d(np.arange(grp.units), np.array(removed))
     count = 0
     for node in grp.consumers:
-        y = targets.get(_reader_output(node)[0].name)
-        if id(node) not in inputs or y is None:
+        gram = stats.get(id(node))
+        if gram is None or gram.c is None:
             continue
         width = grp.track(node.inputs[0]).width
         keep = (keep_units[:, None] * width + np.arange(width)[None, :]).reshape(-1)
-        skip = inputs.get(("skip", id(node)))
-        if skip is not None:
-            if skip.shape != y.shape:
-                continue
-            y = y - skip
-        count += refit_reader(rewriter, node, inputs[id(node)], y, keep)
+        count += refit_reader(rewriter, node, gram, keep)
     return count
 
 
-def refit_reader(rewriter: Rewriter, node: ir.Node, x: np.ndarray, y: np.ndarray, keep: np.ndarray) -> int:
-    """Refit one reader on input rows ``x`` (its columns ``keep`` only; the others get zero weight) to
-    output rows ``y``; 1 if done, 0 if the rows do not match."""
+def refit_reader(rewriter: Rewriter, node: ir.Node, gram: Gram, keep: np.ndarray) -> int:
+    """Refit one reader from its statistics ``gram`` on its input columns ``keep`` only (the others get
+    zero weight); 1 if done."""
     _, bias = _reader_output(node)
-    if y.shape[0] != x.shape[0]:
-        return 0
-    w_new, b_new = sc.refit(x[:, keep], y.astype(np.float64), intercept=bias is not None)
+    w_new, b_new = sc.refit(gram.h, gram.c, keep, intercept=bias is not None)
     weight = constant_array(node.inputs[1])
     axis = g.consumer_weight_axis(node)
-    full = np.zeros((weight.shape[axis], y.shape[1]))
+    full = np.zeros((weight.shape[axis], gram.c.shape[1]))
     full[keep] = w_new
     moved_shape = (weight.shape[axis], *[d for i, d in enumerate(weight.shape) if i != axis])
     array = np.moveaxis(full.reshape(moved_shape), 0, axis).astype(weight.dtype)

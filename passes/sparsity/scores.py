@@ -122,11 +122,12 @@ def combined_order(
     return [int(u) for u in np.argsort(total, kind="stable")[:count]]
 
 
-def refit(x: np.ndarray, y: np.ndarray, intercept: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Least squares ``x @ W (+ b) ~ y`` with a small ridge: the reader's new weight (and bias shift)."""
-    if intercept:
-        x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
-    h = x.T @ x
-    h = ridged(h)
-    sol = np.linalg.solve(h, x.T @ y)
+def refit(
+    h: np.ndarray, c: np.ndarray, keep: np.ndarray, intercept: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Least squares ``x[:, keep] @ W (+ b) ~ y`` with a small ridge, from ``h``, the Gram matrix of ``x``
+    with a ones column appended, and ``c`` = that matrix's transpose times ``y``: the reader's new weight
+    rows (and bias)."""
+    idx = np.append(keep, h.shape[0] - 1) if intercept else np.asarray(keep)
+    sol = np.linalg.solve(ridged(h[np.ix_(idx, idx)]), c[idx])
     return (sol[:-1], sol[-1]) if intercept else (sol, None)

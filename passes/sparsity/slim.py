@@ -99,15 +99,11 @@ class _Refit:
         targets = prune._dense_targets(self.dense, pruned, self.feeds, self.masks)
         count = 0
         for grp in pruned:  # graph order: each refit sees the ones before it
-            inputs = prune._gather(model, grp, self.feeds, self.masks)
+            stats = prune._statistics(model, grp, self.feeds, self.masks, targets)
             for node in grp.consumers:
-                y = targets.get(prune._reader_output(node)[0].name)
-                skip = inputs.get(("skip", id(node)))
-                if skip is not None and y is not None:
-                    y = y - skip if skip.shape == y.shape else None
-                if id(node) in inputs and y is not None:
-                    x = inputs[id(node)]
-                    count += prune.refit_reader(rewriter, node, x, y, np.arange(x.shape[1]))
+                gram = stats.get(id(node))
+                if gram is not None and gram.c is not None:
+                    count += prune.refit_reader(rewriter, node, gram, np.arange(gram.width))
         return count
 
 
