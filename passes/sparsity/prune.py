@@ -456,7 +456,7 @@ def _reader_output(node: ir.Node) -> tuple[ir.Value, tuple[ir.Node, int] | None]
 def _dense_targets(model: ir.Model, chosen: list[g.Group], feeds, masks) -> dict[str, np.ndarray]:
     """Per reader of ``chosen`` (by its output's name), the rows it should produce, from the model as it
     is now (dense): its output, or the residual sum it is added into (see :func:`_skip`)."""
-    from ncc.passes.quant.fallback import run
+    from ncc.passes.quant.fallback import measuring_session
 
     readers = [node for grp in chosen for node in grp.consumers]
     wanted = {}
@@ -464,11 +464,13 @@ def _dense_targets(model: ir.Model, chosen: list[g.Group], feeds, masks) -> dict
         skip = _skip(node)
         wanted[_reader_output(node)[0].name] = (node, skip[0].outputs[0].name if skip else None)
     names = list(dict.fromkeys(sum_ or name for name, (_, sum_) in wanted.items()))
-    results = run(model, feeds, names)
-    return {
-        name: _output_rows(node, results[sum_ or name], masks).astype(np.float32)
-        for name, (node, sum_) in wanted.items()
-    }
+    session = measuring_session(model, names, prune=True)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
+    for index, (feed, mask) in enumerate(zip(feeds, masks)):  # rows per batch: the outputs are not kept
+        results = session.run(feed, where=f"calibration batch {index}")
+        for name, (node, sum_) in wanted.items():
+            parts[name].append(_output_rows(node, [results[sum_ or name]], [mask]).astype(np.float32))
+    return {name: np.concatenate(rows) for name, rows in parts.items()}
 
 
 def _refit(rewriter, grp, stats: dict[int, Gram], removed) -> int:
