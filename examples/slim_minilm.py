@@ -1,6 +1,6 @@
 """One-shot head + FFN slimming of all-MiniLM-L6-v2 with ncc, then distillation recovery in PyTorch.
 
-    python examples/slim_minilm.py --minutes 25 --out /tmp/slim-minilm
+    python examples/slim_minilm.py --minutes 27 --out /tmp/slim-minilm
 
 1. ``ncc compile MODEL --pass sparse --pattern neuron,head --sparsity 0.5,0.3333 --calib CALIB``: half of
    every FFN's neurons and 4 of 12 heads per layer removed, the reading layers refitted on 4,096 tweets
@@ -99,13 +99,14 @@ def distill(
     text: dict,
     minutes: float,
     batch: int = 32,
-    lr: float = 1e-4,
+    lr: float = 3e-4,
     layer_weight: float = 1.0,
 ):
     """Distill ``teacher`` into ``student`` on ``text`` for ``minutes`` of wall time: 1 - cosine of the pooled
     embeddings, the MSE of the last token states and, times ``layer_weight``, of every earlier layer's
     (``ncc.torch.train.LayerMatch``), padding left out. AdamW, a 50-step warm-up and a linear decay to 0
-    at the time limit; each batch is cut to its longest tweet (the attention mask hides the rest)."""
+    at the time limit; each batch is cut to its longest tweet (the attention mask hides the rest). The
+    word embeddings (half the parameters, not pruned) stay frozen: steps are ~20% faster."""
     import torch
     from ncc.torch import train as nt
 
@@ -114,7 +115,9 @@ def distill(
     layers = [n for n, _ in teacher.named_modules() if n.count(".") == 3 and ".encoder.layer." in n][:-1]
     match = nt.LayerMatch(student, teacher, {n: n for n in layers}) if layer_weight > 0 else None
     student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    student.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    trained = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     names = ("input_ids", "attention_mask", "token_type_ids")
     data = {k: torch.from_numpy(np.ascontiguousarray(text[k])) for k in names}
     n = data["input_ids"].shape[0]
@@ -158,7 +161,7 @@ def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--minutes", type=float, default=25.0, help="distillation wall time")
+    parser.add_argument("--minutes", type=float, default=27.0, help="distillation wall time")
     parser.add_argument("--calib", type=int, default=4096, help="tweets the one-shot refit is solved on")
     parser.add_argument("--text", type=int, default=27000, help="tweets the distillation reads")
     parser.add_argument("--layer-weight", type=float, default=1.0, help="weight of the per-layer MSE")
