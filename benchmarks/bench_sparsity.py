@@ -1,6 +1,6 @@
 """Structured pruning + slim, one-shot: fidelity and onnxruntime speed against the dense model.
 
-    python benchmarks/bench_sparsity.py                       # MiniLM and EfficientNet-Lite0 (~10 min)
+    python benchmarks/bench_sparsity.py                       # MiniLM and EfficientNet-Lite0 (~40 min on 2 AVX2 cores)
     python benchmarks/bench_sparsity.py --models efficientnet
 
 Rows, each compiled with ``ncc compile`` in a subprocess (the command a user runs), timed side by side
