@@ -213,9 +213,9 @@ def minilm_more_tweets_file(n: int = N_MORE_TWEETS, seq: int = 64) -> Path:
 
 def minilm_text(n: int, seq: int = 64) -> dict[str, np.ndarray]:
     """``n`` tweets no test tweet is among, at ``seq`` tokens: the 3,000 training tweets, then more."""
-    s = minilm_sentiment()
+    train = _load_npz(minilm_tweets_file())
     more = _load_npz(minilm_more_tweets_file(seq=seq))
-    out = {k: np.concatenate([s.train[k][:, :seq], more[k]])[:n] for k in MINILM_INPUTS}
+    out = {k: np.concatenate([train[k][:N_TRAIN, :seq], more[k]])[:n] for k in MINILM_INPUTS}
     if out["input_ids"].shape[0] < n:
         raise ValueError(f"only {out['input_ids'].shape[0]} tweets without the test ones, not {n}")
     return out

@@ -112,7 +112,9 @@ def distill(
 
     torch.manual_seed(0)
     torch.set_flush_denormal(True)  # tiny gradients as subnormal floats slow every op on x86
-    layers = [n for n, _ in teacher.named_modules() if n.count(".") == 3 and ".encoder.layer." in n][:-1]
+    layers = [
+        f"bert.encoder.layer.{i}" for i in range(len(teacher.bert.encoder.layer) - 1)
+    ]  # the last: above
     match = nt.LayerMatch(student, teacher, {n: n for n in layers}) if layer_weight > 0 else None
     student.train()
     student.bert.embeddings.word_embeddings.weight.requires_grad_(False)

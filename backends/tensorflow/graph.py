@@ -1474,8 +1474,8 @@ def _constant_nodes(graph: ir.Graph) -> tuple[set[int], set[int]]:
 
 
 def same_qparams(lowering: TfLowering, q: ir.Node, dq: ir.Node) -> bool:
-    """Whether ``dq`` reads ``q``'s codes on the same grid (any two Q/DQ nodes: the same grid). A per-axis DequantizeLinear repeating one scale
-    and zero point is the per-tensor one (insert-qdq writes those before a layer it keeps float, so that
+    """Whether ``dq`` reads ``q``'s codes on the same grid (for any two Q/DQ nodes: whether their grids are
+    the same). A per-axis DequantizeLinear repeating one scale and zero point is the per-tensor one (insert-qdq writes those before a layer it keeps float, so that
     onnxruntime does not quantize that layer after all)."""
     a, b = lowering.qparams(q), lowering.qparams(dq)
 

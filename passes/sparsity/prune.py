@@ -476,7 +476,8 @@ def _dense_targets(model: ir.Model, chosen: list[g.Group], feeds, masks) -> dict
 def _refit(rewriter, grp, stats: dict[int, Gram], removed) -> int:
     """Solve each reader's weight (and bias, where it has one) so that, on the pruned model's inputs
     (gathered before this group was zeroed: zeroing changes only the removed columns), it gives the dense
-    model's output. Returns how many readers were refitted."""
+    model's output, from its input columns of the units not ``removed`` only (the others get zero weight).
+    Returns how many readers were refitted."""
     keep_units = np.setdiff1d(np.arange(grp.units), np.array(removed))
     count = 0
     for node in grp.consumers:
@@ -485,13 +486,12 @@ def _refit(rewriter, grp, stats: dict[int, Gram], removed) -> int:
             continue
         width = grp.track(node.inputs[0]).width
         keep = (keep_units[:, None] * width + np.arange(width)[None, :]).reshape(-1)
-        count += refit_reader(rewriter, node, gram, keep)
+        _refit_reader(rewriter, node, gram, keep)
+        count += 1
     return count
 
 
-def refit_reader(rewriter: Rewriter, node: ir.Node, gram: Gram, keep: np.ndarray) -> int:
-    """Refit one reader from its statistics ``gram`` on its input columns ``keep`` only (the others get
-    zero weight); 1 if done."""
+def _refit_reader(rewriter: Rewriter, node: ir.Node, gram: Gram, keep: np.ndarray) -> None:
     _, bias = _reader_output(node)
     w_new, b_new = sc.refit(gram.h, gram.c, keep, intercept=bias is not None)
     weight = constant_array(node.inputs[1])
@@ -505,7 +505,6 @@ def refit_reader(rewriter: Rewriter, node: ir.Node, gram: Gram, keep: np.ndarray
         bias_node, index = bias
         old = constant_array(bias_node.inputs[index])
         _set_weight(rewriter, bias_node, index, b_new.reshape(old.shape).astype(old.dtype), link=True)
-    return 1
 
 
 def _bias_of(node: ir.Node) -> tuple[ir.Node, int] | None:

@@ -100,10 +100,11 @@ class _Refit:
         count = 0
         for grp in pruned:  # graph order: each refit sees the ones before it
             stats = prune._statistics(model, grp, self.feeds, self.masks, targets)
-            for node in grp.consumers:
+            for node in grp.consumers:  # slimmed: every input column left is kept
                 gram = stats.get(id(node))
                 if gram is not None and gram.c is not None:
-                    count += prune.refit_reader(rewriter, node, gram, np.arange(gram.width))
+                    prune._refit_reader(rewriter, node, gram, np.arange(gram.width))
+                    count += 1
         return count
 
 
