@@ -88,11 +88,6 @@ def pooled(hidden, mask):
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def masked_mse(got, want, mask):
-    """The mean squared difference over real tokens (``mask`` ``[batch, seq, 1]``), the teacher detached."""
-    return ((got - want.detach()) ** 2 * mask).sum() / (mask.sum() * got.shape[-1])
-
-
 def distill(
     student,
     teacher,
@@ -139,13 +134,11 @@ def distill(
         with torch.no_grad():
             want = teacher(*args)
         got = student(*args)
-        mask = args[1].unsqueeze(-1).to(got.dtype)
-        loss = nt.distill_loss(pooled(got, args[1]), pooled(want, args[1]), "cosine") + masked_mse(
-            got, want, mask
-        )
+        mask = args[1]
+        loss = nt.distill_loss(pooled(got, mask), pooled(want, mask), "cosine")
+        loss = loss + nt.distill_loss(got, want, "mse", mask=mask)
         if match is not None:
-            per_layer = [masked_mse(match.student[k], match.teacher[k], mask) for k in match.pairs]
-            loss = loss + layer_weight * sum(per_layer) / len(per_layer)
+            loss = loss + layer_weight * match.loss(mask=mask)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

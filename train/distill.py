@@ -7,8 +7,10 @@
 - ``mse``: the mean squared difference;
 - ``cosine``: ``1 - cos(student, teacher)`` per sample (each flattened), averaged over the batch.
 
-The teacher's side is detached: only the student learns. :class:`LayerMatch` records named layers'
-outputs of both models with forward hooks and gives the mean of ``mse`` or ``cosine`` over the pairs.
+The teacher's side is detached: only the student learns. ``mask`` (``[batch, positions]``, ones for real
+tokens, an attention mask) leaves padded positions out of ``kl`` and ``mse`` (means over the real ones)
+and zeroes them in both before ``cosine``. :class:`LayerMatch` records named layers' outputs of both
+models with forward hooks and gives the mean of ``mse`` or ``cosine`` over the pairs.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from ncc.errors import NccError
 KINDS = ("kl", "mse", "cosine")
 
 
-def distill_loss(student_out: Any, teacher_out: Any, kind: str = "kl", temperature: float = 1.0) -> Any:
+def distill_loss(
+    student_out: Any, teacher_out: Any, kind: str = "kl", temperature: float = 1.0, mask: Any = None
+) -> Any:
     """The distillation loss of ``student_out`` against ``teacher_out`` (see the module docstring);
-    ``temperature`` applies to ``kl``."""
+    ``temperature`` applies to ``kl``; ``mask`` leaves padded positions out."""
     import torch
     import torch.nn.functional as F
 
@@ -37,17 +41,37 @@ def distill_loss(student_out: Any, teacher_out: Any, kind: str = "kl", temperatu
             "differ in shape."
         )
     teacher_out = teacher_out.detach()
+    keep = _positions(mask, student_out)
     if kind == "kl":
         t = float(temperature)
         log_p = F.log_softmax(student_out / t, dim=-1)
         log_q = F.log_softmax(teacher_out / t, dim=-1)
         per_sample = (log_q.exp() * (log_q - log_p)).sum(-1)
+        if keep is not None:
+            return (per_sample * keep[..., 0]).sum() / keep.sum() * t * t
         return per_sample.mean() * t * t
     if kind == "mse":
+        if keep is not None:
+            return ((student_out - teacher_out) ** 2 * keep).sum() / (keep.sum() * student_out.shape[-1])
         return F.mse_loss(student_out, teacher_out)
+    if keep is not None:
+        student_out, teacher_out = student_out * keep, teacher_out * keep
     s = student_out.reshape(student_out.shape[0], -1) if student_out.dim() > 1 else student_out[None]
     t = teacher_out.reshape(s.shape)
     return (1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1)).mean()
+
+
+def _positions(mask: Any, out: Any) -> Any:
+    """``mask`` as a float tensor ``[batch, positions, 1]`` against ``out`` ``[batch, positions, features]``,
+    or None without a mask."""
+    if mask is None:
+        return None
+    if out.dim() < 3 or tuple(mask.shape) != tuple(out.shape[:-1]):
+        raise NccError(
+            f"a mask of shape {tuple(mask.shape)} does not fit outputs of shape {tuple(out.shape)}: it takes "
+            "[batch, positions] for outputs [batch, positions, features]."
+        )
+    return mask.to(out.dtype).unsqueeze(-1)
 
 
 class LayerMatch:
@@ -88,8 +112,9 @@ class LayerMatch:
 
         return hook
 
-    def loss(self) -> Any:
-        """Mean loss over the pairs, from the outputs of the last forward of each model."""
+    def loss(self, mask: Any = None) -> Any:
+        """Mean loss over the pairs, from the outputs of the last forward of each model; ``mask``
+        (``[batch, positions]``) leaves padded positions out."""
         total = None
         for s_name, t_name in self.pairs.items():
             if s_name not in self.student or t_name not in self.teacher:
@@ -102,7 +127,7 @@ class LayerMatch:
                     f"layer {s_name!r} {tuple(s.shape)} and teacher layer {t_name!r} {tuple(t.shape)} "
                     "differ in shape."
                 )
-            term = distill_loss(s, t, self.kind)
+            term = distill_loss(s, t, self.kind, mask=mask)
             total = term if total is None else total + term
         return total / len(self.pairs)
 

@@ -256,6 +256,35 @@ def test_layer_match_records_outputs_with_hooks():
         train.LayerMatch(student, teacher, {"nope": "0"})
 
 
+def test_a_mask_leaves_padded_positions_out_of_the_losses():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    real = mask.bool()
+    assert float(train.distill_loss(s, t, "mse", mask=mask)) == pytest.approx(
+        float(((s[real] - t[real]) ** 2).mean()), rel=1e-6
+    )
+    assert float(train.distill_loss(s, t, "kl", temperature=2.0, mask=mask)) == pytest.approx(
+        float(train.distill_loss(s[real], t[real], "kl", temperature=2.0)), rel=1e-6
+    )
+    noisy_s, noisy_t = s.clone(), t.clone()
+    noisy_s[0, 3:] += 100.0  # what padding holds changes nothing
+    noisy_t[0, 3:] -= 50.0
+    for kind in ("mse", "kl", "cosine"):
+        assert float(train.distill_loss(noisy_s, noisy_t, kind, mask=mask)) == pytest.approx(
+            float(train.distill_loss(s, t, kind, mask=mask)), rel=1e-6
+        )
+    layer = torch.nn.Linear(3, 3)
+    with train.LayerMatch(layer, torch.nn.Linear(3, 3), {"": ""}) as match:
+        layer(s)
+        match.teacher[""] = t
+        assert float(match.loss(mask=mask)) == pytest.approx(
+            float(train.distill_loss(layer(s), t, "mse", mask=mask)), rel=1e-6
+        )
+    with pytest.raises(NccError, match=r"a mask of shape \(2, 4\) does not fit outputs of shape \(2, 5, 3\)"):
+        train.distill_loss(s, t, "mse", mask=mask[:, :4])
+
+
 # -- QAT ------------------------------------------------------------------------------------------
 def test_fake_quant_is_quantize_dequantize_with_calibrated_scales():
     from ncc.passes.quant.observers import quant_params
