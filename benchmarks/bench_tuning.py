@@ -40,7 +40,9 @@ MODELS = {
     "efficientnet": (m.efficientnet_task, "examples/efficientnet_agreement.py:agreement", "1%"),
 }
 #: weight-only: (model and calibration files, metric, bound): the search's trials, size against perplexity
-WOQ_MODELS = {"smollm2": ("examples/smollm2_perplexity.py:perplexity", "3%", ("--group-size", "32"))}
+#: (groups of 64, the coarsest that divides SmolLM2-135M's K = 576: the search refines layers to groups of 32
+#: or raises them to 8 bits, by gain per byte)
+WOQ_MODELS = {"smollm2": ("examples/smollm2_perplexity.py:perplexity", "3%", ("--group-size", "64"))}
 
 
 def tune(
@@ -68,7 +70,8 @@ def tune(
     report = run.stderr
     (out.parent / f"{out.stem}.log").write_text(report)
     tuned = re.search(
-        r"^tuned: metric (\S+) \(loss (\S+)\) with (\d+) nodes? (?:in float|at 8 bits); (\d+) evaluations",
+        r"^tuned: metric (\S+) \(loss (\S+)\) with ((\d+) nodes? (?:in float|at 8 bits|in groups of \d+)"
+        r"(?: and \d+ nodes? at 8 bits)?); (\d+) evaluations",
         report,
         re.M,
     )
@@ -82,15 +85,18 @@ def tune(
             "why": failure.removeprefix("ncc: error: "),
         }
     table = re.findall(
-        r"^\s+(\d+)\s+(fp32|default|screened|bisect|give back)\s+(\S+)\s+(\S+)\s+(\S+)\s+(.+)$", report, re.M
+        r"^\s+(\d+)\s+(fp32|default|screened|finer|bisect|give back)\s+(\S+)\s+(\S+)\s+(\S+)\s+(.+)$",
+        report,
+        re.M,
     )
     return {
         "ok": True,
         "trials": table,
         "metric": float(tuned.group(1)),
         "loss": tuned.group(2),
-        "float": int(tuned.group(3)),
-        "evaluations": int(tuned.group(4)),
+        "float": int(tuned.group(4)),
+        "promoted": tuned.group(3),
+        "evaluations": int(tuned.group(5)),
         "seconds": seconds,
         "fp32": float(re.search(r"FP32 metric (\S+);", report).group(1)),
     }
@@ -198,7 +204,7 @@ def main() -> None:
         for number, phase, metric, loss, mb, what in r["trials"]:
             print(f"| {number} | {phase} | {metric} | {loss} | {mb} | {what.strip()} |")
         print(
-            f"\ntuned: perplexity {r['metric']:.4g} (FP32 {r['fp32']:.4g}, loss {r['loss']}), {r['float']} layers at 8 bits, "
+            f"\ntuned: perplexity {r['metric']:.4g} (FP32 {r['fp32']:.4g}, loss {r['loss']}), {r['promoted']}, "
             f"{r['evaluations']} evaluations, {r['seconds']:.0f} s"
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ncc.tune.search import Outcome
+from ncc.tune.space import FINE_GROUP
 
 
 def format_outcome(outcome: Outcome, *, strategy: str, rebuild: str) -> str:
@@ -26,32 +27,45 @@ def format_outcome(outcome: Outcome, *, strategy: str, rebuild: str) -> str:
         lines.append(
             f"  {t.number:5d}  {t.phase:<10}  {t.metric:<10.6g}  {loss:<8}  {size:<8}  {what}{from_log}"
         )
+    where = outcome.promoted_to
     if outcome.gains:
-        what = "float nodes" if hasattr(outcome.choice, "keep_float") else "8-bit layers"
+        what = "nodes" if hasattr(outcome.choice, "keep_float") else "layers"
         lines.append(
-            f"  {what} (what each buys: how much better the metric is with it than without, measured):"
+            f"  {what} {where} (what each buys: how much better the metric is with it than without, measured):"
         )
         for keys, gain, kept in outcome.gains:
             name = " + ".join(outcome.labels.get(key, f"#{key}") for key in keys)
-            promoted = "kept in float" if hasattr(outcome.choice, "keep_float") else "kept at 8 bits"
-            state = promoted if kept else "given back"
+            state = f"kept {where}" if kept else "given back"
             if gain is None:
                 lines.append(f"    {name}: not measured ({state}: ranked above a node that is needed)")
             else:
                 lines.append(f"    {name}: {gain:+.6g} ({state})")
     choice = outcome.trial_of(outcome.choice)
-    fl = len(outcome.choice.promoted)
-    where = "in float" if hasattr(outcome.choice, "keep_float") else "at 8 bits"
     reused = sum(t.reused for t in outcome.trials)
     lines.append(
         f"tuned: metric {choice.metric:.6g} (loss {_loss(outcome, choice.metric)}) with "
-        f"{fl} node{'s' if fl != 1 else ''} {where}; {outcome.evaluations} evaluations"
+        f"{_promoted(outcome.choice)}; {outcome.evaluations} evaluations"
         f"{f' ({reused} from the log)' if reused else ''} in {outcome.seconds:.0f} s"
         + (f"; stopped early: {outcome.stopped}" if outcome.stopped else "")
     )
     lines.append(f"  log: {outcome.log_path}")
     lines.append(f"  rebuild: {rebuild}")
     return "\n".join(lines)
+
+
+def _promoted(choice) -> str:
+    """The nodes ``choice`` raises above the pipeline's setting, counted by where they went."""
+
+    def count(n: int, where: str) -> str:
+        return f"{n} node{'s' if n != 1 else ''} {where}"
+
+    if hasattr(choice, "keep_float"):
+        return count(len(choice.keep_float), "in float")
+    fine = [name for name in choice.fine if name not in choice.wide]
+    parts = [count(len(fine), f"in groups of {FINE_GROUP}")] if fine else []
+    if choice.wide or not fine:
+        parts.append(count(len(choice.wide), "at 8 bits"))
+    return " and ".join(parts)
 
 
 def _loss(outcome: Outcome, metric: float) -> str:

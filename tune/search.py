@@ -11,9 +11,7 @@
    best along a dimension is kept when it beats the current one by more than 0.1 dB.
 4. The screened configuration is evaluated if screening changed anything; the search ends if it meets
    the bound, else it goes on from whichever of the two scored better.
-5. *Ranking*, no evaluation (w4: layers by how much 8-bit weights instead of 4-bit lower the outputs'
-   divergence from FP32, measured layer by layer on calibration samples, :mod:`ncc.tune.promotion`;
-   promoted layers get 8-bit weights instead of float): ``ncc diff``'s fallback gain (how much the output SQNR rises with one node
+5. *Ranking*, no evaluation (w4: see below): ``ncc diff``'s fallback gain (how much the output SQNR rises with one node
    alone in float) orders the quantized compute nodes, most useful in float first. Nodes whose fallback
    alone gains nothing (on EfficientNet-Lite0 a third of them: their error partly cancels others') come
    last, ordered by the error each adds on float inputs, which is what they cost once most of the model
@@ -26,6 +24,13 @@
    a group that keeps the bound stays int8. It ends when a single node cannot be given back (the nodes
    ranked above it are taken to be needed too). Each trial measures what its nodes buy; the report
    prints it.
+
+For ``w4`` a layer is promoted not to float but to finer groups (:data:`ncc.tune.space.FINE_GROUP`, where
+the pipeline's are coarser) or to 8 bits. With calibration data each layer's two moves are measured on
+the outputs (how much the divergence from FP32 falls, :mod:`ncc.tune.promotion`) and ranked by that gain
+per byte they add, so the bisection finds the smallest model the ranking allows; without, the layers go in
+the order of the error 4 bits give each alone, to finer groups if all of them there meet the bound, else
+to 8 bits.
 
 ``basic`` is the baseline Intel Neural Compressor's basic strategy stands for: the default configuration,
 then every quantized node alone in float in graph order, then the nodes accumulated in the order of what
@@ -56,6 +61,7 @@ SCREEN_MARGIN_DB = 0.1  # an alternative must beat the current configuration's S
 SCREEN_SAMPLES = 32
 WOQ_SCREEN_SAMPLES = 4  # a language model's logits are large: [samples, tokens, vocabulary]
 RANK_SAMPLES = 8
+FINE_MARK = "@fine"  # a w4 move to finer groups, after the layer's name (a bare name: its 8-bit move)
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,8 @@ class Outcome:
     #: in float)
     gains: list[tuple[tuple[str, ...], float | None, bool]] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)  # node id -> name
+    #: where the search's promoted nodes go ("in float"; w4: "at 8 bits" or "in groups of 32")
+    promoted_to: str = "in float"
     stopped: str | None = None  # why the search ended before it finished
     seconds: float = 0.0
     log_path: str = ""
@@ -259,14 +267,15 @@ class Tuner:
             self.out.choice = base
             return
         if isinstance(base, WoqConfig):
+            self.out.promoted_to = "at 8 bits"
             if not self.job.calib:  # nothing to screen or measure on: the layer table's order
-                self._bisect(base, self._rank_layers_alone(base))
+                self._woq_ladder(base)
                 return
             screened, model, feeds, float_model = self._screen(base)
             del model
             start = self._start(base, screened)
             if start is not None:
-                self._bisect(start, self._rank_layers(start, float_model, feeds))
+                self._woq_moves(start, float_model, feeds)
             return
         screened, model, feeds, float_model = self._screen(base)
         start = self._start(base, screened)
@@ -360,16 +369,111 @@ class Tuner:
         )
         return list(dict.fromkeys(ranked))
 
+    def _finer(self, start: WoqConfig) -> WoqConfig | None:
+        """``start`` with every layer in groups of :data:`FINE_GROUP`, if that is coarser and compiles."""
+        finer = start.finer()
+        if finer is not None:
+            try:
+                compile_spec(self.job, self.spec_of(finer))
+            except NccError as err:  # a K the finer group size does not divide: no refining step
+                self.progress(f"groups of {finer.group_size} do not compile ({err}); raising to 8 bits only")
+                return None
+        return finer
+
+    def _woq_ladder(self, start: WoqConfig) -> None:
+        """The w4 search without calibration data, from ``start``: where its groups are coarser than
+        :data:`FINE_GROUP`, the layers refined to groups of that size (a fraction of a bit per weight
+        each) if refining all of them meets the bound; else, from all of them refined (when that scored
+        better), layers raised to 8 bits. Layers go in the order of the error 4 bits give them."""
+        finer = self._finer(start)
+        if finer is not None:
+            metric = self._metric(finer, "finer")
+            if self._met(metric):
+                self.out.promoted_to = f"in groups of {finer.group_size}"
+                self._bisect(start, self._rank_layers_alone(start), start.refine, whole=finer)
+                return
+            if self._better(metric, self.out.trial_of(start).metric) > 0:
+                start = finer
+        self._bisect(start, self._rank_layers_alone(start))
+
+    def _woq_moves(self, start: WoqConfig, float_model, feeds) -> None:
+        """The w4 search with calibration data, from ``start``: each layer may move to groups of
+        :data:`FINE_GROUP` (where ``start``'s are coarser) or to 8 bits. What each move buys is measured on
+        the outputs (:mod:`ncc.tune.promotion`) and what it costs is its added bytes; the moves are ranked
+        by gain per byte (a layer's 8-bit move after its finer-groups move, taken at once when that buys
+        more per byte) and the search bisects over that order, so the choice is the smallest model the
+        ranking finds within the bound."""
+        finer = start.finer()
+        fine_weights = None
+        if finer is not None:
+            try:
+                fine_weights = self._dequantized(self._unpacked(finer))
+            except NccError as err:  # a K the finer group size does not divide: 8 bits only
+                self.progress(f"groups of {finer.group_size} do not compile ({err}); raising to 8 bits only")
+        if fine_weights is None:
+            self.out.promoted_to = "at 8 bits"
+            self._bisect(start, self._rank_layers(start, float_model, feeds))
+            return
+        self.out.promoted_to = "raised"
+        low = self._dequantized(self._unpacked(start))
+        eight = self._layer_gains(float_model, feeds, low, start.at_8_bits(self._unpacked(start)), "8 bits")
+        fine = self._layer_gains(float_model, feeds, low, fine_weights, f"groups of {finer.group_size}")
+        moves: list[tuple[float, str]] = []  # (gain per byte, move)
+        for name in sorted(set(eight) & set(fine)):
+            k, n = low[name].shape
+            cost_fine = _bytes(k, n, 4, finer.group_size) - _bytes(k, n, 4, start.group_size)
+            cost_8 = _bytes(k, n, 8, start.group_size) - _bytes(k, n, 4, start.group_size)
+            rate_fine, rate_8 = fine[name] / cost_fine, eight[name] / cost_8
+            step = (eight[name] - fine[name]) / max(cost_8 - cost_fine, 1e-12)
+            if fine[name] > 0 and step < rate_fine:  # groups of 32 first, then 8 bits for what is left
+                moves += [(rate_fine, f"{name}{FINE_MARK}"), (step, name)]
+            else:
+                moves.append((rate_8, name))
+            self.out.labels[f"{name}{FINE_MARK}"] = f"{name} (groups of {finer.group_size})"
+            self.out.labels[name] = f"{name} (8 bits)"
+        ranking = [move for _, move in sorted(moves, key=lambda m: (-m[0], m[1]))]
+        self.progress(
+            f"ranked {len(ranking)} moves by measured gain per byte: "
+            f"{', '.join(self.out.labels[m] for m in ranking[:5])}{' ...' if len(ranking) > 5 else ''}"
+        )
+
+        def promote(chosen) -> WoqConfig:
+            wide = [m for m in chosen if not m.endswith(FINE_MARK)]
+            refined = [m.removesuffix(FINE_MARK) for m in chosen if m.endswith(FINE_MARK)]
+            return start.refine([m for m in refined if m not in wide]).promote(wide)
+
+        self._bisect(start, ranking, promote)
+
+    def _unpacked(self, config: WoqConfig) -> list:
+        """The pipeline of ``config`` without its packing pass: weights as DequantizeLinear of constants."""
+        return [p for p in config.apply(self.base_passes) if not p.name.startswith("pack-")]
+
+    def _dequantized(self, passes: list) -> dict:
+        from ncc.passes.spec import format_pipeline
+        from ncc.tune.promotion import dequantized_weights
+
+        self._check_budget()
+        return dequantized_weights(compile_spec(self.job, format_pipeline(passes)))
+
+    def _layer_gains(self, float_model, feeds, low: dict, higher, what: str) -> dict[str, float]:
+        """Per layer, how much the outputs' divergence from FP32 falls with its weights from ``higher`` (a
+        pipeline, or its dequantized weights) instead of ``low``, the others at ``low``
+        (:mod:`ncc.tune.promotion`)."""
+        from ncc.tune.promotion import promotion_gains
+
+        high = higher if isinstance(higher, dict) else self._dequantized(higher)
+        self.progress(f"measuring what {what} buy in each of {len(set(low) & set(high))} layers")
+        _, gains = promotion_gains(float_model, low, high, feeds, self.progress)
+        return gains
+
     def _rank_layers(self, base: WoqConfig, float_model, feeds) -> list[str]:
         """Weight-only layers by what 8 bits instead of 4 buy on the outputs (:mod:`ncc.tune.promotion`) on
         the calibration samples ``feeds``, largest first."""
-        from ncc.passes.spec import format_pipeline
-        from ncc.tune.promotion import dequantized_weights, promotion_gains
+        from ncc.tune.promotion import promotion_gains
 
-        self._check_budget()
-        unpacked = [p for p in base.apply(self.base_passes) if not p.name.startswith("pack-")]
-        low = dequantized_weights(compile_spec(self.job, format_pipeline(unpacked)))
-        high = dequantized_weights(compile_spec(self.job, format_pipeline(base.at_8_bits(unpacked))))
+        unpacked = self._unpacked(base)
+        low = self._dequantized(unpacked)
+        high = self._dequantized(base.at_8_bits(unpacked))
         self.progress(f"measuring what 8 bits buy in each of {len(set(low) & set(high))} layers")
         divergence, gains = promotion_gains(float_model, low, high, feeds, self.progress)
         names = sorted(gains, key=lambda name: (-gains[name], name))
@@ -401,14 +505,19 @@ class Tuner:
         )
         return names
 
-    def _bisect(self, start, ranking: list[str]) -> None:
-        n = len(ranking) - 1  # one node at least stays int8: with none the output would be the FP32 model
+    def _bisect(self, start, ranking: list[str], promote=None, whole=None) -> None:
+        """Bisection and give-back over ``ranking`` from ``start`` (see the module docstring); ``promote``
+        makes the configuration with given nodes promoted (``start.promote``), ``whole`` is the one with all
+        of them promoted when that is a configuration of its own that met the bound (w4 refined groups)."""
+        promote = promote or start.promote
+        # one node at least stays as it was: with none, int8 would be the FP32 model
+        n = len(ranking) - (0 if whole is not None else 1)
         if n < 1:
             self.out.stopped = "the model has one quantized compute node: nothing to keep in float but all"
             return
 
         def prefix(k: int) -> Config:
-            return start.promote(ranking[:k])
+            return whole if k == len(ranking) and whole is not None else promote(ranking[:k])
 
         lo, k, metrics = 0, 1, {0: self.out.trial_of(start).metric}
         while True:
@@ -442,9 +551,9 @@ class Tuner:
         size = max(1, len(candidates) // 2)
         while candidates:
             group = tuple(candidates[:size])
-            trial = start.promote([k for k in kept if k not in group])
+            trial = promote([k for k in kept if k not in group])
             smaller = tuple(candidates[: max(1, size // 2)])
-            ahead = [start.promote([k for k in kept if k not in smaller])] if size > 1 else []
+            ahead = [promote([k for k in kept if k not in smaller])] if size > 1 else []
             metric = self._metric(trial, "give back", ahead)
             if self._met(metric):
                 kept = [k for k in kept if k not in group]
@@ -496,6 +605,13 @@ class Tuner:
         self.out.stopped = (
             f"the bound is not met even with {len(order)} of the {len(nodes)} quantized nodes in float"
         )
+
+
+def _bytes(k: int, n: int, bits: int, group: int) -> float:
+    """Bytes of a ``[k, n]`` weight at ``bits`` in groups of ``group`` along k (0: one group): the packed
+    codes, a float32 scale and a ``bits``-wide zero point per group."""
+    groups = n * -(-k // (group or k))
+    return (k * n * bits + groups * (32 + bits)) / 8
 
 
 def _dimensions(config, smoothed: bool):

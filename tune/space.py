@@ -2,7 +2,9 @@
 
 Two spaces: :class:`Config` for the static ``int8`` pipeline and :class:`WoqConfig` for the weight-only
 ones (``w4``, ``w8``); :func:`config_of` picks by the pipeline. Both name the nodes the search *promotes*
-(:meth:`promote`) to the more precise, costlier choice: float for int8, 8-bit weights for w4.
+(:meth:`promote`) to the more precise, costlier choice: float for int8, 8-bit weights for w4. A w4 layer
+has a cheaper step before 8 bits: 4 bits in groups of :data:`FINE_GROUP` (:meth:`WoqConfig.refine`), about
+half a bit more per weight where 8 bits cost four.
 
 
 A :class:`Config` is a point of the search space of the static ``int8`` pipeline: the calibration
@@ -24,6 +26,8 @@ from ncc.errors import NccError
 from ncc.passes.base import Pass
 
 METHODS = ("mse", "minmax", "percentile", "entropy")
+#: the group size a w4 layer is refined to before it is raised to 8 bits (when the pipeline's is coarser)
+FINE_GROUP = 32
 ALPHAS = (0.9, 0.5, 0.75, 0.0)  # the default first (smooth-quant: measured best on MiniLM)
 
 
@@ -97,11 +101,13 @@ class Config:
 
 @dataclass(frozen=True)
 class WoqConfig:
-    """One weight-only configuration: the algorithm, the group size, and the layers kept at 8 bits."""
+    """One weight-only configuration: the algorithm, the group size, the layers refined to 4 bits in groups
+    of :data:`FINE_GROUP`, and the layers kept at 8 bits."""
 
     algo: str = "rtn"
     group_size: int = 128
     wide: tuple[str, ...] = ()  # MatMul node names quantized to 8 bits instead of the pipeline's 4
+    fine: tuple[str, ...] = ()  # MatMul node names at 4 bits in groups of FINE_GROUP (not in wide)
 
     @classmethod
     def of(cls, passes: list[Pass]) -> WoqConfig:
@@ -117,16 +123,33 @@ class WoqConfig:
     def promote(self, names) -> WoqConfig:
         return dataclasses.replace(self, wide=tuple(sorted(set(names))))
 
+    def refine(self, names) -> WoqConfig:
+        """This configuration with the layers ``names`` at 4 bits in groups of :data:`FINE_GROUP`."""
+        return dataclasses.replace(self, fine=tuple(sorted(set(names))))
+
+    def finer(self) -> WoqConfig | None:
+        """Every layer in groups of :data:`FINE_GROUP`, or None when the group size is that fine already
+        (0 is one group per column: the coarsest)."""
+        if 0 < self.group_size <= FINE_GROUP:
+            return None
+        return dataclasses.replace(self, group_size=FINE_GROUP, fine=())
+
     @property
     def promoted(self) -> tuple[str, ...]:
-        return self.wide
+        """The layers raised from the pipeline's setting: those at 8 bits, else those in finer groups (the
+        search raises one or the other)."""
+        return self.wide or self.fine
 
     def apply(self, passes: list[Pass]) -> list[Pass]:
         """``passes`` rewritten to run this configuration: the layers in ``wide`` quantized first by an
-        8-bit ``woq-rtn`` (the pass after it leaves MatMuls already quantized alone)."""
+        8-bit ``woq-rtn``, then those in ``fine`` by the algorithm in groups of :data:`FINE_GROUP` (a
+        weight-only pass leaves MatMuls already quantized alone), then the rest."""
         import re
 
         from ncc.passes.registry import get_pass
+
+        def only(names) -> tuple[str, ...]:
+            return tuple(f"^{re.escape(name)}$" for name in names)
 
         out = []
         for p in passes:
@@ -136,9 +159,13 @@ class WoqConfig:
                 main = cls(**{f.name: getattr(p, f.name) for f in p.options() if f.name in shared})
                 main = dataclasses.replace(main, group_size=self.group_size)
                 if self.wide:
-                    include = tuple(f"^{re.escape(name)}$" for name in self.wide)
                     rtn = get_pass("woq-rtn")
-                    out.append(rtn(bits=8, group_size=self.group_size, scheme=p.scheme, include=include))
+                    out.append(
+                        rtn(bits=8, group_size=self.group_size, scheme=p.scheme, include=only(self.wide))
+                    )
+                fine = [name for name in self.fine if name not in self.wide]
+                if fine:
+                    out.append(dataclasses.replace(main, group_size=FINE_GROUP, include=only(fine)))
                 p = main
             out.append(p)
         return out
@@ -159,7 +186,10 @@ class WoqConfig:
         return out
 
     def key(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        fields = dataclasses.asdict(self)
+        if not self.fine:  # the key configurations without refined layers had before there were any
+            del fields["fine"]
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
     def describe(self, base: WoqConfig | None = None) -> str:
         parts = []
@@ -167,7 +197,13 @@ class WoqConfig:
             value = getattr(self, name)
             if base is None or getattr(base, name) != value:
                 parts.append(f"{name.replace('_', '-')}={value}")
-        parts.append(f"{len(self.wide)} at 8 bits" if self.wide else "all 4-bit")
+        fine = len([name for name in self.fine if name not in self.wide])
+        if fine:
+            parts.append(f"{fine} in groups of {FINE_GROUP}")
+        if self.wide:
+            parts.append(f"{len(self.wide)} at 8 bits")
+        if not fine and not self.wide:
+            parts.append("all 4-bit")
         return " ".join(parts)
 
 

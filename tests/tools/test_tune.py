@@ -297,37 +297,77 @@ def _chain(tmp_path: Path) -> tuple[Path, Path]:
     return model, metric
 
 
-def test_w4_search_raises_the_layers_that_matter_to_8_bits(tmp_path):
+def _trial_rows(stderr: str) -> list[tuple[int, str, float, float]]:
+    """(number, phase, metric, MB) of each row of the report's trial table."""
+    rows = re.findall(
+        r"^\s+(\d+)\s+(fp32|default|finer|bisect|give back)\s+(\S+)\s+\S+\s+([0-9.]+)\s", stderr, re.M
+    )
+    return [(int(n), phase, float(metric), float(mb)) for n, phase, metric, mb in rows]
+
+
+def _block_sizes(path: Path) -> dict[str, tuple[int, int]]:
+    """Per MatMulNBits of ``path``: (bits, block size)."""
+    out = {}
+    for node in onnx.load(path).graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            out[node.name] = (attrs["bits"], attrs["block_size"])
+    return out
+
+
+def _tune_chain(tmp_path: Path, bound: str, *flags) -> tuple[Path, Path, object]:
+    """``ncc compile --pass w4 --eval`` of the chain with ``--max-loss bound``: (model, output, result)."""
     model, metric = _chain(tmp_path)
     out = tmp_path / "chain.tuned.onnx"
     result = ncc(
-        "compile", model, "--pass", "w4", "--eval", f"{metric}:error", "--lower-is-better", "--max-loss", "0.08",
-        "--cache-dir", tmp_path / "cache", "-o", out,
+        "compile", model, "--pass", "w4", "--eval", f"{metric}:error", "--lower-is-better", "--max-loss", bound,
+        *flags, "--cache-dir", tmp_path / "cache", "-o", out,
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
-    rows = re.findall(
-        r"^\s+(\d+)\s+(fp32|default|bisect|give back)\s+(\S+)\s+\S+\s+([0-9.]+)\s", result.stderr, re.M
-    )
-    assert rows[1][1] == "default" and float(rows[1][2]) > 0.08  # all 4-bit misses the bound
-    sizes = {int(n): float(mb) for n, _, _, mb in rows}
-    assert sizes[1] > sizes[2]  # FP32 is the largest; 8-bit layers cost bytes
+    return model, out, result
+
+
+def test_w4_search_refines_groups_then_raises_layers_to_8_bits(tmp_path):
+    model, out, result = _tune_chain(tmp_path, "0.08")
+    rows = _trial_rows(result.stderr)
+    # all 4-bit in groups of 128 misses the bound, and so does every layer in groups of 32: layers go to 8 bits
+    assert [phase for _, phase, _, _ in rows[:3]] == ["fp32", "default", "finer"], result.stderr
+    assert rows[1][2] > 0.08 and rows[2][2] > 0.08 and rows[2][2] < rows[1][2]
+    assert rows[0][3] > rows[1][3]  # FP32 is the largest
     chosen = float(
         re.search(r"^tuned: metric (\S+) .* with (\d+) nodes at 8 bits", result.stderr, re.M).group(1)
     )
     assert chosen <= 0.08
-    wide = re.findall(r"^    (layer\d): [-+][0-9.e-]+ \(kept at 8 bits\)", result.stderr, re.M)
-    assert "layer2" in wide  # the layer with the large weights is one the search keeps at 8 bits
     import onnxruntime as ort
 
     x = np.load(tmp_path / "inputs.npz")["x"]
     got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
     want = ort.InferenceSession(str(model)).run(None, {"x": x})[0]
     assert float(np.sqrt(np.mean((got - want) ** 2))) == pytest.approx(chosen, rel=1e-5)
-    bits = {}
-    for node in onnx.load(out).graph.node:
-        if node.op_type == "MatMulNBits":
-            bits[node.name] = next(a.i for a in node.attribute if a.name == "bits")
-    assert sorted(bits.values()).count(8) == len(re.findall(r"\(kept at 8 bits", result.stderr))
+    kept = re.findall(r"^    (layer\d): .*\(kept at 8 bits", result.stderr, re.M)
+    blocks = _block_sizes(out)
+    assert kept and {name for name, (bits, _) in blocks.items() if bits == 8} == set(kept)
+    # layers went to 8 bits from the step where every layer is in groups of 32
+    assert {block for _, block in blocks.values()} == {32}
+
+
+def test_w4_search_refines_the_groups_of_the_layers_that_need_it(tmp_path):
+    model, out, result = _tune_chain(tmp_path, "0.11")
+    rows = _trial_rows(result.stderr)
+    assert rows[1][2] > 0.11 >= rows[2][2] and rows[2][1] == "finer", result.stderr
+    chosen = float(
+        re.search(r"^tuned: metric (\S+) .* with (\d+) nodes? in groups of 32", result.stderr, re.M).group(1)
+    )
+    assert chosen <= 0.11
+    fine = re.findall(r"^    (layer\d): .*\(kept in groups of 32", result.stderr, re.M)
+    blocks = _block_sizes(out)
+    assert all(bits == 4 for bits, _ in blocks.values())
+    assert 0 < len(fine) < 6 and {name for name, (_, block) in blocks.items() if block == 32} == set(fine)
+    assert {block for name, (_, block) in blocks.items() if name not in fine} == {128}
+    # smaller than every layer in groups of 32, the step that met the bound first
+    whole = tmp_path / "g32.onnx"
+    assert ncc("compile", model, "--pass", "w4", "--group-size", "32", "-o", whole).exit_code == 0
+    assert out.stat().st_size < whole.stat().st_size
 
 
 def test_a_configuration_that_cannot_compile_is_refused_before_any_evaluation(tmp_path):
@@ -340,20 +380,19 @@ def test_a_configuration_that_cannot_compile_is_refused_before_any_evaluation(tm
     assert "FP32 metric" not in result.stderr and not (tmp_path / "out.onnx").exists()
 
 
-def test_w4_search_with_calibration_ranks_layers_by_what_8_bits_buy(tmp_path):
-    model, metric = _chain(tmp_path)
-    result = ncc(
-        "compile", model, "--pass", "w4", "--eval", f"{metric}:error", "--lower-is-better", "--max-loss", "0.03",
-        "--calib", tmp_path / "inputs.npz", "--cache-dir", tmp_path / "cache", "-o", tmp_path / "out.onnx",
-    )  # fmt: skip
-    assert result.exit_code == 0, result.stderr
-    ranking = re.search(
-        r"ranked by measured gain \(output KL divergence \S+ all at 4 bits\): (.*)$", result.stderr, re.M
-    )
+def test_w4_search_with_calibration_ranks_moves_by_what_they_buy_per_byte(tmp_path):
+    _, out, result = _tune_chain(tmp_path, "0.03", "--calib", tmp_path / "inputs.npz")
+    ranking = re.search(r"ranked (\d+) moves by measured gain per byte: (.*)$", result.stderr, re.M)
     assert ranking is not None, result.stderr
-    assert (
-        ranking.group(1).split(", ")[0] == "layer2"
-    )  # the layer with 4x larger weights loses the most at 4 bits
+    assert 6 <= int(ranking.group(1)) <= 12  # per layer: 8 bits, or groups of 32 and then 8 bits
     chosen = float(re.search(r"^tuned: metric (\S+) ", result.stderr, re.M).group(1))
     assert chosen <= 0.03
-    assert "layer2" in re.findall(r"^    (layer\d): .*\(kept at 8 bits", result.stderr, re.M)
+    wide = re.findall(r"^    (layer\d) \(8 bits\): .*\(kept raised", result.stderr, re.M)
+    fine = re.findall(r"^    (layer\d) \(groups of 32\): .*\(kept raised", result.stderr, re.M)
+    # the move that measurably buys the most per byte is kept, and the layer with 4x larger weights goes to 8 bits
+    assert ranking.group(2).split(", ")[0].split(" ")[0] in wide + fine and "layer2" in wide
+    blocks = _block_sizes(out)
+    assert {name for name, (bits, _) in blocks.items() if bits == 8} == set(wide)
+    assert {name for name, (bits, block) in blocks.items() if bits == 4 and block == 32} == set(fine) - set(
+        wide
+    )
