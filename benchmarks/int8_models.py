@@ -131,8 +131,11 @@ def _cached_output(
     path = CACHE / f"{tag}-{key}.npz"
     if path.exists():
         return _load_npz(path)
-    arrays = compute()
-    _atomic_savez(path, **arrays)
+    with realmodels.one_builder(path):
+        if path.exists():  # computed by another worker while this one waited
+            return _load_npz(path)
+        arrays = compute()
+        _atomic_savez(path, **arrays)
     return arrays
 
 
@@ -581,9 +584,12 @@ def ort_static_best(task: Task, workdir: Path) -> dict:
     path = ort_best_cache(task)
     if path.exists():
         return json.loads(path.read_text())
-    scores = {}
-    for method, reduce_range in ORT_STATIC_VARIANTS:
-        out = Path(workdir) / f"ort-{method}-{reduce_range}.onnx"
-        ort_static(task.float_model, task.calib, out, method=method, reduce_range=reduce_range, batch=16)
-        scores[ort_variant_name(method, reduce_range)] = task.evaluate(out)["metric"]
-    return save_ort_scores(task, scores)
+    with realmodels.one_builder(path):
+        if path.exists():  # scored by another worker while this one waited
+            return json.loads(path.read_text())
+        scores = {}
+        for method, reduce_range in ORT_STATIC_VARIANTS:
+            out = Path(workdir) / f"ort-{method}-{reduce_range}.onnx"
+            ort_static(task.float_model, task.calib, out, method=method, reduce_range=reduce_range, batch=16)
+            scores[ort_variant_name(method, reduce_range)] = task.evaluate(out)["metric"]
+        return save_ort_scores(task, scores)

