@@ -61,7 +61,7 @@ def _promoted(choice) -> str:
 
     if hasattr(choice, "keep_float"):
         return count(len(choice.keep_float), "in float")
-    fine = [name for name in choice.fine if name not in choice.wide]
+    fine = choice.refined
     parts = [count(len(fine), f"in groups of {FINE_GROUP}")] if fine else []
     if choice.wide or not fine:
         parts.append(count(len(choice.wide), "at 8 bits"))

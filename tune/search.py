@@ -369,24 +369,26 @@ class Tuner:
         )
         return list(dict.fromkeys(ranked))
 
-    def _finer(self, start: WoqConfig) -> WoqConfig | None:
-        """``start`` with every layer in groups of :data:`FINE_GROUP`, if that is coarser and compiles."""
+    def _finer(self, start: WoqConfig) -> tuple[WoqConfig, dict] | None:
+        """``start`` with every layer in groups of :data:`FINE_GROUP` and its dequantized weights, where that
+        is coarser and compiles; else None."""
         finer = start.finer()
-        if finer is not None:
-            try:
-                compile_spec(self.job, self.spec_of(finer))
-            except NccError as err:  # a K the finer group size does not divide: no refining step
-                self.progress(f"groups of {finer.group_size} do not compile ({err}); raising to 8 bits only")
-                return None
-        return finer
+        if finer is None:
+            return None
+        try:
+            return finer, self._dequantized(self._unpacked(finer))
+        except NccError as err:  # a K the finer group size does not divide: no refining step
+            self.progress(f"groups of {finer.group_size} do not compile ({err}); raising to 8 bits only")
+            return None
 
     def _woq_ladder(self, start: WoqConfig) -> None:
         """The w4 search without calibration data, from ``start``: where its groups are coarser than
         :data:`FINE_GROUP`, the layers refined to groups of that size (a fraction of a bit per weight
         each) if refining all of them meets the bound; else, from all of them refined (when that scored
         better), layers raised to 8 bits. Layers go in the order of the error 4 bits give them."""
-        finer = self._finer(start)
-        if finer is not None:
+        found = self._finer(start)
+        if found is not None:
+            finer = found[0]
             metric = self._metric(finer, "finer")
             if self._met(metric):
                 self.out.promoted_to = f"in groups of {finer.group_size}"
@@ -403,21 +405,17 @@ class Tuner:
         by gain per byte (a layer's 8-bit move after its finer-groups move, taken at once when that buys
         more per byte) and the search bisects over that order, so the choice is the smallest model the
         ranking finds within the bound."""
-        finer = start.finer()
-        fine_weights = None
-        if finer is not None:
-            try:
-                fine_weights = self._dequantized(self._unpacked(finer))
-            except NccError as err:  # a K the finer group size does not divide: 8 bits only
-                self.progress(f"groups of {finer.group_size} do not compile ({err}); raising to 8 bits only")
-        if fine_weights is None:
+        found = self._finer(start)
+        if found is None:
             self.out.promoted_to = "at 8 bits"
             self._bisect(start, self._rank_layers(start, float_model, feeds))
             return
+        finer, fine_weights = found
         self.out.promoted_to = "raised"
-        low = self._dequantized(self._unpacked(start))
-        eight = self._layer_gains(float_model, feeds, low, start.at_8_bits(self._unpacked(start)), "8 bits")
-        fine = self._layer_gains(float_model, feeds, low, fine_weights, f"groups of {finer.group_size}")
+        unpacked = self._unpacked(start)
+        low = self._dequantized(unpacked)
+        _, eight = self._layer_gains(float_model, feeds, low, start.at_8_bits(unpacked), "8 bits")
+        _, fine = self._layer_gains(float_model, feeds, low, fine_weights, f"groups of {finer.group_size}")
         moves: list[tuple[float, str]] = []  # (gain per byte, move)
         for name in sorted(set(eight) & set(fine)):
             k, n = low[name].shape
@@ -455,27 +453,24 @@ class Tuner:
         self._check_budget()
         return dequantized_weights(compile_spec(self.job, format_pipeline(passes)))
 
-    def _layer_gains(self, float_model, feeds, low: dict, higher, what: str) -> dict[str, float]:
-        """Per layer, how much the outputs' divergence from FP32 falls with its weights from ``higher`` (a
-        pipeline, or its dequantized weights) instead of ``low``, the others at ``low``
+    def _layer_gains(
+        self, float_model, feeds, low: dict, higher, what: str
+    ) -> tuple[float, dict[str, float]]:
+        """The outputs' divergence from FP32 with every layer at ``low`` (dequantized weights), and per layer
+        how much it falls with that layer's weights from ``higher`` (a pipeline, or its dequantized weights)
         (:mod:`ncc.tune.promotion`)."""
         from ncc.tune.promotion import promotion_gains
 
         high = higher if isinstance(higher, dict) else self._dequantized(higher)
         self.progress(f"measuring what {what} buy in each of {len(set(low) & set(high))} layers")
-        _, gains = promotion_gains(float_model, low, high, feeds, self.progress)
-        return gains
+        return promotion_gains(float_model, low, high, feeds, self.progress)
 
     def _rank_layers(self, base: WoqConfig, float_model, feeds) -> list[str]:
         """Weight-only layers by what 8 bits instead of 4 buy on the outputs (:mod:`ncc.tune.promotion`) on
         the calibration samples ``feeds``, largest first."""
-        from ncc.tune.promotion import promotion_gains
-
         unpacked = self._unpacked(base)
         low = self._dequantized(unpacked)
-        high = self._dequantized(base.at_8_bits(unpacked))
-        self.progress(f"measuring what 8 bits buy in each of {len(set(low) & set(high))} layers")
-        divergence, gains = promotion_gains(float_model, low, high, feeds, self.progress)
+        divergence, gains = self._layer_gains(float_model, feeds, low, base.at_8_bits(unpacked), "8 bits")
         names = sorted(gains, key=lambda name: (-gains[name], name))
         self.out.labels.update({name: name for name in names})
         self.progress(

@@ -62,10 +62,6 @@ class Config:
 
     promote = with_float
 
-    @property
-    def promoted(self) -> tuple[str, ...]:
-        return self.keep_float
-
     def apply(self, passes: list[Pass]) -> list[Pass]:
         """``passes`` rewritten to run this configuration."""
         out = []
@@ -135,10 +131,9 @@ class WoqConfig:
         return dataclasses.replace(self, group_size=FINE_GROUP, fine=())
 
     @property
-    def promoted(self) -> tuple[str, ...]:
-        """The layers raised from the pipeline's setting: those at 8 bits, else those in finer groups (the
-        search raises one or the other)."""
-        return self.wide or self.fine
+    def refined(self) -> list[str]:
+        """The layers in groups of :data:`FINE_GROUP` (those of ``fine`` not at 8 bits)."""
+        return [name for name in self.fine if name not in self.wide]
 
     def apply(self, passes: list[Pass]) -> list[Pass]:
         """``passes`` rewritten to run this configuration: the layers in ``wide`` quantized first by an
@@ -163,9 +158,8 @@ class WoqConfig:
                     out.append(
                         rtn(bits=8, group_size=self.group_size, scheme=p.scheme, include=only(self.wide))
                     )
-                fine = [name for name in self.fine if name not in self.wide]
-                if fine:
-                    out.append(dataclasses.replace(main, group_size=FINE_GROUP, include=only(fine)))
+                if self.refined:
+                    out.append(dataclasses.replace(main, group_size=FINE_GROUP, include=only(self.refined)))
                 p = main
             out.append(p)
         return out
@@ -197,7 +191,7 @@ class WoqConfig:
             value = getattr(self, name)
             if base is None or getattr(base, name) != value:
                 parts.append(f"{name.replace('_', '-')}={value}")
-        fine = len([name for name in self.fine if name not in self.wide])
+        fine = len(self.refined)
         if fine:
             parts.append(f"{fine} in groups of {FINE_GROUP}")
         if self.wide:
