@@ -345,7 +345,7 @@ class _Lowering:
     def _MatMul(self, node: ir.Node):
         b = node.inputs[1]
         if not is_weight(b):
-            return self.call("matmul.default", self.value(node.inputs[0]), self.value(b))
+            return self.batched_matmul(node)
         dq = _dequantized_constant(b)
         if dq is not None and dq.attributes.get_int("block_size", 0):
             return self.weight_only(node, dq)
@@ -362,6 +362,29 @@ class _Lowering:
         self.env[add.outputs[0].name] = self.call("linear.default", x, weight, self.value(bias))
         self.absorbed.add(id(add))
         return self.env[add.outputs[0].name]  # the product's only reader was the Add
+
+    def batched_matmul(self, node: ir.Node):
+        """A MatMul of two activations (attention's scores and context): ``aten.bmm`` on 3-D views when
+        both sides have the same static batch dimensions, else ``aten.matmul``.
+
+        Spelled as ``matmul``, attention's MatMul -> Softmax -> MatMul is rewritten by Inductor into its
+        CPU flash-attention kernel, which at BERT's lengths is slower than the batched GEMMs and the
+        fused softmax it replaces (``benchmarks/RESULTS.md``); PT2E's graphs keep the batched form."""
+        a, b = node.inputs[0], node.inputs[1]
+        x, y = self.value(a), self.value(b)
+        shapes = (a.shape, b.shape)
+        if any(s is None or len(s) < 3 or not all(isinstance(d, int) for d in s) for s in shapes):
+            return self.call("matmul.default", x, y)
+        (*batch, m, k), (*other, _, n) = (list(s) for s in shapes)
+        if batch != other or len(batch) == 1:
+            return self.call("matmul.default", x, y)  # broadcasting, or already 3-D (matmul is bmm)
+        rows = int(np.prod(batch))
+        product = self.call(
+            "bmm.default",
+            self.call("reshape.default", x, [rows, m, k]),
+            self.call("reshape.default", y, [rows, k, n]),
+        )
+        return self.call("reshape.default", product, [*batch, m, n])
 
     def weight_only(self, node: ir.Node, dq: ir.Node):
         """A MatMul with a weight-only quantized weight (blocked DequantizeLinear of 4- or 8-bit codes,

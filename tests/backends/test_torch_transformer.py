@@ -219,3 +219,24 @@ def test_aliased_example_inputs_are_traced_as_two_inputs():
     a, b = torch.ones(2, 3), torch.full((2, 3), 5.0)
     (got,) = run(model, [a.numpy(), b.numpy()])
     assert (got == 7.0).all(), got
+
+
+def test_attention_runs_as_batched_gemms_not_inductors_flash_attention(digits_transformer, compiled):
+    """The activation-by-activation MatMuls are spelled ``bmm`` on 3-D views, so Inductor keeps attention
+    as two batched GEMMs around a fused softmax (PT2E's form) instead of rewriting it into its CPU
+    flash-attention kernel, slower at these lengths."""
+    from torch._dynamo.utils import counters
+
+    _, x, _ = digits_transformer
+    pipeline, module = compiled
+    targets = [str(n.target) for n in module.graph_module.graph.nodes if n.op == "call_function"]
+    assert targets.count("aten.bmm.default") == 2 and "aten.matmul.default" not in targets, pipeline
+    torch._dynamo.reset()
+    counters.clear()
+    recompiled = torch.compile(module.graph_module)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        got = recompiled(x[TEST][:BATCH])
+    assert counters["inductor"]["fuse_attention"] == 0, pipeline
+    with torch.no_grad():
+        want = module.graph_module(x[TEST][:BATCH])
+    assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max())), pipeline
