@@ -55,6 +55,11 @@ class TargetProfile:
     #: Whether a MatMul of two activations (attention's scores and context) runs as an integer kernel;
     #: where it does not, it stays float (a Q/DQ pair around it would only cost).
     activation_matmul: bool = True
+    #: Activation functions the runtime folds into the int8 linear before them, quantizing their output in
+    #: that kernel (Inductor's qlinear/qconv post-ops): a float Mul between such a function and its
+    #: quantize breaks the fusion, so ``smooth-quant`` leaves these activations to the fallback, which
+    #: smooths one through a Mul only where the model misses its target without (cheaper than float).
+    fused_activations: frozenset[str] = frozenset()
     #: How quantize-dynamic spells an int8 MatMul: ``standard`` (MatMulInteger, which onnxruntime fuses),
     #: or ``qdq`` (run-time Q/DQ around a float MatMul, which Inductor lowers like PT2E's dynamic graphs).
     dynamic_form: str = "standard"
@@ -144,6 +149,7 @@ INDUCTOR = TargetProfile(
     # mostly feeds float ops (a residual Add, LayerNorm, GELU): requantizing it would only add error
     float_output_ops=frozenset({"MatMul", "Gemm"}),
     activation_matmul=False,  # Inductor lowers int8 linears (a constant weight), no int8 batched matmul
+    fused_activations=frozenset({"Relu", "Gelu", "Clip", "HardSwish"}),  # qlinear_pointwise unary post-ops
     dynamic_form="qdq",  # choose_qparams -> quantize -> dequantize -> linear: oneDNN's dynamic int8 linear
     woq_format="qdq",
 )

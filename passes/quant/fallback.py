@@ -22,6 +22,11 @@ even when the target is met (one layer each, often a large share of the
 error); the rest by sensitivity only while the outputs are below the target
 (the ranking runs both models once more). A fallback that does not close
 ``min-gain`` of the gap to 1 is undone.
+
+A MatMul whose input ``smooth-quant`` left unsmoothed because a Mul there would
+break the target's fusion (:data:`~ncc.passes.quant.plan.SMOOTH_LATER`) gets
+the cheaper move first: that input smoothed through a Mul, the MatMul staying
+int8; float only if that does not close ``min-gain`` of the gap.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from ncc.ir import ids
 from ncc.ir.ops import is_onnx_domain, onnx_opset
 from ncc.ir.rewrite import Rewriter, constant_array, constant_tensor, is_constant
 from ncc.passes.base import Pass, PassContext, PassResult, node_ids, option, regex
-from ncc.passes.quant import fallback, pairs, plan
+from ncc.passes.quant import fallback, pairs, plan, smooth_quant
 from ncc.passes.quant.observers import quant_params
 from ncc.passes.quant.ranges import CalibratedRanges, clear_ranges
 from ncc.targets import DEFAULT_TARGET, get_target
@@ -128,6 +128,8 @@ class InsertQDQ(Pass):
         else:
             result = self._run_with_fallback(model, ctx, calibration, target, op_types, islands)
         clear_ranges(model.graph)  # the ranges are Q/DQ scales now
+        for node in model.graph:  # activations left to the fallback that it did not need to smooth
+            node.metadata_props.pop(plan.SMOOTH_LATER, None)
         result.notes[:0] = opset_notes + warnings
         if target.int8_kernels == "onednn" and target.pairwise_int16:
             result.notes.append(
@@ -160,8 +162,12 @@ class InsertQDQ(Pass):
 
         weight_codes: dict = {}
 
-        def attempt(kept: tuple[str, ...]) -> tuple[ir.Model, PassResult, float]:
+        def attempt(
+            kept: tuple[str, ...], smoothed: tuple[str, ...] = ()
+        ) -> tuple[ir.Model, PassResult, float]:
             candidate = float_model.clone()
+            for name in smoothed:
+                smooth_quant.smooth_later(candidate, name, calibration)
             result = _Quantizer(
                 self,
                 candidate,
@@ -183,16 +189,37 @@ class InsertQDQ(Pass):
         first = fallback.edges(best)
         budget = int(self.max_float * len(fallback.candidates(best)))
         kept: tuple[str, ...] = ()  # ids of the nodes min-cosine keeps in float
+        smoothed: tuple[str, ...] = ()  # activations smooth-quant left to the fallback, smoothed after all
         names = fallback.labels(float_model)
+        later = {
+            fallback.node_key(n): n.inputs[0].name
+            for n in float_model.graph
+            if plan.SMOOTH_LATER in n.metadata_props
+        }
         misses = 0
 
+        def gains(cand_score: float) -> bool:
+            # a float node (or a Mul) costs speed: take it only if it buys a real share of what is missing
+            return cand_score - score >= self.min_gain * (1.0 - score)
+
         def try_float(key: str) -> None:
-            nonlocal best, result, score, kept, misses
-            kept += (key,)
+            nonlocal best, result, score, kept, smoothed, misses
             name = names.get(key, f"#{key}")
-            candidate, cand_result, cand_score = attempt(kept)
-            # a float node costs speed: keep it only if it buys a real share of what is missing
-            if cand_score - score >= self.min_gain * (1.0 - score):
+            if later.get(key) is not None and later[key] not in smoothed:
+                # first the cheaper move: smooth the node's input through a Mul, the node staying int8
+                candidate, cand_result, cand_score = attempt(kept, (*smoothed, later[key]))
+                if gains(cand_score):
+                    best, result, score = candidate, cand_result, cand_score
+                    smoothed += (later[key],)
+                    misses = 0
+                    history.append(
+                        f"fallback: {name}'s input smoothed through a Mul: output cosine {cand_score:.5f}"
+                    )
+                    return
+                history.append(f"fallback: {name}'s input smoothed gives {cand_score:.5f}")
+            kept += (key,)
+            candidate, cand_result, cand_score = attempt(kept, smoothed)
+            if gains(cand_score):
                 best, result, score = candidate, cand_result, cand_score
                 misses = 0
                 history.append(f"fallback: + {name} in float: output cosine {cand_score:.5f}")

@@ -19,6 +19,9 @@ from ncc.targets import TargetProfile
 
 KEEP_FLOAT = "ncc.quant.keep_float"
 """Node metadata: a pass before ``insert-qdq`` wants this node in float; the value is the reason."""
+#: On the MatMuls reading an activation ``smooth-quant`` left to insert-qdq's fallback (a Mul there would
+#: break a fusion the target does): the migration strength to smooth it with, should the fallback need to.
+SMOOTH_LATER = "ncc.quant.smooth_alpha"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,15 @@ output projection) ``insert-mul`` puts a float ``Mul`` by ``1/s`` between the
 activation and its MatMuls; the runtimes fuse it into the quantize that
 follows (OpenVINO) or run it as one cheap elementwise op (onnxruntime).
 
+Where the target's runtime folds the activation function into the int8 linear
+before it and quantizes its output in that kernel (Inductor: a GELU or ReLU
+after a qlinear; ``TargetProfile.fused_activations``), a Mul between them
+breaks the fusion: the linear writes float32 and a separate kernel multiplies
+and quantizes. Such activations are left to ``insert-qdq``'s fallback
+(:data:`~ncc.passes.quant.plan.SMOOTH_LATER` on their MatMuls), which smooths
+one through a Mul only where the model misses its fidelity target without it,
+before it would keep that MatMul in float.
+
 The defaults, ``alpha = 0.9`` with ``insert-mul``, are the measured best on
 all-MiniLM-L6-v2 (``benchmarks/RESULTS.md``): every MatMul then quantizes
 within the ``int8`` pipeline's fidelity target, where the LayerNorm fold alone
@@ -46,8 +55,9 @@ import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.ir.rewrite import Rewriter
 from ncc.passes.base import Pass, PassContext, PassResult, option
-from ncc.passes.quant.plan import KEEP_FLOAT, folds_into_layer_norm, smoothable
+from ncc.passes.quant.plan import KEEP_FLOAT, SMOOTH_LATER, folds_into_layer_norm, smoothable
 from ncc.passes.quant.ranges import CalibratedRanges, TensorRange
+from ncc.targets import DEFAULT_TARGET, get_target
 
 #: Readers that only look at the tensor's shape: they may read the rescaled tensor.
 _SHAPE_ONLY = frozenset({"Shape", "Size"})
@@ -69,38 +79,37 @@ class SmoothQuant(Pass):
         "also smooth activations no LayerNorm produces, through a float Mul by 1/s before their MatMuls",
     )
 
+    target: str = option(
+        DEFAULT_TARGET,
+        "target profile: activations its runtime fuses into the linear before are left to the fallback",
+    )
+
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         calibration = CalibratedRanges.read(model.graph)
         if calibration is None:
             raise NccError("pass 'smooth-quant' needs calibrated ranges; run 'calibrate' before it.")
+        fused = get_target(self.target).fused_activations
         rewriter = Rewriter(model, model.graph)
-        spreads, restored, inserted = [], 0, 0
-        for name, matmuls in smoothable(model.graph).items():
+        spreads, restored, inserted, deferred = [], 0, 0, 0
+        for matmuls in smoothable(model.graph).values():
             x = matmuls[0].inputs[0]
             fold = folds_into_layer_norm(x)
             if not fold and not self.insert_mul:
                 continue
-            stats = calibration.tensors.get(name)
-            if stats is None or stats.channel_max is None or stats.sentinels:
+            if not fold and x.producer().op_type in fused:
+                # a Mul here would cost the linear before its fused activation and u8 output: the fallback
+                # smooths this activation only where the model misses its target without (insert-qdq)
+                if _smoothing_scales(x, matmuls, calibration, self.alpha) is not None:
+                    for node in matmuls:
+                        node.metadata_props[SMOOTH_LATER] = repr(self.alpha)
+                    deferred += 1
                 continue
-            act = np.maximum(np.abs(stats.channel_min), np.abs(stats.channel_max))
-            weights = [m.inputs[1].const_value.numpy() for m in matmuls]
-            if not np.all(np.isfinite(act)) or any(w.shape[0] != act.size for w in weights):
+            done = smooth(rewriter, x, matmuls, calibration, self.alpha)
+            if done is None:
                 continue
-            s = _scales(act, np.max([np.abs(w).max(axis=1) for w in weights], axis=0), self.alpha)
-            for node, w in zip(matmuls, weights):
-                _replace_weight(rewriter, node, (w.astype(np.float32) * s[:, None]).astype(np.float32))
-            if fold:
-                _fold_into_layer_norm(rewriter, x.producer(), s)
-                restored += _restore_for_other_readers(rewriter, x, matmuls, s, calibration)
-                smoothed = x
-            else:
-                smoothed = _divide_before(rewriter, x, matmuls, s)
-                inserted += 1
-            lo = float(np.min(np.minimum(stats.channel_min / s, 0.0)))
-            hi = float(np.max(np.maximum(stats.channel_max / s, 0.0)))
-            calibration.tensors[smoothed.name] = TensorRange(lo, hi)
-            spreads.append((_spread(act), _spread(act / s)))
+            spreads.append(done[:2])
+            inserted += done[2]
+            restored += done[3]
         calibration.write(model.graph)
         notes = []
         if spreads:
@@ -110,16 +119,82 @@ class SmoothQuant(Pass):
                 f"through a new Mul; largest over median channel range, median over tensors: "
                 f"{before:.1f}x -> {after:.1f}x"
             )
+        if deferred:
+            notes.append(
+                f"smooth-quant: {deferred} activations of functions {self.target} fuses into the linear before "
+                "left to insert-qdq's fallback (a Mul would break that fusion)"
+            )
         return PassResult(
-            modified=bool(spreads),
+            modified=bool(spreads) or bool(deferred),
             notes=notes,
             stats={
                 "tensors smoothed": len(spreads),
                 "folded into LayerNorm": len(spreads) - inserted,
                 "Mul before MatMuls": inserted,
                 "Mul restoring other readers": restored,
+                **({"left to the fallback": deferred} if deferred else {}),
             },
         )
+
+
+def smooth(
+    rewriter: Rewriter, x: ir.Value, matmuls: list[ir.Node], calibration: CalibratedRanges, alpha: float
+) -> tuple[float, float, bool, bool] | None:
+    """Smooth ``x`` for the ``matmuls`` reading it: their weights' rows times ``s``, and ``x`` divided by
+    ``s`` in the LayerNorm producing it, else through a new Mul; the rescaled tensor's range written to
+    ``calibration``. Returns (spread before, spread after, a Mul inserted, a Mul restoring other readers),
+    or None where the calibrated channel ranges do not allow it."""
+    s = _smoothing_scales(x, matmuls, calibration, alpha)
+    if s is None:
+        return None
+    stats = calibration.tensors[x.name]
+    for node in matmuls:
+        w = node.inputs[1].const_value.numpy()
+        _replace_weight(rewriter, node, (w.astype(np.float32) * s[:, None]).astype(np.float32))
+        node.metadata_props.pop(SMOOTH_LATER, None)
+    restored = False
+    if folds_into_layer_norm(x):
+        _fold_into_layer_norm(rewriter, x.producer(), s)
+        restored = _restore_for_other_readers(rewriter, x, matmuls, s, calibration)
+        smoothed = x
+    else:
+        smoothed = _divide_before(rewriter, x, matmuls, s)
+    lo = float(np.min(np.minimum(stats.channel_min / s, 0.0)))
+    hi = float(np.max(np.maximum(stats.channel_max / s, 0.0)))
+    calibration.tensors[smoothed.name] = TensorRange(lo, hi)
+    act = _channel_absmax(stats)
+    return _spread(act), _spread(act / s), smoothed is not x, restored
+
+
+def smooth_later(model: ir.Model, name: str, calibration: CalibratedRanges) -> bool:
+    """Smooth the activation ``name`` that ``smooth-quant`` left to the fallback (:data:`SMOOTH_LATER` on
+    its MatMuls), through a Mul; False where ``model`` has no such activation."""
+    matmuls = smoothable(model.graph).get(name, [])
+    alphas = {node.metadata_props.get(SMOOTH_LATER) for node in matmuls}
+    if not matmuls or None in alphas or len(alphas) != 1:
+        return False
+    return (
+        smooth(Rewriter(model, model.graph), matmuls[0].inputs[0], matmuls, calibration, float(alphas.pop()))
+        is not None
+    )
+
+
+def _smoothing_scales(
+    x: ir.Value, matmuls: list[ir.Node], calibration: CalibratedRanges, alpha: float
+) -> np.ndarray | None:
+    """The per-channel ``s`` of ``x`` from its calibrated channel ranges and the weights' rows, or None."""
+    stats = calibration.tensors.get(x.name)
+    if stats is None or stats.channel_max is None or stats.sentinels:
+        return None
+    act = _channel_absmax(stats)
+    weights = [m.inputs[1].const_value.numpy() for m in matmuls]
+    if not np.all(np.isfinite(act)) or any(w.shape[0] != act.size for w in weights):
+        return None
+    return _scales(act, np.max([np.abs(w).max(axis=1) for w in weights], axis=0), alpha)
+
+
+def _channel_absmax(stats: TensorRange) -> np.ndarray:
+    return np.maximum(np.abs(stats.channel_min), np.abs(stats.channel_max))
 
 
 def _scales(act: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:

@@ -155,3 +155,46 @@ def test_smooth_quant_needs_calibration_and_a_valid_alpha(tmp_path):
         PassManager("smooth-quant").run(_load(tmp_path), PassContext())
     with pytest.raises(NccError, match=re.escape("smooth-quant: alpha must be in [0, 1], got 1.5.")):
         _run_spec(tmp_path, "calibrate,smooth-quant{alpha=1.5}")
+
+
+def test_on_a_target_that_fuses_the_activation_the_fallback_smooths_only_where_needed(tmp_path):
+    """Inductor folds a Relu into the int8 linear before it and quantizes its output there; a Mul between
+    them would break that, so smooth-quant leaves the activation to insert-qdq's fallback, which smooths
+    it (the MatMul staying int8) only when the model misses its target without, before any float move."""
+    from ncc.passes.quant.plan import SMOOTH_LATER
+
+    options = "target=inductor"
+    # alpha 0.5: what suits this toy (see the alpha test above)
+    spec = f"calibrate{{{options}}},smooth-quant{{{options} alpha=0.5}}"
+    model, _, report, _ = _run_spec(tmp_path, spec, producer="Relu")
+    assert report.records[-1].stats["left to the fallback"] == 1
+    assert report.records[-1].stats["tensors smoothed"] == 0
+    fc1 = next(n for n in model.graph if n.name == "fc1")
+    assert fc1.metadata_props[SMOOTH_LATER] == "0.5" and fc1.inputs[0].producer().op_type == "Relu"
+
+    def quantized(min_cosine: float):
+        model, _, report, path = _run_spec(
+            tmp_path, f"{spec},insert-qdq{{{options} min-cosine={min_cosine} max-float=1}}", "Relu"
+        )
+        fc1 = next(n for n in model.graph if n.name == "fc1")
+        assert all(SMOOTH_LATER not in n.metadata_props for n in model.graph)
+        return fc1, report.records[-1], path
+
+    # a loose target: met without smoothing, so no Mul
+    fc1, record, _ = quantized(0.9)
+    assert (
+        fc1.metadata_props.get("ncc.quant") == "int8"
+        and fc1.inputs[0].producer().op_type == "DequantizeLinear"
+    )
+    loose = record.stats["output cosine (calibration)"]
+    # a target the plain int8 model misses: the fallback smooths fc1's input through a Mul, fc1 stays int8
+    fc1, record, path = quantized(0.99999)
+    assert any("fc1's input smoothed through a Mul" in note for note in record.notes), record.notes
+    assert fc1.metadata_props.get("ncc.quant") == "int8"
+    dq = fc1.inputs[0].producer()
+    mul = dq.inputs[0].producer().inputs[0].producer()  # DequantizeLinear <- QuantizeLinear <- Mul
+    assert mul.op_type == "Mul" and mul.inputs[0].producer().op_type == "Relu"
+    assert record.stats["output cosine (calibration)"] > loose
+    ref = _reference(tmp_path, producer="Relu")
+    err = np.linalg.norm(_outputs(path, _digits()[1000:]) - ref) / np.linalg.norm(ref)
+    assert err < 0.02, err
