@@ -202,7 +202,7 @@ class InsertQDQ(Pass):
             # a float node (or a Mul) costs speed: take it only if it buys a real share of what is missing
             return cand_score - score >= self.min_gain * (1.0 - score)
 
-        def try_float(key: str) -> None:
+        def try_node(key: str) -> None:
             nonlocal best, result, score, kept, smoothed, misses
             name = names.get(key, f"#{key}")
             if later.get(key) is not None and later[key] not in smoothed:
@@ -217,6 +217,9 @@ class InsertQDQ(Pass):
                     )
                     return
                 history.append(f"fallback: {name}'s input smoothed gives {cand_score:.5f}")
+                if len(kept) >= budget:  # no float move left: the smoothing was this node's only chance
+                    misses += 1
+                    return
             kept += (key,)
             candidate, cand_result, cand_score = attempt(kept, smoothed)
             if gains(cand_score):
@@ -232,7 +235,7 @@ class InsertQDQ(Pass):
         # target is met: one layer each, and they often carry a large share of the error. The rest,
         # ranked by measured sensitivity, only while the outputs are below the target.
         for key in first[:budget]:
-            try_float(key)
+            try_node(key)
 
         def stopped() -> str:
             return (
@@ -242,13 +245,11 @@ class InsertQDQ(Pass):
 
         if score < self.min_cosine and misses >= self.patience:
             history.append(stopped())
-        elif score < self.min_cosine and len(kept) < budget:
+        elif score < self.min_cosine and (len(kept) < budget or later):
             for key in fallback.rank(float_model, best, feeds):
-                if len(kept) >= budget:
-                    break
-                if key in first:
-                    continue
-                try_float(key)
+                if key in first or (len(kept) >= budget and later.get(key) in (None, *smoothed)):
+                    continue  # an edge, tried above; or, with no float move left, nothing cheaper to try here
+                try_node(key)
                 if score >= self.min_cosine:
                     break
                 if misses >= self.patience:
