@@ -27,7 +27,8 @@ breaks the fusion: the linear writes float32 and a separate kernel multiplies
 and quantizes. Such activations are left to ``insert-qdq``'s fallback
 (:data:`~ncc.passes.quant.plan.SMOOTH_LATER` on their MatMuls), which smooths
 one through a Mul only where the model misses its fidelity target without it,
-before it would keep that MatMul in float.
+before it would keep that MatMul in float (with ``min-cosine`` off they stay
+unsmoothed).
 
 The defaults, ``alpha = 0.9`` with ``insert-mul``, are the measured best on
 all-MiniLM-L6-v2 (``benchmarks/RESULTS.md``): every MatMul then quantizes
