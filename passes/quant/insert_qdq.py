@@ -220,6 +220,10 @@ class InsertQDQ(Pass):
                 if len(kept) >= budget:  # no float move left: the smoothing was this node's only chance
                     misses += 1
                     return
+            if len(fallback.candidates(best)) <= 1:  # the last quantized node: in float nothing would be int8
+                history.append(f"fallback: {name} stays quantized: it is the last int8 node")
+                misses += 1
+                return
             kept += (key,)
             candidate, cand_result, cand_score = attempt(kept, smoothed)
             if gains(cand_score):

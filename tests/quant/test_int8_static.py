@@ -575,3 +575,28 @@ def test_layers_kept_in_float_stay_float_in_onnxruntime(tmp_path):
     kernels = {n.name: n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
     assert kernels["/features/features.3/Conv"] == "Conv"
     assert kernels["/features/features.0/Conv"] == "QLinearConv"
+
+
+def test_the_fallback_never_returns_the_last_int8_node_to_float(tmp_path):
+    """With every node allowed in float and a target int8 cannot reach, the fallback keeps the model's one
+    quantized MatMul int8 (saying so) instead of failing with nothing left to quantize."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(16, 8)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="only")],
+        "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [w],
+    )
+    src = tmp_path / "one.onnx"
+    src.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    np.savez(tmp_path / "calib.npz", x=rng.normal(size=(32, 16)).astype(np.float32))
+    model = load_onnx(src)
+    ctx = PassContext()
+    ctx.data["calibration_data"] = load_calibration_data(str(tmp_path / "calib.npz"))
+    ctx.data["progress"] = False
+    report = PassManager("calibrate,insert-qdq{min-cosine=0.9999999 max-float=1}").run(model, ctx)
+    only = next(n for n in model.graph if n.name == "only")
+    assert only.metadata_props.get("ncc.quant") == "int8"
+    assert any("only stays quantized: it is the last int8 node" in n for n in report.records[-1].notes)
