@@ -423,10 +423,13 @@ def ort_rtn(
     return time.perf_counter() - start
 
 
-def _build_model(folder: Path, produce, config: dict[str, str] | None) -> None:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=CACHE))
-    try:
+def _cached_model(name: str, produce, config: dict[str, str] | None = None) -> dict:
+    """A quantized model kept in ``CACHE/name/model.onnx`` with ``result.json``: what ``produce(out_path)``
+    returns (its wall time etc.) plus the model's perplexity, weight-MatMul bytes, file bytes and MatMul
+    kinds (perplexity with the session config entries ``config``). Built in a temporary folder and
+    renamed, so an interrupted build leaves nothing behind."""
+
+    def build(tmp: Path) -> None:
         out = tmp / "model.onnx"
         result = dict(produce(out))
         result.update(
@@ -437,22 +440,8 @@ def _build_model(folder: Path, produce, config: dict[str, str] | None) -> None:
             matmuls=quantized_matmuls(out),
         )
         (tmp / "result.json").write_text(json.dumps(result, indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _cached_model(name: str, produce, config: dict[str, str] | None = None) -> dict:
-    """A quantized model kept in ``CACHE/name/model.onnx`` with ``result.json``: what ``produce(out_path)``
-    returns (its wall time etc.) plus the model's perplexity, weight-MatMul bytes, file bytes and MatMul
-    kinds (perplexity with the session config entries ``config``). Built in a temporary folder and
-    renamed, so an interrupted build leaves nothing behind."""
-    folder = CACHE / name
-    if not (folder / "result.json").exists():
-        with realmodels.one_builder(folder):
-            if not (folder / "result.json").exists():  # else built by another worker while this one waited
-                _build_model(folder, produce, config)
+    folder = realmodels._cached(CACHE / name, build, "result.json").parent
     result = json.loads((folder / "result.json").read_text())
     result["path"] = folder / "model.onnx"
     return result

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -40,21 +41,22 @@ def one_builder(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _cached(name: str, build, filename: str = "model.onnx") -> Path:
-    """Return ``CACHE/name/filename``, building it with ``build(tmpdir) -> None`` if missing."""
+def _cached(name: str | Path, build, filename: str = "model.onnx") -> Path:
+    """Return ``CACHE/name/filename`` (``name`` may be a path of its own), building the folder with
+    ``build(tmpdir) -> None`` if the file is missing: built beside it, renamed into place, so an interrupted
+    build leaves nothing behind."""
     target = CACHE / name
     if (target / filename).exists():
         return target / filename
     with one_builder(target):
         if (target / filename).exists():  # built by another worker while this one waited
             return target / filename
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=CACHE))
-        build(tmp)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
+            build(tmp)
+            shutil.rmtree(target, ignore_errors=True)  # a stale entry without the file
             os.replace(tmp, target)
-        except OSError:  # a stale entry without the file
-            import shutil
-
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target / filename
 

@@ -35,3 +35,15 @@ def test_two_workers_wanting_one_artefact_build_it_once(tmp_path):
     assert [w.returncode for w in workers] == [0, 0]
     assert outputs == ["artefact", "artefact"]
     assert count.read_text() == "built\n"  # the second worker waited for the first one's build
+
+
+def test_a_stale_entry_without_its_file_is_rebuilt(tmp_path, monkeypatch):
+    import realmodels
+
+    monkeypatch.setattr(realmodels, "CACHE", tmp_path)
+    (tmp_path / "entry").mkdir()
+    (tmp_path / "entry" / "left-over").write_text("from an older layout")
+    path = realmodels._cached("entry", lambda tmp: (tmp / "model.onnx").write_bytes(b"artefact"))
+    assert path.read_bytes() == b"artefact"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["entry"]
+    assert not (tmp_path / "entry" / "left-over").exists()

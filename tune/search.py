@@ -51,11 +51,15 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ncc.errors import NccError
 from ncc.tune.log import TuningLog
 from ncc.tune.space import ALPHAS, METHODS, Config, WoqConfig, config_of
 from ncc.tune.trials import Job, compile_spec
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 SCREEN_MARGIN_DB = 0.1  # an alternative must beat the current configuration's SQNR by this much
 SCREEN_SAMPLES = 32
@@ -369,14 +373,14 @@ class Tuner:
         )
         return list(dict.fromkeys(ranked))
 
-    def _finer(self, start: WoqConfig) -> tuple[WoqConfig, dict] | None:
-        """``start`` with every layer in groups of :data:`FINE_GROUP` and its dequantized weights, where that
-        is coarser and compiles; else None."""
+    def _finer(self, start: WoqConfig) -> tuple[WoqConfig, ir.Model] | None:
+        """``start`` with every layer in groups of :data:`FINE_GROUP` and the model its unpacked pipeline
+        compiles to, where that is coarser and compiles; else None."""
         finer = start.finer()
         if finer is None:
             return None
         try:
-            return finer, self._dequantized(self._unpacked(finer))
+            return finer, self._compiled(self._unpacked(finer))
         except NccError as err:  # a K the finer group size does not divide: no refining step
             self.progress(f"groups of {finer.group_size} do not compile ({err}); raising to 8 bits only")
             return None
@@ -387,8 +391,9 @@ class Tuner:
         each) if refining all of them meets the bound; else, from all of them refined (when that scored
         better), layers raised to 8 bits. Layers go in the order of the error 4 bits give them."""
         found = self._finer(start)
-        if found is not None:
-            finer = found[0]
+        finer = None if found is None else found[0]
+        del found  # its compiled model only showed that the finer groups compile
+        if finer is not None:
             metric = self._metric(finer, "finer")
             if self._met(metric):
                 self.out.promoted_to = f"in groups of {finer.group_size}"
@@ -410,7 +415,10 @@ class Tuner:
             self.out.promoted_to = "at 8 bits"
             self._bisect(start, self._rank_layers(start, float_model, feeds))
             return
-        finer, fine_weights = found
+        from ncc.tune.promotion import dequantized_weights
+
+        finer, fine_weights = found[0], dequantized_weights(found[1])
+        del found
         self.out.promoted_to = "raised"
         unpacked = self._unpacked(start)
         low = self._dequantized(unpacked)
@@ -446,12 +454,16 @@ class Tuner:
         """The pipeline of ``config`` without its packing pass: weights as DequantizeLinear of constants."""
         return [p for p in config.apply(self.base_passes) if not p.name.startswith("pack-")]
 
-    def _dequantized(self, passes: list) -> dict:
+    def _compiled(self, passes: list) -> ir.Model:
         from ncc.passes.spec import format_pipeline
-        from ncc.tune.promotion import dequantized_weights
 
         self._check_budget()
-        return dequantized_weights(compile_spec(self.job, format_pipeline(passes)))
+        return compile_spec(self.job, format_pipeline(passes))
+
+    def _dequantized(self, passes: list) -> dict:
+        from ncc.tune.promotion import dequantized_weights
+
+        return dequantized_weights(self._compiled(passes))
 
     def _layer_gains(
         self, float_model, feeds, low: dict, higher, what: str
