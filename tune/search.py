@@ -357,7 +357,7 @@ class Tuner:
         candidates = {fallback.node_key(n) for n in fallback.candidates(model)}
         nodes = list(model.graph)
         self.out.labels.update(fallback.labels(model))
-        rows = [r for r in diff(float_model, model, feeds).rows if r.gain_db is not None]
+        rows = [r for r in diff(float_model, model, feeds, budget=False).rows if r.gain_db is not None]
         # nodes whose fallback alone gains nothing (their error partly cancels others') last, by the error
         # each adds on float inputs: what they cost once most of the model runs in float
         useful = [r for r in rows if r.gain_db > 0]

@@ -30,7 +30,7 @@ def int8_model(tmp_path_factory) -> Path:
     return out
 
 
-def _rows(model: Path, tmp_path: Path, source: Path = FLOAT, calib: Path = CALIB) -> list[dict]:
+def _diff(model: Path, tmp_path: Path, source: Path = FLOAT, calib: Path = CALIB) -> dict:
     out = tmp_path / "rows.json"
     result = ncc("diff", source, model, "--data", calib, "--json", out)
     assert result.exit_code == 0, result.stderr
@@ -38,7 +38,28 @@ def _rows(model: Path, tmp_path: Path, source: Path = FLOAT, calib: Path = CALIB
     assert data["samples"] == 8 and data["output_sqnr_db"] > 0
     for row in data["rows"]:  # the gain is the fallback's output SQNR over the quantized model's own
         assert row["gain_db"] == pytest.approx(row["fallback_sqnr_db"] - data["output_sqnr_db"], abs=1e-9)
-    return data["rows"]
+    return data
+
+
+def _rows(model: Path, tmp_path: Path, source: Path = FLOAT, calib: Path = CALIB) -> list[dict]:
+    return _diff(model, tmp_path, source, calib)["rows"]
+
+
+def _damaged(int8_model: Path, tmp_path: Path, node: str, which: str) -> Path:
+    """``int8_model`` with the scale of ``node``'s input (``which="input"``: most activations clip) or of
+    its weight (``"weight"``) made 4x too small."""
+    model = onnx.load(int8_model)
+    layer = next(n for n in model.graph.node if n.name == node)
+    dq = next(n for n in model.graph.node if n.output[0] == layer.input[0 if which == "input" else 1])
+    names = {dq.input[1]}
+    if which == "input":
+        names.add(next(n for n in model.graph.node if n.output[0] == dq.input[0]).input[1])
+    for name in names:
+        scale = next(t for t in model.graph.initializer if t.name == name)
+        scale.CopyFrom(nh.from_array(nh.to_array(scale) / 4, scale.name))
+    damaged = tmp_path / f"damaged-{which}.onnx"
+    onnx.save(model, damaged)
+    return damaged
 
 
 def test_every_quantized_layer_pairs_with_its_float_value_and_costs_little(int8_model, tmp_path):
@@ -59,20 +80,30 @@ def test_every_quantized_layer_pairs_with_its_float_value_and_costs_little(int8_
 
 
 def test_a_damaged_layer_comes_first(int8_model, tmp_path):
-    model = onnx.load(int8_model)
-    conv = next(n for n in model.graph.node if n.name == "/features/features.3/Conv")
-    dq = next(n for n in model.graph.node if n.output[0] == conv.input[0])
-    q = next(n for n in model.graph.node if n.output[0] == dq.input[0])
-    for name in {q.input[1], dq.input[1]}:  # the input's scale 4x too small: most activations clip
-        scale = next(t for t in model.graph.initializer if t.name == name)
-        scale.CopyFrom(nh.from_array(nh.to_array(scale) / 4, scale.name))
-    damaged = tmp_path / "damaged.onnx"
-    onnx.save(model, damaged)
-    rows = _rows(damaged, tmp_path)
+    rows = _rows(_damaged(int8_model, tmp_path, "/features/features.3/Conv", "input"), tmp_path)
     first, rest = rows[0], rows[1:]
     assert first["node"] == "/features/features.3/Conv", [r["node"] for r in rows]
     assert first["added_sqnr_db"] < 15 and first["gain_db"] > 10  # in float, it reads the unclipped input
     assert min(r["added_sqnr_db"] for r in rest) > 25 and max(r["gain_db"] for r in rest) < 3
+
+
+def test_the_error_splits_into_weights_and_activations(int8_model, tmp_path):
+    """Above the table: the output SQNR with only the weights quantized and with only the activations
+    quantized (FLOAT's weights and biases). In this CNN the activations carry most of the error; a damaged
+    activation scale or weight scale shows up on its own side only."""
+    clean = _diff(int8_model, tmp_path)
+    whole, weights, activations = (
+        clean[k] for k in ("output_sqnr_db", "weights_only_sqnr_db", "activations_only_sqnr_db")
+    )
+    assert weights > whole + 3 and abs(activations - whole) < 3, clean
+    assert clean["float_weights_kept"] == 3  # the three Convs with a BatchNormalization folded in
+    clipped = _diff(_damaged(int8_model, tmp_path, "/features/features.3/Conv", "input"), tmp_path)
+    assert clipped["activations_only_sqnr_db"] < whole - 10
+    assert clipped["weights_only_sqnr_db"] == pytest.approx(weights, abs=1e-6)  # its activations in float
+    # the head's Gemm has FLOAT's own weights as a twin: with them, its damaged weight scale is gone
+    coarse = _diff(_damaged(int8_model, tmp_path, "/head/head.1/Gemm", "weight"), tmp_path)
+    assert coarse["weights_only_sqnr_db"] < whole - 10
+    assert coarse["activations_only_sqnr_db"] == pytest.approx(activations, abs=1e-6)
 
 
 def test_an_onnxruntime_quantized_model_pairs_by_node_name(tmp_path):
@@ -104,11 +135,12 @@ def test_top_plot_and_refusals(int8_model, tmp_path):
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("output SQNR of the quantized model:")
+    assert lines[1].startswith("with only its weights quantized:") and "with only its activations" in lines[1]
     assert (
-        lines[1].split()[:3] == ["rank", "in", "float:"] and len(lines) == 5 and "more quantized" in lines[4]
+        lines[2].split()[:3] == ["rank", "in", "float:"] and len(lines) == 6 and "more quantized" in lines[5]
     )
     fast = ncc("diff", FLOAT, int8_model, "--data", CALIB, "--fast")  # no fallback runs: no gain column
-    assert fast.exit_code == 0 and fast.stdout.splitlines()[2].split()[1] == "-", fast.stdout
+    assert fast.exit_code == 0 and fast.stdout.splitlines()[3].split()[1] == "-", fast.stdout
     assert plot.read_bytes()[:4] == b"\x89PNG"
     same = ncc("diff", FLOAT, FLOAT, "--data", CALIB)
     assert same.exit_code == 2 and "no quantized nodes" in same.stderr and "Traceback" not in same.stderr
