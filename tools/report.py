@@ -174,8 +174,9 @@ def format_report(
     if fidelity:
         lines.append(fidelity)
     lines += extra
-    ratio = size_before / size_after if size_after else float("nan")
-    lines.append(f"size: {size_before / 1e6:.2f} MB -> {size_after / 1e6:.2f} MB ({ratio:.2f}x smaller)")
+    lines.append(
+        f"size: {size_before / 1e6:.2f} MB -> {size_after / 1e6:.2f} MB ({_size_change(size_before, size_after)})"
+    )
     slowest = sorted(run.records, key=lambda r: -r.seconds)[:5]
     lines.append(
         f"time: {run.total_seconds:.2f} s (" + ", ".join(f"{r.name} {r.seconds:.2f} s" for r in slowest) + ")"
@@ -196,3 +197,12 @@ def write_layer_report(path: Path, layers) -> None:
             Path(tmp).write_text(text)
         except OSError as err:
             raise cannot_write(path, err) from None
+
+
+def _size_change(before: int, after: int) -> str:
+    """``3.71x smaller``, ``0.2% larger`` (a bf16 IR keeps float32 weights and adds its XML), or ``unchanged``."""
+    if after == before:
+        return "unchanged"
+    if after < before:
+        return f"{before / after:.2f}x smaller" if after else "empty"
+    return f"{(after / before - 1) * 100:.1f}% larger" if before else "larger"

@@ -110,6 +110,8 @@ def test_bf16_pipeline_writes_an_ir_that_runs_bf16_without_options(tmp_path):
     )
     assert 0.999 <= cosine < 1.0  # measured (emulated), not assumed
     assert "bf16: 5 Conv/MatMul/Gemm layers in bf16" in result.stderr
+    # the IR keeps float32 weights (the hint runs them in bf16) and adds its XML: not called smaller
+    assert re.search(r"size: 0\.19 MB -> 0\.2\d MB \(\d+\.\d% larger\)", result.stderr), result.stderr
     core = ov.Core()
     model = core.read_model(str(xml))
     assert model.get_rt_info(["runtime_options", "INFERENCE_PRECISION_HINT"]).astype(str) == "bf16"
