@@ -91,6 +91,12 @@ def diff(
     (one run of QUANT per node, with only that node in float) the node whose fallback gains the most
     output SQNR first; without, the node adding the most error locally first. ``budget``: also the output
     SQNR with only the weights and with only the activations quantized (two runs)."""
+    quantized_first = _pairs(float_model, float_model)
+    if quantized_first:
+        raise NccError(
+            f"the first model is quantized too ({len(quantized_first)} nodes read a DequantizeLinear output): "
+            "ncc diff compares a float model with its QDQ form; give the float model first."
+        )
     pairs = _pairs(float_model, quant_model)
     if not pairs:
         raise NccError(

@@ -144,6 +144,8 @@ def test_top_plot_and_refusals(int8_model, tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
     same = ncc("diff", FLOAT, FLOAT, "--data", CALIB)
     assert same.exit_code == 2 and "no quantized nodes" in same.stderr and "Traceback" not in same.stderr
+    swapped = ncc("diff", int8_model, int8_model, "--data", CALIB)  # the float model must come first
+    assert swapped.exit_code == 2 and "the first model is quantized too" in swapped.stderr, swapped.stderr
     clobber = ncc("diff", FLOAT, int8_model, "--data", CALIB, "--json", int8_model)
     assert clobber.exit_code == 2 and "Traceback" not in clobber.stderr, clobber.stderr
     assert onnx.load(int8_model).graph.node  # the input is untouched
