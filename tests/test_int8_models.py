@@ -141,6 +141,31 @@ def test_minilm_lr_accuracy(minilm, pipeline, fmt):
     )
 
 
+def test_minilm_diff_sees_through_smoothing(minilm, tmp_path):
+    """ncc's MiniLM int8 holds values that passes rescaled under their float names (smooth-quant divides
+    each LayerNorm output per channel, the attention scale is folded into the query projection): ``ncc
+    diff`` must not score the scaling as error. It compares those values with no one, gives each node in
+    float its float weights rescaled as ncc rescaled them, and so no node's fallback costs much."""
+    import json
+
+    from conftest import invoke_ncc as ncc
+
+    path, _ = minilm.get("int8", "qdq")
+    out = tmp_path / "diff.json"
+    result = ncc("diff", minilm.task.float_model, path, "--data", minilm.task.calib, "--json", out)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert any("rescaled by a pass" in r["note"] for r in rows)  # the LayerNorm outputs, the query path
+    # the float twins of all 36 weight MatMuls read, rescaled: nothing keeps quantized weights
+    assert data["float_weights_kept"] == 0
+    assert data["activations_only_sqnr_db"] > data["output_sqnr_db"] + 1, data
+    assert data["weights_only_sqnr_db"] > data["output_sqnr_db"], data
+    for row in rows:  # before: gains down to -16 dB and added SQNRs of -6 dB from the scaling alone
+        assert row["gain_db"] > -1, row
+        assert row["added_sqnr_db"] is None or row["added_sqnr_db"] > 15, row
+
+
 # -- EfficientNet-Lite0 --------------------------------------------------------------------------------
 
 

@@ -41,10 +41,23 @@ import onnx_ir as ir
 from ncc.errors import NccError
 from ncc.ir.ids import fused_ids, node_id
 from ncc.ir.ops import onnx_opset
+from ncc.ir.rewrite import dequantized_array
 from ncc.metrics import position_mask, relative_l2_error, token_masks
 from ncc.passes.quant import fallback
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
+RESCALED = 1.5
+"""A value whose norm is more than this factor off FLOAT's same-named one was rescaled by a pass that kept its
+name (smooth-quant's division, an attention scale folded into a projection): comparing the two would measure
+the scaling, not the quantization, whose error leaves the norm nearly as it was."""
+RESCALE_FIT = 0.35
+"""The relative L2 error within which fitted factors must bring FLOAT's value to QUANT's for it to count as
+rescaled (quantization error on top of a pass's scaling stays below it; damage does not)."""
+CHANNEL_FIT_VALUES = 256
+"""Values per channel a per-channel fit needs (with fewer, one factor per channel fits anything)."""
+MATCHING_WEIGHT = 0.25
+"""The largest relative L2 difference at which FLOAT's weight stands in for QUANT's dequantized one: 8- and
+4-bit rounding stay far below it, a weight a pass rescaled is far above."""
 KEEPS_WEIGHTS = frozenset({"Pad"})
 """Ops whose fusion into a node leaves that node's weights FLOAT's (a BatchNormalization's does not)."""
 
@@ -107,6 +120,16 @@ def diff(
     masks = token_masks(feeds)
     carried, added, final, ref = _compare(float_model, quant_model, isolation, needed, pairs, feeds, masks)
     baseline = min(sums.sqnr() for sums in final.values())
+    float_names = {v.name for n in float_model.graph for v in n.outputs} | {
+        v.name for v in float_model.graph.inputs
+    }
+    rescaled = {name for name, sums in carried.items() if sums.rescaled()}
+    for pair in pairs:  # a pass moved a scale into this node's weights: its input is rescaled or new
+        pair.rescaled_input = any(
+            (source := _activation_source(v)) is not None
+            and (source in rescaled or source not in float_names)
+            for v in pair.node.inputs
+        )
     fallbacks = _fallback_outputs(quant_model, pairs, feeds, ref, masks) if gains else {}
     weights_only, activations_only, kept = (
         _budget(quant_model, pairs, feeds, ref, masks) if budget else (None, None, 0)
@@ -125,19 +148,27 @@ def diff(
                 Row(pair.index, label, pair.node.op_type, pair.float_value, None, None, None, "shapes differ")
             )
             continue
-        alone = added.get(pair.isolated)
+        alone, notes = added.get(pair.isolated), [pair.note] if pair.note else []
+        moved = [(n, carried[n].scale()) for n in pair.reads if n in carried and carried[n].rescaled()]
+        if moved:
+            alone = None
+            notes += [
+                f"not isolated: its input {n!r} is {x:.3g}x FLOAT's (rescaled by a pass)" for n, x in moved
+            ]
+        if sums.rescaled():
+            notes.append(f"its output is {sums.scale():.3g}x FLOAT's (rescaled by a pass): not compared")
         rows.append(
             Row(
                 pair.index,
                 label,
                 pair.node.op_type,
                 pair.float_value,
-                sums.sqnr(),
-                sums.cosine(),
+                None if sums.rescaled() else sums.sqnr(),
+                None if sums.rescaled() else sums.cosine(),
                 alone.sqnr() if alone is not None and not alone.shapes_differ else None,
                 fallbacks.get(pair.index),
                 fallbacks[pair.index] - baseline if pair.index in fallbacks else None,
-                pair.note,
+                "; ".join(notes),
             )
         )
     samples = sum(len(next(iter(f.values()))) for f in feeds)
@@ -153,7 +184,7 @@ def format_table(result: Diff, top: int | None = None) -> str:
         f"output SQNR of the quantized model: {_db(result.output_sqnr_db)} dB ({result.samples} samples)",
         f"with only its weights quantized: {_db(result.weights_only_sqnr_db)} dB; with only its activations "
         f"quantized: {_db(result.activations_only_sqnr_db)} dB"
-        + (f" ({kept} fused node{'s' * (kept != 1)} keep quantized weights)" if kept else ""),
+        + (f" ({kept} node{'s' * (kept != 1)} keep quantized weights: no float twin)" if kept else ""),
         f"{'rank':>4}  {'in float: gain dB':>17}  {'adds SQNR dB':>12}  {'carries SQNR dB':>15}  "
         f"{'cosine':>8}  {'op':<14} node",
     ]
@@ -233,6 +264,8 @@ class _Pair:
     float_value: str | None  # the FLOAT value its output stands for
     twin: ir.Node | None = None  # FLOAT's same node (same id or name, not a fusion), whose weights it has
     isolated: str = ""  # its copy's output in the isolation model ("" when it could not be built)
+    reads: tuple[str, ...] = ()  # the FLOAT values its copy reads
+    rescaled_input: bool = False  # it reads a value a pass rescaled, or one FLOAT does not have
     note: str = ""
 
 
@@ -276,6 +309,15 @@ def _counterpart(node: ir.Node, by_id, by_name, float_values) -> tuple[str | Non
         return twin.outputs[0].name, None if fused else twin
     name = node.outputs[0].name
     return (name if name in float_values else None), None
+
+
+def _activation_source(value: ir.Value | None) -> str | None:
+    """The name of the activation a QuantizeLinear -> DequantizeLinear pair feeding ``value`` quantizes."""
+    dq = value.producer() if value is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    q = dq.inputs[0].producer()
+    return q.inputs[0].name if q is not None and q.op_type == "QuantizeLinear" else None
 
 
 def _has_subgraph(node: ir.Node) -> bool:
@@ -371,8 +413,10 @@ def _isolation(float_model: ir.Model, quant_model: ir.Model, pairs: list[_Pair])
     graph = ir.Graph([], [], nodes=[], opset_imports=dict(quant_model.opset_imports), name="isolation")
     model = ir.Model(graph, ir_version=max(quant_model.ir_version, 8))
     inputs: dict[str, ir.Value] = {}
+    reads: list[str] = []
 
     def lookup(name: str) -> ir.Value:
+        reads.append(name)
         if name not in inputs:
             source = float_values[name]
             if source.dtype is None:
@@ -385,13 +429,14 @@ def _isolation(float_model: ir.Model, quant_model: ir.Model, pairs: list[_Pair])
     for pair in pairs:
         if pair.float_value is None or len(pair.node.outputs) != 1 or _has_subgraph(pair.node):
             continue
+        reads.clear()
         try:
             output = rebuild.node(pair.node)
         except LookupError as missing:
             pair.note = f"not isolated: no float value for {missing.args[0]!r}"
             continue
         graph.outputs.append(output)
-        pair.isolated = output.name
+        pair.isolated, pair.reads = output.name, tuple(dict.fromkeys(reads))
     if not graph.outputs:
         return None, []
     if onnx_opset(model) < 13 and any(
@@ -412,12 +457,17 @@ def _compare(float_model, quant_model, isolation, needed, pairs, feeds, masks):
     compared = {p.node.outputs[0].name: p.float_value for p in pairs if p.float_value}
     isolated = {p.isolated: p.float_value for p in pairs if p.isolated}
     wanted = list(dict.fromkeys([*compared.values(), *needed, *outputs]))
+    # QUANT's own values of the names the isolated copies read: where a pass rescaled one (and kept its
+    # name), FLOAT's is not what QUANT's node reads, and the copy's error would be the scaling
+    written = {v.name for n in quant_model.graph for v in n.outputs if v.name}
+    shared = [n for n in needed if n in written and n not in compared]
     float_session = fallback.measuring_session(float_model, [n for n in wanted if n not in fed])
-    quant_session = fallback.measuring_session(quant_model, list(compared))
+    quant_session = fallback.measuring_session(quant_model, [*compared, *shared])
     alone_session = fallback.measuring_session(isolation) if isolation is not None else None
     carried = {name: _Sums() for name in compared}
     added = {name: _Sums() for name in isolated}
     final = {name: _Sums() for name in outputs}
+    read = {name: _Sums() for name in shared}
     reference: dict[str, list[np.ndarray]] = {n: [] for n in outputs}
     for index, feed in enumerate(feeds):
         where = f"calibration batch {index}"
@@ -429,12 +479,15 @@ def _compare(float_model, quant_model, isolation, needed, pairs, feeds, masks):
             carried[name].add(ref[float_name], got[name], mask)
         for name in outputs:
             final[name].add(ref[name], got[name], mask)
+        for name in shared:
+            read[name].add(ref[name], got[name], mask)
         if alone_session is not None:
             alone = alone_session.run({v.name: ref[v.name] for v in isolation.graph.inputs}, where=where)
             for name, float_name in isolated.items():
                 added[name].add(ref[float_name], alone[name], mask)
         for name in outputs:
             reference[name].append(ref[name])
+    carried.update({name: sums for name, sums in read.items() if name not in carried})
     return carried, added, final, reference
 
 
@@ -446,6 +499,10 @@ class _Sums:
     def __init__(self) -> None:
         self.num = self.den = self.dot = self.rr = self.gg = 0.0
         self.shapes_differ = False
+        # per channel of the last axis: sum(ref * got), sum(ref * ref), for the best per-channel rescaling
+        self.channel_dot: np.ndarray | float = 0.0
+        self.channel_rr: np.ndarray | float = 0.0
+        self.count = 0
 
     def add(self, ref: np.ndarray, got: np.ndarray, mask) -> None:
         if ref.shape != got.shape:
@@ -466,6 +523,31 @@ class _Sums:
         self.dot += float(np.sum(r64 * g64))
         self.rr += float(np.sum(r64 * r64))
         self.gg += float(np.sum(g64 * g64))
+        self.count += r64.size
+        if r64.ndim:
+            channels = r64.shape[-1]
+            self.channel_dot = self.channel_dot + np.sum((r64 * g64).reshape(-1, channels), axis=0)
+            self.channel_rr = self.channel_rr + np.sum((r64 * r64).reshape(-1, channels), axis=0)
+
+    def scale(self) -> float:
+        """How many times FLOAT's norm the compared value's is (1.0 where either is zero)."""
+        return math.sqrt(self.gg / self.rr) if self.rr > 0 and self.gg > 0 else 1.0
+
+    def rescaled(self) -> bool:
+        """Whether the value is not FLOAT's but a rescaled one: its norm off FLOAT's by more than
+        :data:`RESCALED`, while FLOAT's value scaled by fitted factors comes within :data:`RESCALE_FIT` of it:
+        one factor per channel of the last axis where each channel has :data:`CHANNEL_FIT_VALUES` values or
+        more (smooth-quant's per-channel division), else one for all. Quantization damage (clipping) moves
+        the norm too, but no rescaling undoes it."""
+        if 1 / RESCALED <= self.scale() <= RESCALED or self.gg <= 0 or self.rr <= 0:
+            return False
+        rr = np.asarray(self.channel_rr, dtype=np.float64)
+        dot = np.asarray(self.channel_dot, dtype=np.float64)
+        if rr.size > 1 and self.count >= CHANNEL_FIT_VALUES * rr.size:
+            explained = float(np.sum(np.divide(dot * dot, rr, out=np.zeros_like(dot), where=rr > 0)))
+        else:
+            explained = self.dot * self.dot / self.rr
+        return max(self.gg - explained, 0.0) <= RESCALE_FIT**2 * self.gg
 
     def sqnr(self) -> float:
         if self.den <= 0 or self.num == 0:
@@ -487,7 +569,7 @@ def _fallback_outputs(quant_model, pairs, feeds, reference, masks) -> dict[int, 
         clone = quant_model.clone()
         node = list(clone.graph)[pair.index]
         _float_activations(node)
-        _float_weights(clone.graph, node, pair.twin)
+        _float_weights(clone.graph, node, pair.twin, pair.rescaled_input)
         result[pair.index] = _output_sqnr(clone, feeds, reference, masks)
     return result
 
@@ -505,7 +587,9 @@ def _budget(quant_model, pairs, feeds, reference, masks) -> tuple[float, float, 
     kept = 0
     for pair in pairs:
         _float_activations(weight_nodes[pair.index])
-        kept += not _float_weights(activations.graph, activation_nodes[pair.index], pair.twin)
+        kept += not _float_weights(
+            activations.graph, activation_nodes[pair.index], pair.twin, pair.rescaled_input
+        )
     return (
         _output_sqnr(weights, feeds, reference, masks),
         _output_sqnr(activations, feeds, reference, masks, disabled=KEEP_TWINS_FLOAT),
@@ -524,27 +608,64 @@ def _float_activations(node: ir.Node) -> None:
             node.replace_input_with(i, q.inputs[0])
 
 
-def _float_weights(graph: ir.Graph, node: ir.Node, twin: ir.Node | None) -> bool:
-    """``node`` reads its ``twin``'s float constants (weights, bias) in place of its dequantized ones, where
-    the twin has a constant of the same shape at the same position; whether every one was replaced."""
-    replaced = True
+def _float_weights(graph: ir.Graph, node: ir.Node, twin: ir.Node | None, rescaled_input: bool) -> bool:
+    """``node`` reads its ``twin``'s float constants (weights, bias) in place of its dequantized ones, all or
+    none: each needs a twin constant of the same shape at the same position, and each weight (not the int32
+    bias, which bias correction moves) must be QUANT's up to rounding, or, where the node's input is a
+    rescaled value (``rescaled_input``), a matrix QUANT's up to rounding once its rows and columns are
+    rescaled (:func:`_in_quant_scale`: smooth-quant's factors, an attention scale folded in), in which case
+    the rescaled float matrix is read. (A weight whose scale is wrong for no such reason keeps QUANT's.) Whether they were replaced (true for
+    a node with no dequantized constants)."""
+    swaps = []
     for i, value in enumerate(node.inputs):
         dq = value.producer() if value is not None else None
         if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0].const_value is None:
             continue
         weight = twin.inputs[i] if twin is not None and i < len(twin.inputs) else None
         if weight is None or weight.const_value is None or weight.shape != value.shape:
-            replaced = False
-            continue
+            return False
+        array = weight.const_value.numpy()
+        if dq.inputs[0].dtype != ir.DataType.INT32:
+            if any(v is not None and v.const_value is None for v in dq.inputs):
+                return False
+            array = _in_quant_scale(dequantized_array(dq), array, rescaled_input)
+            if array is None:
+                return False
+        swaps.append((i, weight, array))
+    for i, weight, array in swaps:
         copy = ir.Value(
             name=f"ncc.diff.float.{weight.name}",
             type=weight.type,
             shape=weight.shape,
-            const_value=weight.const_value,
+            const_value=ir.tensor(np.ascontiguousarray(array, dtype=weight.const_value.numpy().dtype)),
         )
         graph.register_initializer(copy)
         node.replace_input_with(i, copy)
-    return replaced
+    return True
+
+
+def _in_quant_scale(ours: np.ndarray, theirs: np.ndarray, refit: bool) -> np.ndarray | None:
+    """FLOAT's weight ``theirs`` as QUANT's dequantized ``ours`` holds it: as it is where the two differ by
+    rounding only (relative L2 within :data:`MATCHING_WEIGHT`); for a matrix, else ``diag(s) theirs
+    diag(t)`` with the row and column factors that fit ``ours`` best (three alternating least-squares
+    rounds), where that is within the bound; else None."""
+    ours, theirs = ours.astype(np.float64), theirs.astype(np.float64)
+
+    def close(candidate: np.ndarray) -> bool:
+        return float(np.linalg.norm(ours - candidate)) <= MATCHING_WEIGHT * float(np.linalg.norm(candidate))
+
+    if close(theirs):
+        return theirs
+    if not refit or theirs.ndim != 2:
+        return None
+    rows, cols = np.ones(theirs.shape[0]), np.ones(theirs.shape[1])
+    for _ in range(3):
+        scaled = theirs * cols
+        rows = np.sum(ours * scaled, axis=1) / np.maximum(np.sum(scaled * scaled, axis=1), 1e-300)
+        scaled = theirs * rows[:, None]
+        cols = np.sum(ours * scaled, axis=0) / np.maximum(np.sum(scaled * scaled, axis=0), 1e-300)
+    candidate = theirs * rows[:, None] * cols
+    return candidate if close(candidate) else None
 
 
 def _output_sqnr(model: ir.Model, feeds, reference, masks, disabled: Sequence[str] = ()) -> float:

@@ -97,13 +97,15 @@ def test_the_error_splits_into_weights_and_activations(int8_model, tmp_path):
     )
     assert weights > whole + 3 and abs(activations - whole) < 3, clean
     assert clean["float_weights_kept"] == 3  # the three Convs with a BatchNormalization folded in
+    assert not any("rescaled" in row["note"] for row in clean["rows"])
     clipped = _diff(_damaged(int8_model, tmp_path, "/features/features.3/Conv", "input"), tmp_path)
     assert clipped["activations_only_sqnr_db"] < whole - 10
     assert clipped["weights_only_sqnr_db"] == pytest.approx(weights, abs=1e-6)  # its activations in float
-    # the head's Gemm has FLOAT's own weights as a twin: with them, its damaged weight scale is gone
+    # a weight scale wrong for no reason a pass gives (its input is FLOAT's) is not explained away by
+    # rescaling FLOAT's weight: the Gemm keeps its damaged weights on both sides
     coarse = _diff(_damaged(int8_model, tmp_path, "/head/head.1/Gemm", "weight"), tmp_path)
-    assert coarse["weights_only_sqnr_db"] < whole - 10
-    assert coarse["activations_only_sqnr_db"] == pytest.approx(activations, abs=1e-6)
+    assert coarse["weights_only_sqnr_db"] < whole - 10 and coarse["activations_only_sqnr_db"] < whole - 10
+    assert coarse["float_weights_kept"] == 4
 
 
 def test_an_onnxruntime_quantized_model_pairs_by_node_name(tmp_path):
