@@ -40,6 +40,10 @@ def compile_int8(task, out: Path, cache: Path, exclude: list[str]) -> None:
     m.ncc_compile(task.float_model, task.calib, out, extra=tuple(options), cache=cache)
 
 
+def _worst(sqnr: float | None) -> tuple[bool, float]:
+    return (sqnr is None, 0.0 if sqnr is None else sqnr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=5, help="nodes kept in float per configuration")
@@ -67,8 +71,9 @@ def main() -> None:
         diff_seconds = time.perf_counter() - start
         compute = [r for r in rows if r.op_type in COMPUTE]
         by_gain = [r.node for r in compute][: args.count]  # diff's own order: fallback gain
-        by_added = [r.node for r in sorted(compute, key=lambda r: r.added_sqnr_db)][: args.count]
-        by_carried = [r.node for r in sorted(compute, key=lambda r: r.carried_sqnr_db)][: args.count]
+        # rows diff could not compare (a value a pass rescaled, no isolated copy) rank last
+        by_added = [r.node for r in sorted(compute, key=lambda r: _worst(r.added_sqnr_db))][: args.count]
+        by_carried = [r.node for r in sorted(compute, key=lambda r: _worst(r.carried_sqnr_db))][: args.count]
         rng = np.random.default_rng(0)
         configs = [("all int8 (--min-cosine 0)", []), (f"top {args.count} by diff", by_gain)]
         configs.append((f"top {args.count} by local error added", by_added))
