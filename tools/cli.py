@@ -941,7 +941,8 @@ def diff_command(
 ) -> None:
     """Which quantized node of QUANT costs how much fidelity against FLOAT: per node, how much QUANT's
     output gains with it alone in float (the ranking), the SQNR it adds alone and the SQNR its output
-    carries."""
+    carries; above the table, QUANT's output SQNR with only its weights and with only its activations
+    quantized."""
     import json
 
     from ncc.files import atomic_outputs, deferred_commit
