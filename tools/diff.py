@@ -46,6 +46,28 @@ from ncc.metrics import position_mask, relative_l2_error, token_masks
 from ncc.passes.quant import fallback
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
+INTEGER_FORMS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "QGemm",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearGlobalAveragePool",
+        "QLinearAveragePool",
+        "QLinearConcat",
+        "QLinearSigmoid",
+        "QLinearLeakyRelu",
+        "QLinearSoftmax",
+        "MatMulInteger",
+        "ConvInteger",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeLinear",
+        "MatMulNBits",
+    }
+)
+"""Operators of the QOperator, IntegerOps and weight-only packed forms: a file in one of them has no
+DequantizeLinear whose readers diff could pair with float nodes."""
 RESCALED = 1.5
 """A value whose norm is more than this factor off FLOAT's same-named one was rescaled by a pass that kept its
 name (smooth-quant's division, an attention scale folded into a projection): comparing the two would measure
@@ -112,6 +134,18 @@ def diff(
         )
     pairs = _pairs(float_model, quant_model)
     if not pairs:
+        integer = sorted({n.op_type for n in quant_model.graph if n.op_type in INTEGER_FORMS})
+        if "DynamicQuantizeLinear" in integer:
+            raise NccError(
+                "the second model quantizes its activations at run time (DynamicQuantizeLinear): ncc diff "
+                "compares a float model with a static QDQ form (--pass int8)."
+            )
+        if integer:
+            raise NccError(
+                f"the second model computes in integer operators ({', '.join(integer)}), which ncc diff does "
+                "not pair with float nodes: compile the same pipeline with --format qdq (the default) and "
+                "diff that file."
+            )
         raise NccError(
             "the second model has no quantized nodes (nodes reading a DequantizeLinear output): "
             "ncc diff compares a float model with its QDQ form."

@@ -146,6 +146,15 @@ def test_top_plot_and_refusals(int8_model, tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
     same = ncc("diff", FLOAT, FLOAT, "--data", CALIB)
     assert same.exit_code == 2 and "no quantized nodes" in same.stderr and "Traceback" not in same.stderr
+    qoperator = tmp_path / "digits.qop.onnx"
+    made = ncc("compile", FLOAT, "--pass", "int8", "--format", "qoperator", "--calib", CALIB, "-o", qoperator)
+    assert made.exit_code == 0, made.stderr
+    integer = ncc("diff", FLOAT, qoperator, "--data", CALIB)  # says which form diff reads
+    assert integer.exit_code == 2 and "--format qdq" in integer.stderr and "QLinearConv" in integer.stderr
+    dynamic = tmp_path / "digits.dynamic.onnx"
+    assert ncc("compile", FLOAT, "--pass", "int8-dynamic", "-o", dynamic).exit_code == 0
+    at_run_time = ncc("diff", FLOAT, dynamic, "--data", CALIB)
+    assert at_run_time.exit_code == 2 and "at run time" in at_run_time.stderr, at_run_time.stderr
     swapped = ncc("diff", int8_model, int8_model, "--data", CALIB)  # the float model must come first
     assert swapped.exit_code == 2 and "the first model is quantized too" in swapped.stderr, swapped.stderr
     clobber = ncc("diff", FLOAT, int8_model, "--data", CALIB, "--json", int8_model)
