@@ -46,28 +46,6 @@ from ncc.metrics import position_mask, relative_l2_error, token_masks
 from ncc.passes.quant import fallback
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
-INTEGER_FORMS = frozenset(
-    {
-        "QLinearConv",
-        "QLinearMatMul",
-        "QGemm",
-        "QLinearAdd",
-        "QLinearMul",
-        "QLinearGlobalAveragePool",
-        "QLinearAveragePool",
-        "QLinearConcat",
-        "QLinearSigmoid",
-        "QLinearLeakyRelu",
-        "QLinearSoftmax",
-        "MatMulInteger",
-        "ConvInteger",
-        "MatMulIntegerToFloat",
-        "DynamicQuantizeLinear",
-        "MatMulNBits",
-    }
-)
-"""Operators of the QOperator, IntegerOps and weight-only packed forms: a file in one of them has no
-DequantizeLinear whose readers diff could pair with float nodes."""
 RESCALED = 1.5
 """A value whose norm is more than this factor off FLOAT's same-named one was rescaled by a pass that kept its
 name (smooth-quant's division, an attention scale folded into a projection): comparing the two would measure
@@ -126,20 +104,22 @@ def diff(
     (one run of QUANT per node, with only that node in float) the node whose fallback gains the most
     output SQNR first; without, the node adding the most error locally first. ``budget``: also the output
     SQNR with only the weights and with only the activations quantized (two runs)."""
-    quantized_first = _pairs(float_model, float_model)
+    quantized_first = sum(1 for node in float_model.graph if _reads_dequantized(node))
     if quantized_first:
         raise NccError(
-            f"the first model is quantized too ({len(quantized_first)} nodes read a DequantizeLinear output): "
+            f"the first model is quantized too ({quantized_first} nodes read a DequantizeLinear output): "
             "ncc diff compares a float model with its QDQ form; give the float model first."
         )
     pairs = _pairs(float_model, quant_model)
     if not pairs:
-        integer = sorted({n.op_type for n in quant_model.graph if n.op_type in INTEGER_FORMS})
-        if "DynamicQuantizeLinear" in integer:
+        from ncc.backends.onnx.check import INTEGER_KERNELS
+
+        if any(n.op_type == "DynamicQuantizeLinear" for n in quant_model.graph):
             raise NccError(
                 "the second model quantizes its activations at run time (DynamicQuantizeLinear): ncc diff "
                 "compares a float model with a static QDQ form (--pass int8)."
             )
+        integer = sorted({n.op_type for n in quant_model.graph if n.op_type in INTEGER_KERNELS})
         if integer:
             raise NccError(
                 f"the second model computes in integer operators ({', '.join(integer)}), which ncc diff does "
@@ -159,11 +139,12 @@ def diff(
     }
     rescaled = {name for name, sums in carried.items() if sums.rescaled()}
     for pair in pairs:  # a pass moved a scale into this node's weights: its input is rescaled or new
-        pair.rescaled_input = any(
+        rescaled_input = any(
             (source := _activation_source(v)) is not None
             and (source in rescaled or source not in float_names)
             for v in pair.node.inputs
         )
+        pair.float_constants = _float_constants(pair.node, pair.twin, rescaled_input)
     fallbacks = _fallback_outputs(quant_model, pairs, feeds, ref, masks) if gains else {}
     weights_only, activations_only, kept = (
         _budget(quant_model, pairs, feeds, ref, masks) if budget else (None, None, 0)
@@ -299,7 +280,9 @@ class _Pair:
     twin: ir.Node | None = None  # FLOAT's same node (same id or name, not a fusion), whose weights it has
     isolated: str = ""  # its copy's output in the isolation model ("" when it could not be built)
     reads: tuple[str, ...] = ()  # the FLOAT values its copy reads
-    rescaled_input: bool = False  # it reads a value a pass rescaled, or one FLOAT does not have
+    # (input index, FLOAT's constant, tensor) for each dequantized constant it reads in float (the fallback and
+    # activations-only runs); None where FLOAT has none that stands in for them
+    float_constants: tuple[tuple[int, ir.Value, ir.TensorProtocol], ...] | None = None
     note: str = ""
 
 
@@ -311,7 +294,7 @@ def _pairs(float_model: ir.Model, quant_model: ir.Model) -> list[_Pair]:
     }
     pairs = []
     for index, node in enumerate(quant_model.graph):
-        if node.op_type in QDQ or not any(_dequantized(v) for v in node.inputs):
+        if not _reads_dequantized(node):
             continue
         if not node.outputs or node.outputs[0].dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, None):
             continue
@@ -356,6 +339,12 @@ def _activation_source(value: ir.Value | None) -> str | None:
 
 def _has_subgraph(node: ir.Node) -> bool:
     return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+
+
+def _reads_dequantized(node: ir.Node) -> bool:
+    """Whether ``node`` is a quantized node: one other than Quantize/DequantizeLinear reading a
+    DequantizeLinear output."""
+    return node.op_type not in QDQ and any(_dequantized(v) for v in node.inputs)
 
 
 def _dequantized(value: ir.Value | None) -> bool:
@@ -527,13 +516,14 @@ def _compare(float_model, quant_model, isolation, needed, pairs, feeds, masks):
 
 class _Sums:
     """Running sums comparing a value with FLOAT's over batches, padded positions left out: the SQNR as
-    :func:`ncc.metrics.relative_l2_error` computes it (in the arrays' own precision, at least float32) and
-    the cosine in float64."""
+    :func:`ncc.metrics.relative_l2_error` computes it (in the arrays' own precision, at least float32), the
+    cosine and the norms in float64."""
 
     def __init__(self) -> None:
-        self.num = self.den = self.dot = self.rr = self.gg = 0.0
+        self.num = self.den = self.gg = 0.0
         self.shapes_differ = False
-        # per channel of the last axis: sum(ref * got), sum(ref * ref), for the best per-channel rescaling
+        # per channel of the last axis: sum(ref * got), sum(ref * ref) (their totals give the cosine and the
+        # norms, the channels the best per-channel rescaling)
         self.channel_dot: np.ndarray | float = 0.0
         self.channel_rr: np.ndarray | float = 0.0
         self.count = 0
@@ -554,14 +544,21 @@ class _Sums:
         r64, g64 = ref.astype(np.float64), got.astype(np.float64)
         if keep is not None:
             r64, g64 = r64 * keep, g64 * keep
-        self.dot += float(np.sum(r64 * g64))
-        self.rr += float(np.sum(r64 * r64))
-        self.gg += float(np.sum(g64 * g64))
+        rows_r = r64.reshape(-1, r64.shape[-1] if r64.ndim else 1)
+        rows_g = g64.reshape(rows_r.shape)
+        self.channel_dot = self.channel_dot + np.einsum("ij,ij->j", rows_r, rows_g)
+        self.channel_rr = self.channel_rr + np.einsum("ij,ij->j", rows_r, rows_r)
+        flat_g = g64.reshape(-1)
+        self.gg += float(np.dot(flat_g, flat_g))
         self.count += r64.size
-        if r64.ndim:
-            channels = r64.shape[-1]
-            self.channel_dot = self.channel_dot + np.sum((r64 * g64).reshape(-1, channels), axis=0)
-            self.channel_rr = self.channel_rr + np.sum((r64 * r64).reshape(-1, channels), axis=0)
+
+    @property
+    def dot(self) -> float:
+        return float(np.sum(self.channel_dot))
+
+    @property
+    def rr(self) -> float:
+        return float(np.sum(self.channel_rr))
 
     def scale(self) -> float:
         """How many times FLOAT's norm the compared value's is (1.0 where either is zero)."""
@@ -596,14 +593,14 @@ class _Sums:
 
 def _fallback_outputs(quant_model, pairs, feeds, reference, masks) -> dict[int, float]:
     """Per pair (by index): the SQNR of QUANT's outputs against FLOAT's when only that node runs in float:
-    its activations read without their Q/DQ, its weights FLOAT's where its twin reads a constant of the
-    same shape at the same position, else QUANT's, dequantized."""
+    its activations read without their Q/DQ, its weights FLOAT's (:func:`_float_constants`), else QUANT's,
+    dequantized."""
     result = {}
     for pair in pairs:
         clone = quant_model.clone()
         node = list(clone.graph)[pair.index]
         _float_activations(node)
-        _float_weights(clone.graph, node, pair.twin, pair.rescaled_input)
+        _float_weights(clone.graph, node, pair.float_constants)
         result[pair.index] = _output_sqnr(clone, feeds, reference, masks)
     return result
 
@@ -621,9 +618,7 @@ def _budget(quant_model, pairs, feeds, reference, masks) -> tuple[float, float, 
     kept = 0
     for pair in pairs:
         _float_activations(weight_nodes[pair.index])
-        kept += not _float_weights(
-            activations.graph, activation_nodes[pair.index], pair.twin, pair.rescaled_input
-        )
+        kept += not _float_weights(activations.graph, activation_nodes[pair.index], pair.float_constants)
     return (
         _output_sqnr(weights, feeds, reference, masks),
         _output_sqnr(activations, feeds, reference, masks, disabled=KEEP_TWINS_FLOAT),
@@ -642,56 +637,58 @@ def _float_activations(node: ir.Node) -> None:
             node.replace_input_with(i, q.inputs[0])
 
 
-def _float_weights(graph: ir.Graph, node: ir.Node, twin: ir.Node | None, rescaled_input: bool) -> bool:
-    """``node`` reads its ``twin``'s float constants (weights, bias) in place of its dequantized ones, all or
-    none: each needs a twin constant of the same shape at the same position, and each weight (not the int32
-    bias, which bias correction moves) must be QUANT's up to rounding, or, where the node's input is a
-    rescaled value (``rescaled_input``), a matrix QUANT's up to rounding once its rows and columns are
-    rescaled (:func:`_in_quant_scale`: smooth-quant's factors, an attention scale folded in), in which case
-    the rescaled float matrix is read. (A weight whose scale is wrong for no such reason keeps QUANT's.) Whether they were replaced (true for
-    a node with no dequantized constants)."""
-    swaps = []
+def _float_constants(node: ir.Node, twin: ir.Node | None, rescaled_input: bool):
+    """What ``node`` reads in float in place of its dequantized constants (weights, bias): its ``twin``'s,
+    all or none. Each needs a twin constant of the same shape at the same position, and each weight (not the
+    int32 bias, which bias correction moves) must be QUANT's up to rounding (:data:`MATCHING_WEIGHT`), or,
+    where the node's input is a rescaled value (``rescaled_input``), a matrix QUANT's up to rounding once
+    its rows and columns are rescaled (:func:`_refit`: smooth-quant's factors, an attention scale folded
+    in), which is then read instead. A weight whose scale is wrong for no such reason keeps QUANT's.
+    ``(input index, FLOAT's constant, tensor)`` per constant (none for a node without dequantized constants), or
+    None."""
+    constants = []
     for i, value in enumerate(node.inputs):
         dq = value.producer() if value is not None else None
         if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0].const_value is None:
             continue
         weight = twin.inputs[i] if twin is not None and i < len(twin.inputs) else None
         if weight is None or weight.const_value is None or weight.shape != value.shape:
-            return False
-        array = weight.const_value.numpy()
+            return None
+        tensor = weight.const_value
         if dq.inputs[0].dtype != ir.DataType.INT32:
             if any(v is not None and v.const_value is None for v in dq.inputs):
-                return False
-            array = _in_quant_scale(dequantized_array(dq), array, rescaled_input)
-            if array is None:
-                return False
-        swaps.append((i, weight, array))
-    for i, weight, array in swaps:
+                return None
+            ours, theirs = dequantized_array(dq).astype(np.float64), tensor.numpy().astype(np.float64)
+            if not _close(ours, theirs):
+                fitted = _refit(ours, theirs) if rescaled_input and theirs.ndim == 2 else None
+                if fitted is None:
+                    return None
+                tensor = ir.tensor(np.ascontiguousarray(fitted, dtype=tensor.numpy().dtype))
+        constants.append((i, weight, tensor))
+    return tuple(constants)
+
+
+def _float_weights(graph: ir.Graph, node: ir.Node, constants) -> bool:
+    """``node`` (in ``graph``, a clone) reads ``constants`` (:func:`_float_constants`); whether it could."""
+    if constants is None:
+        return False
+    for i, weight, tensor in constants:
         copy = ir.Value(
-            name=f"ncc.diff.float.{weight.name}",
-            type=weight.type,
-            shape=weight.shape,
-            const_value=ir.tensor(np.ascontiguousarray(array, dtype=weight.const_value.numpy().dtype)),
+            name=f"ncc.diff.float.{weight.name}", type=weight.type, shape=weight.shape, const_value=tensor
         )
         graph.register_initializer(copy)
         node.replace_input_with(i, copy)
     return True
 
 
-def _in_quant_scale(ours: np.ndarray, theirs: np.ndarray, refit: bool) -> np.ndarray | None:
-    """FLOAT's weight ``theirs`` as QUANT's dequantized ``ours`` holds it: as it is where the two differ by
-    rounding only (relative L2 within :data:`MATCHING_WEIGHT`); for a matrix, else ``diag(s) theirs
-    diag(t)`` with the row and column factors that fit ``ours`` best (three alternating least-squares
-    rounds), where that is within the bound; else None."""
-    ours, theirs = ours.astype(np.float64), theirs.astype(np.float64)
+def _close(ours: np.ndarray, candidate: np.ndarray) -> bool:
+    """Whether ``candidate`` is QUANT's dequantized ``ours`` up to rounding (:data:`MATCHING_WEIGHT`)."""
+    return float(np.linalg.norm(ours - candidate)) <= MATCHING_WEIGHT * float(np.linalg.norm(candidate))
 
-    def close(candidate: np.ndarray) -> bool:
-        return float(np.linalg.norm(ours - candidate)) <= MATCHING_WEIGHT * float(np.linalg.norm(candidate))
 
-    if close(theirs):
-        return theirs
-    if not refit or theirs.ndim != 2:
-        return None
+def _refit(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray | None:
+    """``diag(s) theirs diag(t)`` with the row and column factors that fit ``ours`` best (three alternating
+    least-squares rounds), where that is :func:`_close`; else None."""
     rows, cols = np.ones(theirs.shape[0]), np.ones(theirs.shape[1])
     for _ in range(3):
         scaled = theirs * cols
@@ -699,7 +696,7 @@ def _in_quant_scale(ours: np.ndarray, theirs: np.ndarray, refit: bool) -> np.nda
         scaled = theirs * rows[:, None]
         cols = np.sum(ours * scaled, axis=0) / np.maximum(np.sum(scaled * scaled, axis=0), 1e-300)
     candidate = theirs * rows[:, None] * cols
-    return candidate if close(candidate) else None
+    return candidate if _close(ours, candidate) else None
 
 
 def _output_sqnr(model: ir.Model, feeds, reference, masks, disabled: Sequence[str] = ()) -> float:
