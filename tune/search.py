@@ -28,9 +28,10 @@
 For ``w4`` a layer is promoted not to float but to finer groups (:data:`ncc.tune.space.FINE_GROUP`, where
 the pipeline's are coarser) or to 8 bits. With calibration data each layer's two moves are measured on
 the outputs (how much the divergence from FP32 falls, :mod:`ncc.tune.promotion`) and ranked by that gain
-per byte they add, so the bisection finds the smallest model the ranking allows; without, the layers go in
-the order of the error 4 bits give each alone, to finer groups if all of them there meet the bound, else
-to 8 bits.
+per byte they add; every layer in finer groups is evaluated first, and the bisection runs over the
+refining moves if that meets the bound, else from there over the 8-bit moves, give-back returning the
+moves that buy least per byte (finer groups too). Without calibration data the layers go in the order of
+the error 4 bits give each alone, to finer groups if all of them there meet the bound, else to 8 bits.
 
 ``basic`` is the baseline Intel Neural Compressor's basic strategy stands for: the default configuration,
 then every quantized node alone in float in graph order, then the nodes accumulated in the order of what
@@ -406,10 +407,14 @@ class Tuner:
     def _woq_moves(self, start: WoqConfig, float_model, feeds) -> None:
         """The w4 search with calibration data, from ``start``: each layer may move to groups of
         :data:`FINE_GROUP` (where ``start``'s are coarser) or to 8 bits. What each move buys is measured on
-        the outputs (:mod:`ncc.tune.promotion`) and what it costs is its added bytes; the moves are ranked
-        by gain per byte (a layer's 8-bit move after its finer-groups move, taken at once when that buys
-        more per byte) and the search bisects over that order, so the choice is the smallest model the
-        ranking finds within the bound."""
+        the outputs (:mod:`ncc.tune.promotion`) and what it costs is its added bytes.
+
+        Finer groups come first, as one block: each layer's alone buys little, but together they buy much
+        for a few percent more bytes, so ranked one by one against 8-bit moves they come too late. Every
+        layer refined is evaluated first; if it meets the bound the search bisects over the refining moves
+        alone (by gain per byte), else it goes on from there over the 8-bit moves (by what 8 bits buy beyond
+        the finer groups, per byte), and give-back then returns the moves that buy least per byte, finer
+        groups included: layers go back to the pipeline's coarser groups where the bound allows."""
         found = self._finer(start)
         if found is None:
             self.out.promoted_to = "at 8 bits"
@@ -424,31 +429,53 @@ class Tuner:
         low = self._dequantized(unpacked)
         _, eight = self._layer_gains(float_model, feeds, low, start.at_8_bits(unpacked), "8 bits")
         _, fine = self._layer_gains(float_model, feeds, low, fine_weights, f"groups of {finer.group_size}")
-        moves: list[tuple[float, str]] = []  # (gain per byte, move)
+        rates: dict[str, float] = {}  # move -> measured gain per added byte
         for name in sorted(set(eight) & set(fine)):
             k, n = low[name].shape
             cost_fine = _bytes(k, n, 4, finer.group_size) - _bytes(k, n, 4, start.group_size)
             cost_8 = _bytes(k, n, 8, start.group_size) - _bytes(k, n, 4, start.group_size)
-            rate_fine, rate_8 = fine[name] / cost_fine, eight[name] / cost_8
-            step = (eight[name] - fine[name]) / max(cost_8 - cost_fine, 1e-12)
-            if fine[name] > 0 and step < rate_fine:  # groups of 32 first, then 8 bits for what is left
-                moves += [(rate_fine, f"{name}{FINE_MARK}"), (step, name)]
-            else:
-                moves.append((rate_8, name))
+            rates[f"{name}{FINE_MARK}"] = fine[name] / cost_fine
+            rates[name] = (eight[name] - fine[name]) / max(cost_8 - cost_fine, 1e-12)  # beyond finer groups
             self.out.labels[f"{name}{FINE_MARK}"] = f"{name} (groups of {finer.group_size})"
             self.out.labels[name] = f"{name} (8 bits)"
-        ranking = [move for _, move in sorted(moves, key=lambda m: (-m[0], m[1]))]
-        self.progress(
-            f"ranked {len(ranking)} moves by measured gain per byte: "
-            f"{', '.join(self.out.labels[m] for m in ranking[:5])}{' ...' if len(ranking) > 5 else ''}"
-        )
+
+        def by_rate(moves) -> list[str]:
+            return sorted(moves, key=lambda m: (-rates[m], m))
+
+        refining = by_rate(m for m in rates if m.endswith(FINE_MARK))
+        raising = by_rate(m for m in rates if not m.endswith(FINE_MARK))
 
         def promote(chosen) -> WoqConfig:
             wide = [m for m in chosen if not m.endswith(FINE_MARK)]
             refined = [m.removesuffix(FINE_MARK) for m in chosen if m.endswith(FINE_MARK)]
             return start.refine([m for m in refined if m not in wide]).promote(wide)
 
-        self._bisect(start, ranking, promote)
+        def back(kept: list[str]) -> list[str]:
+            """Give-back order: least gain per byte first; a layer's finer groups stay while it is at 8 bits
+            (giving them back would change nothing)."""
+            moves = [m for m in kept[:-1] if m.removesuffix(FINE_MARK) not in kept]
+            return sorted(moves, key=lambda m: (rates[m], m))
+
+        self.progress(
+            f"ranked {len(refining)} moves to groups of {finer.group_size} and {len(raising)} to 8 bits by "
+            f"measured gain per byte: {', '.join(self.out.labels[m] for m in refining[:3])} ...; "
+            f"{', '.join(self.out.labels[m] for m in raising[:3])}{' ...' if len(raising) > 3 else ''}"
+        )
+        whole = promote(refining)
+        if self._met(self._metric(whole, "finer")):
+            self.out.promoted_to = f"in groups of {finer.group_size}"
+            self._bisect(start, refining, promote, whole=whole, back=back)
+        else:  # from every layer in finer groups, layers to 8 bits
+            self._bisect(start, refining + raising, promote, back=back, known=len(refining))
+        # a layer at 8 bits has no finer groups to report
+        wide = set(self.out.choice.wide) if isinstance(self.out.choice, WoqConfig) else set()
+        self.out.gains = [
+            g
+            for g in self.out.gains
+            if not (
+                len(g[0]) == 1 and g[0][0].removesuffix(FINE_MARK) in wide and g[0][0].endswith(FINE_MARK)
+            )
+        ]
 
     def _unpacked(self, config: WoqConfig) -> list:
         """The pipeline of ``config`` without its packing pass: weights as DequantizeLinear of constants."""
@@ -512,10 +539,13 @@ class Tuner:
         )
         return names
 
-    def _bisect(self, start, ranking: list[str], promote=None, whole=None) -> None:
+    def _bisect(self, start, ranking: list[str], promote=None, whole=None, back=None, known: int = 0) -> None:
         """Bisection and give-back over ``ranking`` from ``start`` (see the module docstring); ``promote``
         makes the configuration with given nodes promoted (``start.promote``), ``whole`` is the one with all
-        of them promoted when that is a configuration of its own that met the bound (w4 refined groups)."""
+        of them promoted when that is a configuration of its own that met the bound (w4 refined groups).
+        ``known``: the prefix the search starts from, already evaluated outside the bound (0: ``start``);
+        the prefixes tried grow from it by 1, 2, 4, ... ``back`` orders the give-back candidates (default:
+        the promoted nodes but the last, least useful first)."""
         promote = promote or start.promote
         # one node at least stays as it was: with none, int8 would be the FP32 model
         n = len(ranking) - (0 if whole is not None else 1)
@@ -526,9 +556,11 @@ class Tuner:
         def prefix(k: int) -> Config:
             return whole if k == len(ranking) and whole is not None else promote(ranking[:k])
 
-        lo, k, metrics = 0, 1, {0: self.out.trial_of(start).metric}
+        start_config = start if known == 0 else prefix(known)
+        lo, step, metrics = known, 1, {known: self.out.trial_of(start_config).metric}
         while True:
-            ahead = [prefix(min(k * 2**i, n)) for i in range(1, 4)]
+            k = min(known + step, n)
+            ahead = [prefix(min(known + step * 2**i, n)) for i in range(1, 4)]
             metrics[k] = self._metric(prefix(k), "bisect", ahead)
             if self._met(metrics[k]):
                 hi = k
@@ -539,7 +571,7 @@ class Tuner:
                     f"the bound is not met even with {n} of the {n + 1} quantized nodes in float"
                 )
                 return
-            k = min(2 * k, n)
+            step *= 2
         while hi - lo > 1:
             mid = (lo + hi) // 2
             ahead = [prefix((lo + mid) // 2), prefix((mid + hi) // 2)]
@@ -554,7 +586,7 @@ class Tuner:
         bought = {(kept[-1],): self._better(current, metrics[lo])}
         # give back, least useful first, in groups: half of the candidates at once, halving the group
         # when the bound fails, down to single nodes; the last node is needed (the prefix without it failed)
-        candidates = list(reversed(kept[:-1]))
+        candidates = back(kept) if back is not None else list(reversed(kept[:-1]))
         size = max(1, len(candidates) // 2)
         while candidates:
             group = tuple(candidates[:size])

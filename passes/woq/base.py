@@ -29,6 +29,7 @@ from ncc.passes.woq.activations import InputStats, accumulator_bytes, collect, m
 from ncc.passes.woq.embeddings import embedding_gathers, quantize_embedding
 from ncc.passes.woq.kernels import GroupSpec, QuantizedWeight, reconstruction_errors
 from ncc.passes.woq.weights import (
+    ALGO_KEY,
     WeightUse,
     check_group_sizes,
     gemms_as_matmuls,
@@ -140,6 +141,12 @@ class WeightOnlyPass(Pass):
         graph = model.graph
         gemms_as_matmuls(model, self.include, self.exclude)
         uses = weight_matmuls(graph, self.include, self.exclude)
+        if not uses and not self.include and _quantized_already(graph):
+            # an earlier weight-only pass took every layer (a pipeline giving some layers their own
+            # settings first, as the tuner's configurations do): nothing is left for this one
+            return PassResult(
+                modified=False, notes=[f"{self.name}: every weight MatMul is quantized already"]
+            )
         if not uses:
             what = " matching the include/exclude filters" if self.include or self.exclude else ""
             raise NccError(
@@ -313,3 +320,8 @@ class CalibratedWeightOnlyPass(WeightOnlyPass):
         "memory for the per-input statistics (x^T x) per calibration run; more layers per run when larger",
         min=1,
     )
+
+
+def _quantized_already(graph: ir.Graph) -> bool:
+    """Whether an earlier weight-only pass quantized MatMuls of ``graph`` (its nodes carry the mark)."""
+    return any(ALGO_KEY in node.metadata_props for node in graph if node.op_type == "MatMul")

@@ -300,7 +300,9 @@ def _chain(tmp_path: Path) -> tuple[Path, Path]:
 def _trial_rows(stderr: str) -> list[tuple[int, str, float, float]]:
     """(number, phase, metric, MB) of each row of the report's trial table."""
     rows = re.findall(
-        r"^\s+(\d+)\s+(fp32|default|finer|bisect|give back)\s+(\S+)\s+\S+\s+([0-9.]+)\s", stderr, re.M
+        r"^\s+(\d+)\s+(fp32|default|screened|finer|bisect|give back)\s+(\S+)\s+\S+\s+([0-9.]+)\s",
+        stderr,
+        re.M,
     )
     return [(int(n), phase, float(metric), float(mb)) for n, phase, metric, mb in rows]
 
@@ -382,15 +384,23 @@ def test_a_configuration_that_cannot_compile_is_refused_before_any_evaluation(tm
 
 def test_w4_search_with_calibration_ranks_moves_by_what_they_buy_per_byte(tmp_path):
     _, out, result = _tune_chain(tmp_path, "0.03", "--calib", tmp_path / "inputs.npz")
-    ranking = re.search(r"ranked (\d+) moves by measured gain per byte: (.*)$", result.stderr, re.M)
+    ranking = re.search(
+        r"ranked (\d+) moves to groups of 32 and (\d+) to 8 bits by measured gain per byte: .*; (.*)$",
+        result.stderr,
+        re.M,
+    )
     assert ranking is not None, result.stderr
-    assert 6 <= int(ranking.group(1)) <= 12  # per layer: 8 bits, or groups of 32 and then 8 bits
+    assert ranking.group(1) == ranking.group(2) == "6"  # per layer: groups of 32, and 8 bits beyond them
+    rows = _trial_rows(result.stderr)
+    # every layer in groups of 32 (one evaluation) misses the bound: layers go to 8 bits from there
+    assert [phase for _, phase, _, _ in rows[3:5]] == ["finer", "bisect"] and rows[3][2] > 0.03, result.stderr
     chosen = float(re.search(r"^tuned: metric (\S+) ", result.stderr, re.M).group(1))
     assert chosen <= 0.03
     wide = re.findall(r"^    (layer\d) \(8 bits\): .*\(kept raised", result.stderr, re.M)
     fine = re.findall(r"^    (layer\d) \(groups of 32\): .*\(kept raised", result.stderr, re.M)
-    # the move that measurably buys the most per byte is kept, and the layer with 4x larger weights goes to 8 bits
-    assert ranking.group(2).split(", ")[0].split(" ")[0] in wide + fine and "layer2" in wide
+    # the 8-bit move that measurably buys the most per byte is kept, and the layer with 4x larger weights
+    # goes to 8 bits; give-back returns layers to groups of 128 where the bound allows
+    assert ranking.group(3).split(", ")[0].split(" ")[0] in wide and "layer2" in wide
     blocks = _block_sizes(out)
     assert {name for name, (bits, _) in blocks.items() if bits == 8} == set(wide)
     assert {name for name, (bits, block) in blocks.items() if bits == 4 and block == 32} == set(fine) - set(

@@ -260,6 +260,28 @@ def test_group_96_works_with_qdq(tmp_path):
     assert [a.i for a in dq[0].attribute if a.name == "block_size"] == [96]
 
 
+def test_a_pass_after_one_that_took_every_layer_has_nothing_left(tmp_path):
+    """A pipeline giving layers their own settings first (as the tuner's configurations do) may leave the
+    catch-all pass nothing: a note, not the "no weight MatMuls" refusal a model without any gets."""
+    src = save_matmul(tmp_path / "m.onnx", gaussian_weight(64, 16))
+    out = tmp_path / "o.onnx"
+    run = ncc_ok(
+        "compile", src, "--passes", "woq-rtn{bits=8 group-size=32 include=^mm$},woq-rtn{group-size=32},pack-int4",
+        "-o", out,
+    )  # fmt: skip
+    assert "woq-rtn: every weight MatMul is quantized already" in run.stderr
+    (node,) = [n for n in onnx.load(out).graph.node if n.op_type == "MatMulNBits"]
+    assert {a.name: a.i for a in node.attribute}["bits"] == 8
+    # without an earlier weight-only pass, a model with nothing to quantize is still refused
+    bare = tmp_path / "relu.onnx"
+    graph = h.make_graph(
+        [h.make_node("Relu", ["x"], ["y"])], "g", [h.make_tensor_value_info("x", T.FLOAT, [2])],
+        [h.make_tensor_value_info("y", T.FLOAT, [2])],
+    )  # fmt: skip
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), bare)
+    assert_user_error(ncc("compile", bare, "--pass", "w4", "-o", tmp_path / "r.onnx"), "no weight MatMuls")
+
+
 @pytest.mark.parametrize(
     "args,fragment", [(["--bits", "3"], "--bits"), (["--accuracy-level", "5"], "--accuracy-level")]
 )
