@@ -21,7 +21,6 @@ naming both origins.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib
 import inspect
@@ -96,6 +95,8 @@ def unknown_pass_message(name: str) -> str:
 
     names = sorted(all_passes())
     known = names + sorted(PIPELINES)
+    import difflib  # only for a misspelt name
+
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else "."
     listing = ", ".join(names) if names else "(none)"

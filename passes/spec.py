@@ -22,7 +22,6 @@ and formatting a parsed spec is idempotent.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import types
@@ -224,6 +223,8 @@ def unknown_option_message(cls: type[Pass], key: str) -> str:
     valid = [option_key(f.name) for f in cls.options()]
     if not valid:
         return f"pass '{cls.name}' has no option '{key}'; it takes no options."
+    import difflib  # only for a misspelt name
+
     close = difflib.get_close_matches(key.replace("_", "-"), valid, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else "."
     return f"pass '{cls.name}' has no option '{key}'{hint} Valid options: {', '.join(valid)}."

@@ -501,8 +501,6 @@ _TUNE_FLAGS = ("max_loss", "lower_is_better", "strategy", "resume", "max_trials"
 
 def _tune_request(opts: dict, output: Path):
     """The tuning options of ``opts`` (popped), checked; None without --eval."""
-    from ncc.tune.run import TuneOptions, check
-
     flags = {k: opts.pop(k) for k in ("evaluate", *_TUNE_FLAGS)}
     evaluate = flags.pop("evaluate")
     if evaluate is None:
@@ -511,6 +509,8 @@ def _tune_request(opts: dict, output: Path):
                 f"--{given[0].replace('_', '-')} tunes with a metric: it needs --eval FILE.py:FUNCTION."
             )
         return None
+    from ncc.tune.run import TuneOptions, check
+
     if opts.get("min_cosine") is not None:
         raise NccError("--min-cosine and --eval both choose the nodes kept in float: give one of them.")
     if output.suffix.lower() == ".pt2":

@@ -410,6 +410,9 @@ def _conv_partner(shape: tuple[int, ...]) -> np.ndarray:
 BLOCK = 128
 """Columns visited between two full updates of ``C d`` (one matrix product) when ``C`` is shared."""
 
+LOW_RANK_BLOCK = 64
+"""Columns whose ``C d`` one product gives in :func:`_round_low_rank`'s sweeps after the first."""
+
 
 def _round(
     exact: np.ndarray, codes: np.ndarray, cov: np.ndarray, sweeps: int, partner: np.ndarray | None = None
@@ -520,20 +523,58 @@ def _round_low_rank(
     lo = np.floor(exact).T.copy()
     xt = x.T.copy()  # [K, n]
     movable = (q == lo) | (q == lo + 1)
-    for _ in range(max(0, sweeps)):
+    width, limit = q.shape[0], -1e-12 * diag
+
+    def flip(k: int, rows: np.ndarray) -> np.ndarray:
+        """Column ``k``'s codes of ``rows`` to their other neighbour; returns their steps (+-1)."""
+        s = 0.5 * twice[k, rows]
+        q[k, rows] = other[k, rows]
+        d[k, rows] += s
+        r[rows] += s[:, None] * xt[k][None, :]
+        return s
+
+    def every_column() -> int:
         moved = 0
-        other, twice, allowed = _flips(q, lo, movable)
-        for k in range(q.shape[0]):
+        for k in range(width):
             cd = keep * (r @ xt[k]) / n + (1.0 - keep) * diag[k] * d[k]  # (C d)_k
-            rows = np.flatnonzero(allowed[k] & (twice[k] * cd + diag[k] < -1e-12 * diag[k]))
-            rows = _pair_safe(rows, q, other, partner, k)
-            if rows.size == 0:
-                continue
-            s = 0.5 * twice[k, rows]
-            q[k, rows] = other[k, rows]
-            d[k, rows] += s
-            r[rows] += s[:, None] * xt[k][None, :]
-            moved += rows.size
-        if not moved:
+            rows = _pair_safe(
+                np.flatnonzero(allowed[k] & (twice[k] * cd + diag[k] < limit[k])), q, other, partner, k
+            )
+            if rows.size:
+                flip(k, rows)
+                moved += rows.size
+        return moved
+
+    def flipping_columns() -> int:
+        """The visits of :func:`every_column`, but a block of :data:`LOW_RANK_BLOCK` columns gets ``C d``
+        from one product, follows its own flips through the block's Gram matrix, and skips the columns
+        where no row would flip (after the first sweep, most of them)."""
+        moved = 0
+        for b0 in range(0, width, LOW_RANK_BLOCK):
+            b1 = min(b0 + LOW_RANK_BLOCK, width)
+            xb = xt[b0:b1]
+            gram = (keep / n) * (xb @ xb.T)
+            cd = (keep / n) * (r @ xb.T) + (1.0 - keep) * diag[b0:b1] * d[b0:b1].T  # [rows, block]
+            can, step, dg, lim = allowed[b0:b1].T, twice[b0:b1].T, diag[b0:b1], limit[b0:b1]
+            wants = can & (step * cd + dg < lim)
+            j = -1
+            while (later := np.flatnonzero(wants[:, j + 1 :].any(axis=0))).size:
+                j += 1 + int(later[0])
+                rows = _pair_safe(np.flatnonzero(wants[:, j]), q, other, partner, b0 + j)
+                if rows.size == 0:
+                    continue
+                s = flip(b0 + j, rows)
+                moved += rows.size
+                rest = slice(j + 1, b1 - b0)
+                cd[rows, rest] += s[:, None] * gram[j, rest][None, :]
+                wants[rows, rest] = can[rows, rest] & (
+                    step[rows, rest] * cd[rows, rest] + dg[rest] < lim[rest]
+                )
+        return moved
+
+    for sweep in range(max(0, sweeps)):
+        other, twice, allowed = _flips(q, lo, movable)
+        # the first sweep flips in many columns, one visit each; later ones in few, found a block at a time
+        if not (every_column() if sweep == 0 else flipping_columns()):
             break
     return q.T.copy(), start, objective()
