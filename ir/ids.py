@@ -20,6 +20,7 @@ import onnx_ir as ir
 ID_KEY = "ncc.id"
 FUSED_KEY = "ncc.fused"
 _NEXT_KEY = "ncc.next_id"
+_CARRIED_KEY = "ncc.carried_ids"
 
 
 def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
@@ -42,8 +43,10 @@ def fused_ids(node: ir.Node) -> tuple[int, ...]:
 
 
 def assign_ids(model: ir.Model) -> None:
-    """Give every node without an id a fresh one, in graph order."""
+    """Give every node without an id a fresh one, in graph order (the first call also records whether the
+    model came with ids: :func:`carries_ids`)."""
     nodes = list(all_nodes(model))
+    model.meta.setdefault(_CARRIED_KEY, any(ID_KEY in node.metadata_props for node in nodes))
     next_id = max((i for i in map(node_id, nodes) if i is not None), default=-1) + 1
     for node in nodes:
         if ID_KEY not in node.metadata_props:
@@ -76,3 +79,9 @@ def stamp(model: ir.Model, node: ir.Node, absorbed: Iterable[ir.Node] = ()) -> i
     if ids:
         node.metadata_props[FUSED_KEY] = ",".join(map(str, sorted(ids)))
     return node
+
+
+def carries_ids(model: ir.Model) -> bool:
+    """Whether ``model``'s ids came with it (an ncc output, whose ids are those its float input gets when
+    loaded) rather than given when it was loaded (a file from another tool: its ids match nothing)."""
+    return bool(model.meta.get(_CARRIED_KEY, True))

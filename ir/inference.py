@@ -91,19 +91,50 @@ shape): ONNX's inference has no schema for them, so a model ncc wrote without ``
 default) would read back with them untyped."""
 
 
+TYPED_BY_INPUT = {
+    "QLinearAdd": 7,
+    "QLinearMul": 7,
+    "QLinearSigmoid": 4,
+    "QLinearLeakyRelu": 4,
+    "QLinearSoftmax": 4,
+    "QLinearAveragePool": 4,
+    "QLinearGlobalAveragePool": 4,
+    "QLinearConcat": 1,
+    "QLinearWhere": 8,
+    "QGemm": 8,
+    "MatMulIntegerToFloat": 2,
+}
+"""``com.microsoft`` integer kernels (onnxruntime's QOperator form, as its quantizer writes it, without
+``value_info``) whose output 0 has the element type of this input: the output zero point (QGemm: a float
+output without one; MatMulIntegerToFloat: its A scale's float type)."""
+
+
 def _type_like_input(model: ir.Model) -> int:
-    """Type the untyped output 0 of :data:`LIKE_INPUT` ops from their typed input 0; how many were typed."""
+    """Type the untyped output 0 of :data:`LIKE_INPUT` ops from their typed input 0, and of
+    :data:`TYPED_BY_INPUT` ops from their input; how many were typed."""
     typed = 0
     for graph in model.graphs():
         for node in graph:
-            if node.domain != "com.microsoft" or node.op_type not in LIKE_INPUT or not node.outputs:
+            if node.domain != "com.microsoft" or not node.outputs or node.outputs[0].type is not None:
                 continue
-            source, out = node.inputs[0] if node.inputs else None, node.outputs[0]
-            if out.type is not None or source is None or source.type is None:
+            out = node.outputs[0]
+            if node.op_type in LIKE_INPUT:
+                source = node.inputs[0] if node.inputs else None
+                if source is None or source.type is None:
+                    continue
+                out.type = source.type
+                if node.op_type != "FusedConv" and out.shape is None and source.shape is not None:
+                    out.shape = source.shape.copy()
+            elif node.op_type in TYPED_BY_INPUT:
+                index = TYPED_BY_INPUT[node.op_type]
+                source = node.inputs[index] if len(node.inputs) > index else None
+                if source is None and node.op_type == "QGemm":  # no output scale: float output
+                    source = node.inputs[1]
+                if source is None or source.type is None:
+                    continue
+                out.type = ir.TensorType(source.dtype)
+            else:
                 continue
-            out.type = source.type
-            if node.op_type != "FusedConv" and out.shape is None and source.shape is not None:
-                out.shape = source.shape.copy()
             typed += 1
     return typed
 

@@ -83,3 +83,17 @@ class Attrs:
 
     def get_int(self, name, default):
         return self.values.get(name, default)
+
+
+def ort_calibration_reader(name: str, samples, batch: int = 8):
+    """An onnxruntime ``CalibrationDataReader`` feeding ``samples`` to input ``name`` ``batch`` at a time."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{name: samples[i : i + batch]} for i in range(0, len(samples), batch)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    return Reader()

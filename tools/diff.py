@@ -1,7 +1,8 @@
 """``ncc diff FLOAT QUANT --data DATA``: which quantized node costs how much fidelity, and which to keep in float.
 
 For every quantized node of QUANT (a node other than Quantize/DequantizeLinear reading a
-DequantizeLinear output: ncc's QDQ form, or onnxruntime's), against FLOAT on the same inputs:
+DequantizeLinear output: ncc's QDQ form, or onnxruntime's; a QOperator model's integer kernels are read
+as QDQ groups first, :mod:`ncc.passes.lowering.raise_qoperator`), against FLOAT on the same inputs:
 
 - **in float: gain**: how many dB QUANT's output SQNR rises when only this node runs in float (its
   activations without their Q/DQ, its weights FLOAT's; a fused node keeps QUANT's weights, dequantized,
@@ -26,7 +27,8 @@ five worst by the local columns do no better than random (``benchmarks/bench_dif
 
 Nodes pair up by ncc's stable node ids (:mod:`ncc.ir.ids`): a node QUANT built by fusing FLOAT's nodes
 (a Conv with its BatchNormalization folded in) records their ids, and its output stands for the last of
-them. Where ids do not match (a model onnxruntime quantized) nodes pair by name, then by output name.
+them. Where ids do not match (a model onnxruntime quantized) nodes pair by name (``<name>_quant`` in its
+QOperator form), then by output name.
 Padded positions (an ``attention_mask`` input's zeros) are left out of every number.
 """
 
@@ -39,10 +41,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
-from ncc.ir.ids import fused_ids, node_id
+from ncc.ir.ids import carries_ids, fused_ids, node_id
 from ncc.ir.ops import onnx_opset
 from ncc.ir.rewrite import dequantized_array
 from ncc.metrics import position_mask, relative_l2_error, token_masks
+from ncc.passes.lowering.raise_qoperator import RAISED_KEY
 from ncc.passes.quant import fallback
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -74,6 +77,7 @@ class Diff:
     weights_only_sqnr_db: float | None = None
     activations_only_sqnr_db: float | None = None
     float_weights_kept: int = 0
+    raised: str = ""  # what of QUANT's integer kernels was read as QDQ groups
 
 
 @dataclass
@@ -110,7 +114,9 @@ def diff(
             f"the first model is quantized too ({quantized_first} nodes read a DequantizeLinear output): "
             "ncc diff compares a float model with its QDQ form; give the float model first."
         )
-    pairs = _pairs(float_model, quant_model)
+    with_ids = carries_ids(quant_model)  # before any clone: a clone forgets it
+    quant_model, raised = _as_qdq(quant_model)
+    pairs = _pairs(float_model, quant_model, with_ids)
     if not pairs:
         from ncc.backends.onnx.check import INTEGER_KERNELS
 
@@ -122,8 +128,8 @@ def diff(
         integer = sorted({n.op_type for n in quant_model.graph if n.op_type in INTEGER_KERNELS})
         if integer:
             raise NccError(
-                f"the second model computes in integer operators ({', '.join(integer)}), which ncc diff does "
-                "not pair with float nodes: compile the same pipeline with --format qdq (the default) and "
+                f"the second model computes in integer operators ncc diff cannot read as QDQ "
+                f"({', '.join(integer)}): compile the same pipeline with --format qdq (the default) and "
                 "diff that file."
             )
         raise NccError(
@@ -187,7 +193,22 @@ def diff(
             )
         )
     samples = sum(len(next(iter(f.values()))) for f in feeds)
-    return Diff(sorted(rows, key=_worst_first), baseline, samples, weights_only, activations_only, kept)
+    return Diff(
+        sorted(rows, key=_worst_first), baseline, samples, weights_only, activations_only, kept, raised
+    )
+
+
+def _as_qdq(quant_model: ir.Model) -> tuple[ir.Model, str]:
+    """``quant_model``, with its integer kernels (a QOperator model) raised to QDQ groups on a copy
+    (:mod:`ncc.passes.lowering.raise_qoperator`), and what was raised ("" when nothing was)."""
+    from ncc.passes.base import PassContext
+    from ncc.passes.lowering.raise_qoperator import RaiseQOperator, raises
+
+    if not any(raises(node) for node in quant_model.graph):
+        return quant_model, ""
+    model = quant_model.clone()
+    result = RaiseQOperator().run(model, PassContext())
+    return model, result.notes[0] if result.modified else ""
 
 
 def format_table(result: Diff, top: int | None = None) -> str:
@@ -200,6 +221,7 @@ def format_table(result: Diff, top: int | None = None) -> str:
         f"with only its weights quantized: {_db(result.weights_only_sqnr_db)} dB; with only its activations "
         f"quantized: {_db(result.activations_only_sqnr_db)} dB"
         + (f" ({kept} node{'s' * (kept != 1)} keep quantized weights: no float twin)" if kept else ""),
+        *([f"read as QDQ: {result.raised.removeprefix('raise-qoperator: ')}"] if result.raised else []),
         f"{'rank':>4}  {'in float: gain dB':>17}  {'adds SQNR dB':>12}  {'carries SQNR dB':>15}  "
         f"{'cosine':>8}  {'op':<14} node",
     ]
@@ -284,10 +306,14 @@ class _Pair:
     # activations-only runs); None where FLOAT has none that stands in for them
     float_constants: tuple[tuple[int, ir.Value, ir.TensorProtocol], ...] | None = None
     note: str = ""
+    #: (QUANT's value, FLOAT's) for an op raise-qoperator put back after the node (a Relu, a bias Add)
+    activation: tuple[str, str] | None = None
 
 
-def _pairs(float_model: ir.Model, quant_model: ir.Model) -> list[_Pair]:
-    by_id = {i: n for n in float_model.graph if (i := node_id(n)) is not None}
+def _pairs(float_model: ir.Model, quant_model: ir.Model, with_ids: bool = True) -> list[_Pair]:
+    """QUANT's quantized nodes and their FLOAT counterparts; by id only ``with_ids`` (QUANT kept the ids ncc
+    gave: ids given to another tool's file when it was loaded match nothing)."""
+    by_id = {i: n for n in float_model.graph if (i := node_id(n)) is not None} if with_ids else {}
     by_name = {n.name: n for n in float_model.graph if n.name}
     float_values = {v.name for n in float_model.graph for v in n.outputs} | {
         v.name for v in float_model.graph.inputs
@@ -298,19 +324,25 @@ def _pairs(float_model: ir.Model, quant_model: ir.Model) -> list[_Pair]:
             continue
         if not node.outputs or node.outputs[0].dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, None):
             continue
-        pairs.append(_Pair(index, node, *_counterpart(node, by_id, by_name, float_values)))
+        pair = _Pair(index, node, *_counterpart(node, by_id, by_name, float_values, with_ids))
+        pair.activation = _raised_activation(node, by_id, by_name, pair.float_value)
+        pairs.append(pair)
     return pairs
 
 
-def _counterpart(node: ir.Node, by_id, by_name, float_values) -> tuple[str | None, ir.Node | None]:
+def _counterpart(
+    node: ir.Node, by_id, by_name, float_values, with_ids: bool = True
+) -> tuple[str | None, ir.Node | None]:
     """The FLOAT value ``node``'s output stands for, and FLOAT's same node when there is one: its id's node,
-    else the last node of those it absorbed (no twin: a fusion), else the node of its name, else a value of
-    its output's name."""
+    else the last node of those it absorbed (no twin: a fusion), else the node of its name (onnxruntime's
+    QOperator form names it ``<name>_quant``), else a value of its output's name."""
     own = node_id(node)
     if own is not None and own in by_id and by_id[own].op_type == node.op_type:
         return by_id[own].outputs[0].name, by_id[own]
-    fused = fused_ids(node)
-    absorbed = [by_id[i] for i in fused if i in by_id]
+    fused = fused_ids(node) if with_ids else ()
+    # an op raise-qoperator put back after the node (a Relu, a bias Add) is a node of its own again
+    inserted = node.metadata_props.get(RAISED_KEY)
+    absorbed = [by_id[i] for i in fused if i in by_id and by_id[i].op_type != inserted]
     if absorbed:
         inside = {id(n) for n in absorbed}
         last = [n for n in absorbed if not any(id(u.node) in inside for u in n.outputs[0].uses())]
@@ -321,11 +353,33 @@ def _counterpart(node: ir.Node, by_id, by_name, float_values) -> tuple[str | Non
                 n.op_type in KEEPS_WEIGHTS for n in absorbed if n is not same[0]
             )
             return last[0].outputs[0].name, same[0] if keeps_weights else None
-    twin = by_name.get(node.name) if node.name else None
+    twin = _named(node, by_name)
     if twin is not None and twin.op_type == node.op_type:
         return twin.outputs[0].name, None if fused else twin
     name = node.outputs[0].name
     return (name if name in float_values else None), None
+
+
+def _named(node: ir.Node, by_name) -> ir.Node | None:
+    if not node.name:
+        return None
+    return by_name.get(node.name) or by_name.get(node.name.removesuffix("_quant"))
+
+
+def _raised_activation(node: ir.Node, by_id, by_name, float_value: str | None) -> tuple[str, str] | None:
+    """The output of the op raise-qoperator put back after ``node`` (a Relu, a bias Add), and what it stands for
+    in FLOAT: FLOAT's same op (absorbed by id, else reading FLOAT's node of the same name), else, where FLOAT
+    has none (a Relu the output's saturation implies), the node's own ``float_value``."""
+    inserted = node.metadata_props.get(RAISED_KEY)
+    act = [u.node for u in node.outputs[0].uses() if u.node.op_type == inserted] if inserted else []
+    if len(act) != 1:
+        return None
+    same = [by_id[i] for i in fused_ids(node) if i in by_id and by_id[i].op_type == inserted]
+    if not same and (twin := _named(node, by_name)) is not None and twin.op_type == node.op_type:
+        same = [u.node for u in twin.outputs[0].uses() if u.node.op_type == inserted]
+    if len(same) == 1:
+        return act[0].outputs[0].name, same[0].outputs[0].name
+    return (act[0].outputs[0].name, float_value) if not same and float_value else None
 
 
 def _activation_source(value: ir.Value | None) -> str | None:
@@ -433,6 +487,7 @@ def _isolation(float_model: ir.Model, quant_model: ir.Model, pairs: list[_Pair])
     float_values = {v.name: v for n in float_model.graph for v in n.outputs}
     float_values.update({v.name: v for v in float_model.graph.inputs})
     float_of = {p.node.outputs[0].name: p.float_value for p in pairs if p.float_value}
+    float_of.update(p.activation for p in pairs if p.activation is not None)
     graph = ir.Graph([], [], nodes=[], opset_imports=dict(quant_model.opset_imports), name="isolation")
     model = ir.Model(graph, ir_version=max(quant_model.ir_version, 8))
     inputs: dict[str, ir.Value] = {}

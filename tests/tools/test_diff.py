@@ -17,6 +17,7 @@ import pytest
 from conftest import DIGITS_CALIB as CALIB
 from conftest import DIGITS_CNN as FLOAT
 from conftest import invoke_ncc as ncc
+from conftest import ort_calibration_reader
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -109,19 +110,11 @@ def test_the_error_splits_into_weights_and_activations(int8_model, tmp_path):
 
 
 def test_an_onnxruntime_quantized_model_pairs_by_node_name(tmp_path):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization import QuantFormat, quantize_static
 
-    images = np.load(CALIB)["image"]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"image": images[i : i + 8]} for i in range(0, 64, 8)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
+    reader = ort_calibration_reader("image", np.load(CALIB)["image"][:64])
     theirs = tmp_path / "ort.int8.onnx"
-    quantize_static(str(FLOAT), str(theirs), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    quantize_static(str(FLOAT), str(theirs), reader, quant_format=QuantFormat.QDQ, per_channel=True)
     rows = _rows(theirs, tmp_path)
     convs = {r["node"]: r for r in rows if r["op_type"] in ("Conv", "Gemm")}
     assert len(convs) == 5
@@ -146,11 +139,6 @@ def test_top_plot_and_refusals(int8_model, tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
     same = ncc("diff", FLOAT, FLOAT, "--data", CALIB)
     assert same.exit_code == 2 and "no quantized nodes" in same.stderr and "Traceback" not in same.stderr
-    qoperator = tmp_path / "digits.qop.onnx"
-    made = ncc("compile", FLOAT, "--pass", "int8", "--format", "qoperator", "--calib", CALIB, "-o", qoperator)
-    assert made.exit_code == 0, made.stderr
-    integer = ncc("diff", FLOAT, qoperator, "--data", CALIB)  # says which form diff reads
-    assert integer.exit_code == 2 and "--format qdq" in integer.stderr and "QLinearConv" in integer.stderr
     dynamic = tmp_path / "digits.dynamic.onnx"
     assert ncc("compile", FLOAT, "--pass", "int8-dynamic", "-o", dynamic).exit_code == 0
     at_run_time = ncc("diff", FLOAT, dynamic, "--data", CALIB)
@@ -160,6 +148,33 @@ def test_top_plot_and_refusals(int8_model, tmp_path):
     clobber = ncc("diff", FLOAT, int8_model, "--data", CALIB, "--json", int8_model)
     assert clobber.exit_code == 2 and "Traceback" not in clobber.stderr, clobber.stderr
     assert onnx.load(int8_model).graph.node  # the input is untouched
+
+
+def test_a_qoperator_output_diffs_as_its_qdq_form(int8_model, tmp_path):
+    """ncc's --format qoperator output (QLinearConv, QGemm, MaxPool and Flatten on 8-bit tensors) is read back
+    as QDQ groups (raise-qoperator): the same table as the QDQ file it was lowered from, number for number."""
+    qoperator = tmp_path / "digits.qop.onnx"
+    made = ncc(
+        "compile", FLOAT, "--pass", "int8", "--format", "qoperator", "--calib", CALIB, "--min-cosine", "0",
+        "-o", qoperator,
+    )  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    assert {n.op_type for n in onnx.load(qoperator).graph.node} >= {"QLinearConv", "QGemm"}
+    out = tmp_path / "qop.json"
+    result = ncc("diff", FLOAT, qoperator, "--data", CALIB, "--json", out)
+    assert result.exit_code == 0, result.stderr
+    assert "read as QDQ: " in result.stdout and "QLinearConv 3" in result.stdout, result.stdout
+    raised, qdq = json.loads(out.read_text()), _diff(int8_model, tmp_path)
+    assert raised["float_weights_kept"] == qdq["float_weights_kept"]
+    assert [(r["node"], r["op_type"], r["value"], r["note"]) for r in raised["rows"]] == [
+        (r["node"], r["op_type"], r["value"], r["note"]) for r in qdq["rows"]
+    ]
+    # the same numbers up to the kernels' float rounding (a wrong pairing or scale is whole dBs off)
+    for key in ("output_sqnr_db", "weights_only_sqnr_db", "activations_only_sqnr_db"):
+        assert raised[key] == pytest.approx(qdq[key], abs=1e-3), key
+    for ours, theirs in zip(raised["rows"], qdq["rows"]):
+        for key in ("carried_sqnr_db", "added_sqnr_db", "gain_db"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-3), (ours["node"], key)
 
 
 def test_an_int8_model_with_a_gelu_reads_back(tmp_path):

@@ -1,0 +1,382 @@
+"""The ``raise-qoperator`` pass: onnxruntime's integer kernels back into QDQ groups (``legalize-qoperator``
+undone).
+
+Each integer node becomes its float op reading ``DequantizeLinear`` of its 8-bit inputs (with the node's
+scales and zero points) and, where its output is 8-bit, writing through a ``QuantizeLinear`` with the
+output's parameters::
+
+    y_q = QLinearConv(x_q, xs, xz, w_q, ws, wz, ys, yz, b_i32)
+
+becomes::
+
+    DQ(x_q, xs, xz) ─┐
+    DQ(w_q, ws, wz) ─┼─ Conv ─ Q(·, ys, yz) ─► y_q
+    DQ(b_i32, xs·ws)─┘
+
+The QDQ form computes the same numbers (up to the kernels' float rounding), so what reads QDQ (``ncc
+diff``, OpenVINO's ONNX reader, ncc's own passes) reads a QOperator model too: ncc's (``--format
+qoperator``) or onnxruntime's (``quantize_static(quant_format=QOperator)``). Integer ops between
+two 8-bit tensors stay as they are (a ``MaxPool`` on a ``uint8`` tensor is valid QDQ).
+
+==================================  =============================================================
+QLinearConv                         Conv; per-channel ``ws`` along axis 0; the int32 bias at ``xs·ws``
+QLinearMatMul                       MatMul; per-column ``bs`` along the last axis
+``MatMulIntegerToFloat``            MatMul with a float output, then ``Add`` of its bias
+``QGemm``                           Gemm (``alpha`` kept, ``beta = alpha``: QGemm adds C inside
+                                    ``alpha·(A·B + C)``); float output without ``y_scale``
+``QLinearAdd`` / ``QLinearMul``     Add / Mul
+``QLinearConcat``                   Concat
+``QLinearGlobalAveragePool``        GlobalAveragePool (``channels_last = 0`` only)
+``QLinearAveragePool``              AveragePool (``channels_last = 0`` only)
+``QLinearSigmoid`` / ``LeakyRelu``  Sigmoid / LeakyRelu
+``QLinearSoftmax``                  Softmax (its ``axis``; the last axis where its ``opset`` was < 13)
+``QLinearWhere``                    Where
+==================================  =============================================================
+
+Each float op takes the integer node's name and metadata and records its id among those it absorbed
+(:mod:`ncc.ir.ids`), so ``ncc diff`` pairs it with the float model's node as it pairs a QDQ node.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+from ncc.ir.ids import FUSED_KEY, ID_KEY
+from ncc.ir.ops import PASSTHROUGH, is_onnx_domain, onnx_opset
+from ncc.ir.rewrite import Rewriter, constant_array
+from ncc.passes.base import Pass, PassContext, PassResult
+from ncc.passes.opset import raise_opset
+
+MS = "com.microsoft"
+PER_AXIS_OPSET = 13  # DequantizeLinear's axis
+RAISED_KEY = "ncc.raised"
+"""On a raised node: the op put back after it, which the integer kernel had absorbed: a ``Relu`` it left to
+the output's saturation (:func:`_implied_relu`), or the ``Add`` of MatMulIntegerToFloat's bias."""
+_QMIN = {np.dtype(np.uint8): 0, np.dtype(np.int8): -128}
+_SIGNED_OUTPUT = frozenset({"Conv", "MatMul", "Gemm", "Add", "Mul"})
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A float op and what surrounds it: its inputs, each ``(value, scale, zero point, axis)`` to
+    dequantize or ``(value, None, None, None)`` to read as it is, and the output's ``(scale, zero point)``
+    (None: a float output)."""
+
+    op: str
+    inputs: list
+    attributes: list
+    output: tuple[ir.Value, ir.Value | None] | None
+    bias: ir.Value | None = None  # added to the float op's output (MatMulIntegerToFloat's)
+
+
+def _q(value, scale, zero, axis=None):
+    return (value, scale, zero, axis)
+
+
+def _plain(value):
+    return (value, None, None, None)
+
+
+def _optional(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if len(node.inputs) > index else None
+
+
+def _axis(scale: ir.Value | None, axis: int) -> int | None:
+    """``axis`` when ``scale`` holds one value per channel, None when it holds one value."""
+    shape = None if scale is None else scale.shape
+    if shape is None and scale is not None and scale.const_value is not None:
+        shape = scale.const_value.shape
+    if shape is None or any(not isinstance(d, int) for d in shape):
+        return axis
+    return axis if int(np.prod(list(shape))) > 1 else None
+
+
+def _attrs(node: ir.Node, drop: Sequence[str] = ()) -> list[ir.Attr]:
+    return [a for name, a in node.attributes.items() if name not in drop]
+
+
+def _conv(node: ir.Node, rw: Rewriter) -> _Group | str:
+    x, xs, xz, w, ws, wz, ys, yz = (_optional(node, i) for i in range(8))
+    bias = _optional(node, 8)
+    inputs = [_q(x, xs, xz), _q(w, ws, wz, _axis(ws, 0))]
+    if bias is not None:
+        scale = _product(rw, node, xs, ws)
+        if isinstance(scale, str):
+            return scale
+        inputs.append(_q(bias, scale, None, _axis(ws, 0)))
+    return _Group("Conv", inputs, _attrs(node), (ys, yz))
+
+
+def _qlinear_matmul(node: ir.Node, rw: Rewriter) -> _Group | str:
+    a, a_s, a_z, b, b_s, b_z, ys, yz = (_optional(node, i) for i in range(8))
+    return _Group("MatMul", [_q(a, a_s, a_z), _q(b, b_s, b_z, _axis(b_s, -1))], [], (ys, yz))
+
+
+def _matmul_to_float(node: ir.Node, rw: Rewriter) -> _Group | str:
+    a, b, a_s, b_s, a_z, b_z, bias = (_optional(node, i) for i in range(7))
+    return _Group("MatMul", [_q(a, a_s, a_z), _q(b, b_s, b_z, _axis(b_s, -1))], [], None, bias)
+
+
+def _qgemm(node: ir.Node, rw: Rewriter) -> _Group | str:
+    a, a_s, a_z, b, b_s, b_z, c, ys, yz = (_optional(node, i) for i in range(9))
+    trans_b = node.attributes.get_int("transB", 0)
+    alpha = node.attributes.get_float("alpha", 1.0)
+    inputs = [_q(a, a_s, a_z), _q(b, b_s, b_z, _axis(b_s, 0 if trans_b else 1))]
+    if c is not None:
+        scale = _product(rw, node, a_s, b_s)
+        if isinstance(scale, str):
+            return scale
+        inputs.append(_q(c, scale, None, _axis(b_s, 0)))
+    attrs = [*_attrs(node, drop=("beta",)), ir.AttrFloat32("beta", alpha)]
+    return _Group("Gemm", inputs, attrs, (ys, yz) if ys is not None else None)
+
+
+def _binary(op: str) -> Callable[[ir.Node, Rewriter], _Group | str]:
+    def handler(node: ir.Node, rw: Rewriter) -> _Group | str:
+        a, a_s, a_z, b, b_s, b_z, ys, yz = (_optional(node, i) for i in range(8))
+        return _Group(op, [_q(a, a_s, a_z), _q(b, b_s, b_z)], [], (ys, yz))
+
+    return handler
+
+
+def _unary(op: str, keep: Sequence[str] = ()) -> Callable[[ir.Node, Rewriter], _Group | str]:
+    def handler(node: ir.Node, rw: Rewriter) -> _Group | str:
+        x, xs, xz, ys, yz = (_optional(node, i) for i in range(5))
+        if node.attributes.get_int("channels_last", 0):
+            return "channels_last has no float op"
+        attrs = [a for name, a in node.attributes.items() if name in keep]
+        if node.op_type == "QLinearSoftmax":
+            axis = node.attributes.get_int("axis", -1)
+            rank = len(x.shape) if x is not None and x.shape is not None else None
+            if node.attributes.get_int("opset", PER_AXIS_OPSET) < 13 and axis not in (-1, (rank or 0) - 1):
+                return "a Softmax before opset 13 over more than the last axis"
+            attrs = [ir.AttrInt64("axis", axis)]
+        return _Group(op, [_q(x, xs, xz)], attrs, (ys, yz))
+
+    return handler
+
+
+def _concat(node: ir.Node, rw: Rewriter) -> _Group | str:
+    ys, yz, *triples = node.inputs
+    if len(triples) % 3:
+        return "its inputs are not (value, scale, zero point) triples"
+    inputs = [_q(*triples[i : i + 3]) for i in range(0, len(triples), 3)]
+    return _Group("Concat", inputs, _attrs(node), (ys, yz))
+
+
+def _where(node: ir.Node, rw: Rewriter) -> _Group | str:
+    cond, x, xs, xz, y, y_s, y_z, zs, zz = (_optional(node, i) for i in range(9))
+    return _Group("Where", [_plain(cond), _q(x, xs, xz), _q(y, y_s, y_z)], [], (zs, zz))
+
+
+_HANDLERS: dict[tuple[str, str], Callable[[ir.Node, Rewriter], _Group | str]] = {
+    ("", "QLinearConv"): _conv,
+    ("", "QLinearMatMul"): _qlinear_matmul,
+    (MS, "MatMulIntegerToFloat"): _matmul_to_float,
+    (MS, "QGemm"): _qgemm,
+    (MS, "QLinearAdd"): _binary("Add"),
+    (MS, "QLinearMul"): _binary("Mul"),
+    (MS, "QLinearConcat"): _concat,
+    (MS, "QLinearGlobalAveragePool"): _unary("GlobalAveragePool"),
+    (MS, "QLinearAveragePool"): _unary(
+        "AveragePool", keep=("auto_pad", "ceil_mode", "count_include_pad", "kernel_shape", "pads", "strides")
+    ),
+    (MS, "QLinearSigmoid"): _unary("Sigmoid"),
+    (MS, "QLinearLeakyRelu"): _unary("LeakyRelu", keep=("alpha",)),
+    (MS, "QLinearSoftmax"): _unary("Softmax"),
+    (MS, "QLinearWhere"): _where,
+}
+
+
+def _domain(node: ir.Node) -> str:
+    return "" if node.domain in ("", "ai.onnx") else node.domain
+
+
+def raises(node: ir.Node) -> bool:
+    """Whether ``node`` is an integer kernel this pass rewrites."""
+    return (_domain(node), node.op_type) in _HANDLERS
+
+
+def _product(rw: Rewriter, node: ir.Node, a: ir.Value | None, b: ir.Value | None) -> ir.Value | str:
+    """A constant holding ``a * b`` (the int32 bias's scale), or why there is none."""
+    x, y = constant_array(a), constant_array(b)
+    if x is None or y is None:
+        return "the bias's scale (input scale times weight scale) is not constant"
+    product = (x.astype(np.float32).reshape(-1) * y.astype(np.float32).reshape(-1)).astype(np.float32)
+    return rw.constant(
+        product.reshape(()) if product.size == 1 else product, f"{node.name or 'node'}_bias_scale"
+    )
+
+
+@dataclass(frozen=True)
+class RaiseQOperator(Pass):
+    """Rewrite onnxruntime's integer kernels (QLinear*, QGemm, MatMulIntegerToFloat) as QDQ groups."""
+
+    name: ClassVar[str] = "raise-qoperator"
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        graph = model.graph
+        found = [n for n in graph if raises(n)]
+        if not found:
+            return PassResult(modified=False)
+        notes = []
+        if onnx_opset(model) < PER_AXIS_OPSET and (blockers := raise_opset(model, PER_AXIS_OPSET)):
+            notes.append(
+                f"raise-qoperator: per-channel DequantizeLinear needs opset {PER_AXIS_OPSET}, and the model "
+                f"cannot be raised to it ({blockers[0]}); per-channel nodes stay integer"
+            )
+        per_axis = onnx_opset(model) >= PER_AXIS_OPSET
+        rw = Rewriter(model, graph)
+        raised: Counter = Counter()
+        for node in found:
+            group = _HANDLERS[(_domain(node), node.op_type)](node, rw)
+            if isinstance(group, _Group) and not per_axis and any(i[3] is not None for i in group.inputs):
+                group = "per-channel scales need opset 13"
+            if isinstance(group, str):
+                notes.append(f"raise-qoperator: kept {node.op_type} {node.name!r}: {group}")
+                continue
+            _rewrite(rw, node, group)
+            raised[node.op_type] += 1
+        for node in list(graph):
+            if _passthrough(rw, node):
+                raised[f"{node.op_type} on 8-bit"] += 1
+        if raised:
+            notes.insert(
+                0,
+                "raise-qoperator: "
+                + ", ".join(f"{op} {n}" for op, n in sorted(raised.items()))
+                + " as QDQ groups",
+            )
+        return PassResult(
+            modified=bool(raised), stats={f"{op} raised": n for op, n in sorted(raised.items())}, notes=notes
+        )
+
+
+def _rewrite(rw: Rewriter, node: ir.Node, group: _Group) -> None:
+    base = node.name or node.op_type
+    rw.set_insertion_point(node)
+    inputs = []
+    for index, (value, scale, zero, axis) in enumerate(group.inputs):
+        if scale is None:
+            inputs.append(value)
+            continue
+        attrs = {"axis": axis} if axis is not None else {}
+        dq = rw.create(
+            "DequantizeLinear",
+            [value, scale] + ([zero] if zero is not None else []),
+            attrs,
+            name=rw.fresh_name(f"{base}_dq{index}"),
+        )
+        _dequantized_type(dq.outputs[0], value, scale)
+        inputs.append(dq.outputs[0])
+    float_op = rw.create(group.op, inputs, group.attributes, name=node.name, absorbed=[node])
+    _keep_marks(node, float_op)
+    old = node.outputs[0]
+    result = _float_like(float_op.outputs[0], old)
+    if group.bias is not None:
+        add = rw.create("Add", [result, group.bias], name=rw.fresh_name(f"{base}_bias"))
+        result = _float_like(add.outputs[0], old)
+        float_op.metadata_props[RAISED_KEY] = "Add"
+    if group.output is not None:
+        scale, zero = group.output
+        if group.op in _SIGNED_OUTPUT and _implied_relu(zero):
+            relu = rw.create("Relu", [result], name=rw.fresh_name(f"{base}_relu"))
+            result = _float_like(relu.outputs[0], old)
+            float_op.metadata_props[RAISED_KEY] = "Relu"
+        q = rw.create(
+            "QuantizeLinear",
+            [result, scale] + ([zero] if zero is not None else []),
+            name=rw.fresh_name(f"{base}_q"),
+        )
+        result = q.outputs[0]
+    rw.replace_value(old, result)
+    rw.erase(node)
+
+
+def _implied_relu(zero: ir.Value | None) -> bool:
+    """Whether an output quantized with zero point ``zero`` clamps at 0 (the type's least code): then a
+    ``Relu`` before the ``QuantizeLinear`` changes nothing it writes, and stands for the activation
+    ``legalize-qoperator`` (or onnxruntime) left to that saturation."""
+    array = constant_array(zero) if zero is not None else np.zeros((), np.uint8)
+    if array is None or array.size != 1 or array.dtype not in _QMIN:
+        return False
+    return int(array.reshape(())) == _QMIN[array.dtype]
+
+
+def _passthrough(rw: Rewriter, node: ir.Node) -> bool:
+    """A data-movement op on a quantized 8-bit tensor (``legalize-qoperator`` moves them there when the scale
+    is the same on both sides) as ``DequantizeLinear -> op -> QuantizeLinear`` with that scale."""
+    if not is_onnx_domain(node) or node.op_type not in PASSTHROUGH or not node.inputs:
+        return False
+    q = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if q is None or q.op_type != "QuantizeLinear" or len(q.inputs) < 2:
+        return False
+    scale, zero = q.inputs[1], q.inputs[2] if len(q.inputs) > 2 else None
+    if constant_array(scale) is None or constant_array(scale).size != 1:
+        return False
+    if node.op_type == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
+        return False
+    inputs = list(node.inputs)
+    if node.op_type == "Pad" and len(inputs) > 2 and inputs[2] is not None:
+        code = constant_array(inputs[2])
+        if code is None:
+            return False
+        z = 0 if zero is None else int(constant_array(zero).reshape(()))
+        pad = (float(code.reshape(())) - z) * float(constant_array(scale).reshape(()))
+        inputs[2] = rw.constant(np.array(pad, np.float32), f"{node.name or 'pad'}_value")
+    base = node.name or node.op_type
+    rw.set_insertion_point(node)
+    params = [scale] + ([zero] if zero is not None else [])
+    dq = rw.create("DequantizeLinear", [inputs[0], *params], name=rw.fresh_name(f"{base}_dq0"))
+    _dequantized_type(dq.outputs[0], inputs[0], scale)
+    float_op = rw.create(
+        node.op_type,
+        [dq.outputs[0], *inputs[1:]],
+        _attrs(node),
+        domain=node.domain,
+        num_outputs=len(node.outputs),
+        name=node.name,
+        absorbed=[node],
+    )
+    _keep_marks(node, float_op)
+    for i, old in enumerate(node.outputs):
+        if old.uses() or old.is_graph_output():
+            requantized = rw.create(
+                "QuantizeLinear",
+                [_float_like(float_op.outputs[i], old, scale.dtype), *params],
+                name=rw.fresh_name(f"{base}_q{i}"),
+            )
+            rw.replace_value(old, requantized.outputs[0])
+    rw.erase(node)
+    return True
+
+
+def _dequantized_type(out: ir.Value, codes: ir.Value, scale: ir.Value) -> None:
+    """A DequantizeLinear output's type (its scale's) and shape (its codes')."""
+    out.type = ir.TensorType(scale.dtype or ir.DataType.FLOAT)
+    shape = codes.shape if codes.shape is not None else None
+    if shape is None and codes.const_value is not None:
+        shape = ir.Shape(codes.const_value.shape)
+    out.shape = shape
+
+
+def _float_like(value: ir.Value, quantized: ir.Value, dtype: ir.DataType | None = None) -> ir.Value:
+    """``value``, a float stand-in for the 8-bit ``quantized`` (or a float output it replaces), typed:
+    ``dtype`` (float32 by default; ``quantized``'s own type where that is float) and its shape."""
+    floats = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    own = quantized.dtype if quantized.dtype in floats else None
+    value.type = ir.TensorType(own or dtype or ir.DataType.FLOAT)
+    value.shape = quantized.shape
+    return value
+
+
+def _keep_marks(node: ir.Node, new: ir.Node) -> None:
+    """``node``'s ncc metadata (its quantization mark) on ``new``, but its id, which ``new`` has of its own."""
+    for key, text in node.metadata_props.items():
+        if key.startswith("ncc.") and key not in (ID_KEY, FUSED_KEY):
+            new.metadata_props[key] = text

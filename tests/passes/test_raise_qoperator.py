@@ -1,0 +1,104 @@
+"""``raise-qoperator``: integer kernels back into QDQ groups, checked through onnxruntime.
+
+onnxruntime's own QOperator quantization of a small CNN with nine kinds of integer kernel (QLinearConv,
+QLinearMatMul and the com.microsoft QLinear* ops; Flatten on an 8-bit tensor) is raised and must compute
+exactly what the QOperator file computes (onnxruntime fuses the QDQ groups back into the same kernels), with
+no integer kernel left; ``ncc diff`` then reads it, every node paired by name and isolated. ncc's own
+QOperator output is covered in ``tests/tools/test_diff.py`` (the same table as its QDQ form) and the rewrite
+itself by the golden file ``golden/raise-qoperator.ncc``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import invoke_ncc as ncc
+from conftest import ort_calibration_reader
+from ncc.backends.onnx.check import INTEGER_KERNELS
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+
+@pytest.fixture(scope="module")
+def onnxruntime_qoperator(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(float model, onnxruntime's QOperator form of it, calibration .npz)."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    folder = tmp_path_factory.mktemp("raise")
+    rng = np.random.default_rng(0)
+
+    def weight(name, *shape):
+        return nh.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    nodes = [
+        h.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        h.make_node("Sigmoid", ["c1"], ["s1"], name="sig"),
+        h.make_node("Conv", ["x", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        h.make_node("Add", ["s1", "r2"], ["a"], name="add"),
+        h.make_node("Mul", ["a", "s1"], ["m"], name="mul"),
+        h.make_node("Concat", ["a", "m"], ["cat"], name="cat", axis=1),
+        h.make_node("AveragePool", ["cat"], ["ap"], name="avgpool", kernel_shape=[2, 2], strides=[2, 2]),
+        h.make_node("LeakyRelu", ["ap"], ["lr"], name="leaky", alpha=0.1),
+        h.make_node("GlobalAveragePool", ["lr"], ["g"], name="gap"),
+        h.make_node("Flatten", ["g"], ["f"], name="flat"),
+        h.make_node("MatMul", ["f", "wm"], ["y"], name="mm"),
+    ]
+    graph = h.make_graph(
+        nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["b", 3, 8, 8])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["b", 10])],
+        [weight("w1", 8, 3, 3, 3), weight("w2", 8, 3, 3, 3), weight("b1", 8), weight("wm", 16, 10)],
+    )  # fmt: skip
+    float_model = folder / "cnn.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), float_model)
+    images = rng.standard_normal((32, 3, 8, 8)).astype(np.float32)
+    calib = folder / "calib.npz"
+    np.savez(calib, x=images)
+
+    theirs = folder / "cnn.qop.onnx"
+    reader = ort_calibration_reader("x", images)
+    quantize_static(
+        str(float_model), str(theirs), reader, quant_format=QuantFormat.QOperator, per_channel=True
+    )
+    return float_model, theirs, calib
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_onnxruntime_qoperator_raises_to_the_same_numbers(onnxruntime_qoperator, tmp_path):
+    float_model, theirs, calib = onnxruntime_qoperator
+    kernels = Counter(n.op_type for n in onnx.load(theirs).graph.node if n.op_type in INTEGER_KERNELS)
+    assert len(kernels) == 9 and sum(kernels.values()) == 10, kernels
+    raised = tmp_path / "raised.onnx"
+    result = ncc("compile", theirs, "--passes", "raise-qoperator", "-o", raised)
+    assert result.exit_code == 0, result.stderr
+    ops = Counter(n.op_type for n in onnx.load(raised).graph.node)
+    assert not set(ops) & INTEGER_KERNELS, ops
+    assert ops["Conv"] == 2 and ops["MatMul"] == 1 and ops["LeakyRelu"] == 1 and ops["Flatten"] == 1
+    x = np.load(calib)["x"]
+    np.testing.assert_allclose(_run(raised, x), _run(theirs, x), rtol=0, atol=1e-6)
+    # and it is still a quantization of the float model: within a few output steps of it
+    assert float(np.abs(_run(raised, x) - _run(float_model, x)).max()) < 0.1
+
+
+def test_diff_reads_an_onnxruntime_qoperator_model(onnxruntime_qoperator, tmp_path):
+    float_model, theirs, calib = onnxruntime_qoperator
+    out = tmp_path / "rows.json"
+    result = ncc("diff", float_model, theirs, "--data", calib, "--json", out)
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    float_outputs = {n.name: n.output[0] for n in onnx.load(float_model).graph.node}
+    paired = {r["node"].removesuffix("_quant"): r for r in rows}
+    assert set(paired) == set(float_outputs) - {"relu2"}  # the Relu went into QLinearConv's saturation
+    for name, row in paired.items():  # by name (onnxruntime's <name>_quant), each isolated on FLOAT's inputs
+        assert not row["note"] and row["value"] == float_outputs[name], row
+        assert row["added_sqnr_db"] is not None and 20 < row["added_sqnr_db"] < 80, row
