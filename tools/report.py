@@ -47,7 +47,8 @@ def _reported(pass_name: str, note: str) -> bool:
     opset changes, what the compiling CPU changed, and warnings."""
     return (
         pass_name.startswith("woq-")
-        or pass_name in ("pack-int4", "legalize-qoperator", "bf16-precision", "prune", "slim")
+        or pass_name
+        in ("pack-int4", "legalize-qoperator", "raise-qoperator", "bf16-precision", "prune", "slim")
         or note.startswith(("fallback:", "warning:", "opset:", "cpu:"))
     )
 

@@ -1,5 +1,5 @@
 """The ``raise-qoperator`` pass: onnxruntime's integer kernels back into QDQ groups (``legalize-qoperator``
-undone).
+and ``pack-int4`` undone).
 
 Each integer node becomes its float op reading ``DequantizeLinear`` of its 8-bit inputs (with the node's
 scales and zero points) and, where its output is 8-bit, writing through a ``QuantizeLinear`` with the
@@ -31,6 +31,8 @@ QLinearMatMul                       MatMul; per-column ``bs`` along the last axi
 ``QLinearSigmoid`` / ``LeakyRelu``  Sigmoid / LeakyRelu
 ``QLinearSoftmax``                  Softmax (its ``axis``; the last axis where its ``opset`` was < 13)
 ``QLinearWhere``                    Where
+``MatMulNBits``                     MatMul of a blocked DequantizeLinear (opset 21) of its unpacked
+                                    4/8-bit codes (``pack-int4``'s ``--format qdq`` form), its bias added
 ==================================  =============================================================
 
 Each float op takes the integer node's name and metadata and records its id among those it absorbed
@@ -49,11 +51,13 @@ import onnx_ir as ir
 from ncc.ir.ids import FUSED_KEY, ID_KEY
 from ncc.ir.ops import PASSTHROUGH, is_onnx_domain, onnx_opset
 from ncc.ir.rewrite import Rewriter, constant_array
+from ncc.ir.spill import packed_tensor
 from ncc.passes.base import Pass, PassContext, PassResult
 from ncc.passes.opset import raise_opset
 
 MS = "com.microsoft"
 PER_AXIS_OPSET = 13  # DequantizeLinear's axis
+BLOCKED_OPSET = 21  # DequantizeLinear's block_size, and 4-bit codes
 RAISED_KEY = "ncc.raised"
 """On a raised node: the op put back after it, which the integer kernel had absorbed: a ``Relu`` it left to
 the output's saturation (:func:`_implied_relu`), or the ``Add`` of MatMulIntegerToFloat's bias."""
@@ -63,9 +67,9 @@ _SIGNED_OUTPUT = frozenset({"Conv", "MatMul", "Gemm", "Add", "Mul"})
 
 @dataclass(frozen=True)
 class _Group:
-    """A float op and what surrounds it: its inputs, each ``(value, scale, zero point, axis)`` to
-    dequantize or ``(value, None, None, None)`` to read as it is, and the output's ``(scale, zero point)``
-    (None: a float output)."""
+    """A float op and what surrounds it: its inputs, each ``(value, scale, zero point, axis, block size)`` to
+    dequantize or ``(value, None, None, None, None)`` to read as it is, and the output's ``(scale, zero
+    point)`` (None: a float output)."""
 
     op: str
     inputs: list
@@ -74,12 +78,12 @@ class _Group:
     bias: ir.Value | None = None  # added to the float op's output (MatMulIntegerToFloat's)
 
 
-def _q(value, scale, zero, axis=None):
-    return (value, scale, zero, axis)
+def _q(value, scale, zero, axis=None, block=None):
+    return (value, scale, zero, axis, block)
 
 
 def _plain(value):
-    return (value, None, None, None)
+    return (value, None, None, None, None)
 
 
 def _optional(node: ir.Node, index: int) -> ir.Value | None:
@@ -174,7 +178,55 @@ def _where(node: ir.Node, rw: Rewriter) -> _Group | str:
     return _Group("Where", [_plain(cond), _q(x, xs, xz), _q(y, y_s, y_z)], [], (zs, zz))
 
 
+def _matmul_nbits(node: ir.Node, rw: Rewriter) -> _Group | str:
+    """MatMulNBits (``pack-int4``'s layout) as ``MatMul(A, DequantizeLinear(codes [K, N], scales [G, N],
+    zero points [G, N]) {axis = 0, block_size})`` with 4- or 8-bit unsigned codes."""
+    a, b, scales, zeros, g_idx, bias = (_optional(node, i) for i in range(6))
+    k, n = node.attributes.get_int("K", 0), node.attributes.get_int("N", 0)
+    bits, block = node.attributes.get_int("bits", 4), node.attributes.get_int("block_size", 0)
+    if g_idx is not None:
+        return "its g_idx (reordered groups) has no blocked DequantizeLinear"
+    packed, scale = constant_array(b), constant_array(scales)
+    zero = constant_array(zeros) if zeros is not None else None
+    if packed is None or scale is None or (zeros is not None and zero is None):
+        return "its weights are not constants"
+    if bits not in (4, 8) or block < 1 or k < 1 or n < 1 or (zero is not None and zero.dtype != np.uint8):
+        return "not a 4- or 8-bit layout with uint8 zero points"
+    groups = -(-k // block)
+    codes = _unpacked(packed, bits, n * groups * block).reshape(n, groups * block)[:, :k].T  # [K, N]
+    offset = 1 << (bits - 1)
+    zp = (
+        np.full((groups, n), offset, np.uint8)
+        if zero is None
+        else _unpacked(zero.reshape(n, -1), bits, None).reshape(n, -1)[:, :groups].T
+    )
+    dtype = ir.DataType.UINT4 if bits == 4 else ir.DataType.UINT8
+    base = node.name or "matmul"
+    weight = _initializer(rw, packed_tensor(np.ascontiguousarray(codes), dtype, "q"), f"{base}_codes")
+    zero_value = _initializer(rw, packed_tensor(np.ascontiguousarray(zp), dtype, "zp"), f"{base}_zero_point")
+    scale_value = rw.constant(np.ascontiguousarray(scale.reshape(n, groups).T), f"{base}_scale")
+    return _Group("MatMul", [_plain(a), _q(weight, scale_value, zero_value, 0, block)], [], None, bias)
+
+
+def _unpacked(packed: np.ndarray, bits: int, count: int | None) -> np.ndarray:
+    """Codes from bytes holding two 4-bit ones each (low nibble first), or the bytes themselves (8 bits);
+    the first ``count`` of them, per row for a 2-D ``packed``."""
+    if bits == 8:
+        return packed.reshape(-1)[:count] if count is not None else packed
+    rows = packed.reshape(-1, packed.shape[-1]) if packed.ndim == 2 else packed.reshape(1, -1)
+    codes = np.stack([rows & 0x0F, rows >> 4], axis=-1).reshape(rows.shape[0], -1)
+    return codes.reshape(-1)[:count] if count is not None else codes
+
+
+def _initializer(rw: Rewriter, tensor: ir.TensorProtocol, name: str) -> ir.Value:
+    value = ir.Value(name=rw.fresh_name(name), const_value=tensor, type=ir.TensorType(tensor.dtype))
+    value.shape = ir.Shape(tensor.shape)
+    rw.graph.register_initializer(value)
+    return value
+
+
 _HANDLERS: dict[tuple[str, str], Callable[[ir.Node, Rewriter], _Group | str]] = {
+    (MS, "MatMulNBits"): _matmul_nbits,
     ("", "QLinearConv"): _conv,
     ("", "QLinearMatMul"): _qlinear_matmul,
     (MS, "MatMulIntegerToFloat"): _matmul_to_float,
@@ -215,7 +267,8 @@ def _product(rw: Rewriter, node: ir.Node, a: ir.Value | None, b: ir.Value | None
 
 @dataclass(frozen=True)
 class RaiseQOperator(Pass):
-    """Rewrite onnxruntime's integer kernels (QLinear*, QGemm, MatMulIntegerToFloat) as QDQ groups."""
+    """Rewrite onnxruntime's integer kernels (QLinear*, QGemm, MatMulIntegerToFloat, MatMulNBits) as QDQ
+    groups."""
 
     name: ClassVar[str] = "raise-qoperator"
 
@@ -225,18 +278,19 @@ class RaiseQOperator(Pass):
         if not found:
             return PassResult(modified=False)
         notes = []
-        if onnx_opset(model) < PER_AXIS_OPSET and (blockers := raise_opset(model, PER_AXIS_OPSET)):
+        wanted = BLOCKED_OPSET if any(n.op_type == "MatMulNBits" for n in found) else PER_AXIS_OPSET
+        if onnx_opset(model) < wanted and (blockers := raise_opset(model, wanted)):
             notes.append(
-                f"raise-qoperator: per-channel DequantizeLinear needs opset {PER_AXIS_OPSET}, and the model "
-                f"cannot be raised to it ({blockers[0]}); per-channel nodes stay integer"
+                f"raise-qoperator: per-channel and blocked DequantizeLinear need opset {wanted}, and the model "
+                f"cannot be raised to it ({blockers[0]}); the nodes needing it stay integer"
             )
-        per_axis = onnx_opset(model) >= PER_AXIS_OPSET
+        opset = onnx_opset(model)
         rw = Rewriter(model, graph)
         raised: Counter = Counter()
         for node in found:
             group = _HANDLERS[(_domain(node), node.op_type)](node, rw)
-            if isinstance(group, _Group) and not per_axis and any(i[3] is not None for i in group.inputs):
-                group = "per-channel scales need opset 13"
+            if isinstance(group, _Group) and (need := _opset_for(group)) > opset:
+                group = f"its DequantizeLinear needs opset {need}"
             if isinstance(group, str):
                 notes.append(f"raise-qoperator: kept {node.op_type} {node.name!r}: {group}")
                 continue
@@ -257,15 +311,24 @@ class RaiseQOperator(Pass):
         )
 
 
+def _opset_for(group: _Group) -> int:
+    """The opset the group's DequantizeLinears need: 21 blocked, 13 per axis, 10 else."""
+    if any(i[4] is not None for i in group.inputs):
+        return BLOCKED_OPSET
+    return PER_AXIS_OPSET if any(i[3] is not None for i in group.inputs) else 10
+
+
 def _rewrite(rw: Rewriter, node: ir.Node, group: _Group) -> None:
     base = node.name or node.op_type
     rw.set_insertion_point(node)
     inputs = []
-    for index, (value, scale, zero, axis) in enumerate(group.inputs):
+    for index, (value, scale, zero, axis, block) in enumerate(group.inputs):
         if scale is None:
             inputs.append(value)
             continue
         attrs = {"axis": axis} if axis is not None else {}
+        if block is not None:
+            attrs["block_size"] = block
         dq = rw.create(
             "DequantizeLinear",
             [value, scale] + ([zero] if zero is not None else []),

@@ -102,3 +102,40 @@ def test_diff_reads_an_onnxruntime_qoperator_model(onnxruntime_qoperator, tmp_pa
     for name, row in paired.items():  # by name (onnxruntime's <name>_quant), each isolated on FLOAT's inputs
         assert not row["note"] and row["value"] == float_outputs[name], row
         assert row["added_sqnr_db"] is not None and 20 < row["added_sqnr_db"] < 80, row
+
+
+def test_matmulnbits_raises_to_the_blocked_qdq_form(tmp_path):
+    """ncc's w4 output (MatMulNBits, 4-bit codes packed two to a byte, asymmetric zero points) raised is the
+    blocked-DequantizeLinear form ``--format qdq`` writes: the same outputs in onnxruntime, the same diff."""
+    rng = np.random.default_rng(1)
+    nodes, weights, x = [], [], "x"
+    for i in range(3):  # K = 96: the last group of 64 is partial
+        weights.append(nh.from_array((rng.standard_normal((96, 96)) / 10).astype(np.float32), f"w{i}"))
+        nodes += [h.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"layer{i}"),
+                  h.make_node("Tanh", [f"m{i}"], [f"t{i}"], name=f"act{i}")]  # fmt: skip
+        x = f"t{i}"
+    graph = h.make_graph(
+        nodes, "chain", [h.make_tensor_value_info("x", T.FLOAT, ["b", 96])],
+        [h.make_tensor_value_info(x, T.FLOAT, ["b", 96])], weights,
+    )  # fmt: skip
+    model, data = tmp_path / "chain.onnx", tmp_path / "x.npz"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), model)
+    np.savez(data, x=rng.standard_normal((16, 96)).astype(np.float32))
+    packed, blocked, raised = (tmp_path / f"{name}.onnx" for name in ("nbits", "qdq", "raised"))
+    flags = ("--pass", "w4", "--group-size", "64", "--partial-groups")
+    assert ncc("compile", model, *flags, "-o", packed).exit_code == 0
+    assert ncc("compile", model, *flags, "--format", "qdq", "-o", blocked).exit_code == 0
+    assert {n.op_type for n in onnx.load(packed).graph.node} == {"MatMulNBits", "Tanh"}
+    result = ncc("compile", packed, "--passes", "raise-qoperator", "-o", raised)
+    assert result.exit_code == 0 and "MatMulNBits 3 as QDQ groups" in result.stderr, result.stderr
+    feeds = np.load(data)["x"]
+    np.testing.assert_array_equal(_run(raised, feeds), _run(blocked, feeds))
+    tables = []
+    for quantized in (packed, blocked):
+        out = tmp_path / f"{quantized.stem}.json"
+        assert ncc("diff", model, quantized, "--data", data, "--json", out).exit_code == 0
+        tables.append(json.loads(out.read_text()))
+    assert tables[0]["output_sqnr_db"] == pytest.approx(tables[1]["output_sqnr_db"], abs=1e-9)
+    assert [(r["node"], r["added_sqnr_db"]) for r in tables[0]["rows"]] == [
+        (r["node"], r["added_sqnr_db"]) for r in tables[1]["rows"]
+    ]
