@@ -33,7 +33,21 @@ from ncc.errors import first_line as base_first_line
 from ncc.ir import verifier
 from ncc.ir.rewrite import Rewriter
 
-__all__ = ["Session", "open_session", "run", "session_options", "HANDOFF_BYTES", "detach_weights"]
+__all__ = [
+    "Session",
+    "open_session",
+    "run",
+    "session_options",
+    "HANDOFF_BYTES",
+    "WEIGHT_ONLY_IN_FLOAT",
+    "detach_weights",
+]
+
+WEIGHT_ONLY_IN_FLOAT = {"session.qdq_matmulnbits_accuracy_level": "0"}
+"""Session config: a float activation times a DequantizeLinear'd 4/8-bit weight is computed in float.
+onnxruntime otherwise fuses such a MatMul into MatMulNBits at accuracy level 4, quantizing the activation
+to int8 itself (per block, at run time): what a QDQ weight-only file gets by default, but not what the
+model's Q/DQ say, and not what a MatMulNBits file with ``accuracy_level = 0`` (pack-int4's default) does."""
 
 HANDOFF_BYTES = 1024
 """Initializers of at least this many bytes reach onnxruntime as arrays, not inside the proto."""
@@ -171,6 +185,7 @@ def open_session(
     what: str | None = None,
     disabled_optimizers: Sequence[str] = (),
     fuse_qdq: bool = True,
+    config: Mapping[str, str] | None = None,
 ) -> Session:
     """A :class:`Session` on ``model`` (in memory, or a file path).
 
@@ -182,13 +197,15 @@ def open_session(
     the results in Python between runs (or while the next one runs), and spinning workers would take
     the CPU from that work. Timings pass their own options. ``disabled_optimizers`` names onnxruntime
     graph transformers the session must not run; ``fuse_qdq``: see :func:`session_options` (only without
-    ``options``).
+    ``options``); ``config``: session config entries (:data:`WEIGHT_ONLY_IN_FLOAT`).
     """
     import onnxruntime as ort
 
     if options is not None and not fuse_qdq:
         raise ValueError("fuse_qdq=False applies to ncc's own options: pass it to session_options")
     options = options if options is not None else session_options(spinning=False, fuse_qdq=fuse_qdq)
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     keep_alive = None
     if isinstance(model, (str, Path)):
         what = what or str(model)

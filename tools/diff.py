@@ -29,7 +29,9 @@ Nodes pair up by ncc's stable node ids (:mod:`ncc.ir.ids`): a node QUANT built b
 (a Conv with its BatchNormalization folded in) records their ids, and its output stands for the last of
 them. Where ids do not match (a model onnxruntime quantized) nodes pair by name (``<name>_quant`` in its
 QOperator form), then by output name.
-Padded positions (an ``attention_mask`` input's zeros) are left out of every number.
+Padded positions (an ``attention_mask`` input's zeros) are left out of every number. A float activation
+times a dequantized weight is computed in float (:data:`ncc.runtime.WEIGHT_ONLY_IN_FLOAT`): onnxruntime
+would otherwise quantize that activation itself, in the weights-only run and in a weight-only model.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from ncc.ir.rewrite import dequantized_array
 from ncc.metrics import position_mask, relative_l2_error, token_masks
 from ncc.passes.lowering.raise_qoperator import RAISED_KEY
 from ncc.passes.quant import fallback
+from ncc.runtime import WEIGHT_ONLY_IN_FLOAT
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 RESCALED = 1.5
@@ -122,8 +125,8 @@ def diff(
 
         if any(n.op_type == "DynamicQuantizeLinear" for n in quant_model.graph):
             raise NccError(
-                "the second model quantizes its activations at run time (DynamicQuantizeLinear): ncc diff "
-                "compares a float model with a static QDQ form (--pass int8)."
+                "the second model quantizes its activations at run time (DynamicQuantizeLinear) in a form ncc "
+                "diff cannot read as DequantizeLinear + float op: compile it with quantize-dynamic{form=qdq}."
             )
         integer = sorted({n.op_type for n in quant_model.graph if n.op_type in INTEGER_KERNELS})
         if integer:
@@ -382,13 +385,23 @@ def _raised_activation(node: ir.Node, by_id, by_name, float_value: str | None) -
     return (act[0].outputs[0].name, float_value) if not same and float_value else None
 
 
+def _quantizer(dq: ir.Node) -> ir.Node | None:
+    """The node quantizing what DequantizeLinear ``dq`` reads: a QuantizeLinear, or the DynamicQuantizeLinear
+    of an activation quantized at run time (whose scale and zero point ``dq`` reads too); None for a
+    constant."""
+    q = dq.inputs[0].producer()
+    if q is None or q.op_type not in ("QuantizeLinear", "DynamicQuantizeLinear"):
+        return None
+    return q if q.outputs[0] is dq.inputs[0] else None
+
+
 def _activation_source(value: ir.Value | None) -> str | None:
-    """The name of the activation a QuantizeLinear -> DequantizeLinear pair feeding ``value`` quantizes."""
+    """The name of the activation a quantizer -> DequantizeLinear pair feeding ``value`` quantizes."""
     dq = value.producer() if value is not None else None
     if dq is None or dq.op_type != "DequantizeLinear":
         return None
-    q = dq.inputs[0].producer()
-    return q.inputs[0].name if q is not None and q.op_type == "QuantizeLinear" else None
+    q = _quantizer(dq)
+    return q.inputs[0].name if q is not None else None
 
 
 def _has_subgraph(node: ir.Node) -> bool:
@@ -459,11 +472,13 @@ class _Rebuilder:
             return None
         if value.const_value is not None and value.producer() is None:
             return self.constant(value)
+        if id(value) in self.copies:  # a run-time scale or zero point of a quantizer copied already
+            return self.copies[id(value)]
         dq = value.producer()
         if dq is not None and dq.op_type == "DequantizeLinear":
             source = dq.inputs[0]
-            q = source.producer()
-            if q is not None and q.op_type == "QuantizeLinear":
+            q = _quantizer(dq)
+            if q is not None:
                 source = self.copy(q, [self.float_input(q.inputs[0]), *map(self.rebuilt, q.inputs[1:])])
             elif source.const_value is None:
                 raise LookupError(source.name)
@@ -473,12 +488,15 @@ class _Rebuilder:
         return self.float_input(value)
 
     def copy(self, node: ir.Node, new_inputs) -> ir.Value:
-        out = node.outputs[0]
-        value = ir.Value(name=self.fresh(out), type=out.type, shape=out.shape)
+        """A copy of ``node`` reading ``new_inputs``; its first output (the others are remembered for the
+        values that read them: a DynamicQuantizeLinear's scale and zero point)."""
+        outputs = [ir.Value(name=self.fresh(out), type=out.type, shape=out.shape) for out in node.outputs]
         self.graph.append(
-            ir.Node(node.domain, node.op_type, new_inputs, list(node.attributes.values()), outputs=[value])
+            ir.Node(node.domain, node.op_type, new_inputs, list(node.attributes.values()), outputs=outputs)
         )
-        return value
+        for old, new in zip(node.outputs[1:], outputs[1:]):
+            self.copies[id(old)] = new
+        return outputs[0]
 
 
 def _isolation(float_model: ir.Model, quant_model: ir.Model, pairs: list[_Pair]):
@@ -539,9 +557,13 @@ def _compare(float_model, quant_model, isolation, needed, pairs, feeds, masks):
     # name), FLOAT's is not what QUANT's node reads, and the copy's error would be the scaling
     written = {v.name for n in quant_model.graph for v in n.outputs if v.name}
     shared = [n for n in needed if n in written and n not in compared]
-    float_session = fallback.measuring_session(float_model, [n for n in wanted if n not in fed])
-    quant_session = fallback.measuring_session(quant_model, [*compared, *shared])
-    alone_session = fallback.measuring_session(isolation) if isolation is not None else None
+    float_session = fallback.measuring_session(
+        float_model, [n for n in wanted if n not in fed], config=WEIGHT_ONLY_IN_FLOAT
+    )
+    quant_session = fallback.measuring_session(quant_model, [*compared, *shared], config=WEIGHT_ONLY_IN_FLOAT)
+    alone_session = (
+        fallback.measuring_session(isolation, config=WEIGHT_ONLY_IN_FLOAT) if isolation is not None else None
+    )
     carried = {name: _Sums() for name in compared}
     added = {name: _Sums() for name in isolated}
     final = {name: _Sums() for name in outputs}
@@ -687,8 +709,7 @@ def _float_activations(node: ir.Node) -> None:
         dq = value.producer() if value is not None else None
         if dq is None or dq.op_type != "DequantizeLinear":
             continue
-        q = dq.inputs[0].producer()
-        if q is not None and q.op_type == "QuantizeLinear":
+        if (q := _quantizer(dq)) is not None:
             node.replace_input_with(i, q.inputs[0])
 
 
@@ -756,7 +777,7 @@ def _refit(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray | None:
 
 def _output_sqnr(model: ir.Model, feeds, reference, masks, disabled: Sequence[str] = ()) -> float:
     """The lowest SQNR of ``model``'s outputs against FLOAT's (``reference``) on ``feeds``."""
-    got = fallback.run(model, feeds, disabled_optimizers=disabled)
+    got = fallback.run(model, feeds, disabled_optimizers=disabled, config=WEIGHT_ONLY_IN_FLOAT)
     return min(_sqnr(reference[v.name], got[v.name], masks) for v in model.graph.outputs)
 
 

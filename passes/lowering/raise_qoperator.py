@@ -31,6 +31,10 @@ QLinearMatMul                       MatMul; per-column ``bs`` along the last axi
 ``QLinearSigmoid`` / ``LeakyRelu``  Sigmoid / LeakyRelu
 ``QLinearSoftmax``                  Softmax (its ``axis``; the last axis where its ``opset`` was < 13)
 ``QLinearWhere``                    Where
+``MatMulInteger`` -> Cast -> Mul    MatMul between DequantizeLinears, the activation's at the scale and
+                                    zero point its DynamicQuantizeLinear computes at run time
+                                    (``quantize-dynamic``'s standard form as its ``form=qdq``)
+``DynamicQuantizeMatMul``           the same, its activation quantized by a DynamicQuantizeLinear of its own
 ``MatMulNBits``                     MatMul of a blocked DequantizeLinear (opset 21) of its unpacked
                                     4/8-bit codes (``pack-int4``'s ``--format qdq`` form), its bias added
 ==================================  =============================================================
@@ -225,8 +229,23 @@ def _initializer(rw: Rewriter, tensor: ir.TensorProtocol, name: str) -> ir.Value
     return value
 
 
+def _dynamic_quantize_matmul(node: ir.Node, rw: Rewriter) -> _Group | str:
+    """DynamicQuantizeMatMul (``quantize-dynamic{form=fused}``): its activation quantized by a
+    DynamicQuantizeLinear of its own, then as MatMulIntegerToFloat."""
+    a, b, b_s, b_z, bias = (_optional(node, i) for i in range(5))
+    rw.set_insertion_point(node)
+    base = node.name or "matmul"
+    dql = rw.create("DynamicQuantizeLinear", [a], num_outputs=3, name=rw.fresh_name(f"{base}_quantize_a"))
+    a_q, a_s, a_z = dql.outputs
+    for value, dtype, shape in ((a_q, ir.DataType.UINT8, a.shape), (a_s, ir.DataType.FLOAT, ir.Shape([])),
+                                (a_z, ir.DataType.UINT8, ir.Shape([]))):  # fmt: skip
+        value.type, value.shape = ir.TensorType(dtype), shape
+    return _Group("MatMul", [_q(a_q, a_s, a_z), _q(b, b_s, b_z, _axis(b_s, -1))], [], None, bias)
+
+
 _HANDLERS: dict[tuple[str, str], Callable[[ir.Node, Rewriter], _Group | str]] = {
     (MS, "MatMulNBits"): _matmul_nbits,
+    (MS, "DynamicQuantizeMatMul"): _dynamic_quantize_matmul,
     ("", "QLinearConv"): _conv,
     ("", "QLinearMatMul"): _qlinear_matmul,
     (MS, "MatMulIntegerToFloat"): _matmul_to_float,
@@ -251,7 +270,10 @@ def _domain(node: ir.Node) -> str:
 
 def raises(node: ir.Node) -> bool:
     """Whether ``node`` is an integer kernel this pass rewrites."""
-    return (_domain(node), node.op_type) in _HANDLERS
+    return (_domain(node), node.op_type) in _HANDLERS or (node.op_type, _domain(node)) == (
+        "MatMulInteger",
+        "",
+    )
 
 
 def _product(rw: Rewriter, node: ir.Node, a: ir.Value | None, b: ir.Value | None) -> ir.Value | str:
@@ -274,9 +296,9 @@ class RaiseQOperator(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         graph = model.graph
-        found = [n for n in graph if raises(n)]
-        if not found:
+        if not any(raises(n) for n in graph):
             return PassResult(modified=False)
+        found = [n for n in graph if (_domain(n), n.op_type) in _HANDLERS]
         notes = []
         wanted = BLOCKED_OPSET if any(n.op_type == "MatMulNBits" for n in found) else PER_AXIS_OPSET
         if onnx_opset(model) < wanted and (blockers := raise_opset(model, wanted)):
@@ -299,6 +321,11 @@ class RaiseQOperator(Pass):
         for node in list(graph):
             if _passthrough(rw, node):
                 raised[f"{node.op_type} on 8-bit"] += 1
+            elif raises(node) and node.op_type == "MatMulInteger":
+                if (why := _dynamic_matmul(rw, node)) is None:
+                    raised["MatMulInteger"] += 1
+                else:
+                    notes.append(f"raise-qoperator: kept MatMulInteger {node.name!r}: {why}")
         if raised:
             notes.insert(
                 0,
@@ -443,3 +470,43 @@ def _keep_marks(node: ir.Node, new: ir.Node) -> None:
     for key, text in node.metadata_props.items():
         if key.startswith("ncc.") and key not in (ID_KEY, FUSED_KEY):
             new.metadata_props[key] = text
+
+
+def _dynamic_matmul(rw: Rewriter, node: ir.Node) -> str | None:
+    """``quantize-dynamic``'s standard form, ``MatMulInteger(DynamicQuantizeLinear(A), W_q) -> Cast -> Mul(a_s *
+    w_s)``, as its ``form=qdq``: ``MatMul(DequantizeLinear(DynamicQuantizeLinear(A)), DequantizeLinear(W_q,
+    w_s, w_zp))`` (the activation's scale and zero point still computed at run time); None when done, else
+    why not."""
+    a_q, w_q = node.inputs[0], node.inputs[1]
+    a_zp, w_zp = _optional(node, 2), _optional(node, 3)
+    dql = a_q.producer() if a_q is not None else None
+    if dql is None or dql.op_type != "DynamicQuantizeLinear" or dql.outputs[0] is not a_q:
+        return "its A is not quantized by a DynamicQuantizeLinear"
+    if constant_array(w_q) is None or (w_zp is not None and constant_array(w_zp) is None):
+        return "its weight is not a constant"
+    uses = node.outputs[0].uses()
+    cast = uses[0].node if len(uses) == 1 else None
+    rescale = [u.node for u in cast.outputs[0].uses()] if cast is not None and cast.op_type == "Cast" else []
+    if len(rescale) != 1 or rescale[0].op_type != "Mul":
+        return "its product is not cast to float and rescaled by one Mul"
+    rescale = rescale[0]
+    scale = rescale.inputs[1] if rescale.inputs[0] is cast.outputs[0] else rescale.inputs[0]
+    product = scale.producer() if scale is not None else None
+    if product is None or product.op_type != "Mul" or dql.outputs[1] not in product.inputs:
+        return "its rescale is not the activation's scale times the weight's"
+    w_s = product.inputs[1] if product.inputs[0] is dql.outputs[1] else product.inputs[0]
+    if constant_array(w_s) is None:
+        return "the weight's scale is not a constant"
+    base = node.name.removesuffix("/MatMulInteger") if node.name else "matmul"
+    rw.set_insertion_point(rescale)
+    a_dq = rw.create("DequantizeLinear", [a_q, dql.outputs[1], a_zp or dql.outputs[2]], name=f"{base}/dq_a")
+    _dequantized_type(a_dq.outputs[0], a_q, dql.outputs[1])
+    w_params = [w_s] + ([w_zp] if w_zp is not None else [])
+    w_dq = rw.create("DequantizeLinear", [w_q, *w_params], {"axis": _axis(w_s, 1)} if _axis(w_s, 1) else {},
+                     name=f"{base}/dq_w")  # fmt: skip
+    _dequantized_type(w_dq.outputs[0], w_q, w_s)
+    matmul = rw.create("MatMul", [a_dq.outputs[0], w_dq.outputs[0]], name=base, absorbed=[node])
+    _keep_marks(node, matmul)
+    rw.replace_value(rescale.outputs[0], _float_like(matmul.outputs[0], rescale.outputs[0]))
+    rw.erase_all([rescale, cast, node] + ([product] if len(product.outputs[0].uses()) == 1 else []))
+    return None

@@ -31,7 +31,7 @@ int8; float only if that does not close ``min-gain`` of the gap.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -57,11 +57,16 @@ def samples(data: CalibrationData, count: int) -> list[dict[str, np.ndarray]]:
 
 
 def run(
-    model: ir.Model, feeds: list[dict], outputs: list[str] = (), *, disabled_optimizers: Sequence[str] = ()
+    model: ir.Model,
+    feeds: list[dict],
+    outputs: list[str] = (),
+    *,
+    disabled_optimizers: Sequence[str] = (),
+    config: Mapping[str, str] | None = None,
 ) -> dict[str, list[np.ndarray]]:
     """Run ``model`` on ``feeds`` with ``outputs`` (node outputs of its main graph) exposed; per output
-    name, one array per feed (``disabled_optimizers``: see :func:`ncc.runtime.open_session`)."""
-    session = measuring_session(model, outputs, disabled_optimizers=disabled_optimizers)
+    name, one array per feed (``disabled_optimizers``, ``config``: see :func:`ncc.runtime.open_session`)."""
+    session = measuring_session(model, outputs, disabled_optimizers=disabled_optimizers, config=config)
     results: dict[str, list[np.ndarray]] = {n: [] for n in session.output_names}
     for index, feed in enumerate(feeds):
         for name, array in session.run(feed, where=f"calibration batch {index}").items():
@@ -75,6 +80,7 @@ def measuring_session(
     *,
     disabled_optimizers: Sequence[str] = (),
     prune: bool = False,
+    config: Mapping[str, str] | None = None,
 ):
     """An onnxruntime session (:func:`ncc.runtime.open_session`) that computes what ``model``'s integers
     mean: with QDQ unfused where :func:`saturates_here` finds a layer, fused otherwise. With ``prune``,
@@ -85,6 +91,7 @@ def measuring_session(
         prune=prune,
         disabled_optimizers=disabled_optimizers,
         fuse_qdq=saturates_here(model) is None,
+        config=config,
     )
 
 

@@ -104,23 +104,63 @@ def test_diff_reads_an_onnxruntime_qoperator_model(onnxruntime_qoperator, tmp_pa
         assert row["added_sqnr_db"] is not None and 20 < row["added_sqnr_db"] < 80, row
 
 
-def test_matmulnbits_raises_to_the_blocked_qdq_form(tmp_path):
-    """ncc's w4 output (MatMulNBits, 4-bit codes packed two to a byte, asymmetric zero points) raised is the
-    blocked-DequantizeLinear form ``--format qdq`` writes: the same outputs in onnxruntime, the same diff."""
+def _chain(tmp_path: Path, width: int = 96) -> tuple[Path, Path]:
+    """Three MatMul + Tanh layers of ``width`` and 16 inputs: (model, inputs .npz)."""
     rng = np.random.default_rng(1)
     nodes, weights, x = [], [], "x"
-    for i in range(3):  # K = 96: the last group of 64 is partial
-        weights.append(nh.from_array((rng.standard_normal((96, 96)) / 10).astype(np.float32), f"w{i}"))
+    for i in range(3):
+        weights.append(nh.from_array((rng.standard_normal((width, width)) / 10).astype(np.float32), f"w{i}"))
         nodes += [h.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"layer{i}"),
                   h.make_node("Tanh", [f"m{i}"], [f"t{i}"], name=f"act{i}")]  # fmt: skip
         x = f"t{i}"
     graph = h.make_graph(
-        nodes, "chain", [h.make_tensor_value_info("x", T.FLOAT, ["b", 96])],
-        [h.make_tensor_value_info(x, T.FLOAT, ["b", 96])], weights,
+        nodes, "chain", [h.make_tensor_value_info("x", T.FLOAT, ["b", width])],
+        [h.make_tensor_value_info(x, T.FLOAT, ["b", width])], weights,
     )  # fmt: skip
     model, data = tmp_path / "chain.onnx", tmp_path / "x.npz"
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), model)
-    np.savez(data, x=rng.standard_normal((16, 96)).astype(np.float32))
+    np.savez(data, x=rng.standard_normal((16, width)).astype(np.float32))
+    return model, data
+
+
+def _same_diff(model: Path, data: Path, first: Path, second: Path) -> None:
+    """``ncc diff`` prints the same table for ``first`` and ``second``."""
+    tables = []
+    for quantized in (first, second):
+        out = quantized.with_suffix(".json")
+        result = ncc("diff", model, quantized, "--data", data, "--json", out)
+        assert result.exit_code == 0, result.stderr
+        tables.append(json.loads(out.read_text()))
+    for key in ("output_sqnr_db", "weights_only_sqnr_db", "activations_only_sqnr_db"):
+        assert tables[0][key] == pytest.approx(tables[1][key], abs=1e-9), key
+    rows = [[(r["node"], r["added_sqnr_db"], r["gain_db"], r["note"]) for r in t["rows"]] for t in tables]
+    assert rows[0] == rows[1] and all(not note for *_, note in rows[0])
+
+
+def test_dynamic_int8_raises_to_its_qdq_form(tmp_path):
+    """int8-dynamic's standard form (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul) raised is its
+    form=qdq (DequantizeLinear at the run-time scale): the same outputs, the same diff; so is its fused form
+    (DynamicQuantizeMatMul)."""
+    model, data = _chain(tmp_path)
+    standard, qdq, raised = (tmp_path / f"{name}.onnx" for name in ("standard", "qdq", "raised"))
+    assert ncc("compile", model, "--pass", "int8-dynamic", "-o", standard).exit_code == 0
+    assert ncc("compile", model, "--passes", "quantize-dynamic{form=qdq}", "-o", qdq).exit_code == 0
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(standard).graph.node}
+    result = ncc("compile", standard, "--passes", "raise-qoperator", "-o", raised)
+    assert result.exit_code == 0 and "MatMulInteger 3 as QDQ groups" in result.stderr, result.stderr
+    assert {n.op_type for n in onnx.load(raised).graph.node} == {n.op_type for n in onnx.load(qdq).graph.node}
+    feeds = np.load(data)["x"]
+    np.testing.assert_array_equal(_run(raised, feeds), _run(qdq, feeds))
+    _same_diff(model, data, standard, qdq)
+    fused = tmp_path / "fused.onnx"  # DynamicQuantizeMatMul, each quantizing its own input
+    assert ncc("compile", model, "--passes", "quantize-dynamic{form=fused}", "-o", fused).exit_code == 0
+    _same_diff(model, data, fused, qdq)
+
+
+def test_matmulnbits_raises_to_the_blocked_qdq_form(tmp_path):
+    """ncc's w4 output (MatMulNBits, 4-bit codes packed two to a byte, asymmetric zero points) raised is the
+    blocked-DequantizeLinear form ``--format qdq`` writes: the same outputs in onnxruntime, the same diff."""
+    model, data = _chain(tmp_path)  # K = 96: the last group of 64 is partial
     packed, blocked, raised = (tmp_path / f"{name}.onnx" for name in ("nbits", "qdq", "raised"))
     flags = ("--pass", "w4", "--group-size", "64", "--partial-groups")
     assert ncc("compile", model, *flags, "-o", packed).exit_code == 0
@@ -130,12 +170,4 @@ def test_matmulnbits_raises_to_the_blocked_qdq_form(tmp_path):
     assert result.exit_code == 0 and "MatMulNBits 3 as QDQ groups" in result.stderr, result.stderr
     feeds = np.load(data)["x"]
     np.testing.assert_array_equal(_run(raised, feeds), _run(blocked, feeds))
-    tables = []
-    for quantized in (packed, blocked):
-        out = tmp_path / f"{quantized.stem}.json"
-        assert ncc("diff", model, quantized, "--data", data, "--json", out).exit_code == 0
-        tables.append(json.loads(out.read_text()))
-    assert tables[0]["output_sqnr_db"] == pytest.approx(tables[1]["output_sqnr_db"], abs=1e-9)
-    assert [(r["node"], r["added_sqnr_db"]) for r in tables[0]["rows"]] == [
-        (r["node"], r["added_sqnr_db"]) for r in tables[1]["rows"]
-    ]
+    _same_diff(model, data, packed, blocked)
