@@ -412,9 +412,10 @@ class Tuner:
         Finer groups come first, as one block: each layer's alone buys little, but together they buy much
         for a few percent more bytes, so ranked one by one against 8-bit moves they come too late. Every
         layer refined is evaluated first; if it meets the bound the search bisects over the refining moves
-        alone (by gain per byte), else it goes on from there over the 8-bit moves (by what 8 bits buy beyond
-        the finer groups, per byte), and give-back then returns the moves that buy least per byte, finer
-        groups included: layers go back to the pipeline's coarser groups where the bound allows."""
+        alone (by gain per byte), else it goes on from there over the 8-bit moves, ranked by what 8 bits buy
+        per byte with every other layer in finer groups (measured from there: from the coarser groups the
+        two moves' gains do not subtract), and give-back then returns the moves that buy least per byte,
+        finer groups included: layers go back to the pipeline's coarser groups where the bound allows."""
         found = self._finer(start)
         if found is None:
             self.out.promoted_to = "at 8 bits"
@@ -427,23 +428,21 @@ class Tuner:
         self.out.promoted_to = "raised"
         unpacked = self._unpacked(start)
         low = self._dequantized(unpacked)
-        _, eight = self._layer_gains(float_model, feeds, low, start.at_8_bits(unpacked), "8 bits")
         _, fine = self._layer_gains(float_model, feeds, low, fine_weights, f"groups of {finer.group_size}")
         rates: dict[str, float] = {}  # move -> measured gain per added byte
-        for name in sorted(set(eight) & set(fine)):
+        costs: dict[str, float] = {}  # layer -> bytes 8 bits add to its finer groups
+        for name in sorted(fine):
             k, n = low[name].shape
             cost_fine = _bytes(k, n, 4, finer.group_size) - _bytes(k, n, 4, start.group_size)
-            cost_8 = _bytes(k, n, 8, start.group_size) - _bytes(k, n, 4, start.group_size)
+            costs[name] = _bytes(k, n, 8, start.group_size) - _bytes(k, n, 4, finer.group_size)
             rates[f"{name}{FINE_MARK}"] = fine[name] / cost_fine
-            rates[name] = (eight[name] - fine[name]) / max(cost_8 - cost_fine, 1e-12)  # beyond finer groups
             self.out.labels[f"{name}{FINE_MARK}"] = f"{name} (groups of {finer.group_size})"
             self.out.labels[name] = f"{name} (8 bits)"
 
         def by_rate(moves) -> list[str]:
             return sorted(moves, key=lambda m: (-rates[m], m))
 
-        refining = by_rate(m for m in rates if m.endswith(FINE_MARK))
-        raising = by_rate(m for m in rates if not m.endswith(FINE_MARK))
+        refining = by_rate(rates)
 
         def promote(chosen) -> WoqConfig:
             wide = [m for m in chosen if not m.endswith(FINE_MARK)]
@@ -457,15 +456,23 @@ class Tuner:
             return sorted(moves, key=lambda m: (rates[m], m))
 
         self.progress(
-            f"ranked {len(refining)} moves to groups of {finer.group_size} and {len(raising)} to 8 bits by "
-            f"measured gain per byte: {', '.join(self.out.labels[m] for m in refining[:3])} ...; "
-            f"{', '.join(self.out.labels[m] for m in raising[:3])}{' ...' if len(raising) > 3 else ''}"
+            f"ranked {len(refining)} moves to groups of {finer.group_size} by measured gain per byte: "
+            f"{', '.join(self.out.labels[m] for m in refining[:3])}{' ...' if len(refining) > 3 else ''}"
         )
         whole = promote(refining)
         if self._met(self._metric(whole, "finer")):
             self.out.promoted_to = f"in groups of {finer.group_size}"
             self._bisect(start, refining, promote, whole=whole, back=back)
-        else:  # from every layer in finer groups, layers to 8 bits
+        else:  # from every layer in finer groups, layers to 8 bits, by what 8 bits buy there
+            eight = self._dequantized(start.at_8_bits(unpacked))
+            _, beyond = self._layer_gains(float_model, feeds, fine_weights, eight, "8 bits beyond them")
+            rates.update((name, beyond[name] / max(costs[name], 1e-12)) for name in costs if name in beyond)
+            raising = by_rate(m for m in rates if not m.endswith(FINE_MARK))
+            self.progress(
+                f"every layer in groups of {finer.group_size} misses the bound; ranked {len(raising)} moves to "
+                f"8 bits by measured gain per byte: {', '.join(self.out.labels[m] for m in raising[:3])}"
+                f"{' ...' if len(raising) > 3 else ''}"
+            )
             self._bisect(start, refining + raising, promote, back=back, known=len(refining))
         # a layer at 8 bits has no finer groups to report
         wide = set(self.out.choice.wide) if isinstance(self.out.choice, WoqConfig) else set()
