@@ -42,6 +42,7 @@ if str(REPO / "tests") not in sys.path:
 
 import realmodels  # noqa: E402
 from ncc.ir.ops import is_onnx_domain  # noqa: E402
+from ncc.runtime import WEIGHT_ONLY_IN_FLOAT  # noqa: E402
 from ncc.tools.timing import time_blocks  # noqa: E402
 
 CACHE = realmodels.CACHE / "woq"
@@ -104,7 +105,7 @@ def model_hash(path: Path | str) -> str:
 # onnxruntime fuses DequantizeLinear(int4, blocked) + MatMul into MatMulNBits at ORT_ENABLE_ALL with
 # accuracy_level 4 (int8 activations) unless told otherwise; 0 keeps float compute, as in the MatMulNBits
 # models both quantizers write (accuracy_level unset). The qdq form is scored with this config.
-FLOAT_QDQ_MATMULNBITS = {"session.qdq_matmulnbits_accuracy_level": "0"}
+FLOAT_QDQ_MATMULNBITS = WEIGHT_ONLY_IN_FLOAT
 
 
 def session(path: Path | str, threads: int = THREADS, config: dict[str, str] | None = None):

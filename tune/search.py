@@ -476,13 +476,8 @@ class Tuner:
             self._bisect(start, refining + raising, promote, back=back, known=len(refining))
         # a layer at 8 bits has no finer groups to report
         wide = set(self.out.choice.wide) if isinstance(self.out.choice, WoqConfig) else set()
-        self.out.gains = [
-            g
-            for g in self.out.gains
-            if not (
-                len(g[0]) == 1 and g[0][0].removesuffix(FINE_MARK) in wide and g[0][0].endswith(FINE_MARK)
-            )
-        ]
+        moot = {f"{name}{FINE_MARK}" for name in wide}
+        self.out.gains = [g for g in self.out.gains if not (len(g[0]) == 1 and g[0][0] in moot)]
 
     def _unpacked(self, config: WoqConfig) -> list:
         """The pipeline of ``config`` without its packing pass: weights as DequantizeLinear of constants."""

@@ -48,16 +48,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import onnx_ir as ir
 from ncc.ir.ids import FUSED_KEY, ID_KEY
 from ncc.ir.ops import PASSTHROUGH, is_onnx_domain, onnx_opset
 from ncc.ir.rewrite import Rewriter, constant_array
-from ncc.ir.spill import packed_tensor
 from ncc.passes.base import Pass, PassContext, PassResult
 from ncc.passes.opset import raise_opset
+from ncc.passes.woq.weights import add_initializers
 
 MS = "com.microsoft"
 PER_AXIS_OPSET = 13  # DequantizeLinear's axis
@@ -69,25 +69,33 @@ _QMIN = {np.dtype(np.uint8): 0, np.dtype(np.int8): -128}
 _SIGNED_OUTPUT = frozenset({"Conv", "MatMul", "Gemm", "Add", "Mul"})
 
 
+class _Input(NamedTuple):
+    """One input of a group's float op: ``value`` read through ``DequantizeLinear(value, scale, zero) {axis,
+    block_size}``, or as it is without a ``scale``; with ``at_run_time``, ``value`` is a float activation
+    that a DynamicQuantizeLinear quantizes first (its scale and zero point those it computes)."""
+
+    value: ir.Value | None
+    scale: ir.Value | None = None
+    zero: ir.Value | None = None
+    axis: int | None = None
+    block: int | None = None
+    at_run_time: bool = False
+
+
 @dataclass(frozen=True)
 class _Group:
-    """A float op and what surrounds it: its inputs, each ``(value, scale, zero point, axis, block size)`` to
-    dequantize or ``(value, None, None, None, None)`` to read as it is, and the output's ``(scale, zero
-    point)`` (None: a float output)."""
+    """A float op and what surrounds it: its inputs, and the output's ``(scale, zero point)`` (None: a float
+    output). The group replaces ``replaces``'s output (default: the integer node's), erasing ``also`` with
+    the integer node, and takes ``name`` (default: the integer node's)."""
 
     op: str
-    inputs: list
+    inputs: list[_Input]
     attributes: list
     output: tuple[ir.Value, ir.Value | None] | None
     bias: ir.Value | None = None  # added to the float op's output (MatMulIntegerToFloat's)
-
-
-def _q(value, scale, zero, axis=None, block=None):
-    return (value, scale, zero, axis, block)
-
-
-def _plain(value):
-    return (value, None, None, None, None)
+    name: str | None = None
+    replaces: ir.Node | None = None
+    also: tuple[ir.Node, ...] = ()
 
 
 def _optional(node: ir.Node, index: int) -> ir.Value | None:
@@ -111,35 +119,35 @@ def _attrs(node: ir.Node, drop: Sequence[str] = ()) -> list[ir.Attr]:
 def _conv(node: ir.Node, rw: Rewriter) -> _Group | str:
     x, xs, xz, w, ws, wz, ys, yz = (_optional(node, i) for i in range(8))
     bias = _optional(node, 8)
-    inputs = [_q(x, xs, xz), _q(w, ws, wz, _axis(ws, 0))]
+    inputs = [_Input(x, xs, xz), _Input(w, ws, wz, _axis(ws, 0))]
     if bias is not None:
         scale = _product(rw, node, xs, ws)
         if isinstance(scale, str):
             return scale
-        inputs.append(_q(bias, scale, None, _axis(ws, 0)))
+        inputs.append(_Input(bias, scale, None, _axis(ws, 0)))
     return _Group("Conv", inputs, _attrs(node), (ys, yz))
 
 
 def _qlinear_matmul(node: ir.Node, rw: Rewriter) -> _Group | str:
     a, a_s, a_z, b, b_s, b_z, ys, yz = (_optional(node, i) for i in range(8))
-    return _Group("MatMul", [_q(a, a_s, a_z), _q(b, b_s, b_z, _axis(b_s, -1))], [], (ys, yz))
+    return _Group("MatMul", [_Input(a, a_s, a_z), _Input(b, b_s, b_z, _axis(b_s, -1))], [], (ys, yz))
 
 
 def _matmul_to_float(node: ir.Node, rw: Rewriter) -> _Group | str:
     a, b, a_s, b_s, a_z, b_z, bias = (_optional(node, i) for i in range(7))
-    return _Group("MatMul", [_q(a, a_s, a_z), _q(b, b_s, b_z, _axis(b_s, -1))], [], None, bias)
+    return _Group("MatMul", [_Input(a, a_s, a_z), _Input(b, b_s, b_z, _axis(b_s, -1))], [], None, bias)
 
 
 def _qgemm(node: ir.Node, rw: Rewriter) -> _Group | str:
     a, a_s, a_z, b, b_s, b_z, c, ys, yz = (_optional(node, i) for i in range(9))
     trans_b = node.attributes.get_int("transB", 0)
     alpha = node.attributes.get_float("alpha", 1.0)
-    inputs = [_q(a, a_s, a_z), _q(b, b_s, b_z, _axis(b_s, 0 if trans_b else 1))]
+    inputs = [_Input(a, a_s, a_z), _Input(b, b_s, b_z, _axis(b_s, 0 if trans_b else 1))]
     if c is not None:
         scale = _product(rw, node, a_s, b_s)
         if isinstance(scale, str):
             return scale
-        inputs.append(_q(c, scale, None, _axis(b_s, 0)))
+        inputs.append(_Input(c, scale, None, _axis(b_s, 0)))
     attrs = [*_attrs(node, drop=("beta",)), ir.AttrFloat32("beta", alpha)]
     return _Group("Gemm", inputs, attrs, (ys, yz) if ys is not None else None)
 
@@ -147,7 +155,7 @@ def _qgemm(node: ir.Node, rw: Rewriter) -> _Group | str:
 def _binary(op: str) -> Callable[[ir.Node, Rewriter], _Group | str]:
     def handler(node: ir.Node, rw: Rewriter) -> _Group | str:
         a, a_s, a_z, b, b_s, b_z, ys, yz = (_optional(node, i) for i in range(8))
-        return _Group(op, [_q(a, a_s, a_z), _q(b, b_s, b_z)], [], (ys, yz))
+        return _Group(op, [_Input(a, a_s, a_z), _Input(b, b_s, b_z)], [], (ys, yz))
 
     return handler
 
@@ -164,7 +172,7 @@ def _unary(op: str, keep: Sequence[str] = ()) -> Callable[[ir.Node, Rewriter], _
             if node.attributes.get_int("opset", PER_AXIS_OPSET) < 13 and axis not in (-1, (rank or 0) - 1):
                 return "a Softmax before opset 13 over more than the last axis"
             attrs = [ir.AttrInt64("axis", axis)]
-        return _Group(op, [_q(x, xs, xz)], attrs, (ys, yz))
+        return _Group(op, [_Input(x, xs, xz)], attrs, (ys, yz))
 
     return handler
 
@@ -173,13 +181,13 @@ def _concat(node: ir.Node, rw: Rewriter) -> _Group | str:
     ys, yz, *triples = node.inputs
     if len(triples) % 3:
         return "its inputs are not (value, scale, zero point) triples"
-    inputs = [_q(*triples[i : i + 3]) for i in range(0, len(triples), 3)]
+    inputs = [_Input(*triples[i : i + 3]) for i in range(0, len(triples), 3)]
     return _Group("Concat", inputs, _attrs(node), (ys, yz))
 
 
 def _where(node: ir.Node, rw: Rewriter) -> _Group | str:
     cond, x, xs, xz, y, y_s, y_z, zs, zz = (_optional(node, i) for i in range(9))
-    return _Group("Where", [_plain(cond), _q(x, xs, xz), _q(y, y_s, y_z)], [], (zs, zz))
+    return _Group("Where", [_Input(cond), _Input(x, xs, xz), _Input(y, y_s, y_z)], [], (zs, zz))
 
 
 def _matmul_nbits(node: ir.Node, rw: Rewriter) -> _Group | str:
@@ -206,10 +214,16 @@ def _matmul_nbits(node: ir.Node, rw: Rewriter) -> _Group | str:
     )
     dtype = ir.DataType.UINT4 if bits == 4 else ir.DataType.UINT8
     base = node.name or "matmul"
-    weight = _initializer(rw, packed_tensor(np.ascontiguousarray(codes), dtype, "q"), f"{base}_codes")
-    zero_value = _initializer(rw, packed_tensor(np.ascontiguousarray(zp), dtype, "zp"), f"{base}_zero_point")
-    scale_value = rw.constant(np.ascontiguousarray(scale.reshape(n, groups).T), f"{base}_scale")
-    return _Group("MatMul", [_plain(a), _q(weight, scale_value, zero_value, 0, block)], [], None, bias)
+    weight, zero_value, scale_value = add_initializers(
+        rw,
+        [
+            (f"{base}_codes", dtype, np.ascontiguousarray(codes)),
+            (f"{base}_zero_point", dtype, np.ascontiguousarray(zp)),
+            (f"{base}_scale", scales.dtype, np.ascontiguousarray(scale.reshape(n, groups).T)),
+        ],
+        None,
+    )
+    return _Group("MatMul", [_Input(a), _Input(weight, scale_value, zero_value, 0, block)], [], None, bias)
 
 
 def _unpacked(packed: np.ndarray, bits: int, count: int | None) -> np.ndarray:
@@ -222,28 +236,46 @@ def _unpacked(packed: np.ndarray, bits: int, count: int | None) -> np.ndarray:
     return codes.reshape(-1)[:count] if count is not None else codes
 
 
-def _initializer(rw: Rewriter, tensor: ir.TensorProtocol, name: str) -> ir.Value:
-    value = ir.Value(name=rw.fresh_name(name), const_value=tensor, type=ir.TensorType(tensor.dtype))
-    value.shape = ir.Shape(tensor.shape)
-    rw.graph.register_initializer(value)
-    return value
-
-
 def _dynamic_quantize_matmul(node: ir.Node, rw: Rewriter) -> _Group | str:
     """DynamicQuantizeMatMul (``quantize-dynamic{form=fused}``): its activation quantized by a
     DynamicQuantizeLinear of its own, then as MatMulIntegerToFloat."""
     a, b, b_s, b_z, bias = (_optional(node, i) for i in range(5))
-    rw.set_insertion_point(node)
-    base = node.name or "matmul"
-    dql = rw.create("DynamicQuantizeLinear", [a], num_outputs=3, name=rw.fresh_name(f"{base}_quantize_a"))
-    a_q, a_s, a_z = dql.outputs
-    for value, dtype, shape in ((a_q, ir.DataType.UINT8, a.shape), (a_s, ir.DataType.FLOAT, ir.Shape([])),
-                                (a_z, ir.DataType.UINT8, ir.Shape([]))):  # fmt: skip
-        value.type, value.shape = ir.TensorType(dtype), shape
-    return _Group("MatMul", [_q(a_q, a_s, a_z), _q(b, b_s, b_z, _axis(b_s, -1))], [], None, bias)
+    return _Group(
+        "MatMul", [_Input(a, at_run_time=True), _Input(b, b_s, b_z, _axis(b_s, -1))], [], None, bias
+    )
+
+
+def _matmul_integer(node: ir.Node, rw: Rewriter) -> _Group | str:
+    """``quantize-dynamic``'s standard form, ``MatMulInteger(DynamicQuantizeLinear(A), W_q) -> Cast -> Mul(a_s *
+    w_s)``, as its ``form=qdq``: ``MatMul(DequantizeLinear(DynamicQuantizeLinear(A)), DequantizeLinear(W_q,
+    w_s, w_zp))`` (the activation's scale and zero point still computed at run time), replacing the Mul."""
+    a_q, w_q, a_zp, w_zp = (_optional(node, i) for i in range(4))
+    dql = a_q.producer() if a_q is not None else None
+    if dql is None or dql.op_type != "DynamicQuantizeLinear" or dql.outputs[0] is not a_q:
+        return "its A is not quantized by a DynamicQuantizeLinear"
+    if constant_array(w_q) is None or (w_zp is not None and constant_array(w_zp) is None):
+        return "its weight is not a constant"
+    uses = node.outputs[0].uses()
+    cast = uses[0].node if len(uses) == 1 else None
+    rescale = [u.node for u in cast.outputs[0].uses()] if cast is not None and cast.op_type == "Cast" else []
+    if len(rescale) != 1 or rescale[0].op_type != "Mul":
+        return "its product is not cast to float and rescaled by one Mul"
+    rescale = rescale[0]
+    scale = rescale.inputs[1] if rescale.inputs[0] is cast.outputs[0] else rescale.inputs[0]
+    product = scale.producer() if scale is not None else None
+    if product is None or product.op_type != "Mul" or dql.outputs[1] not in product.inputs:
+        return "its rescale is not the activation's scale times the weight's"
+    w_s = product.inputs[1] if product.inputs[0] is dql.outputs[1] else product.inputs[0]
+    if constant_array(w_s) is None:
+        return "the weight's scale is not a constant"
+    inputs = [_Input(a_q, dql.outputs[1], a_zp or dql.outputs[2]), _Input(w_q, w_s, w_zp, _axis(w_s, 1))]
+    also = (cast, product) if len(product.outputs[0].uses()) == 1 else (cast,)
+    name = node.name.removesuffix("/MatMulInteger") if node.name else None
+    return _Group("MatMul", inputs, [], None, name=name, replaces=rescale, also=also)
 
 
 _HANDLERS: dict[tuple[str, str], Callable[[ir.Node, Rewriter], _Group | str]] = {
+    ("", "MatMulInteger"): _matmul_integer,
     (MS, "MatMulNBits"): _matmul_nbits,
     (MS, "DynamicQuantizeMatMul"): _dynamic_quantize_matmul,
     ("", "QLinearConv"): _conv,
@@ -264,16 +296,13 @@ _HANDLERS: dict[tuple[str, str], Callable[[ir.Node, Rewriter], _Group | str]] = 
 }
 
 
-def _domain(node: ir.Node) -> str:
-    return "" if node.domain in ("", "ai.onnx") else node.domain
+def _key(node: ir.Node) -> tuple[str, str]:
+    return ("" if is_onnx_domain(node) else node.domain, node.op_type)
 
 
 def raises(node: ir.Node) -> bool:
     """Whether ``node`` is an integer kernel this pass rewrites."""
-    return (_domain(node), node.op_type) in _HANDLERS or (node.op_type, _domain(node)) == (
-        "MatMulInteger",
-        "",
-    )
+    return _key(node) in _HANDLERS
 
 
 def _product(rw: Rewriter, node: ir.Node, a: ir.Value | None, b: ir.Value | None) -> ir.Value | str:
@@ -296,9 +325,9 @@ class RaiseQOperator(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         graph = model.graph
-        if not any(raises(n) for n in graph):
+        found = [n for n in graph if raises(n)]
+        if not found:
             return PassResult(modified=False)
-        found = [n for n in graph if (_domain(n), n.op_type) in _HANDLERS]
         notes = []
         wanted = BLOCKED_OPSET if any(n.op_type == "MatMulNBits" for n in found) else PER_AXIS_OPSET
         if onnx_opset(model) < wanted and (blockers := raise_opset(model, wanted)):
@@ -310,8 +339,12 @@ class RaiseQOperator(Pass):
         rw = Rewriter(model, graph)
         raised: Counter = Counter()
         for node in found:
-            group = _HANDLERS[(_domain(node), node.op_type)](node, rw)
+            group = _HANDLERS[_key(node)](node, rw)
             if isinstance(group, _Group) and (need := _opset_for(group)) > opset:
+                for piece in group.inputs:  # constants the handler made for it
+                    for value in (piece.value, piece.scale, piece.zero):
+                        if value is not None:
+                            rw.drop_if_unused(value)
                 group = f"its DequantizeLinear needs opset {need}"
             if isinstance(group, str):
                 notes.append(f"raise-qoperator: kept {node.op_type} {node.name!r}: {group}")
@@ -321,11 +354,6 @@ class RaiseQOperator(Pass):
         for node in list(graph):
             if _passthrough(rw, node):
                 raised[f"{node.op_type} on 8-bit"] += 1
-            elif raises(node) and node.op_type == "MatMulInteger":
-                if (why := _dynamic_matmul(rw, node)) is None:
-                    raised["MatMulInteger"] += 1
-                else:
-                    notes.append(f"raise-qoperator: kept MatMulInteger {node.name!r}: {why}")
         if raised:
             notes.insert(
                 0,
@@ -340,16 +368,25 @@ class RaiseQOperator(Pass):
 
 def _opset_for(group: _Group) -> int:
     """The opset the group's DequantizeLinears need: 21 blocked, 13 per axis, 10 else."""
-    if any(i[4] is not None for i in group.inputs):
+    if any(piece.block is not None for piece in group.inputs):
         return BLOCKED_OPSET
-    return PER_AXIS_OPSET if any(i[3] is not None for i in group.inputs) else 10
+    return PER_AXIS_OPSET if any(piece.axis is not None for piece in group.inputs) else 10
 
 
 def _rewrite(rw: Rewriter, node: ir.Node, group: _Group) -> None:
-    base = node.name or node.op_type
+    name = group.name if group.name is not None else node.name
+    base = name or node.op_type
     rw.set_insertion_point(node)
     inputs = []
-    for index, (value, scale, zero, axis, block) in enumerate(group.inputs):
+    for index, (value, scale, zero, axis, block, at_run_time) in enumerate(group.inputs):
+        if at_run_time:
+            dql = rw.create(
+                "DynamicQuantizeLinear", [value], num_outputs=3, name=rw.fresh_name(f"{base}_quantize")
+            )
+            for out, dtype, shape in zip(dql.outputs, (ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8),
+                                         (value.shape, ir.Shape([]), ir.Shape([]))):  # fmt: skip
+                out.type, out.shape = ir.TensorType(dtype), shape
+            value, scale, zero = dql.outputs
         if scale is None:
             inputs.append(value)
             continue
@@ -364,9 +401,10 @@ def _rewrite(rw: Rewriter, node: ir.Node, group: _Group) -> None:
         )
         _dequantized_type(dq.outputs[0], value, scale)
         inputs.append(dq.outputs[0])
-    float_op = rw.create(group.op, inputs, group.attributes, name=node.name, absorbed=[node])
+    float_op = rw.create(group.op, inputs, group.attributes, name=name, absorbed=[node])
     _keep_marks(node, float_op)
-    old = node.outputs[0]
+    root = group.replaces or node
+    old = root.outputs[0]
     result = _float_like(float_op.outputs[0], old)
     if group.bias is not None:
         add = rw.create("Add", [result, group.bias], name=rw.fresh_name(f"{base}_bias"))
@@ -385,7 +423,7 @@ def _rewrite(rw: Rewriter, node: ir.Node, group: _Group) -> None:
         )
         result = q.outputs[0]
     rw.replace_value(old, result)
-    rw.erase(node)
+    rw.erase_all([root, *group.also, node] if group.replaces is not None else [node])
 
 
 def _implied_relu(zero: ir.Value | None) -> bool:
@@ -470,43 +508,3 @@ def _keep_marks(node: ir.Node, new: ir.Node) -> None:
     for key, text in node.metadata_props.items():
         if key.startswith("ncc.") and key not in (ID_KEY, FUSED_KEY):
             new.metadata_props[key] = text
-
-
-def _dynamic_matmul(rw: Rewriter, node: ir.Node) -> str | None:
-    """``quantize-dynamic``'s standard form, ``MatMulInteger(DynamicQuantizeLinear(A), W_q) -> Cast -> Mul(a_s *
-    w_s)``, as its ``form=qdq``: ``MatMul(DequantizeLinear(DynamicQuantizeLinear(A)), DequantizeLinear(W_q,
-    w_s, w_zp))`` (the activation's scale and zero point still computed at run time); None when done, else
-    why not."""
-    a_q, w_q = node.inputs[0], node.inputs[1]
-    a_zp, w_zp = _optional(node, 2), _optional(node, 3)
-    dql = a_q.producer() if a_q is not None else None
-    if dql is None or dql.op_type != "DynamicQuantizeLinear" or dql.outputs[0] is not a_q:
-        return "its A is not quantized by a DynamicQuantizeLinear"
-    if constant_array(w_q) is None or (w_zp is not None and constant_array(w_zp) is None):
-        return "its weight is not a constant"
-    uses = node.outputs[0].uses()
-    cast = uses[0].node if len(uses) == 1 else None
-    rescale = [u.node for u in cast.outputs[0].uses()] if cast is not None and cast.op_type == "Cast" else []
-    if len(rescale) != 1 or rescale[0].op_type != "Mul":
-        return "its product is not cast to float and rescaled by one Mul"
-    rescale = rescale[0]
-    scale = rescale.inputs[1] if rescale.inputs[0] is cast.outputs[0] else rescale.inputs[0]
-    product = scale.producer() if scale is not None else None
-    if product is None or product.op_type != "Mul" or dql.outputs[1] not in product.inputs:
-        return "its rescale is not the activation's scale times the weight's"
-    w_s = product.inputs[1] if product.inputs[0] is dql.outputs[1] else product.inputs[0]
-    if constant_array(w_s) is None:
-        return "the weight's scale is not a constant"
-    base = node.name.removesuffix("/MatMulInteger") if node.name else "matmul"
-    rw.set_insertion_point(rescale)
-    a_dq = rw.create("DequantizeLinear", [a_q, dql.outputs[1], a_zp or dql.outputs[2]], name=f"{base}/dq_a")
-    _dequantized_type(a_dq.outputs[0], a_q, dql.outputs[1])
-    w_params = [w_s] + ([w_zp] if w_zp is not None else [])
-    w_dq = rw.create("DequantizeLinear", [w_q, *w_params], {"axis": _axis(w_s, 1)} if _axis(w_s, 1) else {},
-                     name=f"{base}/dq_w")  # fmt: skip
-    _dequantized_type(w_dq.outputs[0], w_q, w_s)
-    matmul = rw.create("MatMul", [a_dq.outputs[0], w_dq.outputs[0]], name=base, absorbed=[node])
-    _keep_marks(node, matmul)
-    rw.replace_value(rescale.outputs[0], _float_like(matmul.outputs[0], rescale.outputs[0]))
-    rw.erase_all([rescale, cast, node] + ([product] if len(product.outputs[0].uses()) == 1 else []))
-    return None
