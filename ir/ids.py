@@ -19,6 +19,11 @@ import onnx_ir as ir
 
 ID_KEY = "ncc.id"
 FUSED_KEY = "ncc.fused"
+COMPLETED_BY_KEY = "ncc.completed_by"
+"""On a node whose output is not yet the value its source node computed: the op type of the node right after
+it that completes it (the ``Add`` of a bias quantize-dynamic split off a Gemm, or that raise-qoperator took
+back out of an integer kernel; a ``Relu`` raise-qoperator put back where the kernel left it to the output's
+saturation). ``ncc diff`` compares that node's output with the source's."""
 _NEXT_KEY = "ncc.next_id"
 _CARRIED_KEY = "ncc.carried_ids"
 

@@ -43,11 +43,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
-from ncc.ir.ids import carries_ids, fused_ids, node_id
+from ncc.ir.ids import COMPLETED_BY_KEY, carries_ids, fused_ids, node_id
 from ncc.ir.ops import onnx_opset
 from ncc.ir.rewrite import dequantized_array
 from ncc.metrics import position_mask, relative_l2_error, token_masks
-from ncc.passes.lowering.raise_qoperator import RAISED_KEY
 from ncc.passes.quant import fallback
 from ncc.runtime import WEIGHT_ONLY_IN_FLOAT
 
@@ -166,7 +165,7 @@ def diff(
                 Row(pair.index, label, pair.node.op_type, "", None, None, None, "no float counterpart")
             )
             continue
-        sums = carried[pair.node.outputs[0].name]
+        sums = carried[pair.compared]
         if sums.shapes_differ:
             rows.append(
                 Row(pair.index, label, pair.node.op_type, pair.float_value, None, None, None, "shapes differ")
@@ -309,8 +308,19 @@ class _Pair:
     # activations-only runs); None where FLOAT has none that stands in for them
     float_constants: tuple[tuple[int, ir.Value, ir.TensorProtocol], ...] | None = None
     note: str = ""
-    #: (QUANT's value, FLOAT's) for an op raise-qoperator put back after the node (a Relu, a bias Add)
+    #: (QUANT's value, FLOAT's) for the op that completes the node's output (:data:`COMPLETED_BY_KEY`)
     activation: tuple[str, str] | None = None
+
+    @property
+    def completed(self) -> bool:
+        """Whether the op after the node, not the node, gives the value ``float_value`` stands for (the bias
+        Add of a Gemm split into MatMul + Add): that op's output is what is compared."""
+        return self.activation is not None and self.activation[1] == self.float_value
+
+    @property
+    def compared(self) -> str:
+        """QUANT's value compared with FLOAT's ``float_value``."""
+        return self.activation[0] if self.completed else self.node.outputs[0].name
 
 
 def _pairs(float_model: ir.Model, quant_model: ir.Model, with_ids: bool = True) -> list[_Pair]:
@@ -343,8 +353,8 @@ def _counterpart(
     if own is not None and own in by_id and by_id[own].op_type == node.op_type:
         return by_id[own].outputs[0].name, by_id[own]
     fused = fused_ids(node) if with_ids else ()
-    # an op raise-qoperator put back after the node (a Relu, a bias Add) is a node of its own again
-    inserted = node.metadata_props.get(RAISED_KEY)
+    # the op that completes the node's output (a Relu, a bias Add) is a node of its own again
+    inserted = node.metadata_props.get(COMPLETED_BY_KEY)
     absorbed = [by_id[i] for i in fused if i in by_id and by_id[i].op_type != inserted]
     if absorbed:
         inside = {id(n) for n in absorbed}
@@ -370,10 +380,11 @@ def _named(node: ir.Node, by_name) -> ir.Node | None:
 
 
 def _raised_activation(node: ir.Node, by_id, by_name, float_value: str | None) -> tuple[str, str] | None:
-    """The output of the op raise-qoperator put back after ``node`` (a Relu, a bias Add), and what it stands for
-    in FLOAT: FLOAT's same op (absorbed by id, else reading FLOAT's node of the same name), else, where FLOAT
-    has none (a Relu the output's saturation implies), the node's own ``float_value``."""
-    inserted = node.metadata_props.get(RAISED_KEY)
+    """The output of the op that completes ``node``'s (:data:`COMPLETED_BY_KEY`: a Relu, a bias Add), and what it
+    stands for in FLOAT: FLOAT's same op (absorbed by id, else reading FLOAT's node of the same name), else,
+    where FLOAT has none (a Relu the output's saturation implies, a Gemm's bias), the node's own
+    ``float_value``."""
+    inserted = node.metadata_props.get(COMPLETED_BY_KEY)
     act = [u.node for u in node.outputs[0].uses() if u.node.op_type == inserted] if inserted else []
     if len(act) != 1:
         return None
@@ -504,7 +515,7 @@ def _isolation(float_model: ir.Model, quant_model: ir.Model, pairs: list[_Pair])
     inputs; and the FLOAT values it reads. Nodes it cannot rebuild keep ``isolated`` empty."""
     float_values = {v.name: v for n in float_model.graph for v in n.outputs}
     float_values.update({v.name: v for v in float_model.graph.inputs})
-    float_of = {p.node.outputs[0].name: p.float_value for p in pairs if p.float_value}
+    float_of = {p.compared: p.float_value for p in pairs if p.float_value}
     float_of.update(p.activation for p in pairs if p.activation is not None)
     graph = ir.Graph([], [], nodes=[], opset_imports=dict(quant_model.opset_imports), name="isolation")
     model = ir.Model(graph, ir_version=max(quant_model.ir_version, 8))
@@ -528,6 +539,13 @@ def _isolation(float_model: ir.Model, quant_model: ir.Model, pairs: list[_Pair])
         reads.clear()
         try:
             output = rebuild.node(pair.node)
+            if pair.completed:  # the op completing the node's output is copied with it
+                (use,) = [
+                    u.node for u in pair.node.outputs[0].uses() if u.node.outputs[0].name == pair.compared
+                ]
+                output = rebuild.copy(
+                    use, [output if v is pair.node.outputs[0] else rebuild.rebuilt(v) for v in use.inputs]
+                )
         except LookupError as missing:
             pair.note = f"not isolated: no float value for {missing.args[0]!r}"
             continue
@@ -550,7 +568,7 @@ def _compare(float_model, quant_model, isolation, needed, pairs, feeds, masks):
     with."""
     outputs = [v.name for v in float_model.graph.outputs]
     fed = {v.name for v in float_model.graph.inputs}
-    compared = {p.node.outputs[0].name: p.float_value for p in pairs if p.float_value}
+    compared = {p.compared: p.float_value for p in pairs if p.float_value}
     isolated = {p.isolated: p.float_value for p in pairs if p.isolated}
     wanted = list(dict.fromkeys([*compared.values(), *needed, *outputs]))
     # QUANT's own values of the names the isolated copies read: where a pass rescaled one (and kept its

@@ -52,7 +52,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 import onnx_ir as ir
-from ncc.ir.ids import FUSED_KEY, ID_KEY
+from ncc.ir.ids import COMPLETED_BY_KEY, FUSED_KEY, ID_KEY
 from ncc.ir.ops import PASSTHROUGH, is_onnx_domain, onnx_opset
 from ncc.ir.rewrite import Rewriter, constant_array
 from ncc.passes.base import Pass, PassContext, PassResult
@@ -62,9 +62,6 @@ from ncc.passes.woq.weights import add_initializers
 MS = "com.microsoft"
 PER_AXIS_OPSET = 13  # DequantizeLinear's axis
 BLOCKED_OPSET = 21  # DequantizeLinear's block_size, and 4-bit codes
-RAISED_KEY = "ncc.raised"
-"""On a raised node: the op put back after it, which the integer kernel had absorbed: a ``Relu`` it left to
-the output's saturation (:func:`_implied_relu`), or the ``Add`` of MatMulIntegerToFloat's bias."""
 _QMIN = {np.dtype(np.uint8): 0, np.dtype(np.int8): -128}
 _SIGNED_OUTPUT = frozenset({"Conv", "MatMul", "Gemm", "Add", "Mul"})
 
@@ -409,13 +406,13 @@ def _rewrite(rw: Rewriter, node: ir.Node, group: _Group) -> None:
     if group.bias is not None:
         add = rw.create("Add", [result, group.bias], name=rw.fresh_name(f"{base}_bias"))
         result = _float_like(add.outputs[0], old)
-        float_op.metadata_props[RAISED_KEY] = "Add"
+        float_op.metadata_props[COMPLETED_BY_KEY] = "Add"
     if group.output is not None:
         scale, zero = group.output
         if group.op in _SIGNED_OUTPUT and _implied_relu(zero):
             relu = rw.create("Relu", [result], name=rw.fresh_name(f"{base}_relu"))
             result = _float_like(relu.outputs[0], old)
-            float_op.metadata_props[RAISED_KEY] = "Relu"
+            float_op.metadata_props[COMPLETED_BY_KEY] = "Relu"
         q = rw.create(
             "QuantizeLinear",
             [result, scale] + ([zero] if zero is not None else []),

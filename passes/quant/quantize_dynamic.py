@@ -84,6 +84,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 from ncc.errors import NccError
+from ncc.ir.ids import COMPLETED_BY_KEY
 from ncc.ir.ops import ensure_opset, is_onnx_domain, onnx_opset
 from ncc.ir.rewrite import MatchResult, Pattern, Rewriter, apply_patterns, constant_tensor
 from ncc.passes.base import Pass, PassContext, PassResult, option, regex
@@ -388,6 +389,7 @@ class _Base(Pattern):
             if bias is not None:
                 _typed(mm.outputs[0], ir.DataType.FLOAT, out.shape)
                 y = rewriter.create("Add", [mm.outputs[0], bias], name=f"{name}/bias")
+                mm.metadata_props[COMPLETED_BY_KEY] = "Add"
             _take_over(rewriter, out, y.outputs[0], absorbed)
             return
         if st.form == "fused":
@@ -431,6 +433,7 @@ class _Base(Pattern):
         if bias is not None:
             _typed(y.outputs[0], ir.DataType.FLOAT, out.shape)
             y = rewriter.create("Add", [y.outputs[0], bias], name=f"{name}/bias")
+            mmi.metadata_props[COMPLETED_BY_KEY] = "Add"  # raised to a MatMul, whose output the Add completes
         _take_over(rewriter, out, y.outputs[0], absorbed)
 
 

@@ -186,6 +186,28 @@ def test_a_qoperator_output_diffs_as_its_qdq_form(int8_model, tmp_path):
             assert ours[key] == pytest.approx(theirs[key], abs=1e-3), (ours["node"], key)
 
 
+@pytest.mark.parametrize("form", ["qdq", "standard", "fused"])
+def test_a_dynamic_gemm_compares_its_output_with_the_bias(form, tmp_path):
+    """quantize-dynamic splits a Gemm into MatMul + bias Add (or a kernel that adds it, raised back to that):
+    the row compares the Add's output with the float Gemm's, so the classifier's carried SQNR is the model's
+    output SQNR (the bias-less MatMul's was ~10 dB off it on the digits CNN)."""
+    model = tmp_path / f"digits.{form}.onnx"
+    made = ncc("compile", FLOAT, "--passes", f"quantize-dynamic{{form={form}}}", "-o", model)
+    assert made.exit_code == 0, made.stderr
+    data = _diff(model, tmp_path)
+    rows = {r["node"]: r for r in data["rows"]}
+    assert set(rows) == {"/head/head.1/Gemm", "/head/head.3/Gemm"}
+    last = rows["/head/head.3/Gemm"]
+    assert last["value"] == "logits"
+    assert last["carried_sqnr_db"] == pytest.approx(data["output_sqnr_db"], abs=1e-6)
+    # its copy on the float input adds only its own error: above what the whole model carries
+    assert last["added_sqnr_db"] > data["output_sqnr_db"] - 3
+    hidden = rows["/head/head.1/Gemm"]
+    assert hidden["carried_sqnr_db"] == pytest.approx(
+        hidden["added_sqnr_db"], abs=1e-6
+    )  # the first quantized
+
+
 def test_an_int8_model_with_a_gelu_reads_back(tmp_path):
     """fuse-gelu writes com.microsoft::Gelu, and INT8 output has no value_info: its type must be inferred
     on reading (it used to fail the verifier, so neither dump nor diff could read ncc's own output)."""
