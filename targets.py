@@ -81,6 +81,9 @@ class TargetProfile:
     #: Whether a layer between quantized tensors can stay float (min-cosine's fallback). TFLite's converter
     #: quantizes every op whose inputs and outputs carry ranges, so there it cannot.
     float_fallback: bool = True
+    #: Whether the int8 pipeline stores embedding tables (Gather on a constant table) in int8, one scale per
+    #: row (``quantize-embeddings``): the artefact's runtime reads ``Gather -> Cast -> Mul`` as plain ops.
+    int8_embeddings: bool = False
 
 
 #: Ops x86 runs as integer kernels only next to other integer kernels (a Q/DQ round trip around an
@@ -112,6 +115,7 @@ X86_VNNI = TargetProfile(
     passthrough_ops=PASSTHROUGH,
     dynamic_ops=frozenset({"MatMul", "Gemm", "Gather"}),  # ConvInteger is 7-20x slower on CPU
     float_output_ops=frozenset({"MatMul"}),  # DQ -> MatMul runs as MatMulIntegerToFloat
+    int8_embeddings=True,
 )
 
 X86_AVX2 = replace(
@@ -197,6 +201,7 @@ TFLITE = replace(
     quantize_graph_outputs=True,
     float_fallback=False,
     fixed_outputs=(("Softmax", 1 / 256, 0), ("Sigmoid", 1 / 256, 0)),
+    int8_embeddings=False,  # the converter reads a float table, not the int8 one's Cast and Mul
 )
 
 TARGETS: dict[str, TargetProfile] = {

@@ -16,7 +16,7 @@ PIPELINES: dict[str, str] = {
     "int8": (
         "shape-inference,fold-constants,eliminate-identity,fuse-conv-bn,fuse-pad-conv,fuse-gelu,fuse-layer-norm,"
         "fuse-matmul-scale,cse,dce,toposort,fuse-activation,calibrate,smooth-quant,insert-qdq{min-cosine=0.995},round-weights,"
-        "correct-bias,dce"
+        "correct-bias,quantize-embeddings,dce"
     ),
     # bf16 mixed precision: the same fusions as int8 (LayerNorm and GELU as single ops), then the marking
     "bf16": (

@@ -201,6 +201,7 @@ class _State:
     counted: set[int] = field(default_factory=set)  # the constants in bytes_after
     #: Helper nodes this pass built (a Gather of scales must not be quantized in turn).
     created: set[int] = field(default_factory=set)
+    mode: str = MODE  # the quantization mark its nodes get
 
     def skip(self, node: ir.Node, reason: str) -> MatchResult:
         node.metadata_props[SKIP_KEY] = reason
@@ -211,7 +212,7 @@ class _State:
         return matches(node, self.pass_.exclude)  # validated as regexes when the pass was built
 
     def done(self, node: ir.Node, op_type: str) -> None:
-        node.metadata_props[QUANT_KEY] = MODE
+        node.metadata_props[QUANT_KEY] = self.mode
         self.quantized[op_type] += 1
 
     def weight(
@@ -354,7 +355,7 @@ class _Base(Pattern):
 
     def _precheck(self, node: ir.Node) -> MatchResult | None:
         """A failure when ``node`` is not a candidate (built by this pass) or is excluded by name."""
-        if node.metadata_props.get(QUANT_KEY) == MODE or id(node) in self.state.created:
+        if node.metadata_props.get(QUANT_KEY) == self.state.mode or id(node) in self.state.created:
             return MatchResult.fail("built by this pass")
         if (pattern := self.state.excluded(node)) is not None:
             return self.state.skip(node, f"excluded by {pattern!r}")
@@ -776,11 +777,16 @@ class QuantizeDynamic(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         self.requires(model)
+        return self.rewrite(model)
+
+    def rewrite(self, model: ir.Model, mode: str = MODE) -> PassResult:
+        """The rewrite itself, marking what it quantizes ``mode``; no candidate quantized is an error."""
         warnings = unmatched_warnings(model, exclude=self.exclude)
         state = _State(
             self,
             WeightQuant(self.weight_dtype, self.weight_symmetric, self.reduce_range, self.paired_weights),
             self.resolved_form,
+            mode=mode,
         )
         patterns = [_PATTERNS[op](state) for op in SUPPORTED_OPS if op in self.active_ops]
         pstats = apply_patterns(model, patterns)

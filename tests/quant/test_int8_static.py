@@ -278,6 +278,48 @@ def test_masking_sentinels_keep_ops_in_float(tmp_path):
     assert cos > 0.99
 
 
+def test_int8_stores_an_embedding_table_in_int8_per_row(tmp_path):
+    """The int8 pipeline ends with quantize-embeddings: a Gather's constant table becomes int8 rows with one
+    scale each (the float table gone from the file), beside the statically quantized MatMul reading it."""
+    rng = np.random.default_rng(1)
+    table = (rng.standard_normal((200, 32)) * rng.uniform(0.05, 2.0, (200, 1))).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "w"], ["y"], name="proj"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "embed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 16])],
+        [
+            numpy_helper.from_array(table, "emb"),
+            numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32) * 0.2, "w"),
+        ],
+    )
+    src, out = tmp_path / "embed.onnx", tmp_path / "embed.int8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    np.savez(tmp_path / "calib.npz", ids=rng.integers(0, 200, (32, 6)))
+    proc = ncc("compile", src, "--pass", "int8", "--calib", tmp_path / "calib.npz", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "quantized (int8-weight): Gather 1" in proc.stderr and "quantized (int8): MatMul 1" in proc.stderr
+    written = onnx.load(out)
+    inits = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    gather = next(
+        n for n in written.graph.node if n.op_type == "Gather" and n.input[0] in inits and n.input[0] != "w"
+    )
+    codes = inits[gather.input[0]]
+    assert codes.dtype == np.int8 and codes.shape == (200, 32)
+    assert not any(a.dtype == np.float32 and a.shape == (200, 32) for a in inits.values())  # the float table
+    scales = next(a for a in inits.values() if a.shape == (200, 1))
+    assert np.all(
+        np.abs(codes * scales - table) <= np.abs(table).max(1, keepdims=True) / 254 + 1e-7
+    )  # half a step
+    ids = rng.integers(0, 200, (64, 6))
+    ref, got = session(src).run(None, {"ids": ids})[0], session(out).run(None, {"ids": ids})[0]
+    assert (ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got) > 0.999
+
+
 # --- bad input: one sentence, exit 2, nothing written ------------------------------------------
 
 
