@@ -510,10 +510,10 @@ def _round_low_rank(
     as :func:`_round` on that covariance.
 
     Rows are independent problems that share ``C``, so within a block a row's next flip waits only for its
-    own earlier ones: each round flips, in every row that still has one, the first column left of the
-    block where flipping lowers that row's error, then brings those rows' ``C d`` up to date through the
-    block's part of ``C``. A block takes as many rounds as the most flips one row makes in it (a few; a
-    Gemm after a flatten flips ~5% of its weights), not one Python visit per column."""
+    own earlier ones: each round flips, in every row that still has one, the next column of the block
+    (after its last flip) where flipping lowers that row's error, then brings those rows' ``C d`` up to
+    date through the block's part of ``C``. A block takes as many rounds as the most flips one row makes
+    in it, not one Python visit per column."""
     d = codes.astype(np.int64) - exact
     n = max(patches.shape[0], 1)
     x = patches - patches.mean(axis=0)
