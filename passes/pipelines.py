@@ -31,9 +31,9 @@ PIPELINES: dict[str, str] = {
     ),
     "int8-dynamic": "shape-inference,fold-constants,eliminate-identity,fuse-matmul-add,cse,dce,quantize-dynamic,dce,toposort",
     # weight-only: constants folded (a Transpose of a weight, shapes computed from constants), the quantizer
-    # (woq-rtn, or woq-gptq / woq-awq with --algo), then packing for the target
-    "w4": "fold-constants,woq-rtn,pack-int4",
-    "w8": "fold-constants,woq-rtn{bits=8},pack-int4",
+    # (woq-rtn, or woq-gptq / woq-awq with --algo), embedding tables in int8 per row, then packing for the target
+    "w4": "fold-constants,woq-rtn,quantize-embeddings,pack-int4",
+    "w8": "fold-constants,woq-rtn{bits=8},quantize-embeddings,pack-int4",
 }
 
 

@@ -7,10 +7,11 @@ becomes ``Cast(Gather(E_q, ids)) * Gather(e_s, ids)`` with ``E_q`` int8 (symmetr
 which this pass runs on a statically quantized model too). Per-row int8 keeps each row within half a
 step of ``max |row| / 127``.
 
-It runs last in the ``int8`` pipeline: the passes before it measure the activations, and the report's
-fidelity (the written model against the float one) includes the tables' rounding. Targets whose
-backend reads the model otherwise (``inductor``, ``tf``, ``tflite``: ``int8_embeddings`` in the
-target profile) keep their tables float.
+It runs last in the ``int8`` pipeline (the passes before it measure the activations, and the report's
+fidelity, the written model against the float one, includes the tables' rounding) and after the
+weight-only quantizer in ``w4`` and ``w8`` (a language model's token table is a sixth of its weights;
+NNCF's weight compression keeps it in int8 too). Targets whose backend reads the model otherwise
+(``inductor``, ``tf``, ``tflite``: ``int8_embeddings`` in the target profile) keep their tables float.
 """
 
 from __future__ import annotations
