@@ -43,12 +43,20 @@ def _short(reason: str) -> str:
 
 
 def _reported(pass_name: str, note: str) -> bool:
-    """Pass notes the report repeats: the weight-only and lowering passes', min-cosine's fallback steps,
-    opset changes, what the compiling CPU changed, and warnings."""
+    """Pass notes the report repeats: the weight-only, embedding-table and lowering passes', min-cosine's
+    fallback steps, opset changes, what the compiling CPU changed, and warnings."""
     return (
         pass_name.startswith("woq-")
         or pass_name
-        in ("pack-int4", "legalize-qoperator", "raise-qoperator", "bf16-precision", "prune", "slim")
+        in (
+            "pack-int4",
+            "legalize-qoperator",
+            "raise-qoperator",
+            "bf16-precision",
+            "prune",
+            "slim",
+            "quantize-embeddings",
+        )
         or note.startswith(("fallback:", "warning:", "opset:", "cpu:"))
     )
 
