@@ -338,7 +338,7 @@ def _pairs(float_model: ir.Model, quant_model: ir.Model, with_ids: bool = True) 
         if not node.outputs or node.outputs[0].dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, None):
             continue
         pair = _Pair(index, node, *_counterpart(node, by_id, by_name, float_values, with_ids))
-        pair.activation = _raised_activation(node, by_id, by_name, pair.float_value)
+        pair.activation = _completion(node, by_id, by_name, pair.float_value)
         pairs.append(pair)
     return pairs
 
@@ -379,7 +379,7 @@ def _named(node: ir.Node, by_name) -> ir.Node | None:
     return by_name.get(node.name) or by_name.get(node.name.removesuffix("_quant"))
 
 
-def _raised_activation(node: ir.Node, by_id, by_name, float_value: str | None) -> tuple[str, str] | None:
+def _completion(node: ir.Node, by_id, by_name, float_value: str | None) -> tuple[str, str] | None:
     """The output of the op that completes ``node``'s (:data:`COMPLETED_BY_KEY`: a Relu, a bias Add), and what it
     stands for in FLOAT: FLOAT's same op (absorbed by id, else reading FLOAT's node of the same name), else,
     where FLOAT has none (a Relu the output's saturation implies, a Gemm's bias), the node's own

@@ -519,6 +519,21 @@ class GemmPattern(_Base):
         return MatchResult.ok()
 
 
+def embedding_table(node: ir.Node) -> tuple[ir.TensorProtocol | None, str | None]:
+    """The constant ``[V, H]`` float32 table the Gather ``node`` reads rows of (axis 0), which this pass
+    stores int8, else ``(None, why not)``; ``(None, None)`` when its table is not a constant at all."""
+    tensor = constant_tensor(node.inputs[0] if node.inputs else None)
+    if tensor is None:
+        return None, None
+    if tensor.dtype not in _FLOAT_TYPES:
+        return None, f"table dtype {tensor.dtype} is not float32"
+    if len(tensor.shape) != 2:
+        return None, f"table has rank {len(tensor.shape)}, not 2"
+    if node.attributes.get_int("axis", 0) != 0:
+        return None, "Gather axis is not 0"
+    return tensor, None
+
+
 class GatherPattern(_Base):
     root = "Gather"
     op = "Gather"
@@ -528,15 +543,9 @@ class GatherPattern(_Base):
         if (failed := self._precheck(node)) is not None:
             return failed
         table, idx = node.inputs
-        tensor = constant_tensor(table)
-        if tensor is None:  # not an embedding lookup (shape arithmetic, activations): not a candidate
-            return MatchResult.fail("table is not a constant")
-        if tensor.dtype not in _FLOAT_TYPES:
-            return st.skip(node, f"table dtype {tensor.dtype} is not float32")
-        if len(tensor.shape) != 2:
-            return st.skip(node, f"table has rank {len(tensor.shape)}, not 2")
-        if node.attributes.get_int("axis", 0) != 0:
-            return st.skip(node, "Gather axis is not 0")
+        tensor, why = embedding_table(node)
+        if tensor is None:  # no reason: not an embedding lookup (shape arithmetic, activations)
+            return st.skip(node, why) if why else MatchResult.fail("table is not a constant")
         out, name = node.outputs[0], node.name or node.outputs[0].name or "Gather"
         per_row = st.pass_.per_channel
         # no integer kernel reads the table: always s8 (8 bits), symmetric unless asked otherwise

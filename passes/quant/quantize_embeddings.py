@@ -22,9 +22,8 @@ from typing import ClassVar
 import onnx_ir as ir
 from ncc.ir import ids
 from ncc.ir.ops import is_onnx_domain
-from ncc.ir.rewrite import constant_tensor
 from ncc.passes.base import Pass, PassContext, PassResult, option
-from ncc.passes.quant.quantize_dynamic import QUANT_KEY, QuantizeDynamic
+from ncc.passes.quant.quantize_dynamic import QUANT_KEY, QuantizeDynamic, embedding_table
 from ncc.targets import DEFAULT_TARGET, get_target
 
 MODE = "int8-weight"
@@ -56,14 +55,7 @@ class QuantizeEmbeddings(Pass):
 
 
 def _candidate(node: ir.Node) -> bool:
-    """A Gather quantize-dynamic's rewrite takes: axis 0 of a constant rank-2 float32 table, not marked by a
-    quantization pass."""
+    """A Gather quantize-dynamic's rewrite takes (:func:`embedding_table`), not marked by a quantization pass."""
     if node.op_type != "Gather" or not is_onnx_domain(node) or QUANT_KEY in node.metadata_props:
         return False
-    tensor = constant_tensor(node.inputs[0] if node.inputs else None)
-    return (
-        node.attributes.get_int("axis", 0) == 0
-        and tensor is not None
-        and tensor.dtype == ir.DataType.FLOAT
-        and len(tensor.shape) == 2
-    )
+    return embedding_table(node)[0] is not None

@@ -489,8 +489,7 @@ def _pair_safe(
     rows only: most columns have none)."""
     if partner is None or partner[k] < 0 or rows.size == 0:
         return rows
-    u, o = q[partner[k], rows], other[k, rows]
-    return rows[~((o * u > 0) & (np.abs(o) + np.abs(u) > PAIR_LIMIT))]
+    return rows[_pair_allowed(q, other, partner, k, rows)]
 
 
 def _round_low_rank(
@@ -558,7 +557,7 @@ def _round_low_rank(
                 q[k, live] += s.astype(np.int64)
                 d[k, live] += s
                 r[live] += s[:, None] * xt[k]
-                moved += live.size if partner is None else int(np.count_nonzero(s))
+                moved += int(np.count_nonzero(s))
                 c = cd[live] + s[:, None] * part[j]
                 cd[live] = c
                 wants[live] = can[live] & (step[live] * c + dg < limit) & (later > j[:, None])
@@ -568,10 +567,10 @@ def _round_low_rank(
 
 
 def _pair_allowed(
-    q: np.ndarray, other: np.ndarray, partner: np.ndarray, k: np.ndarray, rows: np.ndarray
+    q: np.ndarray, other: np.ndarray, partner: np.ndarray, k: np.ndarray | int, rows: np.ndarray
 ) -> np.ndarray:
-    """Whether flipping each row's code in its column ``k`` keeps its int16 pair within ``PAIR_LIMIT``,
-    against the partner's code as it is now."""
+    """Whether flipping each row's code in its column ``k`` (one column, or one per row) keeps its int16 pair
+    within ``PAIR_LIMIT``, against the partner's code as it is now."""
     mate = partner[k]
     u, o = q[np.maximum(mate, 0), rows], other[k, rows]
     return (mate < 0) | ~((o * u > 0) & (np.abs(o) + np.abs(u) > PAIR_LIMIT))
